@@ -1,0 +1,50 @@
+"""Choose the backend once, at import: the C core if it is built, else pure Python.
+
+``SAFECKPT_BACKEND=python`` forces the pure-Python backend; ``SAFECKPT_BACKEND=c`` demands
+the C core and fails at import if it is not built. Both backends export the same names:
+
+``NAME``
+    ``"c"`` or ``"python"``.
+``crc32c(data, value=0) -> int``
+    CRC32C of a C-contiguous bytes-like ``data``, continuing from ``value`` (as ``zlib.crc32``).
+``parse_prefix(prefix, file_size, max_header_size) -> (code, fields)``
+    Checks [P1]-[P7] in order on the first ``min(32, file_size)`` bytes of a file. ``fields`` is
+    ``(major, minor, flags, header_len, align, header_crc)``, or ``None`` when ``code != 0``.
+``validate_table(n, dtypes, ndims, shape, offsets, nbytes, header_end, align, file_size, max_ndim)
+-> (code, index)``
+    Checks the column lengths [H4] and [T1]-[T8] on the raw ``bin`` columns of the header;
+    ``index`` is the first bad tensor (``n`` for a whole-file error such as [T8]).
+``check_padding(source, n, offsets, nbytes, header_end) -> (code, index)``
+    [T9] on a table that ``validate_table`` accepted; ``source`` is a ``Mapping``, a bytes-like
+    object holding the whole file, or an ``int`` file descriptor (read with pread).
+``map_file(fd, size) -> Mapping``
+    A private copy-on-write mapping of the whole file: ``.buffer`` is writable, and the mapping
+    lives as long as anything (a numpy array) refers to ``.buffer``; ``.address`` is its start.
+``advise(mapping, offset, length, advice)``
+    Best-effort madvise; ``advice`` is ``"sequential"``, ``"willneed"`` or ``"random"``.
+``read_into(fd, offsets, lengths, dests)``
+    Reads ``lengths[i]`` bytes at ``offsets[i]`` into the writable buffer ``dests[i]`` (in
+    parallel in C). Raises ``OSError``, or ``TruncatedFileError`` on a short read.
+``write_tensors(fd, pos, buffers, align, checksum) -> (crcs, end)``
+    For each buffer: zero padding from ``pos`` up to the next multiple of ``align``, then the
+    buffer's bytes; ``pos`` moves to its end. Returns the CRC32C of each buffer (``None`` when
+    ``checksum`` is false) and the final position. Raises ``OSError``.
+"""
+
+import os
+
+_choice = os.environ.get("SAFECKPT_BACKEND", "").strip().lower()
+if _choice not in ("", "c", "python"):
+    raise ImportError(f"SAFECKPT_BACKEND={_choice!r}: use 'c' or 'python'")
+
+if _choice == "python":
+    from . import _pybackend as backend
+else:
+    try:
+        from . import _native as backend
+    except ImportError:
+        if _choice == "c":
+            raise
+        from . import _pybackend as backend
+
+NAME = backend.NAME

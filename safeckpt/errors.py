@@ -1,0 +1,118 @@
+"""Exceptions raised by safeckpt, and the error codes shared with the C core.
+
+Every problem found in a file raises a subclass of :class:`SafeckptError`, which is a
+:class:`ValueError`, so ``except ValueError`` keeps working. OS errors (a missing file, a
+full disk) stay OS errors.
+
+Example:
+    >>> import safeckpt
+    >>> try:
+    ...     safeckpt.load_bytes(b"not a checkpoint at all, clearly not")
+    ... except safeckpt.NotSafeckptError as exc:
+    ...     print(type(exc).__name__)
+    NotSafeckptError
+"""
+
+import enum
+
+
+class SafeckptError(ValueError):
+    """Root of every error about the content of a .sckpt file or of what is saved."""
+
+
+class NotSafeckptError(SafeckptError):
+    """The file does not start with the safeckpt magic bytes [P2]."""
+
+
+class UnsupportedVersionError(SafeckptError):
+    """The file needs a newer reader: unknown major version or flag bits [P3, P4]."""
+
+
+class TruncatedFileError(SafeckptError):
+    """The file is shorter than its prefix or header says [P1, P6, T7]."""
+
+
+class HeaderError(SafeckptError):
+    """The msgpack header is malformed or breaks the schema [H1-H8]."""
+
+
+class LayoutError(HeaderError):
+    """Offsets, sizes, alignment or padding break the layout rules [P7, T3-T9]."""
+
+
+class ChecksumError(SafeckptError):
+    """A CRC32C does not match: the header's [P8] or a tensor's [T10]."""
+
+
+class LimitError(SafeckptError):
+    """A size, count or depth in the file is above a limit the caller can raise [P5, H3, H6, T2]."""
+
+
+class UnsupportedDtypeError(SafeckptError, TypeError):
+    """A dtype that the format cannot store, or a dtype code this reader does not know [T1]."""
+
+
+class ReaderClosedError(SafeckptError):
+    """A reader was used after ``close()``."""
+
+
+class Code(enum.IntEnum):
+    """Error codes returned by both backends; mirrored by ``enum sck_code`` in csrc/sck.h."""
+
+    OK = 0
+    TRUNCATED = -1
+    MAGIC = -2
+    MAGIC_TEXT = -3
+    VERSION = -4
+    FLAGS = -5
+    HEADER_LIMIT = -6
+    ALIGN = -7
+    HEADER_CRC = -8
+    COLUMN = -9
+    DTYPE = -10
+    NDIM = -11
+    DIM = -12
+    TOO_LARGE = -13
+    NBYTES = -14
+    MISALIGNED = -15
+    OVERLAP = -16
+    GAP = -17
+    TENSOR_TRUNCATED = -18
+    TRAILING = -19
+    PADDING = -20
+    CRC = -21
+    IO = -22
+    NOMEM = -23
+    ARG = -24
+
+
+# The exception class and the message of each code: the one table the Python side reads.
+# Messages are completed by the caller with the file, the tensor and the bad value.
+ERRORS = {
+    Code.TRUNCATED: (TruncatedFileError, "file is shorter than the 32-byte prefix or its header [P1, P6]"),
+    Code.MAGIC: (NotSafeckptError, "not a safeckpt file: the magic bytes do not match [P2]"),
+    Code.MAGIC_TEXT: (NotSafeckptError, "the magic bytes look converted by a text-mode transfer "
+                      "(line endings changed); copy the file in binary mode [P2]"),
+    Code.VERSION: (UnsupportedVersionError, "unsupported major version [P3]"),
+    Code.FLAGS: (UnsupportedVersionError, "unknown flag bits are set [P4]"),
+    Code.HEADER_LIMIT: (LimitError, "header is larger than max_header_size [P5]"),
+    Code.ALIGN: (LayoutError, "alignment is not a power of two between 8 and 1 MiB [P7]"),
+    Code.HEADER_CRC: (ChecksumError, "header checksum mismatch: the header is corrupt [P8]"),
+    Code.COLUMN: (HeaderError, "a column of the tensor table has the wrong length [H4]"),
+    Code.DTYPE: (UnsupportedDtypeError, "unknown dtype code [T1]"),
+    Code.NDIM: (LimitError, "more dimensions than max_ndim [T2]"),
+    Code.DIM: (LayoutError, "a dimension is negative or not below 2**63 [T3]"),
+    Code.TOO_LARGE: (LayoutError, "shape times item size is too large (2**63 bytes or more) [T4]"),
+    Code.NBYTES: (LayoutError, "byte length does not equal prod(shape) x itemsize [T5]"),
+    Code.MISALIGNED: (LayoutError, "offset is not a multiple of the alignment [T6]"),
+    Code.OVERLAP: (LayoutError, "tensor overlaps the header or the previous tensor [T6]"),
+    Code.GAP: (LayoutError, "unexplained gap before the tensor [T6]"),
+    Code.TENSOR_TRUNCATED: (TruncatedFileError, "tensor data runs past the end of the file "
+                            "(file seems not fully written or downloaded) [T7]"),
+    Code.TRAILING: (LayoutError, "trailing bytes after the last tensor [T8]"),
+    Code.PADDING: (LayoutError, "non-zero padding byte before the tensor [T9]"),
+    Code.CRC: (ChecksumError, "tensor checksum mismatch: the data is corrupt [T10]"),
+    Code.IO: (OSError, "I/O error"),
+    Code.NOMEM: (MemoryError, "out of memory"),
+    Code.ARG: (SafeckptError, "internal error: invalid argument to the backend"),
+}
