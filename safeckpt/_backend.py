@@ -48,3 +48,21 @@ else:
         from . import _pybackend as backend
 
 NAME = backend.NAME
+
+
+def use(name):
+    """Switch the backend used by every reader and writer (for tests); return the previous one.
+
+    Example:
+        >>> previous = use("python"); use(previous)              # doctest: +SKIP
+    """
+    global backend, NAME
+    previous = NAME
+    if name == "python":
+        from . import _pybackend as chosen
+    elif name == "c":
+        from . import _native as chosen
+    else:
+        raise ValueError(f"unknown backend {name!r}: use 'c' or 'python'")
+    backend, NAME = chosen, chosen.NAME
+    return previous

@@ -52,6 +52,10 @@ class UnsupportedDtypeError(SafeckptError, TypeError):
     """A dtype that the format cannot store, or a dtype code this reader does not know [T1]."""
 
 
+class InvalidValueError(SafeckptError, TypeError):
+    """Something given to a save function cannot be stored: a bad key, type or metadata value."""
+
+
 class ReaderClosedError(SafeckptError):
     """A reader was used after ``close()``."""
 

@@ -5,6 +5,10 @@ docs/FORMAT.md is the specification; rule names such as [P5] refer to it.
 
 import struct
 
+import msgpack
+
+from .errors import HeaderError, InvalidValueError, LimitError
+
 MAGIC = b"\x89SCK\r\n\x1a\n"  # non-ASCII first byte and CR LF / ^Z / LF catch text-mode mangling
 MAGIC_TEXT_MANGLED = b"\x89SCK\n\x1a\n"  # what a CR LF -> LF conversion makes of MAGIC
 PREFIX_SIZE = 32  # magic 8, major 2, minor 2, flags 4, header_len 8, align 4, header_crc 4
@@ -22,3 +26,160 @@ MAX_HEADER_SIZE = 100 << 20  # 100 MiB: about 2 million tensors with long names
 MAX_TENSORS = 10_000_000
 MAX_NDIM = 32  # numpy 1.x's limit, so every file loads under any numpy
 MAX_DEPTH = 64  # nesting of maps and arrays in the header
+
+# Header keys of this minor version, in the order a writer writes them.
+COLUMN_KEYS = ("dtypes", "ndims", "shape", "offsets", "nbytes")
+HEADER_KEYS = frozenset(("names",) + COLUMN_KEYS + ("crc32c", "metadata"))
+_INT_MIN = -(1 << 63)
+_INT_MAX = (1 << 64) - 1
+
+
+def align_up(value, align):
+    """Round ``value`` up to a multiple of ``align`` (a power of two)."""
+    return (value + align - 1) & ~(align - 1)
+
+
+def encode_prefix(flags, header_len, align, header_crc):
+    """Return the 32-byte prefix [P1-P8]."""
+    return PREFIX_STRUCT.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, flags, header_len, align, header_crc)
+
+
+def encode_header(names, columns, crcs, metadata):
+    """Return the msgpack header [H1-H8].
+
+    ``columns`` maps each of ``COLUMN_KEYS`` to its bytes; ``crcs`` is the ``crc32c`` column or
+    ``None``; ``metadata`` a checked dict or ``None``.
+    """
+    header = {"names": names}
+    for key in COLUMN_KEYS:
+        header[key] = columns[key]
+    if crcs is not None:
+        header["crc32c"] = crcs
+    if metadata:
+        header["metadata"] = metadata
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def check_metadata(metadata, max_depth=MAX_DEPTH):
+    """Check that user metadata holds only msgpack primitives [H7]; return it as a dict.
+
+    Raises:
+        InvalidValueError: a key is not a str or a value has another type; the message gives the
+            path, e.g. ``metadata['lr'][2]``.
+        LimitError: deeper than ``max_depth`` [H3].
+
+    Example:
+        >>> check_metadata({"epoch": 3, "tags": ["a", None], "blob": b"\\x00"})
+        {'epoch': 3, 'tags': ['a', None], 'blob': b'\\x00'}
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidValueError(f"metadata must be a dict with str keys, not {type(metadata).__name__}")
+    _walk_metadata(metadata, max_depth, InvalidValueError)
+    return metadata
+
+
+def _walk_metadata(metadata, max_depth, error):
+    """Check [H3] and [H7] without recursion; raise ``error`` naming the path of a bad value."""
+    stack = [(metadata, "metadata", 2)]  # the header map is level 1, metadata level 2
+    while stack:
+        value, path, level = stack.pop()
+        if isinstance(value, dict):
+            if level > max_depth:
+                raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise error(f"{path}: map key {key!r} is not a str [H7]")
+                stack.append((item, f"{path}[{key!r}]", level + 1))
+        elif isinstance(value, (list, tuple)):
+            if level > max_depth:
+                raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
+            stack.extend((item, f"{path}[{i}]", level + 1) for i, item in enumerate(value))
+        elif value is None or type(value) in (bool, float, str, bytes):
+            pass
+        elif type(value) is int:
+            if not _INT_MIN <= value <= _INT_MAX:
+                raise error(f"{path}: int {value} is outside -2**63 .. 2**64-1 [H7]")
+        else:
+            raise error(
+                f"{path}: {type(value).__name__} is not a msgpack primitive (None, bool, int, float, "
+                "str, bytes, list, dict) [H7]"
+            )
+
+
+def _unique_pairs(pairs):
+    """msgpack object_pairs_hook: build a dict, refusing duplicate keys [H2]."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise HeaderError(f"duplicate map key {key!r} in the header [H2]")
+            seen.add(key)
+    return result
+
+
+def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_DEPTH):
+    """Decode and check the msgpack header [H1-H8]; return ``(names, columns, crcs, metadata)``.
+
+    Raises:
+        HeaderError: malformed msgpack or a schema violation.
+        LimitError: too many tensors [H6] or too deep [H3].
+    """
+    try:
+        header = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=False,
+            object_pairs_hook=_unique_pairs, timestamp=0,
+        )
+    except HeaderError:
+        raise
+    except RecursionError as exc:
+        raise LimitError(f"header nesting is too deep to decode (max_depth={max_depth}) [H3]") from exc
+    except Exception as exc:  # msgpack raises ValueError, TypeError and its own classes
+        raise HeaderError(f"header is not one valid msgpack object: {exc} [H1]") from exc
+    if not isinstance(header, dict):
+        raise HeaderError(f"header must be a msgpack map, not {type(header).__name__} [H1]")
+    for key in header:
+        if type(key) is not str:
+            raise HeaderError(f"header key {key!r} is not a str [H1]")
+        if key not in HEADER_KEYS and minor <= VERSION_MINOR:
+            raise HeaderError(f"unknown header key {key!r} in a version 1.{minor} file [H8]")
+
+    names = header.get("names")
+    if type(names) is not list:
+        raise HeaderError(f"header 'names' must be an array of str, not {type(names).__name__} [H4]")
+    if len(names) > max_tensors:
+        raise LimitError(
+            f"file has {len(names)} tensors, more than max_tensors={max_tensors}; "
+            "pass max_tensors=... if you trust this file [H6]"
+        )
+    for i, name in enumerate(names):
+        if type(name) is not str or not name:
+            raise HeaderError(f"tensor {i}: name {name!r} is not a non-empty str [H5]")
+    if len(set(names)) != len(names):
+        seen = set()
+        for name in names:
+            if name in seen:
+                raise HeaderError(f"tensor {name!r}: the name appears twice [H5]")
+            seen.add(name)
+
+    columns = {}
+    for key in COLUMN_KEYS:
+        value = header.get(key)
+        if type(value) is not bytes:
+            raise HeaderError(f"header {key!r} must be bin, not {type(value).__name__} [H4]")
+        columns[key] = value
+    crcs = header.get("crc32c")
+    if flags & FLAG_TENSOR_CRC:
+        if type(crcs) is not bytes or len(crcs) != 4 * len(names):
+            raise HeaderError(f"header 'crc32c' must be bin of {4 * len(names)} bytes when the "
+                              "TENSOR_CRC flag is set [H4]")
+    elif crcs is not None:
+        raise HeaderError("header has a 'crc32c' column but the TENSOR_CRC flag is not set [H4]")
+
+    metadata = header.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise HeaderError(f"header 'metadata' must be a map, not {type(metadata).__name__} [H7]")
+    _walk_metadata(metadata, max_depth, HeaderError)
+    return names, columns, crcs, metadata

@@ -1,0 +1,36 @@
+"""safeckpt: pickle-free, checksummed, zero-copy files for machine-learning state.
+
+Example:
+    >>> import numpy as np, safeckpt
+    >>> data = safeckpt.save_bytes({"w": np.arange(4, dtype=np.float32)}, metadata={"step": 7})
+    >>> safeckpt.load_bytes(data)["w"]
+    array([0., 1., 2., 3.], dtype=float32)
+
+``safeckpt.backend`` is ``"c"`` when the C core is in use, ``"python"`` for the fallback.
+"""
+
+from ._backend import NAME as backend
+from .errors import (
+    ChecksumError,
+    HeaderError,
+    InvalidValueError,
+    LayoutError,
+    LimitError,
+    NotSafeckptError,
+    ReaderClosedError,
+    SafeckptError,
+    TruncatedFileError,
+    UnsupportedDtypeError,
+    UnsupportedVersionError,
+)
+from .reader import Reader, TensorInfo, TensorSlice, load_bytes, load_file, open
+from .writer import save_bytes, save_file
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChecksumError", "HeaderError", "InvalidValueError", "LayoutError", "LimitError",
+    "NotSafeckptError", "ReaderClosedError", "SafeckptError", "TruncatedFileError",
+    "UnsupportedDtypeError", "UnsupportedVersionError", "Reader", "TensorInfo", "TensorSlice",
+    "backend", "load_bytes", "load_file", "open", "save_bytes", "save_file",
+]

@@ -1,0 +1,377 @@
+"""Reading .sckpt files: ``open``, ``load_file`` and ``load_bytes``.
+
+Every rule of docs/FORMAT.md is checked when a file is opened, before any array is handed out.
+
+Example:
+    >>> import numpy as np, safeckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.sckpt")
+    >>> safeckpt.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
+    >>> with safeckpt.open(path) as f:
+    ...     f.info("w").shape, f.get_slice("w")[1:].tolist()
+    ((2, 3), [[3.0, 4.0, 5.0]])
+"""
+
+import collections
+import operator
+import os
+
+import numpy as np
+
+from . import format as fmt
+from . import _backend
+from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
+from .errors import ERRORS, ChecksumError, Code, ReaderClosedError
+
+TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
+TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None without checksums."
+
+
+def _raise(code, where, detail=""):
+    """Raise the exception of an error code; ``where`` names the file and the tensor."""
+    cls, message = ERRORS[Code(code)]
+    raise cls(f"{where}: {message}{detail}")
+
+
+class Reader:
+    """A validated .sckpt file, opened for reading; made by :func:`safeckpt.open`.
+
+    Arrays from a memory-mapped reader view the mapping (no copy); the mapping lives as long as
+    any of them, so ``close()`` never invalidates an array already handed out.
+    """
+
+    def __init__(self, source, *, mmap=True, name=None, max_header_size=fmt.MAX_HEADER_SIZE,
+                 max_tensors=fmt.MAX_TENSORS, max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH):
+        self._be = _backend.backend
+        self._fd = None
+        self._buffer = None  # the whole file as a buffer (mapping or bytes), if not read by pread
+        self._mapping = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.path = None
+            self._where = name or "<bytes>"
+            self._buffer = memoryview(source).cast("B")
+            size = self._buffer.nbytes
+        else:
+            self.path = os.fspath(source)
+            self._where = name or repr(self.path)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if self._fd is not None:
+                size = os.fstat(self._fd).st_size
+                if mmap and size >= fmt.PREFIX_SIZE:
+                    self._mapping = self._be.map_file(self._fd, size)
+                    self._buffer = self._mapping.buffer
+            self._open(size, max_header_size, max_tensors, max_ndim, max_depth)
+        except BaseException:
+            self.close()
+            raise
+        if self._buffer is not None and self._fd is not None:
+            os.close(self._fd)  # the mapping keeps the file's pages; no descriptor needed
+            self._fd = None
+        self.size = size
+
+    def _read(self, offset, length):
+        """The bytes at [offset, offset+length), which the caller has bounds-checked."""
+        if self._buffer is not None:
+            return self._buffer[offset:offset + length]
+        data = os.pread(self._fd, length, offset)
+        while len(data) < length:  # pread may return less than asked on some filesystems
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
+                _raise(Code.TRUNCATED, self._where, " (the file shrank while being read)")
+            data += more
+        return data
+
+    def _open(self, size, max_header_size, max_tensors, max_ndim, max_depth):
+        be, where = self._be, self._where
+        prefix = bytes(self._read(0, min(size, fmt.PREFIX_SIZE)))
+        code, fields = be.parse_prefix(prefix, size, max_header_size)
+        if code:
+            detail = ""
+            if code == Code.HEADER_LIMIT:
+                header_len = int.from_bytes(prefix[16:24], "little")
+                detail = (f": {header_len} > {max_header_size}; pass max_header_size=... "
+                          "if you trust this file")
+            _raise(code, where, detail)
+        self.version = fields[0], fields[1]
+        flags, header_len, self.align, header_crc = fields[2:]
+        header = self._read(fmt.PREFIX_SIZE, header_len)
+        actual = be.crc32c(header)
+        if actual != header_crc:
+            _raise(Code.HEADER_CRC, where, f" (stored {header_crc:#010x}, computed {actual:#010x})")
+        names, columns, crcs, self.metadata = fmt.decode_header(
+            header, fields[1], flags, max_tensors=max_tensors, max_depth=max_depth)
+        n = len(names)
+        header_end = fmt.PREFIX_SIZE + header_len
+        table = (n, columns["dtypes"], columns["ndims"], columns["shape"], columns["offsets"],
+                 columns["nbytes"])
+        code, index = be.validate_table(*table, header_end, self.align, size, max_ndim)
+        if code:
+            self._raise_table(code, index, names, columns, max_ndim)
+        if self._mapping is not None:
+            source = self._mapping
+        else:
+            source = self._buffer if self._buffer is not None else self._fd
+        code, index = be.check_padding(source, n, columns["offsets"], columns["nbytes"], header_end)
+        if code:
+            self._raise_table(code, index, names, columns, max_ndim)
+
+        self._names = names
+        self._index = {name: i for i, name in enumerate(names)}
+        self._codes = columns["dtypes"]
+        self._offsets = np.frombuffer(columns["offsets"], "<u8").tolist()
+        self._nbytes = np.frombuffer(columns["nbytes"], "<u8").tolist()
+        self._crcs = np.frombuffer(crcs, "<u4").tolist() if crcs is not None else None
+        dims = np.frombuffer(columns["shape"], "<u8").tolist()
+        shapes, pos = [], 0
+        for ndim in columns["ndims"]:
+            shapes.append(tuple(dims[pos:pos + ndim]))
+            pos += ndim
+        self._shapes = shapes
+
+    def _raise_table(self, code, index, names, columns, max_ndim):
+        """Raise a table error with the tensor's name and its bad value."""
+        where = self._where
+        if index < len(names):
+            where += f", tensor {names[index]!r}"
+        detail = ""
+        if code == Code.DTYPE:
+            detail = (f": code {columns['dtypes'][index]}; a newer safeckpt may read it "
+                      f"(this one knows 0..{len(NAME_BY_CODE) - 1})")
+        elif code == Code.NDIM:
+            detail = f": {columns['ndims'][index]} > {max_ndim}; pass max_ndim=... to allow it"
+        elif code in (Code.MISALIGNED, Code.OVERLAP, Code.GAP, Code.TENSOR_TRUNCATED, Code.NBYTES):
+            offset, nbytes = (int.from_bytes(columns[k][8 * index:8 * index + 8], "little")
+                              for k in ("offsets", "nbytes"))
+            detail = f" (offset {offset}, nbytes {nbytes}, file size {self._size_hint()})"
+        elif code == Code.TRAILING:
+            detail = f" (file size {self._size_hint()})"
+        _raise(code, where, detail)
+
+    def _size_hint(self):
+        if self._buffer is not None:
+            return len(self._buffer)
+        return os.fstat(self._fd).st_size
+
+    # -- the mapping interface ------------------------------------------------------------------
+
+    def _check_open(self):
+        if self._names is None:
+            raise ReaderClosedError(f"{self._where}: the reader is closed")
+
+    def _position(self, name):
+        self._check_open()
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"{self._where} has no tensor {name!r}") from None
+
+    def keys(self):
+        """Tensor names, in file order."""
+        self._check_open()
+        return list(self._names)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        self._check_open()
+        return len(self._names)
+
+    def __contains__(self, name):
+        self._check_open()
+        return name in self._index
+
+    def info(self, name):
+        """Dtype, shape, byte length, offset and checksum of a tensor, without reading its data."""
+        i = self._position(name)
+        crc = self._crcs[i] if self._crcs is not None else None
+        return TensorInfo(name, DTYPE_BY_CODE[self._codes[i]], self._shapes[i], self._nbytes[i],
+                          self._offsets[i], crc)
+
+    def __getitem__(self, name):
+        """The tensor as a numpy array: a view of the mapping, or fresh memory if ``mmap=False``."""
+        return self._array(self._position(name))
+
+    def _array(self, i):
+        dtype, shape = DTYPE_BY_CODE[self._codes[i]], self._shapes[i]
+        buffer = self._buffer
+        if self._nbytes[i] == 0:
+            return np.empty(shape, dtype)
+        if buffer is not None:
+            count = self._nbytes[i] // dtype.itemsize
+            return np.frombuffer(buffer, dtype, count, self._offsets[i]).reshape(shape)
+        out = np.empty(shape, dtype)
+        self._be.read_into(self._fd, [self._offsets[i]], [self._nbytes[i]], [out])
+        return out
+
+    def get_slice(self, name):
+        """A lazy handle whose ``[...]`` reads only the rows of the first axis it needs.
+
+        Example: ``reader.get_slice("emb")[100:200]`` reads 100 rows.
+        """
+        return TensorSlice(self, self._position(name))
+
+    def load_all(self):
+        """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel."""
+        self._check_open()
+        if self._buffer is not None:
+            self._advise("willneed")
+            return {name: self._array(i) for i, name in enumerate(self._names)}
+        arrays = {name: np.empty(self._shapes[i], DTYPE_BY_CODE[self._codes[i]])
+                  for i, name in enumerate(self._names)}
+        todo = [i for i in range(len(self._names)) if self._nbytes[i]]
+        self._be.read_into(self._fd, [self._offsets[i] for i in todo], [self._nbytes[i] for i in todo],
+                           [arrays[self._names[i]] for i in todo])
+        return arrays
+
+    def _advise(self, advice):
+        if self._mapping is not None and self._offsets:
+            self._be.advise(self._mapping, self._offsets[0], self.size - self._offsets[0], advice)
+
+    @property
+    def has_checksums(self):
+        """Whether the file stores a CRC32C per tensor [T10]."""
+        return self._crcs is not None
+
+    def verify(self, names=None, *, arrays=None):
+        """Check the CRC32C of tensors (all by default) [T10].
+
+        ``arrays`` may give already-loaded arrays to check instead of reading them again.
+
+        Raises:
+            ChecksumError: names the first tensor whose bytes do not match, or says that the file
+                holds no checksums (it was saved with ``checksum=False``).
+        """
+        self._check_open()
+        if self._crcs is None:
+            raise ChecksumError(f"{self._where}: the file was saved with checksum=False; "
+                                "there is nothing to verify [T10]")
+        for name in self._names if names is None else names:
+            i = self._position(name)
+            array = arrays[name] if arrays is not None else self._array(i)
+            actual = self._be.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            if actual != self._crcs[i]:
+                _raise(Code.CRC, f"{self._where}, tensor {name!r}",
+                       f" (stored {self._crcs[i]:#010x}, computed {actual:#010x})")
+
+    def close(self):
+        """Release the file. Arrays already handed out stay valid; using the reader raises."""
+        self._names = None
+        self._buffer = None
+        self._mapping = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def closed(self):
+        return getattr(self, "_names", None) is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{len(self._names)} tensors"
+        return f"<safeckpt.Reader {self._where} ({state})>"
+
+    _names = None
+
+
+class TensorSlice:
+    """Index one tensor lazily; made by :meth:`Reader.get_slice`."""
+
+    def __init__(self, reader, index):
+        self._reader, self._i = reader, index
+        self.dtype = DTYPE_BY_CODE[reader._codes[index]]
+        self.shape = reader._shapes[index]
+
+    def __getitem__(self, key):
+        reader = self._reader
+        reader._check_open()
+        if reader._buffer is not None or not self.shape:
+            return reader._array(self._i)[key]  # a view: only the touched pages are read
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        rows = self.shape[0]
+        if isinstance(first, slice):
+            start, stop, step = first.indices(rows)
+            picked = range(start, stop, step)
+            if not picked:
+                return np.empty((0,) + self.shape[1:], self.dtype)[rest]
+            low, high = min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1
+            block = self._rows(low, high)
+            return block[picked.start - low::step][:len(picked)][(slice(None),) + rest]
+        try:
+            row = operator.index(first)
+        except TypeError:
+            return reader._array(self._i)[key]  # fancy indexing or Ellipsis: read it all
+        if not -rows <= row < rows:
+            raise IndexError(f"index {row} is out of bounds for axis 0 with size {rows}")
+        return self._rows(row % rows, row % rows + 1)[0][rest]
+
+    def _rows(self, start, stop):
+        reader, i = self._reader, self._i
+        out = np.empty((stop - start,) + self.shape[1:], self.dtype)
+        row_bytes = out.nbytes // max(stop - start, 1)
+        if out.nbytes:
+            reader._be.read_into(reader._fd, [reader._offsets[i] + start * row_bytes], [out.nbytes], [out])
+        return out
+
+    def __repr__(self):
+        return f"<TensorSlice shape={self.shape} dtype={self.dtype}>"
+
+
+def open(path, *, mmap=True, **limits):  # noqa: A001 - the public name is safeckpt.open
+    """Open and validate a .sckpt file; use as a context manager.
+
+    Parameters:
+        path: a str or path-like.
+        mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
+            memory (network filesystems, or a file that may shrink while open).
+        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
+            for files you trust.
+
+    Returns:
+        A :class:`Reader`.
+
+    Raises:
+        SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
+
+    Example:
+        >>> with safeckpt.open("model.sckpt") as f:          # doctest: +SKIP
+        ...     w = f["layers.0.weight"]
+    """
+    return Reader(path, mmap=mmap, **limits)
+
+
+def load_file(path, *, mmap=True, verify=False, **limits):
+    """Load every tensor of a .sckpt file as ``{name: np.ndarray}``.
+
+    With ``mmap=True`` (default) the arrays view a private copy-on-write mapping of the file:
+    no copy, writable, and the file itself never changes. ``verify=True`` checks every
+    tensor's CRC32C first. Limits as for :func:`open`.
+
+    Example:
+        >>> tensors = safeckpt.load_file("model.sckpt")    # doctest: +SKIP
+    """
+    with Reader(path, mmap=mmap, **limits) as reader:
+        arrays = reader.load_all()
+        if verify:
+            reader.verify(arrays=arrays)
+        return arrays
+
+
+def load_bytes(data, *, verify=False, **limits):
+    """Load tensors from an in-memory .sckpt file; arrays view ``data`` (read-only for bytes).
+
+    Example:
+        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.zeros(2)}))["x"]
+        array([0., 0.])
+    """
+    with Reader(data, **limits) as reader:
+        arrays = reader.load_all()
+        if verify:
+            reader.verify(arrays=arrays)
+        return arrays

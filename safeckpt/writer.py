@@ -1,0 +1,207 @@
+"""Writing .sckpt files: ``save_file`` and ``save_bytes``.
+
+Tensor bytes go from each array's own buffer to the file (no whole-file buffer); only an array
+that is not C-contiguous or not little-endian is copied, one at a time.
+
+Example:
+    >>> import numpy as np, safeckpt
+    >>> data = safeckpt.save_bytes({"w": np.ones(3, np.float32)}, metadata={"epoch": 1})
+    >>> data[:8]
+    b'\\x89SCK\\r\\n\\x1a\\n'
+"""
+
+import collections.abc
+import os
+import secrets
+
+import numpy as np
+
+from . import format as fmt
+from . import _backend
+from .dtypes import code_of
+from .errors import InvalidValueError, LimitError
+
+# A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
+# arrays) reach this size, so extra memory during a save stays bounded.
+_MAX_HELD_COPIES = 64 << 20
+_MAX_BATCH = 4096  # tensors per backend call: amortises the call without huge pointer arrays
+
+
+class _Plan:
+    """What a save writes: checked arrays, the table's columns and the file layout."""
+
+    def __init__(self, tensors, metadata, align, checksum):
+        if not isinstance(tensors, collections.abc.Mapping):
+            raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
+                                    f"not {type(tensors).__name__}")
+        if (type(align) is not int or align & (align - 1)
+                or not fmt.ALIGN_MIN <= align <= fmt.ALIGN_MAX):
+            raise ValueError(f"align={align!r} must be a power of two between {fmt.ALIGN_MIN} "
+                             f"and {fmt.ALIGN_MAX} [P7]")
+        self.align, self.checksum = align, bool(checksum)
+        self.metadata = fmt.check_metadata(metadata)
+        self.names, self.arrays, codes, ndims, dims, nbytes = [], [], [], [], [], []
+        for name, value in tensors.items():
+            if type(name) is not str or not name:
+                raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
+            if isinstance(value, np.generic):
+                value = np.asarray(value)
+            if not isinstance(value, np.ndarray):
+                raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
+                                        f"{type(value).__name__} is not a numpy array")
+            codes.append(code_of(value.dtype, name))
+            if value.ndim > fmt.MAX_NDIM:
+                raise LimitError(f"tensor {name!r}: {value.ndim} dimensions, more than readers "
+                                 f"accept by default ({fmt.MAX_NDIM}) [T2]")
+            self.names.append(name)
+            self.arrays.append(value)
+            ndims.append(value.ndim)
+            dims.extend(value.shape)
+            nbytes.append(value.nbytes)
+        self.nbytes = nbytes
+        self.columns = {
+            "dtypes": bytes(codes),
+            "ndims": bytes(ndims),
+            "shape": np.array(dims, "<u8").tobytes(),
+            "offsets": bytes(8 * len(nbytes)),
+            "nbytes": np.array(nbytes, "<u8").tobytes(),
+        }
+        self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
+        empty_crcs = bytes(4 * len(nbytes)) if self.checksum else None
+        # Every column has a fixed width, so the header's length is known before offsets and CRCs.
+        self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs, self.metadata))
+        self.header_end = fmt.PREFIX_SIZE + self.header_len
+        offsets, pos = [], self.header_end
+        for size in nbytes:
+            pos = fmt.align_up(pos, align)
+            offsets.append(pos)
+            pos += size
+        self.offsets = offsets
+        self.file_size = pos
+        self.columns["offsets"] = np.array(offsets, "<u8").tobytes()
+
+    def prefix_and_header(self, crcs):
+        """The final prefix and header, once the tensors' CRCs are known."""
+        crc_column = np.array(crcs, "<u4").tobytes() if self.checksum else None
+        header = fmt.encode_header(self.names, self.columns, crc_column, self.metadata)
+        if len(header) != self.header_len:
+            raise RuntimeError("safeckpt bug: the header changed length between encodings")
+        header_crc = _backend.backend.crc32c(header)
+        return fmt.encode_prefix(self.flags, len(header), self.align, header_crc) + header
+
+
+def _le_bytes(array):
+    """The array's bytes as a flat uint8 array, little-endian and C-ordered; and whether copied."""
+    copied = False
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"), order="C")
+        copied = True
+    elif not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+        copied = True
+    return array.reshape(-1).view(np.uint8), copied
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _write(fd, plan):
+    write_tensors = _backend.backend.write_tensors
+    crcs, batch, held, pos = [], [], 0, plan.header_end
+    for array in plan.arrays:
+        data, copied = _le_bytes(array)
+        batch.append(data)
+        held += data.nbytes if copied else 0
+        if held >= _MAX_HELD_COPIES or len(batch) >= _MAX_BATCH:
+            batch_crcs, pos = write_tensors(fd, pos, batch, plan.align, plan.checksum)
+            crcs.extend(batch_crcs or ())
+            batch, held = [], 0
+    if batch:
+        batch_crcs, pos = write_tensors(fd, pos, batch, plan.align, plan.checksum)
+        crcs.extend(batch_crcs or ())
+    if pos != plan.file_size:
+        raise RuntimeError(f"safeckpt bug: wrote {pos} bytes, planned {plan.file_size}")
+    _pwrite_all(fd, plan.prefix_and_header(crcs), 0)
+
+
+def _fsync_directory(path):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True):
+    """Save a flat ``{name: np.ndarray}`` dict to a .sckpt file.
+
+    Parameters:
+        tensors: names (non-empty str) to numpy arrays or scalars of a dtype in FORMAT.md sect. 4.
+        path: a str or path-like.
+        metadata: a dict with str keys of msgpack primitives (None, bool, int, float, str,
+            bytes, lists and dicts of them).
+        align: tensor alignment, a power of two from 8 to 1 MiB (4096 suits O_DIRECT).
+        checksum: store a CRC32C per tensor, checked by ``verify``.
+        atomic: write a temporary file in the same directory, fsync, rename it over ``path`` and
+            fsync the directory, so a crash leaves the old file or the new one, never a mix.
+
+    Raises:
+        InvalidValueError: a key is not a str, a value is not an array, or metadata has a
+            value msgpack cannot hold; the message names it.
+        UnsupportedDtypeError: an array's dtype cannot be stored.
+        OSError: from the file system; no partial file is left behind when ``atomic``.
+
+    Example:
+        >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
+    """
+    plan = _Plan(tensors, metadata, align, checksum)
+    path = os.fspath(path)
+    if not atomic:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            os.ftruncate(fd, 0)
+            _write(fd, plan)
+        finally:
+            os.close(fd)
+        return
+    directory, base = os.path.split(os.path.abspath(path))
+    temp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        try:
+            _write(fd, plan)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def save_bytes(tensors, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True):
+    """Return the .sckpt file of ``tensors`` as bytes; options as for :func:`save_file`.
+
+    Example:
+        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.arange(3)}))["x"]
+        array([0, 1, 2])
+    """
+    plan = _Plan(tensors, metadata, align, checksum)
+    out = bytearray(plan.file_size)
+    crcs = []
+    for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):
+        data, _ = _le_bytes(array)
+        out[offset:offset + size] = data
+        if plan.checksum:
+            crcs.append(_backend.backend.crc32c(data))
+    head = plan.prefix_and_header(crcs)
+    out[:len(head)] = head
+    return bytes(out)
