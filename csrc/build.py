@@ -1,0 +1,114 @@
+"""cffi builder of ``safeckpt._sckpt``: compiles csrc/*.c into the extension (API mode).
+
+Used by setup.py through ``cffi_modules=["csrc/build.py:ffibuilder"]``; paths are relative to
+the repository root, where setup.py runs. ``python csrc/build.py`` builds it by hand.
+The ``cdef`` below is written by hand from csrc/sck.h; constants are declared with ``...`` so
+that their values come from the C header, and tests/test_native.py compares them with the
+Python modules.
+"""
+
+import sys
+
+from cffi import FFI
+
+CDEF = """
+#define SCK_MAGIC_SIZE ...
+#define SCK_MAGIC_TEXT_MANGLED_SIZE ...
+#define SCK_PREFIX_SIZE ...
+#define SCK_VERSION_MAJOR ...
+#define SCK_VERSION_MINOR ...
+#define SCK_FLAG_TENSOR_CRC ...
+#define SCK_KNOWN_FLAGS ...
+#define SCK_ALIGN_MIN ...
+#define SCK_ALIGN_MAX ...
+#define SCK_ALIGN_DEFAULT ...
+#define SCK_MAX_HEADER_SIZE ...
+#define SCK_MAX_TENSORS ...
+#define SCK_MAX_NDIM ...
+#define SCK_MAX_DEPTH ...
+#define SCK_DTYPE_COUNT ...
+#define SCK_ADVICE_NORMAL ...
+#define SCK_ADVICE_SEQUENTIAL ...
+#define SCK_ADVICE_WILLNEED ...
+#define SCK_ADVICE_RANDOM ...
+#define SCK_READ_PIECE ...
+#define SCK_MAX_THREADS ...
+#define SCK_WRITE_CHUNK ...
+
+extern const unsigned char sck_magic[8];
+
+typedef enum sck_code {
+    SCK_OK, SCK_E_TRUNCATED, SCK_E_MAGIC, SCK_E_MAGIC_TEXT, SCK_E_VERSION, SCK_E_FLAGS,
+    SCK_E_HEADER_LIMIT, SCK_E_ALIGN, SCK_E_HEADER_CRC, SCK_E_COLUMN, SCK_E_DTYPE, SCK_E_NDIM,
+    SCK_E_DIM, SCK_E_TOO_LARGE, SCK_E_NBYTES, SCK_E_MISALIGNED, SCK_E_OVERLAP, SCK_E_GAP,
+    SCK_E_TENSOR_TRUNCATED, SCK_E_TRAILING, SCK_E_PADDING, SCK_E_CRC, SCK_E_IO, SCK_E_NOMEM,
+    SCK_E_ARG, ...
+} sck_code;
+
+const char *sck_strerror(int code);
+int sck_dtype_itemsize(int code);
+
+uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len);
+uint32_t sck_crc32c_sw(uint32_t crc, const void *buf, size_t len);
+int sck_crc32c_hw_available(void);
+
+typedef struct sck_prefix {
+    uint32_t major;
+    uint32_t minor;
+    uint32_t flags;
+    uint32_t align;
+    uint64_t header_len;
+    uint32_t header_crc;
+} sck_prefix;
+
+int sck_parse_prefix(const uint8_t *buf, uint64_t buf_len, uint64_t file_size,
+                     uint64_t max_header_size, sck_prefix *out);
+
+typedef struct sck_table {
+    uint64_t n;
+    const uint8_t *dtypes;
+    uint64_t dtypes_len;
+    const uint8_t *ndims;
+    uint64_t ndims_len;
+    const uint8_t *shape;
+    uint64_t shape_len;
+    const uint8_t *offsets;
+    uint64_t offsets_len;
+    const uint8_t *nbytes;
+    uint64_t nbytes_len;
+} sck_table;
+
+int sck_validate_table(const sck_table *t, uint64_t header_end, uint64_t align,
+                       uint64_t file_size, uint32_t max_ndim, uint64_t *bad_index);
+int sck_check_padding_mem(const uint8_t *base, uint64_t size, const sck_table *t,
+                          uint64_t header_end, uint64_t *bad_index);
+int sck_check_padding_fd(int fd, uint64_t size, const sck_table *t, uint64_t header_end,
+                         uint64_t *bad_index, int *err);
+
+int sck_map(int fd, uint64_t size, void **out, int *err);
+void sck_unmap(void *base, uint64_t size);
+int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int advice);
+
+int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
+                   void *const *dests, int nthreads, uint64_t *bad_index, int *err);
+int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
+                      const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
+                      uint64_t *end, uint64_t *bad_index, int *err);
+"""
+
+SOURCES = ["csrc/crc32c.c", "csrc/sck.c", "csrc/io.c"]
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "safeckpt._sckpt",
+    '#include "sck.h"',
+    sources=SOURCES,
+    include_dirs=["csrc"],
+    depends=["csrc/sck.h", "csrc/sck_internal.h"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-fvisibility=hidden"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose="-v" in sys.argv)

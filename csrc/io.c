@@ -1,0 +1,429 @@
+/*
+ * io.c - file access for safeckpt: private memory maps, parallel pread, streaming write.
+ *
+ * Every read and write loops over partial transfers and EINTR; failures come back as SCK_E_IO
+ * with the errno in an out-parameter (the parallel reader fails in worker threads, where errno
+ * would be lost). Positions are checked to stay below 2**63 so that they fit off_t.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "sck.h"
+#include "sck_internal.h"
+
+#ifdef IOV_MAX
+#define SCK_IOV_BATCH (IOV_MAX < 1024 ? IOV_MAX : 1024)
+#else
+#define SCK_IOV_BATCH 1024
+#endif
+
+/* ---- Memory mapping -------------------------------------------------------------------------- */
+
+int sck_map(int fd, uint64_t size, void **out, int *err)
+{
+    void *p;
+    SCK_CHECK(out != NULL && err != NULL, SCK_E_ARG);
+    *out = NULL;
+    *err = 0;
+    SCK_CHECK(size > 0 && size <= (uint64_t)SIZE_MAX, SCK_E_ARG);
+    /* MAP_NORESERVE: a private writable mapping is otherwise charged in full against the
+     * overcommit limit, which refuses files larger than RAM + swap; pages are only copied when
+     * written. */
+    p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return SCK_E_IO;
+    }
+    *out = p;
+    return SCK_OK;
+}
+
+void sck_unmap(void *base, uint64_t size)
+{
+    if (base != NULL && size > 0 && size <= (uint64_t)SIZE_MAX)
+        munmap(base, (size_t)size);
+}
+
+int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int advice)
+{
+    int adv;
+    uint64_t page, start, end;
+    long ps;
+
+    switch (advice) {
+    case SCK_ADVICE_NORMAL: adv = MADV_NORMAL; break;
+    case SCK_ADVICE_SEQUENTIAL: adv = MADV_SEQUENTIAL; break;
+    case SCK_ADVICE_WILLNEED: adv = MADV_WILLNEED; break;
+    case SCK_ADVICE_RANDOM: adv = MADV_RANDOM; break;
+    default: return SCK_E_ARG;
+    }
+    if (base == NULL || offset >= size || length == 0)
+        return SCK_OK;
+    ps = sysconf(_SC_PAGESIZE);
+    page = ps > 0 ? (uint64_t)ps : 4096;
+    end = offset + (length < size - offset ? length : size - offset); /* <= size */
+    start = offset & ~(page - 1);
+    if (sck_align_up_u64(end, page, &end))
+        return SCK_OK;
+    (void)madvise((uint8_t *)base + start, (size_t)(end - start), adv); /* best effort */
+    return SCK_OK;
+}
+
+/* ---- Whole transfers -------------------------------------------------------------------------- */
+
+static int sck_pread_full(int fd, uint8_t *dst, uint64_t len, uint64_t off, int *err)
+{
+    while (len > 0) {
+        size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        ssize_t r = pread(fd, dst, want, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            *err = errno;
+            return SCK_E_IO;
+        }
+        if (r == 0)
+            return SCK_E_TRUNCATED;
+        dst += r;
+        off += (uint64_t)r;
+        len -= (uint64_t)r;
+    }
+    return SCK_OK;
+}
+
+static int sck_pwrite_full(int fd, const uint8_t *src, uint64_t len, uint64_t off, int *err)
+{
+    while (len > 0) {
+        size_t want = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        ssize_t r = pwrite(fd, src, want, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            *err = errno;
+            return SCK_E_IO;
+        }
+        if (r == 0) {
+            *err = EIO;
+            return SCK_E_IO;
+        }
+        src += r;
+        off += (uint64_t)r;
+        len -= (uint64_t)r;
+    }
+    return SCK_OK;
+}
+
+/* Writes iov[0..cnt) at off, following partial writes; modifies iov. */
+static int sck_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t off, int *err)
+{
+    int i = 0;
+    while (i < cnt) {
+        ssize_t r;
+        if (iov[i].iov_len == 0) {
+            i++;
+            continue;
+        }
+        r = pwritev(fd, iov + i, cnt - i, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            *err = errno;
+            return SCK_E_IO;
+        }
+        if (r == 0) {
+            *err = EIO;
+            return SCK_E_IO;
+        }
+        off += (uint64_t)r;
+        while (r > 0 && i < cnt) {
+            if ((size_t)r >= iov[i].iov_len) {
+                r -= (ssize_t)iov[i].iov_len;
+                i++;
+            } else {
+                iov[i].iov_base = (uint8_t *)iov[i].iov_base + r;
+                iov[i].iov_len -= (size_t)r;
+                r = 0;
+            }
+        }
+    }
+    return SCK_OK;
+}
+
+/* ---- Parallel read ---------------------------------------------------------------------------- */
+
+typedef struct sck_reader {
+    int fd;
+    uint64_t n;
+    const uint64_t *offsets;
+    const uint64_t *lengths;
+    void *const *dests;
+    const uint64_t *first_piece; /* n + 1 entries: pieces of tensors < i */
+    uint64_t npieces;
+    uint64_t next; /* atomic: next piece to claim */
+    int stop;      /* atomic: set on the first failure */
+    pthread_mutex_t lock;
+    int rc;
+    uint64_t bad;
+    int err;
+} sck_reader;
+
+static void sck_reader_fail(sck_reader *r, uint64_t i, int rc, int err)
+{
+    pthread_mutex_lock(&r->lock);
+    if (r->rc == SCK_OK || i < r->bad) {
+        r->rc = rc;
+        r->bad = i;
+        r->err = err;
+    }
+    pthread_mutex_unlock(&r->lock);
+    __atomic_store_n(&r->stop, 1, __ATOMIC_RELAXED);
+}
+
+static void *sck_reader_work(void *arg)
+{
+    sck_reader *r = arg;
+    for (;;) {
+        uint64_t k, lo, hi, i, off, len;
+        int err = 0, rc;
+        if (__atomic_load_n(&r->stop, __ATOMIC_RELAXED))
+            break;
+        k = __atomic_fetch_add(&r->next, 1, __ATOMIC_RELAXED);
+        if (k >= r->npieces)
+            break;
+        /* the last tensor i with first_piece[i] <= k owns piece k */
+        lo = 0;
+        hi = r->n;
+        while (hi - lo > 1) {
+            uint64_t mid = lo + (hi - lo) / 2;
+            if (r->first_piece[mid] <= k)
+                lo = mid;
+            else
+                hi = mid;
+        }
+        i = lo;
+        off = (k - r->first_piece[i]) * (uint64_t)SCK_READ_PIECE;
+        len = r->lengths[i] - off;
+        if (len > SCK_READ_PIECE)
+            len = SCK_READ_PIECE;
+        rc = sck_pread_full(r->fd, (uint8_t *)r->dests[i] + off, len, r->offsets[i] + off, &err);
+        if (rc != SCK_OK)
+            sck_reader_fail(r, i, rc, err);
+    }
+    return NULL;
+}
+
+static int sck_online_cpus(void)
+{
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    return c < 1 ? 1 : (c > SCK_MAX_THREADS ? SCK_MAX_THREADS : (int)c);
+}
+
+int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
+                   void *const *dests, int nthreads, uint64_t *bad_index, int *err)
+{
+    uint64_t npieces = 0, *first_piece;
+    sck_reader r;
+    pthread_t threads[64];
+    int nthr, started = 0;
+
+    SCK_CHECK(bad_index != NULL && err != NULL, SCK_E_ARG);
+    *bad_index = 0;
+    *err = 0;
+    SCK_CHECK(n == 0 || (offsets && lengths && dests), SCK_E_ARG);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t end, pieces = lengths[i] / SCK_READ_PIECE + (lengths[i] % SCK_READ_PIECE != 0);
+        if (lengths[i] == 0)
+            continue;
+        if (dests[i] == NULL || sck_add_u64(offsets[i], lengths[i], &end) ||
+            end >= SCK_INT63_LIMIT || sck_add_u64(npieces, pieces, &npieces)) {
+            *bad_index = i;
+            return SCK_E_ARG;
+        }
+    }
+    if (npieces == 0)
+        return SCK_OK;
+
+    nthr = nthreads <= 0 ? sck_online_cpus() : nthreads;
+    if (nthr > (int)(sizeof threads / sizeof threads[0]))
+        nthr = (int)(sizeof threads / sizeof threads[0]);
+    if ((uint64_t)nthr > npieces)
+        nthr = (int)npieces;
+
+    if (nthr <= 1) { /* on the calling thread, in file order */
+        for (uint64_t i = 0; i < n; i++) {
+            int rc = sck_pread_full(fd, dests[i], lengths[i], offsets[i], err);
+            if (rc != SCK_OK) {
+                *bad_index = i;
+                return rc;
+            }
+        }
+        return SCK_OK;
+    }
+
+    first_piece = malloc((size_t)(n + 1) * sizeof *first_piece);
+    if (first_piece == NULL)
+        return SCK_E_NOMEM;
+    first_piece[0] = 0;
+    for (uint64_t i = 0; i < n; i++)
+        first_piece[i + 1] = first_piece[i] + lengths[i] / SCK_READ_PIECE +
+                             (lengths[i] % SCK_READ_PIECE != 0);
+
+    memset(&r, 0, sizeof r);
+    r.fd = fd;
+    r.n = n;
+    r.offsets = offsets;
+    r.lengths = lengths;
+    r.dests = dests;
+    r.first_piece = first_piece;
+    r.npieces = npieces;
+    pthread_mutex_init(&r.lock, NULL);
+    /* the calling thread is worker 0; a thread that cannot start just leaves more for others */
+    for (int t = 1; t < nthr; t++)
+        if (pthread_create(&threads[started], NULL, sck_reader_work, &r) == 0)
+            started++;
+    sck_reader_work(&r);
+    for (int t = 0; t < started; t++)
+        pthread_join(threads[t], NULL);
+    pthread_mutex_destroy(&r.lock);
+    free(first_piece);
+    *bad_index = r.rc == SCK_OK ? 0 : r.bad;
+    *err = r.err;
+    return r.rc;
+}
+
+/* ---- Streaming write -------------------------------------------------------------------------- */
+
+typedef struct sck_writer {
+    int fd;
+    struct iovec *iov;
+    int cnt;
+    uint64_t bytes;     /* queued in iov */
+    uint64_t start;     /* file position of iov[0] */
+    uint64_t first;     /* first tensor with bytes in the batch, for error reports */
+    int err;
+} sck_writer;
+
+static int sck_writer_flush(sck_writer *w)
+{
+    int rc = SCK_OK;
+    if (w->cnt > 0)
+        rc = sck_pwritev_full(w->fd, w->iov, w->cnt, w->start, &w->err);
+    w->start += w->bytes;
+    w->cnt = 0;
+    w->bytes = 0;
+    return rc;
+}
+
+static int sck_writer_add(sck_writer *w, uint64_t i, const void *p, uint64_t len)
+{
+    int rc;
+    if (w->cnt == SCK_IOV_BATCH || (w->bytes > 0 && w->bytes + len > SCK_WRITE_CHUNK)) {
+        rc = sck_writer_flush(w);
+        if (rc != SCK_OK)
+            return rc;
+    }
+    if (w->cnt == 0)
+        w->first = i;
+    w->iov[w->cnt].iov_base = (void *)p;
+    w->iov[w->cnt].iov_len = (size_t)len;
+    w->cnt++;
+    w->bytes += len;
+    return SCK_OK;
+}
+
+int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
+                      const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
+                      uint64_t *end, uint64_t *bad_index, int *err)
+{
+    sck_writer w;
+    uint8_t *zeros = NULL;
+    uint64_t p = pos, i;
+    int rc = SCK_OK;
+
+    SCK_CHECK(end != NULL && bad_index != NULL && err != NULL, SCK_E_ARG);
+    *end = 0;
+    *bad_index = 0;
+    *err = 0;
+    SCK_CHECK(n == 0 || (srcs && lens), SCK_E_ARG);
+    SCK_CHECK(!want_crc || n == 0 || crcs, SCK_E_ARG);
+    SCK_CHECK(sck_align_ok(align), SCK_E_ALIGN);
+    SCK_CHECK(pos < SCK_INT63_LIMIT, SCK_E_ARG);
+    /* every position must fit off_t: check them all before writing anything */
+    for (i = 0; i < n; i++) {
+        if ((lens[i] > 0 && srcs[i] == NULL) || lens[i] > (uint64_t)SIZE_MAX ||
+            sck_align_up_u64(p, align, &p) || sck_add_u64(p, lens[i], &p) ||
+            p >= SCK_INT63_LIMIT) {
+            *bad_index = i;
+            return SCK_E_ARG;
+        }
+        if (want_crc)
+            crcs[i] = 0;
+    }
+    if (n == 0) {
+        *end = pos;
+        return SCK_OK;
+    }
+
+    memset(&w, 0, sizeof w);
+    w.fd = fd;
+    w.start = pos;
+    w.iov = malloc(SCK_IOV_BATCH * sizeof *w.iov);
+    zeros = calloc(1, (size_t)align);
+    if (w.iov == NULL || zeros == NULL) {
+        free(w.iov);
+        free(zeros);
+        return SCK_E_NOMEM;
+    }
+
+    p = pos;
+    for (i = 0; i < n && rc == SCK_OK; i++) {
+        const uint8_t *src = srcs[i];
+        uint64_t len = lens[i], aligned = p;
+        (void)sck_align_up_u64(p, align, &aligned); /* cannot overflow: checked above */
+        if (aligned > p)
+            rc = sck_writer_add(&w, i, zeros, aligned - p);
+        p = aligned;
+        if (rc != SCK_OK || len == 0)
+            continue;
+        if (len <= SCK_WRITE_CHUNK) {
+            if (want_crc)
+                crcs[i] = sck_crc32c(0, src, (size_t)len);
+            rc = sck_writer_add(&w, i, src, len);
+        } else {
+            /* big tensor: CRC each chunk right before writing it, while it is in cache */
+            uint32_t crc = 0;
+            rc = sck_writer_flush(&w);
+            for (uint64_t off = 0; off < len && rc == SCK_OK; off += SCK_WRITE_CHUNK) {
+                uint64_t c = len - off < SCK_WRITE_CHUNK ? len - off : SCK_WRITE_CHUNK;
+                if (want_crc)
+                    crc = sck_crc32c(crc, src + off, (size_t)c);
+                rc = sck_pwrite_full(fd, src + off, c, p + off, &w.err);
+                if (rc != SCK_OK)
+                    w.first = i;
+            }
+            if (want_crc)
+                crcs[i] = crc;
+            w.start = p + len;
+        }
+        p += len;
+    }
+    if (rc == SCK_OK)
+        rc = sck_writer_flush(&w);
+    free(w.iov);
+    free(zeros);
+    if (rc != SCK_OK) {
+        *bad_index = w.first;
+        *err = w.err;
+        return rc;
+    }
+    *end = p;
+    return SCK_OK;
+}

@@ -1,0 +1,88 @@
+/*
+ * sck_internal.h - helpers shared by the C sources of safeckpt; not part of the public API.
+ *
+ * Little-endian loads go through memcpy (no pointer casts, no alignment assumed); arithmetic on
+ * untrusted values goes through the overflow-checked helpers, which return 1 on overflow.
+ */
+#ifndef SCK_INTERNAL_H
+#define SCK_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "sck.h"
+
+#if defined(__GNUC__)
+#define SCK_LIKELY(x) __builtin_expect(!!(x), 1)
+#define SCK_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define SCK_LIKELY(x) (x)
+#define SCK_UNLIKELY(x) (x)
+#endif
+
+/* "Check, and return the error": one line per rule. */
+#define SCK_CHECK(cond, code) \
+    do {                      \
+        if (!(cond))          \
+            return (code);    \
+    } while (0)
+
+#define SCK_INT63_LIMIT (UINT64_C(1) << 63)
+
+static inline uint16_t sck_load_u16le(const uint8_t *p)
+{
+    uint8_t b[2];
+    memcpy(b, p, 2);
+    return (uint16_t)(b[0] | (b[1] << 8));
+}
+
+static inline uint32_t sck_load_u32le(const uint8_t *p)
+{
+    uint8_t b[4];
+    memcpy(b, p, 4);
+    return (uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) | ((uint32_t)b[3] << 24);
+}
+
+static inline uint64_t sck_load_u64le(const uint8_t *p)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+#else
+    return (uint64_t)sck_load_u32le(p) | ((uint64_t)sck_load_u32le(p + 4) << 32);
+#endif
+}
+
+/* *out = a + b; returns 1 (and leaves *out undefined) on overflow. */
+static inline int sck_add_u64(uint64_t a, uint64_t b, uint64_t *out)
+{
+    return __builtin_add_overflow(a, b, out);
+}
+
+static inline int sck_mul_u64(uint64_t a, uint64_t b, uint64_t *out)
+{
+    return __builtin_mul_overflow(a, b, out);
+}
+
+/* *out = x rounded up to a multiple of align (a power of two); returns 1 on overflow. */
+static inline int sck_align_up_u64(uint64_t x, uint64_t align, uint64_t *out)
+{
+    uint64_t t;
+    if (sck_add_u64(x, align - 1, &t))
+        return 1;
+    *out = t & ~(align - 1);
+    return 0;
+}
+
+static inline int sck_is_pow2(uint64_t x)
+{
+    return x != 0 && (x & (x - 1)) == 0;
+}
+
+static inline int sck_align_ok(uint64_t align)
+{
+    return sck_is_pow2(align) && align >= SCK_ALIGN_MIN && align <= SCK_ALIGN_MAX;
+}
+
+#endif /* SCK_INTERNAL_H */

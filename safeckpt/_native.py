@@ -1,0 +1,223 @@
+"""The C backend: thin wrappers over ``safeckpt._sckpt`` (csrc/, built with cffi).
+
+Exports exactly the names documented in ``safeckpt/_backend.py``; ``_pybackend`` is the
+pure-Python twin. Validators return ``(code, ...)`` with a ``safeckpt.errors.Code`` value;
+I/O functions raise. cffi releases the GIL around every C call, so reads, writes and CRCs of
+large buffers run in parallel with other Python threads.
+
+Inputs may be any C-contiguous bytes-like object (bytes, bytearray, memoryview, numpy arrays);
+they are passed to C without a copy and kept referenced for the duration of the call.
+
+Example:
+    >>> from safeckpt import _native
+    >>> hex(_native.crc32c(b"123456789"))
+    '0xe3069283'
+"""
+
+import os
+
+from ._sckpt import ffi, lib
+from .errors import ERRORS, Code, TruncatedFileError
+
+NAME = "c"
+
+_U64_MAX = (1 << 64) - 1
+_U32_MAX = (1 << 32) - 1
+_ADVICE = {
+    "normal": lib.SCK_ADVICE_NORMAL,
+    "sequential": lib.SCK_ADVICE_SEQUENTIAL,
+    "willneed": lib.SCK_ADVICE_WILLNEED,
+    "random": lib.SCK_ADVICE_RANDOM,
+}
+_from_buffer = ffi.from_buffer
+_new = ffi.new
+
+
+def _raise(code, err, what):
+    """Raise the exception of a C error code: OSError for SCK_E_IO, else the errors.ERRORS class."""
+    if code == lib.SCK_E_IO:
+        raise OSError(err, f"{os.strerror(err)} ({what})")
+    if code == lib.SCK_E_NOMEM:
+        raise MemoryError(what)
+    cls, message = ERRORS[Code(code)]
+    raise cls(f"{message} ({what})")
+
+
+def crc32c(data, value=0):
+    """CRC32C of a C-contiguous bytes-like ``data``, continuing from ``value`` (as zlib.crc32)."""
+    buf = _from_buffer(data)
+    return lib.sck_crc32c(value & _U32_MAX, buf, len(buf))
+
+
+def parse_prefix(prefix, file_size, max_header_size):
+    """Check [P1]-[P7] on the first ``min(32, file_size)`` bytes of a file.
+
+    Returns:
+        ``(code, fields)``: ``fields`` is ``(major, minor, flags, header_len, align, header_crc)``,
+        or ``None`` when ``code != 0``.
+    """
+    buf = _from_buffer(prefix)
+    out = _new("sck_prefix *")
+    code = lib.sck_parse_prefix(buf, len(buf), file_size, min(max_header_size, _U64_MAX), out)
+    if code:
+        return code, None
+    return 0, (out.major, out.minor, out.flags, out.header_len, out.align, out.header_crc)
+
+
+def validate_table(n, dtypes, ndims, shape, offsets, nbytes, header_end, align, file_size, max_ndim):
+    """Check the column lengths [H4] and [T1]-[T8] on the raw ``bin`` columns of the header.
+
+    Returns:
+        ``(code, index)``: ``index`` is the first bad tensor, ``n`` for a whole-file error
+        (column lengths, [T8]), 0 when ``code == 0``.
+    """
+    d = _from_buffer(dtypes)
+    k = _from_buffer(ndims)
+    s = _from_buffer(shape)
+    o = _from_buffer(offsets)
+    b = _from_buffer(nbytes)
+    table = _new("sck_table *", (n, d, len(d), k, len(k), s, len(s), o, len(o), b, len(b)))
+    index = _new("uint64_t *")
+    code = lib.sck_validate_table(table, header_end, align, file_size,
+                                  min(max_ndim, _U32_MAX), index)
+    return code, index[0]
+
+
+class Mapping:
+    """A private copy-on-write mapping of a whole file, made by :func:`map_file`.
+
+    ``buffer`` is a writable buffer of ``size`` bytes starting at ``address``. The mapping is
+    removed when nothing refers to ``buffer`` any more (the Mapping itself, or numpy arrays made
+    with ``np.frombuffer(mapping.buffer, ...)``): writes go to private pages, never to the file.
+    """
+
+    __slots__ = ("buffer", "address", "size", "_base", "__weakref__")
+
+    def __init__(self, base, size):
+        self._base = base  # cdata with the munmap destructor; the buffer refers to it too
+        self.size = size
+        self.address = int(ffi.cast("uintptr_t", base))
+        self.buffer = ffi.buffer(base, size)
+
+    def __repr__(self):
+        return f"<safeckpt Mapping of {self.size} bytes at {self.address:#x}>"
+
+
+def map_file(fd, size):
+    """Map the first ``size`` (> 0) bytes of ``fd`` privately; returns a :class:`Mapping`.
+
+    Raises:
+        OSError: mmap failed.
+        ValueError: ``size`` is 0 or does not fit the address space.
+    """
+    out = _new("void **")
+    err = _new("int *")
+    code = lib.sck_map(fd, size, out, err)
+    if code == lib.SCK_E_ARG:
+        raise ValueError(f"cannot map {size} bytes: the size must be > 0 and fit in memory")
+    if code:
+        _raise(code, err[0], f"mmap of {size} bytes")
+    base = ffi.gc(ffi.cast("uint8_t *", out[0]), lambda p, size=size: lib.sck_unmap(p, size))
+    return Mapping(base, size)
+
+
+def advise(mapping, offset, length, advice):
+    """Best-effort madvise of ``[offset, offset + length)`` of a :class:`Mapping`.
+
+    ``advice`` is ``"sequential"``, ``"willneed"``, ``"random"`` or ``"normal"``.
+    """
+    code = _ADVICE.get(advice)
+    if code is None:
+        raise ValueError(f"advice {advice!r}: use one of {', '.join(map(repr, _ADVICE))}")
+    lib.sck_advise(mapping._base, mapping.size, min(offset, _U64_MAX), min(length, _U64_MAX), code)
+
+
+def check_padding(source, n, offsets, nbytes, header_end):
+    """[T9] on a table that :func:`validate_table` accepted.
+
+    ``source`` is a :class:`Mapping`, a bytes-like object holding the whole file, or an ``int``
+    file descriptor (read with pread). Returns ``(code, index)``.
+
+    Raises:
+        OSError: reading the file descriptor failed.
+    """
+    o = _from_buffer(offsets)
+    b = _from_buffer(nbytes)
+    table = _new("sck_table *", {"n": n, "offsets": o, "offsets_len": len(o),
+                                 "nbytes": b, "nbytes_len": len(b)})
+    index = _new("uint64_t *")
+    if isinstance(source, Mapping):
+        code = lib.sck_check_padding_mem(source._base, source.size, table, header_end, index)
+    elif isinstance(source, int):
+        err = _new("int *")
+        size = os.fstat(source).st_size
+        code = lib.sck_check_padding_fd(source, size, table, header_end, index, err)
+        if code == lib.SCK_E_IO or code == lib.SCK_E_NOMEM:
+            _raise(code, err[0], "reading padding bytes")
+    else:
+        data = _from_buffer(source)
+        code = lib.sck_check_padding_mem(data, len(data), table, header_end, index)
+    return code, index[0]
+
+
+def read_into(fd, offsets, lengths, dests):
+    """Read ``lengths[i]`` bytes at ``offsets[i]`` of ``fd`` into ``dests[i]``, in parallel.
+
+    ``dests`` are writable C-contiguous buffers of at least ``lengths[i]`` bytes.
+
+    Raises:
+        OSError: a read failed.
+        TruncatedFileError: the file ended before ``offsets[i] + lengths[i]``.
+        ValueError: the lists differ in length, or a destination is too small.
+    """
+    n = len(dests)
+    if len(offsets) != n or len(lengths) != n:
+        raise ValueError(f"read_into: {len(offsets)} offsets, {len(lengths)} lengths, "
+                         f"{n} destinations")
+    bufs = [_from_buffer(d, require_writable=True) for d in dests]
+    offs = _new("uint64_t[]", offsets)
+    lens = _new("uint64_t[]", lengths)
+    for i in range(n):
+        if len(bufs[i]) < lens[i]:
+            raise ValueError(f"read_into: destination {i} holds {len(bufs[i])} bytes, "
+                             f"{lens[i]} are to be read")
+    ptrs = _new("void *[]", bufs)
+    index = _new("uint64_t *")
+    err = _new("int *")
+    code = lib.sck_pread_many(fd, n, offs, lens, ptrs, 0, index, err)
+    if code:
+        i = index[0]
+        if code == lib.SCK_E_TRUNCATED:
+            raise TruncatedFileError(
+                f"file ended before byte {offs[i] + lens[i]}, the end of tensor {i} "
+                f"(file seems not fully written or downloaded) [T7]")
+        _raise(code, err[0], f"reading {lens[i]} bytes at offset {offs[i]} (tensor {i})")
+
+
+def write_tensors(fd, pos, buffers, align, checksum):
+    """Write each buffer at the next multiple of ``align`` from ``pos``, zero-padding before it.
+
+    Returns:
+        ``(crcs, end)``: the CRC32C of each buffer (``None`` unless ``checksum``) and the
+        position after the last one.
+
+    Raises:
+        OSError: a write failed.
+        LayoutError: ``align`` is not a power of two in [8, 1 MiB].
+    """
+    bufs = [_from_buffer(b) for b in buffers]
+    n = len(bufs)
+    srcs = _new("void *[]", bufs)
+    lens = _new("uint64_t[]", [len(b) for b in bufs])
+    crcs = _new("uint32_t[]", n) if checksum else ffi.NULL
+    end = _new("uint64_t *")
+    index = _new("uint64_t *")
+    err = _new("int *")
+    code = lib.sck_write_tensors(fd, pos, n, srcs, lens, align, 1 if checksum else 0, crcs,
+                                 end, index, err)
+    if code:
+        i = index[0]
+        if code == lib.SCK_E_ARG:
+            raise ValueError(f"write_tensors: tensor {i} would end at 2**63 bytes or beyond")
+        _raise(code, err[0], f"writing tensor {i} at align {align}")
+    return (list(crcs) if checksum else None), end[0]
