@@ -188,10 +188,11 @@ int sck_validate_table(const sck_table *t, uint64_t header_end, uint64_t align,
     if (t == NULL)
         return SCK_E_ARG;
     *bad_index = t->n;
+    /* whole-table checks first, in the spec's order: [P7], the column lengths [H4], [P6] */
+    SCK_CHECK(sck_align_ok(align), SCK_E_ALIGN);
     rc = sck_check_columns(t);
     if (rc != SCK_OK)
         return rc;
-    SCK_CHECK(sck_align_ok(align), SCK_E_ALIGN);
     SCK_CHECK(header_end <= file_size, SCK_E_TRUNCATED);
     for (uint64_t i = 0; i < t->n; i++) {
         rc = sck_check_tensor(t, i, align, file_size, max_ndim, &shape_pos, &prev_end);
@@ -229,22 +230,26 @@ static int sck_all_zero(const uint8_t *p, uint64_t len)
     return acc == 0;
 }
 
-/* The gap before tensor i, checked against the bounds: [*gap_start, *gap_end). */
+/* The gap before tensor i is [prev_end, *gap_end): empty when the tensor starts at or before
+ * prev_end (a table the validator accepted has no such tensor; nothing to read there).
+ * *next_end is the tensor's end, saturated at 2**64 - 1 (beyond any offset) on overflow.
+ * A gap that is not inside [0, size) is SCK_E_TRUNCATED; nothing outside it is ever read. */
 static int sck_padding_gap(const sck_table *t, uint64_t i, uint64_t size, uint64_t prev_end,
-                           uint64_t *gap_end, uint64_t *next_prev_end)
+                           uint64_t *gap_end, uint64_t *next_end)
 {
     uint64_t offset = sck_load_u64le(t->offsets + 8 * i);
     uint64_t nbytes = sck_load_u64le(t->nbytes + 8 * i);
-    uint64_t end;
-    SCK_CHECK(offset >= prev_end, SCK_E_OVERLAP);
-    SCK_CHECK(!sck_add_u64(offset, nbytes, &end) && end <= size, SCK_E_TENSOR_TRUNCATED);
+    if (sck_add_u64(offset, nbytes, next_end))
+        *next_end = UINT64_MAX;
+    *gap_end = prev_end;
+    if (offset <= prev_end)
+        return SCK_OK;
+    SCK_CHECK(offset <= size, SCK_E_TRUNCATED);
     *gap_end = offset;
-    *next_prev_end = end;
     return SCK_OK;
 }
 
-static int sck_padding_args(const sck_table *t, uint64_t size, uint64_t header_end,
-                            uint64_t *bad_index)
+static int sck_padding_args(const sck_table *t, uint64_t *bad_index)
 {
     uint64_t n8;
     if (bad_index == NULL)
@@ -255,7 +260,6 @@ static int sck_padding_args(const sck_table *t, uint64_t size, uint64_t header_e
     SCK_CHECK(!sck_mul_u64(t->n, 8, &n8), SCK_E_COLUMN);
     SCK_CHECK(t->offsets_len == n8 && t->nbytes_len == n8, SCK_E_COLUMN);
     SCK_CHECK(t->n == 0 || (t->offsets && t->nbytes), SCK_E_ARG);
-    SCK_CHECK(header_end <= size, SCK_E_TRUNCATED);
     *bad_index = 0;
     return SCK_OK;
 }
@@ -264,13 +268,14 @@ int sck_check_padding_mem(const uint8_t *base, uint64_t size, const sck_table *t
                           uint64_t header_end, uint64_t *bad_index)
 {
     uint64_t prev_end = header_end, gap_end, next;
-    int rc = sck_padding_args(t, size, header_end, bad_index);
+    int rc = sck_padding_args(t, bad_index);
     if (rc != SCK_OK)
         return rc;
     SCK_CHECK(size == 0 || base != NULL, SCK_E_ARG);
     for (uint64_t i = 0; i < t->n; i++) {
         rc = sck_padding_gap(t, i, size, prev_end, &gap_end, &next);
-        if (rc == SCK_OK && !sck_all_zero(base + prev_end, gap_end - prev_end))
+        if (rc == SCK_OK && gap_end > prev_end &&
+            !sck_all_zero(base + prev_end, gap_end - prev_end))
             rc = SCK_E_PADDING;
         if (rc != SCK_OK) {
             *bad_index = i;
@@ -329,7 +334,7 @@ int sck_check_padding_fd(int fd, uint64_t size, const sck_table *t, uint64_t hea
     if (err == NULL)
         return SCK_E_ARG;
     *err = 0;
-    rc = sck_padding_args(t, size, header_end, bad_index);
+    rc = sck_padding_args(t, bad_index);
     if (rc != SCK_OK)
         return rc;
     SCK_CHECK(size < SCK_INT63_LIMIT, SCK_E_ARG); /* every pread offset fits off_t */

@@ -133,18 +133,20 @@ typedef struct sck_table {
 } sck_table;
 
 /* Validates the table against a file of file_size bytes whose header ends at header_end.
- * On error *bad_index is the first bad tensor, or n for a whole-table error (column lengths,
- * align, header_end, leftover shape bytes [H4], trailing bytes [T8]); 0 on success.
- * Linear in n, allocates nothing. */
+ * Order: align [P7] (SCK_E_ALIGN), the column lengths [H4] (SCK_E_COLUMN), header_end <=
+ * file_size (SCK_E_TRUNCATED), then [T1]-[T7] tensor by tensor, then no shape bytes left over
+ * [H4] and no trailing bytes [T8]. On error *bad_index is the first bad tensor, or n for a
+ * whole-table error; 0 on success. Linear in n, allocates nothing. */
 int sck_validate_table(const sck_table *t, uint64_t header_end, uint64_t align,
                        uint64_t file_size, uint32_t max_ndim, uint64_t *bad_index);
 
 /* ---- Padding [T9] ------------------------------------------------------------------------ */
 
 /* Checks that every byte between header_end and tensor 0 and between tensors is zero, on a table
- * that sck_validate_table accepted (only n, offsets and nbytes are read). Never reads outside
- * [0, size): an inconsistent table gives the validator's code. SCK_E_PADDING sets *bad_index to
- * the tensor that follows the bad byte. */
+ * that sck_validate_table accepted (only n, offsets and nbytes are read). SCK_E_PADDING sets
+ * *bad_index to the tensor that follows the bad byte. Still safe on any table: it never reads
+ * outside [0, size); a gap past size is SCK_E_TRUNCATED, a tensor starting before the previous
+ * end has no gap to check, and offset/nbytes columns of the wrong length are SCK_E_COLUMN. */
 int sck_check_padding_mem(const uint8_t *base, uint64_t size, const sck_table *t,
                           uint64_t header_end, uint64_t *bad_index);
 /* The same on a file descriptor, read with pread in bounded chunks (EINTR-safe). A read error

@@ -329,6 +329,8 @@ def test_table_align_and_header_end_checked():
     columns, size = build_table(SAMPLE)
     assert validate(columns, size, align=48) == (Code.ALIGN, len(SAMPLE))
     assert validate(columns, size, align=4) == (Code.ALIGN, len(SAMPLE))
+    # [P7] comes before the column lengths [H4], as in the spec's order
+    assert validate(columns, size, align=4, n=1) == (Code.ALIGN, 1)
     assert validate([b""] * 5, 87, header_end=88) == (Code.TRUNCATED, 0)
 
 
@@ -488,10 +490,10 @@ def test_table_random_valid_layouts(tensors, align, header_end):
 
 def ref_validate(n, dt, nd, sh, of, nb, header_end, align, file_size, max_ndim):
     """Reference of validate_table in plain Python (big integers: no overflow to think of)."""
-    if len(dt) != n or len(nd) != n or len(of) != 8 * n or len(nb) != 8 * n:
-        return Code.COLUMN, n
     if align & (align - 1) or not 8 <= align <= 1 << 20:
         return Code.ALIGN, n
+    if len(dt) != n or len(nd) != n or len(of) != 8 * n or len(nb) != 8 * n:
+        return Code.COLUMN, n
     if header_end > file_size:
         return Code.TRUNCATED, n
     of = struct.unpack(f"<{n}Q", of)
@@ -538,7 +540,7 @@ def ref_validate(n, dt, nd, sh, of, nb, header_end, align, file_size, max_ndim):
         st.tuples(st.integers(0, 16), st.lists(st.integers(0, 4), max_size=3)), min_size=1,
         max_size=6),
     mutations=st.lists(
-        st.tuples(st.integers(0, 6), st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+        st.tuples(st.integers(0, 8), st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
 )
 def test_table_mutations_match_reference(tensors, mutations):
     columns, size = build_table(tensors)
@@ -553,8 +555,12 @@ def test_table_mutations_match_reference(tensors, mutations):
                 del col[where % (len(col) + 1):]
         elif which == 5:
             size = max(0, size + value - 128)
-        else:
+        elif which == 6:
             header_end = where % 300
+        elif which == 7:
+            align = (4, 8, 48, 64, 128, 1 << 21)[value % 6]
+        else:
+            n = max(0, n + value % 3 - 1)
     got = _native.validate_table(n, *map(bytes, columns), header_end, align, size, max_ndim)
     assert got == ref_validate(n, *map(bytes, columns), header_end, align, size, max_ndim)
 
@@ -610,11 +616,14 @@ def test_T9_many_tensors_fd(tmp_path):
 
 def test_T9_bounds_checked_on_bad_table():
     data = bytes(100)
-    assert _native.check_padding(data, 1, u64(128), u64(8), 32) == (Code.TENSOR_TRUNCATED, 0)
-    assert _native.check_padding(data, 1, u64(64), u64(U64_MAX), 32) == (Code.TENSOR_TRUNCATED, 0)
-    assert _native.check_padding(data, 1, u64(16), u64(8), 32) == (Code.OVERLAP, 0)
+    assert _native.check_padding(data, 1, u64(128), u64(8), 32) == (Code.TRUNCATED, 0)
+    assert _native.check_padding(data, 1, u64(64), u64(U64_MAX), 32) == (Code.OK, 0)
+    assert _native.check_padding(data, 1, u64(16), u64(8), 32) == (Code.OK, 0)  # no gap
+    # an end that overflows u64 is beyond any later offset: no gap after it
+    assert _native.check_padding(data, 2, u64(64, 96), u64(U64_MAX, 0), 32) == (Code.OK, 0)
     assert _native.check_padding(data, 1, u64(64), b"", 32) == (Code.COLUMN, 1)
-    assert _native.check_padding(data, 0, b"", b"", 101) == (Code.TRUNCATED, 0)
+    assert _native.check_padding(data, 0, b"", b"", 101) == (Code.OK, 0)
+    assert _native.check_padding(b"\1" * 100, 1, u64(101), u64(0), 100) == (Code.TRUNCATED, 0)
 
 
 def test_T9_fd_short_read_and_io_error(tmp_path):
