@@ -92,7 +92,7 @@ def _walk_metadata(metadata, max_depth, error):
                 if type(key) is not str:
                     raise error(f"{path}: map key {key!r} is not a str [H7]")
                 stack.append((item, f"{path}[{key!r}]", level + 1))
-        elif isinstance(value, (list, tuple)):
+        elif type(value) in (list, tuple):  # not namedtuples such as msgpack's ExtType
             if level > max_depth:
                 raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
             stack.extend((item, f"{path}[{i}]", level + 1) for i, item in enumerate(value))

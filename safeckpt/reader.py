@@ -12,8 +12,10 @@ Example:
 """
 
 import collections
+import errno
 import operator
 import os
+import stat
 
 import numpy as np
 
@@ -56,7 +58,10 @@ class Reader:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             if self._fd is not None:
-                size = os.fstat(self._fd).st_size
+                st = os.fstat(self._fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
+                size = st.st_size
                 if mmap and size >= fmt.PREFIX_SIZE:
                     self._mapping = self._be.map_file(self._fd, size)
                     self._buffer = self._mapping.buffer

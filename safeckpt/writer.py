@@ -199,7 +199,7 @@ def save_bytes(tensors, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True
     crcs = []
     for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):
         data, _ = _le_bytes(array)
-        out[offset:offset + size] = data
+        out[offset:offset + size] = memoryview(data)
         if plan.checksum:
             crcs.append(_backend.backend.crc32c(data))
     head = plan.prefix_and_header(crcs)

@@ -41,15 +41,16 @@ def u64s(values):
 
 
 def forge(tensors=(), *, align=64, metadata=None, checksum=True, major=1, minor=0, flags=None,
-          magic=MAGIC, edit=None, header_bytes=None, header_crc=None, header_len=None,
+          magic=MAGIC, extra=None, edit=None, header_bytes=None, header_crc=None, header_len=None,
           prefix_align=None, tail=b""):
     """Return the bytes of a file holding ``tensors`` (a dict or pairs of name -> array).
 
-    ``edit(header)`` may change the header dict after the layout is computed (the data stays
-    where the layout put it); the other keywords override single prefix fields.
+    ``extra`` adds header keys before the layout is computed; ``edit(header)`` may change the
+    header dict after it (the data stays where the layout put it); the other keywords override
+    single prefix fields.
     """
     items = list(tensors.items() if isinstance(tensors, dict) else tensors)
-    arrays = [np.ascontiguousarray(a) for _, a in items]
+    arrays = [np.array(a, order="C") for _, a in items]
     header = {
         "names": [name for name, _ in items],
         "dtypes": bytes(CODES[a.dtype.name] for a in arrays),
@@ -62,6 +63,7 @@ def forge(tensors=(), *, align=64, metadata=None, checksum=True, major=1, minor=
         header["crc32c"] = b"".join(struct.pack("<I", crc32c(a.tobytes())) for a in arrays)
     if metadata is not None:
         header["metadata"] = metadata
+    header.update(extra or {})
     length = len(msgpack.packb(header, use_bin_type=True))
     offsets, pos = [], 32 + length
     for a in arrays:

@@ -1,0 +1,236 @@
+"""The reading API: open/Reader, load_file, load_bytes, zero-copy mapping, slices, verify."""
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import safeckpt
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+TENSORS = {
+    "emb": np.arange(40, dtype=np.float32).reshape(10, 4),
+    "bias": np.array([1, -2, 3], dtype=np.int64),
+    "scalar": np.array(2.5, dtype=np.float64),
+    "empty": np.zeros((0, 3), dtype=np.float16),
+}
+
+
+@pytest.fixture
+def path(tmp_path):
+    p = tmp_path / "t.sckpt"
+    safeckpt.save_file(TENSORS, p, metadata={"step": 3})
+    return p
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_open_mapping_interface(path, mmap):
+    with safeckpt.open(path, mmap=mmap) as f:
+        assert f.keys() == list(TENSORS) == list(f)
+        assert len(f) == 4 and "emb" in f and "nope" not in f
+        assert f.metadata == {"step": 3}
+        assert f.has_checksums and f.version == (1, 0) and f.align == 64
+        for name, value in TENSORS.items():
+            got = f[name]
+            assert got.dtype == value.dtype and got.shape == value.shape
+            np.testing.assert_array_equal(got, value)
+        with pytest.raises(KeyError, match="nope"):
+            f["nope"]
+
+
+def test_info_does_not_read_data(path):
+    with safeckpt.open(path) as f:
+        info = f.info("emb")
+        assert info.name == "emb" and info.shape == (10, 4) and info.dtype == np.float32
+        assert info.nbytes == 160 and info.offset % 64 == 0 and info.crc32c is not None
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("key", [
+    0, -1, 9, slice(None), slice(2, 5), slice(1, 9, 3), slice(None, None, -1), slice(8, 1, -2),
+    slice(5, 2), slice(-3, None), (slice(1, 3), 2), (4, slice(None, None, 2)), (Ellipsis, 1),
+    [1, 3],
+])
+def test_get_slice_matches_numpy(path, mmap, key):
+    with safeckpt.open(path, mmap=mmap) as f:
+        s = f.get_slice("emb")
+        assert s.shape == (10, 4) and s.dtype == np.float32
+        np.testing.assert_array_equal(s[key], TENSORS["emb"][key])
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_get_slice_out_of_range(path, mmap):
+    with safeckpt.open(path, mmap=mmap) as f:
+        with pytest.raises(IndexError):
+            f.get_slice("emb")[10]
+        with pytest.raises(IndexError):
+            f.get_slice("emb")[-11]
+        assert f.get_slice("emb")[20:30].shape == (0, 4)
+        assert f.get_slice("scalar")[()] == 2.5
+
+
+def test_pread_slice_reads_only_needed_rows(tmp_path, monkeypatch):
+    big = np.arange(1000 * 64, dtype=np.float64).reshape(1000, 64)
+    p = tmp_path / "big.sckpt"
+    safeckpt.save_file({"big": big}, p)
+    from safeckpt import _backend
+    asked = []
+    real = _backend.backend.read_into
+
+    def spy(fd, offsets, lengths, dests):
+        asked.extend(lengths)
+        return real(fd, offsets, lengths, dests)
+
+    monkeypatch.setattr(_backend.backend, "read_into", spy)
+    with safeckpt.open(p, mmap=False) as f:
+        np.testing.assert_array_equal(f.get_slice("big")[10:12], big[10:12])
+    assert asked == [2 * 64 * 8]
+
+
+def test_zero_copy_arrays_view_the_mapping(path):
+    with safeckpt.open(path) as f:
+        start, size = f._mapping.address, f.size
+        for name in ("emb", "bias", "scalar"):
+            address = f[name].__array_interface__["data"][0]
+            assert start <= address < start + size
+            assert address % 64 == 0
+
+
+def test_arrays_are_writable_copy_on_write(path):
+    before = path.read_bytes()
+    loaded = safeckpt.load_file(path)
+    loaded["emb"][:] = -1
+    assert loaded["emb"].flags.writeable
+    assert path.read_bytes() == before
+    np.testing.assert_array_equal(safeckpt.load_file(path)["emb"], TENSORS["emb"])
+
+
+def test_arrays_outlive_close_and_reader(path):
+    f = safeckpt.open(path)
+    emb = f["emb"]
+    f.close()
+    del f
+    gc.collect()
+    np.testing.assert_array_equal(emb, TENSORS["emb"])
+    emb[0, 0] = 7  # still a live, writable mapping
+    assert emb[0, 0] == 7
+
+
+def mapped(path):
+    with open("/proc/self/maps") as maps:
+        return sum(str(path) in line for line in maps)
+
+
+def test_mapping_released_with_last_array(path):
+    f = safeckpt.open(path)
+    emb = f["emb"]
+    f.close()
+    gc.collect()
+    assert mapped(path) == 1
+    del emb
+    gc.collect()
+    assert mapped(path) == 0
+
+
+def test_use_after_close_is_a_clear_error(path):
+    f = safeckpt.open(path)
+    f.close()
+    assert f.closed
+    for use in (lambda: f["emb"], f.keys, lambda: f.info("emb"), f.verify,
+                lambda: f.get_slice("emb"), lambda: len(f)):
+        with pytest.raises(safeckpt.ReaderClosedError, match="closed"):
+            use()
+    f.close()  # twice is fine
+
+
+def test_no_file_descriptor_leak(path):
+    before = len(os.listdir("/proc/self/fd"))
+    for mmap in (True, False) * 50:
+        with safeckpt.open(path, mmap=mmap) as f:
+            f["bias"]
+    bad = path.with_name("bad.sckpt")
+    bad.write_bytes(path.read_bytes()[:-1])
+    for _ in range(50):
+        with pytest.raises(safeckpt.TruncatedFileError):
+            safeckpt.open(bad)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert mapped(path) == 0 and mapped(bad) == 0
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_opening_a_large_file_does_not_read_it(tmp_path):
+    p = tmp_path / "large.sckpt"
+    size = 256 << 20
+    safeckpt.save_file({"a": np.ones(size // 2, np.uint8), "b": np.ones(size // 2, np.uint8)},
+                       p, checksum=False)
+    gc.collect()
+    before = rss_bytes()
+    with safeckpt.open(p) as f:
+        arrays = [f["a"], f["b"]]
+        grown = rss_bytes() - before
+        assert grown < 16 << 20, grown
+        assert arrays[1][-1] == 1  # touching one page maps one page
+        assert rss_bytes() - before < 32 << 20
+
+
+def test_verify_reads_every_tensor(path):
+    with safeckpt.open(path) as f:
+        f.verify()
+    assert safeckpt.load_file(path, verify=True)["bias"][1] == -2
+    assert safeckpt.load_file(path, mmap=False, verify=True)["bias"][1] == -2
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        safeckpt.load_file(tmp_path / "absent.sckpt")
+    with pytest.raises(IsADirectoryError):
+        safeckpt.load_file(tmp_path)
+
+
+def test_load_bytes_views_its_input():
+    data = safeckpt.save_bytes(TENSORS)
+    loaded = safeckpt.load_bytes(data, verify=True)
+    np.testing.assert_array_equal(loaded["emb"], TENSORS["emb"])
+    assert not loaded["emb"].flags.writeable  # bytes are immutable
+    writable = safeckpt.load_bytes(bytearray(data))
+    assert writable["emb"].flags.writeable
+
+
+def test_many_threads_read_one_reader(path):
+    errors = []
+    with safeckpt.open(path, mmap=False) as slow, safeckpt.open(path) as fast:
+        def work():
+            try:
+                for _ in range(50):
+                    for f in (slow, fast):
+                        np.testing.assert_array_equal(f["emb"], TENSORS["emb"])
+                        np.testing.assert_array_equal(f.get_slice("emb")[3], TENSORS["emb"][3])
+            except Exception as exc:  # collected and re-raised in the main thread
+                errors.append(exc)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def test_backend_names():
+    assert safeckpt.backend in ("c", "python")
+    code = "import safeckpt; print(safeckpt.backend)"
+    env = dict(os.environ, SAFECKPT_BACKEND="python")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "python", out.stderr
+    env["SAFECKPT_BACKEND"] = "fortran"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "SAFECKPT_BACKEND" in out.stderr
