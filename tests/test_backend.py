@@ -711,3 +711,25 @@ def test_backends_same_interface():
     for backend in ALL:
         assert all(hasattr(backend, name) for name in names)
     assert _pybackend.NAME == "python"
+
+
+def test_T9_padding_check_is_bounded_on_any_table(backend, tmp_path):
+    """Gaps that no accepted table has (2**40, 2**62 bytes) cost neither memory nor time."""
+    data = bytes(4096)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in (2**40, 2**62):
+            for source in (data, fd):
+                assert backend.check_padding(source, 1, struct.pack("<Q", offset),
+                                             struct.pack("<Q", 8), 32) == (Code.TRUNCATED, 0)
+        big = 4 << 20  # a real 4 MiB gap, all zero, then one bad byte
+        image = bytearray(big + 64)
+        assert backend.check_padding(bytes(image), 1, struct.pack("<Q", big), struct.pack("<Q", 64),
+                                     32) == (Code.OK, 0)
+        image[big - 1] = 1
+        assert backend.check_padding(bytes(image), 1, struct.pack("<Q", big), struct.pack("<Q", 64),
+                                     32) == (Code.PADDING, 0)
+    finally:
+        os.close(fd)
