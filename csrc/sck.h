@@ -30,7 +30,7 @@ extern "C" {
 #define SCK_MAGIC_TEXT_MANGLED_SIZE 7
 #define SCK_PREFIX_SIZE 32 /* magic 8, major 2, minor 2, flags 4, header_len 8, align 4, crc 4 */
 #define SCK_VERSION_MAJOR 1
-#define SCK_VERSION_MINOR 0
+#define SCK_VERSION_MINOR 1 /* 1.1 added the header key "tree" (FORMAT.md section 8) */
 #define SCK_FLAG_TENSOR_CRC 0x1u
 #define SCK_KNOWN_FLAGS (SCK_FLAG_TENSOR_CRC)
 #define SCK_ALIGN_MIN 8

@@ -24,6 +24,7 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .reader import Reader, TensorInfo, TensorSlice, load_bytes, load_file, open
+from .tree import Subtree, load, save
 from .writer import save_bytes, save_file
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "NotSafeckptError", "ReaderClosedError", "SafeckptError", "TruncatedFileError",
     "UnsupportedDtypeError", "UnsupportedVersionError", "Reader", "TensorInfo", "TensorSlice",
     "backend", "load_bytes", "load_file", "open", "save_bytes", "save_file",
+    "Subtree", "load", "save",
 ]

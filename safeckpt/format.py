@@ -14,7 +14,7 @@ MAGIC_TEXT_MANGLED = b"\x89SCK\n\x1a\n"  # what a CR LF -> LF conversion makes o
 PREFIX_SIZE = 32  # magic 8, major 2, minor 2, flags 4, header_len 8, align 4, header_crc 4
 PREFIX_STRUCT = struct.Struct("<8sHHIQII")
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1 added the "tree" key (section 8); flat files are still written as 1.0
 FLAG_TENSOR_CRC = 0x1  # the header has a crc32c column
 KNOWN_FLAGS = FLAG_TENSOR_CRC
 ALIGN_MIN = 8  # natural alignment of every dtype's numpy alignment
@@ -27,9 +27,13 @@ MAX_TENSORS = 10_000_000
 MAX_NDIM = 32  # numpy 1.x's limit, so every file loads under any numpy
 MAX_DEPTH = 64  # nesting of maps and arrays in the header
 
-# Header keys of this minor version, in the order a writer writes them.
+# Header keys, in the order a writer writes them, and the minor version that added each: a file
+# may hold only the keys of its own minor version and older ones [H8].
 COLUMN_KEYS = ("dtypes", "ndims", "shape", "offsets", "nbytes")
-HEADER_KEYS = frozenset(("names",) + COLUMN_KEYS + ("crc32c", "metadata"))
+KEY_MINOR = {"names": 0, **{key: 0 for key in COLUMN_KEYS}, "crc32c": 0, "metadata": 0, "tree": 1}
+HEADER_KEYS = frozenset(KEY_MINOR)
+NO_TREE = type("NoTree", (), {"__repr__": lambda self: "NO_TREE"})()  # a file without "tree"
+# (None cannot say so: a tree may be just None)
 _INT_MIN = -(1 << 63)
 _INT_MAX = (1 << 64) - 1
 
@@ -39,16 +43,17 @@ def align_up(value, align):
     return (value + align - 1) & ~(align - 1)
 
 
-def encode_prefix(flags, header_len, align, header_crc):
-    """Return the 32-byte prefix [P1-P8]."""
-    return PREFIX_STRUCT.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, flags, header_len, align, header_crc)
+def encode_prefix(flags, header_len, align, header_crc, minor=0):
+    """Return the 32-byte prefix [P1-P8]; ``minor`` is the lowest version that holds the header."""
+    return PREFIX_STRUCT.pack(MAGIC, VERSION_MAJOR, minor, flags, header_len, align, header_crc)
 
 
-def encode_header(names, columns, crcs, metadata):
+def encode_header(names, columns, crcs, metadata, tree=NO_TREE):
     """Return the msgpack header [H1-H8].
 
     ``columns`` maps each of ``COLUMN_KEYS`` to its bytes; ``crcs`` is the ``crc32c`` column or
-    ``None``; ``metadata`` a checked dict or ``None``.
+    ``None``; ``metadata`` a checked dict or ``None``; ``tree`` an encoded skeleton (section 8,
+    see :mod:`safeckpt.tree`) or ``NO_TREE``.
     """
     header = {"names": names}
     for key in COLUMN_KEYS:
@@ -57,6 +62,8 @@ def encode_header(names, columns, crcs, metadata):
         header["crc32c"] = crcs
     if metadata:
         header["metadata"] = metadata
+    if tree is not NO_TREE:
+        header["tree"] = tree
     return msgpack.packb(header, use_bin_type=True)
 
 
@@ -121,7 +128,10 @@ def _unique_pairs(pairs):
 
 
 def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_DEPTH):
-    """Decode and check the msgpack header [H1-H8]; return ``(names, columns, crcs, metadata)``.
+    """Decode and check the msgpack header [H1-H8]; return ``(names, columns, crcs, metadata, tree)``.
+
+    ``tree`` is the raw ``tree`` value (section 8), or ``NO_TREE``; :func:`safeckpt.tree.check_tree`
+    validates it against the tensor table.
 
     Raises:
         HeaderError: malformed msgpack or a schema violation.
@@ -143,7 +153,7 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
     for key in header:
         if type(key) is not str:
             raise HeaderError(f"header key {key!r} is not a str [H1]")
-        if key not in HEADER_KEYS and minor <= VERSION_MINOR:
+        if minor <= VERSION_MINOR and KEY_MINOR.get(key, VERSION_MINOR + 1) > minor:
             raise HeaderError(f"unknown header key {key!r} in a version 1.{minor} file [H8]")
 
     names = header.get("names")
@@ -182,4 +192,5 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
     if not isinstance(metadata, dict):
         raise HeaderError(f"header 'metadata' must be a map, not {type(metadata).__name__} [H7]")
     _walk_metadata(metadata, max_depth, HeaderError)
-    return names, columns, crcs, metadata
+    tree = header.get("tree", NO_TREE) if minor >= KEY_MINOR["tree"] else NO_TREE
+    return names, columns, crcs, metadata, tree

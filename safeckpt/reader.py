@@ -22,6 +22,7 @@ import numpy as np
 from . import format as fmt
 from . import _backend
 from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
+from . import tree as _tree
 from .errors import ERRORS, ChecksumError, Code, ReaderClosedError
 
 TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
@@ -103,7 +104,7 @@ class Reader:
         actual = be.crc32c(header)
         if actual != header_crc:
             _raise(Code.HEADER_CRC, where, f" (stored {header_crc:#010x}, computed {actual:#010x})")
-        names, columns, crcs, self.metadata = fmt.decode_header(
+        names, columns, crcs, self.metadata, tree = fmt.decode_header(
             header, fields[1], flags, max_tensors=max_tensors, max_depth=max_depth)
         n = len(names)
         header_end = fmt.PREFIX_SIZE + header_len
@@ -121,6 +122,7 @@ class Reader:
             self._raise_table(code, index, names, columns, max_ndim)
 
         self._names = names
+        self._skeleton = _tree.check_tree(tree, names, max_depth, where)
         self._index = {name: i for i, name in enumerate(names)}
         self._codes = columns["dtypes"]
         self._offsets = np.frombuffer(columns["offsets"], "<u8").tolist()
@@ -230,8 +232,30 @@ class Reader:
         return arrays
 
     def _advise(self, advice):
-        if self._mapping is not None and self._offsets:
-            self._be.advise(self._mapping, self._offsets[0], self.size - self._offsets[0], advice)
+        mapping = self._mapping
+        if mapping is not None and self._offsets:
+            self._be.advise(mapping, self._offsets[0], self.size - self._offsets[0], advice)
+
+    @property
+    def tree(self):
+        """The saved object's structure, lazily: containers are :class:`safeckpt.tree.Subtree`
+        views that read a tensor only when it is indexed; ``.load()`` materialises a subtree.
+
+        A file without a tree (a flat file, version 1.0) is a dict of its tensors by name.
+
+        Example:
+            >>> with safeckpt.open("ckpt.sckpt") as f:                  # doctest: +SKIP
+            ...     w = f.tree["model"]["layers.0.weight"]             # reads this tensor only
+            ...     opt = f.tree["optimizer"].load()
+        """
+        self._check_open()
+        return _tree.view(self, _tree.find(self, None))
+
+    def load(self, prefix=None, *, framework=None, map_location=None, verify=False):
+        """The saved object (or the subtree at ``prefix``) with its tensors; see :func:`safeckpt.load`."""
+        self._check_open()
+        return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
+                                 map_location=map_location, verify=verify)
 
     @property
     def has_checksums(self):

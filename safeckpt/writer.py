@@ -27,10 +27,36 @@ _MAX_HELD_COPIES = 64 << 20
 _MAX_BATCH = 4096  # tensors per backend call: amortises the call without huge pointer arrays
 
 
-class _Plan:
-    """What a save writes: checked arrays, the table's columns and the file layout."""
+class LazyArray:
+    """A tensor whose bytes are fetched only when the writer reaches it (e.g. from a GPU).
 
-    def __init__(self, tensors, metadata, align, checksum):
+    ``dtype`` and ``shape`` describe the array that ``load()`` returns; the writer calls ``load()``
+    once, writes the result and drops it, so only one such copy is held at a time (at most
+    ``_MAX_HELD_COPIES`` bytes of them).
+    """
+
+    __slots__ = ("dtype", "shape", "load")
+
+    def __init__(self, dtype, shape, load):
+        self.dtype, self.shape, self.load = np.dtype(dtype), tuple(shape), load
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
+
+class _Plan:
+    """What a save writes: checked arrays, the table's columns and the file layout.
+
+    ``tree`` is an encoded skeleton (FORMAT.md section 8) or ``NO_TREE``; with one the file is
+    version 1.1, else 1.0 (the lowest version that holds what is written).
+    """
+
+    def __init__(self, tensors, metadata, align, checksum, tree=fmt.NO_TREE):
         if not isinstance(tensors, collections.abc.Mapping):
             raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                     f"not {type(tensors).__name__}")
@@ -38,7 +64,8 @@ class _Plan:
                 or not fmt.ALIGN_MIN <= align <= fmt.ALIGN_MAX):
             raise ValueError(f"align={align!r} must be a power of two between {fmt.ALIGN_MIN} "
                              f"and {fmt.ALIGN_MAX} [P7]")
-        self.align, self.checksum = align, bool(checksum)
+        self.align, self.checksum, self.tree = align, bool(checksum), tree
+        self.minor = 0 if tree is fmt.NO_TREE else fmt.KEY_MINOR["tree"]
         self.metadata = fmt.check_metadata(metadata)
         self.names, self.arrays, codes, ndims, dims, nbytes = [], [], [], [], [], []
         for name, value in tensors.items():
@@ -46,7 +73,7 @@ class _Plan:
                 raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
             if isinstance(value, np.generic):
                 value = np.asarray(value)
-            if not isinstance(value, np.ndarray):
+            if not isinstance(value, (np.ndarray, LazyArray)):
                 raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
                                         f"{type(value).__name__} is not a numpy array")
             codes.append(code_of(value.dtype, name))
@@ -69,7 +96,8 @@ class _Plan:
         self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
         empty_crcs = bytes(4 * len(nbytes)) if self.checksum else None
         # Every column has a fixed width, so the header's length is known before offsets and CRCs.
-        self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs, self.metadata))
+        self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs, self.metadata,
+                                                tree))
         self.header_end = fmt.PREFIX_SIZE + self.header_len
         offsets, pos = [], self.header_end
         for size in nbytes:
@@ -83,16 +111,23 @@ class _Plan:
     def prefix_and_header(self, crcs):
         """The final prefix and header, once the tensors' CRCs are known."""
         crc_column = np.array(crcs, "<u4").tobytes() if self.checksum else None
-        header = fmt.encode_header(self.names, self.columns, crc_column, self.metadata)
+        header = fmt.encode_header(self.names, self.columns, crc_column, self.metadata, self.tree)
         if len(header) != self.header_len:
             raise RuntimeError("safeckpt bug: the header changed length between encodings")
         header_crc = _backend.backend.crc32c(header)
-        return fmt.encode_prefix(self.flags, len(header), self.align, header_crc) + header
+        return fmt.encode_prefix(self.flags, len(header), self.align, header_crc, self.minor) + header
 
 
 def _le_bytes(array):
     """The array's bytes as a flat uint8 array, little-endian and C-ordered; and whether copied."""
     copied = False
+    if isinstance(array, LazyArray):
+        expected = (array.dtype, array.shape)
+        array = array.load()
+        if (array.dtype, array.shape) != expected:
+            raise RuntimeError(f"safeckpt bug: a lazy array loaded as {array.dtype} {array.shape}, "
+                               f"planned {expected[0]} {expected[1]}")
+        copied = True
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"), order="C")
         copied = True
@@ -158,7 +193,11 @@ def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum
     Example:
         >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
     """
-    plan = _Plan(tensors, metadata, align, checksum)
+    _save_plan(_Plan(tensors, metadata, align, checksum), path, atomic)
+
+
+def _save_plan(plan, path, atomic):
+    """Write ``plan`` to ``path``, atomically (temp file, fsync, rename, fsync dir) if asked."""
     path = os.fspath(path)
     if not atomic:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -194,7 +233,11 @@ def save_bytes(tensors, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True
         >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.arange(3)}))["x"]
         array([0, 1, 2])
     """
-    plan = _Plan(tensors, metadata, align, checksum)
+    return _plan_bytes(_Plan(tensors, metadata, align, checksum))
+
+
+def _plan_bytes(plan):
+    """The bytes of the file that ``plan`` describes."""
     out = bytearray(plan.file_size)
     crcs = []
     for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):

@@ -1,0 +1,604 @@
+"""Nested state <-> flat tensors: ``save``, ``load`` and the ``tree`` skeleton (FORMAT.md section 8).
+
+A tree of dicts, lists and tuples with arrays and plain values at its leaves is stored as a flat
+tensor table (readable by any .sckpt reader: ``open(path).keys()`` lists ``"model.layers.0.weight"``)
+plus the skeleton, a msgpack value under the header key ``"tree"``, whose tensor leaves point into
+the table by index. Nothing is ever pickled: any other class is refused at save time, naming where
+it was found.
+
+Example:
+    >>> import collections, numpy as np, safeckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.sckpt")
+    >>> w = np.ones((2, 2), np.float32)
+    >>> state = {"model": collections.OrderedDict(w=w, tied=w), "step": 7, "betas": (0.9, 0.999)}
+    >>> safeckpt.save(state, path)
+    >>> safeckpt.open(path).keys()
+    ['model.w']
+    >>> back = safeckpt.load(path)
+    >>> back["betas"], back["model"]["tied"] is back["model"]["w"]
+    ((0.9, 0.999), True)
+"""
+
+import collections
+import sys
+
+import numpy as np
+
+from . import format as fmt
+from . import writer as _writer
+from .dtypes import DTYPE_BY_CODE, code_of
+from .errors import HeaderError, InvalidValueError, LimitError
+
+# Node tags (FORMAT.md section 8, [R2]). Containers hold children; the others are leaves.
+LIST, TUPLE, DICT, ODICT = "list", "tuple", "dict", "odict"
+TENSOR, REF, SCALAR = "tensor", "ref", "scalar"
+CONTAINERS = frozenset((LIST, TUPLE, DICT, ODICT))
+_LEAF_ARITY = {TENSOR: (2, 3), REF: (2,), SCALAR: (3,)}  # allowed lengths of each leaf node
+ROOT_NAME = "_"  # the flat name of a tensor that is the whole tree [R7]
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+_PRIMITIVES = (type(None), bool, int, float, str, bytes)
+_FRAMEWORKS = (None, "numpy", "torch")
+
+
+# -- save side: nested -> (skeleton, names, arrays) ------------------------------------------------
+
+def _describe(root, path):
+    """``state['model'][0]``: the Python expression that reaches a value, for messages."""
+    return root + "".join(f"[{key!r}]" for key in path)
+
+
+def _torch_module(value):
+    """The torch module if ``value`` is a torch.Tensor (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return torch
+    return None
+
+
+def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
+    """Split ``obj`` into ``(tree, names, arrays)``: its skeleton [R1-R6], tensor names [R7] and data.
+
+    ``tree`` is ``format.NO_TREE`` when ``obj`` is a plain dict of str -> array whose keys are the names
+    (such a file is version 1.0, and loads back the same). ``arrays`` hold numpy arrays or
+    :class:`safeckpt.writer.LazyArray` (a GPU tensor copied to host when written).
+
+    Raises:
+        InvalidValueError: a value of a class safeckpt does not store, an int beyond the int64 and
+            uint64 ranges, or a dict key that is not a str or int; the message names its path,
+            e.g. ``state['scheduler']``.
+        UnsupportedDtypeError: an array of a dtype the format cannot hold.
+        LimitError: nesting deeper than ``max_depth`` (or a container that holds itself).
+    """
+    names, arrays, taken = [], [], set()
+    shared = {}  # identity of a tensor's memory -> its index, so a tied tensor is stored once
+    top = []  # receives the root node
+    # Each entry: (value, parent node list, key to write before the value or _NO_KEY, path, level).
+    stack = [(obj, top, _NO_KEY, (), 2)]  # the header map is level 1, its "tree" value level 2
+    while stack:
+        value, parent, key, path, level = stack.pop()
+        if key is not _NO_KEY:
+            parent.append(key)
+        kind = type(value)
+        if kind in _PRIMITIVES:
+            if kind is int and not _INT_MIN <= value <= _INT_MAX:
+                raise InvalidValueError(
+                    f"{_describe(root, path)}: int {value} is outside the int64 and uint64 ranges "
+                    "(-2**63 .. 2**64-1); store it as a str or bytes [R3]")
+            parent.append(value)
+            continue
+        if level > max_depth:
+            raise LimitError(f"{_describe(root, path)}: nesting deeper than max_depth={max_depth} "
+                             "(does a container hold itself?) [R6]")
+        if kind is dict or kind is collections.OrderedDict:
+            node = [DICT if kind is dict else ODICT]
+            children = []
+            for k, v in value.items():
+                if type(k) is not str and type(k) is not int:
+                    raise InvalidValueError(
+                        f"{_describe(root, path)}: dict key {k!r} ({type(k).__name__}) is not a "
+                        "str or int [R4]")
+                if type(k) is int and not _INT_MIN <= k <= _INT_MAX:
+                    raise InvalidValueError(f"{_describe(root, path)}: dict key {k} is outside "
+                                            "the int64 and uint64 ranges [R4]")
+                children.append((v, node, k, path + (k,), level + 1))
+            stack.extend(reversed(children))
+        elif kind is list or kind is tuple:
+            node = [LIST if kind is list else TUPLE]
+            stack.extend((v, node, _NO_KEY, path + (i,), level + 1)
+                         for i, v in reversed(list(enumerate(value))))
+        elif kind is np.ndarray or _torch_module(value) is not None:
+            node = _tensor_node(value, root, path, names, arrays, taken, shared)
+        elif isinstance(value, np.generic):
+            code = code_of(value.dtype, _describe(root, path))
+            raw = np.asarray(value).astype(DTYPE_BY_CODE[code], copy=False).tobytes()
+            node = [SCALAR, code, raw]
+        else:
+            cls = type(value)
+            raise InvalidValueError(
+                f"{_describe(root, path)}: cannot save a {cls.__module__}.{cls.__qualname__}; "
+                "safeckpt stores dict (str or int keys), OrderedDict, list, tuple, numpy arrays "
+                "and scalars, torch tensors, None, bool, int, float, str and bytes, and never "
+                "pickles. Save the object's state instead (e.g. its state_dict()) [R2]")
+        parent.append(node)
+    tree = top[0]
+    if _is_plain_flat(tree, names):
+        tree = fmt.NO_TREE
+    return tree, names, arrays
+
+
+_NO_KEY = object()
+
+
+def _tensor_node(value, root, path, names, arrays, taken, shared):
+    """The node of an array or torch tensor: a new table entry, or a ref to one stored already."""
+    device = None
+    if type(value) is np.ndarray:
+        array = value
+        identity = ("numpy", array.__array_interface__["data"][0], array.shape, array.strides,
+                    array.dtype.str) if array.nbytes else None
+    else:
+        from . import torch as _sck_torch
+        array, device, identity = _sck_torch.export(value, _describe(root, path))
+    if identity is not None and identity in shared:
+        return [REF, shared[identity]]
+    code_of(array.dtype, _describe(root, path))
+    index = len(names)
+    if identity is not None:
+        shared[identity] = index
+    name = ".".join(str(key) for key in path) or ROOT_NAME
+    if name in taken:  # a clash, e.g. {"a.b": x, "a": {"b": y}} or {1: x, "1": y} [R7]
+        suffix = 1
+        while f"{name}~{suffix}" in taken:
+            suffix += 1
+        name = f"{name}~{suffix}"
+    taken.add(name)
+    names.append(name)
+    arrays.append(array)
+    return [TENSOR, index] if device is None else [TENSOR, index, device]
+
+
+def _is_plain_flat(tree, names):
+    """Whether the tree is a plain dict whose values are the tensors in order, named by their keys."""
+    if type(tree) is not list or tree[0] != DICT or len(tree) - 1 != 2 * len(names):
+        return False
+    for i, name in enumerate(names):
+        key, node = tree[1 + 2 * i], tree[2 + 2 * i]
+        if key != name or type(key) is not str or node != [TENSOR, i]:
+            return False
+    return True
+
+
+def plan(obj, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, root="obj"):
+    """A writer plan for ``obj`` (used by :func:`save` and :mod:`safeckpt.checkpoint`)."""
+    tree, names, arrays = flatten(obj, root=root)
+    return _writer._Plan(dict(zip(names, arrays)), metadata, align, checksum, tree=tree)
+
+
+def save(obj, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True):
+    """Save a nested object (a state dict, an optimizer state, a whole training state) to a file.
+
+    Parameters:
+        obj: dicts (str or int keys, order kept), OrderedDicts, lists and tuples of numpy arrays,
+            torch tensors, numpy scalars, None, bool, int (int64 and uint64 range), float, str and
+            bytes. A tensor that appears twice (the same memory, e.g. tied weights) is stored once.
+        path: a str or path-like.
+        metadata, align, checksum, atomic: as for :func:`safeckpt.save_file`.
+
+    Raises:
+        InvalidValueError: a value safeckpt does not store; the message names its path
+            (``obj['scheduler']``) and the fix.
+        UnsupportedDtypeError, LimitError: an unstorable dtype, nesting deeper than 64.
+
+    Example:
+        >>> safeckpt.save({"model": model.state_dict(), "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
+    """
+    _writer._save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), path, atomic)
+
+
+def save_bytes(obj, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True):
+    """The file :func:`save` would write, as bytes (for tests and in-memory use)."""
+    return _writer._plan_bytes(plan(obj, metadata=metadata, align=align, checksum=checksum))
+
+
+# -- read side: check the skeleton, view it lazily, materialise it ---------------------------------
+
+def _path_of(entry):
+    """Rebuild ``tree['a'][0]`` from a chain of (parent, key) entries, for error messages."""
+    keys = []
+    while entry is not None:
+        entry, key = entry
+        keys.append(key)
+    return "tree" + "".join(f"[{key!r}]" for key in reversed(keys))
+
+
+def check_tree(tree, names, max_depth, where):
+    """Validate a raw ``tree`` header value against the tensor table [R1-R6]; return it.
+
+    Walks the skeleton without recursion. ``NO_TREE`` (a flat file) is returned as is.
+
+    Raises:
+        HeaderError: a malformed node, an unknown tag, a bad or duplicate key, a tensor index out of
+            range or used twice, a tensor not in the tree, a bad scalar; the message names the
+            file and the path in the tree, e.g. ``tree['model'][2]``.
+        LimitError: deeper than ``max_depth`` [R6].
+    """
+    if tree is fmt.NO_TREE:
+        return tree
+    n = len(names)
+    owner = [None] * n  # the entry (path) of each tensor's one TENSOR node
+    refs = []
+    stack = [(tree, 2, None)]  # (node, level, entry); entry = (parent entry, key) or None
+    while stack:
+        node, level, entry = stack.pop()
+        kind = type(node)
+        if kind in _PRIMITIVES:
+            continue
+        if kind is not list:
+            raise HeaderError(f"{where}: {_path_of(entry)}: a {_msgpack_name(node)} is not a tree "
+                              "node [R2]")
+        if level > max_depth:
+            raise LimitError(f"{where}: {_path_of(entry)}: tree nesting deeper than "
+                             f"max_depth={max_depth}; pass max_depth=... if you trust this file [R6]")
+        tag = node[0] if node else None
+        if type(tag) is not str or (tag not in CONTAINERS and tag not in _LEAF_ARITY):
+            raise HeaderError(f"{where}: {_path_of(entry)}: node tag {tag!r} is not one of "
+                              f"{sorted(CONTAINERS | set(_LEAF_ARITY))} [R2]")
+        if tag in (LIST, TUPLE):
+            stack.extend((child, level + 1, (entry, i)) for i, child in enumerate(node[1:]))
+        elif tag in (DICT, ODICT):
+            if len(node) % 2 != 1:
+                raise HeaderError(f"{where}: {_path_of(entry)}: a {tag} node needs an even number "
+                                  f"of items (key, value pairs) after its tag, found {len(node) - 1} items [R4]")
+            seen = set()
+            for i in range(1, len(node), 2):
+                key = node[i]
+                if (type(key) is not str and type(key) is not int) or (type(key), key) in seen:
+                    problem = "appears twice" if (type(key), key) in seen else "is not a str or int"
+                    raise HeaderError(f"{where}: {_path_of(entry)}: dict key {key!r} {problem} [R4]")
+                seen.add((type(key), key))
+                stack.append((node[i + 1], level + 1, (entry, key)))
+        else:
+            if len(node) not in _LEAF_ARITY[tag]:
+                raise HeaderError(f"{where}: {_path_of(entry)}: a {tag} node has "
+                                  f"{len(node)} items, not {' or '.join(map(str, _LEAF_ARITY[tag]))} [R2]")
+            if tag == SCALAR:
+                code, raw = node[1], node[2]
+                if type(code) is not int or not 0 <= code < len(DTYPE_BY_CODE):
+                    raise HeaderError(f"{where}: {_path_of(entry)}: scalar dtype code {code!r} is "
+                                      "unknown [R5]")
+                if type(raw) is not bytes or len(raw) != DTYPE_BY_CODE[code].itemsize:
+                    raise HeaderError(f"{where}: {_path_of(entry)}: scalar of dtype "
+                                      f"{DTYPE_BY_CODE[code]} needs {DTYPE_BY_CODE[code].itemsize} "
+                                      "bytes of bin [R5]")
+                continue
+            index = node[1]
+            if type(index) is not int or not 0 <= index < n:
+                raise HeaderError(f"{where}: {_path_of(entry)}: tensor index {index!r} is not in "
+                                  f"0..{n - 1} [R3]")
+            if tag == REF:
+                refs.append((index, entry))
+                continue
+            if len(node) == 3 and (type(node[2]) is not str or not node[2]):
+                raise HeaderError(f"{where}: {_path_of(entry)}: tensor device {node[2]!r} is not a "
+                                  "non-empty str [R3]")
+            if owner[index] is not None:
+                raise HeaderError(f"{where}: {_path_of(entry)}: tensor {names[index]!r} has a "
+                                  f"tensor node already at {_path_of(owner[index])}; a second use "
+                                  "must be a ref node [R3]")
+            owner[index] = entry if entry is not None else ()
+    for index, entry in refs:
+        if owner[index] is None:
+            raise HeaderError(f"{where}: {_path_of(entry)}: ref to tensor {names[index]!r}, which "
+                              "has no tensor node [R3]")
+    for index, entry in enumerate(owner):
+        if entry is None:
+            raise HeaderError(f"{where}: tensor {names[index]!r} is not in the tree [R3]")
+    return tree
+
+
+def _msgpack_name(value):
+    return {dict: "map"}.get(type(value), type(value).__name__)
+
+
+def _skeleton(reader):
+    """The reader's skeleton; a flat file's is a dict of its tensors by name."""
+    if reader._skeleton is not fmt.NO_TREE:
+        return reader._skeleton
+    node = [DICT]
+    for i, name in enumerate(reader._names):
+        node += [name, [TENSOR, i]]
+    return node
+
+
+def find(reader, prefix):
+    """The node at ``prefix``: a str such as ``"model"`` or ``"optimizer.state.0"`` (dict keys may
+    hold dots: the longest key that matches wins), or a tuple of exact keys and indices.
+
+    Raises:
+        KeyError: nothing is at ``prefix``.
+    """
+    node = _skeleton(reader)
+    if prefix is None:
+        return node
+    if isinstance(prefix, str):
+        rest = prefix
+        while rest:
+            child, rest = _step_str(node, rest)
+            if child is None:
+                raise KeyError(f"{reader._where} has nothing at {prefix!r} in its tree")
+            node = child
+        return node
+    for key in prefix:
+        child = _step_exact(node, key)
+        if child is None:
+            raise KeyError(f"{reader._where} has nothing at {tuple(prefix)!r} in its tree")
+        node = child
+    return node
+
+
+def _is_container(node):
+    return type(node) is list and node[0] in CONTAINERS
+
+
+def _step_exact(node, key):
+    if not _is_container(node):
+        return None
+    if node[0] in (DICT, ODICT):
+        for i in range(1, len(node), 2):
+            if type(node[i]) is type(key) and node[i] == key:
+                return node[i + 1]
+        return None
+    if type(key) is int and -(len(node) - 1) <= key < len(node) - 1:
+        return node[1 + key % (len(node) - 1)]
+    return None
+
+
+def _step_str(node, rest):
+    """One step of a dotted prefix: the child and what is left of the prefix."""
+    if not _is_container(node):
+        return None, rest
+    if node[0] in (DICT, ODICT):
+        best, best_len = None, -1
+        for i in range(1, len(node), 2):
+            text = str(node[i])
+            if (rest == text or rest.startswith(text + ".")) and (
+                    len(text) > best_len or (len(text) == best_len and type(node[i]) is str)):
+                best, best_len = node[i + 1], len(text)
+        if best is None:
+            return None, rest
+        return best, rest[best_len + 1:]
+    head, _, tail = rest.partition(".")
+    if not head.isdigit() or int(head) >= len(node) - 1:
+        return None, rest
+    return node[1 + int(head)], tail
+
+
+def _tensor_indices(node):
+    """Indices of the tensors a subtree uses (each once), in tree order."""
+    found, stack = {}, [node]
+    while stack:
+        node = stack.pop()
+        if type(node) is not list:
+            continue
+        if node[0] in (TENSOR, REF):
+            found.setdefault(node[1], node[2] if len(node) == 3 else None)
+        elif node[0] in CONTAINERS:
+            stack.extend(reversed(node[1:]))
+    return found
+
+
+def _load_arrays(reader, indices):
+    """``{index: array}`` for the given tensors: views of the mapping, or pread into fresh memory."""
+    return {i: reader._array(i) for i in indices}
+
+
+def _leaf(node, tensors):
+    """The value of a leaf node; tensors come from ``tensors[index]``."""
+    if type(node) is not list:
+        return node
+    if node[0] == SCALAR:
+        return np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
+    return tensors[node[1]]
+
+
+def _build(node, tensors):
+    """The Python value of a checked subtree, built without recursion."""
+    if not _is_container(node):
+        return _leaf(node, tensors)
+    stack = [[node, 1, []]]  # frames: node, index of the next child, values built so far
+    while True:
+        frame = stack[-1]
+        node, i, out = frame
+        if i < len(node):
+            frame[1] = i + 1
+            child = node[i]
+            if _is_container(child):
+                stack.append([child, 1, []])
+            else:
+                out.append(_leaf(child, tensors))
+            continue
+        stack.pop()
+        tag = node[0]
+        if tag == LIST:
+            value = out
+        elif tag == TUPLE:
+            value = tuple(out)
+        else:
+            pairs = zip(out[0::2], out[1::2])
+            value = dict(pairs) if tag == DICT else collections.OrderedDict(pairs)
+        if not stack:
+            return value
+        stack[-1][2].append(value)
+
+
+def materialize(reader, node, *, framework=None, map_location=None, verify=False):
+    """The Python value of ``node``, reading only the tensors it uses.
+
+    ``framework`` is ``None`` or ``"numpy"`` (numpy arrays) or ``"torch"`` (torch tensors, zero-copy
+    from the mapping, moved as ``map_location`` says). Tensors referenced twice come back as the
+    same object.
+    """
+    if framework not in _FRAMEWORKS:
+        raise ValueError(f"framework={framework!r}: use None, 'numpy' or 'torch'")
+    if map_location is not None and framework != "torch":
+        raise ValueError("map_location needs framework='torch'")
+    devices = _tensor_indices(node)
+    tensors = _load_arrays(reader, list(devices))
+    if verify:
+        names = [reader._names[i] for i in tensors]
+        reader.verify(names, arrays={reader._names[i]: a for i, a in tensors.items()})
+    if framework == "torch":
+        from . import torch as _sck_torch
+        tensors = {i: _sck_torch.from_numpy(a, devices[i], map_location) for i, a in tensors.items()}
+    return _build(node, tensors)
+
+
+def view(reader, node):
+    """A lazy :class:`Subtree` for a container node, else the leaf's value."""
+    if _is_container(node):
+        return Subtree(reader, node)
+    return _leaf(node, _load_arrays(reader, list(_tensor_indices(node))))
+
+
+class Subtree:
+    """A lazy view of a dict, list or tuple of a file's tree; made by ``Reader.tree``.
+
+    Indexing returns a child: another ``Subtree`` for a container, else the value (a tensor is
+    read when it is indexed, and only then). ``load()`` returns the whole subtree as Python values.
+    Valid while the reader is open.
+
+    Example:
+        >>> with safeckpt.open("ckpt.sckpt") as f:                     # doctest: +SKIP
+        ...     f.tree["optimizer"]["param_groups"][0]["lr"]
+        0.001
+    """
+
+    __slots__ = ("_reader", "_node", "_index")
+
+    def __init__(self, reader, node):
+        self._reader, self._node, self._index = reader, node, None
+
+    @property
+    def kind(self):
+        """The container's type: ``dict``, ``collections.OrderedDict``, ``list`` or ``tuple``."""
+        return {DICT: dict, ODICT: collections.OrderedDict, LIST: list, TUPLE: tuple}[self._node[0]]
+
+    def _is_map(self):
+        return self._node[0] in (DICT, ODICT)
+
+    def keys(self):
+        """Dict keys in order, or ``range(len)`` for a list or tuple."""
+        if self._is_map():
+            return self._node[1::2]
+        return range(len(self._node) - 1)
+
+    def __len__(self):
+        return (len(self._node) - 1) // (2 if self._is_map() else 1)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key):
+        return self._child(key) is not _MISSING
+
+    def _child(self, key):
+        if self._is_map():
+            if self._index is None:
+                node = self._node
+                self._index = {(type(node[i]), node[i]): node[i + 1] for i in range(1, len(node), 2)}
+            return self._index.get((type(key), key), _MISSING)
+        child = _step_exact(self._node, key)
+        return _MISSING if child is None else child
+
+    def __getitem__(self, key):
+        self._reader._check_open()
+        child = self._child(key)
+        if child is _MISSING:
+            raise KeyError(key)
+        return view(self._reader, child)
+
+    def items(self):
+        return [(key, self[key]) for key in self.keys()]
+
+    def load(self, *, framework=None, map_location=None):
+        """The subtree as Python values; see :func:`safeckpt.load`."""
+        self._reader._check_open()
+        return materialize(self._reader, self._node, framework=framework, map_location=map_location)
+
+    def __repr__(self):
+        return f"<safeckpt Subtree {self.kind.__name__} of {len(self)}>"
+
+
+_MISSING = object()
+
+
+def load(path, *, prefix=None, framework=None, map_location=None, mmap=True, verify=False,
+         **limits):
+    """Load what :func:`save` saved (or any .sckpt file: a flat one loads as a dict by name).
+
+    Parameters:
+        path: a str or path-like.
+        prefix: load only the subtree there: ``"model"``, ``"optimizer.state.0"``, or a tuple of
+            exact keys such as ``("state", 0)``. Other tensors are not read.
+        framework: ``None``/``"numpy"`` for numpy arrays, ``"torch"`` for torch tensors.
+        map_location: with torch, where tensors go, as ``torch.load`` takes it: ``"cpu"``,
+            ``"cuda:0"``, a ``torch.device`` or a dict mapping saved devices to devices. By
+            default a tensor goes back to the device it was saved from.
+        mmap: zero-copy views of a private mapping (default) or fresh memory read with pread.
+        verify: check the CRC32C of every tensor loaded.
+        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
+
+    Returns:
+        The object, with its types: tuples stay tuples, int keys stay ints, OrderedDicts stay
+        ordered, numpy scalars keep their dtype, tied tensors are one object.
+
+    Raises:
+        SafeckptError: a subclass naming the problem, the file and the path in the tree.
+        KeyError: nothing at ``prefix``.
+
+    Example:
+        >>> opt = safeckpt.load("ckpt.sckpt", prefix="optimizer", framework="torch")  # doctest: +SKIP
+    """
+    from .reader import Reader
+    with Reader(path, mmap=mmap, **limits) as reader:
+        return materialize(reader, find(reader, prefix), framework=framework,
+                           map_location=map_location, verify=verify)
+
+
+def same(a, b):
+    """Whether two trees are equal with exact types and bits (NaN payloads, -0.0, dtypes).
+
+    Example:
+        >>> same({"x": (1, float("nan"))}, {"x": (1, float("nan"))})
+        True
+    """
+    stack = [(a, b)]
+    while stack:
+        a, b = stack.pop()
+        if type(a) is not type(b):
+            return False
+        if type(a) in (dict, collections.OrderedDict):
+            if list(a.keys()) != list(b.keys()) or [type(k) for k in a] != [type(k) for k in b]:
+                return False
+            stack.extend(zip(a.values(), b.values()))
+        elif type(a) in (list, tuple):
+            if len(a) != len(b):
+                return False
+            stack.extend(zip(a, b))
+        elif type(a) is float:
+            if np.float64(a).tobytes() != np.float64(b).tobytes():
+                return False
+        elif isinstance(a, (np.ndarray, np.generic)):
+            if a.dtype != b.dtype or a.shape != b.shape or (
+                    np.ascontiguousarray(a).tobytes() != np.ascontiguousarray(b).tobytes()):
+                return False
+        elif _torch_module(a) is not None:
+            if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+                return False
+            from . import torch as _sck_torch
+            if not same(_sck_torch.export(a.cpu(), "a")[0], _sck_torch.export(b.cpu(), "b")[0]):
+                return False
+        elif a != b:
+            return False
+    return True
+

@@ -1,0 +1,434 @@
+"""Nested objects (docs/FORMAT.md section 8): save/load, exact types, names, sharing, lazy access,
+and one test per MUST of [R1]-[R8] on hand-made headers (tests/forge.py), under both backends."""
+
+import collections
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import safeckpt
+from safeckpt import _backend
+from safeckpt.dtypes import DTYPE_BY_CODE
+from safeckpt.tree import same, save_bytes
+from forge import forge
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+W = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+def roundtrip(obj, tmp_path, **kwargs):
+    path = tmp_path / "t.sckpt"
+    safeckpt.save(obj, path)
+    return safeckpt.load(path, **kwargs)
+
+
+def header_of(data):
+    length = struct.unpack_from("<Q", data, 16)[0]
+    return msgpack.unpackb(data[32:32 + length], raw=False, strict_map_key=False)
+
+
+def test_spec_example():
+    """Section 8's example: the table, the tree and the version."""
+    obj = {"w": W, "tied": W, "betas": (0.9, 0.999), 3: np.float32(1.5)}
+    data = save_bytes(obj)
+    assert struct.unpack_from("<HH", data, 8) == (1, 1)
+    header = header_of(data)
+    assert header["names"] == ["w"]
+    assert header["tree"] == ["dict", "w", ["tensor", 0], "tied", ["ref", 0], "betas",
+                              ["tuple", 0.9, 0.999], 3, ["scalar", 10, b"\x00\x00\xc0\x3f"]]
+    back = safeckpt.Reader(data).load()
+    assert same(back, obj) and back["tied"] is back["w"]
+
+
+def test_R1_plain_flat_dict_is_a_version_1_0_file(tmp_path):
+    data = save_bytes({"a.b": W, "c": np.int64(3) * np.ones(2, np.int64)})
+    assert struct.unpack_from("<HH", data, 8) == (1, 0) and "tree" not in header_of(data)
+    assert data == safeckpt.save_bytes({"a.b": W, "c": 3 * np.ones(2, np.int64)})
+    # an OrderedDict, a non-tensor value or a shared tensor needs the tree
+    for obj in [collections.OrderedDict(a=W), {"a": W, "n": 1}, {"a": W, "b": W}, {"a": {"b": W}}]:
+        assert struct.unpack_from("<HH", save_bytes(obj), 8) == (1, 1)
+        assert same(safeckpt.Reader(save_bytes(obj)).load(), obj)
+
+
+def test_flat_file_loads_as_dict_and_by_prefix(tmp_path):
+    path = tmp_path / "flat.sckpt"
+    safeckpt.save_file({"model.w": W, "model.b": W[0], "step": np.int64(3)}, path)
+    back = safeckpt.load(path)
+    assert list(back) == ["model.w", "model.b", "step"]
+    assert safeckpt.load(path, prefix="model.w").tolist() == W.tolist()
+    assert list(safeckpt.open(path).tree) == ["model.w", "model.b", "step"]
+
+
+def test_exact_types(tmp_path):
+    nan_payload = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_DEAD_BEEF))[0]
+    neg_snan = struct.unpack("<d", struct.pack("<Q", 0xFFF0_0000_0000_0001))[0]
+    obj = collections.OrderedDict([
+        ("ints", [0, -1, 2**63 - 1, -2**63, 2**64 - 1, True, False]),
+        ("floats", (0.0, -0.0, float("inf"), -float("inf"), nan_payload, neg_snan, 5e-324)),
+        ("text", ["", "é", "a.b", b"", b"\x00\xff"]),
+        ("none", None),
+        ("int_keys", {0: "zero", "0": "str zero", -5: [], 2**64 - 1: ()}),
+        ("nested", {"t": (1, (2, [3, {"x": ()}])), "l": [[], {}, collections.OrderedDict()]}),
+        ("scalars", [DTYPE_BY_CODE[code].type(1) for code in range(len(DTYPE_BY_CODE))]
+         + [np.float64(-0.0), np.float32("nan"), np.int64(-2**63), np.uint64(2**64 - 1),
+            np.bool_(True)]),
+        ("arrays", [W, np.array(7, np.int8), np.zeros((0, 3), np.float16), W.T]),
+    ])
+    back = roundtrip(obj, tmp_path)
+    assert same(back, obj)
+    assert type(back) is collections.OrderedDict and list(back) == list(obj)
+    assert [type(k) for k in back["int_keys"]] == [int, str, int, int]
+    assert type(back["scalars"][10]) is np.float32 and type(back["scalars"][-5]) is np.float64
+    assert np.float64(back["floats"][4]).view(np.uint64) == 0x7FF8_0000_DEAD_BEEF
+    assert str(back["floats"][1]) == "-0.0"
+
+
+def test_root_can_be_any_node(tmp_path):
+    for obj in [W, 3, None, "x", (W, W), [], np.float16(2)]:
+        assert same(roundtrip(obj, tmp_path), obj)
+    with safeckpt.open(tmp_path / "t.sckpt") as f:
+        assert f.keys() == []  # the last one, a scalar, is in the header
+    safeckpt.save(W, tmp_path / "w.sckpt")
+    assert safeckpt.open(tmp_path / "w.sckpt").keys() == ["_"]  # [R7]
+
+
+@pytest.mark.parametrize("value, words", [
+    (2**64, ["obj['a'][1]", "2**64-1", "str or bytes"]),
+    (-2**63 - 1, ["obj['a'][1]", "int64"]),
+    ({1.5: 1}, ["obj['a'][1]", "key 1.5", "str or int"]),
+    ({True: 1}, ["key True"]),
+    ({(1, 2): 1}, ["key (1, 2)"]),
+    ({2**70: 1}, ["key 1180591620717411303424", "range"]),
+    (collections.defaultdict(int), ["obj['a'][1]", "collections.defaultdict", "never pickles"]),
+    (collections.namedtuple("P", "x")(1), ["P"]),
+    (np.ma.masked_array([1]), ["numpy.ma.MaskedArray"]),
+    (bytearray(b"x"), ["bytearray"]),
+    ({1, 2}, ["set"]),
+    (object(), ["builtins.object", "state_dict()"]),
+    (np.str_("x"), ["obj['a'][1]", "cannot be stored"]),
+])
+def test_R2_unsupported_values_are_refused_naming_the_path(tmp_path, value, words):
+    error = safeckpt.UnsupportedDtypeError if isinstance(value, np.str_) else safeckpt.InvalidValueError
+    with pytest.raises(error) as info:
+        safeckpt.save({"a": [0, value]}, tmp_path / "x.sckpt")
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_object_with_state_is_refused_naming_it(tmp_path):
+    class Scheduler:
+        def state_dict(self):
+            return {}
+    with pytest.raises(safeckpt.InvalidValueError, match=r"state\['scheduler'\].*Scheduler"):
+        safeckpt.tree.flatten({"scheduler": Scheduler()}, root="state")
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"obj\['o'\]"):
+        safeckpt.save({"o": np.array([None])}, tmp_path / "x.sckpt")
+
+
+def test_R6_cycles_and_depth_are_refused_at_save(tmp_path):
+    loop = []
+    loop.append(loop)
+    with pytest.raises(safeckpt.LimitError, match="max_depth=64"):
+        safeckpt.save(loop, tmp_path / "x.sckpt")
+    deep = W
+    for _ in range(62):
+        deep = [deep]
+    assert same(roundtrip(deep, tmp_path), deep)  # 62 lists + the tensor node at level 64
+    with pytest.raises(safeckpt.LimitError):
+        safeckpt.save([deep], tmp_path / "x.sckpt")
+
+
+def test_R7_names(tmp_path):
+    obj = {"model": collections.OrderedDict([("layers.0.weight", W), ("b", W[0])]),
+           "a.b": W + 1, "a": {"b": W + 2}, 1: W + 3, "1": W + 4, "l": [W + 5, (W + 6,)]}
+    data = save_bytes(obj)
+    assert header_of(data)["names"] == ["model.layers.0.weight", "model.b", "a.b", "a.b~1", "1",
+                                        "1~1", "l.0", "l.1.0"]
+    assert same(safeckpt.Reader(data).load(), obj)
+
+
+def test_R8_shared_tensors_stored_once_and_come_back_shared(tmp_path):
+    big = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    obj = {"embed": big, "head": big, "view": big[:], "t": big.T, "half": big[:128], "copy": big.copy()}
+    path = tmp_path / "s.sckpt"
+    safeckpt.save(obj, path)
+    with safeckpt.open(path) as f:
+        assert f.keys() == ["embed", "t", "half", "copy"]  # big[:] is the same memory and layout
+    back = safeckpt.load(path)
+    assert back["embed"] is back["head"] is back["view"]
+    assert same(back, obj)
+    # empty arrays are never merged (they have no memory to share)
+    e = np.zeros(0)
+    back = roundtrip({"a": e, "b": e}, tmp_path)
+    assert back["a"] is not back["b"]
+
+
+def test_prefix(tmp_path):
+    obj = {"model": {"layers.0.weight": W, "layers": [W + 1]}, "optimizer": {"state": {3: {"m": W + 2}},
+           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}, "3": "str key"}
+    path = tmp_path / "p.sckpt"
+    safeckpt.save(obj, path)
+    assert same(safeckpt.load(path, prefix="model"), obj["model"])
+    assert same(safeckpt.load(path, prefix="model.layers.0.weight"), W)  # the longest key wins
+    assert same(safeckpt.load(path, prefix="model.layers.0"), W + 1)
+    assert same(safeckpt.load(path, prefix="optimizer.state.3"), {"m": W + 2})
+    assert safeckpt.load(path, prefix="optimizer.param_groups.0.betas") == (0.9, 0.99)
+    assert same(safeckpt.load(path, prefix=("optimizer", "state", 3, "m")), W + 2)
+    assert safeckpt.load(path, prefix=("3",)) == "str key"
+    for bad in ["nope", "model.x", "optimizer.param_groups.1", ("optimizer", "state", "3"),
+                "optimizer.param_groups.0.lr.x"]:
+        with pytest.raises(KeyError):
+            safeckpt.load(path, prefix=bad)
+
+
+class ReadSpy:
+    """Wraps the backend to record which offsets are read with pread."""
+
+    def __init__(self, monkeypatch):
+        self.offsets = []
+        real = _backend.backend.read_into
+
+        def read_into(fd, offsets, lengths, dests):
+            self.offsets.extend(offsets)
+            return real(fd, offsets, lengths, dests)
+        monkeypatch.setattr(_backend.backend, "read_into", read_into)
+
+
+def test_lazy_subtree_reads_only_what_is_asked(tmp_path, monkeypatch):
+    obj = {"model": {"a": W, "b": W + 1}, "optimizer": {"m": W + 2, "v": [W + 3]}, "step": 5}
+    path = tmp_path / "l.sckpt"
+    safeckpt.save(obj, path)
+    spy = ReadSpy(monkeypatch)
+    with safeckpt.open(path, mmap=False) as f:
+        tree = f.tree
+        assert list(tree) == ["model", "optimizer", "step"] and tree["step"] == 5
+        assert tree.kind is dict and len(tree) == 3 and "model" in tree and "x" not in tree
+        assert spy.offsets == []
+        assert same(tree["model"]["b"], W + 1)
+        assert spy.offsets == [f.info("model.b").offset]
+        spy.offsets.clear()
+        assert same(tree["optimizer"].load(), obj["optimizer"])
+        assert sorted(spy.offsets) == sorted(f.info(n).offset for n in ["optimizer.m", "optimizer.v.0"])
+        assert tree["optimizer"]["v"].kind is list and repr(tree["optimizer"]["v"]).endswith("of 1>")
+        spy.offsets.clear()
+        assert same(f.load("model.a"), W) and spy.offsets == [f.info("model.a").offset]
+    with pytest.raises(safeckpt.ReaderClosedError):
+        tree["model"]
+
+
+def test_verify_checks_only_the_loaded_subtree(tmp_path):
+    path = tmp_path / "v.sckpt"
+    safeckpt.save({"good": {"w": W}, "bad": {"w": W + 1}}, path)
+    data = bytearray(path.read_bytes())
+    with safeckpt.open(path) as f:
+        data[f.info("bad.w").offset] ^= 1
+    path.write_bytes(bytes(data))
+    assert same(safeckpt.load(path, prefix="good", verify=True), {"w": W})
+    with pytest.raises(safeckpt.ChecksumError, match="'bad.w'"):
+        safeckpt.load(path, verify=True)
+    with pytest.raises(safeckpt.ChecksumError, match="'bad.w'"):
+        safeckpt.load(path, prefix="bad", verify=True, mmap=False)
+
+
+def test_load_options_are_checked(tmp_path):
+    path = tmp_path / "o.sckpt"
+    safeckpt.save({"w": W}, path)
+    with pytest.raises(ValueError, match="framework"):
+        safeckpt.load(path, framework="jax")
+    with pytest.raises(ValueError, match="map_location"):
+        safeckpt.load(path, map_location="cpu")
+
+
+# -- hostile trees, one per MUST (section 8) -------------------------------------------------------
+
+def forged(tree, tensors=(("w", W),), minor=1, **kwargs):
+    return forge(tensors, minor=minor, extra={"tree": tree}, **kwargs)
+
+
+def refuse(data, error, *words, **limits):
+    for load in (lambda: safeckpt.Reader(data, **limits), lambda: safeckpt.load_bytes(data, **limits)):
+        with pytest.raises(error) as info:
+            load()
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
+def test_hostile_valid_forged_tree_loads():
+    data = forged(["dict", "a", ["list", ["tensor", 0, "cuda:0"], ["ref", 0]], 7, 1.5])
+    back = safeckpt.Reader(data).load()
+    assert same(back, {"a": [W, W], 7: 1.5}) and back["a"][0] is back["a"][1]
+
+
+def test_H8_tree_in_a_version_1_0_file_is_refused():
+    refuse(forged(["tensor", 0], minor=0), safeckpt.HeaderError, "'tree'", "[H8]")
+
+
+def test_H8_newer_minor_with_unknown_keys_keeps_the_tree():
+    data = forge({"w": W}, minor=2, extra={"tree": ["list", ["tensor", 0]], "future": 1})
+    assert same(safeckpt.Reader(data).load(), [W])
+
+
+@pytest.mark.parametrize("tree, words", [
+    ({"a": ["tensor", 0]}, ["tree", "map is not a tree node", "[R2]"]),
+    (["dict", "a", ["set", 1], "w", ["tensor", 0]], ["tree['a']", "'set'", "[R2]"]),
+    (["list", [], ["tensor", 0]], ["tree[0]", "None", "[R2]"]),
+    (["list", [1, 2], ["tensor", 0]], ["tree[0]", "tag 1", "[R2]"]),
+    (["tensor"], ["tree", "2 or 3", "[R2]"]),
+    (["tensor", 0, "cpu", 1], ["4 items", "[R2]"]),
+    (["list", ["tensor", 0], ["ref", 0, 1]], ["tree[1]", "ref node", "[R2]"]),
+])
+def test_R2_bad_nodes(tree, words):
+    refuse(forged(tree), safeckpt.HeaderError, *words)
+
+
+@pytest.mark.parametrize("tree, words", [
+    (["tensor", 1], ["index 1", "0..0", "[R3]"]),
+    (["tensor", -1], ["index -1", "[R3]"]),
+    (["tensor", True], ["index True", "[R3]"]),
+    (["tensor", "w"], ["index 'w'", "[R3]"]),
+    (["list", ["tensor", 0], ["dict", "x", ["tensor", 0]]], ["tree[1]['x']", "'w'", "tree[0]", "ref",
+                                                            "[R3]"]),
+    (["list", ["ref", 0]], ["tree[0]", "'w'", "no tensor node", "[R3]"]),
+    (["list", 1], ["'w'", "not in the tree", "[R3]"]),
+    (["tensor", 0, ""], ["device ''", "[R3]"]),
+    (["tensor", 0, 5], ["device 5", "[R3]"]),
+])
+def test_R3_bad_tensor_references(tree, words):
+    refuse(forged(tree), safeckpt.HeaderError, *words)
+
+
+@pytest.mark.parametrize("tree, words", [
+    (["dict", "a"], ["even number", "1 items", "[R4]"]),
+    (["dict", "w", ["tensor", 0], "w", 1], ["key 'w' appears twice", "[R4]"]),
+    (["odict", 1, 0, 1, ["tensor", 0]], ["key 1 appears twice", "[R4]"]),
+    (["dict", 1.5, ["tensor", 0]], ["key 1.5", "not a str or int", "[R4]"]),
+    (["dict", None, ["tensor", 0]], ["key None", "[R4]"]),
+    (["dict", True, ["tensor", 0]], ["key True", "[R4]"]),
+    (["dict", b"k", ["tensor", 0]], ["key b'k'", "[R4]"]),
+])
+def test_R4_bad_dict_nodes(tree, words):
+    refuse(forged(tree), safeckpt.HeaderError, *words)
+
+
+def test_R4_int_and_str_keys_are_distinct():
+    back = safeckpt.Reader(forged(["dict", 1, ["tensor", 0], "1", 2])).load()
+    assert same(back, {1: W, "1": 2})
+
+
+@pytest.mark.parametrize("tree, words", [
+    (["list", ["tensor", 0], ["scalar", 17, b"\0"]], ["tree[1]", "code 17", "[R5]"]),
+    (["list", ["tensor", 0], ["scalar", "f4", b"\0" * 4]], ["code 'f4'", "[R5]"]),
+    (["list", ["tensor", 0], ["scalar", 10, b"\0"]], ["float32", "4 bytes", "[R5]"]),
+    (["list", ["tensor", 0], ["scalar", 10, "abcd"]], ["4 bytes of bin", "[R5]"]),
+])
+def test_R5_bad_scalars(tree, words):
+    refuse(forged(tree), safeckpt.HeaderError, *words)
+
+
+def test_R6_depth_limit_names_the_path():
+    tree = ["tensor", 0]
+    for _ in range(63):
+        tree = ["list", tree]
+    refuse(forged(tree), safeckpt.LimitError, "tree" + "[0]" * 62, "max_depth=64", "[R6]")
+    tree = ["list", tree]
+    back = safeckpt.Reader(forged(tree), max_depth=70).load()
+    for _ in range(64):
+        back = back[0]
+    assert same(back, W)
+    refuse(forged(["list", ["list", ["tensor", 0]]]), safeckpt.LimitError, "max_depth=3", max_depth=3)
+
+
+def test_R6_deep_trees_do_not_recurse():
+    """Depth up to what msgpack decodes is checked and built without recursion."""
+    tree = ["tensor", 0]
+    for _ in range(1000):
+        tree = ["list", tree]
+    data = forged(tree)
+    refuse(data, safeckpt.LimitError, "[R6]")
+    back = safeckpt.Reader(data, max_depth=2000).load()
+    with safeckpt.Reader(data, max_depth=2000) as reader:
+        assert len(reader.tree) == 1
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+def _float(bits):
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+@st.composite
+def numpy_values(draw):
+    """Numpy scalars and small arrays of any storable dtype, with random bytes (every bit pattern)."""
+    dtype = draw(st.sampled_from(DTYPE_BY_CODE))
+    shape = draw(st.sampled_from([None, (), (0,), (3,), (2, 2)]))
+    count = int(np.prod(shape or ())) * dtype.itemsize
+    raw = draw(st.binary(min_size=count, max_size=count))
+    if dtype == np.bool_:
+        raw = bytes(b & 1 for b in raw)
+    array = np.frombuffer(raw, np.uint8).view(dtype).reshape(shape or ()).copy()
+    return array[()] if shape is None else array
+
+
+leaves = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
+          | st.floats(allow_nan=True) | st.integers(0, 2**64 - 1).map(_float)
+          | st.text(max_size=8) | st.binary(max_size=8) | numpy_values())
+keys = st.text(max_size=6) | st.integers(-2**63, 2**64 - 1)
+trees = st.recursive(
+    leaves,
+    lambda inner: (st.lists(inner, max_size=4) | st.lists(inner, max_size=4).map(tuple)
+                   | st.dictionaries(keys, inner, max_size=4)
+                   | st.dictionaries(keys, inner, max_size=4).map(
+                       lambda d: collections.OrderedDict(reversed(list(d.items()))))),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=60)
+@given(trees)
+def test_property_nested_trees_round_trip_exactly(obj):
+    data = save_bytes(obj)
+    assert same(safeckpt.Reader(data).load(), obj)
+
+
+tensors = st.builds(lambda shape, seed: np.random.default_rng(seed).standard_normal(shape).astype(np.float32),
+                    st.sampled_from([(), (3,), (2, 3)]), st.integers(0, 2**32 - 1))
+param_groups = st.fixed_dictionaries({
+    "lr": st.floats(1e-6, 1.0), "betas": st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    "eps": st.floats(1e-12, 1e-6), "weight_decay": st.sampled_from([0, 0.0, 1e-2]),
+    "amsgrad": st.booleans(), "foreach": st.sampled_from([None, True, False]),
+    "maximize": st.booleans(), "fused": st.none(),
+})
+
+
+@st.composite
+def optimizer_states(draw):
+    """What torch.optim state_dicts look like: int parameter ids, step counters, tuples, None."""
+    n = draw(st.integers(0, 5))
+    state = {}
+    for pid in draw(st.permutations(range(n))):
+        entry = {"step": draw(st.sampled_from([np.float32(3), np.array(3.0, np.float32), 3]))}
+        for name in draw(st.lists(st.sampled_from(["exp_avg", "exp_avg_sq", "momentum_buffer",
+                                                   "max_exp_avg_sq"]), unique=True, max_size=3)):
+            entry[name] = draw(tensors | st.none())
+        state[pid] = entry
+    groups = []
+    ids = list(range(n))
+    while ids or not groups:
+        take = draw(st.integers(0, len(ids)))
+        groups.append({**draw(param_groups), "params": ids[:take]})
+        ids = ids[take:]
+        if not take:
+            break
+    return {"state": state, "param_groups": groups}
+
+
+@settings(max_examples=40)
+@given(optimizer_states())
+def test_property_optimizer_like_states_round_trip_exactly(obj):
+    assert same(safeckpt.Reader(save_bytes(obj)).load(), obj)
