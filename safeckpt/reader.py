@@ -16,6 +16,7 @@ import errno
 import operator
 import os
 import stat
+import threading
 
 import numpy as np
 
@@ -45,6 +46,7 @@ class Reader:
     def __init__(self, source, *, mmap=True, name=None, max_header_size=fmt.MAX_HEADER_SIZE,
                  max_tensors=fmt.MAX_TENSORS, max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH):
         self._be = _backend.backend
+        self._lock = threading.Lock()  # guards _fd against close() while another thread reads
         self._fd = None
         self._buffer = None  # the whole file as a buffer (mapping or bytes), if not read by pread
         self._mapping = None
@@ -162,8 +164,31 @@ class Reader:
     # -- the mapping interface ------------------------------------------------------------------
 
     def _check_open(self):
-        if self._names is None:
+        """The tensor names; raises ReaderClosedError after close() (in any thread)."""
+        names = self._names
+        if names is None:
             raise ReaderClosedError(f"{self._where}: the reader is closed")
+        return names
+
+    def _read_into(self, offsets, lengths, dests):
+        """The backend's read_into on this reader's file descriptor.
+
+        A close() in another thread waits for no one: it marks the reader closed, and the last
+        read in flight closes the descriptor, so no read ever lands on a reused descriptor number.
+        """
+        with self._lock:
+            if self._fd is None or self._names is None:
+                raise ReaderClosedError(f"{self._where}: the reader is closed")
+            fd = self._fd
+            self._fd_users += 1
+        try:
+            self._be.read_into(fd, offsets, lengths, dests)
+        finally:
+            with self._lock:
+                self._fd_users -= 1
+                if not self._fd_users and self._names is None and self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
 
     def _position(self, name):
         self._check_open()
@@ -174,15 +199,13 @@ class Reader:
 
     def keys(self):
         """Tensor names, in file order."""
-        self._check_open()
-        return list(self._names)
+        return list(self._check_open())
 
     def __iter__(self):
         return iter(self.keys())
 
     def __len__(self):
-        self._check_open()
-        return len(self._names)
+        return len(self._check_open())
 
     def __contains__(self, name):
         self._check_open()
@@ -208,7 +231,7 @@ class Reader:
             count = self._nbytes[i] // dtype.itemsize
             return np.frombuffer(buffer, dtype, count, self._offsets[i]).reshape(shape)
         out = np.empty(shape, dtype)
-        self._be.read_into(self._fd, [self._offsets[i]], [self._nbytes[i]], [out])
+        self._read_into([self._offsets[i]], [self._nbytes[i]], [out])
         return out
 
     def get_slice(self, name):
@@ -220,15 +243,15 @@ class Reader:
 
     def load_all(self):
         """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel."""
-        self._check_open()
+        names = self._check_open()
         if self._buffer is not None:
             self._advise("willneed")
-            return {name: self._array(i) for i, name in enumerate(self._names)}
+            return {name: self._array(i) for i, name in enumerate(names)}
         arrays = {name: np.empty(self._shapes[i], DTYPE_BY_CODE[self._codes[i]])
-                  for i, name in enumerate(self._names)}
-        todo = [i for i in range(len(self._names)) if self._nbytes[i]]
-        self._be.read_into(self._fd, [self._offsets[i] for i in todo], [self._nbytes[i] for i in todo],
-                           [arrays[self._names[i]] for i in todo])
+                  for i, name in enumerate(names)}
+        todo = [i for i in range(len(names)) if self._nbytes[i]]
+        self._read_into([self._offsets[i] for i in todo], [self._nbytes[i] for i in todo],
+                        [arrays[names[i]] for i in todo])
         return arrays
 
     def _advise(self, advice):
@@ -271,11 +294,11 @@ class Reader:
             ChecksumError: names the first tensor whose bytes do not match, or says that the file
                 holds no checksums (it was saved with ``checksum=False``).
         """
-        self._check_open()
+        all_names = self._check_open()
         if self._crcs is None:
             raise ChecksumError(f"{self._where}: the file was saved with checksum=False; "
                                 "there is nothing to verify [T10]")
-        for name in self._names if names is None else names:
+        for name in all_names if names is None else names:
             i = self._position(name)
             array = arrays[name] if arrays is not None else self._array(i)
             actual = self._be.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
@@ -284,13 +307,17 @@ class Reader:
                        f" (stored {self._crcs[i]:#010x}, computed {actual:#010x})")
 
     def close(self):
-        """Release the file. Arrays already handed out stay valid; using the reader raises."""
-        self._names = None
-        self._buffer = None
-        self._mapping = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Release the file. Arrays already handed out stay valid; using the reader raises.
+
+        Safe while other threads read: their reads finish or raise ReaderClosedError.
+        """
+        with self._lock:
+            self._names = None
+            self._buffer = None
+            self._mapping = None
+            if self._fd is not None and not self._fd_users:
+                os.close(self._fd)
+                self._fd = None
 
     @property
     def closed(self):
@@ -307,6 +334,7 @@ class Reader:
         return f"<safeckpt.Reader {self._where} ({state})>"
 
     _names = None
+    _fd_users = 0  # reads in flight on _fd (see _read_into)
 
 
 class TensorSlice:
@@ -345,7 +373,7 @@ class TensorSlice:
         out = np.empty((stop - start,) + self.shape[1:], self.dtype)
         row_bytes = out.nbytes // max(stop - start, 1)
         if out.nbytes:
-            reader._be.read_into(reader._fd, [reader._offsets[i] + start * row_bytes], [out.nbytes], [out])
+            reader._read_into([reader._offsets[i] + start * row_bytes], [out.nbytes], [out])
         return out
 
     def __repr__(self):

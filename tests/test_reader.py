@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -234,3 +235,75 @@ def test_backend_names():
     env["SAFECKPT_BACKEND"] = "fortran"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "SAFECKPT_BACKEND" in out.stderr
+
+
+# -- concurrency and resources (issue 4); test_many_threads_read_one_reader above covers reads ---
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_reader_closed_while_other_threads_read(path, mmap):
+    """Each read returns the right data or raises ReaderClosedError: never another error, never
+    bytes of some other file (a closed descriptor's number is soon reused by the next open)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that close() lands inside reads
+    try:
+        race_close(path, mmap)
+    finally:
+        sys.setswitchinterval(switch)
+    gc.collect()
+    assert mapped(path) == 0
+
+
+def race_close(path, mmap):
+    for attempt in range(50):
+        f = safeckpt.open(path, mmap=mmap)
+        outcomes, started = [], threading.Barrier(5)
+
+        def work():
+            started.wait()
+            try:
+                for _ in range(200):
+                    np.testing.assert_array_equal(f["emb"], TENSORS["emb"])
+                    np.testing.assert_array_equal(f.get_slice("emb")[2:4], TENSORS["emb"][2:4])
+                    np.testing.assert_array_equal(f.load_all()["bias"], TENSORS["bias"])
+                outcomes.append("done")
+            except safeckpt.ReaderClosedError:
+                outcomes.append("closed")
+            except BaseException as exc:  # collected and re-raised in the main thread
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        started.wait()
+        time.sleep(attempt * 0.0002)  # close at a different point of the reads each time
+        f.close()
+        decoys = [os.open(path, os.O_RDONLY) for _ in range(4)]  # take the freed descriptor numbers
+        for t in threads:
+            t.join()
+        for fd in decoys:
+            os.close(fd)
+        assert all(o in ("done", "closed") for o in outcomes), outcomes
+
+
+def count_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_thousands_of_open_close_cycles_leak_nothing(path, tmp_path):
+    bad = tmp_path / "bad.sckpt"
+    bad.write_bytes(path.read_bytes()[:-1])
+    gc.collect()
+    fds, maps = count_fds(), len(open("/proc/self/maps").read().splitlines())
+    for i in range(2000):
+        mmap = i % 2 == 0
+        with safeckpt.open(path, mmap=mmap) as f:
+            f["emb"], f.get_slice("emb")[1]
+        with pytest.raises(safeckpt.TruncatedFileError):
+            safeckpt.open(bad, mmap=mmap)
+        safeckpt.load_file(path, mmap=mmap)
+    gc.collect()
+    assert count_fds() == fds
+    assert mapped(path) == 0 and mapped(bad) == 0
+    # the loader's own mappings: none of the 6000 remains (a little slack for the allocator)
+    assert len(open("/proc/self/maps").read().splitlines()) <= maps + 8
