@@ -115,6 +115,18 @@ def _walk_metadata(metadata, max_depth, error):
             )
 
 
+def _check_depth(value, path, max_depth):
+    """[H3] for a top-level header value (level 2) of any content, e.g. an ignored key [H8]."""
+    stack = [(value, 2)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            if level > max_depth:
+                raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
+            stack.extend((item, level + 1) for item in (value.values() if isinstance(value, dict)
+                                                        else value))
+
+
 def _unique_pairs(pairs):
     """msgpack object_pairs_hook: build a dict, refusing duplicate keys [H2]."""
     result = dict(pairs)
@@ -144,7 +156,7 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         )
     except HeaderError:
         raise
-    except RecursionError as exc:
+    except (RecursionError, msgpack.StackError) as exc:  # msgpack stops at its own depth limit
         raise LimitError(f"header nesting is too deep to decode (max_depth={max_depth}) [H3]") from exc
     except Exception as exc:  # msgpack raises ValueError, TypeError and its own classes
         raise HeaderError(f"header is not one valid msgpack object: {exc} [H1]") from exc
@@ -155,6 +167,8 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
             raise HeaderError(f"header key {key!r} is not a str [H1]")
         if minor <= VERSION_MINOR and KEY_MINOR.get(key, VERSION_MINOR + 1) > minor:
             raise HeaderError(f"unknown header key {key!r} in a version 1.{minor} file [H8]")
+        if key not in ("names", "metadata", "tree"):  # names: flat; metadata, tree: walked later
+            _check_depth(header[key], f"header[{key!r}]", max_depth)
 
     names = header.get("names")
     if type(names) is not list:

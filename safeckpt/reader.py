@@ -58,7 +58,10 @@ class Reader:
         else:
             self.path = os.fspath(source)
             self._where = name or repr(self.path)
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO given as the path must not block open() until a writer comes
+            # (its size is 0, so it is then refused [P1]); regular files ignore the flag.
+            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+            self._fd = os.open(self.path, flags)
         try:
             if self._fd is not None:
                 st = os.fstat(self._fd)
@@ -81,6 +84,8 @@ class Reader:
         """The bytes at [offset, offset+length), which the caller has bounds-checked."""
         if self._buffer is not None:
             return self._buffer[offset:offset + length]
+        if not length:  # e.g. the prefix of an empty file, a FIFO or a device (size 0): no pread
+            return b""
         data = os.pread(self._fd, length, offset)
         while len(data) < length:  # pread may return less than asked on some filesystems
             more = os.pread(self._fd, length - len(data), offset + len(data))
