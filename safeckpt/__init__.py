@@ -19,12 +19,15 @@ from .errors import (
     NotSafeckptError,
     ReaderClosedError,
     SafeckptError,
+    StateMismatchError,
     TruncatedFileError,
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
 from .reader import Reader, TensorInfo, TensorSlice, load_bytes, load_file, open
+from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from .tree import Subtree, load, save
+from . import torch  # the adapter; torch itself is imported only when it is used
 from .writer import save_bytes, save_file
 
 __version__ = "0.1.0"
@@ -34,5 +37,6 @@ __all__ = [
     "NotSafeckptError", "ReaderClosedError", "SafeckptError", "TruncatedFileError",
     "UnsupportedDtypeError", "UnsupportedVersionError", "Reader", "TensorInfo", "TensorSlice",
     "backend", "load_bytes", "load_file", "open", "save_bytes", "save_file",
-    "Subtree", "load", "save",
+    "StateMismatchError", "Subtree", "load", "save", "torch",
+    "CheckpointManager", "load_checkpoint", "save_checkpoint",
 ]

@@ -56,6 +56,10 @@ class InvalidValueError(SafeckptError, TypeError):
     """Something given to a save function cannot be stored: a bad key, type or metadata value."""
 
 
+class StateMismatchError(SafeckptError):
+    """A saved state does not fit the model it is loaded into: missing, unexpected or mismatched keys."""
+
+
 class ReaderClosedError(SafeckptError):
     """A reader was used after ``close()``."""
 

@@ -1,0 +1,255 @@
+"""The torch adapter (safeckpt/torch.py): dtypes, zero-copy, devices, tied weights, models,
+optimizers, and bit-exact resume in a new process. Skipped where torch is not installed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import safeckpt  # noqa: E402
+import safeckpt.torch as st  # noqa: E402
+from safeckpt.tree import same  # noqa: E402
+from forge import forge  # noqa: E402
+
+DTYPES = [torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+          torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.bfloat16,
+          torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64, torch.complex128]
+
+
+def random_tensor(dtype, shape=(3, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 256, (int(np.prod(shape)) * dtype.itemsize,), generator=g, dtype=torch.uint8)
+    if dtype == torch.bool:
+        return (bits[:int(np.prod(shape))] & 1).bool().reshape(shape)
+    return bits.view(dtype).reshape(shape)
+
+
+def bits(t):
+    return st.export(t.cpu(), "t")[0].tobytes()
+
+
+def test_all_dtypes_round_trip_bit_exact(tmp_path):
+    obj = {str(dt): random_tensor(dt, seed=i) for i, dt in enumerate(DTYPES)}
+    obj["transposed_bf16"] = random_tensor(torch.bfloat16, (4, 6)).t()
+    obj["param"] = torch.nn.Parameter(torch.randn(2, 2))
+    obj["conj"] = torch.randn(3, dtype=torch.complex64).conj()
+    obj["scalar"], obj["empty"] = torch.tensor(3.5), torch.zeros(0, 4)
+    path = tmp_path / "d.sckpt"
+    safeckpt.save(obj, path)
+    back = st.load(path)
+    for key, value in obj.items():
+        got = back[key]
+        assert type(got) is torch.Tensor and got.dtype == value.dtype and got.shape == value.shape, key
+        assert bits(got) == bits(value.resolve_conj()), key
+    assert not back["param"].requires_grad
+    assert same(back, {k: v.detach().resolve_conj() for k, v in obj.items()})
+    # and numpy users read the same file
+    assert safeckpt.load(path)["torch.bfloat16"].dtype.name == "bfloat16"
+
+
+def test_cpu_tensors_are_written_from_their_own_memory():
+    t = torch.randn(4, 4).to(torch.bfloat16)
+    array, device, _ = st.export(t, "t")
+    assert device is None and array.__array_interface__["data"][0] == t.data_ptr()
+
+
+def test_load_is_zero_copy_from_the_mapping(tmp_path):
+    path = tmp_path / "z.sckpt"
+    safeckpt.save({"w": torch.randn(256, 256), "b": torch.randn(8).to(torch.bfloat16)}, path)
+    with safeckpt.open(path) as f:
+        back = f.load(framework="torch")
+        start = f._mapping.address
+        for t in back.values():
+            assert start <= t.data_ptr() < start + f.size
+    back["w"] += 1  # a private mapping: writable, and the file never changes
+    assert torch.equal(st.load(path)["w"] + 1, back["w"])
+
+
+def test_unsupported_tensors_are_refused_naming_the_path(tmp_path):
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"obj\['q'\].*float8_e4m3fnuz"):
+        safeckpt.save({"q": torch.zeros(2, dtype=torch.float8_e4m3fnuz)}, tmp_path / "x.sckpt")
+    with pytest.raises(safeckpt.InvalidValueError, match=r"obj\['s'\].*to_dense"):
+        safeckpt.save({"s": torch.zeros(2, 2).to_sparse()}, tmp_path / "x.sckpt")
+    with pytest.raises(safeckpt.InvalidValueError, match=r"obj\['m'\].*state_dict"):
+        safeckpt.save({"m": torch.nn.Linear(2, 2)}, tmp_path / "x.sckpt")
+
+
+def test_map_location(tmp_path):
+    data = forge({"w": np.ones(3, np.float32), "v": np.zeros(2, np.float32)}, minor=1,
+                 extra={"tree": ["dict", "w", ["tensor", 0, "cuda:0"], "v", ["tensor", 1]]})
+    path = tmp_path / "m.sckpt"
+    path.write_bytes(data)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="map_location"):
+            st.load(path)
+    for where in ["cpu", torch.device("cpu"), {"cuda:0": "cpu"}]:
+        back = st.load(path, map_location=where)
+        assert back["w"].device.type == "cpu" and back["w"].tolist() == [1, 1, 1]
+    back = st.load(path, map_location={"cuda:0": "cpu", "cpu": "meta"})
+    assert back["w"].device.type == "cpu" and back["v"].device.type == "meta"
+    assert st.load(path, map_location="meta")["w"].device.type == "meta"
+    with pytest.raises(TypeError, match="map_location"):
+        st.load(path, map_location=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors(tmp_path):
+    obj = {"w": torch.randn(64, 64, device="cuda"), "b": torch.randn(3).to("cuda", torch.bfloat16)}
+    path = tmp_path / "c.sckpt"
+    safeckpt.save(obj, path)
+    back = st.load(path)
+    assert back["w"].device == obj["w"].device and torch.equal(back["w"], obj["w"])
+    assert st.load(path, map_location="cpu")["b"].device.type == "cpu"
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=50, dim=8, tied=True):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.body = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("count", torch.tensor(7, dtype=torch.int64))
+
+
+def test_tied_weights_are_stored_once_and_come_back_shared(tmp_path):
+    model = TinyLM()
+    path = tmp_path / "lm.sckpt"
+    st.save_model(model, path)
+    keys = safeckpt.open(path).keys()
+    assert "embed.weight" in keys and "lm_head.weight" not in keys
+    state = st.load(path)
+    assert list(state) == list(model.state_dict())  # an OrderedDict, in order
+    assert state["lm_head.weight"] is state["embed.weight"]
+    fresh = TinyLM()
+    assert st.load_model(fresh, path) == ([], [], [])
+    assert fresh.lm_head.weight is fresh.embed.weight
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_load_model_strict_lists_everything_and_touches_nothing(tmp_path):
+    path = tmp_path / "lm.sckpt"
+    state = TinyLM(vocab=50).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["norm.bias"]
+    state["count"] = torch.tensor(7, dtype=torch.int32)
+    safeckpt.save(state, path)
+    model = TinyLM(vocab=60)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(safeckpt.StateMismatchError) as info:
+        st.load_model(model, path)
+    message = str(info.value)
+    for word in ["missing keys (1): norm.bias", "unexpected keys (1): extra.weight",
+                 "embed.weight: file has shape (50, 8) float32, model has shape (60, 8) float32",
+                 "lm_head.weight", "count: file has shape () int32, model has shape () int64",
+                 "nothing was loaded", "strict=False"]:
+        assert word in message, (word, message)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = st.load_model(model, path, strict=False)
+    assert report.missing == ["norm.bias"] and report.unexpected == ["extra.weight"]
+    assert sorted(m[0] for m in report.mismatched) == ["count", "embed.weight", "lm_head.weight"]
+    assert torch.equal(model.body.weight, state["body.weight"])
+    assert torch.equal(model.norm.bias, before["norm.bias"])
+
+
+def trained_optimizer(kind, steps=3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+           "adam": lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.8, 0.95), amsgrad=True),
+           "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1)}[kind](model.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_optimizer_state_dict_round_trips_exactly(tmp_path, kind):
+    model, opt = trained_optimizer(kind)
+    path = tmp_path / "o.sckpt"
+    saved = opt.state_dict()
+    safeckpt.save(saved, path)
+    back = st.load(path)
+    assert same(back, saved)
+    assert list(back["state"]) == [0, 1, 2, 3] and type(back["param_groups"][0]["params"][0]) is int
+    if kind != "sgd":
+        assert type(back["param_groups"][0]["betas"]) is tuple
+        assert back["state"][0]["step"].dtype == torch.float32 and back["state"][0]["step"].ndim == 0
+    assert back["param_groups"][0]["foreach"] is None
+    fresh = torch.optim.SGD(model.parameters(), lr=0.5) if kind == "sgd" else type(opt)(model.parameters())
+    fresh.load_state_dict(back)
+    assert same(fresh.state_dict(), saved)
+
+
+RESUME = r"""
+import hashlib, json, random, sys
+import numpy as np, torch, safeckpt
+torch.set_num_threads(1)
+
+def build(kind, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 1))
+    if kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, 3, gamma=0.5)
+
+def step(model, opt, sched):
+    x = torch.randn(16, 8)  # every generator is used: torch, numpy and python's
+    y = x.sum(1, keepdim=True) + torch.from_numpy(np.random.standard_normal((16, 1)).astype("f4"))
+    loss = ((model(x) - y - random.random()) ** 2).mean()
+    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+    return loss.item()
+
+mode, directory, k, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = {}
+for kind in ["sgd", "adam"]:
+    path = f"{directory}/{kind}.sckpt"
+    if mode == "full":
+        random.seed(1); np.random.seed(1)
+        model, opt, sched = build(kind, 0)
+        losses = []
+        for i in range(n):
+            if i == k:
+                safeckpt.save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, step=k)
+            losses.append(step(model, opt, sched))
+        losses = losses[k:]
+    else:
+        model, opt, sched = build(kind, 99)  # other weights and generators: all must be restored
+        info = safeckpt.load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+        losses = [step(model, opt, sched) for _ in range(info.step, n)]
+    weights = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
+    out[kind] = {"losses": [float(v).hex() for v in losses],
+                 "weights": hashlib.sha256(weights).hexdigest()}
+print(json.dumps(out))
+"""
+
+
+def run_resume(mode, directory, k=4, n=9):
+    result = subprocess.run([sys.executable, "-c", RESUME, mode, str(directory), str(k), str(n)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_resume_in_a_new_process_is_bit_exact(tmp_path):
+    """Train to k, checkpoint, go on to n; a new process loads the checkpoint and trains k..n:
+    the losses and final weights are bit-identical (SGD with momentum and Adam, with dropout
+    and all three random generators in play)."""
+    full = run_resume("full", tmp_path)
+    resumed = run_resume("resume", tmp_path)
+    for kind in ["sgd", "adam"]:
+        assert len(full[kind]["losses"]) == 5
+        assert resumed[kind] == full[kind], kind
