@@ -253,7 +253,7 @@ def check_tree(tree, names, max_depth, where):
             for i in range(1, len(node), 2):
                 key = node[i]
                 if (type(key) is not str and type(key) is not int) or (type(key), key) in seen:
-                    problem = "appears twice" if (type(key), key) in seen else "is not a str or int"
+                    problem = "is not a str or int" if type(key) not in (str, int) else "appears twice"
                     raise HeaderError(f"{where}: {_path_of(entry)}: dict key {key!r} {problem} [R4]")
                 seen.add((type(key), key))
                 stack.append((node[i + 1], level + 1, (entry, key)))
@@ -388,8 +388,15 @@ def _tensor_indices(node):
 
 
 def _load_arrays(reader, indices):
-    """``{index: array}`` for the given tensors: views of the mapping, or pread into fresh memory."""
-    return {i: reader._array(i) for i in indices}
+    """``{index: array}`` for the given tensors: views of the mapping, or one parallel pread."""
+    if reader._buffer is not None or len(indices) < 2:
+        return {i: reader._array(i) for i in indices}
+    arrays = {i: np.empty(reader._shapes[i], DTYPE_BY_CODE[reader._codes[i]]) for i in indices}
+    todo = [i for i in indices if reader._nbytes[i]]
+    if todo:
+        reader._read_into([reader._offsets[i] for i in todo], [reader._nbytes[i] for i in todo],
+                          [arrays[i] for i in todo])
+    return arrays
 
 
 def _leaf(node, tensors):

@@ -311,6 +311,7 @@ def test_R3_bad_tensor_references(tree, words):
     (["dict", None, ["tensor", 0]], ["key None", "[R4]"]),
     (["dict", True, ["tensor", 0]], ["key True", "[R4]"]),
     (["dict", b"k", ["tensor", 0]], ["key b'k'", "[R4]"]),
+    (["dict", [1], ["tensor", 0]], ["key [1]", "not a str or int", "[R4]"]),  # unhashable
 ])
 def test_R4_bad_dict_nodes(tree, words):
     refuse(forged(tree), safeckpt.HeaderError, *words)
