@@ -38,7 +38,7 @@ DTYPES = (
 DTYPE_BY_CODE = tuple(dt for _, _, dt in DTYPES)
 NAME_BY_CODE = tuple(name for _, name, _ in DTYPES)
 ITEMSIZE_BY_CODE = tuple(dt.itemsize for dt in DTYPE_BY_CODE)
-_CODE_BY_DTYPE = {dt: code for code, _, dt in DTYPES}
+CODE_BY_DTYPE = {dt: code for code, _, dt in DTYPES}  # little-endian dtypes only
 
 
 def code_of(dtype, name=None):
@@ -51,7 +51,7 @@ def code_of(dtype, name=None):
     dt = np.dtype(dtype)
     if dt.byteorder == ">":
         dt = dt.newbyteorder("<")
-    code = _CODE_BY_DTYPE.get(dt)
+    code = CODE_BY_DTYPE.get(dt)
     if code is None:
         where = f"tensor {name!r}: " if name is not None else ""
         raise UnsupportedDtypeError(

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import format as fmt
 from . import _backend
-from .dtypes import code_of
+from .dtypes import CODE_BY_DTYPE, code_of
 from .errors import InvalidValueError, LimitError
 
 # A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
@@ -67,31 +67,36 @@ class _Plan:
         self.align, self.checksum, self.tree = align, bool(checksum), tree
         self.minor = 0 if tree is fmt.NO_TREE else fmt.KEY_MINOR["tree"]
         self.metadata = fmt.check_metadata(metadata)
-        self.names, self.arrays, codes, ndims, dims, nbytes = [], [], [], [], [], []
+        self.names, self.arrays = list(tensors), []
+        codes, ndims, dims, nbytes = [], [], [], []
+        code_by_dtype, arrays = CODE_BY_DTYPE, self.arrays  # locals: this loop is per tensor
         for name, value in tensors.items():
             if type(name) is not str or not name:
                 raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
-            if isinstance(value, np.generic):
-                value = np.asarray(value)
-            if not isinstance(value, (np.ndarray, LazyArray)):
-                raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
-                                        f"{type(value).__name__} is not a numpy array")
-            codes.append(code_of(value.dtype, name))
-            if value.ndim > fmt.MAX_NDIM:
-                raise LimitError(f"tensor {name!r}: {value.ndim} dimensions, more than readers "
+            if type(value) is not np.ndarray and type(value) is not LazyArray:
+                if isinstance(value, np.generic):
+                    value = np.asarray(value)
+                elif not isinstance(value, (np.ndarray, LazyArray)):
+                    raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
+                                            f"{type(value).__name__} is not a numpy array")
+            code = code_by_dtype.get(value.dtype)
+            codes.append(code_of(value.dtype, name) if code is None else code)
+            ndim = value.ndim
+            if ndim > fmt.MAX_NDIM:
+                raise LimitError(f"tensor {name!r}: {ndim} dimensions, more than readers "
                                  f"accept by default ({fmt.MAX_NDIM}) [T2]")
-            self.names.append(name)
-            self.arrays.append(value)
-            ndims.append(value.ndim)
+            arrays.append(value)
+            ndims.append(ndim)
             dims.extend(value.shape)
             nbytes.append(value.nbytes)
         self.nbytes = nbytes
+        sizes = np.array(nbytes, "<u8")
         self.columns = {
             "dtypes": bytes(codes),
             "ndims": bytes(ndims),
             "shape": np.array(dims, "<u8").tobytes(),
             "offsets": bytes(8 * len(nbytes)),
-            "nbytes": np.array(nbytes, "<u8").tobytes(),
+            "nbytes": sizes.tobytes(),
         }
         self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
         empty_crcs = bytes(4 * len(nbytes)) if self.checksum else None
@@ -99,14 +104,18 @@ class _Plan:
         self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs, self.metadata,
                                                 tree))
         self.header_end = fmt.PREFIX_SIZE + self.header_len
-        offsets, pos = [], self.header_end
-        for size in nbytes:
-            pos = fmt.align_up(pos, align)
-            offsets.append(pos)
-            pos += size
-        self.offsets = offsets
-        self.file_size = pos
-        self.columns["offsets"] = np.array(offsets, "<u8").tobytes()
+        # [T6]: tensor i starts at align_up(end of i-1); as every start is aligned, that is the
+        # first start plus the sum of the earlier sizes, each rounded up to the alignment.
+        first = fmt.align_up(self.header_end, align)
+        padded = (sizes + np.uint64(align - 1)) & ~np.uint64(align - 1)
+        offsets = np.empty(len(nbytes), "<u8")
+        if len(nbytes):
+            offsets[0] = first
+            np.cumsum(padded[:-1], out=offsets[1:])
+            offsets[1:] += np.uint64(first)
+        self.offsets = offsets.tolist()
+        self.file_size = int(offsets[-1]) + nbytes[-1] if nbytes else self.header_end
+        self.columns["offsets"] = offsets.tobytes()
 
     def prefix_and_header(self, crcs):
         """The final prefix and header, once the tensors' CRCs are known."""
@@ -119,22 +128,21 @@ class _Plan:
 
 
 def _le_bytes(array):
-    """The array's bytes as a flat uint8 array, little-endian and C-ordered; and whether copied."""
-    copied = False
+    """The array's bytes, little-endian and C-ordered (the array itself when it already is).
+
+    Returns the array to write and whether it is a copy.
+    """
+    if type(array) is np.ndarray and array.flags.c_contiguous and array.dtype.byteorder != ">":
+        return array, False
     if isinstance(array, LazyArray):
         expected = (array.dtype, array.shape)
         array = array.load()
         if (array.dtype, array.shape) != expected:
             raise RuntimeError(f"safeckpt bug: a lazy array loaded as {array.dtype} {array.shape}, "
                                f"planned {expected[0]} {expected[1]}")
-        copied = True
     if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"), order="C")
-        copied = True
-    elif not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
-        copied = True
-    return array.reshape(-1).view(np.uint8), copied
+        return array.astype(array.dtype.newbyteorder("<"), order="C"), True
+    return np.ascontiguousarray(array), True
 
 
 def _pwrite_all(fd, data, offset):
@@ -241,7 +249,7 @@ def _plan_bytes(plan):
     out = bytearray(plan.file_size)
     crcs = []
     for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):
-        data, _ = _le_bytes(array)
+        data = _le_bytes(array)[0].reshape(-1).view(np.uint8)
         out[offset:offset + size] = memoryview(data)
         if plan.checksum:
             crcs.append(_backend.backend.crc32c(data))
