@@ -140,7 +140,9 @@ def _unique_pairs(pairs):
 
 
 def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_DEPTH):
-    """Decode and check the msgpack header [H1-H8]; return ``(names, columns, crcs, metadata, tree)``.
+    """Decode and check the msgpack header [H1-H8]; return ``(index, columns, crcs, metadata, tree)``.
+
+    ``index`` maps each tensor name to its position in the table, in table order.
 
     ``tree`` is the raw ``tree`` value (section 8), or ``NO_TREE``; :func:`safeckpt.tree.check_tree`
     validates it against the tensor table.
@@ -178,15 +180,18 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
             f"file has {len(names)} tensors, more than max_tensors={max_tensors}; "
             "pass max_tensors=... if you trust this file [H6]"
         )
-    for i, name in enumerate(names):
-        if type(name) is not str or not name:
-            raise HeaderError(f"tensor {i}: name {name!r} is not a non-empty str [H5]")
-    if len(set(names)) != len(names):
+    # [H5], checked in bulk (types first: a hostile name may be unhashable), then the name ->
+    # position lookup that readers need anyway, whose size reveals duplicates.
+    if set(map(type, names)) - {str}:
+        i, name = next((i, x) for i, x in enumerate(names) if type(x) is not str)
+        raise HeaderError(f"tensor {i}: name {name!r} is not a non-empty str [H5]")
+    index = dict(zip(names, range(len(names))))
+    if "" in index:
+        raise HeaderError(f"tensor {index['']}: name '' is not a non-empty str [H5]")
+    if len(index) != len(names):
         seen = set()
-        for name in names:
-            if name in seen:
-                raise HeaderError(f"tensor {name!r}: the name appears twice [H5]")
-            seen.add(name)
+        name = next(x for x in names if x in seen or seen.add(x))
+        raise HeaderError(f"tensor {name!r}: the name appears twice [H5]")
 
     columns = {}
     for key in COLUMN_KEYS:
@@ -207,4 +212,4 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         raise HeaderError(f"header 'metadata' must be a map, not {type(metadata).__name__} [H7]")
     _walk_metadata(metadata, max_depth, HeaderError)
     tree = header.get("tree", NO_TREE) if minor >= KEY_MINOR["tree"] else NO_TREE
-    return names, columns, crcs, metadata, tree
+    return index, columns, crcs, metadata, tree

@@ -13,6 +13,7 @@ Example:
 
 import collections
 import errno
+import itertools
 import operator
 import os
 import stat
@@ -22,9 +23,14 @@ import numpy as np
 
 from . import format as fmt
 from . import _backend
-from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
 from . import tree as _tree
+from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
 from .errors import ERRORS, ChecksumError, Code, ReaderClosedError
+
+# mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
+# into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
+_SHARED_MAX = 1 << 20
+_BLOCK_MAX = 64 << 20
 
 TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
 TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None without checksums."
@@ -111,36 +117,47 @@ class Reader:
         actual = be.crc32c(header)
         if actual != header_crc:
             _raise(Code.HEADER_CRC, where, f" (stored {header_crc:#010x}, computed {actual:#010x})")
-        names, columns, crcs, self.metadata, tree = fmt.decode_header(
+        index, columns, crcs, self.metadata, tree = fmt.decode_header(
             header, fields[1], flags, max_tensors=max_tensors, max_depth=max_depth)
+        names = list(index)
         n = len(names)
         header_end = fmt.PREFIX_SIZE + header_len
         table = (n, columns["dtypes"], columns["ndims"], columns["shape"], columns["offsets"],
                  columns["nbytes"])
-        code, index = be.validate_table(*table, header_end, self.align, size, max_ndim)
+        code, bad = be.validate_table(*table, header_end, self.align, size, max_ndim)
         if code:
-            self._raise_table(code, index, names, columns, max_ndim)
+            self._raise_table(code, bad, names, columns, max_ndim)
         if self._mapping is not None:
             source = self._mapping
         else:
             source = self._buffer if self._buffer is not None else self._fd
-        code, index = be.check_padding(source, n, columns["offsets"], columns["nbytes"], header_end)
+        code, bad = be.check_padding(source, n, columns["offsets"], columns["nbytes"], header_end)
         if code:
-            self._raise_table(code, index, names, columns, max_ndim)
-
-        self._names = names
+            self._raise_table(code, bad, names, columns, max_ndim)
         self._skeleton = _tree.check_tree(tree, names, max_depth, where)
-        self._index = {name: i for i, name in enumerate(names)}
+
+        self._index = index
         self._codes = columns["dtypes"]
         self._offsets = np.frombuffer(columns["offsets"], "<u8").tolist()
         self._nbytes = np.frombuffer(columns["nbytes"], "<u8").tolist()
         self._crcs = np.frombuffer(crcs, "<u4").tolist() if crcs is not None else None
-        dims = np.frombuffer(columns["shape"], "<u8").tolist()
-        shapes, pos = [], 0
-        for ndim in columns["ndims"]:
-            shapes.append(tuple(dims[pos:pos + ndim]))
-            pos += ndim
-        self._shapes = shapes
+        self._ndims = columns["ndims"]
+        self._dims = np.frombuffer(columns["shape"], "<u8").tolist()
+        self._shapes = None  # built on first use: a file may be opened for one tensor
+        self._names = names  # last: a reader with names is open
+
+    @property
+    def _shape_list(self):
+        """The shape of every tensor, built once (from the flat ``shape`` column)."""
+        if self._shapes is None:
+            ndims, dims = self._ndims, self._dims
+            if ndims and min(ndims) == max(ndims):  # one rank for all: group in C, not in a loop
+                shapes = list(zip(*[iter(dims)] * ndims[0])) if ndims[0] else [()] * len(ndims)
+            else:
+                it = iter(dims)
+                shapes = [tuple(itertools.islice(it, k)) for k in ndims]
+            self._shapes = shapes
+        return self._shapes
 
     def _raise_table(self, code, index, names, columns, max_ndim):
         """Raise a table error with the tensor's name and its bad value."""
@@ -220,24 +237,15 @@ class Reader:
         """Dtype, shape, byte length, offset and checksum of a tensor, without reading its data."""
         i = self._position(name)
         crc = self._crcs[i] if self._crcs is not None else None
-        return TensorInfo(name, DTYPE_BY_CODE[self._codes[i]], self._shapes[i], self._nbytes[i],
-                          self._offsets[i], crc)
+        return TensorInfo(name, DTYPE_BY_CODE[self._codes[i]], self._shape_list[i],
+                          self._nbytes[i], self._offsets[i], crc)
 
     def __getitem__(self, name):
         """The tensor as a numpy array: a view of the mapping, or fresh memory if ``mmap=False``."""
         return self._array(self._position(name))
 
     def _array(self, i):
-        dtype, shape = DTYPE_BY_CODE[self._codes[i]], self._shapes[i]
-        buffer = self._buffer
-        if self._nbytes[i] == 0:
-            return np.empty(shape, dtype)
-        if buffer is not None:
-            count = self._nbytes[i] // dtype.itemsize
-            return np.frombuffer(buffer, dtype, count, self._offsets[i]).reshape(shape)
-        out = np.empty(shape, dtype)
-        self._read_into([self._offsets[i]], [self._nbytes[i]], [out])
-        return out
+        return self._load([i])[0]
 
     def get_slice(self, name):
         """A lazy handle whose ``[...]`` reads only the rows of the first axis it needs.
@@ -249,14 +257,49 @@ class Reader:
     def load_all(self):
         """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel."""
         names = self._check_open()
-        if self._buffer is not None:
+        if self._mapping is not None:
             self._advise("willneed")
-            return {name: self._array(i) for i, name in enumerate(names)}
-        arrays = {name: np.empty(self._shapes[i], DTYPE_BY_CODE[self._codes[i]])
-                  for i, name in enumerate(names)}
-        todo = [i for i in range(len(names)) if self._nbytes[i]]
-        self._read_into([self._offsets[i] for i in todo], [self._nbytes[i] for i in todo],
-                        [arrays[names[i]] for i in todo])
+        return dict(zip(names, self._load(range(len(names)))))
+
+    def _load(self, indices):
+        """The arrays of the tensors at ``indices``, in order.
+
+        Mapped (or bytes): views, made without a copy. Otherwise fresh memory filled by one
+        parallel pread; runs of small neighbouring tensors share one block (one read, one
+        allocation) instead of costing a read and an allocation each.
+        """
+        self._check_open()
+        codes, shapes, offsets, nbytes = self._codes, self._shape_list, self._offsets, self._nbytes
+        buffer, ndarray, empty = self._buffer, np.ndarray, np.empty
+        if buffer is not None:
+            return [ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i]) if nbytes[i]
+                    else empty(shapes[i], DTYPE_BY_CODE[codes[i]]) for i in indices]
+        arrays, reads, block = [], [], None  # block: [start, end, tensors as (slot, index)]
+        for slot, i in enumerate(indices):
+            size = nbytes[i]
+            if not size or size > _SHARED_MAX:
+                arrays.append(empty(shapes[i], DTYPE_BY_CODE[codes[i]]))
+                if size:
+                    reads.append((offsets[i], size, arrays[-1]))
+                continue
+            arrays.append(None)
+            start = offsets[i]
+            if block and 0 <= start - block[1] < self.align and start + size - block[0] <= _BLOCK_MAX:
+                block[1] = start + size
+                block[2].append((slot, i))
+            else:
+                block = [start, start + size, [(slot, i)]]
+                reads.append(block)
+        for k, read in enumerate(reads):
+            if type(read) is list:  # a block of small tensors: views of one buffer
+                start, end, members = read
+                memory = empty(end - start, np.uint8)
+                for slot, i in members:
+                    arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory,
+                                           offsets[i] - start)
+                reads[k] = (start, end - start, memory)
+        if reads:
+            self._read_into(*map(list, zip(*reads)))
         return arrays
 
     def _advise(self, advice):
@@ -348,7 +391,7 @@ class TensorSlice:
     def __init__(self, reader, index):
         self._reader, self._i = reader, index
         self.dtype = DTYPE_BY_CODE[reader._codes[index]]
-        self.shape = reader._shapes[index]
+        self.shape = reader._shape_list[index]
 
     def __getitem__(self, key):
         reader = self._reader

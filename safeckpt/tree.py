@@ -388,15 +388,9 @@ def _tensor_indices(node):
 
 
 def _load_arrays(reader, indices):
-    """``{index: array}`` for the given tensors: views of the mapping, or one parallel pread."""
-    if reader._buffer is not None or len(indices) < 2:
-        return {i: reader._array(i) for i in indices}
-    arrays = {i: np.empty(reader._shapes[i], DTYPE_BY_CODE[reader._codes[i]]) for i in indices}
-    todo = [i for i in indices if reader._nbytes[i]]
-    if todo:
-        reader._read_into([reader._offsets[i] for i in todo], [reader._nbytes[i] for i in todo],
-                          [arrays[i] for i in todo])
-    return arrays
+    """``{index: array}`` for the given tensors (views of the mapping, or one parallel pread)."""
+    indices = list(indices)
+    return dict(zip(indices, reader._load(indices)))
 
 
 def _leaf(node, tensors):
