@@ -324,13 +324,13 @@ def find(reader, prefix):
         rest = prefix
         while rest:
             child, rest = _step_str(node, rest)
-            if child is None:
+            if child is _MISSING:
                 raise KeyError(f"{reader._where} has nothing at {prefix!r} in its tree")
             node = child
         return node
     for key in prefix:
         child = _step_exact(node, key)
-        if child is None:
+        if child is _MISSING:
             raise KeyError(f"{reader._where} has nothing at {tuple(prefix)!r} in its tree")
         node = child
     return node
@@ -342,34 +342,34 @@ def _is_container(node):
 
 def _step_exact(node, key):
     if not _is_container(node):
-        return None
+        return _MISSING
     if node[0] in (DICT, ODICT):
         for i in range(1, len(node), 2):
             if type(node[i]) is type(key) and node[i] == key:
                 return node[i + 1]
-        return None
+        return _MISSING
     if type(key) is int and -(len(node) - 1) <= key < len(node) - 1:
         return node[1 + key % (len(node) - 1)]
-    return None
+    return _MISSING
 
 
 def _step_str(node, rest):
     """One step of a dotted prefix: the child and what is left of the prefix."""
     if not _is_container(node):
-        return None, rest
+        return _MISSING, rest
     if node[0] in (DICT, ODICT):
-        best, best_len = None, -1
+        best, best_len = _MISSING, -1
         for i in range(1, len(node), 2):
             text = str(node[i])
             if (rest == text or rest.startswith(text + ".")) and (
                     len(text) > best_len or (len(text) == best_len and type(node[i]) is str)):
                 best, best_len = node[i + 1], len(text)
-        if best is None:
-            return None, rest
+        if best is _MISSING:
+            return _MISSING, rest
         return best, rest[best_len + 1:]
     head, _, tail = rest.partition(".")
     if not head.isdigit() or int(head) >= len(node) - 1:
-        return None, rest
+        return _MISSING, rest
     return node[1 + int(head)], tail
 
 

@@ -437,3 +437,13 @@ def optimizer_states(draw):
 @given(optimizer_states())
 def test_property_optimizer_like_states_round_trip_exactly(obj):
     assert same(safeckpt.Reader(save_bytes(obj)).load(), obj)
+
+
+def test_prefix_to_a_none_or_plain_leaf(tmp_path):
+    path = tmp_path / "leaf.sckpt"
+    safeckpt.save({"epoch": None, "step": 0, "cfg": {"name": None}}, path)
+    assert safeckpt.load(path, prefix="epoch") is None
+    assert safeckpt.load(path, prefix=("step",)) == 0
+    assert safeckpt.load(path, prefix="cfg.name") is None
+    with pytest.raises(KeyError):
+        safeckpt.load(path, prefix="missing")
