@@ -74,12 +74,15 @@ class _Plan:
             if type(name) is not str or not name:
                 raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
             if type(value) is not np.ndarray and type(value) is not LazyArray:
+        direct = True  # every array can be written as it is (C-contiguous, little-endian)
                 if isinstance(value, np.generic):
                     value = np.asarray(value)
                 elif not isinstance(value, (np.ndarray, LazyArray)):
                     raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
                                             f"{type(value).__name__} is not a numpy array")
-            code = code_by_dtype.get(value.dtype)
+            code = code_by_dtype.get(value.dtype)  # None for big-endian (or unsupported) dtypes
+            if code is None or type(value) is not np.ndarray or not value.flags.c_contiguous:
+                direct = False
             codes.append(code_of(value.dtype, name) if code is None else code)
             ndim = value.ndim
             if ndim > fmt.MAX_NDIM:
@@ -89,7 +92,7 @@ class _Plan:
             ndims.append(ndim)
             dims.extend(value.shape)
             nbytes.append(value.nbytes)
-        self.nbytes = nbytes
+        self.nbytes, self.direct = nbytes, direct
         sizes = np.array(nbytes, "<u8")
         self.columns = {
             "dtypes": bytes(codes),
@@ -155,7 +158,12 @@ def _pwrite_all(fd, data, offset):
 def _write(fd, plan):
     write_tensors = _backend.backend.write_tensors
     crcs, batch, held, pos = [], [], 0, plan.header_end
-    for array in plan.arrays:
+    if plan.direct:  # nothing to convert: hand the arrays over in batches, no per-tensor Python
+        for start in range(0, len(plan.arrays), _MAX_BATCH):
+            batch_crcs, pos = write_tensors(fd, pos, plan.arrays[start:start + _MAX_BATCH],
+                                            plan.align, plan.checksum)
+            crcs.extend(batch_crcs or ())
+    for array in () if plan.direct else plan.arrays:
         data, copied = _le_bytes(array)
         batch.append(data)
         held += data.nbytes if copied else 0
