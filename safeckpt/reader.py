@@ -154,6 +154,13 @@ class Reader:
             if ndims and min(ndims) == max(ndims):  # one rank for all: group in C, not in a loop
                 shapes = list(zip(*[iter(dims)] * ndims[0])) if ndims[0] else [()] * len(ndims)
             else:
+    def _shape(self, i):
+        """The shape of tensor ``i``, without building every shape (a file opened for one)."""
+        if self._shapes is not None:
+            return self._shapes[i]
+        start = int(np.frombuffer(self._ndims, np.uint8)[:i].sum(dtype=np.uint64))
+        return tuple(self._dims[start:start + self._ndims[i]])
+
                 it = iter(dims)
                 shapes = [tuple(itertools.islice(it, k)) for k in ndims]
             self._shapes = shapes
@@ -237,7 +244,7 @@ class Reader:
         """Dtype, shape, byte length, offset and checksum of a tensor, without reading its data."""
         i = self._position(name)
         crc = self._crcs[i] if self._crcs is not None else None
-        return TensorInfo(name, DTYPE_BY_CODE[self._codes[i]], self._shape_list[i],
+        return TensorInfo(name, DTYPE_BY_CODE[self._codes[i]], self._shape(i),
                           self._nbytes[i], self._offsets[i], crc)
 
     def __getitem__(self, name):
@@ -269,7 +276,8 @@ class Reader:
         allocation) instead of costing a read and an allocation each.
         """
         self._check_open()
-        codes, shapes, offsets, nbytes = self._codes, self._shape_list, self._offsets, self._nbytes
+        codes, offsets, nbytes = self._codes, self._offsets, self._nbytes
+        shapes = self._shape_list if len(indices) > 8 else {i: self._shape(i) for i in indices}
         buffer, ndarray, empty = self._buffer, np.ndarray, np.empty
         if buffer is not None:
             return [ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i]) if nbytes[i]
@@ -391,7 +399,7 @@ class TensorSlice:
     def __init__(self, reader, index):
         self._reader, self._i = reader, index
         self.dtype = DTYPE_BY_CODE[reader._codes[index]]
-        self.shape = reader._shape_list[index]
+        self.shape = reader._shape(index)
 
     def __getitem__(self, key):
         reader = self._reader
