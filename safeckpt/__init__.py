@@ -19,6 +19,7 @@ from .errors import (
     NotSafeckptError,
     ReaderClosedError,
     SafeckptError,
+    ShardError,
     StateMismatchError,
     TruncatedFileError,
     UnsupportedDtypeError,
@@ -27,6 +28,7 @@ from .errors import (
 from .reader import Reader, TensorInfo, TensorSlice, load_bytes, load_file, open
 from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from .tree import Subtree, load, save
+from .shard import ShardedReader
 from . import torch  # the adapter; torch itself is imported only when it is used
 from .writer import save_bytes, save_file
 
@@ -37,6 +39,6 @@ __all__ = [
     "NotSafeckptError", "ReaderClosedError", "SafeckptError", "TruncatedFileError",
     "UnsupportedDtypeError", "UnsupportedVersionError", "Reader", "TensorInfo", "TensorSlice",
     "backend", "load_bytes", "load_file", "open", "save_bytes", "save_file",
-    "StateMismatchError", "Subtree", "load", "save", "torch",
+    "ShardError", "ShardedReader", "StateMismatchError", "Subtree", "load", "save", "torch",
     "CheckpointManager", "load_checkpoint", "save_checkpoint",
 ]

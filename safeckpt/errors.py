@@ -60,6 +60,10 @@ class StateMismatchError(SafeckptError):
     """A saved state does not fit the model it is loaded into: missing, unexpected or mismatched keys."""
 
 
+class ShardError(SafeckptError):
+    """A shard does not match its index: another save's shard, a wrong size or names [S7]."""
+
+
 class ReaderClosedError(SafeckptError):
     """A reader was used after ``close()``."""
 

@@ -14,9 +14,10 @@ MAGIC_TEXT_MANGLED = b"\x89SCK\n\x1a\n"  # what a CR LF -> LF conversion makes o
 PREFIX_SIZE = 32  # magic 8, major 2, minor 2, flags 4, header_len 8, align 4, header_crc 4
 PREFIX_STRUCT = struct.Struct("<8sHHIQII")
 VERSION_MAJOR = 1
-VERSION_MINOR = 1  # 1.1 added the "tree" key (section 8); flat files are still written as 1.0
+VERSION_MINOR = 2  # 1.1 added "tree" (section 8), 1.2 shard indexes (section 9); flat files stay 1.0
 FLAG_TENSOR_CRC = 0x1  # the header has a crc32c column
-KNOWN_FLAGS = FLAG_TENSOR_CRC
+FLAG_SHARD_INDEX = 0x2  # the file is a shard index [S1]: "must understand", so 1.1 readers refuse it
+KNOWN_FLAGS = FLAG_TENSOR_CRC | FLAG_SHARD_INDEX
 ALIGN_MIN = 8  # natural alignment of every dtype's numpy alignment
 ALIGN_MAX = 1 << 20  # 1 MiB: beyond any page, O_DIRECT or GPU-direct need; bounds padding
 ALIGN_DEFAULT = 64  # a cache line, and what AVX-512 loads like
@@ -30,7 +31,8 @@ MAX_DEPTH = 64  # nesting of maps and arrays in the header
 # Header keys, in the order a writer writes them, and the minor version that added each: a file
 # may hold only the keys of its own minor version and older ones [H8].
 COLUMN_KEYS = ("dtypes", "ndims", "shape", "offsets", "nbytes")
-KEY_MINOR = {"names": 0, **{key: 0 for key in COLUMN_KEYS}, "crc32c": 0, "metadata": 0, "tree": 1}
+KEY_MINOR = {"names": 0, **{key: 0 for key in COLUMN_KEYS}, "crc32c": 0, "metadata": 0, "tree": 1,
+             "shards": 2}
 HEADER_KEYS = frozenset(KEY_MINOR)
 NO_TREE = type("NoTree", (), {"__repr__": lambda self: "NO_TREE"})()  # a file without "tree"
 # (None cannot say so: a tree may be just None)
@@ -48,12 +50,13 @@ def encode_prefix(flags, header_len, align, header_crc, minor=0):
     return PREFIX_STRUCT.pack(MAGIC, VERSION_MAJOR, minor, flags, header_len, align, header_crc)
 
 
-def encode_header(names, columns, crcs, metadata, tree=NO_TREE):
+def encode_header(names, columns, crcs, metadata, tree=NO_TREE, shards=None):
     """Return the msgpack header [H1-H8].
 
     ``columns`` maps each of ``COLUMN_KEYS`` to its bytes; ``crcs`` is the ``crc32c`` column or
     ``None``; ``metadata`` a checked dict or ``None``; ``tree`` an encoded skeleton (section 8,
-    see :mod:`safeckpt.tree`) or ``NO_TREE``.
+    see :mod:`safeckpt.tree`) or ``NO_TREE``; ``shards`` the ``shards`` map of a shard index
+    (section 9) or ``None``.
     """
     header = {"names": names}
     for key in COLUMN_KEYS:
@@ -64,6 +67,8 @@ def encode_header(names, columns, crcs, metadata, tree=NO_TREE):
         header["metadata"] = metadata
     if tree is not NO_TREE:
         header["tree"] = tree
+    if shards is not None:
+        header["shards"] = shards
     return msgpack.packb(header, use_bin_type=True)
 
 
@@ -140,12 +145,14 @@ def _unique_pairs(pairs):
 
 
 def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_DEPTH):
-    """Decode and check the msgpack header [H1-H8]; return ``(index, columns, crcs, metadata, tree)``.
+    """Decode and check the msgpack header [H1-H8]; return ``(index, columns, crcs, metadata, tree,
+    shards)``.
 
     ``index`` maps each tensor name to its position in the table, in table order.
 
     ``tree`` is the raw ``tree`` value (section 8), or ``NO_TREE``; :func:`safeckpt.tree.check_tree`
-    validates it against the tensor table.
+    validates it against the tensor table. ``shards`` is the raw ``shards`` map of a shard index
+    (flag ``SHARD_INDEX``, [S1]) or ``None``; :mod:`safeckpt.shard` validates it [S2-S6].
 
     Raises:
         HeaderError: malformed msgpack or a schema violation.
@@ -169,7 +176,7 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
             raise HeaderError(f"header key {key!r} is not a str [H1]")
         if minor <= VERSION_MINOR and KEY_MINOR.get(key, VERSION_MINOR + 1) > minor:
             raise HeaderError(f"unknown header key {key!r} in a version 1.{minor} file [H8]")
-        if key not in ("names", "metadata", "tree"):  # names: flat; metadata, tree: walked later
+        if key not in ("names", "metadata", "tree", "shards"):  # flat, or walked later
             _check_depth(header[key], f"header[{key!r}]", max_depth)
 
     names = header.get("names")
@@ -212,4 +219,14 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         raise HeaderError(f"header 'metadata' must be a map, not {type(metadata).__name__} [H7]")
     _walk_metadata(metadata, max_depth, HeaderError)
     tree = header.get("tree", NO_TREE) if minor >= KEY_MINOR["tree"] else NO_TREE
-    return index, columns, crcs, metadata, tree
+    shards = header.get("shards") if minor >= KEY_MINOR["shards"] else None
+    if flags & FLAG_SHARD_INDEX:  # [S1]
+        if flags != FLAG_SHARD_INDEX or minor < KEY_MINOR["shards"] or type(shards) is not dict:
+            raise HeaderError("a shard index (flag SHARD_INDEX) needs no other flag, minor version 2 "
+                              "or later and a 'shards' map [S1]")
+        if names:
+            raise HeaderError(f"a shard index holds no tensors, this one has {len(names)} [S1]")
+        _check_depth(shards, "header['shards']", max_depth)
+    elif shards is not None:
+        raise HeaderError("header has a 'shards' key but not the SHARD_INDEX flag [S1]")
+    return index, columns, crcs, metadata, tree, shards

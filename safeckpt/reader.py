@@ -25,7 +25,7 @@ from . import format as fmt
 from . import _backend
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
-from .errors import ERRORS, ChecksumError, Code, ReaderClosedError
+from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
 # into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
@@ -50,7 +50,8 @@ class Reader:
     """
 
     def __init__(self, source, *, mmap=True, name=None, max_header_size=fmt.MAX_HEADER_SIZE,
-                 max_tensors=fmt.MAX_TENSORS, max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH):
+                 max_tensors=fmt.MAX_TENSORS, max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH,
+                 _index=False):
         self._be = _backend.backend
         self._lock = threading.Lock()  # guards _fd against close() while another thread reads
         self._fd = None
@@ -85,6 +86,10 @@ class Reader:
             os.close(self._fd)  # the mapping keeps the file's pages; no descriptor needed
             self._fd = None
         self.size = size
+        if self._shards is not None and not _index:  # a Reader reads tensors; an index has none
+            self.close()
+            raise ShardError(f"{self._where} is a shard index, not a file of tensors; open it with "
+                             "safeckpt.open(), which reads its shards [S1]")
 
     def _read(self, offset, length):
         """The bytes at [offset, offset+length), which the caller has bounds-checked."""
@@ -117,7 +122,7 @@ class Reader:
         actual = be.crc32c(header)
         if actual != header_crc:
             _raise(Code.HEADER_CRC, where, f" (stored {header_crc:#010x}, computed {actual:#010x})")
-        index, columns, crcs, self.metadata, tree = fmt.decode_header(
+        index, columns, crcs, self.metadata, tree, self._shards = fmt.decode_header(
             header, fields[1], flags, max_tensors=max_tensors, max_depth=max_depth)
         names = list(index)
         n = len(names)
@@ -134,7 +139,10 @@ class Reader:
         code, bad = be.check_padding(source, n, columns["offsets"], columns["nbytes"], header_end)
         if code:
             self._raise_table(code, bad, names, columns, max_ndim)
-        self._skeleton = _tree.check_tree(tree, names, max_depth, where)
+        # A shard index's tree points into the tensors of its shards: safeckpt.shard checks it [S6]
+        self._skeleton = tree if self._shards is not None else _tree.check_tree(
+            tree, names, max_depth, where)
+        self.flags, self.header_crc = flags, header_crc
 
         self._index = index
         self._codes = columns["dtypes"]
@@ -146,6 +154,13 @@ class Reader:
         self._shapes = None  # built on first use: a file may be opened for one tensor
         self._names = names  # last: a reader with names is open
 
+    def _shape(self, i):
+        """The shape of tensor ``i``, without building every shape (a file opened for one)."""
+        if self._shapes is not None:
+            return self._shapes[i]
+        start = int(np.frombuffer(self._ndims, np.uint8)[:i].sum(dtype=np.uint64))
+        return tuple(self._dims[start:start + self._ndims[i]])
+
     @property
     def _shape_list(self):
         """The shape of every tensor, built once (from the flat ``shape`` column)."""
@@ -154,13 +169,6 @@ class Reader:
             if ndims and min(ndims) == max(ndims):  # one rank for all: group in C, not in a loop
                 shapes = list(zip(*[iter(dims)] * ndims[0])) if ndims[0] else [()] * len(ndims)
             else:
-    def _shape(self, i):
-        """The shape of tensor ``i``, without building every shape (a file opened for one)."""
-        if self._shapes is not None:
-            return self._shapes[i]
-        start = int(np.frombuffer(self._ndims, np.uint8)[:i].sum(dtype=np.uint64))
-        return tuple(self._dims[start:start + self._ndims[i]])
-
                 it = iter(dims)
                 shapes = [tuple(itertools.islice(it, k)) for k in ndims]
             self._shapes = shapes
@@ -437,17 +445,19 @@ class TensorSlice:
 
 
 def open(path, *, mmap=True, **limits):  # noqa: A001 - the public name is safeckpt.open
-    """Open and validate a .sckpt file; use as a context manager.
+    """Open and validate a .sckpt file, or a sharded checkpoint; use as a context manager.
 
     Parameters:
-        path: a str or path-like.
+        path: a str or path-like: a .sckpt file, a shard index (FORMAT.md section 9) or a
+            directory that holds one checkpoint (see :func:`safeckpt.shard.open_any`).
         mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
             memory (network filesystems, or a file that may shrink while open).
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
             for files you trust.
 
     Returns:
-        A :class:`Reader`.
+        A :class:`Reader`, or a :class:`safeckpt.ShardedReader` (the same interface) over the
+        shards of an index.
 
     Raises:
         SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
@@ -456,7 +466,8 @@ def open(path, *, mmap=True, **limits):  # noqa: A001 - the public name is safec
         >>> with safeckpt.open("model.sckpt") as f:          # doctest: +SKIP
         ...     w = f["layers.0.weight"]
     """
-    return Reader(path, mmap=mmap, **limits)
+    from . import shard
+    return shard.open_any(path, mmap=mmap, **limits)
 
 
 def load_file(path, *, mmap=True, verify=False, **limits):
@@ -469,7 +480,8 @@ def load_file(path, *, mmap=True, verify=False, **limits):
     Example:
         >>> tensors = safeckpt.load_file("model.sckpt")    # doctest: +SKIP
     """
-    with Reader(path, mmap=mmap, **limits) as reader:
+    from . import shard
+    with shard.open_any(path, mmap=mmap, **limits) as reader:
         arrays = reader.load_all()
         if verify:
             reader.verify(arrays=arrays)

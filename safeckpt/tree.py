@@ -174,7 +174,8 @@ def plan(obj, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, root="ob
     return _writer._Plan(dict(zip(names, arrays)), metadata, align, checksum, tree=tree)
 
 
-def save(obj, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True):
+def save(obj, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True,
+         max_shard_size=None):
     """Save a nested object (a state dict, an optimizer state, a whole training state) to a file.
 
     Parameters:
@@ -183,6 +184,8 @@ def save(obj, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, at
             bytes. A tensor that appears twice (the same memory, e.g. tied weights) is stored once.
         path: a str or path-like.
         metadata, align, checksum, atomic: as for :func:`safeckpt.save_file`.
+        max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
+            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
 
     Raises:
         InvalidValueError: a value safeckpt does not store; the message names its path
@@ -192,6 +195,11 @@ def save(obj, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, at
     Example:
         >>> safeckpt.save({"model": model.state_dict(), "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
     """
+    if max_shard_size is not None:
+        from . import shard
+        shard.save_sharded(*flatten(obj), path, metadata=metadata, align=align, checksum=checksum,
+                           atomic=atomic, max_shard_size=max_shard_size)
+        return
     _writer._save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), path, atomic)
 
 
@@ -560,8 +568,8 @@ def load(path, *, prefix=None, framework=None, map_location=None, mmap=True, ver
     Example:
         >>> opt = safeckpt.load("ckpt.sckpt", prefix="optimizer", framework="torch")  # doctest: +SKIP
     """
-    from .reader import Reader
-    with Reader(path, mmap=mmap, **limits) as reader:
+    from .shard import open_any
+    with open_any(path, mmap=mmap, **limits) as reader:
         return materialize(reader, find(reader, prefix), framework=framework,
                            map_location=map_location, verify=verify)
 

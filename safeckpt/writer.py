@@ -53,10 +53,11 @@ class _Plan:
     """What a save writes: checked arrays, the table's columns and the file layout.
 
     ``tree`` is an encoded skeleton (FORMAT.md section 8) or ``NO_TREE``; with one the file is
-    version 1.1, else 1.0 (the lowest version that holds what is written).
+    version 1.1, else 1.0 (the lowest version that holds what is written). ``shards`` makes the
+    plan a shard index (FORMAT.md section 9: no tensors, flag ``SHARD_INDEX``, version 1.2).
     """
 
-    def __init__(self, tensors, metadata, align, checksum, tree=fmt.NO_TREE):
+    def __init__(self, tensors, metadata, align, checksum, tree=fmt.NO_TREE, shards=None):
         if not isinstance(tensors, collections.abc.Mapping):
             raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                     f"not {type(tensors).__name__}")
@@ -66,15 +67,18 @@ class _Plan:
                              f"and {fmt.ALIGN_MAX} [P7]")
         self.align, self.checksum, self.tree = align, bool(checksum), tree
         self.minor = 0 if tree is fmt.NO_TREE else fmt.KEY_MINOR["tree"]
+        self.shards = shards
+        if shards is not None:  # [S1]: no tensors, no other flag
+            self.minor, self.checksum = fmt.KEY_MINOR["shards"], False
         self.metadata = fmt.check_metadata(metadata)
         self.names, self.arrays = list(tensors), []
         codes, ndims, dims, nbytes = [], [], [], []
         code_by_dtype, arrays = CODE_BY_DTYPE, self.arrays  # locals: this loop is per tensor
+        direct = True  # every array can be written as it is (C-contiguous, little-endian)
         for name, value in tensors.items():
             if type(name) is not str or not name:
                 raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
             if type(value) is not np.ndarray and type(value) is not LazyArray:
-        direct = True  # every array can be written as it is (C-contiguous, little-endian)
                 if isinstance(value, np.generic):
                     value = np.asarray(value)
                 elif not isinstance(value, (np.ndarray, LazyArray)):
@@ -102,10 +106,12 @@ class _Plan:
             "nbytes": sizes.tobytes(),
         }
         self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
+        if shards is not None:
+            self.flags = fmt.FLAG_SHARD_INDEX
         empty_crcs = bytes(4 * len(nbytes)) if self.checksum else None
         # Every column has a fixed width, so the header's length is known before offsets and CRCs.
         self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs, self.metadata,
-                                                tree))
+                                                tree, shards))
         self.header_end = fmt.PREFIX_SIZE + self.header_len
         # [T6]: tensor i starts at align_up(end of i-1); as every start is aligned, that is the
         # first start plus the sum of the earlier sizes, each rounded up to the alignment.
@@ -123,7 +129,8 @@ class _Plan:
     def prefix_and_header(self, crcs):
         """The final prefix and header, once the tensors' CRCs are known."""
         crc_column = np.array(crcs, "<u4").tobytes() if self.checksum else None
-        header = fmt.encode_header(self.names, self.columns, crc_column, self.metadata, self.tree)
+        header = fmt.encode_header(self.names, self.columns, crc_column, self.metadata, self.tree,
+                                   self.shards)
         if len(header) != self.header_len:
             raise RuntimeError("safeckpt bug: the header changed length between encodings")
         header_crc = _backend.backend.crc32c(header)
@@ -187,7 +194,8 @@ def _fsync_directory(path):
         os.close(fd)
 
 
-def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True):
+def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True,
+              max_shard_size=None):
     """Save a flat ``{name: np.ndarray}`` dict to a .sckpt file.
 
     Parameters:
@@ -199,6 +207,8 @@ def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum
         checksum: store a CRC32C per tensor, checked by ``verify``.
         atomic: write a temporary file in the same directory, fsync, rename it over ``path`` and
             fsync the directory, so a crash leaves the old file or the new one, never a mix.
+        max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
+            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
 
     Raises:
         InvalidValueError: a key is not a str, a value is not an array, or metadata has a
@@ -209,6 +219,15 @@ def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum
     Example:
         >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
     """
+    if max_shard_size is not None:
+        from . import shard
+        if not isinstance(tensors, collections.abc.Mapping):
+            raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
+                                    f"not {type(tensors).__name__}")
+        shard.save_sharded(fmt.NO_TREE, list(tensors), list(tensors.values()), path,
+                           metadata=metadata, align=align, checksum=checksum, atomic=atomic,
+                           max_shard_size=max_shard_size)
+        return
     _save_plan(_Plan(tensors, metadata, align, checksum), path, atomic)
 
 

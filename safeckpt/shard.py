@@ -1,0 +1,446 @@
+"""Sharded checkpoints: shards next to one index file (FORMAT.md section 9, rules [S1]-[S9]).
+
+``save(obj, "model.sckpt", max_shard_size="2GB")`` writes ``model-00001-of-0000N.sckpt`` … and the
+index ``model.sckpt``; ``open("model.sckpt")`` (or ``open`` of the directory) returns one lazy
+:class:`ShardedReader` over all shards, with the interface of :class:`safeckpt.Reader`.
+
+Example:
+    >>> import numpy as np, safeckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.sckpt")
+    >>> state = {"a": np.zeros(200, np.float32), "b": np.ones(200, np.float32), "step": 3}
+    >>> safeckpt.save(state, path, max_shard_size=1000)
+    >>> sorted(os.listdir(os.path.dirname(path)))
+    ['m-00001-of-00002.sckpt', 'm-00002-of-00002.sckpt', 'm.sckpt']
+    >>> with safeckpt.open(path) as f:
+    ...     f.keys(), f.tree["step"]
+    (['a', 'b'], 3)
+"""
+
+import concurrent.futures
+import errno
+import os
+import re
+import secrets
+
+from . import format as fmt
+from . import tree as _tree
+from . import writer as _writer
+from .errors import HeaderError, LimitError, ReaderClosedError, ShardError
+from .reader import Reader
+
+MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
+MAX_FILE_NAME = 255  # bytes: the longest file name of ext4, XFS, APFS and NTFS [S3]
+SAVE_ID_SIZE = 16  # random bytes per save: two saves never share one [S7]
+SHARD_KEY = "safeckpt.shard"  # the one metadata key of a shard [S7]
+SUFFIX = ".sckpt"
+SHARDS_KEYS = {"files": list, "counts": list, "sizes": list, "header_crcs": list, "names": list,
+               "save_id": bytes}  # the schema of the index's "shards" map [S2]
+_SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.sckpt\Z")
+_U32_MAX, _I63_MAX = (1 << 32) - 1, (1 << 63) - 1
+# Units of max_shard_size: decimal as disk makers and Hugging Face count, binary with "i".
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*\Z", re.IGNORECASE)
+
+
+# -- save ------------------------------------------------------------------------------------------
+
+def parse_size(value):
+    """Bytes in ``value``: a positive int, or a str such as ``"500MB"``, ``"2GiB"``, ``"1.5GB"``.
+
+    Example:
+        >>> parse_size("2GiB"), parse_size("500MB"), parse_size(4096)
+        (2147483648, 500000000, 4096)
+    """
+    if type(value) is int:
+        number = value
+    elif isinstance(value, str) and _SIZE.match(value) and _SIZE.match(value)[2].lower() in _UNITS:
+        digits, unit = _SIZE.match(value).groups()
+        number = int(float(digits) * _UNITS[unit.lower()]) if "." in digits else (
+            int(digits) * _UNITS[unit.lower()])
+    else:
+        raise ValueError(f"max_shard_size={value!r}: give a number of bytes (an int) or a str "
+                         f"with a unit of {sorted(k for k in _UNITS if k)}, e.g. '2GB' or '500MiB'")
+    if number < 1:
+        raise ValueError(f"max_shard_size={value!r} must be at least 1 byte")
+    return number
+
+
+def split(nbytes, limit):
+    """How many tensors go into each shard [S8]: greedy, in order, never splitting a tensor.
+
+    Example:
+        >>> split([800, 300, 2500], 1000)   # a tensor over the limit gets a shard of its own
+        [1, 1, 1]
+        >>> split([300, 300, 300, 300], 1000)
+        [3, 1]
+    """
+    counts, used = [], 0
+    for size in nbytes:
+        if counts and used + size <= limit:
+            counts[-1] += 1
+            used += size
+        else:
+            counts.append(1)
+            used = size
+    return counts
+
+
+def shard_files(path, k):
+    """The file names of ``k`` shards of the index at ``path``: ``stem-0000j-of-0000k.sckpt``."""
+    base = os.path.basename(os.fspath(path))
+    stem = base[:-len(SUFFIX)] if base.endswith(SUFFIX) and len(base) > len(SUFFIX) else base
+    return [f"{stem}-{j:05d}-of-{k:05d}{SUFFIX}" for j in range(1, k + 1)]
+
+
+def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic, max_shard_size):
+    """Write shards, then the index (FORMAT.md [S8], [S9]); used by ``save`` and ``save_file``.
+
+    Every shard plan is checked before anything is written; shards are written in parallel
+    (each atomically when ``atomic``), the index last. One shard's worth is one ordinary file.
+    """
+    limit = parse_size(max_shard_size)
+    path = os.fspath(path)
+    arrays = list(arrays)
+    counts = split([array.nbytes for array in arrays], limit)
+    if len(counts) <= 1:
+        _writer._save_plan(_writer._Plan(dict(zip(names, arrays)), metadata, align, checksum,
+                                         tree=tree), path, atomic)
+        _remove_stale(path, ())
+        return
+    if len(counts) > MAX_SHARDS:
+        raise ValueError(f"max_shard_size={max_shard_size!r} makes {len(counts)} shards, more than "
+                         f"{MAX_SHARDS}; raise max_shard_size [S8]")
+    files = shard_files(path, len(counts))
+    save_id = secrets.token_bytes(SAVE_ID_SIZE)
+    plans, start = [], 0
+    for j, count in enumerate(counts, 1):
+        part = dict(zip(names[start:start + count], arrays[start:start + count]))
+        shard_meta = {SHARD_KEY: {"save_id": save_id, "index": j, "count": len(counts)}}
+        plans.append(_writer._Plan(part, shard_meta, align, checksum))
+        start += count
+    metadata = fmt.check_metadata(metadata)
+    directory = os.path.dirname(os.path.abspath(path))
+
+    def write(j):
+        shard_path = os.path.join(directory, files[j])
+        _writer._save_plan(plans[j], shard_path, atomic)
+        with open(shard_path, "rb") as f:  # the prefix as written: its header_crc binds the shard
+            prefix = f.read(fmt.PREFIX_SIZE)
+        return os.path.getsize(shard_path), int.from_bytes(prefix[28:32], "little")
+
+    workers = min(len(plans), os.cpu_count() or 1, 8)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        written = list(pool.map(write, range(len(plans))))  # [S9]: every shard before the index
+    shards = {"files": files, "counts": counts, "sizes": [size for size, _ in written],
+              "header_crcs": [crc for _, crc in written], "names": list(names), "save_id": save_id}
+    _writer._save_plan(_writer._Plan({}, metadata, align, False, tree=tree, shards=shards), path,
+                       atomic)
+    _remove_stale(path, files)
+
+
+def _remove_stale(path, keep):
+    """Delete shards of earlier saves to ``path`` that the new index does not name [S9]."""
+    directory = os.path.dirname(os.path.abspath(path))
+    stem = shard_files(path, 1)[0][:-len("-00001-of-00001.sckpt")]
+    pattern = re.compile(re.escape(stem) + _SHARD_NAME.pattern)
+    keep = set(keep)
+    for entry in os.listdir(directory):
+        if pattern.match(entry) and entry not in keep:
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except FileNotFoundError:
+                pass
+
+
+# -- open ------------------------------------------------------------------------------------------
+
+def open_any(path, *, mmap=True, **limits):
+    """A :class:`Reader` for a .sckpt file, a :class:`ShardedReader` for a shard index or for a
+    directory that holds one checkpoint (its only .sckpt file that is not named as a shard).
+
+    Raises:
+        SafeckptError: a subclass naming the file and the rule broken; OSError for I/O (a
+            missing shard included).
+        ValueError: a directory with several checkpoints (open one by its path).
+    """
+    if isinstance(path, (str, bytes, os.PathLike)) and os.path.isdir(path):
+        path = _find_index(os.fspath(path))
+    reader = Reader(path, mmap=mmap, _index=True, **limits)
+    if reader._shards is None:
+        return reader
+    try:
+        return ShardedReader(reader, mmap=mmap, **limits)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _find_index(directory):
+    entries = sorted(os.listdir(directory))
+    found = [e for e in entries if e.endswith(SUFFIX) and not e.startswith(".")
+             and not _SHARD_NAME.search(e)]
+    if len(found) == 1:
+        return os.path.join(directory, found[0])
+    if found:
+        raise ValueError(f"{directory!r} holds several checkpoints ({', '.join(found)}); open one "
+                         "of them by its path")
+    shards = [e for e in entries if _SHARD_NAME.search(e)]
+    detail = (f": only shards ({shards[0]}, ...) and no index, so a save did not finish [S9]"
+              if shards else "")
+    raise IsADirectoryError(errno.EISDIR, f"a directory with no .sckpt checkpoint in it{detail}",
+                            directory)
+
+
+def check_shards(shards, where, max_tensors=fmt.MAX_TENSORS):
+    """Check an index's ``shards`` map [S2]-[S5]; return it with the start of each shard.
+
+    Raises:
+        HeaderError: a missing or unknown key, a wrong type or length, an unsafe or misnumbered
+            file name, counts that do not add up, a duplicate name, an out-of-range size or CRC.
+        LimitError: more names than ``max_tensors``.
+    """
+    keys = set(shards)
+    if keys != set(SHARDS_KEYS):
+        missing, unknown = sorted(set(SHARDS_KEYS) - keys), sorted(keys - set(SHARDS_KEYS), key=repr)
+        raise HeaderError(f"{where}: 'shards' must have exactly the keys {sorted(SHARDS_KEYS)} "
+                          f"(missing {missing}, unknown {unknown}) [S2]")
+    for key, kind in SHARDS_KEYS.items():
+        if type(shards[key]) is not kind:
+            raise HeaderError(f"{where}: shards[{key!r}] must be {'an array' if kind is list else 'bin'}"
+                              f", not {type(shards[key]).__name__} [S2]")
+    files, counts, sizes, crcs, names = (shards[key] for key in
+                                         ("files", "counts", "sizes", "header_crcs", "names"))
+    k = len(files)
+    if not 1 <= k <= MAX_SHARDS or not len(counts) == len(sizes) == len(crcs) == k:
+        raise HeaderError(f"{where}: 'files', 'counts', 'sizes' and 'header_crcs' must have one "
+                          f"length from 1 to {MAX_SHARDS}, not {len(files)}, {len(counts)}, "
+                          f"{len(sizes)} and {len(crcs)} [S2]")
+    if len(shards["save_id"]) != SAVE_ID_SIZE:
+        raise HeaderError(f"{where}: 'save_id' must be {SAVE_ID_SIZE} bytes, not "
+                          f"{len(shards['save_id'])} [S2]")
+    for j, name in enumerate(files, 1):
+        expected = f"-{j:05d}-of-{k:05d}{SUFFIX}"
+        if (type(name) is not str or not name or name.startswith(".") or "/" in name
+                or "\\" in name or "\0" in name or len(name.encode("utf-8", "replace")) > MAX_FILE_NAME
+                or not name.endswith(expected) or len(name) == len(expected)):
+            raise HeaderError(f"{where}: shard file name {name!r} is not a plain file name in the "
+                              f"index's directory ending in {expected!r} [S3]")
+    if len(names) > max_tensors:
+        raise LimitError(f"{where}: the index names {len(names)} tensors, more than max_tensors="
+                         f"{max_tensors}; pass max_tensors=... if you trust this file [S4]")
+    for j, count in enumerate(counts, 1):
+        if type(count) is not int or count < 1:
+            raise HeaderError(f"{where}: shard {j} holds {count!r} tensors; each holds at least 1 [S4]")
+    if sum(counts) != len(names):
+        raise HeaderError(f"{where}: the shards hold {sum(counts)} tensors in all but 'names' has "
+                          f"{len(names)} [S4]")
+    if set(map(type, names)) - {str} or "" in names:
+        bad = next(x for x in names if type(x) is not str or not x)
+        raise HeaderError(f"{where}: tensor name {bad!r} is not a non-empty str [S4]")
+    if len(set(names)) != len(names):
+        seen = set()
+        twice = next(x for x in names if x in seen or seen.add(x))
+        raise HeaderError(f"{where}: tensor {twice!r} is named twice in the index (two shards?) [S4]")
+    for j, (size, crc) in enumerate(zip(sizes, crcs), 1):
+        if type(size) is not int or not fmt.PREFIX_SIZE <= size <= _I63_MAX:
+            raise HeaderError(f"{where}: shard {j} size {size!r} is not an int in 32..2**63-1 [S5]")
+        if type(crc) is not int or not 0 <= crc <= _U32_MAX:
+            raise HeaderError(f"{where}: shard {j} header_crc {crc!r} is not a u32 [S5]")
+    return shards
+
+
+class ShardedReader:
+    """The shards of an index as one lazy reader; made by :func:`safeckpt.open`.
+
+    Same interface as :class:`safeckpt.Reader`: ``keys()``, ``reader[name]``, ``info``,
+    ``get_slice``, ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``, ``close``.
+    Every shard is opened and checked [S7] when the reader is made; tensors are read when asked
+    for, and ``load_all``, ``load`` and ``verify`` work on the shards in parallel threads (the C
+    core reads and checksums without the GIL).
+    """
+
+    def __init__(self, index, *, mmap=True, **limits):
+        where = self._where = index._where
+        self.path, self.version, self.metadata = index.path, index.version, index.metadata
+        self.size = index.size
+        self._index_reader = index
+        shards = check_shards(index._shards, where, limits.get("max_tensors", fmt.MAX_TENSORS))
+        names = shards["names"]
+        self._skeleton = _tree.check_tree(index._skeleton, names, limits.get(
+            "max_depth", fmt.MAX_DEPTH), where)  # [S6]
+        directory = os.path.dirname(os.path.abspath(index.path))
+        self.shards = [os.path.join(directory, name) for name in shards["files"]]
+        self._readers, self._where_is = [], []  # a reader per shard; (shard, position) per tensor
+        k = len(self.shards)
+        try:
+            start = 0
+            for j, (file, count) in enumerate(zip(self.shards, shards["counts"])):
+                reader = Reader(file, mmap=mmap, **limits)  # every rule of sections 1-8
+                self._readers.append(reader)
+                part = names[start:start + count]
+                self._check_shard(reader, j, k, part, shards)
+                self._where_is.extend((j, i) for i in range(count))
+                start += count
+        except BaseException:
+            self.close()
+            raise
+        self._position_of = dict(zip(names, range(len(names))))
+        self._names = names  # last: a reader with names is open
+
+    def _check_shard(self, reader, j, k, part, shards):
+        """[S7]: the shard is the one this index wrote."""
+        problem = None
+        if reader._skeleton is not fmt.NO_TREE:
+            problem = "has a tree; shards are flat files"
+        elif reader.size != shards["sizes"][j]:
+            problem = f"is {reader.size} bytes, the index says {shards['sizes'][j]}"
+        elif reader.header_crc != shards["header_crcs"][j]:
+            problem = (f"has header_crc {reader.header_crc:#010x}, the index says "
+                       f"{shards['header_crcs'][j]:#010x}")
+        elif reader.keys() != part:
+            problem = f"holds other tensors than the index says ({len(reader)} vs {len(part)})"
+        elif reader.metadata != {SHARD_KEY: {"save_id": shards["save_id"], "index": j + 1,
+                                             "count": k}}:
+            problem = "has another save's id or position in its metadata"
+        if problem:
+            raise ShardError(f"{self._where}: shard {reader._where} {problem}: it was not written "
+                             "by the save that wrote this index (an interrupted save, or files of "
+                             "two checkpoints mixed) [S7]")
+
+    # -- the Reader interface ------------------------------------------------------------------
+
+    def _check_open(self):
+        names = self._names
+        if names is None:
+            raise ReaderClosedError(f"{self._where}: the reader is closed")
+        return names
+
+    def _shard_number(self, name):
+        """The position in ``shards`` of the shard that holds ``name``."""
+        self._check_open()
+        try:
+            return self._where_is[self._position_of[name]][0]
+        except KeyError:
+            raise KeyError(f"{self._where} has no tensor {name!r}") from None
+
+    def _locate(self, name):
+        return self._readers[self._shard_number(name)]
+
+    def keys(self):
+        """Tensor names, shard after shard."""
+        return list(self._check_open())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._check_open())
+
+    def __contains__(self, name):
+        return name in self._position_of and self._check_open() is not None
+
+    def info(self, name):
+        """As :meth:`Reader.info`; ``offset`` is within the tensor's shard."""
+        return self._locate(name).info(name)
+
+    def shard_of(self, name):
+        """The path of the shard that holds ``name``."""
+        return self.shards[self._shard_number(name)]
+
+    def __getitem__(self, name):
+        return self._locate(name)[name]
+
+    def get_slice(self, name):
+        return self._locate(name).get_slice(name)
+
+    def _by_shard(self, indices):
+        """``{shard: [(slot, position in shard), ...]}`` for checkpoint tensor ``indices``."""
+        groups = {}
+        for slot, i in enumerate(indices):
+            j, local = self._where_is[i]
+            groups.setdefault(j, []).append((slot, local))
+        return groups
+
+    def _parallel(self, function, jobs):
+        """``function(job)`` for every job, in threads when there are several."""
+        jobs = list(jobs)
+        if len(jobs) <= 1:
+            return [function(job) for job in jobs]
+        workers = min(len(jobs), os.cpu_count() or 1, 8)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(function, jobs))
+
+    def _load(self, indices):
+        """The arrays of checkpoint tensors ``indices``, in order; shards read in parallel."""
+        self._check_open()
+        indices = list(indices)
+        out = [None] * len(indices)
+
+        def load(group):
+            j, members = group
+            arrays = self._readers[j]._load([local for _, local in members])
+            for (slot, _), array in zip(members, arrays):
+                out[slot] = array
+
+        self._parallel(load, self._by_shard(indices).items())
+        return out
+
+    def load_all(self):
+        """Every tensor as ``{name: array}``, the shards read in parallel."""
+        names = self._check_open()
+        return dict(zip(names, self._load(range(len(names)))))
+
+    @property
+    def tree(self):
+        """The saved object's structure, lazily (see :attr:`Reader.tree`)."""
+        self._check_open()
+        return _tree.view(self, _tree.find(self, None))
+
+    def load(self, prefix=None, *, framework=None, map_location=None, verify=False):
+        """The saved object (or the subtree at ``prefix``); see :func:`safeckpt.load`."""
+        self._check_open()
+        return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
+                                 map_location=map_location, verify=verify)
+
+    @property
+    def has_checksums(self):
+        return all(reader.has_checksums for reader in self._readers)
+
+    def verify(self, names=None, *, arrays=None):
+        """Check the CRC32C of tensors (all by default) [T10], the shards in parallel."""
+        all_names = self._check_open()
+        groups = {}
+        for name in all_names if names is None else names:
+            groups.setdefault(self._shard_number(name), []).append(name)
+
+        def verify(group):
+            j, group_names = group
+            self._readers[j].verify(group_names, arrays=arrays)
+
+        self._parallel(verify, groups.items())
+
+    def close(self):
+        """Close every shard; arrays already handed out stay valid."""
+        self._names = None
+        for reader in self._readers:
+            reader.close()
+        self._index_reader.close()
+
+    @property
+    def closed(self):
+        return self._names is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{len(self._names)} tensors"
+        return f"<safeckpt.ShardedReader {self._where} ({len(self.shards)} shards, {state})>"
+
+    _names = None
+    _readers = ()
+
