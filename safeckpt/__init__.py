@@ -17,6 +17,7 @@ from .errors import (
     LayoutError,
     LimitError,
     NotSafeckptError,
+    PickleRequiredError,
     ReaderClosedError,
     SafeckptError,
     ShardError,
@@ -30,6 +31,8 @@ from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from .tree import Subtree, load, save
 from .shard import ShardedReader
 from . import torch  # the adapter; torch itself is imported only when it is used
+from . import jax  # likewise: jax is imported only when it is used
+from .interop import convert
 from .writer import save_bytes, save_file
 
 __version__ = "0.1.0"
@@ -41,4 +44,5 @@ __all__ = [
     "backend", "load_bytes", "load_file", "open", "save_bytes", "save_file",
     "ShardError", "ShardedReader", "StateMismatchError", "Subtree", "load", "save", "torch",
     "CheckpointManager", "load_checkpoint", "save_checkpoint",
+    "PickleRequiredError", "convert", "jax",
 ]

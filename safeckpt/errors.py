@@ -60,6 +60,11 @@ class StateMismatchError(SafeckptError):
     """A saved state does not fit the model it is loaded into: missing, unexpected or mismatched keys."""
 
 
+class PickleRequiredError(SafeckptError):
+    """A file to convert needs pickle to load (a torch file that ``weights_only=True`` refuses, an
+    .npz of object arrays); safeckpt never unpickles."""
+
+
 class ShardError(SafeckptError):
     """A shard does not match its index: another save's shard, a wrong size or names [S7]."""
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import format as fmt
 from . import _backend
+from . import safetensors_format as _safetensors
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
 from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError
@@ -108,6 +109,9 @@ class Reader:
     def _open(self, size, max_header_size, max_tensors, max_ndim, max_depth):
         be, where = self._be, self._where
         prefix = bytes(self._read(0, min(size, fmt.PREFIX_SIZE)))
+        if _safetensors.looks_like(prefix):  # no magic: its u64 length, then '{' [ST2]
+            return self._open_safetensors(size, max_header_size, max_tensors, max_ndim,
+                                          max_depth)
         code, fields = be.parse_prefix(prefix, size, max_header_size)
         if code:
             detail = ""
@@ -197,6 +201,21 @@ class Reader:
         if self._buffer is not None:
             return len(self._buffer)
         return os.fstat(self._fd).st_size
+
+    def _open_safetensors(self, size, max_header_size, max_tensors, max_ndim, max_depth):
+        """Validate a .safetensors file [ST1]-[ST9] and fill the same table as ``_open``."""
+        table = _safetensors.parse(self._read, size, where=self._where,
+                                   max_header_size=max_header_size, max_tensors=max_tensors,
+                                   max_ndim=max_ndim, max_depth=max_depth)
+        self.format, self.version, self.align = "safetensors", None, 1
+        self.flags, self.header_crc, self._shards = 0, None, None
+        self.metadata = table.metadata
+        self._skeleton = _tree.check_tree(table.tree, table.names, max_depth, self._where)
+        self._index = dict(zip(table.names, range(len(table.names))))
+        self._codes, self._ndims, self._dims = table.codes, table.ndims, table.dims
+        self._offsets, self._nbytes, self._crcs = table.offsets, table.nbytes, None
+        self._shapes = None
+        self._names = table.names  # last: a reader with names is open
 
     # -- the mapping interface ------------------------------------------------------------------
 
@@ -360,7 +379,9 @@ class Reader:
         """
         all_names = self._check_open()
         if self._crcs is None:
-            raise ChecksumError(f"{self._where}: the file was saved with checksum=False; "
+            why = ("safetensors files hold no checksums" if self.format == "safetensors"
+                   else "the file was saved with checksum=False")
+            raise ChecksumError(f"{self._where}: {why}; "
                                 "there is nothing to verify [T10]")
         for name in all_names if names is None else names:
             i = self._position(name)
@@ -398,6 +419,7 @@ class Reader:
         return f"<safeckpt.Reader {self._where} ({state})>"
 
     _names = None
+    format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
     _fd_users = 0  # reads in flight on _fd (see _read_into)
 
 

@@ -37,7 +37,7 @@ _LEAF_ARITY = {TENSOR: (2, 3), REF: (2,), SCALAR: (3,)}  # allowed lengths of ea
 ROOT_NAME = "_"  # the flat name of a tensor that is the whole tree [R7]
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 _PRIMITIVES = (type(None), bool, int, float, str, bytes)
-_FRAMEWORKS = (None, "numpy", "torch")
+_FRAMEWORKS = (None, "numpy", "torch", "jax")
 
 
 # -- save side: nested -> (skeleton, names, arrays) ------------------------------------------------
@@ -45,6 +45,12 @@ _FRAMEWORKS = (None, "numpy", "torch")
 def _describe(root, path):
     """``state['model'][0]``: the Python expression that reaches a value, for messages."""
     return root + "".join(f"[{key!r}]" for key in path)
+
+
+def _is_jax_array(value):
+    """Whether ``value`` is a jax.Array (jax is never imported here)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.Array)
 
 
 def _torch_module(value):
@@ -106,7 +112,7 @@ def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
             node = [LIST if kind is list else TUPLE]
             stack.extend((v, node, _NO_KEY, path + (i,), level + 1)
                          for i, v in reversed(list(enumerate(value))))
-        elif kind is np.ndarray or _torch_module(value) is not None:
+        elif kind is np.ndarray or _torch_module(value) is not None or _is_jax_array(value):
             node = _tensor_node(value, root, path, names, arrays, taken, shared)
         elif isinstance(value, np.generic):
             code = code_of(value.dtype, _describe(root, path))
@@ -136,6 +142,9 @@ def _tensor_node(value, root, path, names, arrays, taken, shared):
         array = value
         identity = ("numpy", array.__array_interface__["data"][0], array.shape, array.strides,
                     array.dtype.str) if array.nbytes else None
+    elif _is_jax_array(value):
+        from . import jax as _sck_jax
+        array, identity = _sck_jax.export(value, _describe(root, path))
     else:
         from . import torch as _sck_torch
         array, device, identity = _sck_torch.export(value, _describe(root, path))
@@ -448,7 +457,7 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=False
     same object.
     """
     if framework not in _FRAMEWORKS:
-        raise ValueError(f"framework={framework!r}: use None, 'numpy' or 'torch'")
+        raise ValueError(f"framework={framework!r}: use None, 'numpy', 'torch' or 'jax'")
     if map_location is not None and framework != "torch":
         raise ValueError("map_location needs framework='torch'")
     devices = _tensor_indices(node)
@@ -459,6 +468,9 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=False
     if framework == "torch":
         from . import torch as _sck_torch
         tensors = {i: _sck_torch.from_numpy(a, devices[i], map_location) for i, a in tensors.items()}
+    elif framework == "jax":
+        from . import jax as _sck_jax
+        tensors = {i: _sck_jax.from_numpy(a, reader._names[i]) for i, a in tensors.items()}
     return _build(node, tensors)
 
 
@@ -549,7 +561,8 @@ def load(path, *, prefix=None, framework=None, map_location=None, mmap=True, ver
         path: a str or path-like.
         prefix: load only the subtree there: ``"model"``, ``"optimizer.state.0"``, or a tuple of
             exact keys such as ``("state", 0)``. Other tensors are not read.
-        framework: ``None``/``"numpy"`` for numpy arrays, ``"torch"`` for torch tensors.
+        framework: ``None``/``"numpy"`` for numpy arrays, ``"torch"`` for torch tensors,
+            ``"jax"`` for jax arrays (see :mod:`safeckpt.jax`).
         map_location: with torch, where tensors go, as ``torch.load`` takes it: ``"cpu"``,
             ``"cuda:0"``, a ``torch.device`` or a dict mapping saved devices to devices. By
             default a tensor goes back to the device it was saved from.

@@ -244,7 +244,7 @@ def test_load_options_are_checked(tmp_path):
     path = tmp_path / "o.sckpt"
     safeckpt.save({"w": W}, path)
     with pytest.raises(ValueError, match="framework"):
-        safeckpt.load(path, framework="jax")
+        safeckpt.load(path, framework="tensorflow")
     with pytest.raises(ValueError, match="map_location"):
         safeckpt.load(path, map_location="cpu")
 

@@ -1,0 +1,378 @@
+"""Reading and writing .safetensors files with the strictness of our own format.
+
+The safetensors format, as this module reads it (rule names [ST1]-[ST9] are used in messages):
+
+- **[ST1]** The file starts with ``N``, an unsigned 64-bit little-endian integer: the length of the
+  header. ``N`` MUST NOT exceed ``max_header_size`` (checked before anything is read or allocated;
+  ``LimitError``) and ``8 + N`` MUST NOT exceed the file size (``TruncatedFileError``).
+- **[ST2]** The ``N`` header bytes MUST be UTF-8 and start with ``{``; they hold exactly one JSON
+  object, which MAY be followed by spaces (writers pad the header to a multiple of 8). Duplicate
+  keys, the constants ``NaN``/``Infinity``, and strings that are not valid Unicode are refused;
+  nesting is bounded by the decoder's recursion limit. (``HeaderError``, ``LimitError``)
+- **[ST3]** The key ``__metadata__``, when present, MUST map str keys to str values. Every other key
+  is a non-empty tensor name; at most ``max_tensors`` of them. (``HeaderError``, ``LimitError``)
+- **[ST4]** A tensor entry MUST be an object with exactly the keys ``dtype`` (a str of the table
+  below), ``shape`` (an array of ints ``0 <= d < 2**63``, at most ``max_ndim`` of them) and
+  ``data_offsets`` (two ints ``[begin, end]``, ``0 <= begin <= end < 2**63``). (``HeaderError``,
+  ``UnsupportedDtypeError``, ``LimitError``)
+- **[ST5]** ``end - begin`` MUST equal ``prod(shape) x itemsize``; the product is checked against
+  2**63 as it is built, so no shape can overflow it. (``LayoutError``)
+- **[ST6]** Sorted by ``(begin, end)``, the tensors MUST be contiguous: the first begins at 0 and
+  each begins where the previous one ends (no gap, no overlap). (``LayoutError``)
+- **[ST7]** The last ``end`` MUST be exactly the size of the data (the file size minus ``8 + N``):
+  a shorter file is ``TruncatedFileError``, trailing bytes are ``LayoutError`` (no polyglots).
+- **[ST8]** Offsets count from the first byte after the header. Tensor data needs no alignment
+  (numpy reads unaligned arrays); files written here keep every tensor aligned to its item size.
+- **[ST9]** The metadata key ``__safeckpt__`` is ours: base64 of a msgpack map ``{"metadata": {...},
+  "tree": ...}`` holding the metadata values that are not str and the tree (FORMAT.md section 8) of
+  a .sckpt file converted to safetensors, so that converting back loses nothing. It is decoded
+  with the rules of our own header ([H1]-[H3], [H7], [R1]-[R6]). (``HeaderError``)
+
+Metadata mapping: safetensors metadata is str -> str. A .sckpt file's metadata entries whose value
+is a str are written as they are (every safetensors tool sees them); all other values (ints, lists,
+bytes, ...) and the tree go, exactly, into ``__safeckpt__`` [ST9]. Reading merges them back, so
+``.sckpt -> .safetensors -> .sckpt`` keeps metadata, tree and tensors bit for bit.
+
+Example:
+    >>> import numpy as np, safeckpt, tempfile, os
+    >>> from safeckpt import safetensors_format as sft
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> sft.save_file({"w": np.arange(3, dtype=np.float32)}, path, metadata={"format": "np"})
+    >>> with safeckpt.open(path) as f:                         # the format is detected
+    ...     f.format, f.metadata, f["w"].tolist()
+    ('safetensors', {'format': 'np'}, [0.0, 1.0, 2.0])
+"""
+
+import base64
+import binascii
+import collections
+import json
+import os
+import secrets
+
+import msgpack
+import numpy as np
+
+from . import format as fmt
+from . import writer as _writer
+from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NAME_BY_CODE
+from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, TruncatedFileError,
+                     UnsupportedDtypeError)
+
+LENGTH_SIZE = 8  # the u64 header length [ST1]
+METADATA_KEY = "__metadata__"
+SAFECKPT_KEY = "__safeckpt__"  # our lossless extras in the metadata [ST9]
+TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_LIMIT = 1 << 63  # dims, offsets and byte sizes stay below it, as in our format [T3, T4]
+
+# safetensors dtype string <-> our dtype code (FORMAT.md section 4). complex128 has no safetensors
+# name; the sub-byte and e8m0 floats have no numpy dtype here: both are refused by name.
+DTYPE_CODES = {
+    "BOOL": 0, "I8": 1, "I16": 2, "I32": 3, "I64": 4, "U8": 5, "U16": 6, "U32": 7, "U64": 8,
+    "F16": 9, "F32": 10, "F64": 11, "BF16": 12, "F8_E4M3": 13, "F8_E5M2": 14, "C64": 15,
+}
+DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
+UNSUPPORTED = frozenset(("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"))
+
+Table = collections.namedtuple("Table", "names codes ndims dims offsets nbytes metadata tree")
+Table.__doc__ = """A validated safetensors header, in the shape of our tensor table: ``codes`` and
+``ndims`` are bytes, ``dims`` the flat shape list, ``offsets`` absolute file offsets."""
+
+
+def looks_like(prefix):
+    """Whether the first bytes of a file are a safetensors header (u64 length, then ``{``) [ST2].
+
+    Our own files start with ``\\x89SCK``, so the two formats never overlap.
+    """
+    return len(prefix) > LENGTH_SIZE and prefix[LENGTH_SIZE:LENGTH_SIZE + 1] == b"{" \
+        and not prefix.startswith(fmt.MAGIC[:4])
+
+
+def _unique_object(pairs):
+    """json object_pairs_hook: a dict, refusing a key given twice [ST2]."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise HeaderError(f"duplicate JSON key {key!r} in the safetensors header [ST2]")
+            seen.add(key)
+    return result
+
+
+def _refuse_constant(name):
+    raise HeaderError(f"JSON constant {name} is not allowed in a safetensors header [ST2]")
+
+
+def _check_str(value, what):
+    """A str that is valid Unicode (json accepts lone surrogates such as "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HeaderError(f"{what} {value!r} is not valid Unicode [ST2]") from None
+
+
+def _uint(value, what, name):
+    if type(value) is not int or not 0 <= value < _LIMIT:
+        raise HeaderError(f"tensor {name!r}: {what} {value!r} must be an int in 0 .. 2**63-1 [ST4]")
+    return value
+
+
+def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors=fmt.MAX_TENSORS,
+          max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH):
+    """Validate a safetensors file [ST1]-[ST9] and return its :class:`Table`.
+
+    Parameters:
+        read: ``read(offset, length)`` returns that many bytes of the file (bounds checked here).
+        size: the file size in bytes.
+        where: names the file in messages.
+
+    Raises:
+        LimitError, TruncatedFileError, HeaderError, LayoutError, UnsupportedDtypeError: naming the
+            file, the tensor and the bad value.
+    """
+    if size < LENGTH_SIZE:
+        raise TruncatedFileError(f"{where}: file is shorter than the 8-byte header length [ST1]")
+    header_len = int.from_bytes(bytes(read(0, LENGTH_SIZE)), "little")
+    if header_len > max_header_size:
+        raise LimitError(f"{where}: safetensors header is larger than max_header_size: {header_len} > "
+                         f"{max_header_size}; pass max_header_size=... if you trust this file [ST1]")
+    if header_len > size - LENGTH_SIZE:
+        raise TruncatedFileError(f"{where}: safetensors header of {header_len} bytes runs past the "
+                                 f"end of the file ({size} bytes) [ST1]")
+    raw = bytes(read(LENGTH_SIZE, header_len))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(f"{where}: safetensors header is not UTF-8: {exc} [ST2]") from None
+    if not text.startswith("{"):
+        raise HeaderError(f"{where}: safetensors header does not start with '{{' [ST2]")
+    try:
+        header = json.loads(text.rstrip(" "), object_pairs_hook=_unique_object,
+                            parse_constant=_refuse_constant)
+    except HeaderError as exc:
+        raise HeaderError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise LimitError(f"{where}: safetensors header nesting is too deep to decode [ST2]") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an int of more than 4300 digits
+        raise HeaderError(f"{where}: safetensors header is not one JSON object: {exc} [ST2]") from None
+    if type(header) is not dict:  # cannot happen after '{', but say so rather than assume
+        raise HeaderError(f"{where}: safetensors header is not a JSON object [ST2]")
+    try:
+        return _table(header, header_len, size, max_tensors, max_ndim, max_depth, where)
+    except (HeaderError, LimitError, TruncatedFileError, UnsupportedDtypeError) as exc:
+        if str(exc).startswith(where):
+            raise
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
+    metadata = header.pop(METADATA_KEY, {})
+    if type(metadata) is not dict:
+        raise HeaderError(f"'{METADATA_KEY}' must be an object of str -> str, "
+                          f"not {type(metadata).__name__} [ST3]")
+    for key, value in metadata.items():
+        _check_str(key, "metadata key")
+        if type(value) is not str:
+            raise HeaderError(f"metadata[{key!r}]: {value!r} is not a str [ST3]")
+        _check_str(value, f"metadata[{key!r}]")
+    if len(header) > max_tensors:
+        raise LimitError(f"file has {len(header)} tensors, more than max_tensors={max_tensors}; "
+                         "pass max_tensors=... if you trust this file [ST3]")
+    names, codes, ndims, dims, begins, ends = list(header), [], [], [], [], []
+    for name, entry in header.items():
+        if not name:
+            raise HeaderError("tensor name '' is not a non-empty str [ST3]")
+        _check_str(name, "tensor name")
+        if type(entry) is not dict or entry.keys() != TENSOR_KEYS:
+            got = sorted(entry) if type(entry) is dict else type(entry).__name__
+            raise HeaderError(f"tensor {name!r}: entry must be an object with exactly the keys "
+                              f"dtype, shape and data_offsets, not {got} [ST4]")
+        dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
+        code = DTYPE_CODES.get(dtype) if type(dtype) is str else None
+        if code is None:
+            if dtype in UNSUPPORTED:
+                raise UnsupportedDtypeError(f"tensor {name!r}: safetensors dtype {dtype} has no numpy "
+                                            "dtype here and cannot be read [ST4]")
+            raise UnsupportedDtypeError(f"tensor {name!r}: unknown safetensors dtype {dtype!r}; "
+                                        f"known: {', '.join(DTYPE_CODES)} [ST4]")
+        if type(shape) is not list:
+            raise HeaderError(f"tensor {name!r}: shape must be an array of ints, not {shape!r} [ST4]")
+        if len(shape) > max_ndim:
+            raise LimitError(f"tensor {name!r}: {len(shape)} dimensions > max_ndim={max_ndim}; pass "
+                             "max_ndim=... to allow it [ST4]")
+        if type(span) is not list or len(span) != 2:
+            raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end], not {span!r} [ST4]")
+        begin, end = (_uint(x, "data offset", name) for x in span)
+        if end < begin:
+            raise LayoutError(f"tensor {name!r}: data_offsets {span} end before they begin [ST4]")
+        count = ITEMSIZE_BY_CODE[code]
+        for d in shape:  # checked at every step, as safetensors' checked_mul: [2**62, 4, 0] fails
+            count *= _uint(d, "dimension", name)
+            if count >= _LIMIT:
+                raise LayoutError(f"tensor {name!r}: shape {shape} of {dtype} is too large "
+                                  "(2**63 bytes or more) [ST5]")
+        if count != end - begin:
+            raise LayoutError(f"tensor {name!r}: {end - begin} bytes in data_offsets {span}, but "
+                              f"shape {shape} of {dtype} needs {count} [ST5]")
+        codes.append(code)
+        ndims.append(len(shape))
+        dims.extend(shape)
+        begins.append(begin)
+        ends.append(end)
+    data_size = size - LENGTH_SIZE - header_len
+    position = 0
+    for i in sorted(range(len(names)), key=lambda i: (begins[i], ends[i])):
+        if begins[i] != position:
+            problem = "leaves a gap after" if begins[i] > position else "overlaps"
+            raise LayoutError(f"tensor {names[i]!r}: data_offsets [{begins[i]}, {ends[i]}] "
+                              f"{problem} the previous tensor (ending at {position}) [ST6]")
+        position = ends[i]
+    if position > data_size:
+        raise TruncatedFileError(f"tensor data ends at {position} but the file holds {data_size} "
+                                 "bytes of data (file seems not fully written or downloaded) [ST7]")
+    if position < data_size:
+        raise LayoutError(f"{data_size - position} trailing bytes after the last tensor [ST7]")
+    base = LENGTH_SIZE + header_len
+    metadata, tree = _decode_extras(metadata, max_depth)
+    return Table(names, bytes(codes), bytes(ndims), dims, [base + b for b in begins],
+                 [e - b for b, e in zip(begins, ends)], metadata, tree)
+
+
+def _decode_extras(metadata, max_depth):
+    """Merge ``__safeckpt__`` [ST9] back into the metadata; return ``(metadata, raw tree)``."""
+    blob = metadata.pop(SAFECKPT_KEY, None)
+    if blob is None:
+        return metadata, fmt.NO_TREE
+    try:
+        extras = msgpack.unpackb(base64.b64decode(blob, validate=True), raw=False,
+                                 strict_map_key=False, object_pairs_hook=fmt._unique_pairs,
+                                 timestamp=0)
+    except HeaderError:
+        raise
+    except (binascii.Error, ValueError, TypeError, msgpack.ExtraData, msgpack.StackError,
+            msgpack.FormatError) as exc:
+        raise HeaderError(f"metadata[{SAFECKPT_KEY!r}] is not base64 of one msgpack map: {exc} "
+                          "[ST9]") from None
+    if type(extras) is not dict or not extras.keys() <= {"metadata", "tree"}:
+        raise HeaderError(f"metadata[{SAFECKPT_KEY!r}] must be a map with the keys 'metadata' and "
+                          "'tree' [ST9]")
+    more = extras.get("metadata", {})
+    if type(more) is not dict:
+        raise HeaderError(f"metadata[{SAFECKPT_KEY!r}]['metadata'] must be a map [ST9]")
+    fmt._walk_metadata(more, max_depth, HeaderError)
+    clash = more.keys() & metadata.keys()
+    if clash:
+        raise HeaderError(f"metadata key {sorted(clash)[0]!r} is both a str entry and in "
+                          f"{SAFECKPT_KEY!r} [ST9]")
+    metadata.update(more)
+    return metadata, extras.get("tree", fmt.NO_TREE)
+
+
+def encode_metadata(metadata, tree=fmt.NO_TREE):
+    """Our metadata (and tree) as safetensors' str -> str metadata [ST9]; see the module docstring.
+
+    Raises:
+        InvalidValueError: a metadata value msgpack cannot hold, or the reserved key ``__safeckpt__``.
+    """
+    metadata = fmt.check_metadata(metadata)
+    if SAFECKPT_KEY in metadata:
+        raise InvalidValueError(f"metadata key {SAFECKPT_KEY!r} is reserved for safeckpt's own "
+                                "extras in safetensors files [ST9]; rename it")
+    plain = {k: v for k, v in metadata.items() if type(v) is str}
+    extras = {}
+    if len(plain) != len(metadata):
+        extras["metadata"] = {k: v for k, v in metadata.items() if type(v) is not str}
+    if tree is not fmt.NO_TREE:
+        extras["tree"] = tree
+    if extras:
+        packed = msgpack.packb(extras, use_bin_type=True)
+        plain[SAFECKPT_KEY] = base64.b64encode(packed).decode("ascii")
+    return plain
+
+
+def _plan(tensors, metadata, tree):
+    """``(header bytes, arrays in data order)`` for :func:`save_file`; checks every tensor."""
+    entries, order, sizes = {}, [], []
+    for name, value in tensors.items():
+        if type(name) is not str or not name:
+            raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str")
+        if name == METADATA_KEY:
+            raise InvalidValueError(f"tensor name {name!r} is reserved by safetensors; rename it")
+        if isinstance(value, np.generic):
+            value = np.asarray(value)
+        if not isinstance(value, (np.ndarray, _writer.LazyArray)):
+            raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
+                                    f"{type(value).__name__} is not a numpy array")
+        dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
+        code = CODE_BY_DTYPE.get(dtype)
+        if code not in DTYPE_NAMES:
+            raise UnsupportedDtypeError(
+                f"tensor {name!r}: dtype {value.dtype} has no safetensors equivalent"
+                + (" (safetensors has no complex128; save as .sckpt)" if code is not None else ""))
+        entries[name] = {"dtype": DTYPE_NAMES[code], "shape": list(value.shape)}
+        order.append((-ITEMSIZE_BY_CODE[code], len(order), name, value))
+        sizes.append(value.nbytes)
+    # [ST8]: data sorted by item size, largest first (stable), so every tensor is aligned to its
+    # item size; the header keeps the caller's order, which is the order a reader lists.
+    order.sort(key=lambda item: item[:2])
+    position, arrays = 0, []
+    for _, _, name, value in order:
+        entries[name]["data_offsets"] = [position, position + value.nbytes]
+        position += value.nbytes
+        arrays.append(value)
+    header = {}
+    plain = encode_metadata(metadata, tree)
+    if plain:
+        header[METADATA_KEY] = plain
+    header.update(entries)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(LENGTH_SIZE + len(text)) % 8)  # data starts on an 8-byte boundary
+    return len(text).to_bytes(LENGTH_SIZE, "little") + text, arrays
+
+
+def save_file(tensors, path, *, metadata=None, tree=fmt.NO_TREE, atomic=True, progress=None):
+    """Write ``{name: array}`` as a .safetensors file that any safetensors reader loads.
+
+    Parameters:
+        tensors: names to numpy arrays (or :class:`safeckpt.writer.LazyArray`); every dtype of
+            FORMAT.md section 4 except complex128.
+        path: a str or path-like.
+        metadata: our metadata (any msgpack primitives); see the module docstring for the mapping.
+        tree: an encoded skeleton (FORMAT.md section 8) to keep in ``__safeckpt__`` [ST9].
+        atomic: write a temporary file, fsync and rename it over ``path`` [W2].
+        progress: called as ``progress(nbytes)`` after each tensor is written.
+
+    Raises:
+        InvalidValueError, UnsupportedDtypeError: naming the tensor or metadata key.
+
+    Example:
+        >>> save_file({"w": np.zeros(2)}, "w.safetensors", metadata={"step": 3})  # doctest: +SKIP
+    """
+    head, arrays = _plan(tensors, metadata, tree)
+    path = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    target = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp") if atomic else path
+    try:
+        with open(target, "xb" if atomic else "wb") as f:
+            f.write(head)
+            for array in arrays:
+                data = _writer._le_bytes(array)[0]
+                if data.nbytes:
+                    f.write(memoryview(data.reshape(-1).view(np.uint8)))
+                if progress is not None:
+                    progress(data.nbytes)
+            if atomic:
+                f.flush()
+                os.fsync(f.fileno())
+        if atomic:
+            os.replace(target, path)
+    except BaseException:
+        if atomic:
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                pass
+        raise
+    if atomic:
+        _writer._fsync_directory(directory)

@@ -1,0 +1,171 @@
+"""Reading and writing .safetensors ([ST1]-[ST9] in safeckpt/safetensors_format.py), both backends."""
+
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import safeckpt
+from safeckpt import safetensors_format as sft
+
+pytestmark = pytest.mark.usefixtures("backend")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+TENSORS = {
+    "embed.weight": np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32),
+    "norm": np.array([1.5, -0.0, np.inf, np.nan], np.float16),
+    "bf": np.arange(9, dtype=np.float32).reshape(3, 3).astype(ml_dtypes.bfloat16),
+    "f8": np.array([0.5, -2], ml_dtypes.float8_e4m3fn),
+    "f8b": np.array([0.25], ml_dtypes.float8_e5m2),
+    "mask": np.array([True, False, True]),
+    "step": np.array(12, np.int64),
+    "u": np.array([2**64 - 1], np.uint64),
+    "i8": np.array([-128, 127], np.int8),
+    "u16": np.array([65535], np.uint16),
+    "c": np.array([1 + 2j], np.complex64),
+    "empty": np.zeros((0, 3), np.float64),
+}
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_reads_a_file_written_by_the_safetensors_package_bit_for_bit(tmp_path, mmap):
+    path = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(TENSORS, str(path), metadata={"format": "pt", "note": "é"})
+    with safeckpt.open(path, mmap=mmap) as f:
+        assert f.format == "safetensors" and f.metadata == {"format": "pt", "note": "é"}
+        assert sorted(f.keys()) == sorted(TENSORS)
+        for name, expected in TENSORS.items():
+            assert same_bits(f[name], expected), name
+            assert f.info(name).shape == expected.shape
+        assert f.get_slice("embed.weight")[2:4].tolist() == TENSORS["embed.weight"][2:4].tolist()
+        with pytest.raises(safeckpt.ChecksumError, match="safetensors files hold no checksums"):
+            f.verify()
+    loaded = safeckpt.load_file(path, mmap=mmap)
+    assert all(same_bits(loaded[k], v) for k, v in TENSORS.items())
+    assert same_bits(safeckpt.load(path)["bf"], TENSORS["bf"])
+
+
+def test_writes_files_the_safetensors_package_reads(tmp_path):
+    path = tmp_path / "out.safetensors"
+    sft.save_file(TENSORS, path, metadata={"format": "np", "epoch": 3})
+    # safetensors' numpy loader has no float8 dtypes; every other tensor comes back bit for bit
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        for k, v in TENSORS.items():
+            if not k.startswith("f8"):
+                assert same_bits(f.get_tensor(k), v), k
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "np" and set(meta) == {"format", sft.SAFECKPT_KEY}
+    with safeckpt.open(path) as f:  # our extras come back: the int is an int again [ST9]
+        assert f.metadata == {"format": "np", "epoch": 3}
+        assert f.keys() == list(TENSORS)  # the header keeps the caller's order
+        assert all(f.info(k).offset % max(v.dtype.itemsize, 1) == 0 for k, v in TENSORS.items())
+
+
+def test_save_refuses_what_safetensors_cannot_hold(tmp_path):
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match="'z'.*complex128"):
+        sft.save_file({"z": np.zeros(2, np.complex128)}, tmp_path / "x.safetensors")
+    with pytest.raises(safeckpt.InvalidValueError, match="reserved"):
+        sft.save_file({"a": np.zeros(1)}, tmp_path / "x.safetensors",
+                      metadata={sft.SAFECKPT_KEY: "x"})
+    assert not list(tmp_path.iterdir())
+
+
+def forge(header, data=b"", pad=True, length=None):
+    """A safetensors file from a header (dict or raw bytes) and data bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+HOSTILE = [
+    # (case, file bytes, error class, words in the message)
+    ("length over the limit [ST1]", forge({}, length=200 << 20), safeckpt.LimitError,
+     "max_header_size"),
+    ("length 2**64-1 [ST1]", forge({}, length=2**64 - 1), safeckpt.LimitError, "max_header_size"),
+    ("header past the end [ST1]", forge({}, length=1000), safeckpt.TruncatedFileError, "past the end"),
+    ("not UTF-8 [ST2]", forge(b'{"\xff": 1}'), safeckpt.HeaderError, "UTF-8"),
+    ("duplicate key [ST2]", forge(b'{"a": ' + json.dumps(entry()).encode() + b', "a": '
+                                  + json.dumps(entry()).encode() + b"}", bytes(8)),
+     safeckpt.HeaderError, "duplicate"),
+    ("trailing JSON [ST2]", forge(b'{} {}'), safeckpt.HeaderError, "JSON"),
+    ("NaN constant [ST2]", forge(b'{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 0]}}'),
+     safeckpt.HeaderError, "NaN"),
+    ("lone surrogate [ST2]", forge(b'{"\\ud800": ' + json.dumps(entry()).encode() + b"}", bytes(8)),
+     safeckpt.HeaderError, "Unicode"),
+    ("metadata not str [ST3]", forge({"__metadata__": {"a": 1}}), safeckpt.HeaderError, "not a str"),
+    ("unknown dtype [ST4]", forge({"w": entry("F128")}, bytes(8)), safeckpt.UnsupportedDtypeError,
+     "'w'"),
+    ("sub-byte dtype [ST4]", forge({"w": entry("F4", (2,), (0, 1))}, bytes(1)),
+     safeckpt.UnsupportedDtypeError, "F4"),
+    ("extra key [ST4]", forge({"w": {**entry(), "x": 1}}, bytes(8)), safeckpt.HeaderError, "exactly"),
+    ("negative dim [ST4]", forge({"w": entry(shape=(-2,))}, bytes(8)), safeckpt.HeaderError,
+     "dimension"),
+    ("float offset [ST4]", forge({"w": entry(offsets=(0.0, 8))}, bytes(8)), safeckpt.HeaderError,
+     "data offset"),
+    ("shape overflows [ST5]", forge({"w": entry(shape=(2**62, 4, 0), offsets=(0, 0))}),
+     safeckpt.LayoutError, "too large"),
+    ("size mismatch [ST5]", forge({"w": entry(offsets=(0, 12))}, bytes(12)), safeckpt.LayoutError,
+     "needs 8"),
+    ("gap [ST6]", forge({"w": entry(offsets=(4, 12))}, bytes(12)), safeckpt.LayoutError, "gap"),
+    ("overlap [ST6]", forge({"a": entry(), "b": entry(offsets=(4, 12))}, bytes(12)),
+     safeckpt.LayoutError, "overlaps"),
+    ("data cut short [ST7]", forge({"w": entry()}, bytes(4)), safeckpt.TruncatedFileError,
+     "not fully written"),
+    ("trailing zip [ST7]", forge({"w": entry()}, bytes(8) + b"PK\x05\x06" + bytes(18)),
+     safeckpt.LayoutError, "trailing"),
+    ("bad extras [ST9]", forge({"__metadata__": {"__safeckpt__": "!!"}}), safeckpt.HeaderError,
+     "__safeckpt__"),
+]
+
+
+@pytest.mark.parametrize("data, error, words", [case[1:] for case in HOSTILE],
+                         ids=[case[0] for case in HOSTILE])
+def test_hostile_safetensors_files_are_refused(tmp_path, data, error, words):
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(data)
+    for mmap in (True, False):
+        with pytest.raises(error, match=words):
+            safeckpt.open(path, mmap=mmap)
+    with pytest.raises(error, match=words):
+        safeckpt.load_bytes(data)
+
+
+def test_the_safetensors_package_refuses_our_layout_cases_too(tmp_path):
+    """Our [ST6]/[ST7] are safetensors' own rules: the reference reader refuses the same files."""
+    from safetensors import SafetensorError
+    for case in ("gap [ST6]", "overlap [ST6]", "trailing zip [ST7]", "size mismatch [ST5]"):
+        data = dict((c[0], c[1]) for c in HOSTILE)[case]
+        with pytest.raises(SafetensorError):
+            safetensors_numpy.load(data)
+
+
+def test_a_tree_survives_sckpt_to_safetensors_and_back(tmp_path):
+    w = np.arange(4, dtype=np.float32)
+    state = {"model": {"w": w, "tied": w}, "epoch": 3, "betas": (0.9, float("nan")),
+             "blob": b"\x00", "lr": np.float32(1e-3)}
+    safeckpt.save(state, tmp_path / "s.sckpt", metadata={"run": "a", "n": [1, None]})
+    safeckpt.convert(tmp_path / "s.sckpt", tmp_path / "s.safetensors")
+    assert safetensors_numpy.load_file(str(tmp_path / "s.safetensors"))["model.w"].tolist() == w.tolist()
+    back = safeckpt.load(tmp_path / "s.safetensors")
+    assert safeckpt.tree.same(back, state) and back["model"]["w"] is back["model"]["tied"]
+    with safeckpt.open(tmp_path / "s.safetensors") as f:
+        assert f.metadata == {"run": "a", "n": [1, None]}
+
+
+def test_sckpt_and_safetensors_magic_never_overlap():
+    data = safeckpt.save_bytes({"w": np.zeros(2)})
+    assert not sft.looks_like(data[:32])
+    assert sft.looks_like(forge({})[:32])
