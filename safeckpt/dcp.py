@@ -1,0 +1,497 @@
+"""torch.distributed.checkpoint (DCP) storage without pickle: ``SafeckptWriter`` and ``SafeckptReader``.
+
+DCP's own ``FileSystemWriter`` writes its ``.metadata`` file with ``pickle.dump`` and
+``FileSystemReader`` reads it back with ``pickle.load``; every non-tensor value goes through
+``torch.save`` and the default load planner reads it back with ``torch.load(weights_only=False)``.
+Loading such a checkpoint from someone else runs their code. These two classes plug into DCP
+(planning, resharding and collectives stay DCP's) and store everything as .sckpt files:
+
+- one file per rank, ``data-00000.sckpt`` …: that rank's tensor chunks, and its non-tensor values
+  (``lr``, ``betas``, ``step`` …) as plain values in the file's tree (FORMAT.md section 8);
+- ``metadata.sckpt``, written last by the coordinator: DCP's ``Metadata`` encoded field by field
+  into plain values (no tensors), and decoded with a check of every field (:func:`decode_metadata`).
+
+Non-tensor values: the writer takes each one from the planner (``lookup_object``, which
+``DefaultSavePlanner`` and its subclasses have) instead of the ``torch.save`` bytes, and stores it
+if it is a type ``safeckpt.save`` stores (dict, list, tuple, str, int, float, bool, None, bytes,
+numpy scalars and arrays, tensors); anything else is refused when saving, naming its key. The
+reader gives each value straight to ``DefaultLoadPlanner``'s state dict: nothing is unpickled. A
+planner that overrides ``load_bytes`` gets ``torch.save`` bytes that the reader makes from the
+checked plain value (its API takes nothing else), never bytes from the file.
+
+A save is complete once ``metadata.sckpt`` exists: every rank file is written (atomically) before
+it, and DCP calls ``finish`` only after all ranks wrote. A crash before leaves no metadata, and
+``SafeckptReader`` refuses the directory; data files of an earlier save to the same directory are
+replaced one by one, so save each checkpoint to its own directory to keep the previous one.
+
+Example:
+    >>> import torch.distributed.checkpoint as dcp                          # doctest: +SKIP
+    >>> from safeckpt.dcp import SafeckptWriter, SafeckptReader             # doctest: +SKIP
+    >>> dcp.save(state, storage_writer=SafeckptWriter("ckpt/step-100"))     # doctest: +SKIP
+    >>> dcp.load(state, storage_reader=SafeckptReader("ckpt/step-100"))     # doctest: +SKIP
+"""
+
+import concurrent.futures
+import dataclasses
+import io
+import os
+import re
+import uuid
+
+import torch
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import format as fmt
+from . import shard as _shard
+from . import torch as _sck_torch
+from . import tree as _tree
+from .errors import HeaderError, InvalidValueError, LimitError
+
+METADATA_FILE = "metadata.sckpt"  # written last: its presence marks a complete save
+DATA_FILE = "data-{:05d}.sckpt"  # one per rank (per plan)
+FORMAT_NAME = "safeckpt.dcp"  # the "format" field of metadata.sckpt
+FORMAT_VERSION = 1
+DCP_VERSION = "1.0.0"  # the DCP metadata version these fields describe (torch's own for 2.4+)
+_DATA_NAME = re.compile(r"data-\d{5,}\.sckpt\Z")
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+                   "preserve": torch.preserve_format}
+_METADATA_KEYS = {"format", "version", "dcp_version", "state_dict_metadata", "storage",
+                  "planner_data", "storage_meta"}
+_TENSOR_KEYS = {"kind", "dtype", "requires_grad", "memory_format", "pin_memory", "size", "chunks"}
+_STORAGE_META_KEYS = {"checkpoint_id", "save_id", "load_id", "modules"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where one DCP item is stored: a data file of the checkpoint and a key of its tree."""
+
+    file: str
+    key: str
+
+
+def _dtypes():
+    """``{name: torch dtype}``: the 17 dtypes of FORMAT.md section 4, and nothing else."""
+    return {str(dtype).split(".")[-1]: dtype for dtype in _sck_torch._tables()[0]}
+
+
+# -- Metadata <-> plain values -------------------------------------------------------------------
+
+def encode_metadata(metadata):
+    """DCP ``Metadata`` as plain values that ``safeckpt.save`` stores, field by field.
+
+    Raises:
+        InvalidValueError: a tensor layout or dtype that the format cannot describe.
+    """
+    names = {dtype: name for name, dtype in _dtypes().items()}
+    formats = {value: name for name, value in _MEMORY_FORMATS.items()}
+    entries = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, BytesStorageMetadata):
+            entries[fqn] = {"kind": "bytes"}
+            continue
+        props = entry.properties
+        if props.dtype not in names or props.layout != torch.strided:
+            raise InvalidValueError(f"{fqn!r}: a {props.layout} tensor of {props.dtype} cannot be "
+                                    "saved; convert it to a dense tensor of a supported dtype")
+        entries[fqn] = {
+            "kind": "tensor", "dtype": names[props.dtype], "requires_grad": bool(props.requires_grad),
+            "memory_format": formats.get(props.memory_format, "contiguous"),
+            "pin_memory": bool(props.pin_memory), "size": list(entry.size),
+            "chunks": [[list(chunk.offsets), list(chunk.sizes)] for chunk in entry.chunks]}
+    storage = [[index.fqn, None if index.offset is None else list(index.offset), index.index,
+                location.file, location.key]
+               for index, location in (metadata.storage_data or {}).items()]
+    meta = metadata.storage_meta
+    storage_meta = None if meta is None else {
+        "checkpoint_id": None if meta.checkpoint_id is None else os.fspath(meta.checkpoint_id),
+        "save_id": meta.save_id, "load_id": meta.load_id, "modules": list(meta.modules)}
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dcp_version": metadata.version,
+            "state_dict_metadata": entries, "storage": storage,
+            "planner_data": metadata.planner_data, "storage_meta": storage_meta}
+
+
+class _Checker:
+    """Type checks that raise ``HeaderError`` naming the path in metadata.sckpt."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def fail(self, path, problem):
+        raise HeaderError(f"{self.where}: DCP metadata {path}: {problem}")
+
+    def kind(self, value, kinds, path, what):
+        if type(value) not in kinds:
+            self.fail(path, f"{what} expected, not {type(value).__name__} {value!r:.60}")
+        return value
+
+    def keys(self, value, keys, path):
+        self.kind(value, (dict,), path, "a dict")
+        if set(value) != keys:
+            self.fail(path, f"keys must be {sorted(keys)}, not {sorted(map(str, value))}")
+        return value
+
+    def ints(self, value, path, length=None):
+        self.kind(value, (list,), path, "a list of ints")
+        if length is not None and len(value) != length:
+            self.fail(path, f"{len(value)} dimensions where the tensor has {length}")
+        for i, item in enumerate(value):
+            if type(item) is not int or not 0 <= item < 1 << 63:
+                self.fail(f"{path}[{i}]", f"{item!r} is not an int in 0..2**63-1")
+        return value
+
+
+def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM):
+    """DCP ``Metadata`` from the plain values of :func:`encode_metadata`, every field checked.
+
+    Checks: exact keys and types everywhere; dtypes from the fixed table of FORMAT.md section 4;
+    chunks inside their tensor; every storage entry names a known item, a data file by a plain
+    name in the checkpoint's directory and a str key, once; every chunk and every non-tensor item
+    has a storage entry.
+
+    Raises:
+        HeaderError: the first problem, with its path, e.g. ``state_dict_metadata['w'].chunks[1]``.
+        LimitError: a tensor of more than ``max_ndim`` dimensions.
+    """
+    check = _Checker(where)
+    check.keys(value, _METADATA_KEYS, "")
+    if value["format"] != FORMAT_NAME or value["version"] != FORMAT_VERSION:
+        check.fail("format", f"{value['format']!r} version {value['version']!r} is not "
+                   f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
+    check.kind(value["dcp_version"], (str, type(None)), "dcp_version", "a str or None")
+    dtypes = _dtypes()
+    entries, chunk_sets = {}, {}
+    for fqn, entry in check.kind(value["state_dict_metadata"], (dict,), "state_dict_metadata",
+                                 "a dict").items():
+        path = f"state_dict_metadata[{fqn!r}]"
+        check.kind(fqn, (str,), path, "a str key")
+        if check.kind(entry, (dict,), path, "a dict").get("kind") == "bytes":
+            check.keys(entry, {"kind"}, path)
+            entries[fqn] = BytesStorageMetadata()
+            continue
+        check.keys(entry, _TENSOR_KEYS, path)
+        if entry["kind"] != "tensor" or entry["dtype"] not in dtypes or (
+                entry["memory_format"] not in _MEMORY_FORMATS):
+            check.fail(path, f"kind {entry['kind']!r}, dtype {entry['dtype']!r} or memory format "
+                       f"{entry['memory_format']!r} is unknown")
+        for key in ("requires_grad", "pin_memory"):
+            check.kind(entry[key], (bool,), f"{path}.{key}", "a bool")
+        size = check.ints(entry["size"], f"{path}.size")
+        if len(size) > max_ndim:
+            raise LimitError(f"{where}: DCP metadata {path}: {len(size)} dimensions, more than "
+                             f"max_ndim={max_ndim}")
+        chunks = []
+        for i, chunk in enumerate(check.kind(entry["chunks"], (list,), f"{path}.chunks", "a list")):
+            cpath = f"{path}.chunks[{i}]"
+            if type(chunk) is not list or len(chunk) != 2:
+                check.fail(cpath, "must be [offsets, sizes]")
+            offsets = check.ints(chunk[0], f"{cpath}.offsets", len(size))
+            sizes = check.ints(chunk[1], f"{cpath}.sizes", len(size))
+            if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
+                check.fail(cpath, f"offsets {offsets} + sizes {sizes} reach past the size {size}")
+            chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+            chunk_sets.setdefault(fqn, {})[tuple(offsets)] = tuple(sizes)
+        properties = TensorProperties(dtype=dtypes[entry["dtype"]],
+                                      requires_grad=entry["requires_grad"],
+                                      memory_format=_MEMORY_FORMATS[entry["memory_format"]],
+                                      pin_memory=entry["pin_memory"])
+        entries[fqn] = TensorStorageMetadata(properties, torch.Size(size), chunks)
+    storage, stored = {}, set()
+    for i, item in enumerate(check.kind(value["storage"], (list,), "storage", "a list")):
+        path = f"storage[{i}]"
+        if type(item) is not list or len(item) != 5:
+            check.fail(path, "must be [fqn, offset, index, file, key]")
+        fqn, offset, hint, file, key = item
+        if type(fqn) is not str or fqn not in entries:
+            check.fail(path, f"{fqn!r} is not an item of state_dict_metadata")
+        tensor = isinstance(entries[fqn], TensorStorageMetadata)
+        if tensor:
+            offset = tuple(check.ints(offset, f"{path}.offset", len(entries[fqn].size)))
+            if offset not in chunk_sets.get(fqn, {}):
+                check.fail(path, f"no chunk of {fqn!r} starts at {list(offset)}")
+        elif offset is not None:
+            check.fail(path, f"{fqn!r} is not a tensor: its offset must be None")
+        check.kind(hint, (int, type(None)), f"{path}.index", "an int or None")
+        if type(file) is not str or not _DATA_NAME.match(file):
+            check.fail(path, f"data file {file!r} is not a plain name like 'data-00000.sckpt' in "
+                       "the checkpoint's directory")
+        check.kind(key, (str,), f"{path}.key", "a str")
+        if (fqn, offset) in stored:
+            check.fail(path, f"{fqn!r} at {offset} is stored twice")
+        stored.add((fqn, offset))
+        index = MetadataIndex(fqn, None if offset is None else list(offset), hint)
+        storage[index] = Location(file, key)
+    for fqn, entry in entries.items():
+        wanted = ([(fqn, offset) for offset in chunk_sets.get(fqn, {})] if
+                  isinstance(entry, TensorStorageMetadata) else [(fqn, None)])
+        for missing in (w for w in wanted if w not in stored):
+            check.fail("storage", f"nothing stores {missing[0]!r} at {missing[1]}")
+    meta = value["storage_meta"]
+    storage_meta = None
+    if meta is not None:
+        check.keys(meta, _STORAGE_META_KEYS, "storage_meta")
+        for key in ("checkpoint_id", "save_id", "load_id"):
+            check.kind(meta[key], (str, type(None)), f"storage_meta.{key}", "a str or None")
+        modules = check.kind(meta["modules"], (list,), "storage_meta.modules", "a list")
+        for i, module in enumerate(modules):
+            check.kind(module, (str,), f"storage_meta.modules[{i}]", "a str")
+        storage_meta = StorageMeta(meta["checkpoint_id"], meta["save_id"], meta["load_id"], modules)
+    return Metadata(state_dict_metadata=entries, planner_data=value["planner_data"],
+                    storage_data=storage, storage_meta=storage_meta, version=value["dcp_version"])
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+def _item_key(index, taken):
+    """The tree key of an item in its rank's file: the FQN, ``fqn@o1,o2`` for a chunk that does
+    not start at 0, and ``~1``, ``~2`` … for a clash."""
+    key = index.fqn
+    if index.offset is not None and any(index.offset):
+        key += "@" + ",".join(map(str, index.offset))
+    if key in taken:
+        suffix = 1
+        while f"{key}~{suffix}" in taken:
+            suffix += 1
+        key = f"{key}~{suffix}"
+    taken.add(key)
+    return key
+
+
+class SafeckptWriter(StorageWriter):
+    """A DCP ``StorageWriter`` that writes .sckpt files and no pickle.
+
+    Parameters:
+        path: the checkpoint's directory (created if needed); ``dcp.save(checkpoint_id=...)``
+            may change it.
+        checksum: store a CRC32C per tensor (checked by ``SafeckptReader(verify=True)``).
+        sync_files: write each file atomically with fsync (a crash leaves old or new files).
+        align: tensor alignment in the files.
+
+    Example:
+        >>> dcp.save({"model": model.state_dict()}, storage_writer=SafeckptWriter("ckpt"))  # doctest: +SKIP
+    """
+
+    def __init__(self, path, *, checksum=True, sync_files=True, align=fmt.ALIGN_DEFAULT):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.checksum, self.sync_files, self.align = checksum, sync_files, align
+        self.save_id = uuid.uuid4().hex
+        self.rank = None
+
+    def reset(self, checkpoint_id=None):
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+
+    def prepare_local_plan(self, plan):
+        os.makedirs(self.path, exist_ok=True)
+        return plan
+
+    def prepare_global_plan(self, plans):
+        return [dataclasses.replace(plan, storage_data=DATA_FILE.format(i))
+                for i, plan in enumerate(plans)]
+
+    def write_data(self, plan, planner):
+        """Write this rank's items into one file; non-tensor values as plain values, never pickles."""
+        file = plan.storage_data if isinstance(plan.storage_data, str) else DATA_FILE.format(
+            self.rank or 0)
+        values, results, taken = {}, [], set()
+        for item in plan.items:
+            key = _item_key(item.index, taken)
+            if item.type == WriteItemType.BYTE_IO:
+                value = self._plain_value(planner, item)
+                size = 0
+            else:
+                value = planner.resolve_data(item).detach()
+                size = value.numel() * value.element_size()
+            values[key] = value
+            results.append(WriteResult(index=item.index, size_in_bytes=size,
+                                       storage_data=Location(file, key)))
+        _tree.save(values, os.path.join(self.path, file), checksum=self.checksum, align=self.align,
+                   atomic=self.sync_files)
+        future = Future()
+        future.set_result(results)
+        return future
+
+    @staticmethod
+    def _plain_value(planner, item):
+        lookup = getattr(planner, "lookup_object", None)
+        if lookup is None:
+            raise InvalidValueError(
+                f"{item.index.fqn!r}: the planner {type(planner).__name__} gives non-tensor values "
+                "only as torch.save bytes (a pickle); SafeckptWriter needs a planner with "
+                "lookup_object, such as DefaultSavePlanner")
+        return lookup(item.index)
+
+    def finish(self, metadata, results):
+        """Write metadata.sckpt (coordinator only, after every rank wrote): the save is complete."""
+        storage = {}
+        for rank_results in results:
+            storage.update({result.index: result.storage_data for result in rank_results})
+        metadata = dataclasses.replace(metadata, storage_data=storage, version=DCP_VERSION,
+                                       storage_meta=self.storage_meta())
+        _tree.save(encode_metadata(metadata), os.path.join(self.path, METADATA_FILE),
+                   atomic=self.sync_files)
+
+    def storage_meta(self):
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self):
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+def _narrow(tensor, offsets, lengths):
+    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
+        if offset or length != tensor.size(dim):
+            tensor = tensor.narrow(dim, offset, length)
+    return tensor
+
+
+class SafeckptReader(StorageReader):
+    """A DCP ``StorageReader`` for checkpoints of :class:`SafeckptWriter`; never unpickles.
+
+    Every file is validated as any .sckpt file is, and the metadata field by field
+    (:func:`decode_metadata`), before DCP plans the load. Data files are read in parallel threads;
+    with ``mmap=True`` a rank reads only the pages of the chunks it needs.
+
+    Parameters:
+        path: the checkpoint's directory.
+        mmap: map the data files (default) or read each item into fresh memory.
+        verify: check the CRC32C of every tensor read.
+        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
+
+    Example:
+        >>> dcp.load(state, storage_reader=SafeckptReader("ckpt"))    # doctest: +SKIP
+    """
+
+    def __init__(self, path, *, mmap=True, verify=False, **limits):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.mmap, self.verify, self.limits = mmap, verify, limits
+        self.storage_data = {}
+        self.load_id = uuid.uuid4().hex
+
+    def reset(self, checkpoint_id=None):
+        self.storage_data = {}
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self.load_id = uuid.uuid4().hex
+
+    def read_metadata(self):
+        """DCP's Metadata from metadata.sckpt, every field checked; no pickle."""
+        path = os.path.join(self.path, METADATA_FILE)
+        with _shard.open_any(path, **self.limits) as reader:
+            if reader.keys():
+                raise HeaderError(f"{reader._where}: DCP metadata holds no tensors, this file has "
+                                  f"{len(reader)}")
+            value = reader.load()
+        metadata = decode_metadata(value, repr(path), self.limits.get("max_ndim", fmt.MAX_NDIM))
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def set_up_storage_reader(self, metadata, is_coordinator, *args, **kwargs):
+        self.storage_data = metadata.storage_data
+        self.state_dict_metadata = metadata.state_dict_metadata
+
+    def prepare_local_plan(self, plan):
+        return plan
+
+    def prepare_global_plan(self, plans):
+        return plans
+
+    def read_data(self, plan, planner):
+        per_file = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].file, []).append(item)
+        jobs = list(per_file.items())
+        if len(jobs) > 1:
+            workers = min(len(jobs), os.cpu_count() or 1, 8)
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda job: self._read_file(*job, planner), jobs))
+        else:
+            for job in jobs:
+                self._read_file(*job, planner)
+        future = Future()
+        future.set_result(None)
+        return future
+
+    def _read_file(self, file, items, planner):
+        with _shard.open_any(os.path.join(self.path, file), mmap=self.mmap, **self.limits) as reader:
+            for item in items:
+                location = self.storage_data[item.storage_index]
+                try:
+                    value = reader.load((location.key,), framework="torch", verify=self.verify)
+                except KeyError:
+                    raise HeaderError(f"{reader._where}: has no item {location.key!r}, which the "
+                                      f"DCP metadata says holds {item.storage_index.fqn!r}") from None
+                if item.type == LoadItemType.BYTE_IO:
+                    self._load_value(planner, item, value)
+                    continue
+                entry = self.state_dict_metadata[item.storage_index.fqn]
+                chunk = next((c for c in entry.chunks
+                              if list(c.offsets) == list(item.storage_index.offset)), None)
+                if (not isinstance(value, torch.Tensor) or chunk is None
+                        or value.shape != chunk.sizes or value.dtype != entry.properties.dtype):
+                    raise HeaderError(
+                        f"{reader._where}: {location.key!r} is not the {entry.properties.dtype} "
+                        f"chunk of shape {None if chunk is None else list(chunk.sizes)} that the DCP "
+                        "metadata describes")
+                if any(o + n > s for o, n, s in zip(item.storage_offsets, item.lengths,
+                                                      value.shape)):
+                    raise HeaderError(f"{reader._where}: read of {location.key!r} past its shape")
+                tensor = _narrow(value, item.storage_offsets, item.lengths)
+                target = planner.resolve_tensor(item).detach()
+                if target.size() != tensor.size():
+                    raise HeaderError(f"{item.storage_index.fqn!r}: stored chunk {list(tensor.size())}"
+                                      f" does not fit the target {list(target.size())}")
+                target.copy_(tensor)
+                planner.commit_tensor(item, target)
+
+    @staticmethod
+    def _load_value(planner, item, value):
+        """Hand a non-tensor value to the planner without pickle (see the module docstring)."""
+        if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
+            if planner.flatten_state_dict:
+                set_element(planner.original_state_dict, planner.mappings[item.dest_index.fqn],
+                            value)
+            else:
+                planner.state_dict[item.dest_index.fqn] = value
+            return
+        data = io.BytesIO()  # a custom planner's API takes bytes: made here from a checked value
+        torch.save(value, data)
+        data.seek(0)
+        planner.load_bytes(item, data)
+
+    @property
+    def checkpoint_id(self):
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        return isinstance(checkpoint_id, (str, os.PathLike)) and os.path.isfile(
+            os.path.join(checkpoint_id, METADATA_FILE))
