@@ -137,18 +137,20 @@ def scaling(directory, runs):
             samples.append(time.perf_counter() - start)
         return statistics.median(samples)
 
-    rows = []
     path = os.path.join(directory, "scale.sckpt")
+
+    def measure(tensors):
+        save = timed(lambda: safeckpt.save_file(tensors, path, atomic=False))
+        load = timed(lambda: cases.touch(safeckpt.load_file(path)))
+        return os.path.getsize(path), save, load
+
+    rows = []
     for count in (1, 10, 100, 1_000, 10_000, 100_000):
         tensors = {f"t.{i}": np.full(16, i, np.float32) for i in range(count)}
-        save = timed(lambda: safeckpt.save_file(tensors, path, atomic=False))
-        load = timed(lambda: cases.touch(safeckpt.load_file(path)))
-        rows.append(("count", count, os.path.getsize(path), save, load))
+        rows.append(("count", count, *measure(tensors)))
     for size in (1 << 20, 16 << 20, 256 << 20, 1 << 30, 4 << 30):
         tensors = {f"t.{i}": np.ones(size // 8 // 4, np.float32) for i in range(8)}
-        save = timed(lambda: safeckpt.save_file(tensors, path, atomic=False))
-        load = timed(lambda: cases.touch(safeckpt.load_file(path)))
-        rows.append(("size", 8, os.path.getsize(path), save, load))
+        rows.append(("size", 8, *measure(tensors)))
         del tensors
     os.unlink(path)
     return rows

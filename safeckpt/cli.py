@@ -25,7 +25,6 @@ Example:
 import argparse
 import json
 import math
-import os
 import sys
 
 import numpy as np

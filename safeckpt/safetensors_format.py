@@ -55,7 +55,7 @@ import numpy as np
 
 from . import format as fmt
 from . import writer as _writer
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NAME_BY_CODE
+from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE
 from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, TruncatedFileError,
                      UnsupportedDtypeError)
 

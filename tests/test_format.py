@@ -12,7 +12,7 @@ import pytest
 
 import safeckpt
 from safeckpt import format as fmt
-from forge import MAGIC, crc32c, forge, u64s
+from forge import crc32c, forge, u64s
 
 pytestmark = pytest.mark.usefixtures("backend")
 
