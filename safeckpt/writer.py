@@ -239,8 +239,8 @@ def _save_plan(plan, path, atomic):
         # truncated to zero when it is closed, which made close() cost as much as the writes.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
-            os.ftruncate(fd, 0)
             _write(fd, plan)
+            os.ftruncate(fd, plan.file_size)
         finally:
             os.close(fd)
         return
