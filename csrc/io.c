@@ -339,14 +339,34 @@ static int sck_writer_add(sck_writer *w, uint64_t i, const void *p, uint64_t len
     return SCK_OK;
 }
 
+/* The CRC32C of every tensor of a write, computed on a second thread while the first writes:
+ * writing to the page cache and checksumming are each bound by one core, so on two cores the
+ * checksums come for free. */
+typedef struct sck_crc_job {
+    uint64_t n;
+    const void *const *srcs;
+    const uint64_t *lens;
+    uint32_t *crcs;
+} sck_crc_job;
+
+static void *sck_crc_work(void *arg)
+{
+    const sck_crc_job *job = arg;
+    for (uint64_t i = 0; i < job->n; i++)
+        job->crcs[i] = job->lens[i] ? sck_crc32c(0, job->srcs[i], (size_t)job->lens[i]) : 0;
+    return NULL;
+}
+
 int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
                       const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
                       uint64_t *end, uint64_t *bad_index, int *err)
 {
     sck_writer w;
     uint8_t *zeros = NULL;
-    uint64_t p = pos, i;
-    int rc = SCK_OK;
+    uint64_t p = pos, i, total;
+    int rc = SCK_OK, crc_thread_started = 1;
+    pthread_t crc_thread;
+    sck_crc_job job = {n, srcs, lens, crcs};
 
     SCK_CHECK(end != NULL && bad_index != NULL && err != NULL, SCK_E_ARG);
     *end = 0;
@@ -367,6 +387,7 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
         if (want_crc)
             crcs[i] = 0;
     }
+    total = p - pos;
     if (n == 0) {
         *end = pos;
         return SCK_OK;
@@ -382,6 +403,13 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
         free(zeros);
         return SCK_E_NOMEM;
     }
+
+    /* checksums on a helper thread when there is enough to write; inline if it cannot start */
+    if (want_crc && total >= SCK_CRC_THREAD_MIN &&
+        pthread_create(&crc_thread, NULL, sck_crc_work, &job) == 0)
+        want_crc = 0; /* the loop below only writes */
+    else
+        crc_thread_started = 0;
 
     p = pos;
     for (i = 0; i < n && rc == SCK_OK; i++) {
@@ -417,6 +445,8 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
     }
     if (rc == SCK_OK)
         rc = sck_writer_flush(&w);
+    if (crc_thread_started)
+        pthread_join(crc_thread, NULL);
     free(w.iov);
     free(zeros);
     if (rc != SCK_OK) {

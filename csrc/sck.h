@@ -186,6 +186,7 @@ int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *
 /* ---- Streaming write --------------------------------------------------------------------- */
 
 #define SCK_WRITE_CHUNK (4u << 20) /* CRC-then-write unit, and the size of one pwritev batch */
+#define SCK_CRC_THREAD_MIN (16u << 20) /* a write this large checksums on a second thread */
 
 /* For each tensor i < n: zero bytes from pos up to the next multiple of align, then lens[i] bytes
  * of srcs[i]; pos moves to its end. Streams from the sources: small tensors and their padding go
