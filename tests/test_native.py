@@ -864,3 +864,25 @@ def test_map_advise_and_errors(tmp_path):
         os.close(fd)
     with pytest.raises(OSError):
         _native.map_file(fd, 100)  # closed descriptor: EBADF
+
+
+def test_write_checksums_on_a_second_thread(tmp_path):
+    """Writes of at least SCK_CRC_THREAD_MIN bytes checksum on a helper thread: same CRCs, and a
+    failing write still joins it and reports the error."""
+    rng = np.random.default_rng(7)
+    big = [rng.integers(0, 256, n, dtype=np.uint8) for n in (lib.SCK_CRC_THREAD_MIN, 3, 0, 999_999)]
+    path = tmp_path / "w"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        crcs, end = _native.write_tensors(fd, 0, big, 64, True)
+    finally:
+        os.close(fd)
+    assert crcs == [_native.crc32c(b) for b in big]
+    assert crcs == [int(lib.sck_crc32c_sw(0, ffi.from_buffer(b), len(b))) for b in big]
+    assert os.path.getsize(path) == end
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            _native.write_tensors(fd, 0, big, 64, True)
+    finally:
+        os.close(fd)
