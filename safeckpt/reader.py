@@ -32,6 +32,7 @@ from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError
 # into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
 _SHARED_MAX = 1 << 20
 _BLOCK_MAX = 64 << 20
+_VERIFY_BATCH = 64 << 20  # verify() reads (mmap=False) and checks at most this much at a time
 
 TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
 TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None without checksums."
@@ -383,13 +384,21 @@ class Reader:
                    else "the file was saved with checksum=False")
             raise ChecksumError(f"{self._where}: {why}; "
                                 "there is nothing to verify [T10]")
-        for name in all_names if names is None else names:
-            i = self._position(name)
-            array = arrays[name] if arrays is not None else self._array(i)
-            actual = self._be.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-            if actual != self._crcs[i]:
-                _raise(Code.CRC, f"{self._where}, tensor {name!r}",
-                       f" (stored {self._crcs[i]:#010x}, computed {actual:#010x})")
+        indices = [self._position(name) for name in (all_names if names is None else names)]
+        crc32c, batch, size = self._be.crc32c, [], 0
+        for k, i in enumerate(indices):  # read in batches: few calls, bounded fresh memory
+            batch.append(i)
+            size += self._nbytes[i]
+            if size < _VERIFY_BATCH and len(batch) < 4096 and k + 1 < len(indices):
+                continue
+            loaded = ([arrays[all_names[j]] for j in batch] if arrays is not None
+                      else self._load(batch))
+            for j, array in zip(batch, loaded):
+                actual = crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                if actual != self._crcs[j]:
+                    _raise(Code.CRC, f"{self._where}, tensor {all_names[j]!r}",
+                           f" (stored {self._crcs[j]:#010x}, computed {actual:#010x})")
+            batch, size = [], 0
 
     def close(self):
         """Release the file. Arrays already handed out stay valid; using the reader raises.
