@@ -1,7 +1,7 @@
 """safeckpt against its peers, side by side, on the same data in the same run.
 
     pip install -e ".[test,bench]" torch==2.13.0
-    python benchmarks/bench.py                      # everything: ~20 min, writes RESULTS.md + PNGs
+    python benchmarks/bench.py                      # everything: ~15 min, writes RESULTS.md + PNGs
     python benchmarks/bench.py --workloads gpt2 --runs 3 --no-scaling   # a quicker look
 
 Every figure is the median of ``--runs`` runs, each in a fresh process whose imports and data
