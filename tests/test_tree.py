@@ -356,9 +356,13 @@ def test_R6_deep_trees_do_not_recurse():
         tree = ["list", tree]
     data = forged(tree)
     refuse(data, safeckpt.LimitError, "[R6]")
-    back = safeckpt.Reader(data, max_depth=2000).load()
     with safeckpt.Reader(data, max_depth=2000) as reader:
+        back = reader.load()  # 1000 levels, built without recursion
         assert len(reader.tree) == 1
+    for _ in range(1000):
+        assert type(back) is list and len(back) == 1
+        back = back[0]
+    assert same(back, W)
 
 
 # -- properties ------------------------------------------------------------------------------------
