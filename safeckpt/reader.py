@@ -17,6 +17,7 @@ import itertools
 import operator
 import os
 import stat
+import sys
 import threading
 
 import numpy as np
@@ -36,6 +37,14 @@ _VERIFY_BATCH = 64 << 20  # verify() reads (mmap=False) and checks at most this 
 
 TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
 TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None without checksums."
+
+
+def _column(data, code):
+    """A column of little-endian u64 ("Q") or u32 ("I") as a sequence of ints, without a copy:
+    a file opened for one tensor does not turn every entry into a Python int."""
+    if sys.byteorder == "little":
+        return memoryview(data).cast(code)
+    return np.frombuffer(data, "<u8" if code == "Q" else "<u4").tolist()
 
 
 def _raise(code, where, detail=""):
@@ -151,11 +160,11 @@ class Reader:
 
         self._index = index
         self._codes = columns["dtypes"]
-        self._offsets = np.frombuffer(columns["offsets"], "<u8").tolist()
-        self._nbytes = np.frombuffer(columns["nbytes"], "<u8").tolist()
-        self._crcs = np.frombuffer(crcs, "<u4").tolist() if crcs is not None else None
+        self._offsets = _column(columns["offsets"], "Q")
+        self._nbytes = _column(columns["nbytes"], "Q")
+        self._crcs = _column(crcs, "I") if crcs is not None else None
         self._ndims = columns["ndims"]
-        self._dims = np.frombuffer(columns["shape"], "<u8").tolist()
+        self._dims = _column(columns["shape"], "Q")
         self._shapes = None  # built on first use: a file may be opened for one tensor
         self._names = names  # last: a reader with names is open
 
