@@ -196,7 +196,8 @@ def write_results(out, machine_line, command, workloads, results, scale_rows):
         f.write("\n".join(lines))
 
 
-def draw(results, workloads, scale_rows):
+def draw(results, workloads, scale_rows, directory):
+    """results.png and scaling.png in ``directory`` (beside RESULTS.md)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -217,7 +218,7 @@ def draw(results, workloads, scale_rows):
         ax.set_title(f"{workload}: {operation} (median ms, log scale; lower is better)", fontsize=9)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "results.png"), dpi=110)
+    fig.savefig(os.path.join(directory, "results.png"), dpi=110)
     if scale_rows:
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
         for series, ax, x_label in (("count", a, "tensors"), ("size", b, "file bytes")):
@@ -231,7 +232,7 @@ def draw(results, workloads, scale_rows):
             ax.set_ylabel("seconds")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(HERE, "scaling.png"), dpi=110)
+        fig.savefig(os.path.join(directory, "scaling.png"), dpi=110)
 
 
 def main():
@@ -268,7 +269,7 @@ def main():
                     os.unlink(path)
         scale_rows = [] if args.no_scaling else scaling(directory, min(args.runs, 3))
     write_results(args.out, machine_line, command, workloads, results, scale_rows)
-    draw(results, workloads, scale_rows)
+    draw(results, workloads, scale_rows, os.path.dirname(os.path.abspath(args.out)))
     print(f"wrote {args.out}")
 
 
