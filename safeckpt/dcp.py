@@ -2,7 +2,8 @@
 
 DCP's own ``FileSystemWriter`` writes its ``.metadata`` file with ``pickle.dump`` and
 ``FileSystemReader`` reads it back with ``pickle.load``; every non-tensor value goes through
-``torch.save`` and the default load planner reads it back with ``torch.load(weights_only=False)``.
+``torch.save`` and the default load planner reads it back with ``torch.load`` unrestricted
+(full unpickling).
 Loading such a checkpoint from someone else runs their code. These two classes plug into DCP
 (planning, resharding and collectives stay DCP's) and store everything as .sckpt files:
 

@@ -241,7 +241,7 @@ def _torch_source(path):
         raise PickleRequiredError(
             f"{path!r}: torch.load(weights_only=True) refused it ({reason}). Loading it needs "
             "full pickle, which runs code from the file; safeckpt never falls back to it. If you "
-            "trust the file, load it yourself with torch.load(weights_only=False) and save its "
+            "trust the file, load it yourself with torch.load's full unpickling and save its "
             "tensors and plain values with safeckpt.save") from None
     except OSError:
         raise
