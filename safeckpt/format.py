@@ -132,15 +132,16 @@ def _check_depth(value, path, max_depth):
                                                         else value))
 
 
-def _unique_pairs(pairs):
-    """msgpack object_pairs_hook: build a dict, refusing duplicate keys [H2]."""
+def unique_pairs(pairs, where="map key in the header [H2]"):
+    """object_pairs_hook for msgpack and json: build a dict, refusing a key given twice.
+
+    ``where`` completes the message: "duplicate <where>: <key>".
+    """
     result = dict(pairs)
     if len(result) != len(pairs):
         seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise HeaderError(f"duplicate map key {key!r} in the header [H2]")
-            seen.add(key)
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise HeaderError(f"duplicate {where}: {key!r}")
     return result
 
 
@@ -161,7 +162,7 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
     try:
         header = msgpack.unpackb(
             data, raw=False, use_list=True, strict_map_key=False,
-            object_pairs_hook=_unique_pairs, timestamp=0,
+            object_pairs_hook=unique_pairs, timestamp=0,
         )
     except HeaderError:
         raise

@@ -53,7 +53,43 @@ def _raise(code, where, detail=""):
     raise cls(f"{where}: {message}{detail}")
 
 
-class Reader:
+class TensorMap:
+    """What every reader shares: tensor names in order, and use after ``close()`` refused.
+
+    A subclass sets ``_names`` to the list of names while it is open and to None when closed.
+    """
+
+    _names = None
+
+    def _check_open(self):
+        """The tensor names; raises ReaderClosedError after close() (in any thread)."""
+        names = self._names
+        if names is None:
+            raise ReaderClosedError(f"{self._where}: the reader is closed")
+        return names
+
+    def keys(self):
+        """Tensor names, in storage order."""
+        return list(self._check_open())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._check_open())
+
+    @property
+    def closed(self):
+        return self._names is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Reader(TensorMap):
     """A validated .sckpt file, opened for reading; made by :func:`safeckpt.open`.
 
     Arrays from a memory-mapped reader view the mapping (no copy); the mapping lives as long as
@@ -229,13 +265,6 @@ class Reader:
 
     # -- the mapping interface ------------------------------------------------------------------
 
-    def _check_open(self):
-        """The tensor names; raises ReaderClosedError after close() (in any thread)."""
-        names = self._names
-        if names is None:
-            raise ReaderClosedError(f"{self._where}: the reader is closed")
-        return names
-
     def _read_into(self, offsets, lengths, dests):
         """The backend's read_into on this reader's file descriptor.
 
@@ -262,16 +291,6 @@ class Reader:
             return self._index[name]
         except KeyError:
             raise KeyError(f"{self._where} has no tensor {name!r}") from None
-
-    def keys(self):
-        """Tensor names, in file order."""
-        return list(self._check_open())
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return len(self._check_open())
 
     def __contains__(self, name):
         self._check_open()
@@ -422,21 +441,10 @@ class Reader:
                 os.close(self._fd)
                 self._fd = None
 
-    @property
-    def closed(self):
-        return getattr(self, "_names", None) is None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         state = "closed" if self.closed else f"{len(self._names)} tensors"
         return f"<safeckpt.Reader {self._where} ({state})>"
 
-    _names = None
     format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
     _fd_users = 0  # reads in flight on _fd (see _read_into)
 

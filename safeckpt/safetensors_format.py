@@ -90,14 +90,7 @@ def looks_like(prefix):
 
 def _unique_object(pairs):
     """json object_pairs_hook: a dict, refusing a key given twice [ST2]."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise HeaderError(f"duplicate JSON key {key!r} in the safetensors header [ST2]")
-            seen.add(key)
-    return result
+    return fmt.unique_pairs(pairs, "JSON key in the safetensors header [ST2]")
 
 
 def _refuse_constant(name):
@@ -246,7 +239,7 @@ def _decode_extras(metadata, max_depth):
         return metadata, fmt.NO_TREE
     try:
         extras = msgpack.unpackb(base64.b64decode(blob, validate=True), raw=False,
-                                 strict_map_key=False, object_pairs_hook=fmt._unique_pairs,
+                                 strict_map_key=False, object_pairs_hook=fmt.unique_pairs,
                                  timestamp=0)
     except HeaderError:
         raise

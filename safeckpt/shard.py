@@ -25,8 +25,8 @@ import secrets
 from . import format as fmt
 from . import tree as _tree
 from . import writer as _writer
-from .errors import HeaderError, LimitError, ReaderClosedError, ShardError
-from .reader import Reader
+from .errors import HeaderError, LimitError, ShardError
+from .reader import Reader, TensorMap
 
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
 MAX_FILE_NAME = 255  # bytes: the longest file name of ext4, XFS, APFS and NTFS [S3]
@@ -250,7 +250,7 @@ def check_shards(shards, where, max_tensors=fmt.MAX_TENSORS):
     return shards
 
 
-class ShardedReader:
+class ShardedReader(TensorMap):
     """The shards of an index as one lazy reader; made by :func:`safeckpt.open`.
 
     Same interface as :class:`safeckpt.Reader`: ``keys()``, ``reader[name]``, ``info``,
@@ -310,12 +310,6 @@ class ShardedReader:
 
     # -- the Reader interface ------------------------------------------------------------------
 
-    def _check_open(self):
-        names = self._names
-        if names is None:
-            raise ReaderClosedError(f"{self._where}: the reader is closed")
-        return names
-
     def _shard_number(self, name):
         """The position in ``shards`` of the shard that holds ``name``."""
         self._check_open()
@@ -326,16 +320,6 @@ class ShardedReader:
 
     def _locate(self, name):
         return self._readers[self._shard_number(name)]
-
-    def keys(self):
-        """Tensor names, shard after shard."""
-        return list(self._check_open())
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return len(self._check_open())
 
     def __contains__(self, name):
         return name in self._position_of and self._check_open() is not None
@@ -427,20 +411,9 @@ class ShardedReader:
             reader.close()
         self._index_reader.close()
 
-    @property
-    def closed(self):
-        return self._names is None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         state = "closed" if self.closed else f"{len(self._names)} tensors"
         return f"<safeckpt.ShardedReader {self._where} ({len(self.shards)} shards, {state})>"
 
-    _names = None
     _readers = ()
 
