@@ -23,7 +23,10 @@ run() {  # name, command...: run one fuzzer, print its executions, fail on a fin
         echo "FAIL: $name found a problem; inputs and log under $out" >&2
         return 1
     fi
-    grep -E "^Done [0-9]+ runs" "$log" | sed "s/^/$name: /"
+    # libFuzzer and atheris end with "Done N runs in S second(s)"
+    local done_line
+    done_line="$(grep -E "^Done [0-9]+ runs" "$log" || true)"
+    echo "$name: ${done_line:-finished (no run count in its log)}"
 }
 
 flags=(-max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=0)
