@@ -42,19 +42,38 @@ static uint32_t sck_crc_short[4][256];   /* shift by SCK_CRC_SHORT zero bytes */
 static pthread_once_t sck_crc_once = PTHREAD_ONCE_INIT;
 static int sck_crc_hw;                   /* set once by sck_crc_init */
 
-/* Applies n zero bytes to a raw CRC register, one byte at a time (used only to build tables). */
-static uint32_t sck_crc_zeros_slow(uint32_t reg, size_t n)
+/* Polynomial arithmetic modulo the CRC polynomial, in the reflected bit order of the register
+ * (bit 31 is the coefficient of x^0, bit 0 that of x^31). Appending one zero byte to a raw
+ * register multiplies it by x^8, so appending n zero bytes multiplies it by x^(8n): the shift
+ * tables below are built from x^(8n) in a few hundred steps, not 32 x n table lookups. */
+static uint32_t sck_crc_mulmod(uint32_t a, uint32_t b)
 {
-    while (n--)
-        reg = sck_crc_table[0][reg & 0xff] ^ (reg >> 8);
-    return reg;
+    uint32_t product = 0;
+    for (uint32_t bit = UINT32_C(1) << 31; bit; bit >>= 1) { /* a's terms x^0, x^1, ... */
+        if (a & bit)
+            product ^= b;
+        b = (b & 1) ? (b >> 1) ^ SCK_CRC_POLY : b >> 1; /* b *= x */
+    }
+    return product;
+}
+
+static uint32_t sck_crc_xpow(uint64_t e) /* x^e modulo the polynomial, by squaring */
+{
+    uint32_t result = UINT32_C(1) << 31, square = UINT32_C(1) << 30; /* 1 and x */
+    for (; e; e >>= 1) {
+        if (e & 1)
+            result = sck_crc_mulmod(result, square);
+        square = sck_crc_mulmod(square, square);
+    }
+    return result;
 }
 
 static void sck_crc_shift_table(uint32_t table[4][256], size_t nbytes)
 {
     uint32_t basis[32];
+    uint32_t shift = sck_crc_xpow((uint64_t)nbytes * 8);
     for (int j = 0; j < 32; j++)
-        basis[j] = sck_crc_zeros_slow(UINT32_C(1) << j, nbytes);
+        basis[j] = sck_crc_mulmod(UINT32_C(1) << j, shift);
     for (int k = 0; k < 4; k++) {
         for (int b = 0; b < 256; b++) {
             uint32_t v = 0;
