@@ -285,6 +285,20 @@ class Reader(TensorMap):
                     os.close(self._fd)
                     self._fd = None
 
+    def _read_ranges(self, offsets, lengths, dests):
+        """Copy the file's bytes at ``offsets`` into the uint8 arrays ``dests`` (ranges inside
+        checked tensors): from the mapping, or by one parallel pread with ``mmap=False``."""
+        self._check_open()
+        if self._buffer is None:
+            self._read_into(offsets, lengths, dests)
+            return
+        for offset, length, dest in zip(offsets, lengths, dests):
+            dest[:length] = np.frombuffer(self._buffer, np.uint8, length, offset)
+
+    def _source(self, i):
+        """The plain reader and position of tensor ``i`` (a :class:`ShardedReader` has several)."""
+        return self, i
+
     def _position(self, name):
         self._check_open()
         try:
@@ -422,11 +436,14 @@ class Reader(TensorMap):
             loaded = ([arrays[all_names[j]] for j in batch] if arrays is not None
                       else self._load(batch))
             for j, array in zip(batch, loaded):
-                actual = crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-                if actual != self._crcs[j]:
-                    _raise(Code.CRC, f"{self._where}, tensor {all_names[j]!r}",
-                           f" (stored {self._crcs[j]:#010x}, computed {actual:#010x})")
+                self._check_crc(j, crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
             batch, size = [], 0
+
+    def _check_crc(self, i, computed):
+        """Raise ChecksumError, naming tensor ``i``, if ``computed`` is not its stored CRC32C."""
+        if computed != self._crcs[i]:
+            _raise(Code.CRC, f"{self._where}, tensor {self._names[i]!r}",
+                   f" (stored {self._crcs[i]:#010x}, computed {computed:#010x})")
 
     def close(self):
         """Release the file. Arrays already handed out stay valid; using the reader raises.

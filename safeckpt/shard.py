@@ -338,6 +338,11 @@ class ShardedReader(TensorMap):
     def get_slice(self, name):
         return self._locate(name).get_slice(name)
 
+    def _source(self, i):
+        """The shard's reader and the position in it of checkpoint tensor ``i``."""
+        j, local = self._where_is[i]
+        return self._readers[j], local
+
     def _by_shard(self, indices):
         """``{shard: [(slot, position in shard), ...]}`` for checkpoint tensor ``indices``."""
         groups = {}

@@ -2,7 +2,8 @@
 
 torch is imported when one of these functions first runs, never by ``import safeckpt``. Tensors are
 saved without an extra copy (a CPU tensor's own buffer is written; a GPU tensor is copied to host
-one tensor at a time, as the writer reaches it) and loaded zero-copy from the file's mapping.
+one tensor at a time, as the writer reaches it) and loaded zero-copy from the file's mapping, or
+to a GPU through pinned staging buffers (:func:`device_tensors`).
 bfloat16 and float8 travel as their bits. Tied tensors are stored once and come back as one tensor.
 
 Example:
@@ -17,7 +18,7 @@ import collections
 import numpy as np
 
 from . import tree as _tree
-from .dtypes import DTYPES
+from .dtypes import DTYPE_BY_CODE, DTYPES
 from .errors import InvalidValueError, StateMismatchError, UnsupportedDtypeError
 from .writer import LazyArray
 
@@ -128,6 +129,101 @@ def from_numpy(array, saved_device=None, map_location=None):
             raise RuntimeError(f"cannot put a tensor saved from {saved_device or 'cpu'} on {device}: "
                                f"{exc}; pass map_location='cpu' (or a dict) to load it elsewhere") from exc
     return tensor
+
+
+_STAGING_BYTES = 64 << 20  # each of the two host buffers of a load to a GPU
+
+
+def load_tensors(reader, saved_devices, map_location=None, verify=False):
+    """``{index: tensor}`` for a load with ``framework="torch"``.
+
+    ``saved_devices`` maps tensor indices to the device each was saved from (None: CPU). A tensor
+    bound for a CUDA device is copied there by :func:`device_tensors`; any other views the file
+    (zero-copy) and is moved as :func:`from_numpy` says.
+    """
+    targets = {i: _target_device(saved, map_location) for i, saved in saved_devices.items()}
+    host = [i for i, device in targets.items() if device.type != "cuda"]
+    arrays = _tree.load_checked(reader, host, verify)
+    tensors = {i: from_numpy(arrays[i], saved_devices[i], map_location) for i in host}
+    by_device = {}
+    for i, device in targets.items():
+        if device.type == "cuda":
+            by_device.setdefault(device, []).append(i)
+    for device, indices in by_device.items():
+        tensors.update(device_tensors(reader, indices, device, verify=verify))
+    return tensors
+
+
+def device_tensors(reader, indices, device, *, verify=False, staging_bytes=_STAGING_BYTES):
+    """``{index: tensor}`` on ``device`` for the tensors ``indices`` of an open reader.
+
+    The bytes go through two host buffers of ``staging_bytes``: while the device copies out of
+    one, the next bytes are read into the other. On CUDA the buffers are pinned and the copies
+    asynchronous, so reading the file and copying to the GPU overlap; with ``mmap=False`` the
+    file is read by parallel pread straight into the pinned buffers. Small tensors share a
+    buffer, a large one crosses several. With ``verify`` each tensor's CRC32C is computed from the
+    staged bytes, so the file is read once. Every copy has finished when this returns.
+
+    Example:
+        >>> state = safeckpt.torch.load("model.sckpt", map_location="cuda:0")  # doctest: +SKIP
+    """
+    torch = _torch()
+    pinned = device.type == "cuda"
+    if pinned and not torch.cuda.is_available():
+        raise RuntimeError(f"cannot put tensors on {device}: CUDA is not available; pass "
+                           "map_location='cpu' (or a dict) to load them elsewhere")
+    sources = [reader._source(i) for i in indices]
+    staging_bytes = max(1, min(staging_bytes, sum(source._nbytes[local]
+                                                  for source, local in sources)))
+    buffers = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+    hosts = [buffer.numpy() for buffer in buffers]
+    fences = [None, None]  # CUDA events: the device has copied everything out of that buffer
+    tensors, crcs, pieces = {}, {}, []  # pieces: (source, offset, length, at, dst, dst_at, index)
+    slot, used = 0, 0
+
+    def flush():
+        """Read the pieces into buffer ``slot``, checksum them, start their copies, swap."""
+        nonlocal slot, used, pieces
+        host, by_source = hosts[slot], {}
+        for source, offset, length, at, *_ in pieces:
+            by_source.setdefault(source, []).append((offset, length, host[at:at + length]))
+        for source, reads in by_source.items():
+            source._read_ranges(*map(list, zip(*reads)))
+        for source, _, length, at, dst, dst_at, i in pieces:
+            if verify:
+                crcs[i] = source._be.crc32c(host[at:at + length], crcs.get(i, 0))
+            dst[dst_at:dst_at + length].copy_(buffers[slot][at:at + length], non_blocking=pinned)
+        if pinned:
+            fences[slot] = torch.cuda.Event()
+            fences[slot].record(torch.cuda.current_stream(device))
+        slot, used, pieces = 1 - slot, 0, []
+        if fences[slot] is not None:
+            fences[slot].synchronize()  # the other buffer is free again
+
+    for i, (source, local) in zip(indices, sources):
+        if verify and source._crcs is None:
+            source.verify([])  # raises: the file holds no checksums
+        dtype = _tables()[1][DTYPE_BY_CODE[source._codes[local]]][0]
+        nbytes, offset = source._nbytes[local], source._offsets[local]
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        tensors[i] = dst.view(dtype).reshape(source._shape(local))
+        done = 0
+        while done < nbytes:
+            length = min(nbytes - done, staging_bytes - used)
+            pieces.append((source, offset + done, length, used, dst, done, i))
+            used += length
+            done += length
+            if used == staging_bytes:
+                flush()
+    if pieces:
+        flush()
+    for fence in fences:
+        if fence is not None:
+            fence.synchronize()
+    if verify:
+        for i, (source, local) in zip(indices, sources):
+            source._check_crc(local, crcs.get(i, 0))  # zero-size: the CRC32C of no bytes is 0
+    return tensors
 
 
 def to_torch(obj, map_location=None):

@@ -410,6 +410,15 @@ def _load_arrays(reader, indices):
     return dict(zip(indices, reader._load(indices)))
 
 
+def load_checked(reader, indices, verify):
+    """:func:`_load_arrays`, then with ``verify`` the CRC32C of each array [T10]."""
+    tensors = _load_arrays(reader, indices)
+    if verify:
+        names = [reader._names[i] for i in tensors]
+        reader.verify(names, arrays={reader._names[i]: a for i, a in tensors.items()})
+    return tensors
+
+
 def _leaf(node, tensors):
     """The value of a leaf node; tensors come from ``tensors[index]``."""
     if type(node) is not list:
@@ -453,22 +462,19 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=False
     """The Python value of ``node``, reading only the tensors it uses.
 
     ``framework`` is ``None`` or ``"numpy"`` (numpy arrays) or ``"torch"`` (torch tensors, zero-copy
-    from the mapping, moved as ``map_location`` says). Tensors referenced twice come back as the
-    same object.
+    from the mapping, or copied to a GPU through pinned buffers, as ``map_location`` says; see
+    :func:`safeckpt.torch.device_tensors`). Tensors referenced twice come back as the same object.
     """
     if framework not in _FRAMEWORKS:
         raise ValueError(f"framework={framework!r}: use None, 'numpy', 'torch' or 'jax'")
     if map_location is not None and framework != "torch":
         raise ValueError("map_location needs framework='torch'")
     devices = _tensor_indices(node)
-    tensors = _load_arrays(reader, list(devices))
-    if verify:
-        names = [reader._names[i] for i in tensors]
-        reader.verify(names, arrays={reader._names[i]: a for i, a in tensors.items()})
     if framework == "torch":
         from . import torch as _sck_torch
-        tensors = {i: _sck_torch.from_numpy(a, devices[i], map_location) for i, a in tensors.items()}
-    elif framework == "jax":
+        return _build(node, _sck_torch.load_tensors(reader, devices, map_location, verify))
+    tensors = load_checked(reader, list(devices), verify)
+    if framework == "jax":
         from . import jax as _sck_jax
         tensors = {i: _sck_jax.from_numpy(a, reader._names[i]) for i, a in tensors.items()}
     return _build(node, tensors)
