@@ -53,6 +53,9 @@ int sck_dtype_itemsize(int code);
 uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t sck_crc32c_sw(uint32_t crc, const void *buf, size_t len);
 int sck_crc32c_hw_available(void);
+uint32_t sck_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_t *offsets,
+                      const uint64_t *lengths, uint32_t *crcs, int nthreads, uint64_t *bad_index);
 
 typedef struct sck_prefix {
     uint32_t major;

@@ -220,7 +220,7 @@ static void *sck_reader_work(void *arg)
     return NULL;
 }
 
-static int sck_online_cpus(void)
+int sck_online_cpus(void)
 {
     long c = sysconf(_SC_NPROCESSORS_ONLN);
     return c < 1 ? 1 : (c > SCK_MAX_THREADS ? SCK_MAX_THREADS : (int)c);

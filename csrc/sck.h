@@ -97,6 +97,15 @@ uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t sck_crc32c_sw(uint32_t crc, const void *buf, size_t len);
 /* 1 when sck_crc32c uses a hardware instruction, else 0. */
 int sck_crc32c_hw_available(void);
+/* The CRC32C of a followed by b, from crc_a, crc_b and the length of b (as zlib's crc32_combine). */
+uint32_t sck_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+/* For each i < n: crcs[i] = CRC32C of base[offsets[i] .. offsets[i] + lengths[i]) (0 when empty).
+ * Every range must lie inside base[0..size) (else SCK_E_ARG, *bad_index = the range). From
+ * SCK_CRC_THREAD_MIN bytes in all, up to nthreads threads (<= 0: min(online CPUs,
+ * SCK_MAX_THREADS)) share the work in pieces of at most SCK_READ_PIECE bytes, joined with
+ * sck_crc32c_combine: over a cold mapping, the page faults (the reads) run in parallel too. */
+int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_t *offsets,
+                      const uint64_t *lengths, uint32_t *crcs, int nthreads, uint64_t *bad_index);
 
 /* ---- Prefix [P1]-[P7] ------------------------------------------------------------------- */
 

@@ -75,6 +75,9 @@ static inline int sck_align_up_u64(uint64_t x, uint64_t align, uint64_t *out)
     return 0;
 }
 
+/* Online CPUs, between 1 and SCK_MAX_THREADS (io.c). */
+int sck_online_cpus(void);
+
 static inline int sck_is_pow2(uint64_t x)
 {
     return x != 0 && (x & (x - 1)) == 0;

@@ -7,6 +7,9 @@ the C core and fails at import if it is not built. Both backends export the same
     ``"c"`` or ``"python"``.
 ``crc32c(data, value=0) -> int``
     CRC32C of a C-contiguous bytes-like ``data``, continuing from ``value`` (as ``zlib.crc32``).
+``crc32c_ranges(buffer, offsets, lengths) -> numpy uint32 array``
+    The CRC32C of each range ``buffer[offsets[i]:offsets[i] + lengths[i]]`` (uint64 arrays); the
+    C core splits large inputs across threads. Raises ``ValueError`` for a range outside.
 ``parse_prefix(prefix, file_size, max_header_size) -> (code, fields)``
     Checks [P1]-[P7] in order on the first ``min(32, file_size)`` bytes of a file. ``fields`` is
     ``(major, minor, flags, header_len, align, header_crc)``, or ``None`` when ``code != 0``.

@@ -16,6 +16,8 @@ Example:
 
 import os
 
+import numpy as np
+
 from ._sckpt import ffi, lib
 from .errors import ERRORS, Code, TruncatedFileError
 
@@ -47,6 +49,29 @@ def crc32c(data, value=0):
     """CRC32C of a C-contiguous bytes-like ``data``, continuing from ``value`` (as zlib.crc32)."""
     buf = _from_buffer(data)
     return lib.sck_crc32c(value & _U32_MAX, buf, len(buf))
+
+
+def crc32c_ranges(buffer, offsets, lengths):
+    """The CRC32C of each ``buffer[offsets[i]:offsets[i] + lengths[i]]``, as uint32 array.
+
+    One C call for all ranges; from 16 MiB in all, threads share the work (the GIL released).
+    """
+    buf = _from_buffer(buffer)
+    offsets = np.ascontiguousarray(offsets, np.uint64)
+    lengths = np.ascontiguousarray(lengths, np.uint64)
+    n = len(offsets)
+    if len(lengths) != n:
+        raise ValueError(f"crc32c_ranges: {n} offsets, {len(lengths)} lengths")
+    crcs = np.empty(n, np.uint32)
+    index = _new("uint64_t *")
+    code = lib.sck_crc32c_ranges(buf, len(buf), n, _from_buffer("uint64_t[]", offsets),
+                                 _from_buffer("uint64_t[]", lengths),
+                                 _from_buffer("uint32_t[]", crcs, require_writable=True), 0, index)
+    if code:
+        i = index[0]
+        raise ValueError(f"crc32c_ranges: range {i} ({int(lengths[i])} bytes at "
+                         f"{int(offsets[i])}) is not inside the {len(buf)}-byte buffer")
+    return crcs
 
 
 def parse_prefix(prefix, file_size, max_header_size):

@@ -67,6 +67,20 @@ def _nbytes(buf):
     return memoryview(buf).nbytes
 
 
+def crc32c_ranges(buffer, offsets, lengths):
+    """The CRC32C of each ``buffer[offsets[i]:offsets[i] + lengths[i]]``, as uint32 array."""
+    data = memoryview(buffer).cast("B")
+    if len(offsets) != len(lengths):
+        raise ValueError(f"crc32c_ranges: {len(offsets)} offsets, {len(lengths)} lengths")
+    crcs = np.empty(len(offsets), np.uint32)
+    for i, (offset, length) in enumerate(zip(map(int, offsets), map(int, lengths))):
+        if offset + length > len(data):
+            raise ValueError(f"crc32c_ranges: range {i} ({length} bytes at {offset}) is not "
+                             f"inside the {len(data)}-byte buffer")
+        crcs[i] = crc32c(data[offset:offset + length])
+    return crcs
+
+
 def parse_prefix(prefix, file_size, max_header_size):
     """Check [P1]-[P7] on the first ``min(32, file_size)`` bytes of a file.
 

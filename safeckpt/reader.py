@@ -414,7 +414,9 @@ class Reader(TensorMap):
     def verify(self, names=None, *, arrays=None):
         """Check the CRC32C of tensors (all by default) [T10].
 
-        ``arrays`` may give already-loaded arrays to check instead of reading them again.
+        One pass in C for all tensors (threads share large ones). ``arrays`` may give arrays
+        loaded from this reader, so that a reader opened with ``mmap=False`` does not read them
+        again; a mapped reader checks the mapping, which such arrays view.
 
         Raises:
             ChecksumError: names the first tensor whose bytes do not match, or says that the file
@@ -426,18 +428,54 @@ class Reader(TensorMap):
                    else "the file was saved with checksum=False")
             raise ChecksumError(f"{self._where}: {why}; "
                                 "there is nothing to verify [T10]")
-        indices = [self._position(name) for name in (all_names if names is None else names)]
-        crc32c, batch, size = self._be.crc32c, [], 0
-        for k, i in enumerate(indices):  # read in batches: few calls, bounded fresh memory
-            batch.append(i)
-            size += self._nbytes[i]
-            if size < _VERIFY_BATCH and len(batch) < 4096 and k + 1 < len(indices):
-                continue
-            loaded = ([arrays[all_names[j]] for j in batch] if arrays is not None
-                      else self._load(batch))
-            for j, array in zip(batch, loaded):
-                self._check_crc(j, crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-            batch, size = [], 0
+        indices = (np.arange(len(all_names)) if names is None
+                   else np.array([self._position(name) for name in names], np.intp))
+        if self._buffer is not None:  # mapped, or bytes: given arrays view these very bytes
+            computed = self._be.crc32c_ranges(self._buffer, np.asarray(self._offsets)[indices],
+                                              np.asarray(self._nbytes)[indices])
+        elif arrays is not None:
+            crc32c = self._be.crc32c
+            computed = [crc32c(np.ascontiguousarray(arrays[all_names[i]]).reshape(-1).view(np.uint8))
+                        for i in indices]
+        else:
+            computed = self._crcs_from_file(indices)
+        stored = np.asarray(self._crcs, np.uint32)[indices]
+        bad = np.flatnonzero(stored != np.asarray(computed, np.uint32))
+        if len(bad):
+            self._check_crc(indices[bad[0]], int(computed[bad[0]]))
+
+    def _crcs_from_file(self, indices):
+        """The CRC32C of tensors ``indices``, read with pread in file order: neighbours share one
+        read of at most _VERIFY_BATCH bytes, and a larger tensor is read in pieces of that size."""
+        offsets, nbytes = np.asarray(self._offsets), np.asarray(self._nbytes)
+        computed = np.zeros(len(indices), np.uint32)
+        order = np.argsort(offsets[indices], kind="stable")
+        k = 0
+        while k < len(order):
+            first = int(offsets[indices[order[k]]])
+            end = first + int(nbytes[indices[order[k]]])
+            j = k + 1  # take neighbours while the span stays small and the gaps short
+            while j < len(order):
+                start_j = int(offsets[indices[order[j]]])
+                end_j = start_j + int(nbytes[indices[order[j]]])
+                if end_j - first > _VERIFY_BATCH or start_j - end > _SHARED_MAX:
+                    break
+                end, j = end_j, j + 1
+            if j == k + 1 and end - first > _VERIFY_BATCH:  # one large tensor, piece by piece
+                crc, piece = 0, np.empty(_VERIFY_BATCH, np.uint8)
+                for at in range(first, end, _VERIFY_BATCH):
+                    length = min(_VERIFY_BATCH, end - at)
+                    self._read_into([at], [length], [piece])
+                    crc = self._be.crc32c(piece[:length], crc)
+                computed[order[k]] = crc
+            else:
+                span = np.empty(end - first, np.uint8)
+                self._read_into([first], [end - first], [span])
+                members = indices[order[k:j]]
+                computed[order[k:j]] = self._be.crc32c_ranges(span, offsets[members] - first,
+                                                              nbytes[members])
+            k = j
+        return computed
 
     def _check_crc(self, i, computed):
         """Raise ChecksumError, naming tensor ``i``, if ``computed`` is not its stored CRC32C."""

@@ -150,6 +150,15 @@ def test_crc32c_continuation():
         assert lib.sck_crc32c_sw(a, data[cut:], len(data) - cut) == whole
 
 
+def test_crc32c_combine():
+    """crc(a + b) from crc(a), crc(b) and len(b): what joins the pieces of sck_crc32c_ranges."""
+    data = np.random.default_rng(4).integers(0, 256, 70_000, dtype=np.uint8).tobytes()
+    for cut in (0, 1, 8, 4095, 24577, len(data)):
+        a, b = data[:cut], data[cut:]
+        assert lib.sck_crc32c_combine(_native.crc32c(a), _native.crc32c(b), len(b)) == \
+            _native.crc32c(data)
+
+
 def test_crc32c_accepts_bytes_like():
     data = b"123456789"
     for obj in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):

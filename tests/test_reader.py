@@ -191,6 +191,33 @@ def test_verify_reads_every_tensor(path):
     assert safeckpt.load_file(path, mmap=False, verify=True)["bias"][1] == -2
 
 
+@pytest.mark.parametrize("batch", [64 << 20, 100, 1000])
+def test_verify_without_a_mapping_reads_in_bounded_batches(tmp_path, backend, monkeypatch, batch):
+    """[T10] with mmap=False: neighbours share a read, a tensor larger than a batch is read in
+    pieces, and the first bad tensor in the order asked for is named."""
+    from safeckpt import reader as reader_module
+    monkeypatch.setattr(reader_module, "_VERIFY_BATCH", batch)
+    rng = np.random.default_rng(7)
+    tensors = {f"t{i}": rng.random(n, dtype=np.float32) for i, n in enumerate([3, 500, 0, 40, 7])}
+    path = tmp_path / "v.sckpt"
+    safeckpt.save_file(tensors, path)
+    with safeckpt.open(path, mmap=False) as f:
+        f.verify()
+        f.verify(["t4", "t1", "t2"])
+        where = {name: f.info(name).offset for name in tensors}
+    data = bytearray(path.read_bytes())
+    data[where["t1"] + 1500] ^= 1
+    data[where["t4"]] ^= 1
+    path.write_bytes(data)
+    for mmap in (False, True):
+        with safeckpt.open(path, mmap=mmap) as f:
+            f.verify(["t0", "t2", "t3"])
+            with pytest.raises(safeckpt.ChecksumError, match="'t1'"):
+                f.verify()
+            with pytest.raises(safeckpt.ChecksumError, match="'t4'"):
+                f.verify(["t3", "t4", "t1"])
+
+
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         safeckpt.load_file(tmp_path / "absent.sckpt")
