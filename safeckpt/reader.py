@@ -460,7 +460,7 @@ class Reader(TensorMap):
                 end_j = start_j + int(nbytes[indices[order[j]]])
                 if end_j - first > _VERIFY_BATCH or start_j - end > _SHARED_MAX:
                     break
-                end, j = end_j, j + 1
+                end, j = max(end, end_j), j + 1
             if j == k + 1 and end - first > _VERIFY_BATCH:  # one large tensor, piece by piece
                 crc, piece = 0, np.empty(_VERIFY_BATCH, np.uint8)
                 for at in range(first, end, _VERIFY_BATCH):
