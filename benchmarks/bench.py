@@ -61,9 +61,11 @@ def worker(workload, operation, implementation, path):
     fn = next(f for impl, _, f in cases.OPERATIONS[operation] if impl == implementation)
     import safeckpt  # noqa: F401  imports are not timed
     import safetensors.numpy  # noqa: F401
-    if "torch" in implementation:
+    if "torch" in implementation or operation in cases.GPU_OPERATIONS:
         import safetensors.torch  # noqa: F401
-        import torch  # noqa: F401
+        import torch
+        if operation in cases.GPU_OPERATIONS:
+            torch.empty(1, device="cuda")  # the CUDA context is made before the clock starts
     if operation == "save":
         arg = cases.make_tensors(shapes)
         if os.path.exists(path):  # every saver starts from no file (ext4 flushes truncated files)
@@ -156,7 +158,7 @@ def scaling(directory, runs):
     return rows
 
 
-def write_results(out, machine_line, command, workloads, results, scale_rows):
+def write_results(out, machine_line, command, workloads, results, scale_rows, cuda):
     lines = [
         "# Benchmark results", "",
         f"Machine: {machine_line}.", "",
@@ -165,6 +167,8 @@ def write_results(out, machine_line, command, workloads, results, scale_rows):
         "divided by safeckpt's (above 1: safeckpt is faster). *RSS* is the run's peak resident "
         "memory growth. Cold runs drop the page cache before each run.", "",
     ]
+    if not cuda:
+        lines += ["*Load to GPU* was not run: torch sees no CUDA device on this machine.", ""]
     for workload, (title, size, count) in workloads.items():
         lines += [f"## {title}", "", f"{count} tensors, {size / 2**20:.0f} MiB of tensor data.", "",
                   "| operation | implementation | median ms | GB/s | RSS MiB | vs safeckpt | runs (ms) |",
@@ -205,7 +209,8 @@ def draw(results, workloads, scale_rows, directory):
     panels = [(w, op) for w in workloads for op in ("save", "load warm", "load cold",
                                                      "open + read one small tensor")
               if any(k[:2] == (w, op) for k in results)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.0 + 1.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(8, 1.0 + 1.6 * len(panels)),
+                             squeeze=False)
     for ax, (workload, operation) in zip(axes[:, 0], panels):
         entries = [(impl, results[(workload, operation, impl)]["seconds"] * 1e3)
                    for impl, _, _ in cases.OPERATIONS[operation] if (workload, operation, impl) in results]
@@ -251,12 +256,17 @@ def main():
     command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
     machine_line = machine()
     print(machine_line)
+    import torch
+    cuda = torch.cuda.is_available()
     results, workloads = {}, {}
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         for workload in args.workloads.split(","):
             paths, size, count = prepare(workload, directory)
             workloads[workload] = (cases.WORKLOADS[workload][0], size, count)
             for operation in args.operations.split(","):
+                if operation in cases.GPU_OPERATIONS and not cuda:
+                    print(f"{workload:6} {operation:28} skipped: torch sees no CUDA device")
+                    continue
                 for impl, fmt, _ in cases.OPERATIONS[operation]:
                     path = paths[fmt] if operation != "save" else os.path.join(directory, f"out.{fmt}")
                     r = run_one(workload, operation, impl, path, args.runs, operation.endswith("cold"))
@@ -268,7 +278,7 @@ def main():
                 if os.path.exists(path):
                     os.unlink(path)
         scale_rows = [] if args.no_scaling else scaling(directory, min(args.runs, 3))
-    write_results(args.out, machine_line, command, workloads, results, scale_rows)
+    write_results(args.out, machine_line, command, workloads, results, scale_rows, cuda)
     draw(results, workloads, scale_rows, os.path.dirname(os.path.abspath(args.out)))
     print(f"wrote {args.out}")
 

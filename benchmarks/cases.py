@@ -207,6 +207,31 @@ def verify_safeckpt(path, _):
         f.verify()
 
 
+# -- to a GPU: run only where torch sees CUDA (bench.py skips these otherwise) ------------------
+
+def gpu_safeckpt(path, _):
+    import safeckpt.torch
+    import torch
+    tensors = safeckpt.torch.load(path, map_location="cuda", mmap=False)  # pinned staging
+    torch.cuda.synchronize()
+    return len(tensors)
+
+
+def gpu_safetensors(path, _):
+    import safetensors.torch
+    import torch
+    tensors = safetensors.torch.load_file(path, device="cuda")
+    torch.cuda.synchronize()
+    return len(tensors)
+
+
+def gpu_torch_mmap(path, _):
+    import torch
+    tensors = torch.load(path, weights_only=True, mmap=True, map_location="cuda")
+    torch.cuda.synchronize()
+    return len(tensors)
+
+
 # -- the table: operation -> [(implementation, file format, fn)] --------------------------------
 
 FORMATS = {"sckpt": save_safeckpt, "safetensors": save_safetensors, "pt": save_torch,
@@ -252,4 +277,10 @@ OPERATIONS = {
     "verify": [
         ("safeckpt verify()", "sckpt", verify_safeckpt),
     ],
+    "load to GPU": [
+        ("safeckpt map_location=cuda", "sckpt", gpu_safeckpt),
+        ("safetensors.torch device=cuda", "safetensors", gpu_safetensors),
+        ("torch.load mmap map_location=cuda", "pt", gpu_torch_mmap),
+    ],
 }
+GPU_OPERATIONS = {"load to GPU"}  # skipped where torch.cuda.is_available() is false
