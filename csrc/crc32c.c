@@ -233,41 +233,14 @@ uint32_t sck_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
 typedef struct sck_crc_job {
     const uint8_t *base;
     const uint64_t *offsets;
-    const uint64_t *lengths;
-    const uint64_t *first_piece; /* n + 1 entries: pieces of ranges < i */
-    uint64_t n;
-    uint64_t npieces;
-    uint64_t next; /* atomic: next piece to claim */
     uint32_t *piece_crcs;
 } sck_crc_job;
 
-static uint64_t sck_crc_pieces(uint64_t len)
+static int sck_crc_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uint64_t k)
 {
-    return len / SCK_READ_PIECE + (len % SCK_READ_PIECE != 0);
-}
-
-static void *sck_crc_ranges_work(void *arg)
-{
-    sck_crc_job *job = arg;
-    for (;;) {
-        uint64_t k = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED), lo = 0, hi = job->n;
-        uint64_t off, len;
-        if (k >= job->npieces)
-            break;
-        while (hi - lo > 1) { /* the last range i with first_piece[i] <= k owns piece k */
-            uint64_t mid = lo + (hi - lo) / 2;
-            if (job->first_piece[mid] <= k)
-                lo = mid;
-            else
-                hi = mid;
-        }
-        off = (k - job->first_piece[lo]) * (uint64_t)SCK_READ_PIECE;
-        len = job->lengths[lo] - off;
-        if (len > SCK_READ_PIECE)
-            len = SCK_READ_PIECE;
-        job->piece_crcs[k] = sck_crc32c(0, job->base + job->offsets[lo] + off, (size_t)len);
-    }
-    return NULL;
+    sck_crc_job *job = ctx;
+    job->piece_crcs[k] = sck_crc32c(0, job->base + job->offsets[i] + off, (size_t)len);
+    return SCK_OK;
 }
 
 int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_t *offsets,
@@ -275,8 +248,6 @@ int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_
 {
     uint64_t total = 0, npieces = 0, *first_piece;
     sck_crc_job job;
-    pthread_t threads[SCK_MAX_THREADS];
-    int nthr, started = 0;
 
     SCK_CHECK(bad_index != NULL, SCK_E_ARG);
     *bad_index = 0;
@@ -285,30 +256,22 @@ int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_
     SCK_CHECK(size <= (uint64_t)SIZE_MAX, SCK_E_ARG);
     for (uint64_t i = 0; i < n; i++) {
         uint64_t end;
-        if (sck_add_u64(offsets[i], lengths[i], &end) || end > size) {
+        if (sck_add_u64(offsets[i], lengths[i], &end) || end > size ||
+            sck_add_u64(npieces, sck_piece_count(lengths[i]), &npieces)) {
             *bad_index = i;
             return SCK_E_ARG;
         }
         /* saturating: past the threshold the sum is not needed */
         total = lengths[i] >= SCK_CRC_THREAD_MIN - total ? SCK_CRC_THREAD_MIN : total + lengths[i];
-        if (sck_add_u64(npieces, sck_crc_pieces(lengths[i]), &npieces)) {
-            *bad_index = i;
-            return SCK_E_ARG;
-        }
     }
-    nthr = nthreads <= 0 ? sck_online_cpus() : (nthreads > SCK_MAX_THREADS ? SCK_MAX_THREADS
-                                                                            : nthreads);
-    if ((uint64_t)nthr > npieces)
-        nthr = (int)npieces;
     /* Ranges of a checked table do not overlap, so npieces <= n + size / SCK_READ_PIECE; other
      * ranges (overlapping) are checked on this thread, with no memory sized by them. */
-    if (nthr <= 1 || total < SCK_CRC_THREAD_MIN || n >= SIZE_MAX / 16 ||
+    if (nthreads == 1 || total < SCK_CRC_THREAD_MIN || n >= SIZE_MAX / 16 ||
         npieces > n + size / SCK_READ_PIECE) {
         for (uint64_t i = 0; i < n; i++)
             crcs[i] = sck_crc32c(0, (const uint8_t *)base + offsets[i], (size_t)lengths[i]);
         return SCK_OK;
     }
-
     first_piece = malloc((size_t)(n + 1) * sizeof *first_piece);
     job.piece_crcs = malloc((size_t)npieces * sizeof *job.piece_crcs);
     if (first_piece == NULL || job.piece_crcs == NULL) {
@@ -316,25 +279,10 @@ int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_
         free(job.piece_crcs);
         return SCK_E_NOMEM;
     }
-    first_piece[0] = 0;
-    for (uint64_t i = 0; i < n; i++)
-        first_piece[i + 1] = first_piece[i] + sck_crc_pieces(lengths[i]);
     job.base = base;
     job.offsets = offsets;
-    job.lengths = lengths;
-    job.first_piece = first_piece;
-    job.n = n;
-    job.npieces = npieces;
-    job.next = 0;
-    /* the calling thread is worker 0; a thread that cannot start just leaves more for others */
-    for (int t = 1; t < nthr; t++)
-        if (pthread_create(&threads[started], NULL, sck_crc_ranges_work, &job) == 0)
-            started++;
-    sck_crc_ranges_work(&job);
-    for (int t = 0; t < started; t++)
-        pthread_join(threads[t], NULL);
-
-    for (uint64_t i = 0; i < n; i++) {
+    sck_run_pieces(n, lengths, first_piece, nthreads, sck_crc_piece, &job);
+    for (uint64_t i = 0; i < n; i++) { /* join the pieces of each range, in order */
         uint32_t crc = 0;
         for (uint64_t k = first_piece[i]; k < first_piece[i + 1]; k++) {
             uint64_t off = (k - first_piece[i]) * (uint64_t)SCK_READ_PIECE;

@@ -157,68 +157,7 @@ static int sck_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t off, in
     return SCK_OK;
 }
 
-/* ---- Parallel read ---------------------------------------------------------------------------- */
-
-typedef struct sck_reader {
-    int fd;
-    uint64_t n;
-    const uint64_t *offsets;
-    const uint64_t *lengths;
-    void *const *dests;
-    const uint64_t *first_piece; /* n + 1 entries: pieces of tensors < i */
-    uint64_t npieces;
-    uint64_t next; /* atomic: next piece to claim */
-    int stop;      /* atomic: set on the first failure */
-    pthread_mutex_t lock;
-    int rc;
-    uint64_t bad;
-    int err;
-} sck_reader;
-
-static void sck_reader_fail(sck_reader *r, uint64_t i, int rc, int err)
-{
-    pthread_mutex_lock(&r->lock);
-    if (r->rc == SCK_OK || i < r->bad) {
-        r->rc = rc;
-        r->bad = i;
-        r->err = err;
-    }
-    pthread_mutex_unlock(&r->lock);
-    __atomic_store_n(&r->stop, 1, __ATOMIC_RELAXED);
-}
-
-static void *sck_reader_work(void *arg)
-{
-    sck_reader *r = arg;
-    for (;;) {
-        uint64_t k, lo, hi, i, off, len;
-        int err = 0, rc;
-        if (__atomic_load_n(&r->stop, __ATOMIC_RELAXED))
-            break;
-        k = __atomic_fetch_add(&r->next, 1, __ATOMIC_RELAXED);
-        if (k >= r->npieces)
-            break;
-        /* the last tensor i with first_piece[i] <= k owns piece k */
-        lo = 0;
-        hi = r->n;
-        while (hi - lo > 1) {
-            uint64_t mid = lo + (hi - lo) / 2;
-            if (r->first_piece[mid] <= k)
-                lo = mid;
-            else
-                hi = mid;
-        }
-        i = lo;
-        off = (k - r->first_piece[i]) * (uint64_t)SCK_READ_PIECE;
-        len = r->lengths[i] - off;
-        if (len > SCK_READ_PIECE)
-            len = SCK_READ_PIECE;
-        rc = sck_pread_full(r->fd, (uint8_t *)r->dests[i] + off, len, r->offsets[i] + off, &err);
-        if (rc != SCK_OK)
-            sck_reader_fail(r, i, rc, err);
-    }
-    return NULL;
-}
+/* ---- Work in pieces, on several threads ------------------------------------------------------ */
 
 int sck_online_cpus(void)
 {
@@ -226,72 +165,139 @@ int sck_online_cpus(void)
     return c < 1 ? 1 : (c > SCK_MAX_THREADS ? SCK_MAX_THREADS : (int)c);
 }
 
+uint64_t sck_piece_count(uint64_t len)
+{
+    return len / SCK_READ_PIECE + (len % SCK_READ_PIECE != 0);
+}
+
+typedef struct sck_pieces {
+    const uint64_t *lengths;
+    const uint64_t *first_piece;
+    uint64_t n;
+    uint64_t npieces;
+    uint64_t next; /* atomic: the next piece to claim */
+    int stop;      /* atomic: set when fn fails */
+    sck_piece_fn fn;
+    void *ctx;
+} sck_pieces;
+
+static void *sck_pieces_work(void *arg)
+{
+    sck_pieces *w = arg;
+    for (;;) {
+        uint64_t k, lo = 0, hi = w->n, off, len;
+        if (__atomic_load_n(&w->stop, __ATOMIC_RELAXED))
+            break;
+        k = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
+        if (k >= w->npieces)
+            break;
+        while (hi - lo > 1) { /* the last range i with first_piece[i] <= k owns piece k */
+            uint64_t mid = lo + (hi - lo) / 2;
+            if (w->first_piece[mid] <= k)
+                lo = mid;
+            else
+                hi = mid;
+        }
+        off = (k - w->first_piece[lo]) * (uint64_t)SCK_READ_PIECE;
+        len = w->lengths[lo] - off < SCK_READ_PIECE ? w->lengths[lo] - off : SCK_READ_PIECE;
+        if (w->fn(w->ctx, lo, off, len, k) != SCK_OK)
+            __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+void sck_run_pieces(uint64_t n, const uint64_t *lengths, uint64_t *first_piece, int nthreads,
+                    sck_piece_fn fn, void *ctx)
+{
+    pthread_t threads[SCK_MAX_THREADS];
+    int nthr, started = 0;
+    sck_pieces w;
+
+    first_piece[0] = 0;
+    for (uint64_t i = 0; i < n; i++)
+        first_piece[i + 1] = first_piece[i] + sck_piece_count(lengths[i]);
+    memset(&w, 0, sizeof w);
+    w.lengths = lengths;
+    w.first_piece = first_piece;
+    w.n = n;
+    w.npieces = first_piece[n];
+    w.fn = fn;
+    w.ctx = ctx;
+    nthr = nthreads <= 0 ? sck_online_cpus() : (nthreads > SCK_MAX_THREADS ? SCK_MAX_THREADS
+                                                                            : nthreads);
+    if ((uint64_t)nthr > w.npieces)
+        nthr = (int)w.npieces;
+    /* the calling thread is worker 0; a thread that cannot start just leaves more for others */
+    for (int t = 1; t < nthr; t++)
+        if (pthread_create(&threads[started], NULL, sck_pieces_work, &w) == 0)
+            started++;
+    sck_pieces_work(&w);
+    for (int t = 0; t < started; t++)
+        pthread_join(threads[t], NULL);
+}
+
+/* ---- Parallel read ---------------------------------------------------------------------------- */
+
+typedef struct sck_reader {
+    int fd;
+    const uint64_t *offsets;
+    void *const *dests;
+    pthread_mutex_t lock;
+    int rc;       /* the failure of the lowest failing tensor, under lock */
+    uint64_t bad;
+    int err;
+} sck_reader;
+
+static int sck_read_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uint64_t k)
+{
+    sck_reader *r = ctx;
+    int err = 0, rc = sck_pread_full(r->fd, (uint8_t *)r->dests[i] + off, len,
+                                     r->offsets[i] + off, &err);
+    (void)k;
+    if (rc != SCK_OK) {
+        pthread_mutex_lock(&r->lock);
+        if (r->rc == SCK_OK || i < r->bad) {
+            r->rc = rc;
+            r->bad = i;
+            r->err = err;
+        }
+        pthread_mutex_unlock(&r->lock);
+    }
+    return rc;
+}
+
 int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
                    void *const *dests, int nthreads, uint64_t *bad_index, int *err)
 {
     uint64_t npieces = 0, *first_piece;
     sck_reader r;
-    pthread_t threads[64];
-    int nthr, started = 0;
 
     SCK_CHECK(bad_index != NULL && err != NULL, SCK_E_ARG);
     *bad_index = 0;
     *err = 0;
     SCK_CHECK(n == 0 || (offsets && lengths && dests), SCK_E_ARG);
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t end, pieces = lengths[i] / SCK_READ_PIECE + (lengths[i] % SCK_READ_PIECE != 0);
+        uint64_t end;
         if (lengths[i] == 0)
             continue;
         if (dests[i] == NULL || sck_add_u64(offsets[i], lengths[i], &end) ||
-            end >= SCK_INT63_LIMIT || sck_add_u64(npieces, pieces, &npieces)) {
+            end >= SCK_INT63_LIMIT || sck_add_u64(npieces, sck_piece_count(lengths[i]), &npieces)) {
             *bad_index = i;
             return SCK_E_ARG;
         }
     }
     if (npieces == 0)
         return SCK_OK;
-
-    nthr = nthreads <= 0 ? sck_online_cpus() : nthreads;
-    if (nthr > (int)(sizeof threads / sizeof threads[0]))
-        nthr = (int)(sizeof threads / sizeof threads[0]);
-    if ((uint64_t)nthr > npieces)
-        nthr = (int)npieces;
-
-    if (nthr <= 1) { /* on the calling thread, in file order */
-        for (uint64_t i = 0; i < n; i++) {
-            int rc = sck_pread_full(fd, dests[i], lengths[i], offsets[i], err);
-            if (rc != SCK_OK) {
-                *bad_index = i;
-                return rc;
-            }
-        }
-        return SCK_OK;
-    }
-
+    SCK_CHECK(n < SIZE_MAX / sizeof *first_piece, SCK_E_NOMEM);
     first_piece = malloc((size_t)(n + 1) * sizeof *first_piece);
     if (first_piece == NULL)
         return SCK_E_NOMEM;
-    first_piece[0] = 0;
-    for (uint64_t i = 0; i < n; i++)
-        first_piece[i + 1] = first_piece[i] + lengths[i] / SCK_READ_PIECE +
-                             (lengths[i] % SCK_READ_PIECE != 0);
-
     memset(&r, 0, sizeof r);
     r.fd = fd;
-    r.n = n;
     r.offsets = offsets;
-    r.lengths = lengths;
     r.dests = dests;
-    r.first_piece = first_piece;
-    r.npieces = npieces;
     pthread_mutex_init(&r.lock, NULL);
-    /* the calling thread is worker 0; a thread that cannot start just leaves more for others */
-    for (int t = 1; t < nthr; t++)
-        if (pthread_create(&threads[started], NULL, sck_reader_work, &r) == 0)
-            started++;
-    sck_reader_work(&r);
-    for (int t = 0; t < started; t++)
-        pthread_join(threads[t], NULL);
+    sck_run_pieces(n, lengths, first_piece, nthreads, sck_read_piece, &r);
     pthread_mutex_destroy(&r.lock);
     free(first_piece);
     *bad_index = r.rc == SCK_OK ? 0 : r.bad;

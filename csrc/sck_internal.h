@@ -75,8 +75,21 @@ static inline int sck_align_up_u64(uint64_t x, uint64_t align, uint64_t *out)
     return 0;
 }
 
-/* Online CPUs, between 1 and SCK_MAX_THREADS (io.c). */
+/* ---- Work in pieces on several threads (io.c) ---- */
+
+/* Online CPUs, between 1 and SCK_MAX_THREADS. */
 int sck_online_cpus(void);
+/* The number of pieces of at most SCK_READ_PIECE bytes in len bytes. */
+uint64_t sck_piece_count(uint64_t len);
+/* Handles bytes [off, off + len) of range i, the k-th piece of all; returns SCK_OK or an error,
+ * which stops the others from claiming more pieces. */
+typedef int (*sck_piece_fn)(void *ctx, uint64_t i, uint64_t off, uint64_t len, uint64_t k);
+/* Cuts n ranges of lengths[i] bytes into pieces of at most SCK_READ_PIECE bytes and runs fn on
+ * each, on up to nthreads threads (<= 0: sck_online_cpus()), the calling thread among them.
+ * Fills first_piece (n + 1 entries): the first piece of range i; first_piece[n] is the count,
+ * whose sum the caller has checked for overflow. */
+void sck_run_pieces(uint64_t n, const uint64_t *lengths, uint64_t *first_piece, int nthreads,
+                    sck_piece_fn fn, void *ctx);
 
 static inline int sck_is_pow2(uint64_t x)
 {
