@@ -209,27 +209,27 @@ def verify_safeckpt(path, _):
 
 # -- to a GPU: run only where torch sees CUDA (bench.py skips these otherwise) ------------------
 
-def gpu_safeckpt(path, _):
-    import safeckpt.torch
+def _on_gpu(load):
+    """Run ``load()``, which puts tensors on the GPU, and wait until every copy is done."""
     import torch
-    tensors = safeckpt.torch.load(path, map_location="cuda", mmap=False)  # pinned staging
+    tensors = load()
     torch.cuda.synchronize()
     return len(tensors)
+
+
+def gpu_safeckpt(path, _):
+    import safeckpt.torch
+    return _on_gpu(lambda: safeckpt.torch.load(path, map_location="cuda", mmap=False))
 
 
 def gpu_safetensors(path, _):
     import safetensors.torch
-    import torch
-    tensors = safetensors.torch.load_file(path, device="cuda")
-    torch.cuda.synchronize()
-    return len(tensors)
+    return _on_gpu(lambda: safetensors.torch.load_file(path, device="cuda"))
 
 
 def gpu_torch_mmap(path, _):
     import torch
-    tensors = torch.load(path, weights_only=True, mmap=True, map_location="cuda")
-    torch.cuda.synchronize()
-    return len(tensors)
+    return _on_gpu(lambda: torch.load(path, weights_only=True, mmap=True, map_location="cuda"))
 
 
 # -- the table: operation -> [(implementation, file format, fn)] --------------------------------

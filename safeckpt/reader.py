@@ -54,7 +54,8 @@ def _raise(code, where, detail=""):
 
 
 class TensorMap:
-    """What every reader shares: tensor names in order, and use after ``close()`` refused.
+    """What every reader shares: tensor names in order, use after ``close()`` refused, and the
+    saved object's tree (``tree``, ``load``).
 
     A subclass sets ``_names`` to the list of names while it is open and to None when closed.
     """
@@ -87,6 +88,27 @@ class TensorMap:
 
     def __exit__(self, *exc):
         self.close()
+
+    @property
+    def tree(self):
+        """The saved object's structure, lazily: containers are :class:`safeckpt.tree.Subtree`
+        views that read a tensor only when it is indexed; ``.load()`` materialises a subtree.
+
+        A file without a tree (a flat file, version 1.0) is a dict of its tensors by name.
+
+        Example:
+            >>> with safeckpt.open("ckpt.sckpt") as f:                  # doctest: +SKIP
+            ...     w = f.tree["model"]["layers.0.weight"]             # reads this tensor only
+            ...     opt = f.tree["optimizer"].load()
+        """
+        self._check_open()
+        return _tree.view(self, _tree.find(self, None))
+
+    def load(self, prefix=None, *, framework=None, map_location=None, verify=False):
+        """The saved object (or the subtree at ``prefix``) with its tensors; see :func:`safeckpt.load`."""
+        self._check_open()
+        return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
+                                 map_location=map_location, verify=verify)
 
 
 class Reader(TensorMap):
@@ -384,27 +406,6 @@ class Reader(TensorMap):
         mapping = self._mapping
         if mapping is not None and self._offsets:
             self._be.advise(mapping, self._offsets[0], self.size - self._offsets[0], advice)
-
-    @property
-    def tree(self):
-        """The saved object's structure, lazily: containers are :class:`safeckpt.tree.Subtree`
-        views that read a tensor only when it is indexed; ``.load()`` materialises a subtree.
-
-        A file without a tree (a flat file, version 1.0) is a dict of its tensors by name.
-
-        Example:
-            >>> with safeckpt.open("ckpt.sckpt") as f:                  # doctest: +SKIP
-            ...     w = f.tree["model"]["layers.0.weight"]             # reads this tensor only
-            ...     opt = f.tree["optimizer"].load()
-        """
-        self._check_open()
-        return _tree.view(self, _tree.find(self, None))
-
-    def load(self, prefix=None, *, framework=None, map_location=None, verify=False):
-        """The saved object (or the subtree at ``prefix``) with its tensors; see :func:`safeckpt.load`."""
-        self._check_open()
-        return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
-                                 map_location=map_location, verify=verify)
 
     @property
     def has_checksums(self):

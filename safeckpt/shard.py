@@ -381,18 +381,6 @@ class ShardedReader(TensorMap):
         return dict(zip(names, self._load(range(len(names)))))
 
     @property
-    def tree(self):
-        """The saved object's structure, lazily (see :attr:`Reader.tree`)."""
-        self._check_open()
-        return _tree.view(self, _tree.find(self, None))
-
-    def load(self, prefix=None, *, framework=None, map_location=None, verify=False):
-        """The saved object (or the subtree at ``prefix``); see :func:`safeckpt.load`."""
-        self._check_open()
-        return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
-                                 map_location=map_location, verify=verify)
-
-    @property
     def has_checksums(self):
         return all(reader.has_checksums for reader in self._readers)
 
