@@ -275,17 +275,20 @@ def save(obj, path, **options):
     _tree.save(obj, path, **options)
 
 
-def load(path, *, prefix=None, map_location=None, mmap=True, verify=False, **limits):
+def load(path, *, prefix=None, map_location=None, device=None, mmap=True, verify=False,
+         **limits):
     """:func:`safeckpt.load` with ``framework="torch"``: tensors view the file (zero-copy).
 
     ``map_location`` as ``torch.load`` takes it: ``"cpu"``, ``"cuda:0"``, a ``torch.device``, or a
     dict mapping saved devices to devices; by default each tensor goes back where it was saved.
+    ``device`` puts every tensor on one device, as safetensors' ``device=`` does. Tensors bound
+    for CUDA go through pinned staging buffers (:func:`device_tensors`).
 
     Example:
         >>> opt_state = safeckpt.torch.load("ckpt.sckpt", prefix="optimizer")  # doctest: +SKIP
     """
     return _tree.load(path, prefix=prefix, framework="torch", map_location=map_location,
-                      mmap=mmap, verify=verify, **limits)
+                      device=device, mmap=mmap, verify=verify, **limits)
 
 
 def save_model(model, path, **options):

@@ -559,8 +559,8 @@ class Subtree:
 _MISSING = object()
 
 
-def load(path, *, prefix=None, framework=None, map_location=None, mmap=True, verify=False,
-         **limits):
+def load(path, *, prefix=None, framework=None, map_location=None, device=None, mmap=True,
+         verify=False, **limits):
     """Load what :func:`save` saved (or any .sckpt file: a flat one loads as a dict by name).
 
     Parameters:
@@ -572,6 +572,8 @@ def load(path, *, prefix=None, framework=None, map_location=None, mmap=True, ver
         map_location: with torch, where tensors go, as ``torch.load`` takes it: ``"cpu"``,
             ``"cuda:0"``, a ``torch.device`` or a dict mapping saved devices to devices. By
             default a tensor goes back to the device it was saved from.
+        device: with torch, one device for every tensor (``"cuda:0"``, a ``torch.device``), as
+            safetensors takes it: the same as ``map_location=device``.
         mmap: zero-copy views of a private mapping (default) or fresh memory read with pread.
         verify: check the CRC32C of every tensor loaded.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
@@ -587,6 +589,10 @@ def load(path, *, prefix=None, framework=None, map_location=None, mmap=True, ver
     Example:
         >>> opt = safeckpt.load("ckpt.sckpt", prefix="optimizer", framework="torch")  # doctest: +SKIP
     """
+    if device is not None:
+        if framework != "torch" or map_location is not None:
+            raise ValueError("device= needs framework='torch' and no map_location=")
+        map_location = device
     from .shard import open_any
     with open_any(path, mmap=mmap, **limits) as reader:
         return materialize(reader, find(reader, prefix), framework=framework,

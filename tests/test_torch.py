@@ -97,6 +97,22 @@ def test_map_location(tmp_path):
         st.load(path, map_location=3)
 
 
+def test_device_puts_every_tensor_on_one_device(tmp_path):
+    """device= as safetensors takes it: map_location=device, torch only, not with both."""
+    path = tmp_path / "d.sckpt"
+    safeckpt.save({"w": torch.ones(3), "n": {"b": torch.zeros(2, dtype=torch.bfloat16)}}, path)
+    back = st.load(path, device="meta")
+    assert back["w"].device.type == "meta" and back["n"]["b"].dtype == torch.bfloat16
+    assert safeckpt.load(path, framework="torch", device="cpu")["w"].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="device= needs framework='torch'"):
+        safeckpt.load(path, device="cpu")
+    with pytest.raises(ValueError, match="no map_location"):
+        st.load(path, device="cpu", map_location="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available.*map_location='cpu'"):
+            st.load(path, device="cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors(tmp_path):
     obj = {"w": torch.randn(64, 64, device="cuda"), "b": torch.randn(3).to("cuda", torch.bfloat16)}
@@ -169,7 +185,7 @@ def test_cuda_load_through_pinned_buffers(tmp_path):
     """map_location="cuda" copies through pinned buffers; the result equals the CPU load."""
     obj, path = staged_case(tmp_path)
     for mmap in (True, False):
-        back = st.load(path, map_location="cuda", mmap=mmap, verify=True)
+        back = st.load(path, device="cuda", mmap=mmap, verify=True)
         for name, want in obj.items():
             assert back[name].device.type == "cuda" and bits(back[name]) == bits(want), name
 
