@@ -182,12 +182,12 @@ int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int 
 
 /* ---- Parallel read ----------------------------------------------------------------------- */
 
-#define SCK_READ_PIECE (8u << 20) /* largest single pread of sck_pread_many */
+#define SCK_READ_PIECE (8u << 20) /* largest single pread, or CRC piece, of one thread */
 #define SCK_MAX_THREADS 8
 
 /* Reads lengths[i] bytes at offsets[i] of fd into dests[i], for i < n, with nthreads threads
- * (<= 0: min(online CPUs, SCK_MAX_THREADS); never more threads than pieces of <= SCK_READ_PIECE
- * bytes; a single piece is read on the calling thread). End of file first: SCK_E_TRUNCATED;
+ * (<= 0: min(online CPUs, SCK_MAX_THREADS); at most SCK_MAX_THREADS, and never more threads than
+ * pieces of <= SCK_READ_PIECE bytes; a single piece is read on the calling thread). End of file first: SCK_E_TRUNCATED;
  * read error: SCK_E_IO with *err = errno; both set *bad_index to the (lowest) failing tensor. */
 int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
                    void *const *dests, int nthreads, uint64_t *bad_index, int *err);
