@@ -5,27 +5,36 @@ Exit codes (stable; scripts may test them):
 ====  ==============================================================================
 0     success; ``diff``: the files hold the same tensors, bit for bit, and metadata
 1     ``diff``: the files differ
-2     usage: a bad option or argument, an unknown output extension
+2     usage: a bad option or argument, an unknown output extension (never a file's fault)
 3     bad file: not a checkpoint, malformed, truncated, over a limit, needs pickle
 4     checksum mismatch: a tensor's or the header's CRC32C (``verify``)
 5     not found: a file or a shard that does not exist
-6     other OS error: permission denied, a directory, a full disk
+6     other OS error: permission denied, a directory, a full disk, out of memory
 7     a needed optional package is missing (torch, to read a .pt file)
+8     ``verify``: the structure is sound but a file holds no checksums, so its data is unverified
+70    a bug in safeckpt (an unexpected exception; ``--traceback`` shows where): please report it
 ====  ==============================================================================
 
-Problems are reported on stderr as one line, ``safeckpt: error: ...``, without a traceback.
+``verify`` over several files exits with the code of the first file that failed; 8 only when
+none failed. Problems are reported on stderr as one line, ``safeckpt: error: ...``, without a
+traceback. Everything printed that comes from a file (names, keys, values, messages that quote
+them) is escaped as :func:`repr` escapes it, so a file cannot send control sequences to the
+terminal.
 
 Example:
     $ safeckpt inspect model.sckpt --json | jq '.tensors[0]'
     $ safeckpt verify *.sckpt && echo intact
     $ safeckpt convert model.safetensors model.sckpt
-    $ safeckpt diff before.sckpt after.sckpt
+    $ safeckpt diff before.sckpt after.sckpt --max-header-size 200000000
 """
 
 import argparse
+import base64
 import json
 import math
+import re
 import sys
+import traceback
 
 import numpy as np
 
@@ -33,7 +42,7 @@ from . import __version__
 from . import interop as _convert
 from . import format as fmt
 from . import tree as _tree
-from .errors import ChecksumError, SafeckptError
+from .errors import ChecksumError, SafeckptError, plural, quote
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -43,37 +52,93 @@ EXIT_CHECKSUM = 4
 EXIT_NOT_FOUND = 5
 EXIT_OS_ERROR = 6
 EXIT_MISSING_PACKAGE = 7
+EXIT_NO_CHECKSUMS = 8
+EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h: an internal error
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion takes well under a second: no bar
 DIFF_CHUNK = 1 << 20  # elements compared at a time, so diff needs no copy of a whole tensor
 OUTLINE_MAX_LINES = 200
+JSON_INT_MAX = 2**53  # beyond this a JSON reader that uses doubles (JavaScript, jq) rounds an int
+
+# The reader limits (keyword argument: metavar, what it bounds); the flag of max_header_size is
+# --max-header-size, and messages that advise "max_header_size=..." are shown with the flag.
+LIMITS = {"max_header_size": ("BYTES", "largest header"), "max_tensors": ("N", "most tensors"),
+          "max_ndim": ("N", "most dimensions of a tensor"), "max_depth": ("N", "deepest nesting")}
+_LIMIT_WORD = re.compile(r"(?<![\w'\"])(" + "|".join(LIMITS) + r")\b")  # not in a quoted name
 
 
 class _Usage(Exception):
     """A usage problem found after argument parsing (exit code 2)."""
 
 
+def _escape(text, *, backslash=True):
+    r"""``text`` with every character a terminal acts on written as :func:`repr` writes it.
+
+    Control characters (C0, C1, DEL, so ESC and newlines), format characters (bidi overrides such
+    as U+202E, zero-width characters), separators other than the space, lone surrogates and
+    unassigned code points are escaped; letters, digits, punctuation and symbols of every script
+    stay readable. With ``backslash`` (for names and values from a file), a backslash is doubled,
+    so that a name holding the four characters ``\x1b`` never looks like one holding ESC.
+
+    Example:
+        >>> _escape("w\x1b[2J\u202e.é")
+        'w\\x1b[2J\\u202e.é'
+    """
+    if text.isprintable() and not (backslash and "\\" in text):
+        return text
+    return "".join(repr(c)[1:-1] if not c.isprintable() or (backslash and c == "\\") else c
+                   for c in text)
+
+
+def _say(stream, line):
+    """Write one line; whatever it quotes from a file cannot act on the terminal."""
+    stream.write(_escape(line, backslash=False) + "\n")
+
+
 def _exit_code(exc):
-    """The exit code for an exception that ends a command."""
+    """The exit code for an exception that ends a command (EXIT_BUG for one we did not expect)."""
     if isinstance(exc, ChecksumError):
         return EXIT_CHECKSUM
     if isinstance(exc, SafeckptError):
         return EXIT_BAD_FILE
     if isinstance(exc, FileNotFoundError):
         return EXIT_NOT_FOUND
-    if isinstance(exc, OSError):
+    if isinstance(exc, (OSError, MemoryError)):
         return EXIT_OS_ERROR
     if isinstance(exc, ImportError):
         return EXIT_MISSING_PACKAGE
-    if isinstance(exc, (_Usage, ValueError)):  # ValueError not from a file: a bad argument
+    if isinstance(exc, _Usage):
         return EXIT_USAGE
-    return None
+    return EXIT_BUG
 
 
 def _message(exc):
+    """The message of an exception, the library's limit advice spelled as the CLI's flags."""
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
-    return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"out of memory: {exc}" if str(exc) else "out of memory"
+    return _LIMIT_WORD.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+
+
+def _report(exc, args):
+    """Print the one line for an exception that ends a command (or a file of ``verify``)."""
+    code = _exit_code(exc)
+    if code != EXIT_BUG:
+        _say(sys.stderr, f"safeckpt: error: {_message(exc)}")
+        return code
+    if getattr(args, "traceback", False):
+        for line in "".join(traceback.format_exception(exc)).splitlines():
+            _say(sys.stderr, line)
+    _say(sys.stderr, "safeckpt: internal error (a bug in safeckpt; please report it, with the "
+                     f"output of --traceback): {type(exc).__name__}: {exc}")
+    return code
+
+
+def _open_checkpoint(path, args):
+    """``safeckpt.open(path)`` with the limits given (a .pt or .npz: the error says to convert)."""
+    from .reader import open as open_file
+    return open_file(path, **_limits(args))
 
 
 # -- inspect ----------------------------------------------------------------------------------------
@@ -86,31 +151,55 @@ def _human(n):
 
 
 def _jsonable(value):
-    """Metadata and tree values as JSON: bytes as {"base64": ...}, non-finite floats as str."""
-    import base64
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
+    r"""Any metadata or tree value as JSON, without loss and without NaN (strict JSON).
+
+    None, bool, str, finite floats, lists and dicts of str keys are themselves; the rest are
+    tagged objects: ``{"int": "18446744073709551615"}`` beyond 2**53 (where readers that use
+    doubles round), ``{"float": "nan"}`` (and ``"inf"``, ``"-inf"``), ``{"complex": [re, im]}``,
+    ``{"base64": ...}`` for bytes, ``{"type": "tuple", "items": [...]}``, ``{"type": "dict",
+    "items": [[key, value], ...]}`` when a key is not a str, numpy scalars as their Python value,
+    and ``{"repr": ...}`` for any other type (a valid file holds none).
+
+    Example:
+        >>> _jsonable((float("nan"), 2**64 - 1, b"\x00"))
+        {'type': 'tuple', 'items': [{'float': 'nan'}, {'int': '18446744073709551615'}, {'base64': 'AA=='}]}
+    """
+    kind = type(value)
+    if value is None or kind in (bool, str):
+        return value
+    if kind is int:
+        return value if -JSON_INT_MAX <= value <= JSON_INT_MAX else {"int": str(value)}
+    if kind is float:
+        return value if math.isfinite(value) else {"float": str(value)}
+    if kind is complex:
+        return {"complex": [_jsonable(value.real), _jsonable(value.imag)]}
+    if kind in (bytes, bytearray):
         return {"base64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+    if kind is list:
+        return [_jsonable(v) for v in value]
+    if kind is tuple:
+        return {"type": "tuple", "items": [_jsonable(v) for v in value]}
+    if isinstance(value, dict):
+        if all(type(k) is str for k in value):
+            return {k: _jsonable(v) for k, v in value.items()}
+        return {"type": "dict", "items": [[_jsonable(k), _jsonable(v)] for k, v in value.items()]}
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return {"repr": repr(value)}
 
 
-def _outline(reader):
+def _scalar(node):
+    from .dtypes import DTYPE_BY_CODE
+    return np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
+
+
+def _outline(skeleton, names, infos):
     """The tree as indented lines (containers with their lengths; leaves with type or value)."""
-    skeleton = getattr(reader, "_skeleton", fmt.NO_TREE)
-    if skeleton is fmt.NO_TREE:
-        return None
-    infos = {}
-    names = reader.keys()
     lines = []
     stack = [(skeleton, None, 0)]
     while stack and len(lines) < OUTLINE_MAX_LINES:
         node, key, depth = stack.pop()
-        label = "" if key is None else f"{key!r}: "
+        label = "" if key is None else f"{quote(key)}: "
         pad = "  " * depth
         if type(node) is list and node[0] in _tree.CONTAINERS:
             tag, items = node[0], node[1:]
@@ -122,18 +211,15 @@ def _outline(reader):
                 children = [(child, i, depth + 1) for i, child in enumerate(items)]
             stack.extend(reversed(children))
         elif type(node) is list and node[0] in (_tree.TENSOR, _tree.REF):
-            name = names[node[1]]
-            if name not in infos:
-                infos[name] = reader.info(name)
-            info = infos[name]
+            info = infos[node[1]]
             kind = "tensor" if node[0] == _tree.TENSOR else "same tensor as"
-            lines.append(f"{pad}{label}{kind} {name} {info.dtype} {list(info.shape)}")
+            lines.append(f"{pad}{label}{kind} {_escape(names[node[1]])} {info.dtype} "
+                         f"{list(info.shape)}")
         elif type(node) is list and node[0] == _tree.SCALAR:
-            from .dtypes import DTYPE_BY_CODE
-            value = np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
-            lines.append(f"{pad}{label}{value.dtype} scalar {value!r}")
+            value = _scalar(node)
+            lines.append(f"{pad}{label}{value.dtype} scalar {quote(value.item())}")
         else:
-            lines.append(f"{pad}{label}{node!r}")
+            lines.append(f"{pad}{label}{quote(node)}")
     if stack:
         lines.append(f"... (outline cut at {OUTLINE_MAX_LINES} lines)")
     return lines
@@ -152,13 +238,11 @@ def _json_outline(node, names):
         return {"type": tag, "items": [_json_outline(child, names) for child in node[1:]]}
     if tag in (_tree.TENSOR, _tree.REF):
         return {"tensor": names[node[1]]}
-    from .dtypes import DTYPE_BY_CODE
-    value = np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
+    value = _scalar(node)
     return {"scalar": str(value.dtype), "value": _jsonable(value.item())}
 
 
-def _describe_file(reader, path):
-    infos = [reader.info(name) for name in reader.keys()]
+def _describe_file(reader, path, names, infos):
     version = getattr(reader, "version", None)
     return {
         "path": path,
@@ -176,61 +260,74 @@ def _describe_file(reader, path):
 
 
 def cmd_inspect(args, out):
-    from .reader import open as open_file
-    with open_file(args.file, **_limits(args)) as reader:
-        desc = _describe_file(reader, args.file)
+    with _open_checkpoint(args.file, args) as reader:
+        names = reader.keys()
+        infos = [reader.info(name) for name in names]
+        desc = _describe_file(reader, args.file, names, infos)
         skeleton = getattr(reader, "_skeleton", fmt.NO_TREE)
-        if args.json:
-            desc["tree"] = None if skeleton is fmt.NO_TREE else _json_outline(skeleton, reader.keys())
-            json.dump(desc, out, indent=2, allow_nan=False)
-            out.write("\n")
-            return EXIT_OK
-        outline = _outline(reader)
+    if args.json:  # ensure_ascii: every non-ASCII character escaped, so nothing reaches a terminal
+        desc["tree"] = None if skeleton is fmt.NO_TREE else _json_outline(skeleton, names)
+        json.dump(desc, out, indent=2, allow_nan=False)
+        out.write("\n")
+        return EXIT_OK
+    count = plural(desc["tensor_count"], "tensor")
     version = f" {desc['version']}" if desc["version"] else ""
-    out.write(f"{args.file}: {desc['format']}{version}, {_human(desc['file_size'])}, "
-              f"{desc['tensor_count']} tensors, {_human(desc['tensor_bytes'])} of tensor data, "
-              f"{'checksums' if desc['checksums'] else 'no checksums'}\n")
+    _say(out, f"{args.file}: {desc['format']}{version}, {_human(desc['file_size'])}, {count}, "
+              f"{_human(desc['tensor_bytes'])} of tensor data, "
+              f"{'checksums' if desc['checksums'] else 'no checksums'}")
     rows = [("name", "dtype", "shape", "bytes", "offset")]
-    rows += [(t["name"], t["dtype"], "(" + ", ".join(map(str, t["shape"])) + ")", str(t["nbytes"]),
-              str(t["offset"])) for t in desc["tensors"]]
+    rows += [(_escape(i.name), str(i.dtype), "(" + ", ".join(map(str, i.shape)) + ")",
+              str(i.nbytes), str(i.offset)) for i in infos]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for k, row in enumerate(rows):
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2]),
                  row[3].rjust(widths[3]), row[4].rjust(widths[4])]
-        out.write("  ".join(cells).rstrip() + "\n")
+        _say(out, "  ".join(cells).rstrip())
         if k == 0:
-            out.write("  ".join("-" * w for w in widths) + "\n")
-    out.write(f"total: {desc['tensor_count']} tensors, {desc['tensor_bytes']} bytes\n")
+            _say(out, "  ".join("-" * w for w in widths))
+    _say(out, f"total: {count}, {desc['tensor_bytes']} bytes")
     if desc["metadata"]:
-        out.write("metadata:\n")
+        _say(out, "metadata:")
         for key, value in desc["metadata"].items():
-            out.write(f"  {key}: {json.dumps(value, allow_nan=False)}\n")
-    if outline is not None:
-        out.write("tree:\n")
-        out.writelines(f"  {line}\n" for line in outline)
+            _say(out, f"  {_escape(key)}: {json.dumps(value, ensure_ascii=False)}")
+    if skeleton is not fmt.NO_TREE:
+        _say(out, "tree:")
+        for line in _outline(skeleton, names, infos):
+            _say(out, f"  {line}")
     return EXIT_OK
 
 
 # -- verify -----------------------------------------------------------------------------------------
 
+def _verify_one(path, args):
+    """Check one file; return its line and whether it held checksums."""
+    with _open_checkpoint(path, args) as reader:
+        count = plural(len(reader), "tensor")
+        for name in reader.keys():  # each array as a load makes it (a view: nothing is read)
+            reader[name]  # noqa: B018 - raises if the table cannot be loaded
+        if reader.has_checksums:
+            reader.verify()
+            return f"{path}: OK, {count}, every structural check and checksum passed", True
+        why = ("safetensors files hold no checksums" if getattr(reader, "format", "")
+               == "safetensors" else "saved without checksums")
+    return (f"{path}: no checksums to verify; structure OK ({count}; {why}); the tensor data is "
+            "unverified"), False
+
+
 def cmd_verify(args, out):
-    from .reader import open as open_file
-    first = None
+    first, unverified = None, False
     for path in args.files:
         try:
-            with open_file(path, **_limits(args)) as reader:
-                if reader.has_checksums:
-                    reader.verify()
-                    note = "every check and checksum passed"
-                else:
-                    why = ("safetensors files hold no checksums" if getattr(reader, "format", "")
-                           == "safetensors" else "saved without checksums")
-                    note = f"every structural check passed ({why})"
-                out.write(f"{path}: OK, {len(reader)} tensors, {note}\n")
-        except (SafeckptError, OSError) as exc:
-            _error(exc)
-            first = first if first is not None else _exit_code(exc)
-    return first or EXIT_OK
+            line, checked = _verify_one(path, args)
+        except Exception as exc:  # report it and go on to the next file
+            code = _report(exc, args)
+            first = code if first is None else first
+            continue
+        unverified |= not checked
+        _say(out, line)
+    if first is not None:
+        return first
+    return EXIT_NO_CHECKSUMS if unverified else EXIT_OK
 
 
 # -- convert ----------------------------------------------------------------------------------------
@@ -281,22 +378,21 @@ class _PlainBar:
 
 
 def cmd_convert(args, out):
+    if not args.dst.lower().endswith(tuple(_convert.OUTPUTS)):
+        raise _Usage(f"{args.dst}: unknown output format; name it "
+                     + " or ".join("*" + suffix for suffix in _convert.OUTPUTS))
     if args.progress:
         enabled = "always"
     elif args.quiet:
         enabled = False
     else:
         enabled = sys.stderr.isatty()
-    try:
-        result = _convert.convert(args.src, args.dst, align=args.align,
-                                  checksum=not args.no_checksum, progress=_progress_bar(enabled),
-                                  **_limits(args))
-    except ValueError as exc:
-        if isinstance(exc, SafeckptError):
-            raise
-        raise _Usage(str(exc)) from None
+    result = _convert.convert(args.src, args.dst, align=args.align,
+                              checksum=not args.no_checksum, progress=_progress_bar(enabled),
+                              **_limits(args))
     if not args.quiet:
-        out.write(f"{args.src} -> {args.dst}: {result.tensors} tensors, {_human(result.nbytes)}\n")
+        _say(out, f"{args.src} -> {args.dst}: {plural(result.tensors, 'tensor')}, "
+                  f"{_human(result.nbytes)}")
     return EXIT_OK
 
 
@@ -332,10 +428,12 @@ def cmd_diff(args, out):
         ta, tb = a.tensors, b.tensors
         for name in ta:
             if name not in tb:
-                lines.append(f"- {name}: only in {args.a} ({ta[name].dtype} {list(ta[name].shape)})")
+                lines.append(f"- {_escape(name)}: only in {args.a} ({ta[name].dtype} "
+                             f"{list(ta[name].shape)})")
         for name in tb:
             if name not in ta:
-                lines.append(f"+ {name}: only in {args.b} ({tb[name].dtype} {list(tb[name].shape)})")
+                lines.append(f"+ {_escape(name)}: only in {args.b} ({tb[name].dtype} "
+                             f"{list(tb[name].shape)})")
         same = 0
         for name in ta:
             if name not in tb:
@@ -351,15 +449,17 @@ def cmd_diff(args, out):
                 if x.dtype != y.dtype or not _same_bytes(x, y):
                     changes.append(f"max abs diff {_max_abs_diff(x, y):.6g}")
             if changes:
-                lines.append(f"~ {name}: " + ", ".join(changes))
+                lines.append(f"~ {_escape(name)}: " + ", ".join(changes))
             else:
                 same += 1
         meta = _metadata_changes(a.metadata, b.metadata)
         lines.extend(meta)
         if not _tree.same(_tree_of(a), _tree_of(b)):
             lines.append("~ the tree (structure and plain values) differs")
-    out.writelines(line + "\n" for line in lines)
-    out.write(f"{same} of {len(ta)} tensors in {args.a} identical; {len(lines)} differences\n")
+    for line in lines:
+        _say(out, line)
+    _say(out, f"{same} of {plural(len(ta), 'tensor')} in {args.a} identical; "
+              f"{plural(len(lines), 'difference')}")
     return EXIT_DIFFERENT if lines else EXIT_OK
 
 
@@ -379,10 +479,10 @@ def _metadata_changes(ma, mb):
     lines = []
     for key in ma:
         if key not in mb:
-            lines.append(f"- metadata[{key!r}] = {ma[key]!r}")
+            lines.append(f"- metadata[{quote(key)}] = {quote(ma[key])}")
         elif not _tree.same(ma[key], mb[key]):
-            lines.append(f"~ metadata[{key!r}]: {ma[key]!r} -> {mb[key]!r}")
-    lines += [f"+ metadata[{key!r}] = {mb[key]!r}" for key in mb if key not in ma]
+            lines.append(f"~ metadata[{quote(key)}]: {quote(ma[key])} -> {quote(mb[key])}")
+    lines += [f"+ metadata[{quote(key)}] = {quote(mb[key])}" for key in mb if key not in ma]
     return lines
 
 
@@ -394,54 +494,87 @@ def _tree_of(source):
 # -- main -------------------------------------------------------------------------------------------
 
 def _limits(args):
-    return {"max_header_size": args.max_header_size} if args.max_header_size else {}
+    """The reader limits given on the command line, as keyword arguments."""
+    return {name: getattr(args, name) for name in LIMITS if getattr(args, name, None) is not None}
 
 
-def _error(exc):
-    sys.stderr.write(f"safeckpt: error: {_message(exc)}\n")
+def _positive(text):
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _alignment(text):
+    if not text.isdigit() or int(text) & (int(text) - 1) or not (
+            fmt.ALIGN_MIN <= int(text) <= fmt.ALIGN_MAX):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a power of two between "
+                                         f"{fmt.ALIGN_MIN} and {fmt.ALIGN_MAX}")
+    return int(text)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own exit code is 2 too; keep our one-line style
         self.print_usage(sys.stderr)
-        sys.stderr.write(f"safeckpt: error: {message}\n")
+        _say(sys.stderr, f"safeckpt: error: {message}")
         raise SystemExit(EXIT_USAGE)
 
 
+def _common_options():
+    """Options every subcommand takes, before or after its name: the limits and --traceback.
+
+    Their default is SUPPRESS, so that a subcommand's parser does not overwrite with a default
+    what was given before the subcommand.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    limits = common.add_argument_group("limits (raise them only for files you trust)")
+    defaults = {"max_header_size": _human(fmt.MAX_HEADER_SIZE), "max_tensors": fmt.MAX_TENSORS,
+                "max_ndim": fmt.MAX_NDIM, "max_depth": fmt.MAX_DEPTH}
+    for name, (metavar, what) in LIMITS.items():
+        limits.add_argument("--" + name.replace("_", "-"), type=_positive, metavar=metavar,
+                            default=argparse.SUPPRESS,
+                            help=f"{what} to accept (default {defaults[name]})")
+    common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="on an internal error (exit 70), print the traceback to report")
+    return common
+
+
 def build_parser():
-    parser = _Parser(prog="safeckpt", description="Inspect, verify, convert and compare "
-                     "checkpoints (.sckpt, .safetensors, .npz, .npy, torch .pt/.bin).",
+    common = _common_options()
+    parser = _Parser(prog="safeckpt", parents=[common], description="Inspect, verify, convert "
+                     "and compare checkpoints (.sckpt, .safetensors, .npz, .npy, torch .pt/.bin).",
                      epilog="exit codes: 0 ok, 1 diff found differences, 2 usage, 3 bad file, "
-                     "4 checksum mismatch, 5 not found, 6 other OS error, 7 missing package")
+                     "4 checksum mismatch, 5 not found, 6 other OS error, 7 missing package, "
+                     "8 verify: no checksums to verify (structure OK), 70 a bug in safeckpt "
+                     "(please report it)")
     parser.add_argument("--version", action="version", version=f"safeckpt {__version__}")
-    parser.add_argument("--max-header-size", type=int, metavar="BYTES",
-                        help="raise the header size limit (default 100 MiB) for files you trust")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="tensor table, totals, metadata and tree outline")
+    p = sub.add_parser("inspect", parents=[common],
+                       help="tensor table, totals, metadata and tree outline")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("verify", help="every structural check and checksum; exit 0 if all pass")
+    p = sub.add_parser("verify", parents=[common], help="every structural check and checksum; "
+                       "exit 0 if all pass, 8 if a file holds no checksums")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(run=cmd_verify)
 
-    p = sub.add_parser("convert", help="convert by extension: .sckpt, .safetensors, "
-                       "*.safetensors.index.json, .npz, .npy, .pt/.pth/.bin/.ckpt -> .sckpt or "
-                       ".safetensors")
+    p = sub.add_parser("convert", parents=[common], help="convert by extension: .sckpt, "
+                       ".safetensors, *.safetensors.index.json, .npz, .npy, .pt/.pth/.bin/.ckpt "
+                       "-> .sckpt or .safetensors")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--align", type=int, default=fmt.ALIGN_DEFAULT, help="tensor alignment in "
-                   f"a .sckpt output (default {fmt.ALIGN_DEFAULT})")
+    p.add_argument("--align", type=_alignment, default=fmt.ALIGN_DEFAULT, help="tensor "
+                   f"alignment in a .sckpt output (default {fmt.ALIGN_DEFAULT})")
     p.add_argument("--no-checksum", action="store_true", help="no CRC32C in a .sckpt output")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--progress", action="store_true", help="always show a progress bar")
     shown.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("diff", help="missing/extra tensors, dtype and shape changes, max abs "
-                       "difference; exit 1 if the files differ")
+    p = sub.add_parser("diff", parents=[common], help="missing/extra tensors, dtype and shape "
+                       "changes, max abs difference; exit 1 if the files differ")
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(run=cmd_diff)
@@ -450,6 +583,9 @@ def build_parser():
 
 def main(argv=None):
     """Run the command line; return the exit code (see the module docstring)."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets \x..
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args, sys.stdout)
@@ -459,12 +595,8 @@ def main(argv=None):
     except BrokenPipeError:  # e.g. `safeckpt inspect big.sckpt | head`
         sys.stderr.close()
         return EXIT_OK
-    except Exception as exc:
-        code = _exit_code(exc)
-        if code is None:
-            raise  # a bug: keep the traceback
-        _error(exc)
-        return code
+    except Exception as exc:  # one line, never a traceback (EXIT_BUG for the unexpected)
+        return _report(exc, args)
 
 
 def console():

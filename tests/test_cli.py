@@ -1,5 +1,7 @@
-"""The ``safeckpt`` command, end to end through a subprocess (``python -m safeckpt``)."""
+"""The ``safeckpt`` command, end to end through a subprocess (``python -m safeckpt``) or
+``cli.main`` in this process."""
 
+import collections
 import json
 import os
 import subprocess
@@ -28,11 +30,26 @@ def files(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def call(files, monkeypatch, capsys):
+    """``cli.main`` in this process, in the files' directory: faster than ``run`` (no start-up)."""
+    monkeypatch.chdir(files)
+
+    def call(*args):
+        try:
+            code = cli.main(list(map(str, args)))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return call
+
+
 def test_inspect_prints_the_table_totals_metadata_and_tree(files):
     r = run("inspect", files / "a.sckpt")
     assert r.returncode == cli.EXIT_OK and r.stderr == ""
     assert "model.w  float32  (3, 4)     48" in r.stdout
-    assert "total: 1 tensors, 48 bytes" in r.stdout
+    assert "total: 1 tensor, 48 bytes" in r.stdout
     assert 'lr: [0.001]' in r.stdout
     assert "'tied': same tensor as model.w" in r.stdout and "'epoch': 3" in r.stdout
 
@@ -75,7 +92,7 @@ def test_bad_input_exits_with_its_code_and_one_line(files, args, code, words):
 
 def test_convert_round_trip_and_diff(files):
     r = run("convert", files / "a.sckpt", files / "a.safetensors")
-    assert r.returncode == cli.EXIT_OK and "1 tensors" in r.stdout
+    assert r.returncode == cli.EXIT_OK and ": 1 tensor, " in r.stdout
     r = run("convert", "--progress", files / "a.safetensors", files / "a2.sckpt")
     assert r.returncode == cli.EXIT_OK and ("100%" in r.stderr or "convert" in r.stderr)
     r = run("diff", files / "a.sckpt", files / "a2.sckpt")
@@ -107,3 +124,259 @@ def test_diff_max_abs_diff_is_exact_for_ints_and_handles_nan():
     x = np.array([np.nan, 1.0], np.float32)
     assert cli._max_abs_diff(x, np.array([np.nan, 1.5], np.float32)) == 0.5
     assert np.isnan(cli._max_abs_diff(x, np.array([0.0, 1.0], np.float32)))
+
+
+# -- trust: nothing from a file reaches the terminal raw; every outcome has its own exit code ------
+
+HOSTILE = "w\x1b]52;c;cHduZWQ=\x07\x1b[2J\n\r\u202eevil\u2066\x85\x7f\u200b\\x1b"
+
+
+def assert_inert(text):
+    """No character a terminal acts on: only printable characters and line ends."""
+    bad = sorted({c for c in text if not (c.isprintable() or c == "\n")})
+    assert not bad, bad
+
+
+def test_escape_shows_what_a_terminal_would_act_on_and_keeps_unicode():
+    assert cli._escape("héllo 中文 ü.w") == "héllo 中文 ü.w"
+    assert cli._escape("a\x1b[2J\n\x85\x7f\u202e\u2066\u200b\u2028\ud800") == \
+        "a\\x1b[2J\\n\\x85\\x7f\\u202e\\u2066\\u200b\\u2028\\ud800"
+    assert cli._escape("a\\x1b") == "a\\\\x1b"  # a literal backslash never looks like an escape
+    assert cli._escape("a\\b\x1b", backslash=False) == "a\\b\\x1b"
+
+
+def test_inspect_verify_diff_convert_escape_names_keys_and_values_from_the_file(files, call):
+    w = np.arange(3, dtype=np.float32)
+    safeckpt.save({"model": {HOSTILE: w, "b": w * 2}, HOSTILE: "v" + HOSTILE, "s": np.float32(1)},
+                  files / "h.sckpt", metadata={HOSTILE: HOSTILE})
+    safeckpt.save_file({"model." + HOSTILE: w + 1, "x" + HOSTILE: w}, files / "h2.sckpt",
+                       metadata={HOSTILE: 1})
+    for args in (("inspect", "h.sckpt"), ("inspect", "--json", "h.sckpt"), ("verify", "h.sckpt"),
+                 ("diff", "h.sckpt", "h2.sckpt"), ("convert", "h.sckpt", "h.safetensors"),
+                 ("inspect", "h.safetensors"), ("diff", "h.safetensors", "h2.sckpt")):
+        r = call(*args)
+        assert r.returncode in (cli.EXIT_OK, cli.EXIT_DIFFERENT), (args, r.stderr)
+        assert_inert(r.stdout + r.stderr)
+    r = run("inspect", "h.sckpt", cwd=files)
+    assert "model.w\\x1b]52;c;cHduZWQ=\\x07\\x1b[2J\\n\\r\\u202eevil\\u2066\\x85\\x7f\\u200b\\\\x1b" \
+        in r.stdout
+    r = call("diff", "h.sckpt", "h2.sckpt")
+    assert "+ xw\\x1b]52" in r.stdout and "~ model.w\\x1b]52" in r.stdout
+
+
+def test_error_messages_are_escaped_too(files):
+    r = run("inspect", "gone\x1b[2J\u202e.sckpt", cwd=files)
+    assert r.returncode == cli.EXIT_NOT_FOUND and "gone\\x1b[2J\\u202e.sckpt" in r.stderr
+    assert_inert(r.stderr)
+    # a safetensors name with a lone surrogate (JSON allows the escape) cannot even be encoded raw
+    header = json.dumps({"\ud800\x1b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 5]}})
+    data = header.encode()
+    (files / "s.safetensors").write_bytes(len(data).to_bytes(8, "little") + data + bytes(5))
+    for command in ("inspect", "verify"):
+        r = run(command, "s.safetensors", cwd=files)
+        assert r.returncode == cli.EXIT_BAD_FILE and "Traceback" not in r.stderr
+        assert_inert(r.stdout + r.stderr)
+
+
+def test_inspect_json_holds_every_value_type_of_a_tree_and_metadata(files, call):
+    from safeckpt.dtypes import DTYPE_BY_CODE
+    w = np.ones(2, np.float32)
+    values = [None, True, False, 0, -2**63, 2**64 - 1, 2**53 + 1, "é\x1b", b"\x00\xff", 1.5, -0.0,
+              float("nan"), float("inf"), float("-inf"), [1, [2]], (1, (2,)), {3: "int key", "3": 4}]
+    scalars = [np.zeros((), dt)[()] for dt in DTYPE_BY_CODE] + [np.complex128(1 + 2j),
+                                                                np.float64("nan")]
+    obj = {"values": values, "scalars": scalars, "w": w, "tied": w,
+           "odict": collections.OrderedDict(a=1), 7: ()}
+    metadata = {"m": [None, True, -2**63, 2**64 - 1, 1.5, float("nan"), "s", b"\x01", {"k": [1]}]}
+    safeckpt.save(obj, files / "all.sckpt", metadata=metadata)
+    r = call("inspect", "--json", "all.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+    desc = json.loads(r.stdout, parse_constant=refuse)
+    tree = desc["tree"]["items"]
+    got = dict((k, v) for k, v in tree)
+    plain = got["values"]["items"]
+    assert plain[:5] == [None, True, False, 0, {"int": str(-2**63)}]
+    assert plain[5:8] == [{"int": str(2**64 - 1)}, {"int": str(2**53 + 1)}, "é\x1b"]
+    assert plain[8] == {"base64": "AP8="} and plain[9] == 1.5 and str(plain[10]) == "-0.0"
+    assert plain[11:14] == [{"float": "nan"}, {"float": "inf"}, {"float": "-inf"}]
+    assert plain[15] == {"type": "tuple", "items": [1, {"type": "tuple", "items": [2]}]}
+    assert plain[16] == {"type": "dict", "items": [[3, "int key"], ["3", 4]]}
+    kinds = {s["scalar"]: s["value"] for s in got["scalars"]["items"][:-2]}
+    assert len(kinds) == len(DTYPE_BY_CODE)
+    assert got["scalars"]["items"][-2] == {"scalar": "complex128", "value": {"complex": [1.0, 2.0]}}
+    assert got["scalars"]["items"][-1]["value"] == {"float": "nan"}
+    assert [k for k, _ in tree][-1] == 7 and got["tied"] == {"tensor": "w"}
+    assert desc["metadata"]["m"][2:4] == [{"int": str(-2**63)}, {"int": str(2**64 - 1)}]
+    assert desc["metadata"]["m"][5] == {"float": "nan"}
+    assert desc["metadata"]["m"][7] == {"base64": "AQ=="}
+    r = call("inspect", "all.sckpt")
+    assert r.returncode == cli.EXIT_OK and "complex128 scalar" in r.stdout, r.stderr
+
+
+def test_jsonable_is_total():
+    class Odd:
+        def __repr__(self):
+            return "Odd()"
+    assert cli._jsonable({"a": Odd(), 1: np.float16(2)}) == \
+        {"type": "dict", "items": [["a", {"repr": "Odd()"}], [1, 2.0]]}
+
+
+def test_limit_flags_work_after_the_subcommand_and_errors_name_the_flag(files, call):
+    safeckpt.save_file({"x": np.zeros(1), "y": np.zeros(1)}, files / "m.sckpt",
+                       metadata={"m": "a" * 5000})
+    for args in (("inspect", "m.sckpt", "--max-header-size", "1000"),
+                 ("--max-header-size", "1000", "verify", "m.sckpt"),
+                 ("--max-header-size", "10000000", "inspect", "--max-header-size=1000", "m.sckpt")):
+        r = call(*args)
+        assert r.returncode == cli.EXIT_BAD_FILE, (args, r.stderr)
+        assert "--max-header-size=" in r.stderr and "max_header_size" not in r.stderr
+    assert call("inspect", "m.sckpt", "--max-header-size", "100000").returncode == 0
+    assert call("--max-header-size", "100000", "diff", "m.sckpt", "m.sckpt").returncode == 0
+    r = call("verify", "--max-tensors", "1", "m.sckpt")
+    assert r.returncode == cli.EXIT_BAD_FILE and "--max-tensors=" in r.stderr
+    r = call("convert", "m.sckpt", "m2.sckpt", "--max-header-size", "0")
+    assert r.returncode == cli.EXIT_USAGE
+
+
+@pytest.mark.parametrize("name", ["x.npz", "x.npy", "x.pt", "x.bin"])
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_inspect_and_verify_of_a_file_to_convert_say_how(files, call, name, command):
+    if name == "x.npz":
+        np.savez(files / name, a=np.zeros(2))
+    elif name == "x.npy":
+        np.save(files / name, np.zeros(2))
+    else:  # torch.save writes a zip archive
+        import zipfile
+        with zipfile.ZipFile(files / name, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    r = call(command, name)
+    assert r.returncode == cli.EXIT_BAD_FILE and "Traceback" not in r.stderr
+    assert f"safeckpt convert {name} " in r.stderr
+
+
+def test_counts_are_singular_and_plural(files, call):
+    r = call("inspect", "a.sckpt")
+    assert ", 1 tensor, " in r.stdout and "total: 1 tensor, 48 bytes" in r.stdout
+    assert "1 tensors" not in r.stdout
+    r = call("inspect", "b.sckpt")
+    assert ", 2 tensors, " in r.stdout
+    r = call("convert", "a.sckpt", "c.sckpt")
+    assert r.stdout.endswith(": 1 tensor, 48 B\n")
+    r = call("diff", "a.sckpt", "c.sckpt")
+    assert r.stdout == "1 of 1 tensor in a.sckpt identical; 0 differences\n"
+    r = call("verify", "a.sckpt")
+    assert "OK, 1 tensor," in r.stdout
+
+
+def test_verify_of_a_file_without_checksums_does_not_say_ok(files, call):
+    safeckpt.save_file({"x": np.zeros(2)}, files / "n.sckpt", checksum=False)
+    from safetensors.numpy import save_file
+    save_file({"x": np.zeros(2)}, str(files / "n.safetensors"))
+    for name, why in (("n.sckpt", "saved without checksums"), ("n.safetensors", "safetensors")):
+        r = call("verify", name)
+        assert r.returncode == cli.EXIT_NO_CHECKSUMS, r.stderr
+        assert ": OK" not in r.stdout and "no checksums to verify; structure OK" in r.stdout
+        assert why in r.stdout
+    r = call("verify", "a.sckpt", "n.sckpt")
+    assert r.returncode == cli.EXIT_NO_CHECKSUMS
+    r = call("verify", "n.sckpt", "missing.sckpt", "a.sckpt")
+    assert r.returncode == cli.EXIT_NOT_FOUND and r.stdout.count("\n") == 2
+
+
+def _safetensors(path, entry, data=b""):
+    header = json.dumps({"a": entry}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [0, 4611686018427387904], "data_offsets": [0, 0]},
+    {"dtype": "I16", "shape": [0, 2**63 - 1], "data_offsets": [0, 0]},
+    {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+    {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]},
+])
+def test_a_hostile_safetensors_file_is_a_bad_file_for_every_command(files, call, entry):
+    _safetensors(files / "h.safetensors", entry, bytes(entry["data_offsets"][1]))
+    for args in (("inspect", "h.safetensors"), ("inspect", "--json", "h.safetensors"),
+                 ("verify", "h.safetensors"), ("convert", "h.safetensors", "o.sckpt"),
+                 ("diff", "h.safetensors", "a.sckpt")):
+        r = call(*args)
+        assert r.returncode == cli.EXIT_BAD_FILE, (args, r.returncode, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and ": OK" not in r.stdout
+        assert len(r.stderr.splitlines()) == 1
+
+
+def test_usage_is_exit_2_only_for_arguments(files, call):
+    assert call("convert", "a.sckpt", "o.sckpt", "--align", "3").returncode == cli.EXIT_USAGE
+    assert call("convert", "a.sckpt", "o.txt").returncode == cli.EXIT_USAGE
+    for exc in (ValueError("array is too big"), TypeError("x"), KeyError("x"), RecursionError()):
+        assert cli._exit_code(exc) == cli.EXIT_BUG
+    assert cli._exit_code(safeckpt.SafeckptError("x")) == cli.EXIT_BAD_FILE
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug_in_one_line(files, monkeypatch, capsys):
+    def broken(path, **limits):
+        raise TypeError("unhashable \x1b[2J 'list'")
+    monkeypatch.setattr(safeckpt.reader, "open", broken)
+    assert cli.main(["inspect", str(files / "a.sckpt")]) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("safeckpt: internal error (a bug in safeckpt; please report it")
+    assert "TypeError: unhashable \\x1b[2J 'list'" in err
+    assert cli.main(["inspect", "--traceback", str(files / "a.sckpt")]) == cli.EXIT_BUG
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_each_tensor_is_looked_up_a_constant_number_of_times(files, monkeypatch):
+    """Per-name work in the CLI is O(1): no re-listing of names and no repeated lookups per
+    tensor (R2: such a loop is quadratic in the tensor count)."""
+    n = 200
+    tensors = {f"t{i}": np.full(2, i, np.float32) for i in range(n)}
+    safeckpt.save({"model": tensors, "tied": tensors["t0"]}, files / "n1.sckpt")
+    safeckpt.save({"model": tensors}, files / "n2.sckpt")
+    calls = collections.Counter()
+    real_open = safeckpt.reader.open
+
+    class Counting:
+        def __init__(self, reader):
+            self._reader = reader
+
+        def __getattr__(self, name):
+            value = getattr(self._reader, name)
+            if name in ("keys", "info", "get_slice", "__contains__"):
+                def counted(*args, **kwargs):
+                    calls[(name, *args)] += 1
+                    return value(*args, **kwargs)
+                return counted
+            return value
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._reader.close()
+
+        def __len__(self):
+            return len(self._reader)
+
+        def __iter__(self):
+            calls[("keys",)] += 1
+            return iter(self._reader)
+
+        def __getitem__(self, name):
+            calls[("getitem", name)] += 1
+            return self._reader[name]
+
+        def __contains__(self, name):
+            calls[("contains", name)] += 1
+            return name in self._reader
+
+    monkeypatch.setattr(safeckpt.reader, "open", lambda path, **kw: Counting(real_open(path, **kw)))
+    for argv in (["inspect", "n1.sckpt"], ["inspect", "--json", "n1.sckpt"], ["verify", "n1.sckpt"],
+                 ["diff", "n1.sckpt", "n2.sckpt"], ["convert", "-q", "n1.sckpt", "n3.sckpt"]):
+        calls.clear()
+        cli.main([argv[0], *(str(files / a) if a.endswith(".sckpt") else a for a in argv[1:])])
+        assert calls[("keys",)] <= 2, argv
+        assert max((count for key, count in calls.items() if len(key) > 1), default=0) <= 2, argv
