@@ -6,6 +6,23 @@ bit-exactly. Saves are atomic (temporary file, fsync, rename), so a crash leaves
 checkpoint or the new one. Works with torch objects (anything with ``state_dict()`` and
 ``load_state_dict()``) and with plain dicts of numpy arrays alike.
 
+What a checkpoint file holds (a reader refuses anything else with a ``HeaderError`` that names
+the key and the rule):
+
+- **[C1]** Its metadata is ``{"format": "safeckpt.checkpoint/1", "step": S, "metrics": M}``:
+  ``S`` is None or an int >= 0, ``M`` a map of str to int or float.
+- **[C2]** A file of :func:`save_checkpoint` holds a dict with the keys ``model``, ``optimizer``,
+  ``scheduler``, ``step``, ``epoch``, ``rng``, ``extra`` and ``metrics`` (``step`` as in [C1],
+  ``epoch`` likewise, ``metrics`` equal in kind). A file of :class:`CheckpointManager` holds a
+  dict with the keys ``state``, ``step``, ``metrics`` and ``rng``; its ``step`` is an int equal to
+  the metadata's and to the number in its name, ``step-<step, 10 to 20 digits>.sckpt``. Each kind
+  is refused by the other's functions, with a message naming the right one.
+- **[C3]** ``rng`` is None or a map with any of: ``python``, ``(3, words, gauss)`` where ``words``
+  is 624 ints below 2**32 and a position 0..624, ``gauss`` None or a float; ``numpy``,
+  ``("MT19937", uint32[624], position 0..624, has_gauss 0 or 1, cached gaussian float)``;
+  ``torch``, a uint8 vector that torch's CPU generator accepts; ``cuda``, a list of uint8 vectors
+  (one per GPU). Other keys are ignored.
+
 Example:
     >>> manager = safeckpt.CheckpointManager("ckpts", keep_last=3)          # doctest: +SKIP
     >>> state = {"model": model, "optimizer": optimizer}                     # doctest: +SKIP
@@ -17,6 +34,7 @@ Example:
 """
 
 import collections
+import errno
 import math
 import os
 import random
@@ -28,8 +46,9 @@ import numpy as np
 
 from . import tree as _tree
 from . import writer as _writer
-from .errors import InvalidValueError, SafeckptError
+from .errors import HeaderError, InvalidValueError, SafeckptError, StateMismatchError
 from .reader import Reader
+from .tree import Subtree
 
 FORMAT = "safeckpt.checkpoint/1"  # metadata["format"] of every checkpoint file
 _NAME = re.compile(r"^step-(\d{10,20})\.sckpt$")  # CheckpointManager's file names
@@ -59,20 +78,128 @@ def capture_rng():
 
 
 def restore_rng(state):
-    """Set the generators captured by :func:`capture_rng` (missing entries are left alone)."""
+    """Set the generators captured by :func:`capture_rng` (missing entries are left alone).
+
+    Every entry is checked first ([C3] in this module's docstring), so a bad one changes none.
+    A torch state while torch is not installed is skipped with a warning.
+
+    Raises:
+        HeaderError: an entry that is not what :func:`capture_rng` returns, naming it.
+    """
+    torch = check_rng(state)
+    if state is None:
+        return
     if "python" in state:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
         np.random.set_state(tuple(_as_numpy(v) for v in state["numpy"]))
-    torch = sys.modules.get("torch")
     if torch is None and ("torch" in state or "cuda" in state):
-        import torch
+        warnings.warn("the random state of torch was not restored: torch is not installed",
+                      RuntimeWarning, stacklevel=2)
+        return
     if "torch" in state:
         torch.set_rng_state(_as_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         generators = [_as_byte_tensor(s) for s in state["cuda"]]
         torch.cuda.set_rng_state_all(generators[:torch.cuda.device_count()])
+
+
+_MT_WORDS = 624  # 32-bit words of a Mersenne Twister's state (Python's random, numpy's legacy)
+
+
+def _shown(value):
+    """``value!r`` for a short number or str, else its kind (``a list``): cheap for any value."""
+    kind = type(value)
+    if ((kind in (str, bytes) and len(value) <= 40) or (kind is int and value.bit_length() <= 64)
+            or kind in (float, bool, type(None))):
+        return repr(value)
+    return _kind(value)
+
+
+def _is_int(value, low, high):
+    return type(value) is int and low <= value <= high
+
+
+def _byte_vector(value, where):
+    value = _as_numpy(value)
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+        raise HeaderError(f"{where}: {_shown(value)} is not a uint8 vector [C3]")
+    return value
+
+
+def check_rng(state, where="rng"):
+    """Check random generators' state as :func:`capture_rng` makes it [C3], setting nothing.
+
+    Returns torch when the state holds a torch entry and torch imports, else None.
+
+    Raises:
+        HeaderError: the first entry that is wrong, named (``rng['numpy'][1]``).
+    """
+    torch = None
+    if state is None:
+        return torch
+    if not isinstance(state, dict):
+        raise HeaderError(f"{where}: {_shown(state)} is not a map of generator states [C3]")
+    if "python" in state:
+        value, at = state["python"], f"{where}['python']"
+        if not isinstance(value, (tuple, list)) or len(value) != 3:
+            raise HeaderError(f"{at}: {_shown(value)} is not (version, words, gauss) [C3]")
+        version, words, gauss = value
+        if not _is_int(version, 3, 3):
+            raise HeaderError(f"{at}[0]: version {_shown(version)} is not 3 [C3]")
+        if (not isinstance(words, (tuple, list)) or len(words) != _MT_WORDS + 1
+                or not all(_is_int(w, 0, 0xFFFFFFFF) for w in words[:_MT_WORDS])
+                or not _is_int(words[_MT_WORDS], 0, _MT_WORDS)):
+            raise HeaderError(f"{at}[1]: is not {_MT_WORDS} ints below 2**32 and a position "
+                              f"0..{_MT_WORDS} [C3]")
+        if gauss is not None and type(gauss) is not float:
+            raise HeaderError(f"{at}[2]: gauss {_shown(gauss)} is not None or a float [C3]")
+    if "numpy" in state:
+        value, at = state["numpy"], f"{where}['numpy']"
+        if not isinstance(value, (tuple, list)) or len(value) != 5:
+            raise HeaderError(f"{at}: {_shown(value)} is not ('MT19937', key, pos, has_gauss, "
+                              "cached_gaussian) [C3]")
+        name, key, pos, has_gauss, cached = value
+        key = _as_numpy(key)
+        if type(name) is not str or name != "MT19937":
+            raise HeaderError(f"{at}[0]: generator {_shown(name)} is not 'MT19937' [C3]")
+        if not isinstance(key, np.ndarray) or key.dtype != np.uint32 or key.shape != (_MT_WORDS,):
+            raise HeaderError(f"{at}[1]: {_shown(key)} is not shape ({_MT_WORDS},) uint32 [C3]")
+        if not _is_int(pos, 0, _MT_WORDS):
+            raise HeaderError(f"{at}[2]: position {_shown(pos)} is not in 0..{_MT_WORDS} [C3]")
+        if not _is_int(has_gauss, 0, 1):
+            raise HeaderError(f"{at}[3]: has_gauss {_shown(has_gauss)} is not 0 or 1 [C3]")
+        if type(cached) not in (int, float):
+            raise HeaderError(f"{at}[4]: cached gaussian {_shown(cached)} is not a float [C3]")
+    if "torch" in state or "cuda" in state:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            try:
+                import torch
+            except ImportError:
+                torch = None
+    if "torch" in state:
+        value = _byte_vector(state["torch"], f"{where}['torch']")
+        if torch is not None:
+            try:  # a spare generator checks the state: the global one is left alone
+                torch.Generator().set_state(torch.from_numpy(value.copy()))
+            except RuntimeError as exc:
+                raise HeaderError(f"{where}['torch']: not a state that torch's CPU generator "
+                                  f"accepts ({exc}) [C3]") from exc
+    if "cuda" in state:
+        value = state["cuda"]
+        if not isinstance(value, (list, tuple)):
+            raise HeaderError(f"{where}['cuda']: {_shown(value)} is not a list of states [C3]")
+        vectors = [_byte_vector(v, f"{where}['cuda'][{i}]") for i, v in enumerate(value)]
+        if torch is not None and torch.cuda.is_available():
+            for i, vector in enumerate(vectors[:torch.cuda.device_count()]):
+                try:
+                    torch.Generator(device=f"cuda:{i}").set_state(torch.from_numpy(vector.copy()))
+                except RuntimeError as exc:
+                    raise HeaderError(f"{where}['cuda'][{i}]: not a state that the generator of "
+                                      f"cuda:{i} accepts ({exc}) [C3]") from exc
+    return torch
 
 
 def _as_numpy(value):
@@ -100,44 +227,250 @@ def _state_of(obj, depth=0):
     return obj
 
 
+def _torch_of(obj):
+    """The torch module if ``obj`` is a torch.Tensor (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(obj, torch.Tensor) else None
+
+
 def _is_torch_module(obj):
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def restore_into(target, state, *, strict=True, where="state", map_location=None):
-    """Put a loaded ``state`` into ``target`` in place; return what ``target`` now holds.
+def _has_load_state_dict(obj):
+    return callable(getattr(obj, "load_state_dict", None)) and not isinstance(obj, dict)
 
-    ``target`` may be an object with ``load_state_dict`` (a torch module is checked key by key
-    first, see :func:`safeckpt.torch.load_state`; tensors become torch tensors zero-copy), or a
-    dict: numpy arrays of the same shape and dtype are overwritten in place (so references to them
-    stay valid), nested dicts and stateful objects are restored recursively, and other entries are
-    replaced.
-    """
-    if callable(getattr(target, "load_state_dict", None)) and not isinstance(target, dict):
-        from . import torch as _sck_torch
-        state = _sck_torch.to_torch(state, map_location)
-        if _is_torch_module(target):
-            _sck_torch.load_state(target, state, strict=strict, where=where)
+
+def _is_plain(value):
+    """A value that a restore replaces rather than writes into: None, a number, a str, bytes, a
+    numpy scalar, or a tuple of these."""
+    if isinstance(value, tuple):
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic))
+
+
+def _kind(value):
+    """``shape (2, 3) float32`` for an array or tensor, else ``a list``, ``an int``."""
+    if isinstance(value, (np.ndarray, np.generic)) or _torch_of(value) is not None:
+        return f"shape {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return _article(type(value).__name__)
+
+
+def _article(name):
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+_LISTED = 20  # problems listed per kind in a StateMismatchError; the rest are counted
+
+
+class _Restore:
+    """One restore: walk the targets and the loaded state, gather every problem and every write,
+    and write nothing until all were checked."""
+
+    def __init__(self, where, strict, map_location):
+        self.where, self.strict, self.map_location = where, strict, map_location
+        self.missing, self.unexpected, self.mismatched = [], [], []  # paths; (path, words)
+        # Writes run in this order: objects whose own load_state_dict() may still refuse, then
+        # checked torch modules, then arrays and tensors, which cannot fail.
+        self.calls, self.modules, self.writes = [], [], []
+
+    def name(self, path):
+        return "".join(f"[{key!r}]" for key in path)
+
+    def top(self, target, state, path):
+        """Walk one target given by the caller, which must change in place."""
+        if not _is_plain(target):
+            if self.walk(target, state, path) is target:
+                return
+        raise InvalidValueError(
+            f"{self.where}{self.name(path)}: cannot restore into {_kind(target)}: it "
+            "cannot be changed in place; pass a dict (or a list, a numpy array, a torch tensor, "
+            "an object with load_state_dict()) that holds it, e.g. {'step': 0}")
+
+    def walk(self, target, value, path):
+        """Plan the restore of ``value`` into ``target``; return what the parent then holds."""
+        if _has_load_state_dict(target):
+            self.stateful(target, value, path)
+        elif isinstance(target, np.ndarray):
+            self.array(target, value, path)
+        elif _torch_of(target) is not None:
+            self.tensor(_torch_of(target), target, value, path)
+        elif isinstance(target, dict):
+            self.dict(target, value, path)
+        elif isinstance(target, list) or (isinstance(target, tuple) and not _is_plain(target)):
+            return self.sequence(target, value, path)
+        elif _is_plain(target):
+            return value
         else:
-            target.load_state_dict(state)
+            self.mismatched.append((path, f"{_kind(target)} cannot be restored into: it is not "
+                                    "an array, a container or an object with load_state_dict() "
+                                    "(for jax arrays use safeckpt.jax.load(..., target=...))"))
         return target
-    if isinstance(target, dict) and isinstance(state, dict):
-        for key, value in state.items():
-            current = target.get(key)
-            if (isinstance(current, np.ndarray) and isinstance(value, np.ndarray)
-                    and current.shape == value.shape and current.dtype == value.dtype
-                    and current.flags.writeable):
-                np.copyto(current, value)
-            elif (callable(getattr(current, "load_state_dict", None))
-                  or (isinstance(current, dict) and isinstance(value, dict))):
-                restore_into(current, value, strict=strict, where=f"{where}[{key!r}]",
-                             map_location=map_location)
-            else:
-                target[key] = value
-        return target
-    raise InvalidValueError(f"{where}: cannot restore a {type(state).__name__} into a "
-                            f"{type(target).__name__}; pass a dict or an object with load_state_dict()")
+
+    def dict(self, target, value, path):
+        if not isinstance(value, dict):
+            self.mismatched.append((path, f"file has {_kind(value)}, target has a dict"))
+            return
+        if not target:  # an empty dict receives whatever the file holds there
+            self.writes.append(lambda: target.update(value))
+            return
+        for key, current in target.items():
+            if key not in value:
+                self.missing.append(path + (key,))
+                continue
+            new = self.walk(current, value[key], path + (key,))
+            if new is not current:
+                self.writes.append(lambda key=key, new=new: target.__setitem__(key, new))
+        self.unexpected.extend(path + (key,) for key in value if key not in target)
+
+    def sequence(self, target, value, path):
+        if not isinstance(value, (list, tuple)):
+            self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
+            return target
+        if not target and isinstance(target, list):  # an empty list receives the file's items
+            self.writes.append(lambda: target.extend(value))
+            return target
+        if len(value) != len(target):
+            self.mismatched.append((path, f"file has {len(value)} items, target has {len(target)}"))
+            return target
+        new = [self.walk(current, item, path + (i,))
+               for i, (current, item) in enumerate(zip(target, value))]
+        if all(a is b for a, b in zip(new, target)):
+            return target
+        if isinstance(target, list):
+            for i, item in enumerate(new):
+                if item is not target[i]:
+                    self.writes.append(lambda i=i, item=item: target.__setitem__(i, item))
+            return target
+        return target._make(new) if hasattr(target, "_make") else type(target)(new)
+
+    def array(self, target, value, path):
+        if not isinstance(value, (np.ndarray, np.generic)):
+            self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
+        elif value.shape != target.shape or value.dtype != target.dtype:
+            self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
+        elif not target.flags.writeable:
+            self.mismatched.append((path, "the target array is read-only"))
+        else:
+            self.writes.append(lambda: np.copyto(target, value))
+
+    def tensor(self, torch, target, value, path):
+        from . import torch as _sck_torch
+        if target.is_meta:
+            self.mismatched.append((path, "the target tensor is on the meta device and has no "
+                                    "memory to restore into; materialise it first (e.g. "
+                                    "module.to_empty(device='cpu'))"))
+            return
+        if not isinstance(value, (np.ndarray, np.generic)):
+            self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
+            return
+        try:
+            source = _sck_torch.from_numpy(np.asarray(value))  # a view of the file: no copy yet
+        except KeyError:
+            self.mismatched.append((path, f"file has dtype {value.dtype}, which torch lacks"))
+            return
+        if tuple(source.shape) != tuple(target.shape) or source.dtype != target.dtype:
+            self.mismatched.append((path, f"file has {_kind(source)}, target has {_kind(target)}"))
+            return
+
+        def write():
+            with torch.no_grad():
+                target.copy_(source)
+        self.writes.append(write)
+
+    def stateful(self, target, value, path):
+        if not isinstance(value, dict):
+            self.mismatched.append((path, f"file has {_kind(value)}, not the state dict of "
+                                    f"{_article(type(target).__name__)}"))
+            return
+        if _is_torch_module(target):
+            from . import torch as _sck_torch
+            state = _sck_torch.to_torch(value, self.map_location)
+            report = _sck_torch.check_state(target, state)
+            self.missing.extend(path + (key,) for key in report.missing)
+            self.unexpected.extend(path + (key,) for key in report.unexpected)
+            for key, got, want in report.mismatched:
+                got = f"shape {got[0]} {got[1]}" if isinstance(got, tuple) else _article(got)
+                want = f"shape {want[0]} {want[1]}"
+                self.mismatched.append((path + (key,), f"file has {got}, target has "
+                                        f"{want}".replace("torch.", "")))
+            where = self.where + self.name(path)
+            self.modules.append(lambda: _sck_torch.load_state(target, state, strict=False,
+                                                              where=where))
+            return
+        # A key that the object's own state_dict() lacks is not passed on: a scheduler's
+        # load_state_dict() sets every key as an attribute (its optimizer, its methods).
+        own = target.state_dict() if callable(getattr(target, "state_dict", None)) else None
+        if isinstance(own, dict):
+            unexpected = [key for key in value if key not in own]
+            self.unexpected.extend(path + (key,) for key in unexpected)
+            value = {key: item for key, item in value.items() if key not in unexpected}
+        if "torch" in sys.modules:
+            from . import torch as _sck_torch
+            value = _sck_torch.to_torch(value, self.map_location)
+
+        def call():
+            try:
+                target.load_state_dict(value)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise StateMismatchError(
+                    f"{self.where}{self.name(path)}: {type(target).__name__}.load_state_dict() "
+                    f"refused the saved state: {type(exc).__name__}: {exc}") from exc
+        self.calls.append(call)
+
+    def finish(self):
+        """Raise (strict) or warn about every problem found, then make the writes."""
+        lines = []
+        for words, paths in (("in the target, not in the file", self.missing),
+                             ("in the file, not in the target", self.unexpected)):
+            if paths:
+                shown = ", ".join(self.name(p) for p in paths[:_LISTED])
+                more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
+                lines.append(f"  {words} ({len(paths)}): {shown}{more}")
+        lines += [f"  {self.name(p)}: {words}" for p, words in self.mismatched[:_LISTED]]
+        if len(self.mismatched) > _LISTED:
+            lines.append(f"  and {len(self.mismatched) - _LISTED} more mismatches")
+        if lines and self.strict:
+            raise StateMismatchError("\n".join(
+                [f"{self.where} does not fit the target; nothing was restored:", *lines,
+                 "Pass strict=False to restore the matching part."]))
+        if lines:
+            warnings.warn("\n".join([f"{self.where} was restored in part; not restored:", *lines]),
+                          RuntimeWarning, stacklevel=3)
+        for write in self.calls + self.modules + self.writes:
+            write()
+
+
+def restore_into(target, state, *, strict=True, where="state", map_location=None):
+    """Put a loaded ``state`` into ``target`` in place; return ``target``.
+
+    ``target`` describes what to restore, and every part of it is checked against ``state``
+    before anything is written:
+
+    - numpy arrays and torch tensors are overwritten in place (``np.copyto``, ``Tensor.copy_``),
+      so references to them stay valid; the file's must have the same shape and dtype;
+    - an object with ``load_state_dict()`` gets its state (a torch module is checked key by key,
+      see :func:`safeckpt.torch.load_state`); its own refusals raise ``StateMismatchError``;
+    - dicts and lists are walked key by key: a key of the target missing from the file, or of
+      the file missing from the target, is a problem; an *empty* dict or list receives whatever
+      the file holds there (e.g. the velocity of a numpy optimizer before its first step);
+    - plain values (numbers, str, None, tuples of them) are replaced by the file's.
+
+    Raises:
+        StateMismatchError: with ``strict``, one error listing every missing and unexpected key
+            and every shape, dtype or kind that differs; nothing is written. Without ``strict``
+            the matching part is restored and a ``RuntimeWarning`` lists the rest.
+        InvalidValueError: ``target`` cannot change in place (a number, a str, None, a tuple).
+
+    Example:
+        >>> sd = model.state_dict()                                          # doctest: +SKIP
+        >>> restore_into({"model": sd}, safeckpt.load(path, prefix="state"))  # doctest: +SKIP
+    """
+    restore = _Restore(where, strict, map_location)
+    restore.top(target, state, ())
+    restore.finish()
+    return target
 
 
 def _plain_metrics(metrics):
@@ -200,51 +533,131 @@ def _save(state, path, step, metrics, checksum, atomic, root):
 
 
 def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, map_location=None,
-                    rng=True, strict=True, verify=True, **limits):
-    """Load a checkpoint and restore it into the objects given; return a :class:`CheckpointInfo`.
+                    rng=True, strict=True, verify=None, **limits):
+    """Load a checkpoint of :func:`save_checkpoint` and restore it into the objects given; return
+    a :class:`CheckpointInfo`.
 
-    The model is restored first (every key, shape and dtype checked before any parameter is
-    touched; see :func:`safeckpt.torch.load_model`), then the optimizer, the scheduler and, with
-    ``rng``, the random generators. Plain dicts are restored in place (see :func:`restore_into`).
-    ``verify`` checks every tensor's CRC32C first. ``map_location`` moves tensors restored into
-    torch objects, as ``torch.load`` does.
+    The model, the optimizer and the scheduler are all checked before any is written (every
+    key, shape and dtype; see :func:`restore_into`: objects with ``load_state_dict()``, and
+    dicts of numpy arrays or torch tensors, overwritten in place), then written, then, with
+    ``rng``, the random generators are set. ``verify``: check every tensor's CRC32C; ``None``
+    (default) does when the file has checksums (a restore reads every byte anyway), ``True``
+    always (raises on a file saved with ``checksum=False``), ``False`` never. ``map_location``
+    moves tensors restored into torch objects, as ``torch.load`` does.
+
+    Raises:
+        HeaderError: not a file of :func:`save_checkpoint` (a plain file, a file of
+            :class:`CheckpointManager`: the message says what to use), or one that breaks [C1-C3].
+        StateMismatchError: the file does not fit a target; nothing was written.
 
     Example:
         >>> info = safeckpt.load_checkpoint("ckpt.sckpt", model=model, optimizer=opt)  # doctest: +SKIP
         >>> start_step = info.step + 1                                                  # doctest: +SKIP
     """
     fresh = ("optimizer",) if optimizer is not None and not isinstance(optimizer, dict) else ()
-    state = _load_state(path, fresh, verify, limits)
-    if not isinstance(state, dict) or "rng" not in state:
-        raise SafeckptError(f"{str(path)!r} is not a checkpoint written by save_checkpoint")
-    where = repr(str(path))
+    state = _load_file(path, _SAVED, fresh, verify, limits)
+    where = repr(os.fspath(path))
+    restore = _Restore(where, strict, map_location)
     for key, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
         if target is not None:
-            state[key] = restore_into(target, state[key], strict=strict, map_location=map_location,
-                                      where=f"{where}[{key!r}]") if state[key] is not None else None
             if state[key] is None:
-                raise SafeckptError(f"{where} holds no {key} state")
-    if rng and state.get("rng"):
+                raise StateMismatchError(f"{where} holds no {key} state; nothing was restored")
+            restore.top(target, state[key], (key,))
+    restore.finish()
+    for key, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is not None:
+            state[key] = target
+    if rng:
         restore_rng(state["rng"])
-    return CheckpointInfo(os.fspath(path), state.get("step"), state.get("epoch"),
-                          state.get("metrics", {}), state.get("extra"), state)
+    return CheckpointInfo(os.fspath(path), state["step"], state["epoch"], state["metrics"],
+                          state["extra"], state)
 
 
-def _load_state(path, fresh_keys, verify, limits):
-    """The saved object; top-level entries named in ``fresh_keys`` are read into fresh memory.
+_SAVED = ("model", "optimizer", "scheduler", "step", "epoch", "rng", "extra", "metrics")  # [C2]
+_MANAGED = ("state", "step", "metrics", "rng")  # [C2]
 
-    An optimizer keeps the tensors it is given and overwrites them at its next step. Views of the
-    file's private mapping would then copy each page on its first write, which costs several
-    times more than reading the same bytes once with pread (benchmarks/bench_checkpoint.py), so
-    its state is read into ordinary memory; the rest stays zero-copy (a model copies it anyway).
+
+def _check_counter(value, where, rule):
+    if value is not None and not _is_int(value, 0, (1 << 64) - 1):
+        raise HeaderError(f"{where}: {_shown(value)} is not None or an int >= 0 [{rule}]")
+
+
+def _check_metrics(metrics, where, rule):
+    if not isinstance(metrics, dict):
+        raise HeaderError(f"{where}: {_shown(metrics)} is not a map of str to numbers [{rule}]")
+    for key, value in metrics.items():
+        if type(key) is not str or type(value) not in (int, float):
+            raise HeaderError(f"{where}: {_shown(key)}: {_shown(value)} is not a str and a number "
+                              f"[{rule}]")
+
+
+def _check_metadata(meta, where, step=None):
+    """[C1]: raise HeaderError unless ``meta`` is a checkpoint's (of ``step``, if given)."""
+    if meta.get("format") != FORMAT:
+        raise HeaderError(f"{where} is not a checkpoint: its metadata has no format {FORMAT!r}; "
+                          "load it with safeckpt.load [C1]")
+    _check_counter(meta.get("step"), f"{where}: metadata['step']", "C1")
+    _check_metrics(meta.get("metrics", {}), f"{where}: metadata['metrics']", "C1")
+    if step is not None and meta.get("step") != step:
+        raise HeaderError(f"{where}: metadata['step'] is {_shown(meta.get('step'))}, but the file "
+                          f"is named for step {step} [C2]")
+
+
+def _check_layout(keys, where, layout):
+    """[C2]: the top-level keys of a checkpoint of ``layout`` (_SAVED or _MANAGED)."""
+    keys = set(keys)
+    if layout is _SAVED and "state" in keys and "model" not in keys:
+        raise HeaderError(f"{where} was written by CheckpointManager.save, not save_checkpoint; "
+                          "restore it with CheckpointManager(directory).restore(state, step=...) "
+                          "[C2]")
+    if layout is _MANAGED and "model" in keys and "state" not in keys:
+        raise HeaderError(f"{where} was written by save_checkpoint, not CheckpointManager.save; "
+                          "load it with safeckpt.load_checkpoint(path, model=..., optimizer=...) "
+                          "[C2]")
+    missing = [key for key in layout if key not in keys]
+    if missing:
+        writer = "save_checkpoint" if layout is _SAVED else "CheckpointManager.save"
+        raise HeaderError(f"{where} is not a checkpoint of {writer}: it has no "
+                          f"{', '.join(map(repr, missing))} [C2]")
+
+
+def _load_file(path, layout, fresh_keys, verify, limits, step=None):
+    """The checked content of a checkpoint file of ``layout`` [C1-C3] (of ``step``, if given).
+
+    Top-level entries named in ``fresh_keys`` are read into fresh memory. An optimizer keeps the
+    tensors it is given and overwrites them at its next step. Views of the file's private
+    mapping would then copy each page on its first write, which costs several times more than
+    reading the same bytes once with pread (benchmarks/bench_checkpoint.py), so its state is read
+    into ordinary memory; the rest stays zero-copy (a model copies it anyway).
     """
+    where = repr(os.fspath(path))
     with Reader(path, **limits) as mapped:
+        meta = mapped.metadata
+        _check_metadata(meta, where, step)
         top = mapped.tree
-        if not fresh_keys or top.kind is not dict:
-            return mapped.load(verify=verify)
-        with Reader(path, mmap=False, **limits) as unmapped:
-            return {key: (unmapped if key in fresh_keys else mapped).load((key,), verify=verify)
-                    for key in top.keys()}
+        if not isinstance(top, Subtree) or top.kind not in (dict, collections.OrderedDict):
+            kind = f"a {top.kind.__name__}" if isinstance(top, Subtree) else _kind(top)
+            raise HeaderError(f"{where} is not a checkpoint: it holds {kind}, not a dict [C2]")
+        _check_layout(top.keys(), where, layout)
+        if verify is None:
+            verify = mapped.has_checksums
+        if not fresh_keys:
+            state = mapped.load(verify=verify)
+        else:
+            with Reader(path, mmap=False, **limits) as unmapped:
+                state = {key: (unmapped if key in fresh_keys else mapped).load((key,), verify=verify)
+                         for key in top.keys()}
+    _check_counter(state["step"], f"{where}['step']", "C2")
+    if layout is _SAVED:
+        _check_counter(state["epoch"], f"{where}['epoch']", "C2")
+    elif state["step"] is None:
+        raise HeaderError(f"{where}['step']: a checkpoint of CheckpointManager needs a step [C2]")
+    if state["step"] != meta.get("step"):
+        raise HeaderError(f"{where}['step'] is {state['step']}, but its metadata says "
+                          f"{meta.get('step')} [C2]")
+    _check_metrics(state["metrics"], f"{where}['metrics']", "C2")
+    check_rng(state["rng"], f"{where}['rng']")
+    return state
 
 
 # -- the manager -----------------------------------------------------------------------------------
@@ -305,11 +718,39 @@ class CheckpointManager:
                     pass
         return removed
 
-    def save(self, step, state, metrics=None):
+    def save(self, step, state, metrics=None, *, overwrite=False):
         """Save ``state`` (a dict of arrays, values and objects with ``state_dict()``, or such an
-        object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`."""
+        object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`.
+
+        A save is never lost in silence: a step whose file exists is refused unless
+        ``overwrite=True``, and a step that retention would delete at once (older than the
+        ``keep_last`` newest and not among the ``keep_best`` best, e.g. training restarted from
+        step 0 in a directory that holds step 30) is refused before anything is written.
+
+        Raises:
+            FileExistsError: checkpoint ``step`` exists (or a damaged file of that name does).
+            InvalidValueError: retention would delete it at once; the message names what it keeps.
+
+        Example:
+            >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"loss": 0.3})  # doctest: +SKIP
+        """
         path = self.path(step)
         metrics = _plain_metrics(metrics)
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
+                                  "overwrite=True to replace it", path)
+        records = [r for r in self.all() if r.step != step] + [Checkpoint(step, path, metrics)]
+        records.sort(key=lambda r: r.step)
+        if step not in self._kept(records):
+            kept = [r.step for r in records[-self.keep_last:]]
+            best = (f" and keep_best={self.keep_best} by {self.metric!r} keeps "
+                    f"{[r.step for r in self._ranked(records)[:self.keep_best]]}"
+                    if self.keep_best else "")
+            raise InvalidValueError(
+                f"checkpoint step {step} would be deleted at once by retention: "
+                f"keep_last={self.keep_last} keeps steps {kept}{best}; nothing was saved. To go "
+                "on, restore the newest (manager.restore(state)); to start over, use another "
+                "directory")
         tree = {"state": _state_of(state), "step": step, "metrics": metrics,
                 "rng": capture_rng() if self.rng else None}
         _save(tree, path, step, metrics, self.checksum, True, root="checkpoint")
@@ -317,7 +758,8 @@ class CheckpointManager:
         return Checkpoint(step, path, metrics)
 
     def _record(self, name):
-        """The Checkpoint of a file name, from its header (cached); None if it does not open."""
+        """The Checkpoint of a file name, from its header (cached); None if it does not open or
+        its metadata is not a checkpoint's of that step [C1]."""
         match = _NAME.match(name)
         if not match:
             return None
@@ -334,8 +776,8 @@ class CheckpointManager:
         try:
             with Reader(path) as reader:
                 meta = reader.metadata
-            if meta.get("format") == FORMAT and meta.get("step") == int(match.group(1)):
-                record = Checkpoint(meta["step"], path, meta.get("metrics") or {})
+            _check_metadata(meta, repr(path), int(match.group(1)))
+            record = Checkpoint(meta["step"], path, meta.get("metrics", {}))
         except (SafeckptError, OSError):
             record = None
         self._cache[name] = (key, record)
@@ -352,7 +794,7 @@ class CheckpointManager:
         return records[-1] if records else None
 
     def _ranked(self, records):
-        scored = [r for r in records if isinstance(r.metrics.get(self.metric), (int, float))
+        scored = [r for r in records if type(r.metrics.get(self.metric)) in (int, float)
                   and not math.isnan(r.metrics[self.metric])]
         sign = 1 if self.mode == "min" else -1
         return sorted(scored, key=lambda r: (sign * r.metrics[self.metric], -r.step))
@@ -364,11 +806,16 @@ class CheckpointManager:
         ranked = self._ranked(self.all())
         return ranked[0] if ranked else None
 
-    def _retain(self):
-        records = self.all()
+    def _kept(self, records):
+        """The steps that retention keeps of ``records`` (sorted by step)."""
         keep = {r.step for r in records[-self.keep_last:]}
         if self.keep_best:
             keep |= {r.step for r in self._ranked(records)[:self.keep_best]}
+        return keep
+
+    def _retain(self):
+        records = self.all()
+        keep = self._kept(records)
         for record in records:
             if record.step not in keep:
                 try:
@@ -377,18 +824,25 @@ class CheckpointManager:
                     pass
                 self._cache.pop(os.path.basename(record.path), None)
 
-    def load(self, step=None, *, verify=True):
-        """Load checkpoint ``step`` (default: the newest that loads and verifies) without
-        restoring anything; return a :class:`CheckpointInfo`, or None when there is none."""
+    def load(self, step=None, *, verify=None):
+        """Load checkpoint ``step`` (default: the newest that loads and passes its checks, as
+        :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
+        or None when there is none."""
         return self._load(None, step, verify, True, None)
 
-    def restore(self, state_or_model, step=None, *, verify=True, strict=True, map_location=None):
+    def restore(self, state_or_model, step=None, *, verify=None, strict=True, map_location=None):
         """Resume in one call: load checkpoint ``step`` (default: the newest complete one) into
-        ``state_or_model`` and restore the random generators.
+        ``state_or_model`` in place (see :func:`restore_into`) and restore the random generators.
 
-        A newest checkpoint that fails to load or verify is skipped, with a warning, for the one
-        before it. Returns a :class:`CheckpointInfo`, or None when there is no checkpoint (start
-        fresh).
+        With ``step=None``, a newest file that does not open, fails verification or breaks
+        [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
+        the one before it. ``verify`` as for :func:`load_checkpoint`. Returns a
+        :class:`CheckpointInfo`, or None when there is no checkpoint (start fresh).
+
+        Raises:
+            StateMismatchError: the checkpoint does not fit ``state_or_model``; nothing was
+                written (an older checkpoint is not tried: it would not fit either).
+            SafeckptError, OSError: with ``step``, that file's problem.
 
         Example:
             >>> info = manager.restore({"model": model, "optimizer": opt})     # doctest: +SKIP
@@ -396,14 +850,17 @@ class CheckpointManager:
         """
         return self._load(state_or_model, step, verify, strict, map_location)
 
+    def _candidates(self):
+        """``(step, path)`` of every file named like a checkpoint, newest first."""
+        found = sorted(((int(m.group(1)), m.group(0)) for m in map(_NAME.match,
+                        os.listdir(self.directory)) if m), reverse=True)
+        return [(step, os.path.join(self.directory, name)) for step, name in found]
+
     def _load(self, target, step, verify, strict, map_location):
-        if step is not None:
-            candidates = [self.path(step)]
-        else:
-            candidates = [r.path for r in reversed(self.all())]
-        for path in candidates:
+        candidates = self._candidates() if step is None else [(step, self.path(step))]
+        for number, path in candidates:
             try:
-                tree = _tree.load(path, verify=verify)
+                tree = _load_file(path, _MANAGED, (), verify, {}, step=number)
             except (SafeckptError, OSError) as exc:
                 if step is not None:
                     raise
@@ -413,7 +870,7 @@ class CheckpointManager:
             if target is not None:
                 state = restore_into(target, state, strict=strict, map_location=map_location,
                                      where=f"{path!r}['state']")
-                if self.rng and tree.get("rng"):
+                if self.rng:
                     restore_rng(tree["rng"])
-            return CheckpointInfo(path, tree["step"], None, tree.get("metrics", {}), None, state)
+            return CheckpointInfo(path, tree["step"], None, tree["metrics"], None, state)
         return None
