@@ -27,10 +27,16 @@ Example:
 
 import collections
 import contextlib
+import errno
+import functools
+import io
+import itertools
 import json
 import os
 import re
+import stat
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -38,12 +44,26 @@ from . import format as fmt
 from . import safetensors_format as _sft
 from . import tree as _tree
 from . import writer as _writer
-from .errors import (HeaderError, LayoutError, LimitError, PickleRequiredError,
-                     UnsupportedDtypeError)
+from .dtypes import code_of
+from .errors import (HeaderError, LayoutError, LimitError, PickleRequiredError, SafeckptError,
+                     TruncatedFileError, UnsupportedDtypeError)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".index.json"
 OUTPUTS = {".sckpt": "sckpt", ".safetensors": "safetensors"}
+
+# The tensors of an .npz or torch file may hold at most this many times the file's size in bytes
+# (keyword max_expansion): more is a compressed member that inflates like a zip bomb, or a tensor
+# whose elements repeat its storage (stride 0); either makes a small file fill memory or disk.
+# numpy's own .npz of float weights inflates about 1.1x; all-zero arrays up to deflate's ~1000x.
+MAX_EXPANSION = 16
+# pickle stores a repeated object once, a tree once per appearance: a torch file's objects so
+# expanded may be TREE_EXPANSION x its bytes outside tensors plus TREE_FLOOR (torch's optimizers
+# share one `betas` tuple between parameter groups; a 2 KB DAG can have 2**60 paths).
+TREE_EXPANSION = 2
+TREE_FLOOR = 1 << 16
+NPY_MAX_HEADER = 10_000  # numpy's own limit on an .npy header (numpy.lib.format)
+NPZ_PIECE = 1 << 20  # an .npz member is decompressed this many bytes at a time
 
 Converted = collections.namedtuple("Converted", "tensors nbytes")
 Converted.__doc__ = "What :func:`convert` wrote: the number of tensors and their bytes."
@@ -76,12 +96,15 @@ def kind_of(path):
 
 
 @contextlib.contextmanager
-def read_source(path, **limits):
+def read_source(path, *, max_expansion=MAX_EXPANSION, **limits):
     """Open any supported source as a :class:`Source`; files stay open inside the ``with``.
+
+    ``max_expansion``: see :func:`convert`; ``limits``: the reader's (``max_header_size``, ...).
 
     Raises:
         SafeckptError: a subclass naming the file and the problem (PickleRequiredError for a file
-            that only pickle loads); ImportError: a torch file without torch; OSError.
+            that only pickle loads); ImportError: a torch file without torch; OSError: the
+            operating system's own failures (a missing file, a directory, an I/O error).
     """
     path = os.fspath(path)
     kind = kind_of(path)
@@ -89,11 +112,11 @@ def read_source(path, **limits):
         if kind == "index":
             yield _index_source(path, stack, limits)
         elif kind == "npz":
-            yield _npz_source(path, stack)
+            yield _npz_source(path, stack, max_expansion)
         elif kind == "npy":
-            yield _npy_source(path)
+            yield _npy_source(path, stack)
         elif kind == "torch":
-            yield _torch_source(path)
+            yield _torch_source(path, stack, max_expansion, limits.get("max_depth", fmt.MAX_DEPTH))
         else:
             yield _reader_source(stack.enter_context(_open(path, **limits)))
 
@@ -126,8 +149,8 @@ def _index_source(path, stack, limits):
     """A sharded safetensors model: ``{"metadata": {...}, "weight_map": {tensor: shard file}}``."""
     where = repr(path)
     max_size = limits.get("max_header_size", fmt.MAX_HEADER_SIZE)
-    with open(path, "rb") as f:
-        raw = f.read(max_size + 1)
+    with open(path, "rb") as f:  # read(n) allocates n bytes first: never more than the file
+        raw = f.read(min(max_size, os.fstat(f.fileno()).st_size) + 1)
     if len(raw) > max_size:
         raise LimitError(f"{where}: index is larger than max_header_size={max_size}; pass "
                          "max_header_size=... if you trust this file")
@@ -171,85 +194,315 @@ def _index_source(path, stack, limits):
     return Source(tensors, metadata)
 
 
+def _open_regular(path, stack):
+    """``(file, size)``: ``path`` opened for reading, refused at once unless a regular file (a FIFO
+    is not waited on)."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    file = stack.enter_context(os.fdopen(os.open(path, flags), "rb"))
+    info = os.fstat(file.fileno())
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(info.st_mode):
+        raise HeaderError(f"{path!r}: not a regular file (a FIFO or a device); convert reads files")
+    return file, info.st_size
+
+
+def _printable(text):
+    """``text`` with control characters escaped: a message quoting a file never drives a terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _read_exact(stream, size, where, what):
+    data = stream.read(size)
+    if len(data) != size:
+        raise TruncatedFileError(f"{where}: ends inside its {what} ({len(data)} of {size} bytes)")
+    return data
+
+
 def _npy_header(stream, where):
-    """``(shape, dtype)`` from an .npy header, refusing object arrays before any data is read."""
+    """``(header bytes, shape, dtype, fortran_order)`` of an .npy stream, read with bounded reads.
+
+    The header is at most ``NPY_MAX_HEADER`` bytes, parsed by numpy (literals only); object arrays
+    are refused before any data is read, and the shape is checked as FORMAT.md [T3, T4] check it.
+    """
+    magic = _read_exact(stream, 8, where, ".npy magic")
+    if magic[:6] != b"\x93NUMPY":
+        raise HeaderError(f"{where}: not an .npy array (its first bytes are {magic[:6]!r}, not "
+                          "b'\\x93NUMPY')")
+    version = (magic[6], magic[7])
+    if version == (3, 0):  # 3.0 only adds UTF-8 field names of structured dtypes
+        raise UnsupportedDtypeError(f"{where}: .npy version 3.0 (a structured dtype), which safeckpt "
+                                    "cannot store")
+    if version not in ((1, 0), (2, 0)):
+        raise HeaderError(f"{where}: unknown .npy version {version[0]}.{version[1]}")
+    width = 2 if version == (1, 0) else 4
+    raw = _read_exact(stream, width, where, ".npy header length")
+    length = int.from_bytes(raw, "little")
+    if length > NPY_MAX_HEADER:
+        raise LimitError(f"{where}: .npy header of {length} bytes, more than numpy reads "
+                         f"({NPY_MAX_HEADER})")
+    text = _read_exact(stream, length, where, ".npy header")
+    parse = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+             else np.lib.format.read_array_header_2_0)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:  # 3.0 only adds UTF-8 field names of structured dtypes, which we cannot store
-            raise UnsupportedDtypeError(f"{where}: .npy version {version} (structured dtype) "
-                                        "cannot be stored")
-    except ValueError as exc:
-        if isinstance(exc, UnsupportedDtypeError):
-            raise
-        raise HeaderError(f"{where}: not a valid .npy header: {exc}") from None
+        shape, fortran, dtype = parse(io.BytesIO(raw + text))
+    except Exception as exc:  # noqa: BLE001 -- numpy parses a bounded string: any failure is bad
+        raise HeaderError(f"{where}: not a valid .npy header: "
+                          f"{_printable(str(exc)) or type(exc).__name__}") from None
     if dtype.hasobject:
         raise PickleRequiredError(f"{where}: an array of Python objects ({dtype}), which only "
-                                  "pickle can load; safeckpt loads .npy/.npz with "
-                                  "allow_pickle=False and never unpickles")
-    return shape, dtype
+                                  "pickle can load; safeckpt reads .npy/.npz with allow_pickle=False "
+                                  "and never unpickles")
+    code_of(dtype, where)
+    product = dtype.itemsize
+    for dim in shape:
+        if not 0 <= dim < 1 << 63:
+            raise LayoutError(f"{where}: dimension {dim} of shape {shape} is negative or not below "
+                              "2**63 [T3]")
+        product *= dim or 1
+    if product >= 1 << 63:
+        raise LayoutError(f"{where}: shape {shape} of {dtype} is too large: the non-zero dimensions "
+                          "times the item size are 2**63 bytes or more [T4]")
+    return 8 + width + length, shape, dtype, fortran
 
 
-def _npy_source(path):
-    with open(path, "rb") as f:
-        _npy_header(f, repr(path))
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise HeaderError(f"{path!r}: numpy cannot read it: {exc}") from None
-    tree, names, arrays = _tree.flatten(array.view(np.ndarray), root="array")  # not np.memmap
+def _npy_bytes(shape, dtype):
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _npy_source(path, stack):
+    """One array, mapped: its size must be exactly what the header says."""
+    where = repr(path)
+    file, size = _open_regular(path, stack)
+    header, shape, dtype, fortran = _npy_header(file, where)
+    nbytes = _npy_bytes(shape, dtype)
+    if header + nbytes > size:
+        raise TruncatedFileError(f"{where}: holds {size - header} bytes of array data, its header "
+                                 f"says {nbytes} (file seems not fully written?)")
+    if header + nbytes < size:
+        raise LayoutError(f"{where}: {size - header - nbytes} bytes after the array's "
+                          f"{nbytes} bytes, which numpy never writes")
+    order = "F" if fortran else "C"
+    array = (np.memmap(file, dtype, "r", header, shape, order).view(np.ndarray) if nbytes
+             else np.empty(shape, dtype, order))
+    tree, names, arrays = _tree.flatten(array, root="array")
     return Source(dict(zip(names, arrays)), {}, tree)
 
 
-def _npz_source(path, stack):
-    """Each member's header is read first (dtype, shape); its data when the writer reaches it."""
-    archive = stack.enter_context(np.load(path, allow_pickle=False))
-    if not hasattr(archive, "files"):
-        raise HeaderError(f"{path!r}: not an .npz archive (a plain .npy?)")
-    members = {info.filename: info for info in archive.zip.infolist()}
-    tensors = {}
-    for key in archive.files:
-        where = f"{path!r}, array {key!r}"
-        member = key if key in members else key + ".npy"
-        with archive.zip.open(member) as stream:
-            shape, dtype = _npy_header(stream, where)
-        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if claimed > members[member].file_size:  # before numpy allocates what the header claims
-            raise LayoutError(f"{where}: header claims {claimed} bytes, the member holds "
-                              f"{members[member].file_size}")
-        tensors[key] = _writer.LazyArray(dtype, shape, lambda key=key: archive[key])
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate",
+                zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
+@contextlib.contextmanager
+def _zip_errors(where):
+    """zipfile's and the decompressors' errors on bad bytes, as SafeckptErrors naming ``where``."""
+    try:
+        yield
+    except SafeckptError:
+        raise
+    except EOFError:
+        raise TruncatedFileError(f"{where}: the zip archive ends inside a member "
+                                 "(file seems not fully written?)") from None
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a seek before the file's start, to an offset it gave
+            raise
+        raise HeaderError(f"{where}: a corrupt zip archive: an offset in it points before the "
+                          "start of the file") from None
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError) as exc:
+        raise HeaderError(f"{where}: a corrupt zip archive: {_printable(str(exc))}") from None
+
+
+def _zip_archive(file, where, methods):
+    """``(archive, members)``: a zip archive and its members, each checked: not encrypted,
+    compressed only by ``methods``, no name twice (which one is read is then a reader's choice)."""
+    with _zip_errors(where):
+        archive = zipfile.ZipFile(file)
+        members = archive.infolist()
+    seen = set()
+    for info in members:
+        name = f"{where}, member {_printable(repr(info.filename))}"
+        if info.filename in seen:
+            raise HeaderError(f"{name}: the archive holds a member of this name twice")
+        seen.add(info.filename)
+        if info.flag_bits & 1:
+            raise HeaderError(f"{name}: encrypted; safeckpt reads no encrypted member")
+        if info.compress_type not in methods:
+            method = _ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+            allowed = " or ".join(_ZIP_METHODS[m] for m in methods)
+            raise HeaderError(f"{name}: compressed with {method}; safeckpt reads {allowed} "
+                              "members only, as the writer of this kind of file makes them")
+    return archive, members
+
+
+def _npz_source(path, stack, max_expansion):
+    """Each member's .npy header is read first; its data, in bounded pieces, when the writer
+    reaches it. Claims (the zip directory's, the headers') must agree and stay within
+    ``max_expansion`` x the file's size before anything is allocated for them."""
+    where = repr(path)
+    file, size = _open_regular(path, stack)
+    if file.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a member, or an empty archive
+        raise HeaderError(f"{where}: not an .npz archive (a zip of .npy files)")
+    archive, members = _zip_archive(file, where, (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+    tensors, total = {}, 0
+    for info in members:
+        name = f"{where}, member {_printable(repr(info.filename))}"
+        if not info.filename.endswith(".npy"):
+            raise HeaderError(f"{name}: not an .npy file; an .npz archive holds .npy files only")
+        with _zip_errors(name), archive.open(info) as stream:
+            header, shape, dtype, fortran = _npy_header(stream, name)
+        nbytes = _npy_bytes(shape, dtype)
+        if header + nbytes != info.file_size:
+            raise LayoutError(f"{name}: the zip directory says it holds {info.file_size} bytes, "
+                              f"its .npy header says {header + nbytes}")
+        total += nbytes
+        _check_expansion(total, size, max_expansion, name)
+        tensors[info.filename[:-4]] = _writer.LazyArray(dtype, shape, functools.partial(
+            _npz_array, archive, info, header, shape, dtype, fortran, name))
     return Source(tensors)
 
 
-def _torch_source(path):
+def _npz_array(archive, info, header, shape, dtype, fortran, where):
+    """A member's array, decompressed in pieces into memory of the checked size."""
+    nbytes = _npy_bytes(shape, dtype)
+    with _zip_errors(where), archive.open(info) as stream:
+        _read_exact(stream, header, where, ".npy header")
+        out = np.empty(nbytes, np.uint8)
+        done = 0
+        while done < nbytes:  # zipfile checks the member's CRC-32 when its last byte is read
+            piece = stream.read(min(NPZ_PIECE, nbytes - done))
+            if not piece:
+                raise TruncatedFileError(f"{where}: ends after {done} of its {nbytes} bytes of "
+                                         "array data")
+            out[done:done + len(piece)] = np.frombuffer(piece, np.uint8)
+            done += len(piece)
+    return out.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _check_expansion(nbytes, size, max_expansion, where):
+    if nbytes > max_expansion * size:
+        raise LimitError(f"{where}: its arrays hold {nbytes} bytes, more than max_expansion="
+                         f"{max_expansion} times the file's {size} bytes (compressed data that "
+                         "inflates this much, or a tensor that repeats its elements, is how a "
+                         "small file exhausts memory or disk); pass max_expansion=... if you "
+                         "trust this file")
+
+
+def _torch_kind(file, where):
+    """``"zip"`` (torch.save since torch 1.6) or ``"legacy"`` (a pickle stream), as torch.load
+    tells them; a zip's members must be stored, as torch.save stores them (a compressed member
+    would be mapped as tensor data, compressed bytes and all)."""
+    start = file.read(4)
+    if start == b"PK\x03\x04":
+        _zip_archive(file, where, (zipfile.ZIP_STORED,))
+        return "zip"
+    if start[:1] == b"\x80":  # the pickle PROTO instruction that a legacy torch file starts with
+        return "legacy"
+    raise HeaderError(f"{where}: not a torch file: neither a zip archive (what torch.save writes) "
+                      "nor a legacy torch pickle")
+
+
+def _torch_reason(message):
+    """The reason in a torch.load(weights_only=True) error, whole, without torch's advice about
+    its own options (safeckpt never takes it)."""
+    text = message.split("\n\nCheck the documentation", 1)[0]
+    if "WeightsUnpickler error:" in text:
+        text = text.rsplit("WeightsUnpickler error:", 1)[1]
+    else:
+        text = text.strip().rsplit("\n\n", 1)[-1].removeprefix("Weights only load failed.")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    reason = re.split(r"\s+Please use\b", lines[0] if lines else "", maxsplit=1)[0]
+    return _printable(reason.rstrip(". ")) or "no reason given"
+
+
+def _torch_source(path, stack, max_expansion, max_depth):
+    where = repr(path)
+    file, size = _open_regular(path, stack)
+    kind = _torch_kind(file, where)
     try:
         import torch
     except ImportError as exc:
-        raise ImportError(f"{path!r}: reading a torch file needs torch (pip install torch)") from exc
+        raise ImportError(f"{where}: reading a torch file needs torch (pip install torch)") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except torch.serialization.pickle.UnpicklingError as exc:  # safeckpt never imports pickle
-        found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
-        reason = found.group(1).split(" Please use", 1)[0].strip() if found else ""
-        if "unsupported" not in reason.lower():  # not a refused class or opcode: not a torch file
-            raise HeaderError(f"{path!r}: torch cannot read it as a torch.save file: "
-                              f"{reason or str(exc).strip()[:200]}") from None
         raise PickleRequiredError(
-            f"{path!r}: torch.load(weights_only=True) refused it ({reason}). Loading it needs "
-            "full pickle, which runs code from the file; safeckpt never falls back to it. If you "
-            "trust the file, load it yourself with torch.load's full unpickling and save its "
-            "tensors and plain values with safeckpt.save") from None
-    except OSError:
+            f"{where}: torch.load(weights_only=True) refused it: {_torch_reason(str(exc))}. "
+            "Loading it needs full pickle, which can run code from the file; nothing from the file "
+            "ran, and safeckpt never falls back to it. If you trust the file, load it yourself "
+            "with torch.load's full unpickling and save its tensors and plain values with "
+            "safeckpt.save") from None
+    except EOFError:
+        raise TruncatedFileError(f"{where}: its pickle ends too early (file seems not fully "
+                                 "written?)") from None
+    except MemoryError:
+        raise LimitError(f"{where}: torch ran out of memory reading it (a size it claims?)") from None
+    except OSError as exc:
+        if exc.errno is None:
+            raise HeaderError(f"{where}: torch cannot read it: {_printable(str(exc))}") from None
         raise
-    except Exception as exc:  # torch raises RuntimeError, KeyError, EOFError... for non-torch bytes
-        raise HeaderError(f"{path!r}: torch cannot read it as a torch.save file: "
-                          f"{type(exc).__name__}: {exc}") from None
-    tree, names, arrays = _tree.flatten(obj, root="checkpoint")
-    return Source(dict(zip(names, arrays)), {}, tree)
+    except Exception as exc:  # torch raises RuntimeError, KeyError, IndexError... for bad bytes
+        raise HeaderError(f"{where}: torch cannot read it as a torch.save file: "
+                          f"{type(exc).__name__}: {_printable(str(exc))}") from None
+    _check_shared(torch, obj, size, where)
+    tree, names, arrays = _tree.flatten(obj, root="checkpoint", max_depth=max_depth)
+    source = Source(dict(zip(names, arrays)), {}, tree)
+    _check_expansion(source.nbytes, size, max_expansion, where)
+    return source
+
+
+def _check_shared(torch, obj, size, where):
+    """Refuse a torch file's object that holds itself, or whose shared parts expand too far.
+
+    pickle stores an object that appears several times once; a tree stores each appearance
+    (tied tensors excepted: they are stored once and referenced [R5]). Each container is walked
+    once, its expanded size (1 per node, plus the length of each str and bytes) computed from its
+    children's, so a DAG of 2**60 paths costs its few nodes, not 2**60. The expanded tree may be
+    ``TREE_EXPANSION`` x the file's bytes outside tensor storage, plus ``TREE_FLOOR``.
+    """
+    containers = (dict, collections.OrderedDict, list, tuple)
+    cap = TREE_EXPANSION * size + TREE_FLOOR + 1  # no budget is larger: sizes stop growing here
+    sizes, walking, storages = {}, set(), {}
+
+    def children(value):
+        if type(value) is dict or type(value) is collections.OrderedDict:
+            return itertools.chain.from_iterable(value.items())
+        return value
+
+    def leaf(value):
+        if type(value) is str or type(value) is bytes:
+            return 1 + len(value)
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return 1
+
+    stack = [(obj, False)]
+    while stack:
+        value, walked = stack.pop()
+        key = id(value)
+        if walked:  # every child is sized: this container's size is 1 + theirs
+            walking.discard(key)
+            total = 1
+            for child in children(value):
+                total += sizes[id(child)] if type(child) in containers else leaf(child)
+            sizes[key] = min(total, cap)
+        elif key in walking:  # reached again below itself
+            raise LimitError(f"{where}: a container holds itself (a cycle in the pickle), which "
+                             "a tree cannot store")
+        elif key not in sizes and type(value) in containers:
+            walking.add(key)
+            stack.append((value, True))
+            stack.extend((child, False) for child in children(value)
+                         if type(child) in containers and id(child) not in sizes)
+    expanded = sizes.get(id(obj), 1)
+    budget = TREE_EXPANSION * max(0, size - sum(storages.values())) + TREE_FLOOR
+    if expanded > budget:
+        raise LimitError(f"{where}: its objects, each shared part counted every time it appears "
+                         f"(a tree stores each appearance), come to more than {budget} nodes and "
+                         f"string bytes: over {TREE_EXPANSION}x the file's bytes outside tensors. "
+                         "A structure that holds one part many times would expand without bound; "
+                         "if you trust the file, load it with torch.load and save what you need "
+                         "with safeckpt.save")
 
 
 def _counting(tensors, progress):
@@ -270,7 +523,8 @@ def _counting(tensors, progress):
     return {name: wrap(array) for name, array in tensors.items()}
 
 
-def convert(src, dst, *, align=fmt.ALIGN_DEFAULT, checksum=True, progress=None, **limits):
+def convert(src, dst, *, align=fmt.ALIGN_DEFAULT, checksum=True, progress=None,
+            max_expansion=MAX_EXPANSION, **limits):
     """Convert ``src`` to ``dst``, each format chosen by the file name (see the module docstring).
 
     Parameters:
@@ -278,6 +532,9 @@ def convert(src, dst, *, align=fmt.ALIGN_DEFAULT, checksum=True, progress=None, 
         dst: a path ending in ``.sckpt`` or ``.safetensors``; written atomically.
         align, checksum: for a .sckpt destination, as :func:`safeckpt.save_file`.
         progress: called as ``progress(done_bytes, total_bytes)`` as tensors are written.
+        max_expansion: the tensors of an .npz or torch file may hold at most this many times the
+            file's size in bytes (default 16): a bound on what a small file can make convert
+            decompress or write. Raise it for a trusted .npz of mostly-zero arrays.
         limits: reader limits for .sckpt/.safetensors sources (``max_header_size``, ...).
 
     Returns:
@@ -298,7 +555,7 @@ def convert(src, dst, *, align=fmt.ALIGN_DEFAULT, checksum=True, progress=None, 
     out = next((kind for suffix, kind in OUTPUTS.items() if dst.lower().endswith(suffix)), None)
     if out is None:
         raise ValueError(f"{dst!r}: unknown output format; name it *.sckpt or *.safetensors")
-    with read_source(src, **limits) as source:
+    with read_source(src, max_expansion=max_expansion, **limits) as source:
         tensors = _counting(source.tensors, progress)
         if out == "sckpt":
             plan = _writer._Plan(tensors, source.metadata, align, checksum, tree=source.tree)
