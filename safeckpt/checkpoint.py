@@ -410,10 +410,16 @@ class _Restore:
             from . import torch as _sck_torch
             value = _sck_torch.to_torch(value, self.map_location)
 
+        torch = sys.modules.get("torch")
+        out_of_memory = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+
         def call():
             try:
                 target.load_state_dict(value)
-            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            except out_of_memory:
+                raise
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError,
+                    RuntimeError) as exc:  # torch's checks raise RuntimeError too
                 raise StateMismatchError(
                     f"{self.where}{self.name(path)}: {type(target).__name__}.load_state_dict() "
                     f"refused the saved state: {type(exc).__name__}: {exc}") from exc

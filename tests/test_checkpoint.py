@@ -121,7 +121,12 @@ def test_safeckpt_works_without_torch(tmp_path):
             "m.save(1, {'w': np.ones(2), 't': (1, 2)})\n"
             "s = {'w': np.zeros(2), 't': None}\n"
             "assert m.restore(s).step == 1 and s['w'].tolist() == [1, 1] and s['t'] == (1, 2)\n"
-            "print(safeckpt.load(m.latest().path, prefix='state.w'))\n")
+            "print(safeckpt.load(m.latest().path, prefix='state.w'))\n"
+            "import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    safeckpt.checkpoint.restore_rng({'torch': np.zeros(3, np.uint8)})\n"
+            "assert 'torch is not installed' in str(caught[0].message)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                          env=ENV, timeout=60)
     assert out.returncode == 0 and "[1. 1.]" in out.stdout, out.stderr
@@ -480,6 +485,8 @@ def test_hostile_optimizer_and_scheduler_states_are_refused_before_anything_is_w
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # the optimizer has state
     groups = optimizer.state_dict()["param_groups"]
     cases = [({"optimizer": [1]}, r"\['optimizer'\]: file has a list, not the state dict of an Adam"),
              ({"scheduler": {"optimizer": 1, "step_size": 2}},  # would replace its optimizer
@@ -487,7 +494,10 @@ def test_hostile_optimizer_and_scheduler_states_are_refused_before_anything_is_w
              ({"optimizer": {"state": {}}}, r"\['optimizer'\]: Adam.load_state_dict\(\) refused the "
               "saved state: KeyError: 'param_groups'"),
              ({"optimizer": {"state": {}, "param_groups": [{**groups[0], "params": [0, 1, 2]}]}},
-              r"refused the saved state: ValueError")]
+              r"refused the saved state: ValueError"),
+             ({"optimizer": {**optimizer.state_dict(),
+                             "param_groups": [{**groups[0], "capturable": np.zeros(2)}]}},
+              r"refused the saved state: RuntimeError")]
     for changes, message in cases:
         state = {"model": {"weight": np.ones((2, 3), np.float32), "bias": np.ones(2, np.float32)},
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
