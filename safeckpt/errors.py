@@ -14,6 +14,78 @@ Example:
 """
 
 import enum
+import itertools
+
+QUOTE_MAX = 100  # characters of a value from a file shown in a message (names are rarely longer)
+
+
+def quote(value, limit=QUOTE_MAX):
+    """``repr(value)`` for an error message: at most about ``limit`` characters, for any value.
+
+    A value read from a file may be nested a thousand levels deep or hold millions of items:
+    this never recurses, and looks at no more of the value than it shows. A long str keeps its
+    start and its end.
+
+    Example:
+        >>> quote("model.layers.0.weight"), quote([[[[[]]]]])
+        ("'model.layers.0.weight'", '[[[[[]]]]]')
+        >>> quote("a" * 1000, limit=15)
+        "'aaaaa...aaaaa'"
+    """
+    out, size, stack = [], 0, [value]
+    while stack and size <= limit:
+        item = stack.pop()
+        kind = type(item)
+        if kind is _Text:
+            text = item
+        elif isinstance(item, (list, tuple, dict)):
+            stack.extend(reversed(_pieces(item, limit)))
+            continue
+        elif kind is str and len(item) > limit:
+            half = max((limit - 5) // 2, 1)  # two quotes and the dots
+            text = f"{item[:half]!r}"[:-1] + "..." + f"{item[-half:]!r}"[1:]
+        elif kind in (bytes, bytearray):
+            text = repr(bytes(item[:limit + 1]))
+        elif kind is int and item.bit_length() > 256:  # repr() of a huge int is slow, or refused
+            text = f"<int of {item.bit_length()} bits>"
+        else:
+            text = repr(item)
+        out.append(text)
+        size += len(text)
+    text = "".join(out)
+    return text if size <= limit and not stack else text[:limit] + "..."
+
+
+class _Text(str):
+    """Punctuation that :func:`quote` writes as it is."""
+
+
+def _pieces(container, limit):
+    """Brackets, separators and at most ``limit`` children of a container, in order."""
+    is_map = isinstance(container, dict)
+    open_, close = ("{", "}") if is_map else ("[", "]") if isinstance(container, list) else ("(", ")")
+    if type(container) is tuple and len(container) == 1:
+        close = ",)"
+    pieces = [_Text(open_)]
+    children = itertools.islice(container.items() if is_map else container, limit)
+    for j, child in enumerate(children):
+        if j:
+            pieces.append(_Text(", "))
+        pieces.extend((child[0], _Text(": "), child[1]) if is_map else (child,))
+    if len(container) > limit:
+        pieces.append(_Text(", ..."))
+    pieces.append(_Text(close))
+    return pieces
+
+
+def plural(count, noun):
+    """``"1 tensor"``, ``"3 tensors"``.
+
+    Example:
+        >>> plural(1, "tensor"), plural(0, "tensor")
+        ('1 tensor', '0 tensors')
+    """
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 class SafeckptError(ValueError):
@@ -106,28 +178,35 @@ class Code(enum.IntEnum):
 # The exception class and the message of each code: the one table the Python side reads.
 # Messages are completed by the caller with the file, the tensor and the bad value.
 ERRORS = {
-    Code.TRUNCATED: (TruncatedFileError, "file is shorter than the 32-byte prefix or its header [P1, P6]"),
-    Code.MAGIC: (NotSafeckptError, "not a safeckpt file: the magic bytes do not match [P2]"),
+    Code.TRUNCATED: (TruncatedFileError, "file ends before the end of its 32-byte prefix or of its "
+                     "header (file seems not fully written or downloaded) [P1, P6]"),
+    Code.MAGIC: (NotSafeckptError, "not a safeckpt file (nor a safetensors one): the magic bytes "
+                 "that start every safeckpt file are missing [P2]"),
     Code.MAGIC_TEXT: (NotSafeckptError, "the magic bytes look converted by a text-mode transfer "
                       "(line endings changed); copy the file in binary mode [P2]"),
-    Code.VERSION: (UnsupportedVersionError, "unsupported major version [P3]"),
-    Code.FLAGS: (UnsupportedVersionError, "unknown flag bits are set [P4]"),
+    Code.VERSION: (UnsupportedVersionError, "the file is in a major version of the format that this "
+                   "safeckpt does not read; a newer safeckpt may [P3]"),
+    Code.FLAGS: (UnsupportedVersionError, "the file uses features this safeckpt does not know "
+                 "(unknown flag bits are set); a newer safeckpt may read it [P4]"),
     Code.HEADER_LIMIT: (LimitError, "header is larger than max_header_size [P5]"),
-    Code.ALIGN: (LayoutError, "alignment is not a power of two between 8 and 1 MiB [P7]"),
+    Code.ALIGN: (LayoutError, "the alignment in the prefix is not a power of two between 8 and "
+                 "1 MiB [P7]"),
     Code.HEADER_CRC: (ChecksumError, "header checksum mismatch: the header is corrupt [P8]"),
     Code.COLUMN: (HeaderError, "a column of the tensor table has the wrong length [H4]"),
     Code.DTYPE: (UnsupportedDtypeError, "unknown dtype code [T1]"),
     Code.NDIM: (LimitError, "more dimensions than max_ndim [T2]"),
-    Code.DIM: (LayoutError, "a dimension is negative or not below 2**63 [T3]"),
+    Code.DIM: (LayoutError, "a dimension is negative (2**63 or more as an unsigned number) [T3]"),
     Code.TOO_LARGE: (LayoutError, "shape times item size is too large (2**63 bytes or more) [T4]"),
     Code.NBYTES: (LayoutError, "byte length does not equal prod(shape) x itemsize [T5]"),
-    Code.MISALIGNED: (LayoutError, "offset is not a multiple of the alignment [T6]"),
+    Code.MISALIGNED: (LayoutError, "tensor data does not start at a multiple of the alignment "
+                      "[T6]"),
     Code.OVERLAP: (LayoutError, "tensor overlaps the header or the previous tensor [T6]"),
-    Code.GAP: (LayoutError, "unexplained gap before the tensor [T6]"),
+    Code.GAP: (LayoutError, "more bytes before the tensor than its alignment needs (a gap) [T6]"),
     Code.TENSOR_TRUNCATED: (TruncatedFileError, "tensor data runs past the end of the file "
                             "(file seems not fully written or downloaded) [T7]"),
-    Code.TRAILING: (LayoutError, "trailing bytes after the last tensor [T8]"),
-    Code.PADDING: (LayoutError, "non-zero padding byte before the tensor [T9]"),
+    Code.TRAILING: (LayoutError, "trailing bytes after the last tensor: the file is longer than "
+                    "its tensors [T8]"),
+    Code.PADDING: (LayoutError, "a padding byte before the tensor is not zero [T9]"),
     Code.CRC: (ChecksumError, "tensor checksum mismatch: the data is corrupt [T10]"),
     Code.IO: (OSError, "I/O error"),
     Code.NOMEM: (MemoryError, "out of memory"),

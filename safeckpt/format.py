@@ -3,11 +3,12 @@
 docs/FORMAT.md is the specification; rule names such as [P5] refer to it.
 """
 
+import gc
 import struct
 
 import msgpack
 
-from .errors import HeaderError, InvalidValueError, LimitError
+from .errors import HeaderError, InvalidValueError, LimitError, plural, quote
 
 MAGIC = b"\x89SCK\r\n\x1a\n"  # non-ASCII first byte and CR LF / ^Z / LF catch text-mode mangling
 MAGIC_TEXT_MANGLED = b"\x89SCK\n\x1a\n"  # what a CR LF -> LF conversion makes of MAGIC
@@ -93,43 +94,85 @@ def check_metadata(metadata, max_depth=MAX_DEPTH):
 
 
 def _walk_metadata(metadata, max_depth, error):
-    """Check [H3] and [H7] without recursion; raise ``error`` naming the path of a bad value."""
-    stack = [(metadata, "metadata", 2)]  # the header map is level 1, metadata level 2
-    while stack:
-        value, path, level = stack.pop()
-        if isinstance(value, dict):
-            if level > max_depth:
-                raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
-            for key, item in value.items():
-                if type(key) is not str:
-                    raise error(f"{path}: map key {key!r} is not a str [H7]")
-                stack.append((item, f"{path}[{key!r}]", level + 1))
-        elif type(value) in (list, tuple):  # not namedtuples such as msgpack's ExtType
-            if level > max_depth:
-                raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
-            stack.extend((item, f"{path}[{i}]", level + 1) for i, item in enumerate(value))
-        elif value is None or type(value) in (bool, float, str, bytes):
-            pass
-        elif type(value) is int:
-            if not _INT_MIN <= value <= _INT_MAX:
-                raise error(f"{path}: int {value} is outside -2**63 .. 2**64-1 [H7]")
+    """Check [H3] and [H7] without recursion; raise ``error`` naming the path of a bad value.
+
+    The children of each container are checked in bulk (the set of their types, the range of
+    their ints), and only the non-empty containers among them are entered, one iterator per
+    level: memory grows with the depth, not the size, and the path of a bad value
+    (``metadata['lr'][2]``) is spelled out only for the message.
+    """
+    keys, stack = [], []  # per level entered: the key of the container entered, its children left
+    value = metadata
+    if 2 > max_depth:  # the header map is level 1, metadata level 2
+        raise LimitError(f"metadata: nesting deeper than max_depth={max_depth} [H3]")
+    while True:
+        is_map = isinstance(value, dict)
+        if is_map and not set(map(type, value)) <= {str}:
+            key = next(k for k in value if type(k) is not str)
+            raise error(f"{path_of('metadata', keys)}: map key {quote(key)} is not a str [H7]")
+        children = value.values() if is_map else value
+        kinds = set(map(type, children))
+        if int in kinds and not (_INT_MIN <= min(v for v in children if type(v) is int) and
+                                 max(v for v in children if type(v) is int) <= _INT_MAX):
+            key, bad = next((k, v) for k, v in _items(value)
+                            if type(v) is int and not _INT_MIN <= v <= _INT_MAX)
+            raise error(f"{path_of('metadata', keys + [key])}: int {quote(bad)} is outside "
+                        "-2**63 .. 2**64-1 [H7]")
+        nested = kinds - _LEAF_TYPES
+        if nested:
+            for kind in nested:  # not namedtuples such as msgpack's ExtType
+                if kind is not list and kind is not tuple and not issubclass(kind, dict):
+                    key = next(k for k, v in _items(value) if type(v) is kind)
+                    raise error(f"{path_of('metadata', keys + [key])}: {kind.__name__} is not a "
+                                "msgpack primitive (None, bool, int, float, str, bytes, list, "
+                                "dict) [H7]")
+            if len(stack) + 3 > max_depth:
+                key = next(k for k, v in _items(value) if type(v) in nested)
+                raise LimitError(f"{path_of('metadata', keys + [key])}: nesting deeper than "
+                                 f"max_depth={max_depth} [H3]")
+            stack.append((k, v) for k, v in _items(value) if v and type(v) in nested)
+            keys.append(None)
+        while stack:  # the next container to enter: in the innermost level that has one left
+            item = next(stack[-1], None)
+            if item is not None:
+                break
+            stack.pop()
+            keys.pop()
         else:
-            raise error(
-                f"{path}: {type(value).__name__} is not a msgpack primitive (None, bool, int, float, "
-                "str, bytes, list, dict) [H7]"
-            )
+            return
+        keys[-1], value = item
+
+
+_LEAF_TYPES = frozenset((type(None), bool, int, float, str, bytes))  # msgpack's primitives [H7]
+
+
+def _items(container):
+    """``(key or index, value)`` of a dict, list or tuple."""
+    return container.items() if isinstance(container, dict) else enumerate(container)
+
+
+def path_of(root, keys):
+    """``metadata['a'][0]``: the expression that reaches a value, for a message (keys quoted)."""
+    return root + "".join(f"[{quote(key)}]" for key in keys)
 
 
 def _check_depth(value, path, max_depth):
-    """[H3] for a top-level header value (level 2) of any content, e.g. an ignored key [H8]."""
-    stack = [(value, 2)]
+    """[H3] for a top-level header value (level 2) of any content, e.g. an ignored key [H8];
+    without recursion, entering only non-empty containers, one iterator per level."""
+    if type(value) not in (dict, list):
+        return
+    if 2 > max_depth:
+        raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
+    stack = [iter((value,))]  # per level entered: the non-empty containers left to enter
     while stack:
-        value, level = stack.pop()
-        if isinstance(value, (dict, list)):
-            if level > max_depth:
+        for item in stack[-1]:
+            children = item.values() if type(item) is dict else item
+            if len(stack) + 2 > max_depth and not {dict, list}.isdisjoint(map(type, children)):
                 raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
-            stack.extend((item, level + 1) for item in (value.values() if isinstance(value, dict)
-                                                        else value))
+            stack.append(x for x in children if x and type(x) in (dict, list))
+            break
+        else:
+            stack.pop()
 
 
 def unique_pairs(pairs, where="map key in the header [H2]"):
@@ -141,7 +184,7 @@ def unique_pairs(pairs, where="map key in the header [H2]"):
     if len(result) != len(pairs):
         seen = set()
         key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise HeaderError(f"duplicate {where}: {key!r}")
+        raise HeaderError(f"duplicate {where}: {quote(key)}")
     return result
 
 
@@ -159,7 +202,9 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         HeaderError: malformed msgpack or a schema violation.
         LimitError: too many tensors [H6] or too deep [H3].
     """
-    try:
+    collecting = gc.isenabled()
+    gc.disable()  # a header makes up to one new container per byte, none in a cycle: the cyclic
+    try:  # collector would walk them again and again as they are made (4x the decoding time)
         header = msgpack.unpackb(
             data, raw=False, use_list=True, strict_map_key=False,
             object_pairs_hook=unique_pairs, timestamp=0,
@@ -170,36 +215,39 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         raise LimitError(f"header nesting is too deep to decode (max_depth={max_depth}) [H3]") from exc
     except Exception as exc:  # msgpack raises ValueError, TypeError and its own classes
         raise HeaderError(f"header is not one valid msgpack object: {exc} [H1]") from exc
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(header, dict):
         raise HeaderError(f"header must be a msgpack map, not {type(header).__name__} [H1]")
     for key in header:
         if type(key) is not str:
-            raise HeaderError(f"header key {key!r} is not a str [H1]")
+            raise HeaderError(f"header key {quote(key)} is not a str [H1]")
         if minor <= VERSION_MINOR and KEY_MINOR.get(key, VERSION_MINOR + 1) > minor:
-            raise HeaderError(f"unknown header key {key!r} in a version 1.{minor} file [H8]")
+            raise HeaderError(f"unknown header key {quote(key)} in a version 1.{minor} file [H8]")
         if key not in ("names", "metadata", "tree", "shards"):  # flat, or walked later
-            _check_depth(header[key], f"header[{key!r}]", max_depth)
+            _check_depth(header[key], f"header[{quote(key)}]", max_depth)
 
     names = header.get("names")
     if type(names) is not list:
         raise HeaderError(f"header 'names' must be an array of str, not {type(names).__name__} [H4]")
     if len(names) > max_tensors:
         raise LimitError(
-            f"file has {len(names)} tensors, more than max_tensors={max_tensors}; "
+            f"file has {plural(len(names), 'tensor')}, more than max_tensors={max_tensors}; "
             "pass max_tensors=... if you trust this file [H6]"
         )
     # [H5], checked in bulk (types first: a hostile name may be unhashable), then the name ->
     # position lookup that readers need anyway, whose size reveals duplicates.
     if set(map(type, names)) - {str}:
         i, name = next((i, x) for i, x in enumerate(names) if type(x) is not str)
-        raise HeaderError(f"tensor {i}: name {name!r} is not a non-empty str [H5]")
+        raise HeaderError(f"tensor {i}: name {quote(name)} is not a non-empty str [H5]")
     index = dict(zip(names, range(len(names))))
     if "" in index:
         raise HeaderError(f"tensor {index['']}: name '' is not a non-empty str [H5]")
     if len(index) != len(names):
         seen = set()
         name = next(x for x in names if x in seen or seen.add(x))
-        raise HeaderError(f"tensor {name!r}: the name appears twice [H5]")
+        raise HeaderError(f"tensor {quote(name)}: the name appears twice [H5]")
 
     columns = {}
     for key in COLUMN_KEYS:

@@ -22,7 +22,7 @@ Example:
 import numpy as np
 
 from . import tree as _tree
-from .errors import StateMismatchError, UnsupportedDtypeError
+from .errors import StateMismatchError, UnsupportedDtypeError, quote
 
 _PLAIN = (dict, list, tuple, type(None))
 
@@ -57,7 +57,7 @@ def from_numpy(array, name):
     jax = _jax()
     if jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:
         raise UnsupportedDtypeError(
-            f"tensor {name!r} is {array.dtype}, which jax would silently turn into "
+            f"tensor {quote(name)} is {array.dtype}, which jax would silently turn into "
             f"{jax.dtypes.canonicalize_dtype(array.dtype)}; enable 64-bit types first "
             "(jax.config.update('jax_enable_x64', True)) or load with framework='numpy'")
     return jax.numpy.asarray(array)
@@ -105,14 +105,15 @@ def save(tree, path, **options):
     _tree.save(to_state(tree), path, **options)
 
 
-def load(path, *, target=None, prefix=None, mmap=True, verify=False, **limits):
+def load(path, *, target=None, prefix=None, mmap=True, verify=None, **limits):
     """Load a pytree saved by :func:`save` (or any file) with jax arrays.
 
     Parameters:
         target: a pytree of the expected shape (e.g. freshly initialised params, or an optax
             state): the loaded arrays are put into it, its classes kept; every key, shape and
             dtype is checked first.
-        prefix, mmap, verify, limits: as :func:`safeckpt.load`.
+        prefix, mmap, verify, limits: as :func:`safeckpt.load` (``verify=None`` checks the
+            CRC32C of tensors read into fresh memory, ``mmap=False``; a mapped load stays lazy).
 
     Raises:
         StateMismatchError: with ``target``, lists every missing or unexpected key and every

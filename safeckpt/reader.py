@@ -27,7 +27,7 @@ from . import _backend
 from . import safetensors_format as _safetensors
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
-from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError
+from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError, plural, quote
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
 # into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
@@ -53,6 +53,26 @@ def _raise(code, where, detail=""):
     raise cls(f"{where}: {message}{detail}")
 
 
+# What a file that is not a checkpoint may be, by its first bytes (for the message).
+_LOOKS_LIKE = (
+    (b"PK\x03\x04", "a zip archive, as torch.save and numpy.savez write"),
+    (b"\x93NUMPY", "a numpy .npy file"),
+    *((b"\x80" + bytes([protocol]), "a pickle, as older torch.save writes") for protocol in range(2, 6)),
+)
+
+
+def _not_a_checkpoint(prefix, path):
+    """The end of the message for a file without the magic [P2]: its first bytes, what they look
+    like, and how to convert it."""
+    detail = f": it starts with {quote(bytes(prefix[:8]))}"
+    kind = next((kind for magic, kind in _LOOKS_LIKE if prefix.startswith(magic)), None)
+    if kind is None:
+        return detail
+    source = path if path is not None else "FILE"
+    return (f"{detail}, like {kind}; convert it with `safeckpt convert {source} OUT.sckpt` or "
+            "safeckpt.convert(), which never unpickles")
+
+
 class TensorMap:
     """What every reader shares: tensor names in order, use after ``close()`` refused, and the
     saved object's tree (``tree``, ``load``).
@@ -61,6 +81,8 @@ class TensorMap:
     """
 
     _names = None
+    _flat_skeleton = None  # a flat file's tree, built on first use (see safeckpt.tree)
+    _views = None  # Subtree of each container node of the tree, made on first use
 
     def _check_open(self):
         """The tensor names; raises ReaderClosedError after close() (in any thread)."""
@@ -104,7 +126,7 @@ class TensorMap:
         self._check_open()
         return _tree.view(self, _tree.find(self, None))
 
-    def load(self, prefix=None, *, framework=None, map_location=None, verify=False):
+    def load(self, prefix=None, *, framework=None, map_location=None, verify=None):
         """The saved object (or the subtree at ``prefix``) with its tensors; see :func:`safeckpt.load`."""
         self._check_open()
         return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
@@ -181,9 +203,16 @@ class Reader(TensorMap):
             return self._open_safetensors(size, max_header_size, max_tensors, max_ndim,
                                           max_depth)
         code, fields = be.parse_prefix(prefix, size, max_header_size)
+        if code == Code.TRUNCATED and len(prefix) < fmt.PREFIX_SIZE:  # too short: truncated only
+            head = prefix[:len(fmt.MAGIC)]  # if what there is starts as a checkpoint does [P1, P2]
+            if not fmt.MAGIC.startswith(head):
+                text = fmt.MAGIC_TEXT_MANGLED
+                code = Code.MAGIC_TEXT if text.startswith(head[:len(text)]) else Code.MAGIC
         if code:
             detail = ""
-            if code == Code.HEADER_LIMIT:
+            if code == Code.MAGIC:
+                detail = _not_a_checkpoint(prefix, self.path)
+            elif code == Code.HEADER_LIMIT:
                 header_len = int.from_bytes(prefix[16:24], "little")
                 detail = (f": {header_len} > {max_header_size}; pass max_header_size=... "
                           "if you trust this file")
@@ -223,14 +252,23 @@ class Reader(TensorMap):
         self._crcs = _column(crcs, "I") if crcs is not None else None
         self._ndims = columns["ndims"]
         self._dims = _column(columns["shape"], "Q")
-        self._shapes = None  # built on first use: a file may be opened for one tensor
+        self._shapes = self._starts = None  # built on first use: a file may be opened for one tensor
         self._names = names  # last: a reader with names is open
 
     def _shape(self, i):
-        """The shape of tensor ``i``, without building every shape (a file opened for one)."""
+        """The shape of tensor ``i``, without building every shape (a file opened for one).
+
+        Where each shape starts in the flat ``shape`` column is summed once, in numpy, the first
+        time: every later call costs the same, whatever ``i`` and the number of tensors.
+        """
         if self._shapes is not None:
             return self._shapes[i]
-        start = int(np.frombuffer(self._ndims, np.uint8)[:i].sum(dtype=np.uint64))
+        starts = self._starts
+        if starts is None:
+            starts = np.zeros(len(self._ndims) + 1, np.int64)
+            np.cumsum(np.frombuffer(self._ndims, np.uint8), out=starts[1:])
+            self._starts = starts
+        start = int(starts[i])
         return tuple(self._dims[start:start + self._ndims[i]])
 
     @property
@@ -250,7 +288,7 @@ class Reader(TensorMap):
         """Raise a table error with the tensor's name and its bad value."""
         where = self._where
         if index < len(names):
-            where += f", tensor {names[index]!r}"
+            where += f", tensor {quote(names[index])}"
         detail = ""
         if code == Code.DTYPE:
             detail = (f": code {columns['dtypes'][index]}; a newer safeckpt may read it "
@@ -282,7 +320,7 @@ class Reader(TensorMap):
         self._index = dict(zip(table.names, range(len(table.names))))
         self._codes, self._ndims, self._dims = table.codes, table.ndims, table.dims
         self._offsets, self._nbytes, self._crcs = table.offsets, table.nbytes, None
-        self._shapes = None
+        self._shapes = self._starts = None
         self._names = table.names  # last: a reader with names is open
 
     # -- the mapping interface ------------------------------------------------------------------
@@ -326,7 +364,7 @@ class Reader(TensorMap):
         try:
             return self._index[name]
         except KeyError:
-            raise KeyError(f"{self._where} has no tensor {name!r}") from None
+            raise KeyError(f"{self._where} has no tensor {quote(name)}") from None
 
     def __contains__(self, name):
         self._check_open()
@@ -353,53 +391,92 @@ class Reader(TensorMap):
         """
         return TensorSlice(self, self._position(name))
 
-    def load_all(self):
-        """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel."""
+    def load_all(self, *, verify=None):
+        """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel.
+
+        ``verify``: see :meth:`verifies`.
+        """
         names = self._check_open()
         if self._mapping is not None:
             self._advise("willneed")
-        return dict(zip(names, self._load(range(len(names)))))
+        return dict(zip(names, self._load(range(len(names)), verify)))
 
-    def _load(self, indices):
-        """The arrays of the tensors at ``indices``, in order.
+    def verifies(self, verify=None):
+        """Whether a load with this ``verify`` checks each tensor's CRC32C [T10].
+
+        ``None`` (the default, "auto"): yes when the tensor's bytes are copied into memory anyway
+        (``mmap=False``, or a reader of bytes) and the file has checksums, where the check costs
+        little next to the read; no for a mapped file, whose pages stay unread until touched.
+        ``True``: always (every page of a mapped tensor is read); ``False``: never.
+
+        Raises:
+            ChecksumError: ``verify=True`` and the file holds no checksums.
+        """
+        if verify is None:
+            return self._crcs is not None and self._mapping is None
+        if verify and self._crcs is None:
+            self._no_checksums()
+        return bool(verify)
+
+    def _no_checksums(self):
+        why = ("safetensors files hold no checksums" if self.format == "safetensors"
+               else "the file was saved with checksum=False")
+        raise ChecksumError(f"{self._where}: {why}; there is nothing to verify [T10]")
+
+    def _load(self, indices, verify=None):
+        """The arrays of the tensors at ``indices``, in order; CRC32C checked as
+        :meth:`verifies` says for ``verify``.
 
         Mapped (or bytes): views, made without a copy. Otherwise fresh memory filled by one
         parallel pread; runs of small neighbouring tensors share one block (one read, one
-        allocation) instead of costing a read and an allocation each.
+        allocation) instead of costing a read and an allocation each. Checksums are computed
+        from the bytes just read (one C call per block or large tensor), never by reading again.
         """
         self._check_open()
+        check = self.verifies(verify)
         codes, offsets, nbytes = self._codes, self._offsets, self._nbytes
         shapes = self._shape_list if len(indices) > 8 else {i: self._shape(i) for i in indices}
         buffer, ndarray, empty = self._buffer, np.ndarray, np.empty
         if buffer is not None:
+            if check:
+                self._compare(indices, self._crcs_in_buffer(indices))
             return [ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i]) if nbytes[i]
                     else empty(shapes[i], DTYPE_BY_CODE[codes[i]]) for i in indices]
-        arrays, reads, block = [], [], None  # block: [start, end, tensors as (slot, index)]
+        arrays = [None] * len(indices)
+        reads, block = [], None  # each read: [start, end, its tensors as (slot, index)]
         for slot, i in enumerate(indices):
-            size = nbytes[i]
-            if not size or size > _SHARED_MAX:
-                arrays.append(empty(shapes[i], DTYPE_BY_CODE[codes[i]]))
+            size, start = nbytes[i], offsets[i]
+            if not size or size > _SHARED_MAX:  # read into an array of its own
+                arrays[slot] = empty(shapes[i], DTYPE_BY_CODE[codes[i]])
                 if size:
-                    reads.append((offsets[i], size, arrays[-1]))
-                continue
-            arrays.append(None)
-            start = offsets[i]
-            if block and 0 <= start - block[1] < self.align and start + size - block[0] <= _BLOCK_MAX:
+                    reads.append([start, start + size, [(slot, i)]])
+            elif block and 0 <= start - block[1] < self.align and start + size - block[0] <= _BLOCK_MAX:
                 block[1] = start + size
                 block[2].append((slot, i))
             else:
                 block = [start, start + size, [(slot, i)]]
                 reads.append(block)
-        for k, read in enumerate(reads):
-            if type(read) is list:  # a block of small tensors: views of one buffer
-                start, end, members = read
-                memory = empty(end - start, np.uint8)
-                for slot, i in members:
-                    arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory,
-                                           offsets[i] - start)
-                reads[k] = (start, end - start, memory)
+        dests = []
+        for start, end, members in reads:
+            own = arrays[members[0][0]]
+            if own is not None:
+                dests.append(own.reshape(-1).view(np.uint8))
+                continue
+            memory = empty(end - start, np.uint8)  # a block of small tensors: views of one buffer
+            for slot, i in members:
+                arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory, offsets[i] - start)
+            dests.append(memory)
         if reads:
-            self._read_into(*map(list, zip(*reads)))
+            self._read_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests)
+        if check:
+            crc32c_ranges = self._be.crc32c_ranges
+            checked = [i for _, _, members in reads for _, i in members]
+            computed = [crc32c_ranges(dest, [offsets[i] - start for _, i in members],
+                                      [nbytes[i] for _, i in members])
+                        for (start, _, members), dest in zip(reads, dests)]
+            empty_ones = [i for i in indices if not nbytes[i]]  # the CRC32C of no bytes is 0
+            self._compare(checked + empty_ones,
+                          np.concatenate(computed + [np.zeros(len(empty_ones), np.uint32)]))
         return arrays
 
     def _advise(self, advice):
@@ -425,22 +502,29 @@ class Reader(TensorMap):
         """
         all_names = self._check_open()
         if self._crcs is None:
-            why = ("safetensors files hold no checksums" if self.format == "safetensors"
-                   else "the file was saved with checksum=False")
-            raise ChecksumError(f"{self._where}: {why}; "
-                                "there is nothing to verify [T10]")
+            self._no_checksums()
         indices = (np.arange(len(all_names)) if names is None
                    else np.array([self._position(name) for name in names], np.intp))
         if self._buffer is not None:  # mapped, or bytes: given arrays view these very bytes
-            computed = self._be.crc32c_ranges(self._buffer, np.asarray(self._offsets)[indices],
-                                              np.asarray(self._nbytes)[indices])
+            computed = self._crcs_in_buffer(indices)
         elif arrays is not None:
             crc32c = self._be.crc32c
             computed = [crc32c(np.ascontiguousarray(arrays[all_names[i]]).reshape(-1).view(np.uint8))
                         for i in indices]
         else:
             computed = self._crcs_from_file(indices)
-        stored = np.asarray(self._crcs, np.uint32)[indices]
+        self._compare(indices, computed)
+
+    def _crcs_in_buffer(self, indices):
+        """The CRC32C of tensors ``indices`` in the mapping (or bytes): one C call."""
+        indices = np.asarray(indices, np.intp)
+        return self._be.crc32c_ranges(self._buffer, np.asarray(self._offsets)[indices],
+                                      np.asarray(self._nbytes)[indices])
+
+    def _compare(self, indices, computed):
+        """Raise ChecksumError naming the first of tensors ``indices`` whose stored CRC32C is not
+        ``computed`` [T10]."""
+        stored = np.asarray(self._crcs, np.uint32)[np.asarray(indices, np.intp)]
         bad = np.flatnonzero(stored != np.asarray(computed, np.uint32))
         if len(bad):
             self._check_crc(indices[bad[0]], int(computed[bad[0]]))
@@ -481,7 +565,7 @@ class Reader(TensorMap):
     def _check_crc(self, i, computed):
         """Raise ChecksumError, naming tensor ``i``, if ``computed`` is not its stored CRC32C."""
         if computed != self._crcs[i]:
-            _raise(Code.CRC, f"{self._where}, tensor {self._names[i]!r}",
+            _raise(Code.CRC, f"{self._where}, tensor {quote(self._names[i])}",
                    f" (stored {self._crcs[i]:#010x}, computed {computed:#010x})")
 
     def close(self):
@@ -498,7 +582,7 @@ class Reader(TensorMap):
                 self._fd = None
 
     def __repr__(self):
-        state = "closed" if self.closed else f"{len(self._names)} tensors"
+        state = "closed" if self.closed else plural(len(self._names), "tensor")
         return f"<safeckpt.Reader {self._where} ({state})>"
 
     format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
@@ -574,33 +658,32 @@ def open(path, *, mmap=True, **limits):  # noqa: A001 - the public name is safec
     return shard.open_any(path, mmap=mmap, **limits)
 
 
-def load_file(path, *, mmap=True, verify=False, **limits):
+def load_file(path, *, mmap=True, verify=None, **limits):
     """Load every tensor of a .sckpt file as ``{name: np.ndarray}``.
 
     With ``mmap=True`` (default) the arrays view a private copy-on-write mapping of the file:
-    no copy, writable, and the file itself never changes. ``verify=True`` checks every
-    tensor's CRC32C first. Limits as for :func:`open`.
+    no copy, writable, and the file itself never changes. ``verify``: ``None`` (auto) checks the
+    CRC32C of every tensor read into fresh memory (``mmap=False``) and leaves a mapped load lazy;
+    ``True`` checks every tensor (reading every page); ``False`` none. Limits as for :func:`open`.
 
     Example:
         >>> tensors = safeckpt.load_file("model.sckpt")    # doctest: +SKIP
     """
     from . import shard
     with shard.open_any(path, mmap=mmap, **limits) as reader:
-        arrays = reader.load_all()
-        if verify:
-            reader.verify(arrays=arrays)
-        return arrays
+        return reader.load_all(verify=verify)
 
 
-def load_bytes(data, *, verify=False, **limits):
+def load_bytes(data, *, verify=None, **limits):
     """Load tensors from an in-memory .sckpt file; arrays view ``data`` (read-only for bytes).
+
+    ``verify=None`` (auto) checks every tensor's CRC32C when the file has checksums: the bytes
+    are in memory already, so the check reads nothing more (pass ``verify=False`` for ``data``
+    that views a mapping you want to keep lazy).
 
     Example:
         >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.zeros(2)}))["x"]
         array([0., 0.])
     """
     with Reader(data, **limits) as reader:
-        arrays = reader.load_all()
-        if verify:
-            reader.verify(arrays=arrays)
-        return arrays
+        return reader.load_all(verify=verify)

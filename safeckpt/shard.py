@@ -360,25 +360,27 @@ class ShardedReader(TensorMap):
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             return list(pool.map(function, jobs))
 
-    def _load(self, indices):
-        """The arrays of checkpoint tensors ``indices``, in order; shards read in parallel."""
+    def _load(self, indices, verify=None):
+        """The arrays of checkpoint tensors ``indices``, in order; shards read in parallel, each
+        checking CRC32C as :meth:`safeckpt.Reader.verifies` says for ``verify``."""
         self._check_open()
         indices = list(indices)
         out = [None] * len(indices)
 
         def load(group):
             j, members = group
-            arrays = self._readers[j]._load([local for _, local in members])
+            arrays = self._readers[j]._load([local for _, local in members], verify)
             for (slot, _), array in zip(members, arrays):
                 out[slot] = array
 
         self._parallel(load, self._by_shard(indices).items())
         return out
 
-    def load_all(self):
-        """Every tensor as ``{name: array}``, the shards read in parallel."""
+    def load_all(self, *, verify=None):
+        """Every tensor as ``{name: array}``, the shards read in parallel; ``verify`` as for
+        :meth:`safeckpt.Reader.load_all`."""
         names = self._check_open()
-        return dict(zip(names, self._load(range(len(names)))))
+        return dict(zip(names, self._load(range(len(names)), verify)))
 
     @property
     def has_checksums(self):

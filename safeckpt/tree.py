@@ -20,6 +20,7 @@ Example:
 """
 
 import collections
+import itertools
 import sys
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from . import format as fmt
 from . import writer as _writer
 from .dtypes import DTYPE_BY_CODE, code_of
-from .errors import HeaderError, InvalidValueError, LimitError
+from .errors import HeaderError, InvalidValueError, LimitError, quote
 
 # Node tags (FORMAT.md section 8, [R2]). Containers hold children; the others are leaves.
 LIST, TUPLE, DICT, ODICT = "list", "tuple", "dict", "odict"
@@ -44,7 +45,7 @@ _FRAMEWORKS = (None, "numpy", "torch", "jax")
 
 def _describe(root, path):
     """``state['model'][0]``: the Python expression that reaches a value, for messages."""
-    return root + "".join(f"[{key!r}]" for key in path)
+    return fmt.path_of(root, path)
 
 
 def _is_jax_array(value):
@@ -101,7 +102,7 @@ def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
             for k, v in value.items():
                 if type(k) is not str and type(k) is not int:
                     raise InvalidValueError(
-                        f"{_describe(root, path)}: dict key {k!r} ({type(k).__name__}) is not a "
+                        f"{_describe(root, path)}: dict key {quote(k)} ({type(k).__name__}) is not a "
                         "str or int [R4]")
                 if type(k) is int and not _INT_MIN <= k <= _INT_MAX:
                     raise InvalidValueError(f"{_describe(root, path)}: dict key {k} is outside "
@@ -219,19 +220,56 @@ def save_bytes(obj, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True):
 
 # -- read side: check the skeleton, view it lazily, materialise it ---------------------------------
 
-def _path_of(entry):
-    """Rebuild ``tree['a'][0]`` from a chain of (parent, key) entries, for error messages."""
-    keys = []
-    while entry is not None:
-        entry, key = entry
-        keys.append(key)
-    return "tree" + "".join(f"[{key!r}]" for key in reversed(keys))
+def _nodes(tree):
+    """The root and every node below it that is not a plain value (None, bool, int, float, str,
+    bytes: leaves that need no check), depth first and in order, without recursion.
+
+    Yields ``(node, level, keys)``: the root is level 2 (the header map is level 1), and ``keys``
+    is the live list of keys and indices from the root down to the node (see :func:`_path`).
+    A container is entered only when the caller asks for the next node, so a caller that checks
+    each node and raises never walks into a node it has not checked. Memory: one iterator per
+    level, whatever the width.
+    """
+    keys, stack, node = [], [], tree
+    while True:
+        yield node, len(stack) + 2, keys
+        if _is_container(node):
+            if node[0] in (LIST, TUPLE):
+                children = enumerate(itertools.islice(node, 1, None))
+            else:
+                children = zip(itertools.islice(node, 1, None, 2), itertools.islice(node, 2, None, 2))
+            stack.append((key, child) for key, child in children if type(child) not in _PRIMITIVES)
+            keys.append(None)
+        while stack:  # the next node: in the innermost container that has one left
+            item = next(stack[-1], None)
+            if item is not None:
+                break
+            stack.pop()
+            keys.pop()
+        else:
+            return
+        keys[-1], node = item
+
+
+def _path(keys):
+    """``tree['model'][0]``, for a message."""
+    return fmt.path_of("tree", keys)
+
+
+def _first(tree, tag, index):
+    """The path of the first ``tag`` node of tensor ``index`` (to name it in a message)."""
+    for node, _, keys in _nodes(tree):
+        if type(node) is list and len(node) > 1 and node[0] == tag and node[1] == index:
+            return _path(keys)
+    return "tree"
 
 
 def check_tree(tree, names, max_depth, where):
     """Validate a raw ``tree`` header value against the tensor table [R1-R6]; return it.
 
-    Walks the skeleton without recursion. ``NO_TREE`` (a flat file) is returned as is.
+    Walks the skeleton without recursion, in memory that grows with its depth and the number of
+    tensors, not with its size; the path of a bad node is spelled out only for the message.
+    ``NO_TREE`` (a flat file) is returned as is.
 
     Raises:
         HeaderError: a malformed node, an unknown tag, a bad or duplicate key, a tensor index out of
@@ -242,74 +280,73 @@ def check_tree(tree, names, max_depth, where):
     if tree is fmt.NO_TREE:
         return tree
     n = len(names)
-    owner = [None] * n  # the entry (path) of each tensor's one TENSOR node
-    refs = []
-    stack = [(tree, 2, None)]  # (node, level, entry); entry = (parent entry, key) or None
-    while stack:
-        node, level, entry = stack.pop()
+    used = bytearray(n)  # per tensor: bit 1 once its tensor node is seen, bit 2 if a ref points to it
+    for node, level, keys in _nodes(tree):
         kind = type(node)
         if kind in _PRIMITIVES:
             continue
         if kind is not list:
-            raise HeaderError(f"{where}: {_path_of(entry)}: a {_msgpack_name(node)} is not a tree "
+            raise HeaderError(f"{where}: {_path(keys)}: a {_msgpack_name(node)} is not a tree "
                               "node [R2]")
         if level > max_depth:
-            raise LimitError(f"{where}: {_path_of(entry)}: tree nesting deeper than "
+            raise LimitError(f"{where}: {_path(keys)}: tree nesting deeper than "
                              f"max_depth={max_depth}; pass max_depth=... if you trust this file [R6]")
         tag = node[0] if node else None
         if type(tag) is not str or (tag not in CONTAINERS and tag not in _LEAF_ARITY):
-            raise HeaderError(f"{where}: {_path_of(entry)}: node tag {tag!r} is not one of "
+            raise HeaderError(f"{where}: {_path(keys)}: node tag {quote(tag)} is not one of "
                               f"{sorted(CONTAINERS | set(_LEAF_ARITY))} [R2]")
         if tag in (LIST, TUPLE):
-            stack.extend((child, level + 1, (entry, i)) for i, child in enumerate(node[1:]))
-        elif tag in (DICT, ODICT):
+            continue
+        if tag in (DICT, ODICT):
             if len(node) % 2 != 1:
-                raise HeaderError(f"{where}: {_path_of(entry)}: a {tag} node needs an even number "
-                                  f"of items (key, value pairs) after its tag, found {len(node) - 1} items [R4]")
-            seen = set()
-            for i in range(1, len(node), 2):
-                key = node[i]
-                if (type(key) is not str and type(key) is not int) or (type(key), key) in seen:
-                    problem = "is not a str or int" if type(key) not in (str, int) else "appears twice"
-                    raise HeaderError(f"{where}: {_path_of(entry)}: dict key {key!r} {problem} [R4]")
-                seen.add((type(key), key))
-                stack.append((node[i + 1], level + 1, (entry, key)))
-        else:
-            if len(node) not in _LEAF_ARITY[tag]:
-                raise HeaderError(f"{where}: {_path_of(entry)}: a {tag} node has "
-                                  f"{len(node)} items, not {' or '.join(map(str, _LEAF_ARITY[tag]))} [R2]")
-            if tag == SCALAR:
-                code, raw = node[1], node[2]
-                if type(code) is not int or not 0 <= code < len(DTYPE_BY_CODE):
-                    raise HeaderError(f"{where}: {_path_of(entry)}: scalar dtype code {code!r} is "
-                                      "unknown [R5]")
-                if type(raw) is not bytes or len(raw) != DTYPE_BY_CODE[code].itemsize:
-                    raise HeaderError(f"{where}: {_path_of(entry)}: scalar of dtype "
-                                      f"{DTYPE_BY_CODE[code]} needs {DTYPE_BY_CODE[code].itemsize} "
-                                      "bytes of bin [R5]")
-                continue
-            index = node[1]
-            if type(index) is not int or not 0 <= index < n:
-                raise HeaderError(f"{where}: {_path_of(entry)}: tensor index {index!r} is not in "
-                                  f"0..{n - 1} [R3]")
-            if tag == REF:
-                refs.append((index, entry))
-                continue
-            if len(node) == 3 and (type(node[2]) is not str or not node[2]):
-                raise HeaderError(f"{where}: {_path_of(entry)}: tensor device {node[2]!r} is not a "
-                                  "non-empty str [R3]")
-            if owner[index] is not None:
-                raise HeaderError(f"{where}: {_path_of(entry)}: tensor {names[index]!r} has a "
-                                  f"tensor node already at {_path_of(owner[index])}; a second use "
-                                  "must be a ref node [R3]")
-            owner[index] = entry if entry is not None else ()
-    for index, entry in refs:
-        if owner[index] is None:
-            raise HeaderError(f"{where}: {_path_of(entry)}: ref to tensor {names[index]!r}, which "
-                              "has no tensor node [R3]")
-    for index, entry in enumerate(owner):
-        if entry is None:
-            raise HeaderError(f"{where}: tensor {names[index]!r} is not in the tree [R3]")
+                raise HeaderError(f"{where}: {_path(keys)}: a {tag} node needs an even number of "
+                                  f"items (key, value pairs) after its tag, found {len(node) - 1} "
+                                  "items [R4]")
+            seen = set()  # str and int keys never compare equal (bool and float are refused)
+            for key in itertools.islice(node, 1, None, 2):
+                if type(key) is not str and type(key) is not int:
+                    raise HeaderError(f"{where}: {_path(keys)}: dict key {quote(key)} is not a str "
+                                      "or int [R4]")
+                if key in seen:
+                    raise HeaderError(f"{where}: {_path(keys)}: dict key {quote(key)} appears "
+                                      "twice [R4]")
+                seen.add(key)
+            continue
+        if len(node) not in _LEAF_ARITY[tag]:
+            raise HeaderError(f"{where}: {_path(keys)}: a {tag} node has {len(node)} items, not "
+                              f"{' or '.join(map(str, _LEAF_ARITY[tag]))} [R2]")
+        if tag == SCALAR:
+            code, raw = node[1], node[2]
+            if type(code) is not int or not 0 <= code < len(DTYPE_BY_CODE):
+                raise HeaderError(f"{where}: {_path(keys)}: scalar dtype code {quote(code)} is "
+                                  "unknown [R5]")
+            if type(raw) is not bytes or len(raw) != DTYPE_BY_CODE[code].itemsize:
+                raise HeaderError(f"{where}: {_path(keys)}: scalar of dtype "
+                                  f"{DTYPE_BY_CODE[code]} needs {DTYPE_BY_CODE[code].itemsize} "
+                                  "bytes of bin [R5]")
+            continue
+        index = node[1]
+        if type(index) is not int or not 0 <= index < n:
+            raise HeaderError(f"{where}: {_path(keys)}: tensor index {quote(index)} is not in "
+                              f"0..{n - 1} [R3]")
+        if tag == REF:
+            used[index] |= 2
+            continue
+        if len(node) == 3 and (type(node[2]) is not str or not node[2]):
+            raise HeaderError(f"{where}: {_path(keys)}: tensor device {quote(node[2])} is not a "
+                              "non-empty str [R3]")
+        if used[index] & 1:
+            raise HeaderError(f"{where}: {_path(keys)}: tensor {quote(names[index])} has a "
+                              f"tensor node already at {_first(tree, TENSOR, index)}; a second use "
+                              "must be a ref node [R3]")
+        used[index] |= 1
+    index = used.find(2)  # refs only: no tensor node
+    if index >= 0:
+        raise HeaderError(f"{where}: {_first(tree, REF, index)}: ref to tensor "
+                          f"{quote(names[index])}, which has no tensor node [R3]")
+    index = used.find(0)
+    if index >= 0:
+        raise HeaderError(f"{where}: tensor {quote(names[index])} is not in the tree [R3]")
     return tree
 
 
@@ -318,12 +355,15 @@ def _msgpack_name(value):
 
 
 def _skeleton(reader):
-    """The reader's skeleton; a flat file's is a dict of its tensors by name."""
+    """The reader's skeleton; a flat file's is a dict of its tensors by name, built once."""
     if reader._skeleton is not fmt.NO_TREE:
         return reader._skeleton
-    node = [DICT]
-    for i, name in enumerate(reader._names):
-        node += [name, [TENSOR, i]]
+    node = reader._flat_skeleton
+    if node is None:
+        node = [DICT]
+        for i, name in enumerate(reader._check_open()):
+            node += [name, [TENSOR, i]]
+        reader._flat_skeleton = node
     return node
 
 
@@ -342,13 +382,13 @@ def find(reader, prefix):
         while rest:
             child, rest = _step_str(node, rest)
             if child is _MISSING:
-                raise KeyError(f"{reader._where} has nothing at {prefix!r} in its tree")
+                raise KeyError(f"{reader._where} has nothing at {quote(prefix)} in its tree")
             node = child
         return node
     for key in prefix:
         child = _step_exact(node, key)
         if child is _MISSING:
-            raise KeyError(f"{reader._where} has nothing at {tuple(prefix)!r} in its tree")
+            raise KeyError(f"{reader._where} has nothing at {quote(tuple(prefix))} in its tree")
         node = child
     return node
 
@@ -404,19 +444,12 @@ def _tensor_indices(node):
     return found
 
 
-def _load_arrays(reader, indices):
-    """``{index: array}`` for the given tensors (views of the mapping, or one parallel pread)."""
+def load_checked(reader, indices, verify=None):
+    """``{index: array}`` for the given tensors (views of the mapping, or one parallel pread),
+    checking CRC32C as ``verify`` says (see :meth:`safeckpt.Reader.verifies`: ``None`` auto,
+    ``True``, ``False``) [T10]."""
     indices = list(indices)
-    return dict(zip(indices, reader._load(indices)))
-
-
-def load_checked(reader, indices, verify):
-    """:func:`_load_arrays`, then with ``verify`` the CRC32C of each array [T10]."""
-    tensors = _load_arrays(reader, indices)
-    if verify:
-        names = [reader._names[i] for i in tensors]
-        reader.verify(names, arrays={reader._names[i]: a for i, a in tensors.items()})
-    return tensors
+    return dict(zip(indices, reader._load(indices, verify)))
 
 
 def _leaf(node, tensors):
@@ -458,7 +491,7 @@ def _build(node, tensors):
         stack[-1][2].append(value)
 
 
-def materialize(reader, node, *, framework=None, map_location=None, verify=False):
+def materialize(reader, node, *, framework=None, map_location=None, verify=None):
     """The Python value of ``node``, reading only the tensors it uses.
 
     ``framework`` is ``None`` or ``"numpy"`` (numpy arrays) or ``"torch"`` (torch tensors, zero-copy
@@ -481,10 +514,17 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=False
 
 
 def view(reader, node):
-    """A lazy :class:`Subtree` for a container node, else the leaf's value."""
+    """A lazy :class:`Subtree` for a container node (one per node and reader, so that each
+    builds its key index once), else the leaf's value."""
     if _is_container(node):
-        return Subtree(reader, node)
-    return _leaf(node, _load_arrays(reader, list(_tensor_indices(node))))
+        views = reader._views
+        if views is None:
+            views = reader._views = {}
+        subtree = views.get(id(node))  # the reader's skeleton keeps every node alive
+        if subtree is None:
+            subtree = views[id(node)] = Subtree(reader, node)
+        return subtree
+    return _leaf(node, load_checked(reader, _tensor_indices(node)))
 
 
 class Subtree:
@@ -547,10 +587,11 @@ class Subtree:
     def items(self):
         return [(key, self[key]) for key in self.keys()]
 
-    def load(self, *, framework=None, map_location=None):
+    def load(self, *, framework=None, map_location=None, verify=None):
         """The subtree as Python values; see :func:`safeckpt.load`."""
         self._reader._check_open()
-        return materialize(self._reader, self._node, framework=framework, map_location=map_location)
+        return materialize(self._reader, self._node, framework=framework, map_location=map_location,
+                           verify=verify)
 
     def __repr__(self):
         return f"<safeckpt Subtree {self.kind.__name__} of {len(self)}>"
@@ -560,7 +601,7 @@ _MISSING = object()
 
 
 def load(path, *, prefix=None, framework=None, map_location=None, device=None, mmap=True,
-         verify=False, **limits):
+         verify=None, **limits):
     """Load what :func:`save` saved (or any .sckpt file: a flat one loads as a dict by name).
 
     Parameters:
@@ -575,7 +616,8 @@ def load(path, *, prefix=None, framework=None, map_location=None, device=None, m
         device: with torch, one device for every tensor (``"cuda:0"``, a ``torch.device``), as
             safetensors takes it: the same as ``map_location=device``.
         mmap: zero-copy views of a private mapping (default) or fresh memory read with pread.
-        verify: check the CRC32C of every tensor loaded.
+        verify: check the CRC32C of the tensors loaded: ``None`` (auto) for those read into fresh
+            memory (``mmap=False``; a mapped load stays lazy), ``True`` for all, ``False`` none.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
 
     Returns:

@@ -75,9 +75,28 @@ def test_P1_shorter_than_prefix(tmp_path):
     refuse(b"", tmp_path, safeckpt.TruncatedFileError)
 
 
-def test_P2_wrong_magic(tmp_path):
+def test_P1_P2_a_short_file_that_is_not_a_checkpoint(tmp_path):
+    """Shorter than the prefix: truncated if its bytes start as the magic does, else not a
+    checkpoint at all [P1, P2]; a short text-mode-mangled start is named as such."""
+    refuse(b"hello\n", tmp_path, safeckpt.NotSafeckptError, "not a safeckpt file", "b'hello\\n'")
+    refuse(b"\x89SCK\r\n", tmp_path, safeckpt.TruncatedFileError, "32-byte prefix")
+    refuse(b"\x89SCK\n\x1a\n\x01", tmp_path, safeckpt.NotSafeckptError, "text-mode")
+
+
+@pytest.mark.parametrize("start, words", [
+    (b"PK\x03\x04", ["zip archive", "torch.save"]),
+    (b"\x80\x02", ["pickle"]),
+    (b"\x80\x05", ["pickle"]),
+    (b"\x93NUMPY\x01\x00", ["numpy .npy"]),
+])
+def test_P2_wrong_magic_says_what_the_file_looks_like(tmp_path, start, words):
+    """A torch, numpy or pickle file gets its kind named and the way to convert it [P2]."""
     data = forge({"w": W})
-    refuse(b"PK\x03\x04" + data[4:], tmp_path, safeckpt.NotSafeckptError, "magic")
+    for length in (len(data), 20):  # whole, or shorter than a prefix
+        message = refuse((start + data[len(start):])[:length], tmp_path, safeckpt.NotSafeckptError,
+                         "not a safeckpt file", "safeckpt convert", *words)
+        assert message.index("not a safeckpt") < message.index("[P2]")
+    assert "bad.sckpt OUT.sckpt" in message  # the path to convert, from the file opened
 
 
 def test_P2_text_mode_mangling_is_named(tmp_path):
@@ -266,8 +285,9 @@ def test_H8_newer_minor_version_is_read(tmp_path):
 
 
 def test_T1_unknown_dtype_code(tmp_path):
-    data = forge({"w": W}, edit=lambda h: h.update(dtypes=b"\x11"))
-    refuse(data, tmp_path, safeckpt.UnsupportedDtypeError, "'w'", "code 17")
+    unknown = len(safeckpt.dtypes.NAME_BY_CODE)  # the first code this reader does not know
+    data = forge({"w": W}, edit=lambda h: h.update(dtypes=bytes([unknown])))
+    refuse(data, tmp_path, safeckpt.UnsupportedDtypeError, "'w'", f"code {unknown}")
     data = forge({"w": W}, edit=lambda h: h.update(dtypes=b"\xff"))
     refuse(data, tmp_path, safeckpt.UnsupportedDtypeError, "code 255")
 
@@ -348,20 +368,70 @@ def test_T9_non_zero_padding(tmp_path):
     refuse(bytes(data), tmp_path, safeckpt.LayoutError, "'w'", "padding")
 
 
-def test_T10_data_corruption_caught_by_verify(tmp_path):
+def corrupt_b():
+    """A file whose tensor 'b' has one flipped bit."""
     data = bytearray(forge({"w": W, "b": B}))
     _, second = offsets_of(bytes(data))
     data[second] ^= 0x04
-    for result in load_all_ways(bytes(data), tmp_path):  # without verify, it loads
-        assert result["b"][0] != B[0]
-    refuse(bytes(data), tmp_path, safeckpt.ChecksumError, "'b'", "checksum", verify=True)
-    with safeckpt.Reader(bytes(data)) as reader:
-        reader.verify(["w"])
+    return bytes(data)
+
+
+def test_T10_loads_that_copy_the_bytes_verify_by_default(tmp_path):
+    """verify=None (auto): every load that copies a tensor's bytes (mmap=False, bytes) checks its
+    CRC32C; a mapped load stays lazy; verify=True checks everywhere, verify=False nowhere."""
+    data = corrupt_b()
+    path = tmp_path / "f.sckpt"
+    path.write_bytes(data)
+    copying = [lambda **kw: safeckpt.load_bytes(data, **kw),
+               lambda **kw: safeckpt.load_file(path, mmap=False, **kw)]
+    for load in copying:
+        with pytest.raises(safeckpt.ChecksumError, match="tensor 'b': tensor checksum mismatch"):
+            load()
+        assert load(verify=False)["b"][0] != B[0]
+    assert safeckpt.load_file(path)["b"][0] != B[0]  # mapped: nothing read, nothing checked
+    refuse(data, tmp_path, safeckpt.ChecksumError, "'b'", "checksum", verify=True)
+    for reader in (safeckpt.Reader(data), safeckpt.open(path, mmap=False)):
+        with reader:
+            np.testing.assert_array_equal(reader["w"], W)  # each tensor checked as it is read
+            with pytest.raises(safeckpt.ChecksumError, match="'b'"):
+                reader["b"]
+            reader.verify(["w"])
+            with pytest.raises(safeckpt.ChecksumError, match="'b'"):
+                reader.verify()
+    with safeckpt.open(path, mmap=False) as reader:  # a part of a tensor has no CRC of its own
+        assert reader.get_slice("b")[1:].tolist() == B[1:].tolist()
+    with safeckpt.open(path) as reader:
+        assert reader["b"][0] != B[0]
         with pytest.raises(safeckpt.ChecksumError, match="'b'"):
-            reader.verify()
+            reader.load_all(verify=True)
+
+
+def test_T10_checksums_come_from_the_bytes_read(tmp_path, monkeypatch):
+    """mmap=False with verify: one parallel read, and the CRC32C of the very buffers it filled
+    (one C call per buffer), never a second read; small and large tensors, shared blocks."""
+    tensors = {f"s{i}": np.full(100, i, np.int32) for i in range(20)}
+    tensors["big"] = np.arange(600_000, dtype=np.float32)  # above the shared-block size
+    tensors["empty"] = np.zeros((0, 2), np.int8)
+    path = tmp_path / "f.sckpt"
+    safeckpt.save_file(tensors, path)
+    with safeckpt.open(path, mmap=False) as reader:
+        reads, ranges = [], []
+        read_into, crc32c_ranges = reader._read_into, reader._be.crc32c_ranges
+        monkeypatch.setattr(reader, "_read_into", lambda *a: reads.append(a) or read_into(*a))
+        monkeypatch.setattr(reader._be, "crc32c_ranges",
+                            lambda *a: ranges.append(a) or crc32c_ranges(*a))
+        loaded = reader.load_all(verify=True)
+        assert len(reads) == 1 and len(ranges) == 2  # the block of 20 small ones, and "big"
+        assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+        data = bytearray(path.read_bytes())
+        data[reader.info("big").offset + 12345] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(safeckpt.ChecksumError, match="'big'"):
+        safeckpt.load_file(path, mmap=False)
 
 
 def test_T10_verify_without_checksums_is_refused(tmp_path):
+    """Auto verification loads a file without checksums; only verify=True refuses it."""
     data = forge({"w": W}, checksum=False)
     assert load_all_ways(data, tmp_path)
     refuse(data, tmp_path, safeckpt.ChecksumError, "checksum=False", verify=True)

@@ -9,15 +9,21 @@ msgpack's pure-Python fallback, slices, files that shrink while open, and the no
 """
 
 import ast
+import base64
+import functools
 import gc
+import json
 import os
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -25,6 +31,7 @@ import safeckpt
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "fixtures"))
 import make_fixtures  # noqa: E402
+from forge import forge  # noqa: E402
 from make_fixtures import CASES  # noqa: E402
 
 FIXTURES = pathlib.Path(make_fixtures.HERE)
@@ -153,6 +160,215 @@ def test_deep_nesting_from_a_deep_call_stack():
         return safeckpt.load_bytes(good)
 
     assert "w" in descend(sys.getrecursionlimit() - 100)
+
+
+# -- issue 10, R1: decoding memory is a bounded multiple of the header size (SECURITY.md) ------
+
+
+MEMORY_PER_HEADER_BYTE = 80  # SECURITY.md: at most ~74 bytes of memory per header byte (RSS)
+N = 100_000  # items per shape: a header of 100-300 KB
+
+
+def _raw_header(header, placeholder, raw, minor=1):
+    """A file without tensors whose msgpack header is ``header`` with ``placeholder``'s encoding
+    replaced by the bytes ``raw`` (to hold what msgpack's packer will not write)."""
+    data = msgpack.packb(header, use_bin_type=True).replace(msgpack.packb(placeholder), raw)
+    return forge({}, header_bytes=data, minor=minor)
+
+
+def _safetensors(extras):
+    """A .safetensors file without tensors whose ``__safeckpt__`` entry holds ``extras`` [ST9]
+    (a value, or its msgpack bytes)."""
+    packed = extras if type(extras) is bytes else msgpack.packb(extras, use_bin_type=True)
+    blob = base64.b64encode(packed).decode()
+    header = json.dumps({"__metadata__": {"__safeckpt__": blob}}).encode()
+    return struct.pack("<Q", len(header)) + header
+
+
+WORST_HEADERS = {  # the shapes that cost the most memory per byte, and issue 10's own
+    "empty arrays": lambda: forge({}, metadata={"k": [[]] * N}),
+    "empty maps": lambda: forge({}, metadata={"k": [{}] * N}),
+    "small negative ints": lambda: forge({}, metadata={"k": [-20] * N}),
+    "short str keys": lambda: forge({}, metadata={"k": {str(i): None for i in range(N)}}),
+    "long key over a long list": lambda: forge({}, metadata={"A" * N: [0] * N}),
+    "long keys all the way down": lambda: forge({}, metadata=functools.reduce(
+        lambda inner, _: {"A" * 1000: inner}, range(60), [0] * N)),
+    "names": lambda: forge([(f"{i:x}", np.zeros(0, np.uint8)) for i in range(N // 8)]),
+    "tree nodes": lambda: forge({}, minor=1, extra={"tree": ["list"] + [["list"]] * (N // 6)}),
+    "empty tree nodes (refused)": lambda: forge({}, minor=1, extra={"tree": ["list"] + [[]] * N}),
+    "tree dict keys": lambda: forge({}, minor=1, extra={"tree": ["dict"] + list(range(N // 2)) * 2}),
+    "unknown key of a newer minor": lambda: forge({}, minor=99, extra={"z": [[]] * N}),
+    "safetensors __safeckpt__ arrays": lambda: _safetensors({"metadata": {"k": [[]] * N}}),
+    "safetensors __safeckpt__ long key": lambda: _safetensors({"metadata": {"A" * N: [0] * N}}),
+}
+
+
+def _peak(load, data):
+    """Peak memory traced while ``load(data)`` runs (a second time: caches are warm)."""
+    for traced in (False, True):
+        gc.collect()
+        if traced:
+            tracemalloc.start()
+        try:
+            load(data)
+        except safeckpt.SafeckptError:
+            pass
+        finally:
+            if traced:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("shape", WORST_HEADERS)
+def test_header_memory_is_bounded_per_byte(shape):
+    """Opening costs at most MEMORY_PER_HEADER_BYTE bytes of memory per header byte, whatever the
+    header holds: no walker builds a path or an entry per value (issue 10 R1: a 60 KB file with
+    metadata {"A"*30000: [0]*30000} cost 856 MiB)."""
+    data = WORST_HEADERS[shape]()
+    peak = _peak(safeckpt.load_bytes, data)
+    assert peak <= MEMORY_PER_HEADER_BYTE * len(data), (peak / len(data), shape)
+
+
+def test_index_json_metadata_memory_is_bounded(tmp_path):
+    """The metadata of a sharded safetensors index given to convert is checked the same way."""
+    import safetensors.numpy
+
+    safetensors.numpy.save_file({"w": np.zeros(2, np.float32)}, tmp_path / "m-1.safetensors")
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"A" * N: [0] * N},
+                                 "weight_map": {"w": "m-1.safetensors"}}))
+
+    def read(path):
+        with safeckpt.interop.read_source(path):
+            pass
+
+    peak = _peak(read, index)
+    assert peak <= MEMORY_PER_HEADER_BYTE * index.stat().st_size, peak / index.stat().st_size
+
+
+def test_header_memory_bound_in_rss():
+    """The same bound measured as the process sees it (peak RSS of a fresh process), on a 10 MB
+    header of empty maps, the costliest shape."""
+    script = textwrap.dedent(f"""
+        import gc, sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+        from forge import forge
+        import safeckpt
+        data = forge({{}}, metadata={{"k": [{{}}] * 10_000_000}})
+        safeckpt.load_bytes(forge({{}}, metadata={{"k": [None] * 100}}))
+        gc.collect()
+        def status(key):
+            return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                        if line.startswith(key))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak restarts from here
+        before = status("VmRSS")
+        safeckpt.load_bytes(data)
+        print((status("VmHWM") - before) / len(data))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) <= MEMORY_PER_HEADER_BYTE, done.stdout
+
+
+# -- issue 10, R2: the cost of one name does not grow with the number of tensors ----------------
+
+
+def _flat(path, n):
+    safeckpt.save_file({f"t{i}": np.zeros((1, 0), np.float32) for i in range(n)}, path)
+    return path
+
+
+PER_NAME = {  # every per-name path of a reader (the CLI's inspect, convert and diff use these)
+    "info": lambda f, name: f.info(name),
+    "reader[name]": lambda f, name: f[name],
+    "get_slice": lambda f, name: f.get_slice(name)[:],
+    "name in reader": lambda f, name: name in f,
+    "tree[name]": lambda f, name: f.tree[name],
+}
+
+
+def _cost_ratio(paths, op, names, **options):
+    """Time of ``op(reader, name)`` over ``names[path]`` in the second file over the first: best
+    of three, interleaved, each long enough (in repeats) that timer noise does not matter."""
+    def run(path, repeats):
+        with safeckpt.open(path, **options) as f:
+            op(f, names[path][0])  # anything built once per reader (an index) is built here
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for name in names[path]:
+                    op(f, name)
+            return time.perf_counter() - start
+
+    repeats = max(1, int(0.02 / max(run(paths[0], 1), 1e-6)))
+    best = [min(run(path, repeats) for _ in range(3)) for path in paths]
+    return best[1] / best[0]
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("mmap", [True, False])
+def test_per_name_cost_does_not_grow_with_the_tensor_count(tmp_path, mmap):
+    """The same 2,000 lookups cost about the same in a file of 10,000 tensors and in one of
+    100,000 (they were O(n) each: 200,000 empty tensors made `inspect` take 15 s, and the ratio
+    here was about 10). Memory caches make a large file's lookups somewhat slower: hence 4."""
+    paths = _flat(tmp_path / "s.sckpt", 10_000), _flat(tmp_path / "l.sckpt", 100_000)
+    names = {paths[0]: [f"t{i}" for i in range(8_000, 10_000)],
+             paths[1]: [f"t{i}" for i in range(98_000, 100_000)]}
+    for what, op in PER_NAME.items():
+        ratio = _cost_ratio(paths, op, names, mmap=mmap)
+        assert ratio < 4, (what, ratio)
+
+
+def test_sharded_per_name_cost_does_not_grow_with_the_tensor_count(tmp_path):
+    """The same for a sharded checkpoint (each name goes to its shard's reader), 5,000 tensors
+    against 100,000."""
+    paths = []
+    for n in (5_000, 100_000):
+        paths.append(tmp_path / f"m{n}.sckpt")
+        safeckpt.save({f"t{i}": np.zeros(1, np.float32) for i in range(n)}, paths[-1],
+                      max_shard_size=2 * n)
+        assert len(safeckpt.open(paths[-1]).shards) == 2
+    names = {path: [f"t{i}" for i in range(n - 2_000, n)] for path, n in zip(paths, (5_000, 100_000))}
+    ratio = _cost_ratio(paths, lambda f, name: f.info(name), names)
+    assert ratio < 4, ratio
+
+
+# -- issue 10, R5: a value nested 1,000 deep in an error message ---------------------------------
+
+
+DEEP_VALUE = b"\x91" * 1000 + b"\x90"  # [[[...[]...]]]: 1,000 arrays, 1 KB of msgpack
+_P = "@" * 40  # stands for DEEP_VALUE in a header
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("header, error", [
+    ({"names": [_P]}, "HeaderError"),
+    ({"tree": ["list", [_P]]}, "HeaderError"),
+    ({"tree": ["dict", _P, None]}, "HeaderError"),
+    ({"tree": ["tensor", _P]}, "HeaderError"),
+    ({"tree": ["scalar", _P, b""]}, "HeaderError"),
+    ({"tree": [_P]}, "HeaderError"),
+    ({"metadata": {"k": _P}}, "LimitError"),
+], ids=["name", "tree tag", "tree key", "tensor index", "scalar code", "node", "metadata"])
+def test_deep_values_are_named_in_a_short_message(header, error):
+    """A value from the file is shown in a message cut to a short length, never by a recursive
+    repr (issue 10 R5: RecursionError on a 1.1 KB file)."""
+    columns = {"names": [], "dtypes": b"", "ndims": b"", "shape": b"", "offsets": b"", "nbytes": b"",
+               "crc32c": b""}
+    data = _raw_header({**columns, **header}, _P, DEEP_VALUE)
+    with pytest.raises(getattr(safeckpt, error)) as info:
+        safeckpt.load_bytes(data)
+    assert len(str(info.value)) < 400, str(info.value)
+
+
+def test_deep_values_in_a_safetensors_tree_are_named_in_a_short_message():
+    data = _safetensors(msgpack.packb({"tree": ["list", [_P]]}).replace(msgpack.packb(_P), DEEP_VALUE))
+    with pytest.raises(safeckpt.HeaderError, match=r"tag \[\[\[") as info:
+        safeckpt.load_bytes(data)
+    assert len(str(info.value)) < 400
 
 
 # -- 23: out-of-range slices on a valid file ---------------------------------------------------

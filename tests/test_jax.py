@@ -66,3 +66,18 @@ def test_flax_params_and_optax_state_save_and_restore_into_a_target(tmp_path):
     wrong = model.init(jax.random.PRNGKey(0), jnp.ones((1, 5)))  # a kernel of another shape
     with pytest.raises(safeckpt.StateMismatchError, match="kernel.*file has \\(4, 8\\)"):
         sj.load(tmp_path / "flax.sckpt", prefix="params", target=wrong)
+
+
+def test_load_verifies_what_it_reads_by_default(tmp_path):
+    """verify=None (auto) [T10]: mmap=False checks the CRC32C of what it reads; mapped stays lazy."""
+    path = tmp_path / "v.sckpt"
+    safeckpt.save({"k": np.arange(8, dtype=np.float32)}, path)
+    data = bytearray(path.read_bytes())
+    with safeckpt.open(path) as f:
+        data[f.info("k").offset] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(safeckpt.ChecksumError, match="'k'"):
+        safeckpt.jax.load(path, mmap=False)
+    with pytest.raises(safeckpt.ChecksumError, match="'k'"):
+        safeckpt.jax.load(path, verify=True)
+    assert isinstance(safeckpt.jax.load(path)["k"], jax.Array)

@@ -218,6 +218,25 @@ def test_verify_without_a_mapping_reads_in_bounded_batches(tmp_path, backend, mo
                 f.verify(["t3", "t4", "t1"])
 
 
+def test_sharded_loads_verify_by_default(tmp_path):
+    """verify=None (auto) [T10] on a sharded checkpoint: each shard read into fresh memory checks
+    its tensors; mapped shards stay lazy."""
+    path = tmp_path / "m.sckpt"
+    safeckpt.save({"a": np.zeros(200, np.float32), "b": np.ones(200, np.float32)}, path,
+                  max_shard_size=1000)
+    with safeckpt.open(path) as f:
+        shard, offset = f.shard_of("b"), f.info("b").offset
+    data = bytearray(open(shard, "rb").read())
+    data[offset] ^= 1
+    open(shard, "wb").write(bytes(data))
+    for load in (lambda: safeckpt.load_file(path, mmap=False), lambda: safeckpt.load(path, mmap=False),
+                 lambda: safeckpt.open(path, mmap=False)["b"], lambda: safeckpt.load_file(path, verify=True)):
+        with pytest.raises(safeckpt.ChecksumError, match="'b'"):
+            load()
+    assert safeckpt.load_file(path)["b"][0] != 1
+    assert safeckpt.load_file(path, mmap=False, verify=False)["b"][0] != 1
+
+
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         safeckpt.load_file(tmp_path / "absent.sckpt")

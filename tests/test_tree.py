@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import safeckpt
 from safeckpt import _backend
+from safeckpt import format as fmt
 from safeckpt.dtypes import DTYPE_BY_CODE
 from safeckpt.tree import same, save_bytes
 from forge import forge
@@ -240,6 +241,28 @@ def test_verify_checks_only_the_loaded_subtree(tmp_path):
         safeckpt.load(path, prefix="bad", verify=True, mmap=False)
 
 
+def test_loads_that_copy_the_bytes_verify_by_default(tmp_path):
+    """verify=None (auto) [T10]: load, prefix loads, tree views and Subtree.load check what they
+    read into fresh memory; a mapped load stays lazy; verify=False checks nothing."""
+    path = tmp_path / "v.sckpt"
+    safeckpt.save({"model": {"w": W}, "step": 3}, path)
+    data = bytearray(path.read_bytes())
+    with safeckpt.open(path) as f:
+        data[f.info("model.w").offset] ^= 1
+    path.write_bytes(bytes(data))
+    for load in (lambda: safeckpt.load(path, mmap=False),
+                 lambda: safeckpt.load(path, prefix="model", mmap=False),
+                 lambda: safeckpt.Reader(bytes(data)).load(),
+                 lambda: safeckpt.open(path, mmap=False).tree["model"]["w"],
+                 lambda: safeckpt.open(path, mmap=False).tree["model"].load(),
+                 lambda: safeckpt.load(path, verify=True)):
+        with pytest.raises(safeckpt.ChecksumError, match="'model.w'"):
+            load()
+    assert safeckpt.load(path)["model"]["w"][0, 0] != W[0, 0]
+    assert safeckpt.load(path, mmap=False, verify=False)["model"]["w"][0, 0] != W[0, 0]
+    assert safeckpt.open(path, mmap=False).tree["step"] == 3
+
+
 def test_load_options_are_checked(tmp_path):
     path = tmp_path / "o.sckpt"
     safeckpt.save({"w": W}, path)
@@ -274,7 +297,8 @@ def test_H8_tree_in_a_version_1_0_file_is_refused():
 
 
 def test_H8_newer_minor_with_unknown_keys_keeps_the_tree():
-    data = forge({"w": W}, minor=3, extra={"tree": ["list", ["tensor", 0]], "future": 1})
+    data = forge({"w": W}, minor=fmt.VERSION_MINOR + 1,
+                 extra={"tree": ["list", ["tensor", 0]], "future": 1})
     assert same(safeckpt.Reader(data).load(), [W])
 
 
@@ -327,7 +351,8 @@ def test_R4_int_and_str_keys_are_distinct():
 
 
 @pytest.mark.parametrize("tree, words", [
-    (["list", ["tensor", 0], ["scalar", 17, b"\0"]], ["tree[1]", "code 17", "[R5]"]),
+    (["list", ["tensor", 0], ["scalar", len(DTYPE_BY_CODE), b"\0"]],
+     ["tree[1]", f"code {len(DTYPE_BY_CODE)}", "[R5]"]),
     (["list", ["tensor", 0], ["scalar", "f4", b"\0" * 4]], ["code 'f4'", "[R5]"]),
     (["list", ["tensor", 0], ["scalar", 10, b"\0"]], ["float32", "4 bytes", "[R5]"]),
     (["list", ["tensor", 0], ["scalar", 10, "abcd"]], ["4 bytes of bin", "[R5]"]),
