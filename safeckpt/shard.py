@@ -28,6 +28,7 @@ from . import writer as _writer
 from .errors import HeaderError, LimitError, ShardError
 from .reader import Reader, TensorMap
 
+from .errors import plural, quote
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
 MAX_FILE_NAME = 255  # bytes: the longest file name of ext4, XFS, APFS and NTFS [S3]
 SAVE_ID_SIZE = 16  # random bytes per save: two saves never share one [S7]
@@ -224,29 +225,29 @@ def check_shards(shards, where, max_tensors=fmt.MAX_TENSORS):
         if (type(name) is not str or not name or name.startswith(".") or "/" in name
                 or "\\" in name or "\0" in name or len(name.encode("utf-8", "replace")) > MAX_FILE_NAME
                 or not name.endswith(expected) or len(name) == len(expected)):
-            raise HeaderError(f"{where}: shard file name {name!r} is not a plain file name in the "
+            raise HeaderError(f"{where}: shard file name {quote(name)} is not a plain file name in the "
                               f"index's directory ending in {expected!r} [S3]")
     if len(names) > max_tensors:
         raise LimitError(f"{where}: the index names {len(names)} tensors, more than max_tensors="
                          f"{max_tensors}; pass max_tensors=... if you trust this file [S4]")
     for j, count in enumerate(counts, 1):
         if type(count) is not int or count < 1:
-            raise HeaderError(f"{where}: shard {j} holds {count!r} tensors; each holds at least 1 [S4]")
+            raise HeaderError(f"{where}: shard {j} holds {quote(count)} tensors; each holds at least 1 [S4]")
     if sum(counts) != len(names):
         raise HeaderError(f"{where}: the shards hold {sum(counts)} tensors in all but 'names' has "
                           f"{len(names)} [S4]")
     if set(map(type, names)) - {str} or "" in names:
         bad = next(x for x in names if type(x) is not str or not x)
-        raise HeaderError(f"{where}: tensor name {bad!r} is not a non-empty str [S4]")
+        raise HeaderError(f"{where}: tensor name {quote(bad)} is not a non-empty str [S4]")
     if len(set(names)) != len(names):
         seen = set()
         twice = next(x for x in names if x in seen or seen.add(x))
-        raise HeaderError(f"{where}: tensor {twice!r} is named twice in the index (two shards?) [S4]")
+        raise HeaderError(f"{where}: tensor {quote(twice)} is named twice in the index (two shards?) [S4]")
     for j, (size, crc) in enumerate(zip(sizes, crcs), 1):
         if type(size) is not int or not fmt.PREFIX_SIZE <= size <= _I63_MAX:
-            raise HeaderError(f"{where}: shard {j} size {size!r} is not an int in 32..2**63-1 [S5]")
+            raise HeaderError(f"{where}: shard {j} size {quote(size)} is not an int in 32..2**63-1 [S5]")
         if type(crc) is not int or not 0 <= crc <= _U32_MAX:
-            raise HeaderError(f"{where}: shard {j} header_crc {crc!r} is not a u32 [S5]")
+            raise HeaderError(f"{where}: shard {j} header_crc {quote(crc)} is not a u32 [S5]")
     return shards
 
 
@@ -316,7 +317,7 @@ class ShardedReader(TensorMap):
         try:
             return self._where_is[self._position_of[name]][0]
         except KeyError:
-            raise KeyError(f"{self._where} has no tensor {name!r}") from None
+            raise KeyError(f"{self._where} has no tensor {quote(name)}") from None
 
     def _locate(self, name):
         return self._readers[self._shard_number(name)]
@@ -407,7 +408,7 @@ class ShardedReader(TensorMap):
         self._index_reader.close()
 
     def __repr__(self):
-        state = "closed" if self.closed else f"{len(self._names)} tensors"
+        state = "closed" if self.closed else plural(len(self._names), "tensor")
         return f"<safeckpt.ShardedReader {self._where} ({len(self.shards)} shards, {state})>"
 
     _readers = ()

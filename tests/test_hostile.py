@@ -364,6 +364,18 @@ def test_deep_values_are_named_in_a_short_message(header, error):
     assert len(str(info.value)) < 400, str(info.value)
 
 
+@pytest.mark.usefixtures("backend")
+def test_a_huge_name_in_a_shard_index_is_named_in_a_short_message(tmp_path):
+    """[S4]: a name that is a list of 100,000 items is shown cut short."""
+    shards = {"files": ["m-00001-of-00001.sckpt"], "counts": [1], "sizes": [32], "header_crcs": [0],
+              "names": [[0] * 100_000], "save_id": bytes(16)}
+    path = tmp_path / "m.sckpt"
+    path.write_bytes(forge({}, minor=2, flags=2, checksum=False, extra={"shards": shards}))
+    with pytest.raises(safeckpt.HeaderError, match=r"tensor name \[0, 0, .*\[S4\]") as info:
+        safeckpt.open(path)
+    assert len(str(info.value)) < 400
+
+
 def test_deep_values_in_a_safetensors_tree_are_named_in_a_short_message():
     data = _safetensors(msgpack.packb({"tree": ["list", [_P]]}).replace(msgpack.packb(_P), DEEP_VALUE))
     with pytest.raises(safeckpt.HeaderError, match=r"tag \[\[\[") as info:

@@ -44,6 +44,16 @@ def test_open_mapping_interface(path, mmap):
             f["nope"]
 
 
+def test_repr_counts_tensors(path, tmp_path):
+    one = tmp_path / "one.sckpt"
+    safeckpt.save_file({"w": np.zeros(2)}, one)
+    assert repr(safeckpt.open(one)).endswith("(1 tensor)>")
+    assert repr(safeckpt.open(path)).endswith("(4 tensors)>")
+    sharded = tmp_path / "m.sckpt"
+    safeckpt.save({"a": np.zeros(200), "b": np.zeros(200)}, sharded, max_shard_size=1000)
+    assert "(2 shards, 2 tensors)" in repr(safeckpt.open(sharded))
+
+
 def test_info_does_not_read_data(path):
     with safeckpt.open(path) as f:
         info = f.info("emb")
