@@ -574,8 +574,7 @@ class Subtree:
                 node = self._node
                 self._index = {(type(node[i]), node[i]): node[i + 1] for i in range(1, len(node), 2)}
             return self._index.get((type(key), key), _MISSING)
-        child = _step_exact(self._node, key)
-        return _MISSING if child is None else child
+        return _step_exact(self._node, key)
 
     def __getitem__(self, key):
         self._reader._check_open()

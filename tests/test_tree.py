@@ -390,6 +390,69 @@ def test_R6_deep_trees_do_not_recurse():
     assert same(back, W)
 
 
+def test_a_none_in_a_list_is_a_value_not_a_missing_key():
+    with safeckpt.Reader(save_bytes({"a": [W, None], "b": (None,)})) as reader:
+        assert reader.tree["a"][1] is None and 1 in reader.tree["a"]
+        assert reader.tree["b"][0] is None and list(reader.tree["b"]) == [0]
+
+
+HOSTILE_NODES = [None, True, -1, 2**64 - 1, 1.5, "x", b"", [], [[]], [None], {"a": 1}, ["tensor"],
+                 ["tensor", 1], ["tensor", 2], ["tensor", 0, ""], ["tensor", 1, 7], ["ref", 0], ["ref", 1],
+                 ["ref", 9], ["scalar", 10, b"\0" * 4], ["scalar", 12, b"\0" * 2], ["scalar", 13, b"\0"],
+                 ["scalar", 99, b""], ["scalar", 10, b"\0"], ["scalar", -1, b""], ["dict", 1],
+                 ["dict", [1], 1], ["dict", 1.5, 1], ["dict", "a", 1, "a", 2], ["odict", True, 1],
+                 ["dict", 2**64 - 1, None, -2**63, None], ["list", ["list", ["list"]]], ["tuple"],
+                 ["set", 1], [["list"]], ["list", {"k": []}]]
+
+
+def _walk_views(subtree):
+    """Read every value of a lazy tree view."""
+    stack = [subtree]
+    while stack:
+        node = stack.pop()
+        for key in node:
+            value = node[key]
+            if isinstance(value, safeckpt.tree.Subtree):
+                stack.append(value)
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("where", ["child", "root", "key"])
+def test_hostile_nodes_raise_only_safeckpt_errors(where):
+    """Every malformed node, at every kind of place, through every way to read a tree (open, lazy
+    views, prefixes, load as numpy and as jax arrays): a SafeckptError or a correct load, never
+    another exception (issue 10 item 6)."""
+    tensors = (("w", W), ("b", np.arange(3, dtype=np.int8)))
+    for bad in HOSTILE_NODES:
+        tree = {"child": ["dict", "a", ["list", ["tensor", 0], bad], "b", ["tensor", 1]],
+                "root": bad,
+                "key": ["dict", bad, ["tensor", 0], "b", ["tensor", 1]]}[where]
+        data = forged(tree, tensors=tensors)
+        try:
+            with safeckpt.Reader(data) as reader:
+                tree_view = reader.tree
+                if isinstance(tree_view, safeckpt.tree.Subtree):
+                    _walk_views(tree_view)
+                    for prefix in ("a", "a.1", ("a", 1), "b"):
+                        try:
+                            reader.load(prefix)
+                        except KeyError:
+                            pass
+                reader.load()
+                if _has_jax():
+                    reader.load(framework="jax")
+        except safeckpt.SafeckptError:
+            pass
+
+
+def _has_jax():
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # -- properties ------------------------------------------------------------------------------------
 
 def _float(bits):
