@@ -3,6 +3,7 @@ optimizers, and bit-exact resume in a new process. Skipped where torch is not in
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,12 +72,35 @@ def test_load_is_zero_copy_from_the_mapping(tmp_path):
 
 
 def test_unsupported_tensors_are_refused_naming_the_path(tmp_path):
-    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"obj\['q'\].*float8_e4m3fnuz"):
-        safeckpt.save({"q": torch.zeros(2, dtype=torch.float8_e4m3fnuz)}, tmp_path / "x.sckpt")
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"obj\['q'\].*complex32"):
+        safeckpt.save({"q": torch.zeros(2, dtype=torch.complex32)}, tmp_path / "x.sckpt")
     with pytest.raises(safeckpt.InvalidValueError, match=r"obj\['s'\].*to_dense"):
         safeckpt.save({"s": torch.zeros(2, 2).to_sparse()}, tmp_path / "x.sckpt")
     with pytest.raises(safeckpt.InvalidValueError, match=r"obj\['m'\].*state_dict"):
         safeckpt.save({"m": torch.nn.Linear(2, 2)}, tmp_path / "x.sckpt")
+
+
+def test_tensor_kinds_without_plain_memory_are_refused_naming_the_path(tmp_path):
+    """Item 13: a tensor with no plain dense memory is refused with its path and the fix, never
+    with torch's "Internal error ... please file an issue" (nested tensors) or a bare RuntimeError
+    (zero tensors, fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    parts = [torch.zeros(2, 4), torch.zeros(3, 4)]
+    kinds = {
+        "nested": (torch.nested.nested_tensor(parts), "nested tensor.*unbind"),
+        "jagged": (torch.nested.nested_tensor(parts, layout=torch.jagged), "nested tensor.*unbind"),
+        "param": (torch.nn.Parameter(torch.nested.nested_tensor(parts)), "nested tensor"),
+        "sparse": (torch.eye(2).to_sparse_csr(), "sparse_csr.*to_dense"),
+        "mkldnn": (torch.zeros(2, 2).to_mkldnn(), "mkldnn.*to_dense"),
+        "quantized": (torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.qint8), "dequantize"),
+        "meta": (torch.zeros(2, device="meta"), "meta device holds no data"),
+        "zero": (torch._efficientzerotensor(3), r"no plain memory.*clone\(\)"),
+        "fake": (FakeTensorMode().from_tensor(torch.zeros(2)), "FakeTensor.*own dispatch"),
+    }
+    for key, (tensor, words) in kinds.items():
+        with pytest.raises(safeckpt.InvalidValueError, match=rf"obj\['a'\]\['{key}'\].*{words}"):
+            safeckpt.save({"a": {key: tensor}}, tmp_path / "x.sckpt")
+    assert not os.path.exists(tmp_path / "x.sckpt")
 
 
 def test_map_location(tmp_path):
@@ -85,31 +109,92 @@ def test_map_location(tmp_path):
     path = tmp_path / "m.sckpt"
     path.write_bytes(data)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="map_location"):
+        with pytest.raises(safeckpt.InvalidValueError,
+                           match=r"tensor 'w' was saved from 'cuda:0'.*not available.*map_location"):
             st.load(path)
-    for where in ["cpu", torch.device("cpu"), {"cuda:0": "cpu"}]:
+    for where in ["cpu", torch.device("cpu"), {"cuda:0": "cpu"}, {torch.device("cuda:0"): "cpu"}]:
         back = st.load(path, map_location=where)
         assert back["w"].device.type == "cpu" and back["w"].tolist() == [1, 1, 1]
-    back = st.load(path, map_location={"cuda:0": "cpu", "cpu": "meta"})
-    assert back["w"].device.type == "cpu" and back["v"].device.type == "meta"
-    assert st.load(path, map_location="meta")["w"].device.type == "meta"
-    with pytest.raises(TypeError, match="map_location"):
-        st.load(path, map_location=3)
+    with pytest.raises(TypeError, match="map_location=3.5"):
+        st.load(path, map_location=3.5)
+
+
+BAD_DEVICES = ["foo", "", "CPU", "cpu:99999999999", "cpu:1", "cuda:-1", "cuda:128", "privateuseone",
+               "hpu", "lazy", 1.5, True, [0], -1]
+
+
+def test_bad_devices_are_refused_up_front_naming_them(tmp_path):
+    """R5: every map_location and device= is checked by one helper before anything is read; a
+    bad one raises InvalidValueError (a ValueError) naming it and what is accepted, never
+    torch's RuntimeError or ModuleNotFoundError."""
+    path = tmp_path / "d.sckpt"
+    safeckpt.save({"w": torch.ones(3)}, path)
+    for bad in BAD_DEVICES + (["cuda", "cuda:0"] if not torch.cuda.is_available() else []):
+        shown = re.escape(repr(bad))
+        for call, what in [(lambda: st.load(path, map_location=bad), "map_location"),
+                           (lambda: st.load(path, device=bad), "device"),
+                           (lambda: st.load(path, map_location={"cpu": bad}), r"map_location\['cpu'\]"),
+                           (lambda: safeckpt.load(path, framework="torch", device=bad), "map_location"),
+                           (lambda: safeckpt.open(path).load(framework="torch", map_location=bad),
+                            "map_location")]:
+            with pytest.raises(safeckpt.InvalidValueError, match=rf"{what}={shown}: .*'cpu', 'cuda'"):
+                call()
+    with pytest.raises(safeckpt.InvalidValueError, match=r"'meta'.*holds no data.*info"):
+        st.load(path, device="meta")
+
+
+def test_int_device_is_an_accelerator_index(tmp_path):
+    """Item 13: device=0 means device 0 of the accelerator (cuda:0), as torch takes it."""
+    path = tmp_path / "d.sckpt"
+    safeckpt.save({"w": torch.ones(3)}, path)
+    if torch.accelerator.is_available():
+        assert st.load(path, device=0)["w"].device == torch.device(0)
+    else:
+        with pytest.raises(safeckpt.InvalidValueError, match=r"device=0: .*no accelerator.*'cpu'"):
+            st.load(path, device=0)
+    assert st.load(path, map_location={"cpu": "cpu"})["w"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("saved", ["foo", "privateuseone", "meta", "cpu:99999999999", "cuda:-1",
+                                   "cpu:7"])
+def test_saved_devices_in_a_hostile_file_give_a_safeckpt_error(tmp_path, saved):
+    """R5: a tensor's saved device comes from the file [R3]; one that torch cannot use here is
+    named with the tensor and the way out (map_location), and a remapped one is never used."""
+    path = tmp_path / "h.sckpt"
+    path.write_bytes(forge({"w": np.ones(3, np.float32)}, minor=1,
+                           extra={"tree": ["dict", "w", ["tensor", 0, saved]]}))
+    with pytest.raises(safeckpt.InvalidValueError,
+                       match=rf"tensor 'w' was saved from {re.escape(repr(saved))}.*map_location"):
+        st.load(path)
+    for where in ["cpu", {saved: "cpu"}]:
+        assert st.load(path, map_location=where)["w"].tolist() == [1, 1, 1]
+
+
+def test_every_format_dtype_loads_into_torch_or_is_named(tmp_path):
+    """Every dtype code of the format (FORMAT.md section 4) becomes its torch dtype bit for bit;
+    a dtype torch lacks would raise UnsupportedDtypeError naming the tensor, not a KeyError."""
+    from safeckpt.dtypes import DTYPES as FORMAT_DTYPES
+    arrays = {name: np.zeros(3, dtype) for _, name, dtype in FORMAT_DTYPES}
+    path = tmp_path / "all.sckpt"
+    safeckpt.save_file(arrays, path)
+    back = st.load(path)
+    for name, array in arrays.items():
+        assert str(back[name].dtype) == f"torch.{name}" and bits(back[name]) == array.tobytes()
 
 
 def test_device_puts_every_tensor_on_one_device(tmp_path):
     """device= as safetensors takes it: map_location=device, torch only, not with both."""
     path = tmp_path / "d.sckpt"
     safeckpt.save({"w": torch.ones(3), "n": {"b": torch.zeros(2, dtype=torch.bfloat16)}}, path)
-    back = st.load(path, device="meta")
-    assert back["w"].device.type == "meta" and back["n"]["b"].dtype == torch.bfloat16
+    back = st.load(path, device="cpu")
+    assert back["w"].device.type == "cpu" and back["n"]["b"].dtype == torch.bfloat16
     assert safeckpt.load(path, framework="torch", device="cpu")["w"].tolist() == [1, 1, 1]
     with pytest.raises(ValueError, match="device= needs framework='torch'"):
         safeckpt.load(path, device="cpu")
     with pytest.raises(ValueError, match="no map_location"):
         st.load(path, device="cpu", map_location="cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available.*map_location='cpu'"):
+        with pytest.raises(safeckpt.InvalidValueError, match="device='cuda': CUDA is not available"):
             st.load(path, device="cuda")
 
 
@@ -161,7 +246,7 @@ def test_device_tensors_verify_from_the_staged_bytes(tmp_path, backend):
     path.write_bytes(data)
     with safeckpt.open(path, mmap=False) as f:
         everything = list(range(len(f)))
-        st.device_tensors(f, everything, torch.device("cpu"), staging_bytes=100)  # no verify
+        st.device_tensors(f, everything, torch.device("cpu"), verify=False, staging_bytes=100)
         with pytest.raises(safeckpt.ChecksumError, match=r"tensor 'big'"):
             st.device_tensors(f, everything, torch.device("cpu"), verify=True, staging_bytes=100)
     _, plain = staged_case(tmp_path, checksum=False)
@@ -240,6 +325,119 @@ def test_load_model_strict_lists_everything_and_touches_nothing(tmp_path):
     assert sorted(m[0] for m in report.mismatched) == ["count", "embed.weight", "lm_head.weight"]
     assert torch.equal(model.body.weight, state["body.weight"])
     assert torch.equal(model.norm.bias, before["norm.bias"])
+
+
+def test_load_model_that_would_load_nothing_raises(tmp_path):
+    """Item 4: strict=False loads what fits and returns the rest in its report, but a load that
+    fits nothing (every dtype wrong, or no key in common) raises instead of a silent no-op."""
+    path = tmp_path / "half.sckpt"
+    safeckpt.save({k: v.to(torch.float16) for k, v in TinyLM().state_dict().items()}, path)
+    model = TinyLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(safeckpt.StateMismatchError, match=r"(?s)nothing was loaded.*embed.weight: "
+                       r"file has shape \(50, 8\) float16, model has shape \(50, 8\) float32"):
+        st.load_model(model, path, strict=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    safeckpt.save({"other": torch.zeros(2)}, path)
+    with pytest.raises(safeckpt.StateMismatchError,
+                       match=r"(?s)nothing was loaded.*unexpected keys \(1\): other"):
+        st.load_model(model, path, strict=False)
+
+
+def test_load_model_materialises_a_meta_model(tmp_path):
+    """Item 4: a model built on the meta device has no memory to copy into, which torch's
+    load_state_dict makes a silent no-op; load_model gives it the file's tensors (torch's
+    assign=True), keeping tied weights tied and requires_grad as the model has it."""
+    model = TinyLM()
+    path = tmp_path / "lm.sckpt"
+    st.save_model(model, path)
+    with torch.device("meta"):
+        empty = TinyLM()
+    assert st.load_model(empty, path) == ([], [], [])
+    assert not any(t.is_meta for t in empty.state_dict().values())
+    assert same(empty.state_dict(), model.state_dict())
+    assert empty.lm_head.weight is empty.embed.weight
+    assert isinstance(empty.embed.weight, torch.nn.Parameter) and empty.embed.weight.requires_grad
+    with torch.device("meta"):
+        untied = TinyLM(tied=False)
+    st.load_model(untied, path)  # the file's one tensor goes to two parameters: never aliased
+    with torch.no_grad():
+        untied.lm_head.weight += 1
+    assert torch.equal(untied.embed.weight, model.embed.weight)
+    state = model.state_dict()
+    del state["norm.bias"]
+    safeckpt.save(state, path)
+    with torch.device("meta"):
+        partial = TinyLM()
+    with pytest.raises(safeckpt.StateMismatchError, match=r"norm.bias.*meta device"):
+        st.load_model(partial, path, strict=False)
+    assert partial.body.weight.is_meta  # refused before anything was touched
+
+
+def test_load_model_accepts_tied_keys_that_safetensors_dropped(tmp_path):
+    """Item 10: safetensors' save_model stores a tied weight under one of its names; a key that
+    is missing from the file but shares its memory in the model with a key that is present
+    loads with it, as safetensors' load_model accepts it. An untied model still misses it."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = TinyLM()
+    path = tmp_path / "lm.safetensors"
+    safetensors_torch.save_model(model, str(path))
+    keys = safeckpt.open(path).keys()
+    assert ("embed.weight" in keys) != ("lm_head.weight" in keys)
+    fresh = TinyLM()
+    assert st.load_model(fresh, path) == ([], [], [])
+    assert fresh.lm_head.weight is fresh.embed.weight
+    assert torch.equal(fresh.embed.weight, model.embed.weight)
+    dropped = "lm_head.weight" if "embed.weight" in keys else "embed.weight"
+    with pytest.raises(safeckpt.StateMismatchError, match=rf"missing keys \(1\): {dropped}"):
+        st.load_model(TinyLM(tied=False), path)
+
+
+def test_load_model_names_keys_that_are_not_str(tmp_path):
+    """R5: a file whose state dict has an int key (the tree allows int keys [R4]) is reported with
+    that key, in a StateMismatchError, not a TypeError from joining the names."""
+    state = dict(TinyLM().state_dict())
+    state[3] = torch.zeros(1)
+    path = tmp_path / "int.sckpt"
+    safeckpt.save(state, path)
+    with pytest.raises(safeckpt.StateMismatchError, match=r"unexpected keys \(1\): 3\b"):
+        st.load_model(TinyLM(), path)
+    assert st.load_model(TinyLM(), path, strict=False).unexpected == [3]
+
+
+def corrupt(path, name, at=0):
+    """Flip one bit of tensor ``name``'s data in the file."""
+    with safeckpt.open(path) as f:
+        offset = f.info(name).offset
+    data = bytearray(path.read_bytes())
+    data[offset + at] ^= 0x10
+    path.write_bytes(data)
+
+
+def test_verify_by_default_where_the_bytes_are_copied(tmp_path, backend):
+    """Item 15: verify=None (the default) checks CRC32C where the bytes are copied anyway
+    (mmap=False, staging to a device, load_model); a zero-copy mapped load stays lazy; False
+    never checks; a file without checksums loads under the default."""
+    obj, path = staged_case(tmp_path)
+    corrupt(path, "big", 700)
+    assert bits(st.load(path)["odd"]) == bits(obj["odd"])  # mapped: lazy
+    st.load(path, mmap=False, verify=False)
+    with pytest.raises(safeckpt.ChecksumError, match="tensor 'big'"):
+        st.load(path, mmap=False)
+    with safeckpt.open(path) as f, pytest.raises(safeckpt.ChecksumError, match="tensor 'big'"):
+        st.device_tensors(f, list(range(len(f))), torch.device("cpu"))
+    _, plain = staged_case(tmp_path, checksum=False)
+    st.load(plain, mmap=False)
+    with safeckpt.open(plain) as f:
+        st.device_tensors(f, [0], torch.device("cpu"))
+    model_path = tmp_path / "lm.sckpt"
+    st.save_model(TinyLM(), model_path)
+    corrupt(model_path, "body.weight")
+    with pytest.raises(safeckpt.ChecksumError, match="tensor 'body.weight'"):
+        st.load_model(TinyLM(), model_path)
+    st.load_model(TinyLM(), model_path, verify=False)
+    st.save_model(TinyLM(), model_path, checksum=False)
+    st.load_model(TinyLM(), model_path)
 
 
 def trained_optimizer(kind, steps=3):
