@@ -128,8 +128,14 @@ def load_safeckpt(path, _):
 
 
 def load_safeckpt_fresh(path, _):
+    """mmap=False: read into fresh memory, every tensor's CRC32C checked (verify=None, auto)."""
     import safeckpt
     return touch(safeckpt.load_file(path, mmap=False))
+
+
+def load_safeckpt_fresh_unverified(path, _):
+    import safeckpt
+    return touch(safeckpt.load_file(path, mmap=False, verify=False))
 
 
 def load_safeckpt_verify(path, _):
@@ -261,12 +267,14 @@ OPERATIONS = {
         ("safeckpt", "sckpt", load_safeckpt),
         ("safeckpt verify=True", "sckpt", load_safeckpt_verify),
         ("safeckpt mmap=False", "sckpt", load_safeckpt_fresh),
+        ("safeckpt mmap=False verify=False", "sckpt", load_safeckpt_fresh_unverified),
         ("safetensors.torch", "safetensors", load_safetensors_torch),
         ("torch.load mmap", "pt", load_torch_mmap),
         ("readinto (limit)", "sckpt", load_readinto),
     ],
     "load fresh memory": [
         ("safeckpt mmap=False", "sckpt", load_safeckpt_fresh),
+        ("safeckpt mmap=False verify=False", "sckpt", load_safeckpt_fresh_unverified),
         ("readinto (limit)", "sckpt", load_readinto),
     ],
     "open + read one small tensor": [
