@@ -8,12 +8,16 @@ import os
 import random
 import re
 import struct
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 import numpy as np
 import pytest
 
 import safeckpt
+from safeckpt import interop
 from safeckpt import safetensors_format as sft
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -444,3 +448,147 @@ def test_no_damaged_source_escapes_as_another_error(tmp_path):
                 escaped.append(f"{name} #{i}: {type(exc).__name__}: {exc}"[:300])
         victim.write_bytes(good)
     assert escaped == []
+
+
+# -- the cost of convert per input byte, from every source format (SECURITY.md, "Bounds") ----------
+
+def _files_size(src):
+    """The bytes convert reads from: the source and, for a sharded one, its shards beside it."""
+    return sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file())
+
+
+def _npz_members(folder, n):
+    """Many tiny members: the zip directory and the .npy headers at their densest."""
+    np.savez(folder / "src.npz", **{f"a{i}": np.zeros(1, np.uint8) for i in range(n)})
+    return folder / "src.npz"
+
+
+def _npz_inflating(folder, n):
+    """One deflated member that inflates to just under max_expansion x the file: 1/15 random
+    bytes (which deflate cannot shrink), the rest zeros."""
+    data = np.zeros(n * 15, np.uint8)
+    data[:n] = np.random.default_rng(0).integers(0, 256, n, np.uint8)
+    np.savez_compressed(folder / "src.npz", a=data)
+    return folder / "src.npz"
+
+
+def _npz_bomb(folder, n):
+    """One deflated member of zeros, ~1000x its size: refused before anything inflates [R4]."""
+    np.savez_compressed(folder / "src.npz", a=np.zeros(n * 1000, np.uint8))
+    return folder / "src.npz"
+
+
+def _dag(torch, n):
+    """The red team's DAG [R3], 60 levels each holding the one below ~n/120 times: (n/120)**60
+    paths, refused at once."""
+    dag = torch.ones(1)
+    for _ in range(60):
+        dag = [dag] * max(2, n // 120)
+    return dag
+
+
+def _npy(folder, n):
+    np.save(folder / "src.npy", np.ones(n // 4, np.float32))
+    return folder / "src.npy"
+
+
+def _torch(make, **options):
+    def build(folder, n):
+        torch = pytest.importorskip("torch")
+        torch.save(make(torch, n), folder / "src.pt", **options)
+        return folder / "src.pt"
+    return build
+
+
+def _index(folder, n):
+    tensors = {f"t{i}": np.zeros(0, np.float32) for i in range(n // 80)}
+    return write_sharded(folder, tensors, per_shard=max(1, n // 800))
+
+
+def _sharded(folder, n):
+    arrays = {f"t{i}": np.zeros(1, np.float32) for i in range(n // 100)}
+    safeckpt.save(arrays, folder / "src.sckpt", max_shard_size=max(64, n // 8))
+    return folder / "src.sckpt"
+
+
+# name -> (builder of the source in a folder from a size in bytes, size of the large source,
+#          bound on the bytes of memory per source byte: SECURITY.md, "Bounds")
+CONVERT_SHAPES = {
+    "npz-members": (lambda folder, n: _npz_members(folder, n // 260), 1 << 20, 16),
+    "npz-inflating": (_npz_inflating, 1 << 19, 2 * interop.MAX_EXPANSION),
+    "npz-bomb": (_npz_bomb, 1 << 16, 16),
+    "npy": (_npy, 1 << 23, 2),
+    "torch-none": (_torch(lambda torch, n: [None] * n), 1 << 18, 400),
+    "torch-lists": (_torch(lambda torch, n: [[] for _ in range(n // 6)]), 1 << 19, 400),
+    "torch-shared": (_torch(lambda torch, n: [[None] * n] * 2), 1 << 18, 400),
+    "torch-dag": (_torch(_dag), 1 << 18, 400),
+    "torch-tensors": (_torch(lambda torch, n: {f"t{i}": torch.zeros(1) for i in range(n // 400)}),
+                      1 << 21, 400),
+    "torch-legacy": (_torch(lambda torch, n: [[] for _ in range(n // 6)],
+                            _use_new_zipfile_serialization=False), 1 << 19, 400),
+    "index.json": (_index, 1 << 20, 64),
+    "sharded.sckpt": (_sharded, 1 << 20, 64),
+}
+SLACK = 4 << 20  # allocator arenas and first-use caches that do not grow with the file
+TIME_RATIO = 24  # 8x the source: linear ~8x the CPU time, quadratic ~64x
+
+_COST = textwrap.dedent("""
+    import gc, json, sys, time, warnings
+    warnings.simplefilter("ignore")
+    import safeckpt
+    if sys.argv[1] == "torch":
+        import torch  # before the baseline, as a user's process has it
+    tiny, small, large, dst = sys.argv[2:]
+
+    def convert(src):  # a shape may be refused: what matters is what it cost
+        try:
+            safeckpt.convert(src, dst)
+        except safeckpt.SafeckptError:
+            pass
+
+    def kib(field):
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+    def cpu(src):  # least CPU time of 3 (process time: other processes do not count)
+        best = float("inf")
+        for _ in range(3):
+            gc.collect()  # each run starts from the same heap, not with a collection half due
+            start = time.process_time()
+            convert(src)
+            best = min(best, time.process_time() - start)
+        return best
+
+    convert(tiny)  # lazy imports and first-use caches
+    gc.freeze()  # the collector's full passes then walk what convert made, not torch's own objects
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM, the peak that getrusage's ru_maxrss reports, restarts at VmRSS
+    before = kib("VmRSS")
+    convert(large)
+    print(json.dumps({"memory": (kib("VmHWM") - before) * 1024, "small": cpu(small),
+                      "large": cpu(large)}))
+""")
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc")
+@pytest.mark.parametrize("shape", CONVERT_SHAPES)
+def test_convert_cost_per_source_byte(tmp_path, backend, shape):
+    """convert from each source format, on sources that pack the most objects into each byte: peak
+    memory (VmHWM - VmRSS in a fresh process) per source byte below the shape's bound, and 8x the
+    source costs less than TIME_RATIO x the CPU time (SECURITY.md, "Bounds")."""
+    build, n, per_byte = CONVERT_SHAPES[shape]
+    sources = []
+    for name, size in (("tiny", 4096), ("small", n // 8), ("large", n)):
+        (tmp_path / name).mkdir()
+        sources.append(build(tmp_path / name, size))
+    env = dict(os.environ, SAFECKPT_BACKEND=backend)
+    out = subprocess.run([sys.executable, "-c", _COST, shape.split("-")[0]]
+                         + [str(p) for p in sources] + [str(tmp_path / "out.sckpt")],
+                         capture_output=True, text=True, env=env, check=True,
+                         timeout=600)  # a hang guard only: the bound is the CPU time ratio
+    cost = json.loads(out.stdout)
+    size = _files_size(sources[-1])
+    print(f"{shape}: {cost['memory'] / size:.1f} bytes of memory per source byte ({size} bytes), "
+          f"8x the source: {cost['large'] / cost['small']:.1f}x the CPU time")
+    assert cost["memory"] <= per_byte * size + SLACK, (shape, cost["memory"] / size)
+    assert cost["large"] <= TIME_RATIO * max(cost["small"], 1e-3), cost
