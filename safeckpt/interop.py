@@ -7,10 +7,16 @@ Sources, chosen by the file name (anything else is read by :func:`safeckpt.open`
 ``*.sckpt``, ``*.safetensors``  read and validated by safeckpt's own reader (zero-copy)
 ``*.index.json``                a sharded safetensors model (``model.safetensors.index.json``): every
                                 shard it names, checked against its ``weight_map``, as one file
-``*.npz``, ``*.npy``            ``numpy.load(..., allow_pickle=False)``, always
+``*.npz``, ``*.npy``            read here with bounded reads (numpy parses the .npy header: literals
+                                only); object arrays raise :class:`PickleRequiredError`
 ``*.pt``, ``*.pth``, ``*.bin``, ``torch.load(..., weights_only=True)`` only: a file that needs full
 ``*.ckpt``                      pickle raises :class:`PickleRequiredError`, never a fallback
 =============================  ====================================================================
+
+What a small hostile file can cost is bounded by its size: the arrays of an .npz and the tensors
+of a torch file may hold ``max_expansion`` (16) times the file's size, checked before anything is
+allocated (a zip bomb, a stride-0 tensor), and a torch file's shared objects, which a tree stores
+once per appearance, may expand to ``TREE_EXPANSION`` (2) times its bytes outside tensors.
 
 Destinations: ``*.sckpt`` or ``*.safetensors``. Tensor bytes are copied as they are (bit-exact,
 dtypes kept); metadata and the tree of nested objects are kept (for safetensors, see
