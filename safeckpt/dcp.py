@@ -12,6 +12,12 @@ Loading such a checkpoint from someone else runs their code. These two classes p
 - ``metadata.sckpt``, written last by the coordinator: DCP's ``Metadata`` encoded field by field
   into plain values (no tensors), and decoded with a check of every field (:func:`decode_metadata`).
 
+What the metadata may make torch do is bounded by the checkpoint's size: a tensor's chunks add up
+to the tensor and fit in the data files that store them (torch allocates whole tensors from the
+metadata when it loads without a template), and ``planner_data``, the path of each item in the
+nested state dict that torch rebuilds from it, is checked against the items' names
+(:func:`check_planner_data`): no list is padded past its items.
+
 Non-tensor values: the writer takes each one from the planner (``lookup_object``, which
 ``DefaultSavePlanner`` and its subclasses have) instead of the ``torch.save`` bytes, and stores it
 if it is a type ``safeckpt.save`` stores (dict, list, tuple, str, int, float, bool, None, bytes,
@@ -35,6 +41,7 @@ Example:
 import concurrent.futures
 import dataclasses
 import io
+import math
 import os
 import re
 import uuid
@@ -59,7 +66,7 @@ from . import format as fmt
 from . import shard as _shard
 from . import torch as _sck_torch
 from . import tree as _tree
-from .errors import HeaderError, InvalidValueError, LimitError
+from .errors import HeaderError, InvalidValueError, LimitError, SafeckptError, quote
 
 METADATA_FILE = "metadata.sckpt"  # written last: its presence marks a complete save
 DATA_FILE = "data-{:05d}.sckpt"  # one per rank (per plan)
@@ -94,7 +101,9 @@ def encode_metadata(metadata):
     """DCP ``Metadata`` as plain values that ``safeckpt.save`` stores, field by field.
 
     Raises:
-        InvalidValueError: a tensor layout or dtype that the format cannot describe.
+        InvalidValueError: a tensor layout or dtype that the format cannot describe, or metadata
+            that :func:`decode_metadata` would refuse (e.g. a custom planner's ``planner_data``
+            that is not the paths of the state dict's items).
     """
     names = {dtype: name for name, dtype in _dtypes().items()}
     formats = {value: name for name, value in _MEMORY_FORMATS.items()}
@@ -119,9 +128,14 @@ def encode_metadata(metadata):
     storage_meta = None if meta is None else {
         "checkpoint_id": None if meta.checkpoint_id is None else os.fspath(meta.checkpoint_id),
         "save_id": meta.save_id, "load_id": meta.load_id, "modules": list(meta.modules)}
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dcp_version": metadata.version,
-            "state_dict_metadata": entries, "storage": storage,
-            "planner_data": metadata.planner_data, "storage_meta": storage_meta}
+    value = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dcp_version": metadata.version,
+             "state_dict_metadata": entries, "storage": storage,
+             "planner_data": metadata.planner_data, "storage_meta": storage_meta}
+    try:
+        decode_metadata(value, "the DCP metadata to save")
+    except SafeckptError as exc:
+        raise InvalidValueError(f"{exc}; SafeckptReader would refuse it, so it is not saved") from None
+    return value
 
 
 class _Checker:
@@ -135,13 +149,16 @@ class _Checker:
 
     def kind(self, value, kinds, path, what):
         if type(value) not in kinds:
-            self.fail(path, f"{what} expected, not {type(value).__name__} {value!r:.60}")
+            self.fail(path, f"{what} expected, not {type(value).__name__} {quote(value)}")
         return value
 
     def keys(self, value, keys, path):
         self.kind(value, (dict,), path, "a dict")
-        if set(value) != keys:
-            self.fail(path, f"keys must be {sorted(keys)}, not {sorted(map(str, value))}")
+        if value.keys() != keys:
+            missing = sorted(keys - value.keys())
+            unknown = [key for key in value if key not in keys]
+            self.fail(path, f"keys must be {sorted(keys)} (missing {missing}, unknown "
+                      f"{quote(unknown)})")
         return value
 
     def ints(self, value, path, length=None):
@@ -150,43 +167,137 @@ class _Checker:
             self.fail(path, f"{len(value)} dimensions where the tensor has {length}")
         for i, item in enumerate(value):
             if type(item) is not int or not 0 <= item < 1 << 63:
-                self.fail(f"{path}[{i}]", f"{item!r} is not an int in 0..2**63-1")
+                self.fail(f"{path}[{i}]", f"{quote(item)} is not an int in 0..2**63-1")
         return value
 
 
-def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM):
+_LEAF = "leaf"  # check_planner_data: a node that is an item's value, not a container
+
+
+def check_planner_data(data, names, where="metadata.sckpt", max_depth=fmt.MAX_DEPTH):
+    """Check DCP's ``planner_data``: None, or the path of each item in the nested state dict.
+
+    torch's ``flatten_state_dict`` names each item of a nested state dict by its path of dict
+    keys (str) and list indices (int) joined by ``.``, and records the path; a load without a
+    template (``_EmptyStateDictLoadPlanner``, ``dcp_to_torch_save``) rebuilds the state dict from
+    the paths, padding each list with None up to its largest index. So, for a dict:
+
+    - its keys are exactly the items' ``names``;
+    - each path is a non-empty list (or tuple) of at most ``max_depth`` str keys and int indices
+      >= 0 that starts with a key and spells its item's name (``".".join(map(str, path))``);
+    - the paths form one tree: no path runs through another item's value or ends where other
+      items are, and a container holds either str keys (a dict) or int indices (a list);
+    - a list's indices are 0, 1, ... n-1, each used: no padding, so rebuilding costs memory and
+      time linear in the paths. (A gap, which an empty dict inside a list leaves, is a state dict
+      that torch cannot load back with or without a template.)
+
+    Raises:
+        HeaderError: the first problem, with the item's name, e.g. ``planner_data['l.9']``.
+        LimitError: a path longer than ``max_depth``.
+
+    Example:
+        >>> check_planner_data({"w": ("w",), "l.0": ("l", 0)}, ["w", "l.0"])
+        >>> check_planner_data({"w": ("w", 1000000)}, ["w"])
+        Traceback (most recent call last):
+        safeckpt.errors.HeaderError: metadata.sckpt: DCP metadata planner_data['w']: the path ('w', 1000000) does not spell its name 'w'
+    """
+    if data is None:
+        return
+    check = _Checker(where)
+    check.kind(data, (dict,), "planner_data", "a dict or None")
+    wanted = set(names)
+    if data.keys() != wanted:
+        missing = [name for name in names if name not in data]
+        unknown = [name for name in data if name not in wanted]
+        check.fail("planner_data", f"must have a path for each item and no other (missing "
+                   f"{quote(missing)}, unknown {quote(unknown)})")
+    # The tree of paths: node 0 is the state dict; children[node, key] is a node; kinds[node] is
+    # str (a dict), int (a list), None (not known yet) or _LEAF; lists[node] = [name, largest
+    # index + 1, number of indices used].
+    children, kinds, lists = {}, [str], {}
+    for name, path in data.items():
+        at = f"planner_data[{quote(name)}]"
+        if type(path) not in (list, tuple) or not path:
+            check.fail(at, f"must be a non-empty list of str keys and int indices, not {quote(path)}")
+        if len(path) > max_depth:
+            raise LimitError(f"{where}: DCP metadata {at}: {len(path)} keys deep, more than "
+                             f"max_depth={max_depth}")
+        for i, part in enumerate(path):
+            if type(part) is not str and (type(part) is not int or part < 0 or i == 0):
+                check.fail(f"{at}[{i}]", f"{quote(part)} is not a str key" + (
+                    " (a path starts with a key of the state dict)" if i == 0 else
+                    " or an int index >= 0"))
+        if ".".join(map(str, path)) != name:
+            check.fail(at, f"the path {quote(tuple(path))} does not spell its name {quote(name)}")
+        node = 0
+        for depth, part in enumerate(path):
+            kind = kinds[node]
+            if kind is _LEAF or (kind is not None and kind is not type(part)):
+                container = quote(".".join(map(str, path[:depth])))
+                check.fail(at, f"{container} is the value of another item" if kind is _LEAF else
+                           f"{container} holds both str keys and int indices")
+            if kind is None and type(part) is int:
+                lists[node] = [".".join(map(str, path[:depth])), 0, 0]
+            kinds[node] = type(part)
+            child = children.get((node, part))
+            if type(part) is int:
+                counts = lists[node]
+                counts[1] = max(counts[1], part + 1)
+                counts[2] += child is None
+            if depth == len(path) - 1:
+                if child is not None:
+                    check.fail(at, f"{quote(name)} also holds other items")
+                children[node, part] = len(kinds)
+                kinds.append(_LEAF)
+            elif child is None:
+                child = children[node, part] = len(kinds)
+                kinds.append(None)
+            node = child
+    for container, slots, used in lists.values():
+        if slots != used:
+            check.fail("planner_data", f"the list {quote(container)} uses {used} of the indices "
+                       f"0..{slots - 1}: torch would pad it with {slots - used} empty slots (an "
+                       "index past the items, or a gap that torch cannot load)")
+
+
+def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM,
+                    max_depth=fmt.MAX_DEPTH):
     """DCP ``Metadata`` from the plain values of :func:`encode_metadata`, every field checked.
 
     Checks: exact keys and types everywhere; dtypes from the fixed table of FORMAT.md section 4;
-    chunks inside their tensor; every storage entry names a known item, a data file by a plain
-    name in the checkpoint's directory and a str key, once; every chunk and every non-tensor item
-    has a storage entry.
+    chunks inside their tensor, with as many elements in all as the tensor (a tensor is never
+    larger than the chunks stored for it); every storage entry names a known item, a data file by
+    a plain name in the checkpoint's directory and a str key, once; every chunk and every
+    non-tensor item has a storage entry; ``planner_data`` as :func:`check_planner_data` says.
 
     Raises:
         HeaderError: the first problem, with its path, e.g. ``state_dict_metadata['w'].chunks[1]``.
-        LimitError: a tensor of more than ``max_ndim`` dimensions.
+        LimitError: a tensor of more than ``max_ndim`` dimensions, a planner path of more than
+            ``max_depth`` keys.
     """
     check = _Checker(where)
     check.keys(value, _METADATA_KEYS, "")
     if value["format"] != FORMAT_NAME or value["version"] != FORMAT_VERSION:
-        check.fail("format", f"{value['format']!r} version {value['version']!r} is not "
+        check.fail("format", f"{quote(value['format'])} version {quote(value['version'])} is not "
                    f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
     check.kind(value["dcp_version"], (str, type(None)), "dcp_version", "a str or None")
     dtypes = _dtypes()
     entries, chunk_sets = {}, {}
     for fqn, entry in check.kind(value["state_dict_metadata"], (dict,), "state_dict_metadata",
                                  "a dict").items():
-        path = f"state_dict_metadata[{fqn!r}]"
+        path = f"state_dict_metadata[{quote(fqn)}]"
         check.kind(fqn, (str,), path, "a str key")
         if check.kind(entry, (dict,), path, "a dict").get("kind") == "bytes":
             check.keys(entry, {"kind"}, path)
             entries[fqn] = BytesStorageMetadata()
             continue
         check.keys(entry, _TENSOR_KEYS, path)
+        for key in ("kind", "dtype", "memory_format"):
+            check.kind(entry[key], (str,), f"{path}.{key}", "a str")
         if entry["kind"] != "tensor" or entry["dtype"] not in dtypes or (
                 entry["memory_format"] not in _MEMORY_FORMATS):
-            check.fail(path, f"kind {entry['kind']!r}, dtype {entry['dtype']!r} or memory format "
-                       f"{entry['memory_format']!r} is unknown")
+            check.fail(path, f"kind {quote(entry['kind'])}, dtype {quote(entry['dtype'])} or "
+                       f"memory format {quote(entry['memory_format'])} is unknown")
         for key in ("requires_grad", "pin_memory"):
             check.kind(entry[key], (bool,), f"{path}.{key}", "a bool")
         size = check.ints(entry["size"], f"{path}.size")
@@ -204,6 +315,10 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM):
                 check.fail(cpath, f"offsets {offsets} + sizes {sizes} reach past the size {size}")
             chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
             chunk_sets.setdefault(fqn, {})[tuple(offsets)] = tuple(sizes)
+        held, elements = sum(math.prod(chunk.sizes) for chunk in chunks), math.prod(size)
+        if held != elements:
+            check.fail(f"{path}.chunks", f"the chunks hold {held} elements and the tensor "
+                       f"{elements}: they must cover it exactly")
         properties = TensorProperties(dtype=dtypes[entry["dtype"]],
                                       requires_grad=entry["requires_grad"],
                                       memory_format=_MEMORY_FORMATS[entry["memory_format"]],
@@ -216,21 +331,21 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM):
             check.fail(path, "must be [fqn, offset, index, file, key]")
         fqn, offset, hint, file, key = item
         if type(fqn) is not str or fqn not in entries:
-            check.fail(path, f"{fqn!r} is not an item of state_dict_metadata")
+            check.fail(path, f"{quote(fqn)} is not an item of state_dict_metadata")
         tensor = isinstance(entries[fqn], TensorStorageMetadata)
         if tensor:
             offset = tuple(check.ints(offset, f"{path}.offset", len(entries[fqn].size)))
             if offset not in chunk_sets.get(fqn, {}):
-                check.fail(path, f"no chunk of {fqn!r} starts at {list(offset)}")
+                check.fail(path, f"no chunk of {quote(fqn)} starts at {list(offset)}")
         elif offset is not None:
-            check.fail(path, f"{fqn!r} is not a tensor: its offset must be None")
+            check.fail(path, f"{quote(fqn)} is not a tensor: its offset must be None")
         check.kind(hint, (int, type(None)), f"{path}.index", "an int or None")
         if type(file) is not str or not _DATA_NAME.match(file):
-            check.fail(path, f"data file {file!r} is not a plain name like 'data-00000.sckpt' in "
-                       "the checkpoint's directory")
+            check.fail(path, f"data file {quote(file)} is not a plain name like 'data-00000.sckpt' "
+                       "in the checkpoint's directory")
         check.kind(key, (str,), f"{path}.key", "a str")
         if (fqn, offset) in stored:
-            check.fail(path, f"{fqn!r} at {offset} is stored twice")
+            check.fail(path, f"{quote(fqn)} at {offset} is stored twice")
         stored.add((fqn, offset))
         index = MetadataIndex(fqn, None if offset is None else list(offset), hint)
         storage[index] = Location(file, key)
@@ -238,7 +353,7 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM):
         wanted = ([(fqn, offset) for offset in chunk_sets.get(fqn, {})] if
                   isinstance(entry, TensorStorageMetadata) else [(fqn, None)])
         for missing in (w for w in wanted if w not in stored):
-            check.fail("storage", f"nothing stores {missing[0]!r} at {missing[1]}")
+            check.fail("storage", f"nothing stores {quote(missing[0])} at {missing[1]}")
     meta = value["storage_meta"]
     storage_meta = None
     if meta is not None:
@@ -249,6 +364,7 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM):
         for i, module in enumerate(modules):
             check.kind(module, (str,), f"storage_meta.modules[{i}]", "a str")
         storage_meta = StorageMeta(meta["checkpoint_id"], meta["save_id"], meta["load_id"], modules)
+    check_planner_data(value["planner_data"], list(entries), where, max_depth)
     return Metadata(state_dict_metadata=entries, planner_data=value["planner_data"],
                     storage_data=storage, storage_meta=storage_meta, version=value["dcp_version"])
 
@@ -286,14 +402,14 @@ class SafeckptWriter(StorageWriter):
 
     def __init__(self, path, *, checksum=True, sync_files=True, align=fmt.ALIGN_DEFAULT):
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = os.fsdecode(path)
         self.checksum, self.sync_files, self.align = checksum, sync_files, align
         self.save_id = uuid.uuid4().hex
         self.rank = None
 
     def reset(self, checkpoint_id=None):
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = os.fsdecode(checkpoint_id)
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
@@ -359,7 +475,7 @@ class SafeckptWriter(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):
-        return isinstance(checkpoint_id, (str, os.PathLike))
+        return isinstance(checkpoint_id, (str, bytes, os.PathLike))
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -375,22 +491,24 @@ class SafeckptReader(StorageReader):
     """A DCP ``StorageReader`` for checkpoints of :class:`SafeckptWriter`; never unpickles.
 
     Every file is validated as any .sckpt file is, and the metadata field by field
-    (:func:`decode_metadata`), before DCP plans the load. Data files are read in parallel threads;
-    with ``mmap=True`` a rank reads only the pages of the chunks it needs.
+    (:func:`decode_metadata`), and against the sizes of the data files, before DCP plans the load.
+    Data files are read in parallel threads; with ``mmap=True`` a rank reads only the pages of the
+    chunks it needs.
 
     Parameters:
         path: the checkpoint's directory.
         mmap: map the data files (default) or read each item into fresh memory.
-        verify: check the CRC32C of every tensor read.
+        verify: check the CRC32C of the tensors read: ``None`` (default) when they are read into
+            fresh memory anyway (``mmap=False``), ``True`` always, ``False`` never.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
 
     Example:
         >>> dcp.load(state, storage_reader=SafeckptReader("ckpt"))    # doctest: +SKIP
     """
 
-    def __init__(self, path, *, mmap=True, verify=False, **limits):
+    def __init__(self, path, *, mmap=True, verify=None, **limits):
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = os.fsdecode(path)
         self.mmap, self.verify, self.limits = mmap, verify, limits
         self.storage_data = {}
         self.load_id = uuid.uuid4().hex
@@ -398,26 +516,58 @@ class SafeckptReader(StorageReader):
     def reset(self, checkpoint_id=None):
         self.storage_data = {}
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = os.fsdecode(checkpoint_id)
         self.load_id = uuid.uuid4().hex
 
     def read_metadata(self):
-        """DCP's Metadata from metadata.sckpt, every field checked; no pickle."""
+        """DCP's Metadata from metadata.sckpt, every field checked; no pickle.
+
+        Raises:
+            HeaderError, LimitError: as :func:`decode_metadata` says, or a data file smaller than
+                the tensor chunks the metadata stores in it.
+            OSError: a missing file.
+        """
         path = os.path.join(self.path, METADATA_FILE)
         with _shard.open_any(path, **self.limits) as reader:
             if reader.keys():
                 raise HeaderError(f"{reader._where}: DCP metadata holds no tensors, this file has "
                                   f"{len(reader)}")
             value = reader.load()
-        metadata = decode_metadata(value, repr(path), self.limits.get("max_ndim", fmt.MAX_NDIM))
+        metadata = decode_metadata(value, repr(path), self.limits.get("max_ndim", fmt.MAX_NDIM),
+                                   self.limits.get("max_depth", fmt.MAX_DEPTH))
+        self._check_data_files(metadata, repr(path))
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def _check_data_files(self, metadata, where):
+        """Each data file holds at least the bytes of the tensor chunks the metadata stores in it:
+        torch allocates whole tensors from the metadata (a load without a template), and they are
+        never larger than the checkpoint's files."""
+        nbytes = {}
+        for fqn, entry in metadata.state_dict_metadata.items():
+            if isinstance(entry, TensorStorageMetadata):
+                itemsize = entry.properties.dtype.itemsize
+                for chunk in entry.chunks:
+                    nbytes[fqn, tuple(chunk.offsets)] = math.prod(chunk.sizes) * itemsize
+        per_file = {}
+        for index, location in metadata.storage_data.items():
+            if index.offset is not None:
+                per_file[location.file] = (per_file.get(location.file, 0)
+                                           + nbytes[index.fqn, tuple(index.offset)])
+        for file, stored in per_file.items():
+            size = os.stat(os.path.join(self.path, file)).st_size
+            if stored > size:
+                raise HeaderError(f"{where}: data file {file!r} is {size} bytes, but the DCP "
+                                  f"metadata stores {stored} bytes of tensor chunks in it")
+
     def set_up_storage_reader(self, metadata, is_coordinator, *args, **kwargs):
         self.storage_data = metadata.storage_data
         self.state_dict_metadata = metadata.state_dict_metadata
+        self._chunks = {(fqn, tuple(chunk.offsets)): chunk
+                        for fqn, entry in metadata.state_dict_metadata.items()
+                        if isinstance(entry, TensorStorageMetadata) for chunk in entry.chunks}
 
     def prepare_local_plan(self, plan):
         return plan
@@ -443,19 +593,21 @@ class SafeckptReader(StorageReader):
 
     def _read_file(self, file, items, planner):
         with _shard.open_any(os.path.join(self.path, file), mmap=self.mmap, **self.limits) as reader:
+            root = _tree.find(reader, None)  # the file's top-level dict, indexed once
+            nodes = (dict(zip(root[1::2], root[2::2]))
+                     if type(root) is list and root[:1] in ([_tree.DICT], [_tree.ODICT]) else {})
             for item in items:
                 location = self.storage_data[item.storage_index]
-                try:
-                    value = reader.load((location.key,), framework="torch", verify=self.verify)
-                except KeyError:
-                    raise HeaderError(f"{reader._where}: has no item {location.key!r}, which the "
-                                      f"DCP metadata says holds {item.storage_index.fqn!r}") from None
+                node = nodes.get(location.key, nodes)  # nodes itself: no such key
+                if node is nodes:
+                    raise HeaderError(f"{reader._where}: has no item {quote(location.key)}, which "
+                                      f"the DCP metadata says holds {quote(item.storage_index.fqn)}")
+                value = _tree.materialize(reader, node, framework="torch", verify=self.verify)
                 if item.type == LoadItemType.BYTE_IO:
                     self._load_value(planner, item, value)
                     continue
                 entry = self.state_dict_metadata[item.storage_index.fqn]
-                chunk = next((c for c in entry.chunks
-                              if list(c.offsets) == list(item.storage_index.offset)), None)
+                chunk = self._chunks.get((item.storage_index.fqn, tuple(item.storage_index.offset)))
                 if (not isinstance(value, torch.Tensor) or chunk is None
                         or value.shape != chunk.sizes or value.dtype != entry.properties.dtype):
                     raise HeaderError(
@@ -494,5 +646,5 @@ class SafeckptReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):
-        return isinstance(checkpoint_id, (str, os.PathLike)) and os.path.isfile(
-            os.path.join(checkpoint_id, METADATA_FILE))
+        return isinstance(checkpoint_id, (str, bytes, os.PathLike)) and os.path.isfile(
+            os.path.join(os.fsdecode(checkpoint_id), METADATA_FILE))
