@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import struct
+import weakref
 
 import numpy as np
 
@@ -257,9 +258,9 @@ class Mapping:
     """A private, copy-on-write mapping of a whole file.
 
     Attributes:
-        buffer: the ``mmap`` object; writable (writes never reach the file). It stays mapped as
-            long as anything refers to it, e.g. an array made with ``np.frombuffer(buffer)``;
-            it is never closed explicitly.
+        buffer: a writable ``memoryview`` of its bytes (writes never reach the file). It stays
+            mapped as long as anything refers to it, e.g. an array made with
+            ``np.frombuffer(buffer)``; it is never closed explicitly.
         address: the address of its first byte.
         size: its length in bytes.
     """
@@ -275,17 +276,52 @@ class Mapping:
         return f"<safeckpt._pybackend.Mapping size={self.size} address={self.address:#x}>"
 
 
+_libc = None
+
+
+def _c_library():
+    """libc's mmap, munmap and madvise, through ctypes (loaded on first use)."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _libc = libc
+    return _libc
+
+
+class _Pages:
+    """The owner of a mapping: numpy views it through ``__array_interface__``; it is unmapped
+    when the last view goes."""
+
+    def __init__(self, address, size):
+        self.__array_interface__ = {"data": (address, False), "shape": (size,),
+                                    "typestr": "|u1", "version": 3}
+
+
 def map_file(fd, size):
     """Map ``size`` bytes of the open file ``fd`` privately (copy-on-write); ``size`` > 0.
+
+    The mapping keeps no descriptor: it is made with libc's ``mmap`` rather than the ``mmap``
+    module, whose objects hold a duplicate of ``fd`` for their whole life (before Python 3.13),
+    so that a checkpoint of thousands of mapped shards does not run out of descriptors.
 
     Raises:
         OSError: the mapping failed; ValueError: ``size`` is 0.
     """
-    mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    probe = ctypes.c_char.from_buffer(mm)  # exports mm; released right below
-    address = ctypes.addressof(probe)
-    del probe
-    return Mapping(mm, address, size)
+    if size <= 0:
+        raise ValueError(f"cannot map {size} bytes: the size must be > 0")
+    libc = _c_library()
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    if address is None or address == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        code = ctypes.get_errno()
+        raise OSError(code, f"mmap of {size} bytes: {os.strerror(code)}")
+    pages = _Pages(address, size)
+    weakref.finalize(pages, libc.munmap, address, size).atexit = False  # views may outlive exit
+    return Mapping(memoryview(np.asarray(pages)), address, size)
 
 
 def advise(mapping, offset, length, advice):
@@ -300,16 +336,13 @@ def advise(mapping, offset, length, advice):
     if advice not in _ADVICE:
         raise ValueError(f"advice {advice!r}: use one of {sorted(_ADVICE)}")
     option = getattr(mmap, _ADVICE[advice], None)
-    if option is None or not hasattr(mapping.buffer, "madvise"):
+    if option is None:
         return
     start = max(offset, 0) // mmap.PAGESIZE * mmap.PAGESIZE
     end = min(offset + length, mapping.size)
     if end <= start:
         return
-    try:
-        mapping.buffer.madvise(option, start, end - start)
-    except (OSError, ValueError):
-        pass
+    _c_library().madvise(mapping.address + start, end - start, option)  # errors ignored
 
 
 def _byte_view(buf, writable):

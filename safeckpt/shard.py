@@ -16,20 +16,22 @@ Example:
     (['a', 'b'], 3)
 """
 
+import collections
 import concurrent.futures
 import errno
 import os
 import re
 import secrets
+import threading
 
 from . import format as fmt
 from . import tree as _tree
 from . import writer as _writer
-from .errors import HeaderError, LimitError, ShardError
+from .errors import HeaderError, LimitError, ShardError, plural, quote
 from .reader import Reader, TensorMap
 
-from .errors import plural, quote
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
+MAX_OPEN_SHARDS = 32  # mmap=False: shards a reader keeps open; others reopen when read (not 1 fd each)
 MAX_FILE_NAME = 255  # bytes: the longest file name of ext4, XFS, APFS and NTFS [S3]
 SAVE_ID_SIZE = 16  # random bytes per save: two saves never share one [S7]
 SHARD_KEY = "safeckpt.shard"  # the one metadata key of a shard [S7]
@@ -89,7 +91,7 @@ def split(nbytes, limit):
 
 def shard_files(path, k):
     """The file names of ``k`` shards of the index at ``path``: ``stem-0000j-of-0000k.sckpt``."""
-    base = os.path.basename(os.fspath(path))
+    base = os.path.basename(os.fsdecode(path))
     stem = base[:-len(SUFFIX)] if base.endswith(SUFFIX) and len(base) > len(SUFFIX) else base
     return [f"{stem}-{j:05d}-of-{k:05d}{SUFFIX}" for j in range(1, k + 1)]
 
@@ -101,7 +103,7 @@ def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic
     (each atomically when ``atomic``), the index last. One shard's worth is one ordinary file.
     """
     limit = parse_size(max_shard_size)
-    path = os.fspath(path)
+    path = os.fsdecode(path)  # a bytes path names a file, as for open()
     arrays = list(arrays)
     counts = split([array.nbytes for array in arrays], limit)
     if len(counts) <= 1:
@@ -160,13 +162,23 @@ def open_any(path, *, mmap=True, **limits):
     """A :class:`Reader` for a .sckpt file, a :class:`ShardedReader` for a shard index or for a
     directory that holds one checkpoint (its only .sckpt file that is not named as a shard).
 
+    ``path`` is a str, a path-like object or bytes, which name a file as they do for ``open()``
+    (``os.fspath``); to read a checkpoint held in memory, use :func:`safeckpt.load_bytes`.
+
     Raises:
         SafeckptError: a subclass naming the file and the rule broken; OSError for I/O (a
             missing shard included).
         ValueError: a directory with several checkpoints (open one by its path).
+        TypeError: ``path`` is not a str, bytes or path-like object (e.g. a bytearray).
     """
-    if isinstance(path, (str, bytes, os.PathLike)) and os.path.isdir(path):
-        path = _find_index(os.fspath(path))
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"a path is a str, bytes or os.PathLike object, not "
+                        f"{type(path).__name__}; to load a checkpoint held in memory, use "
+                        "safeckpt.load_bytes(data)") from None
+    if os.path.isdir(path):
+        path = _find_index(path)
     reader = Reader(path, mmap=mmap, _index=True, **limits)
     if reader._shards is None:
         return reader
@@ -251,6 +263,71 @@ def check_shards(shards, where, max_tensors=fmt.MAX_TENSORS):
     return shards
 
 
+class _OpenShards:
+    """The shards of one reader that hold a descriptor (``mmap=False``), least recently read
+    first: past ``limit``, reading a shard closes the descriptor of the least recently read one
+    that no read is using (it reopens when read again)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open = collections.OrderedDict()  # _ShardFile -> None
+
+    def touch(self, shard):
+        with self._lock:  # then each shard's own lock (never the other way round)
+            self._open[shard] = None
+            self._open.move_to_end(shard)
+            excess = len(self._open) - self.limit
+            for other in list(self._open) if excess > 0 else ():
+                if excess and other is not shard and other._release():
+                    del self._open[other]
+                    excess -= 1
+
+
+class _ShardFile(Reader):
+    """A shard read with ``pread`` (``mmap=False``) whose descriptor :class:`_OpenShards` may
+    close between reads; it reopens by path, and must then be the file it was (same device,
+    inode and size) or it raises ShardError [S7]."""
+
+    def __init__(self, path, open_shards, **limits):
+        super().__init__(path, mmap=False, **limits)
+        st = os.fstat(self._fd)
+        self._identity = st.st_dev, st.st_ino, st.st_size
+        self._open_shards = open_shards
+        self._pins = 0  # reads between reopening the descriptor and using it
+        open_shards.touch(self)
+
+    def _read_into(self, offsets, lengths, dests):
+        with self._lock:
+            if self._fd is None and self._names is not None:
+                self._fd = self._reopen()
+            self._pins += 1
+        try:
+            self._open_shards.touch(self)
+            super()._read_into(offsets, lengths, dests)
+        finally:
+            with self._lock:
+                self._pins -= 1
+
+    def _reopen(self):
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(
+            os, "O_NONBLOCK", 0))
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size) != self._identity:
+            os.close(fd)
+            raise ShardError(f"shard {self._where} was replaced or changed since the checkpoint "
+                             "was opened (another save?); open the checkpoint again [S7]")
+        return fd
+
+    def _release(self):
+        """Close the descriptor unless a read uses it; whether none is left open."""
+        with self._lock:
+            if self._fd is not None and not (self._pins or self._fd_users):
+                os.close(self._fd)
+                self._fd = None
+            return self._fd is None
+
+
 class ShardedReader(TensorMap):
     """The shards of an index as one lazy reader; made by :func:`safeckpt.open`.
 
@@ -258,7 +335,9 @@ class ShardedReader(TensorMap):
     ``get_slice``, ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``, ``close``.
     Every shard is opened and checked [S7] when the reader is made; tensors are read when asked
     for, and ``load_all``, ``load`` and ``verify`` work on the shards in parallel threads (the C
-    core reads and checksums without the GIL).
+    core reads and checksums without the GIL). Open descriptors are bounded whatever the number
+    of shards: a mapped shard keeps none, and with ``mmap=False`` at most ``MAX_OPEN_SHARDS`` stay
+    open (a shard closed for room reopens when read, and must be the same file [S7]).
     """
 
     def __init__(self, index, *, mmap=True, **limits):
@@ -274,10 +353,13 @@ class ShardedReader(TensorMap):
         self.shards = [os.path.join(directory, name) for name in shards["files"]]
         self._readers, self._where_is = [], []  # a reader per shard; (shard, position) per tensor
         k = len(self.shards)
+        open_shards = _OpenShards(MAX_OPEN_SHARDS)
         try:
             start = 0
             for j, (file, count) in enumerate(zip(self.shards, shards["counts"])):
-                reader = Reader(file, mmap=mmap, **limits)  # every rule of sections 1-8
+                # every rule of sections 1-8
+                reader = (Reader(file, mmap=True, **limits) if mmap else
+                          _ShardFile(file, open_shards, **limits))
                 self._readers.append(reader)
                 part = names[start:start + count]
                 self._check_shard(reader, j, k, part, shards)

@@ -1,7 +1,11 @@
 """Sharded checkpoints: FORMAT.md section 9, rules [S1]-[S9], under both backends."""
 
 import collections
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -123,9 +127,9 @@ def test_load_reads_shards_in_parallel(tmp_path, monkeypatch):
     threads = set()
     original = Reader._load
 
-    def spy(self, indices):
+    def spy(self, *args):
         threads.add(threading.get_ident())
-        return original(self, indices)
+        return original(self, *args)
 
     monkeypatch.setattr(Reader, "_load", spy)
     with safeckpt.open(path, mmap=False) as f:
@@ -312,3 +316,106 @@ def test_S9_crash_before_the_index(tmp_path, monkeypatch):
     safeckpt.save(changed, path, max_shard_size=1000)
     assert same(safeckpt.load(path, verify=True), changed)
     assert not [e for e in os.listdir(tmp_path) if e.endswith(".tmp")]
+
+
+# -- file descriptors (issue 10, R8) ---------------------------------------------------------------
+
+_FDS = textwrap.dedent("""
+    import json, os, resource, sys
+    import numpy as np
+    import safeckpt
+    path, mmap, limit = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    peak = 0
+
+    def count():
+        global peak
+        peak = max(peak, len(os.listdir("/proc/self/fd")))
+
+    with safeckpt.open(path, mmap=mmap) as f:
+        count()
+        arrays = f.load_all()  # in parallel threads
+        count()
+        f.verify()
+        names = f.keys()
+        each = [float(f[name][0]) for name in reversed(names)]  # every shard again, one by one
+        sliced = [float(f.get_slice(name)[1]) for name in names]
+        count()
+    whole = safeckpt.load(path, mmap=mmap, verify=True)
+    count()
+    ok = (all(float(arrays[n][0]) == i for i, n in enumerate(names)) and sliced == [i + 1.0 for i in range(len(names))]
+          and each == sorted(each, reverse=True) and same(whole, arrays))
+    print(json.dumps({"shards": len(names), "peak": peak, "held": len(os.listdir("/proc/self/fd")), "ok": ok}))
+""").replace("same(whole, arrays)", "__import__('safeckpt.tree').tree.same(whole, arrays)")
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_R8_descriptors_bounded_with_more_shards_than_the_limit(tmp_path, backend, mmap):
+    """A checkpoint of 150 shards opens, loads, verifies and reads tensor by tensor under a limit
+    of 64 open files, with the arrays alive: a reader holds a bounded number of descriptors
+    (mmap=False: an LRU of open shards; a mapping keeps no descriptor) [S1]."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("counts descriptors in /proc/self/fd")
+    tensors = {f"t{i:03d}": np.full(4, i, np.float32) + np.arange(4) for i in range(150)}
+    path = tmp_path / "m.sckpt"
+    safeckpt.save_file(tensors, path, max_shard_size=16, atomic=False)
+    env = dict(os.environ, SAFECKPT_BACKEND=backend)
+    out = subprocess.run([sys.executable, "-c", _FDS, str(path), "1" if mmap else "0", "64"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["ok"] and result["shards"] == 150 and result["peak"] < 64, result
+
+
+def test_R8_two_open_descriptors_and_eight_threads(tmp_path, backend, monkeypatch):
+    """Shards closed for room while other threads read them: every read still succeeds."""
+    monkeypatch.setattr(shard, "MAX_OPEN_SHARDS", 2)
+    reopened, reopen = [], shard._ShardFile._reopen
+    monkeypatch.setattr(shard._ShardFile, "_reopen", lambda self: reopened.append(1) or reopen(self))
+    tensors = {f"t{i:02d}": np.full(1000, i, np.float32) for i in range(40)}
+    path = tmp_path / "m.sckpt"
+    safeckpt.save_file(tensors, path, max_shard_size=4000, atomic=False)
+    with safeckpt.open(path, mmap=False) as f:
+        assert len(f.shards) == 40
+        for _ in range(5):
+            assert same(f.load_all(), tensors)
+            f.verify()
+        assert same(safeckpt.load(path, mmap=False, verify=True), tensors)
+    assert len(reopened) >= 40 * 10
+
+
+def test_R8_a_shard_replaced_while_closed_is_refused(tmp_path, monkeypatch):
+    """mmap=False with more shards than are kept open: a shard reopened later must be the file
+    that was checked when the reader was made [S7]."""
+    monkeypatch.setattr(shard, "MAX_OPEN_SHARDS", 2)
+    path = saved(tmp_path)
+    with safeckpt.open(path, mmap=False) as f:
+        np.testing.assert_array_equal(f["opt.0.c"], C)  # shard 3 open, shard 1 closed
+        (tmp_path / "other").mkdir()
+        os.replace(saved(tmp_path / "other").parent / OK_FILES[0], tmp_path / OK_FILES[0])
+        with pytest.raises(safeckpt.ShardError, match=r"m-00001-of-00003.*replaced.*\[S7\]"):
+            f["model.a"]
+        np.testing.assert_array_equal(f["model.b"], B)
+
+
+# -- bytes paths (issue 10, item 12) ---------------------------------------------------------------
+
+def test_bytes_path_is_a_path_not_contents(tmp_path, backend):
+    """``load_file(b"m.sckpt")`` and ``open(b"...")`` read the file named by the bytes, as os.fspath
+    takes them; load_bytes is the way to load contents. A bytearray or memoryview is refused."""
+    single = tmp_path / "one.sckpt"
+    safeckpt.save_file({"a": A}, single)
+    (tmp_path / "sharded").mkdir()
+    sharded = saved(tmp_path / "sharded")
+    for target in (single, sharded, sharded.parent):
+        raw = os.fsencode(target)
+        with safeckpt.open(raw) as f:
+            assert "model.a" in f or "a" in f
+        assert same(safeckpt.load(raw), safeckpt.load(target))
+        assert same(safeckpt.load_file(raw, mmap=False), safeckpt.load_file(target))
+    safeckpt.save(STATE, os.fsencode(sharded), max_shard_size=1000)  # writing shards too
+    assert same(safeckpt.load(sharded), STATE) and len(os.listdir(sharded.parent)) == 4
+    assert same(safeckpt.load_bytes(single.read_bytes()), {"a": A})
+    for contents in (bytearray(single.read_bytes()), memoryview(single.read_bytes())):
+        with pytest.raises(TypeError, match="load_bytes"):
+            safeckpt.load_file(contents)
