@@ -252,7 +252,7 @@ def _npy_header(stream, where):
              else np.lib.format.read_array_header_2_0)
     try:
         shape, fortran, dtype = parse(io.BytesIO(raw + text))
-    except Exception as exc:  # noqa: BLE001 -- numpy parses a bounded string: any failure is bad
+    except Exception as exc:  # numpy parses a bounded string: any failure is a bad header
         raise HeaderError(f"{where}: not a valid .npy header: "
                           f"{_printable(str(exc)) or type(exc).__name__}") from None
     if dtype.hasobject:
@@ -361,7 +361,8 @@ def _npz_source(path, stack, max_expansion):
             raise LayoutError(f"{name}: the zip directory says it holds {info.file_size} bytes, "
                               f"its .npy header says {header + nbytes}")
         total += nbytes
-        _check_expansion(total, size, max_expansion, name)
+        _check_expansion(total, size, max_expansion, f"{where}: its arrays up to member "
+                         f"{_printable(repr(info.filename))}")
         tensors[info.filename[:-4]] = _writer.LazyArray(dtype, shape, functools.partial(
             _npz_array, archive, info, header, shape, dtype, fortran, name))
     return Source(tensors)
@@ -384,13 +385,13 @@ def _npz_array(archive, info, header, shape, dtype, fortran, where):
     return out.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _check_expansion(nbytes, size, max_expansion, where):
+def _check_expansion(nbytes, size, max_expansion, what):
+    """Refuse ``nbytes`` of tensors from a file of ``size`` bytes past ``max_expansion``."""
     if nbytes > max_expansion * size:
-        raise LimitError(f"{where}: its arrays hold {nbytes} bytes, more than max_expansion="
-                         f"{max_expansion} times the file's {size} bytes (compressed data that "
-                         "inflates this much, or a tensor that repeats its elements, is how a "
-                         "small file exhausts memory or disk); pass max_expansion=... if you "
-                         "trust this file")
+        raise LimitError(f"{what} hold {nbytes} bytes, more than max_expansion={max_expansion} "
+                         f"times the file's {size} bytes (compressed data that inflates this much, "
+                         "or a tensor that repeats its elements, is how a small file exhausts "
+                         "memory or disk); pass max_expansion=... if you trust this file")
 
 
 def _torch_kind(file, where):
@@ -452,7 +453,7 @@ def _torch_source(path, stack, max_expansion, max_depth):
     _check_shared(torch, obj, size, where)
     tree, names, arrays = _tree.flatten(obj, root="checkpoint", max_depth=max_depth)
     source = Source(dict(zip(names, arrays)), {}, tree)
-    _check_expansion(source.nbytes, size, max_expansion, where)
+    _check_expansion(source.nbytes, size, max_expansion, f"{where}: its tensors")
     return source
 
 
@@ -460,7 +461,7 @@ def _check_shared(torch, obj, size, where):
     """Refuse a torch file's object that holds itself, or whose shared parts expand too far.
 
     pickle stores an object that appears several times once; a tree stores each appearance
-    (tied tensors excepted: they are stored once and referenced [R5]). Each container is walked
+    (tied tensors excepted: they are stored once and referenced [R8]). Each container is walked
     once, its expanded size (1 per node, plus the length of each str and bytes) computed from its
     children's, so a DAG of 2**60 paths costs its few nodes, not 2**60. The expanded tree may be
     ``TREE_EXPANSION`` x the file's bytes outside tensor storage, plus ``TREE_FLOOR``.
