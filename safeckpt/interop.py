@@ -214,7 +214,7 @@ def _open_regular(path, stack):
 
 
 def _printable(text):
-    """``text`` with control characters escaped: a message quoting a file never drives a terminal."""
+    """``text`` with control characters escaped: a message quoting a file cannot drive a terminal."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
@@ -237,8 +237,8 @@ def _npy_header(stream, where):
                           "b'\\x93NUMPY')")
     version = (magic[6], magic[7])
     if version == (3, 0):  # 3.0 only adds UTF-8 field names of structured dtypes
-        raise UnsupportedDtypeError(f"{where}: .npy version 3.0 (a structured dtype), which safeckpt "
-                                    "cannot store")
+        raise UnsupportedDtypeError(f"{where}: .npy version 3.0 (a structured dtype), which "
+                                    "safeckpt cannot store")
     if version not in ((1, 0), (2, 0)):
         raise HeaderError(f"{where}: unknown .npy version {version[0]}.{version[1]}")
     width = 2 if version == (1, 0) else 4
@@ -257,8 +257,8 @@ def _npy_header(stream, where):
                           f"{_printable(str(exc)) or type(exc).__name__}") from None
     if dtype.hasobject:
         raise PickleRequiredError(f"{where}: an array of Python objects ({dtype}), which only "
-                                  "pickle can load; safeckpt reads .npy/.npz with allow_pickle=False "
-                                  "and never unpickles")
+                                  "pickle can load; safeckpt reads .npy/.npz with "
+                                  "allow_pickle=False and never unpickles")
     code_of(dtype, where)
     product = dtype.itemsize
     for dim in shape:
@@ -267,8 +267,8 @@ def _npy_header(stream, where):
                               "2**63 [T3]")
         product *= dim or 1
     if product >= 1 << 63:
-        raise LayoutError(f"{where}: shape {shape} of {dtype} is too large: the non-zero dimensions "
-                          "times the item size are 2**63 bytes or more [T4]")
+        raise LayoutError(f"{where}: shape {shape} of {dtype} is too large: the non-zero "
+                          "dimensions times the item size are 2**63 bytes or more [T4]")
     return 8 + width + length, shape, dtype, fortran
 
 
@@ -442,7 +442,8 @@ def _torch_source(path, stack, max_expansion, max_depth):
         raise TruncatedFileError(f"{where}: its pickle ends too early (file seems not fully "
                                  "written?)") from None
     except MemoryError:
-        raise LimitError(f"{where}: torch ran out of memory reading it (a size it claims?)") from None
+        raise LimitError(f"{where}: torch ran out of memory reading it (a size it claims?)"
+                         ) from None
     except OSError as exc:
         if exc.errno is None:
             raise HeaderError(f"{where}: torch cannot read it: {_printable(str(exc))}") from None
