@@ -21,6 +21,7 @@ Example:
 
 import collections
 import itertools
+import re
 import sys
 
 import numpy as np
@@ -369,7 +370,8 @@ def _skeleton(reader):
 
 def find(reader, prefix):
     """The node at ``prefix``: a str such as ``"model"`` or ``"optimizer.state.0"`` (dict keys may
-    hold dots: the longest key that matches wins), or a tuple of exact keys and indices.
+    hold dots: the longest key that matches wins), or a tuple of exact keys and indices. Each step
+    is a lookup in the dict's key index (built once per reader), whatever the dict's size.
 
     Raises:
         KeyError: nothing is at ``prefix``.
@@ -380,13 +382,13 @@ def find(reader, prefix):
     if isinstance(prefix, str):
         rest = prefix
         while rest:
-            child, rest = _step_str(node, rest)
+            child, rest = _step_str(reader, node, rest)
             if child is _MISSING:
                 raise KeyError(f"{reader._where} has nothing at {quote(prefix)} in its tree")
             node = child
         return node
     for key in prefix:
-        child = _step_exact(node, key)
+        child = view(reader, node)._child(key) if _is_container(node) else _MISSING
         if child is _MISSING:
             raise KeyError(f"{reader._where} has nothing at {quote(tuple(prefix))} in its tree")
         node = child
@@ -397,37 +399,37 @@ def _is_container(node):
     return type(node) is list and node[0] in CONTAINERS
 
 
-def _step_exact(node, key):
-    if not _is_container(node):
-        return _MISSING
-    if node[0] in (DICT, ODICT):
-        for i in range(1, len(node), 2):
-            if type(node[i]) is type(key) and node[i] == key:
-                return node[i + 1]
-        return _MISSING
+def _item(node, key):
+    """The child at ``key`` of a list or tuple node (negative indices count from the end)."""
     if type(key) is int and -(len(node) - 1) <= key < len(node) - 1:
         return node[1 + key % (len(node) - 1)]
     return _MISSING
 
 
-def _step_str(node, rest):
-    """One step of a dotted prefix: the child and what is left of the prefix."""
+_INT_TEXT = re.compile(r"0|-?[1-9][0-9]{0,19}")  # str() of an int key (int64 and uint64 range)
+
+
+def _step_str(reader, node, rest):
+    """One step of a dotted prefix: the child and what is left of the prefix. A dict key may hold
+    dots: the longest key that ``rest`` starts with (then a dot) wins, a str key over an equal int."""
     if not _is_container(node):
         return _MISSING, rest
-    if node[0] in (DICT, ODICT):
-        best, best_len = _MISSING, -1
-        for i in range(1, len(node), 2):
-            text = str(node[i])
-            if (rest == text or rest.startswith(text + ".")) and (
-                    len(text) > best_len or (len(text) == best_len and type(node[i]) is str)):
-                best, best_len = node[i + 1], len(text)
-        if best is _MISSING:
+    if node[0] in (LIST, TUPLE):
+        head, _, tail = rest.partition(".")
+        if not (head.isascii() and head.isdigit() and len(head) <= 20) or int(head) >= len(node) - 1:
             return _MISSING, rest
-        return best, rest[best_len + 1:]
-    head, _, tail = rest.partition(".")
-    if not head.isdigit() or int(head) >= len(node) - 1:
-        return _MISSING, rest
-    return node[1 + int(head)], tail
+        return node[1 + int(head)], tail
+    subtree = view(reader, node)
+    end = len(rest)
+    while end >= 0:  # all of rest, then up to each dot from the right: the longest key first
+        text = rest[:end]
+        child = subtree._child(text)
+        if child is _MISSING and _INT_TEXT.fullmatch(text):
+            child = subtree._child(int(text))
+        if child is not _MISSING:
+            return child, rest[end + 1:]
+        end = rest.rfind(".", 0, end)
+    return _MISSING, rest
 
 
 def _tensor_indices(node):
@@ -574,7 +576,7 @@ class Subtree:
                 node = self._node
                 self._index = {(type(node[i]), node[i]): node[i + 1] for i in range(1, len(node), 2)}
             return self._index.get((type(key), key), _MISSING)
-        return _step_exact(self._node, key)
+        return _item(self._node, key)
 
     def __getitem__(self, key):
         self._reader._check_open()

@@ -288,6 +288,8 @@ PER_NAME = {  # every per-name path of a reader (the CLI's inspect, convert and 
     "get_slice": lambda f, name: f.get_slice(name)[:],
     "name in reader": lambda f, name: name in f,
     "tree[name]": lambda f, name: f.tree[name],
+    "load(name)": lambda f, name: f.load(name),
+    "load((name,))": lambda f, name: f.load((name,)),
 }
 
 

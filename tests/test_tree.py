@@ -183,7 +183,19 @@ def test_prefix(tmp_path):
     assert same(safeckpt.load(path, prefix=("optimizer", "state", 3, "m")), W + 2)
     assert safeckpt.load(path, prefix=("3",)) == "str key"
     for bad in ["nope", "model.x", "optimizer.param_groups.1", ("optimizer", "state", "3"),
-                "optimizer.param_groups.0.lr.x"]:
+                "optimizer.param_groups.0.lr.x", "model.layers.\u00b2", "model.layers." + "9" * 5000]:
+        with pytest.raises(KeyError):
+            safeckpt.load(path, prefix=bad)
+
+
+def test_prefix_keys_of_both_types(tmp_path):
+    """A str key wins over an int key with the same text; int keys match their str() exactly."""
+    path = tmp_path / "k.sckpt"
+    safeckpt.save({3: "int", "3": "str", -1: "minus", 7: {"a.b": 1, "a": {"b": 2}}}, path)
+    assert safeckpt.load(path, prefix="3") == "str" and safeckpt.load(path, prefix=(3,)) == "int"
+    assert safeckpt.load(path, prefix="-1") == "minus"
+    assert safeckpt.load(path, prefix="7.a.b") == 1 and safeckpt.load(path, prefix="7.a") == {"b": 2}
+    for bad in ("03", "-0", "+3", "7.a.c"):
         with pytest.raises(KeyError):
             safeckpt.load(path, prefix=bad)
 
