@@ -75,6 +75,8 @@ static const uint8_t sck_itemsizes[SCK_DTYPE_COUNT] = {
     1, /* 14 float8_e5m2 */
     8, /* 15 complex64 */
     16, /* 16 complex128 */
+    1, /* 17 float8_e4m3fnuz (version 1.3) */
+    1, /* 18 float8_e5m2fnuz (version 1.3) */
 };
 
 int sck_dtype_itemsize(int code)

@@ -30,7 +30,7 @@ extern "C" {
 #define SCK_MAGIC_TEXT_MANGLED_SIZE 7
 #define SCK_PREFIX_SIZE 32 /* magic 8, major 2, minor 2, flags 4, header_len 8, align 4, crc 4 */
 #define SCK_VERSION_MAJOR 1
-#define SCK_VERSION_MINOR 2 /* 1.1 added "tree" (FORMAT.md section 8), 1.2 shard indexes (9) */
+#define SCK_VERSION_MINOR 3 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtype codes 17, 18 */
 #define SCK_FLAG_TENSOR_CRC 0x1u
 #define SCK_FLAG_SHARD_INDEX 0x2u /* the file is a shard index [S1] */
 #define SCK_KNOWN_FLAGS (SCK_FLAG_TENSOR_CRC | SCK_FLAG_SHARD_INDEX)
@@ -82,7 +82,7 @@ const char *sck_strerror(int code);
 
 /* ---- Dtypes (safeckpt/dtypes.py, FORMAT.md section 4) ----------------------------------- */
 
-#define SCK_DTYPE_COUNT 17
+#define SCK_DTYPE_COUNT 19
 
 /* Item size in bytes of a dtype code, 0 for a code this reader does not know. */
 int sck_dtype_itemsize(int code);

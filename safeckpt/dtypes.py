@@ -1,5 +1,10 @@
 """The one table of dtypes a .sckpt file can hold (FORMAT.md section 4).
 
+Names, item sizes and the minor version of every code are plain tuples. The numpy dtypes of
+bfloat16 and the float8 codes come from ml_dtypes, whose import costs 0.5-1.3 s, so it is imported
+only when one of those codes is first looked up (``DTYPE_BY_CODE[12]``, a file holding one, or an
+array of one being saved, which means its caller has imported ml_dtypes already).
+
 Example:
     >>> import numpy as np
     >>> from safeckpt.dtypes import code_of, dtype_of
@@ -9,36 +14,138 @@ Example:
     dtype('float32')
 """
 
-import ml_dtypes
+import collections.abc
+import sys
+
 import numpy as np
 
 from .errors import UnsupportedDtypeError
 
-# (code, name, numpy dtype). Codes are never reused; new ones come with a new minor version.
-DTYPES = (
-    (0, "bool", np.dtype(np.bool_)),
-    (1, "int8", np.dtype("<i1")),
-    (2, "int16", np.dtype("<i2")),
-    (3, "int32", np.dtype("<i4")),
-    (4, "int64", np.dtype("<i8")),
-    (5, "uint8", np.dtype("<u1")),
-    (6, "uint16", np.dtype("<u2")),
-    (7, "uint32", np.dtype("<u4")),
-    (8, "uint64", np.dtype("<u8")),
-    (9, "float16", np.dtype("<f2")),
-    (10, "float32", np.dtype("<f4")),
-    (11, "float64", np.dtype("<f8")),
-    (12, "bfloat16", np.dtype(ml_dtypes.bfloat16)),
-    (13, "float8_e4m3fn", np.dtype(ml_dtypes.float8_e4m3fn)),
-    (14, "float8_e5m2", np.dtype(ml_dtypes.float8_e5m2)),
-    (15, "complex64", np.dtype("<c8")),
-    (16, "complex128", np.dtype("<c16")),
+# (code, name, item size, minor version that added it). Codes are never reused; new ones come with
+# a new minor version (FORMAT.md section 5), so the minor never decreases along the table.
+_TABLE = (
+    (0, "bool", 1, 0),
+    (1, "int8", 1, 0),
+    (2, "int16", 2, 0),
+    (3, "int32", 4, 0),
+    (4, "int64", 8, 0),
+    (5, "uint8", 1, 0),
+    (6, "uint16", 2, 0),
+    (7, "uint32", 4, 0),
+    (8, "uint64", 8, 0),
+    (9, "float16", 2, 0),
+    (10, "float32", 4, 0),
+    (11, "float64", 8, 0),
+    (12, "bfloat16", 2, 0),
+    (13, "float8_e4m3fn", 1, 0),
+    (14, "float8_e5m2", 1, 0),
+    (15, "complex64", 8, 0),
+    (16, "complex128", 16, 0),
+    (17, "float8_e4m3fnuz", 1, 3),
+    (18, "float8_e5m2fnuz", 1, 3),
 )
+# Codes whose numpy dtype is ml_dtypes' attribute of the same name (resolved on first use).
+_ML_CODES = frozenset(code for code, name, _, _ in _TABLE
+                      if name.startswith(("bfloat", "float8")))
 
-DTYPE_BY_CODE = tuple(dt for _, _, dt in DTYPES)
-NAME_BY_CODE = tuple(name for _, name, _ in DTYPES)
-ITEMSIZE_BY_CODE = tuple(dt.itemsize for dt in DTYPE_BY_CODE)
-CODE_BY_DTYPE = {dt: code for code, _, dt in DTYPES}  # little-endian dtypes only
+NAME_BY_CODE = tuple(name for _, name, _, _ in _TABLE)
+ITEMSIZE_BY_CODE = tuple(size for _, _, size, _ in _TABLE)
+MINOR_BY_CODE = tuple(minor for _, _, _, minor in _TABLE)
+_resolved = False
+
+
+class _DtypeByCode(dict):
+    """``DTYPE_BY_CODE[code]``: the numpy dtype (little-endian) of a code.
+
+    It reads as a sequence in code order (``len``, iteration, ``in``); a lookup is a dict lookup,
+    as fast as a tuple's, and the ml_dtypes codes are filled in by the first lookup of one.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, code):
+        if code in _ML_CODES:
+            _resolve()
+            return dict.__getitem__(self, code)
+        raise IndexError(f"dtype code {code!r} is not in 0..{len(NAME_BY_CODE) - 1}")
+
+    def __len__(self):
+        return len(NAME_BY_CODE)
+
+    def __iter__(self):
+        return (self[code] for code in range(len(NAME_BY_CODE)))
+
+    def __contains__(self, dtype):
+        return any(dtype == dt for dt in self)
+
+    def __repr__(self):
+        return f"DTYPE_BY_CODE{tuple(self)!r}"
+
+
+class _CodeByDtype(dict):
+    """``CODE_BY_DTYPE[dtype]``, ``.get(dtype)``: the code of a little-endian numpy dtype.
+
+    An ml_dtypes dtype exists only once its caller has imported ml_dtypes; a miss while ml_dtypes
+    is imported and the table not yet resolved resolves it and looks again.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, dtype):
+        if _resolve_if_imported():
+            return self[dtype]
+        raise KeyError(dtype)
+
+    def get(self, dtype, default=None):
+        code = dict.get(self, dtype)
+        if code is None and _resolve_if_imported():
+            code = dict.get(self, dtype)
+        return default if code is None else code
+
+    def __contains__(self, dtype):
+        return self.get(dtype) is not None
+
+
+# Read as a sequence and sampled as one (e.g. by hypothesis), though a dict underneath.
+collections.abc.Sequence.register(_DtypeByCode)
+DTYPE_BY_CODE = _DtypeByCode((code, np.dtype(name).newbyteorder("<"))
+                             for code, name, _, _ in _TABLE if code not in _ML_CODES)
+CODE_BY_DTYPE = _CodeByDtype((dt, code) for code, dt in DTYPE_BY_CODE.items())  # little-endian only
+
+
+class _Dtypes(collections.abc.Sequence):
+    """``DTYPES``: ``(code, name, numpy dtype)`` for every code, in code order."""
+
+    __slots__ = ()
+
+    def __len__(self):
+        return len(NAME_BY_CODE)
+
+    def __getitem__(self, index):
+        code = range(len(NAME_BY_CODE))[index]
+        return code, NAME_BY_CODE[code], DTYPE_BY_CODE[code]
+
+
+DTYPES = _Dtypes()
+
+
+def _resolve():
+    """Fill in the ml_dtypes codes of ``DTYPE_BY_CODE`` and ``CODE_BY_DTYPE`` (imports ml_dtypes)."""
+    global _resolved
+    import ml_dtypes
+    for code in sorted(_ML_CODES):
+        dt = np.dtype(getattr(ml_dtypes, NAME_BY_CODE[code]))
+        dict.__setitem__(CODE_BY_DTYPE, dt, code)
+        dict.__setitem__(DTYPE_BY_CODE, code, dt)
+    _resolved = True
+
+
+def _resolve_if_imported():
+    """Resolve the table if ml_dtypes is imported and it is not resolved yet; whether it was."""
+    if _resolved or "ml_dtypes" not in sys.modules:
+        return False
+    _resolve()
+    return True
 
 
 def code_of(dtype, name=None):
@@ -62,6 +169,14 @@ def code_of(dtype, name=None):
 
 def dtype_of(code):
     """Return the numpy dtype (little-endian) of a dtype code; IndexError if unknown."""
-    if not 0 <= code < len(DTYPE_BY_CODE):
+    if not 0 <= code < len(NAME_BY_CODE):
         raise IndexError(code)
     return DTYPE_BY_CODE[code]
+
+
+def minor_of(codes):
+    """The lowest minor version that holds every code of ``codes`` (bytes, e.g. a dtypes column).
+
+    Example: ``minor_of(bytes([10, 17])) == 3``.
+    """
+    return MINOR_BY_CODE[max(codes)] if codes else 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import format as fmt
 from . import _backend
-from .dtypes import CODE_BY_DTYPE, code_of
+from .dtypes import CODE_BY_DTYPE, MINOR_BY_CODE, code_of, minor_of
 from .errors import InvalidValueError, LimitError
 
 # A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
@@ -105,6 +105,8 @@ class _Plan:
             "offsets": bytes(8 * len(nbytes)),
             "nbytes": sizes.tobytes(),
         }
+        # dtype codes added by a later minor version (FORMAT.md section 5) raise the file's minor
+        self.minor = max(self.minor, minor_of(self.columns["dtypes"]), _scalar_minor(tree))
         self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
         if shards is not None:
             self.flags = fmt.FLAG_SHARD_INDEX
@@ -135,6 +137,19 @@ class _Plan:
             raise RuntimeError("safeckpt bug: the header changed length between encodings")
         header_crc = _backend.backend.crc32c(header)
         return fmt.encode_prefix(self.flags, len(header), self.align, header_crc, self.minor) + header
+
+
+def _scalar_minor(tree):
+    """The lowest minor version that holds the dtype codes of a tree's scalar nodes [R5]."""
+    minor, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        if type(node) is list and node:
+            if node[0] == "scalar":
+                minor = max(minor, MINOR_BY_CODE[node[1]])
+            else:
+                stack.extend(node[1:])
+    return minor
 
 
 def _le_bytes(array):

@@ -347,7 +347,7 @@ def test_table_align_and_header_end_checked():
 
 def test_T1_unknown_dtype():
     columns, size = build_table(SAMPLE)
-    columns[0] = columns[0][:2] + bytes([17]) + columns[0][3:]
+    columns[0] = columns[0][:2] + bytes([len(ITEMSIZE)]) + columns[0][3:]  # the first unknown code
     assert validate(columns, size) == (Code.DTYPE, 2)
     columns[0] = bytes([255]) + columns[0][1:]
     assert validate(columns, size) == (Code.DTYPE, 0)

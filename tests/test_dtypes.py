@@ -1,0 +1,131 @@
+"""The dtype table (FORMAT.md section 4, safeckpt/dtypes.py): one table, ml_dtypes loaded lazily."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from forge import forge
+
+import safeckpt
+from safeckpt import dtypes
+
+ML_DTYPES_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+
+
+def _in_fresh_python(code):
+    """Run ``code`` in a new interpreter and return its stdout (its stderr on failure)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_import_safeckpt_loads_neither_ml_dtypes_nor_a_framework():
+    """``import safeckpt`` stays light: ml_dtypes (~0.5-1.3 s), torch and jax load on first use."""
+    out = _in_fresh_python("import sys, safeckpt; "
+                           "print(sorted(m for m in ('ml_dtypes', 'torch', 'jax') if m in sys.modules))")
+    assert out == "[]"
+
+
+def test_a_plain_file_round_trips_without_ml_dtypes():
+    out = _in_fresh_python(
+        "import sys, numpy as np, safeckpt\n"
+        "data = safeckpt.save_bytes({'w': np.arange(3, dtype=np.float32)})\n"
+        "back = safeckpt.load_bytes(data)['w']\n"
+        "with safeckpt.open(data) as f: info = f.info('w')\n"
+        "print(back.tolist(), info.dtype, 'ml_dtypes' in sys.modules)")
+    assert out == "[0.0, 1.0, 2.0] float32 False"
+
+
+def test_bfloat16_codes_resolve_on_first_use_in_a_fresh_process():
+    """A file holding bfloat16 loads ml_dtypes when read; an array of it is saved with ml_dtypes
+    imported by the caller after safeckpt (CODE_BY_DTYPE must still find its code)."""
+    out = _in_fresh_python(
+        "import sys, numpy as np, safeckpt\n"
+        "from safeckpt.dtypes import CODE_BY_DTYPE\n"
+        "import ml_dtypes\n"
+        "x = np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16)\n"
+        "print(CODE_BY_DTYPE.get(x.dtype), CODE_BY_DTYPE[x.dtype])\n"
+        "data = safeckpt.save_bytes({'x': x})\n"
+        "print(safeckpt.load_bytes(data)['x'].dtype)")
+    assert out.splitlines() == ["12 12", "bfloat16"]
+    out = _in_fresh_python(
+        "import sys, numpy as np, safeckpt\n"
+        "from safeckpt.dtypes import DTYPE_BY_CODE\n"
+        "print('ml_dtypes' in sys.modules, DTYPE_BY_CODE[13], 'ml_dtypes' in sys.modules)")
+    assert out == "False float8_e4m3fn True"
+
+
+def test_the_table_reads_as_one_sequence_of_codes():
+    """Every name of the table keeps its meaning: DTYPES, DTYPE_BY_CODE, NAME_BY_CODE,
+    ITEMSIZE_BY_CODE and CODE_BY_DTYPE agree, code by code, with FORMAT.md section 4."""
+    n = len(dtypes.NAME_BY_CODE)
+    assert n == len(dtypes.DTYPE_BY_CODE) == len(dtypes.ITEMSIZE_BY_CODE) == len(dtypes.DTYPES) == 19
+    assert list(dtypes.DTYPE_BY_CODE) == [dtypes.DTYPE_BY_CODE[code] for code in range(n)]
+    for code, name, dt in dtypes.DTYPES:
+        assert dt.name == name == dtypes.NAME_BY_CODE[code]
+        assert dt.itemsize == dtypes.ITEMSIZE_BY_CODE[code]
+        assert dtypes.CODE_BY_DTYPE[dt] == dtypes.code_of(dt) == code
+        assert dtypes.dtype_of(code) == dt and dt.byteorder in "=|<"
+    assert [name for name in dtypes.NAME_BY_CODE if name in ML_DTYPES_NAMES] == list(ML_DTYPES_NAMES)
+    for bad in (-1, n, 255):
+        with pytest.raises(IndexError):
+            dtypes.DTYPE_BY_CODE[bad]
+    assert dtypes.CODE_BY_DTYPE.get(np.dtype(object)) is None
+    with pytest.raises(KeyError):
+        dtypes.CODE_BY_DTYPE[np.dtype(">f4")]  # big-endian: code_of turns it little-endian first
+    assert dtypes.code_of(np.dtype(">f4")) == 10
+
+
+def test_minor_version_of_codes():
+    """[T1], FORMAT.md section 5: codes 0-16 are version 1.0, the fnuz float8 codes 1.3."""
+    assert dtypes.minor_of(b"") == 0
+    assert dtypes.minor_of(bytes(range(17))) == 0
+    assert dtypes.minor_of(bytes([0, 17])) == dtypes.minor_of(bytes([18])) == 3
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_fnuz_float8_round_trips_in_sckpt_with_version_1_3(backend, name):
+    import ml_dtypes
+    x = np.array([0.5, -2, 0], getattr(ml_dtypes, name))
+    data = safeckpt.save_bytes({"x": x, "y": np.ones(2, np.float32)})
+    assert int.from_bytes(data[10:12], "little") == 3  # minor: the lowest that holds code 17/18
+    with safeckpt.open(data) as f:
+        assert f.version == (1, 3) and f.info("x").dtype == x.dtype
+        assert f["x"].tobytes() == x.tobytes() and f["x"].dtype == x.dtype
+    plain = safeckpt.save_bytes({"y": np.ones(2, np.float32)})
+    assert int.from_bytes(plain[10:12], "little") == 0
+
+
+
+def test_a_tree_scalar_of_a_1_3_code_makes_the_file_1_3(backend, tmp_path):
+    """FORMAT.md section 4: a ``scalar`` node's code counts for the file's minor version too."""
+    import ml_dtypes
+    scale = ml_dtypes.float8_e5m2fnuz(0.5)
+    path = tmp_path / "s.sckpt"
+    safeckpt.save({"w": np.ones(2, np.float32), "scale": scale, "step": 3}, path)
+    assert int.from_bytes(path.read_bytes()[10:12], "little") == 3
+    back = safeckpt.load(path)["scale"]
+    assert back.dtype == scale.dtype and back.tobytes() == scale.tobytes()
+    safeckpt.save({"w": np.ones(2, np.float32), "scale": np.float32(0.5)}, path)
+    assert int.from_bytes(path.read_bytes()[10:12], "little") == 1  # a tree, no new code
+
+
+def test_a_code_this_reader_does_not_know_is_refused_naming_the_tensor(backend):
+    """[T1]: how a reader older than a file's codes refuses it (here: the code after the table)."""
+    data = forge({"w": np.zeros(2, np.uint8)},
+                       edit=lambda header: header.update(dtypes=bytes([len(dtypes.NAME_BY_CODE)])))
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"'w'.*code 19.*newer safeckpt"):
+        safeckpt.load_bytes(data)
+
+
+def test_format_md_lists_the_same_table():
+    """docs/FORMAT.md section 4 and dtypes.py agree code by code (name and item size)."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "FORMAT.md").read_text()
+    section = text[text.index("## 4. Dtype codes"):text.index("## 5. Versions")]
+    rows = re.findall(r"\|\s*(\d+)\s*\|\s*(\w+)\s*\|\s*(\d+)\s*\|", section)
+    table = sorted((int(code), name, int(size)) for code, name, size in rows)
+    assert table == [(code, dtypes.NAME_BY_CODE[code], dtypes.ITEMSIZE_BY_CODE[code])
+                     for code in range(len(dtypes.NAME_BY_CODE))]
