@@ -5,18 +5,25 @@ The safetensors format, as this module reads it (rule names [ST1]-[ST9] are used
 - **[ST1]** The file starts with ``N``, an unsigned 64-bit little-endian integer: the length of the
   header. ``N`` MUST NOT exceed ``max_header_size`` (checked before anything is read or allocated;
   ``LimitError``) and ``8 + N`` MUST NOT exceed the file size (``TruncatedFileError``).
-- **[ST2]** The ``N`` header bytes MUST be UTF-8 and start with ``{``; they hold exactly one JSON
-  object, which MAY be followed by spaces (writers pad the header to a multiple of 8). Duplicate
-  keys, the constants ``NaN``/``Infinity``, and strings that are not valid Unicode are refused;
-  nesting is bounded by the decoder's recursion limit. (``HeaderError``, ``LimitError``)
+- **[ST2]** The ``N`` header bytes MUST be UTF-8 and start with ``{`` (whitespace before it is
+  refused, and said so: a file is still recognised as safetensors when its length is followed by
+  JSON whitespace and ``{``); they hold exactly one JSON object, which MAY be followed by JSON
+  whitespace (writers pad the header with spaces to a multiple of 8). Duplicate keys, the
+  constants ``NaN``/``Infinity``, and strings that are not valid Unicode are refused; nesting is
+  bounded by the decoder's recursion limit. (``HeaderError``, ``LimitError``)
 - **[ST3]** The key ``__metadata__``, when present, MUST map str keys to str values. Every other key
   is a non-empty tensor name; at most ``max_tensors`` of them. (``HeaderError``, ``LimitError``)
 - **[ST4]** A tensor entry MUST be an object with exactly the keys ``dtype`` (a str of the table
-  below), ``shape`` (an array of ints ``0 <= d < 2**63``, at most ``max_ndim`` of them) and
-  ``data_offsets`` (two ints ``[begin, end]``, ``0 <= begin <= end < 2**63``). (``HeaderError``,
-  ``UnsupportedDtypeError``, ``LimitError``)
-- **[ST5]** ``end - begin`` MUST equal ``prod(shape) x itemsize``; the product is checked against
-  2**63 as it is built, so no shape can overflow it. (``LayoutError``)
+  below), ``shape`` (an array of ints ``0 <= d < 2**63``, at most ``max_ndim`` of them, and never
+  more than numpy holds) and ``data_offsets`` (two ints ``[begin, end]``, ``0 <= begin <= end <
+  2**63``). An int is a JSON number without sign, fraction or exponent, as serde_json (which
+  defines the header) reads a ``usize``: ``-0``, ``1.0`` and ``1e2`` are floats there, and
+  refused here. A value of another JSON type is a ``HeaderError`` naming the tensor.
+  (``HeaderError``, ``UnsupportedDtypeError``, ``LimitError``)
+- **[ST5]** The product of the non-zero dimensions times the item size MUST be below 2**63 (as
+  [T4] of our format, and numpy's own limit: a zero dimension does not make ``[0, 2**62]`` of F32
+  readable), checked as it is built; ``end - begin`` MUST equal ``prod(shape) x itemsize``, which
+  is 0 when a dimension is 0. (``LayoutError``)
 - **[ST6]** Sorted by ``(begin, end)``, the tensors MUST be contiguous: the first begins at 0 and
   each begins where the previous one ends (no gap, no overlap). (``LayoutError``)
 - **[ST7]** The last ``end`` MUST be exactly the size of the data (the file size minus ``8 + N``):
@@ -48,6 +55,7 @@ import binascii
 import collections
 import json
 import os
+import reprlib
 import secrets
 
 import msgpack
@@ -56,20 +64,27 @@ import numpy as np
 from . import format as fmt
 from . import writer as _writer
 from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE
-from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, TruncatedFileError,
-                     UnsupportedDtypeError)
+from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
+                     TruncatedFileError, UnsupportedDtypeError)
 
 LENGTH_SIZE = 8  # the u64 header length [ST1]
 METADATA_KEY = "__metadata__"
 SAFECKPT_KEY = "__safeckpt__"  # our lossless extras in the metadata [ST9]
 TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 _LIMIT = 1 << 63  # dims, offsets and byte sizes stay below it, as in our format [T3, T4]
+_NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy refuses more [ST4]
+_JSON_SPACE = " \t\n\r"  # JSON's whitespace (RFC 8259)
+# Bad values are quoted in messages within a few dozen characters, however large or deep they are.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 2, 40, 40, 40
+_SHOW.maxlist = _SHOW.maxdict = 4
 
 # safetensors dtype string <-> our dtype code (FORMAT.md section 4). complex128 has no safetensors
 # name; the sub-byte and e8m0 floats have no numpy dtype here: both are refused by name.
 DTYPE_CODES = {
     "BOOL": 0, "I8": 1, "I16": 2, "I32": 3, "I64": 4, "U8": 5, "U16": 6, "U32": 7, "U64": 8,
     "F16": 9, "F32": 10, "F64": 11, "BF16": 12, "F8_E4M3": 13, "F8_E5M2": 14, "C64": 15,
+    "F8_E4M3FNUZ": 17, "F8_E5M2FNUZ": 18,
 }
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 UNSUPPORTED = frozenset(("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"))
@@ -82,10 +97,11 @@ Table.__doc__ = """A validated safetensors header, in the shape of our tensor ta
 def looks_like(prefix):
     """Whether the first bytes of a file are a safetensors header (u64 length, then ``{``) [ST2].
 
-    Our own files start with ``\\x89SCK``, so the two formats never overlap.
+    JSON whitespace before the ``{`` still counts, so that :func:`parse` refuses such a header
+    saying why. Our own files start with ``\\x89SCK``, so the two formats never overlap.
     """
-    return len(prefix) > LENGTH_SIZE and prefix[LENGTH_SIZE:LENGTH_SIZE + 1] == b"{" \
-        and not prefix.startswith(fmt.MAGIC[:4])
+    body = bytes(prefix[LENGTH_SIZE:]).lstrip(_JSON_SPACE.encode())
+    return len(prefix) > LENGTH_SIZE and body[:1] == b"{" and not prefix.startswith(fmt.MAGIC[:4])
 
 
 def _unique_object(pairs):
@@ -105,9 +121,15 @@ def _check_str(value, what):
         raise HeaderError(f"{what} {value!r} is not valid Unicode [ST2]") from None
 
 
+def _json_int(literal):
+    """json's ``parse_int``: serde_json reads ``-0`` as the float -0.0, so it is no int here [ST4]."""
+    return -0.0 if literal == "-0" else int(literal)
+
+
 def _uint(value, what, name):
     if type(value) is not int or not 0 <= value < _LIMIT:
-        raise HeaderError(f"tensor {name!r}: {what} {value!r} must be an int in 0 .. 2**63-1 [ST4]")
+        raise HeaderError(f"tensor {name!r}: {what} {_SHOW.repr(value)} must be an int in "
+                          "0 .. 2**63-1, written without sign, fraction or exponent [ST4]")
     return value
 
 
@@ -139,10 +161,13 @@ def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors
     except UnicodeDecodeError as exc:
         raise HeaderError(f"{where}: safetensors header is not UTF-8: {exc} [ST2]") from None
     if not text.startswith("{"):
+        if text.lstrip(_JSON_SPACE).startswith("{"):
+            raise HeaderError(f"{where}: safetensors header has whitespace before '{{'; the format "
+                              "requires '{' as its first byte [ST2]")
         raise HeaderError(f"{where}: safetensors header does not start with '{{' [ST2]")
     try:
         header = json.loads(text.rstrip(" "), object_pairs_hook=_unique_object,
-                            parse_constant=_refuse_constant)
+                            parse_constant=_refuse_constant, parse_int=_json_int)
     except HeaderError as exc:
         raise HeaderError(f"{where}: {exc}") from None
     except RecursionError:
@@ -153,7 +178,7 @@ def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors
         raise HeaderError(f"{where}: safetensors header is not a JSON object [ST2]")
     try:
         return _table(header, header_len, size, max_tensors, max_ndim, max_depth, where)
-    except (HeaderError, LimitError, TruncatedFileError, UnsupportedDtypeError) as exc:
+    except SafeckptError as exc:
         if str(exc).startswith(where):
             raise
         raise type(exc)(f"{where}: {exc}") from None
@@ -167,7 +192,7 @@ def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
     for key, value in metadata.items():
         _check_str(key, "metadata key")
         if type(value) is not str:
-            raise HeaderError(f"metadata[{key!r}]: {value!r} is not a str [ST3]")
+            raise HeaderError(f"metadata[{key!r}]: {_SHOW.repr(value)} is not a str [ST3]")
         _check_str(value, f"metadata[{key!r}]")
     if len(header) > max_tensors:
         raise LimitError(f"file has {len(header)} tensors, more than max_tensors={max_tensors}; "
@@ -182,29 +207,41 @@ def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
             raise HeaderError(f"tensor {name!r}: entry must be an object with exactly the keys "
                               f"dtype, shape and data_offsets, not {got} [ST4]")
         dtype, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
-        code = DTYPE_CODES.get(dtype) if type(dtype) is str else None
+        if type(dtype) is not str:
+            raise HeaderError(f"tensor {name!r}: dtype must be a str such as 'F32', not "
+                              f"{_SHOW.repr(dtype)} [ST4]")
+        code = DTYPE_CODES.get(dtype)
         if code is None:
             if dtype in UNSUPPORTED:
                 raise UnsupportedDtypeError(f"tensor {name!r}: safetensors dtype {dtype} has no numpy "
                                             "dtype here and cannot be read [ST4]")
-            raise UnsupportedDtypeError(f"tensor {name!r}: unknown safetensors dtype {dtype!r}; "
-                                        f"known: {', '.join(DTYPE_CODES)} [ST4]")
+            raise UnsupportedDtypeError(f"tensor {name!r}: unknown safetensors dtype "
+                                        f"{_SHOW.repr(dtype)}; known: {', '.join(DTYPE_CODES)} [ST4]")
         if type(shape) is not list:
-            raise HeaderError(f"tensor {name!r}: shape must be an array of ints, not {shape!r} [ST4]")
+            raise HeaderError(f"tensor {name!r}: shape must be an array of ints, not "
+                              f"{_SHOW.repr(shape)} [ST4]")
         if len(shape) > max_ndim:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions > max_ndim={max_ndim}; pass "
                              "max_ndim=... to allow it [ST4]")
+        if len(shape) > _NUMPY_MAX_NDIM:
+            raise LimitError(f"tensor {name!r}: {len(shape)} dimensions, more than numpy holds "
+                             f"({_NUMPY_MAX_NDIM}) [ST4]")
         if type(span) is not list or len(span) != 2:
-            raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end], not {span!r} [ST4]")
+            raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end], not "
+                              f"{_SHOW.repr(span)} [ST4]")
         begin, end = (_uint(x, "data offset", name) for x in span)
         if end < begin:
             raise LayoutError(f"tensor {name!r}: data_offsets {span} end before they begin [ST4]")
-        count = ITEMSIZE_BY_CODE[code]
-        for d in shape:  # checked at every step, as safetensors' checked_mul: [2**62, 4, 0] fails
-            count *= _uint(d, "dimension", name)
+        count, empty = ITEMSIZE_BY_CODE[code], False
+        for d in shape:  # every dimension, zero or not: [0, 2**62] of F32 is too large for numpy
+            if _uint(d, "dimension", name) == 0:
+                empty = True
+                continue
+            count *= d
             if count >= _LIMIT:
-                raise LayoutError(f"tensor {name!r}: shape {shape} of {dtype} is too large "
-                                  "(2**63 bytes or more) [ST5]")
+                raise LayoutError(f"tensor {name!r}: shape {_SHOW.repr(shape)} of {dtype} is too "
+                                  "large (its non-zero dimensions make 2**63 bytes or more) [ST5]")
+        count = 0 if empty else count
         if count != end - begin:
             raise LayoutError(f"tensor {name!r}: {end - begin} bytes in data_offsets {span}, but "
                               f"shape {shape} of {dtype} needs {count} [ST5]")

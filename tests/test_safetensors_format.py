@@ -6,6 +6,7 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import safeckpt
 from safeckpt import safetensors_format as sft
@@ -69,6 +70,27 @@ def test_writes_files_the_safetensors_package_reads(tmp_path):
         assert all(f.info(k).offset % max(v.dtype.itemsize, 1) == 0 for k, v in TENSORS.items())
 
 
+@pytest.mark.parametrize("name, st_name", [("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+                                           ("float8_e5m2fnuz", "F8_E5M2FNUZ")])
+def test_fnuz_float8_both_ways_with_the_safetensors_package(tmp_path, name, st_name):
+    """[ST4]: F8_E4M3FNUZ and F8_E5M2FNUZ are ml_dtypes' (and torch's) fnuz float8 types."""
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+    x = np.array([0.5, -2, 0, 1.75], getattr(ml_dtypes, name))
+    theirs = tmp_path / "theirs.safetensors"
+    safetensors.torch.save_file({"x": torch.from_numpy(x.view(np.uint8)).view(getattr(torch, name))},
+                                str(theirs))
+    assert st_name.encode() in theirs.read_bytes()
+    assert same_bits(safeckpt.load_file(theirs)["x"], x)
+    ours = tmp_path / "ours.safetensors"
+    sft.save_file({"x": x}, ours)
+    back = safetensors.torch.load_file(str(ours))["x"]
+    assert back.dtype == getattr(torch, name) and back.view(torch.uint8).numpy().tobytes() == x.tobytes()
+    safeckpt.convert(ours, tmp_path / "x.sckpt")  # and on to .sckpt, version 1.3 [T1]
+    with safeckpt.open(tmp_path / "x.sckpt") as f:
+        assert f.version == (1, 3) and same_bits(f["x"], x)
+
+
 def test_save_refuses_what_safetensors_cannot_hold(tmp_path):
     with pytest.raises(safeckpt.UnsupportedDtypeError, match="'z'.*complex128"):
         sft.save_file({"z": np.zeros(2, np.complex128)}, tmp_path / "x.safetensors")
@@ -128,6 +150,25 @@ HOSTILE = [
      safeckpt.LayoutError, "trailing"),
     ("bad extras [ST9]", forge({"__metadata__": {"__safeckpt__": "!!"}}), safeckpt.HeaderError,
      "__safeckpt__"),
+    # A zero dimension must not hide the others: numpy refuses shapes whose non-zero dims times
+    # the item size reach 2**63 even when the array is empty ("array is too big").
+    ("zero dim hides a huge one [ST5]", forge({"w": entry(shape=(0, 2**62), offsets=(0, 0))}),
+     safeckpt.LayoutError, "'w'.*too large"),
+    ("zero dim, int16 [ST5]", forge({"w": entry("I16", (0, 2**63 - 1), (0, 0))}),
+     safeckpt.LayoutError, "'w'.*too large"),
+    # serde_json (which defines the header) reads -0 as a float, so it is no usize
+    ("-0 dimension [ST4]", forge(b'{"w": {"dtype": "F32", "shape": [-0], "data_offsets": [0, 0]}}'),
+     safeckpt.HeaderError, "'w'.*dimension -0"),
+    ("-0 offset [ST4]", forge(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [-0, 8]}}',
+                              bytes(8)), safeckpt.HeaderError, "'w'.*data offset -0"),
+    ("dtype a list [ST4]", forge({"w": entry(["F32"])}, bytes(8)), safeckpt.HeaderError,
+     "'w'.*dtype.*str"),
+    ("dtype an object [ST4]", forge({"w": entry({"F32": 1})}, bytes(8)), safeckpt.HeaderError,
+     "'w'.*dtype.*str"),
+    ("leading space [ST2]", forge(b' {"w": ' + json.dumps(entry()).encode() + b"}", bytes(8)),
+     safeckpt.HeaderError, "whitespace before '{'"),
+    ("leading newline, short file [ST2]", forge(b"\n{}"), safeckpt.HeaderError,
+     "whitespace before '{'"),
 ]
 
 
@@ -141,6 +182,22 @@ def test_hostile_safetensors_files_are_refused(tmp_path, data, error, words):
             safeckpt.open(path, mmap=mmap)
     with pytest.raises(error, match=words):
         safeckpt.load_bytes(data)
+
+
+@pytest.mark.parametrize("field", ["dtype", "shape", "data_offsets", "dimension", "offset"])
+@pytest.mark.parametrize("bad", [{"x": "a" * 100_000}, [[[[[[[[[[[[1]]]]]]]]]]]] * 1000, 10**4000],
+                         ids=["long", "deep", "huge int"])
+def test_a_wrong_value_is_named_in_a_message_of_bounded_size(field, bad):
+    """A message quotes a bad value in at most a few dozen characters, however large or deeply
+    nested it is (repr of a 100 kB string or 4000-digit int; repr recursion)."""
+    header = {"w": entry(), "__metadata__": {"k": "v"}}
+    if field in ("dimension", "offset"):
+        header["w"]["shape" if field == "dimension" else "data_offsets"][0] = bad
+    else:
+        header["w"][field] = bad
+    with pytest.raises(safeckpt.SafeckptError, match="'w'") as caught:
+        safeckpt.load_bytes(forge(json.dumps(header).encode(), bytes(8)))
+    assert len(str(caught.value)) < 400
 
 
 def test_the_safetensors_package_refuses_our_layout_cases_too(tmp_path):
@@ -169,3 +226,57 @@ def test_sckpt_and_safetensors_magic_never_overlap():
     data = safeckpt.save_bytes({"w": np.zeros(2)})
     assert not sft.looks_like(data[:32])
     assert sft.looks_like(forge({})[:32])
+
+
+# -- JSON values of every type where the header has one value: only SafeckptError may come out ----
+
+BASE_HEADER = {"__metadata__": {"format": "pt"}, "a": entry("F32", (2, 3), (0, 24)),
+               "b": entry("I16", (0, 5), (24, 24)), "c": entry("BF16", (1,), (24, 26))}
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.text(max_size=6)
+    | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, 2, 24, 26, -1, 2**62, 2**63 - 1, 2**63, 2**64])
+    | st.sampled_from(["F32", "BF16", "F8_E4M3FNUZ", "F4", "", "__metadata__", "dtype"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "x", "a"]), inner, max_size=4),
+    max_leaves=8)
+
+
+def _places(value, path=()):
+    """Every path to a value inside a JSON value (dict keys and list indices)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for key, item in items:
+        yield path + (key,)
+        yield from _places(item, path + (key,))
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_any_json_value_anywhere_in_the_header_gives_a_safeckpt_error_or_loads(tmp_path, data):
+    """[ST2]-[ST5]: replacing any value of a valid header (or adding a key) with any JSON value
+    either loads or raises a SafeckptError, through every reading path; never TypeError,
+    numpy's ValueError or a RecursionError."""
+    header = json.loads(json.dumps(BASE_HEADER))
+    places = list(_places(header))
+    path = data.draw(st.sampled_from(places + [("a", "x"), ("z",), ("__metadata__", "k")]))
+    parent = header
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = data.draw(JSON_VALUES)
+    raw = json.dumps(header).encode()  # NaN and Infinity become JSON's refused constants
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(forge(raw, bytes(26)))
+    for read in (safeckpt.load_file, safeckpt.load, lambda p: safeckpt.load_bytes(p.read_bytes()),
+                 lambda p: safeckpt.convert(p, tmp_path / "m.sckpt")):
+        try:
+            read(path)
+        except safeckpt.SafeckptError:
+            pass
+    for mmap in (True, False):
+        try:
+            with safeckpt.open(path, mmap=mmap) as f:
+                for name in f.keys():
+                    f.info(name)
+                    f[name]
+        except safeckpt.SafeckptError:
+            pass
