@@ -52,18 +52,17 @@ Example:
 
 import base64
 import binascii
-import collections
+import collections.abc
 import json
 import os
 import reprlib
-import secrets
 
 import msgpack
 import numpy as np
 
 from . import format as fmt
 from . import writer as _writer
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE
+from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
 from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
@@ -72,7 +71,6 @@ METADATA_KEY = "__metadata__"
 SAFECKPT_KEY = "__safeckpt__"  # our lossless extras in the metadata [ST9]
 TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 _LIMIT = 1 << 63  # dims, offsets and byte sizes stay below it, as in our format [T3, T4]
-_NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy refuses more [ST4]
 _JSON_SPACE = " \t\n\r"  # JSON's whitespace (RFC 8259)
 # Bad values are quoted in messages within a few dozen characters, however large or deep they are.
 _SHOW = reprlib.Repr()
@@ -223,9 +221,9 @@ def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
         if len(shape) > max_ndim:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions > max_ndim={max_ndim}; pass "
                              "max_ndim=... to allow it [ST4]")
-        if len(shape) > _NUMPY_MAX_NDIM:
+        if len(shape) > NUMPY_MAX_NDIM:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions, more than numpy holds "
-                             f"({_NUMPY_MAX_NDIM}) [ST4]")
+                             f"({NUMPY_MAX_NDIM}) [ST4]")
         if type(span) is not list or len(span) != 2:
             raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end], not "
                               f"{_SHOW.repr(span)} [ST4]")
@@ -316,13 +314,19 @@ def encode_metadata(metadata, tree=fmt.NO_TREE):
     if tree is not fmt.NO_TREE:
         extras["tree"] = tree
     if extras:
-        packed = msgpack.packb(extras, use_bin_type=True)
+        try:
+            packed = msgpack.packb(extras, use_bin_type=True)
+        except UnicodeEncodeError as exc:
+            raise _writer._unicode_error(exc, (), "[ST9]") from None
         plain[SAFECKPT_KEY] = base64.b64encode(packed).decode("ascii")
     return plain
 
 
 def _plan(tensors, metadata, tree):
     """``(header bytes, arrays in data order)`` for :func:`save_file`; checks every tensor."""
+    if not isinstance(tensors, collections.abc.Mapping):
+        raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
+                                f"not {type(tensors).__name__}")
     entries, order, sizes = {}, [], []
     for name, value in tensors.items():
         if type(name) is not str or not name:
@@ -340,6 +344,9 @@ def _plan(tensors, metadata, tree):
             raise UnsupportedDtypeError(
                 f"tensor {name!r}: dtype {value.dtype} has no safetensors equivalent"
                 + (" (safetensors has no complex128; save as .sckpt)" if code is not None else ""))
+        if value.ndim > fmt.MAX_NDIM:  # [W4]: what readers refuse by default is not written
+            raise LimitError(f"tensor {name!r}: {value.ndim} dimensions, more than readers accept "
+                             f"by default ({fmt.MAX_NDIM}) [ST4]")
         entries[name] = {"dtype": DTYPE_NAMES[code], "shape": list(value.shape)}
         order.append((-ITEMSIZE_BY_CODE[code], len(order), name, value))
         sizes.append(value.nbytes)
@@ -356,7 +363,16 @@ def _plan(tensors, metadata, tree):
     if plain:
         header[METADATA_KEY] = plain
     header.update(entries)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: name the str that holds it
+        for item in (*entries, *plain, *plain.values()):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise _writer._unicode_error(exc, entries, "[ST2]") from None
+        raise
     text += b" " * (-(LENGTH_SIZE + len(text)) % 8)  # data starts on an 8-byte boundary
     return len(text).to_bytes(LENGTH_SIZE, "little") + text, arrays
 
@@ -364,45 +380,39 @@ def _plan(tensors, metadata, tree):
 def save_file(tensors, path, *, metadata=None, tree=fmt.NO_TREE, atomic=True, progress=None):
     """Write ``{name: array}`` as a .safetensors file that any safetensors reader loads.
 
+    As every save, it writes a new file, never into the one at ``path`` (FORMAT.md [W3]).
+
     Parameters:
         tensors: names to numpy arrays (or :class:`safeckpt.writer.LazyArray`); every dtype of
             FORMAT.md section 4 except complex128.
-        path: a str or path-like.
+        path: a str, bytes or path-like; not a ``*.sckpt`` name, nor one of a format that
+            safeckpt does not write (``.pt``, ``.npz``, ...).
         metadata: our metadata (any msgpack primitives); see the module docstring for the mapping.
         tree: an encoded skeleton (FORMAT.md section 8) to keep in ``__safeckpt__`` [ST9].
-        atomic: write a temporary file, fsync and rename it over ``path`` [W2].
+        atomic: as for :func:`safeckpt.save_file` [W2].
         progress: called as ``progress(nbytes)`` after each tensor is written.
 
     Raises:
-        InvalidValueError, UnsupportedDtypeError: naming the tensor or metadata key.
+        InvalidValueError, UnsupportedDtypeError: naming the tensor, metadata key or path.
+        LimitError: more dimensions than readers accept by default [W4].
+
+    Warns:
+        UserWarning: the header or the tensor count is over the readers' default limit [W4].
 
     Example:
         >>> save_file({"w": np.zeros(2)}, "w.safetensors", metadata={"step": 3})  # doctest: +SKIP
     """
+    path, kind = _writer._output(path)
+    if kind == "sckpt":
+        raise InvalidValueError(f"{path!r}: a .sckpt name for a safetensors file; name it "
+                                "*.safetensors (safeckpt.save_file writes .sckpt files)")
     head, arrays = _plan(tensors, metadata, tree)
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    target = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp") if atomic else path
-    try:
-        with open(target, "xb" if atomic else "wb") as f:
-            f.write(head)
-            for array in arrays:
-                data = _writer._le_bytes(array)[0]
-                if data.nbytes:
-                    f.write(memoryview(data.reshape(-1).view(np.uint8)))
-                if progress is not None:
-                    progress(data.nbytes)
-            if atomic:
-                f.flush()
-                os.fsync(f.fileno())
-        if atomic:
-            os.replace(target, path)
-    except BaseException:
-        if atomic:
-            try:
-                os.unlink(target)
-            except FileNotFoundError:
-                pass
-        raise
-    if atomic:
-        _writer._fsync_directory(directory)
+    _writer._warn_beyond_reader_defaults(len(head) - LENGTH_SIZE, len(arrays), "[ST1]", "[ST3]")
+    with _writer._new_file(path, atomic) as fd, open(fd, "wb", closefd=False) as f:
+        f.write(head)
+        for array in arrays:
+            data = _writer._le_bytes(array)[0]
+            if data.nbytes:
+                f.write(memoryview(data.reshape(-1).view(np.uint8)))
+            if progress is not None:
+                progress(data.nbytes)

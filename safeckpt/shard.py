@@ -103,7 +103,7 @@ def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic
     (each atomically when ``atomic``), the index last. One shard's worth is one ordinary file.
     """
     limit = parse_size(max_shard_size)
-    path = os.fsdecode(path)  # a bytes path names a file, as for open()
+    path = _writer._output(path, sharded=True)[0]  # a str; the name checked before any shard [W5]
     arrays = list(arrays)
     counts = split([array.nbytes for array in arrays], limit)
     if len(counts) <= 1:

@@ -11,15 +11,20 @@ Example:
 """
 
 import collections.abc
+import contextlib
+import errno
 import os
 import secrets
+import stat
+import sys
+import warnings
 
 import numpy as np
 
 from . import format as fmt
 from . import _backend
 from .dtypes import CODE_BY_DTYPE, MINOR_BY_CODE, code_of, minor_of
-from .errors import InvalidValueError, LimitError
+from .errors import InvalidValueError, LimitError, plural, quote
 
 # A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
 # arrays) reach this size, so extra memory during a save stays bounded.
@@ -112,8 +117,12 @@ class _Plan:
             self.flags = fmt.FLAG_SHARD_INDEX
         empty_crcs = bytes(4 * len(nbytes)) if self.checksum else None
         # Every column has a fixed width, so the header's length is known before offsets and CRCs.
-        self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs, self.metadata,
-                                                tree, shards))
+        try:
+            self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs,
+                                                    self.metadata, tree, shards))
+        except UnicodeEncodeError as exc:
+            rule = "[H5]" if exc.object in tensors else "[H7]"
+            raise _unicode_error(exc, tensors, rule) from None
         self.header_end = fmt.PREFIX_SIZE + self.header_len
         # [T6]: tensor i starts at align_up(end of i-1); as every start is aligned, that is the
         # first start plus the sum of the earlier sizes, each rounded up to the alignment.
@@ -127,6 +136,13 @@ class _Plan:
         self.offsets = offsets.tolist()
         self.file_size = int(offsets[-1]) + nbytes[-1] if nbytes else self.header_end
         self.columns["offsets"] = offsets.tobytes()
+
+    def warn_beyond_reader_defaults(self):
+        """Warn if readers with the default limits refuse the file [W4] (the metadata or the
+        tree can make the header as large as anyone wants)."""
+        index = self.shards is not None
+        count = len(self.shards["names"]) if index else len(self.names)
+        _warn_beyond_reader_defaults(self.header_len, count, "[P5]", "[S4]" if index else "[H6]")
 
     def prefix_and_header(self, crcs):
         """The final prefix and header, once the tensors' CRCs are known."""
@@ -152,6 +168,35 @@ def _scalar_minor(tree):
     return minor
 
 
+def _unicode_error(exc, names, rule):
+    """InvalidValueError for a str UTF-8 cannot encode (``exc.object``, with a lone surrogate)."""
+    text = exc.object
+    what = (f"tensor name {quote(text)}" if text in names
+            else f"the str {quote(text)} (in the metadata or the tree)")
+    return InvalidValueError(f"{what} is not valid Unicode: {text[exc.start:exc.end]!r} is a lone "
+                             f"surrogate, which UTF-8 cannot encode {rule}")
+
+
+def _warn_beyond_reader_defaults(header_len, count, header_rule, count_rule):
+    """Warn when a reader with the default limits would refuse a file with this header [W4]."""
+    if header_len > fmt.MAX_HEADER_SIZE:
+        _warn(f"the header is {header_len} bytes, more than max_header_size={fmt.MAX_HEADER_SIZE}, "
+              f"the most that readers accept by default {header_rule}: load this file with "
+              f"max_header_size={header_len} (or store big values as tensors, not metadata)")
+    if count > fmt.MAX_TENSORS:
+        _warn(f"the file names {plural(count, 'tensor')}, more than max_tensors={fmt.MAX_TENSORS}, "
+              f"the most that readers accept by default {count_rule}: load this file with "
+              f"max_tensors={count}")
+
+
+def _warn(message):
+    """``warnings.warn`` pointing at the first caller outside this package."""
+    package, frame, level = os.path.dirname(__file__), sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 def _le_bytes(array):
     """The array's bytes, little-endian and C-ordered (the array itself when it already is).
 
@@ -174,6 +219,8 @@ def _pwrite_all(fd, data, offset):
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
         view, offset = view[written:], offset + written
 
 
@@ -211,25 +258,42 @@ def _fsync_directory(path):
 
 def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True,
               max_shard_size=None):
-    """Save a flat ``{name: np.ndarray}`` dict to a .sckpt file.
+    """Save a flat ``{name: np.ndarray}`` dict to a .sckpt file (or .safetensors, by its name).
+
+    Every save writes a new file and never into the one at ``path`` (FORMAT.md [W3]): arrays that
+    anyone loaded (memory-mapped) from the old file keep its bytes.
 
     Parameters:
         tensors: names (non-empty str) to numpy arrays or scalars of a dtype in FORMAT.md sect. 4.
-        path: a str or path-like.
+        path: a str, bytes or path-like. The name chooses the format, as in
+            :func:`safeckpt.convert`: ``*.safetensors`` writes a safetensors file (no checksums,
+            ``align`` unused; see :mod:`safeckpt.safetensors_format`), any other name a .sckpt
+            file; names of formats safeckpt reads but never writes (``.pt``, ``.bin``, ``.npz``,
+            ``.index.json``, ...) are refused.
         metadata: a dict with str keys of msgpack primitives (None, bool, int, float, str,
             bytes, lists and dicts of them).
         align: tensor alignment, a power of two from 8 to 1 MiB (4096 suits O_DIRECT).
         checksum: store a CRC32C per tensor, checked by ``verify``.
         atomic: write a temporary file in the same directory, fsync, rename it over ``path`` and
-            fsync the directory, so a crash leaves the old file or the new one, never a mix.
+            fsync the directory, so a crash leaves the old file or the new one, never a mix
+            [W2]. ``False`` skips the fsyncs and the second copy on disk: the old file is
+            unlinked, then the new one is written at ``path``; an error removes the partial file
+            (the old one is gone), a crash may leave one (readers refuse it).
         max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
             such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
 
     Raises:
-        InvalidValueError: a key is not a str, a value is not an array, or metadata has a
-            value msgpack cannot hold; the message names it.
+        InvalidValueError: a key is not a str, a value is not an array, metadata has a value
+            msgpack cannot hold, or ``path`` names a format safeckpt does not write; the message
+            names it.
         UnsupportedDtypeError: an array's dtype cannot be stored.
-        OSError: from the file system; no partial file is left behind when ``atomic``.
+        LimitError: more dimensions or deeper metadata than readers accept by default [W4].
+        OSError: from the file system (a missing directory is named as such); no partial file
+            is left behind.
+
+    Warns:
+        UserWarning: the header or the tensor count is over the readers' default limit [W4];
+            the message says which keyword loads the file.
 
     Example:
         >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
@@ -246,36 +310,104 @@ def save_file(tensors, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum
     _save_plan(_Plan(tensors, metadata, align, checksum), path, atomic)
 
 
-def _save_plan(plan, path, atomic):
-    """Write ``plan`` to ``path``, atomically (temp file, fsync, rename, fsync dir) if asked."""
-    path = os.fspath(path)
-    if not atomic:
-        # Overwrite in place, then cut to size. Not O_TRUNC: ext4 (auto_da_alloc) flushes a file
-        # truncated to zero when it is closed, which made close() cost as much as the writes.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            _write(fd, plan)
-            os.ftruncate(fd, plan.file_size)
-        finally:
-            os.close(fd)
-        return
+def _output(path, *, sharded=False):
+    """``(path as a str, format)`` for a save: the format follows the name as in
+    :func:`safeckpt.convert`: ``"safetensors"``, ``"sckpt"``, or ``None`` for another name (a
+    .sckpt file is written).
+
+    Raises:
+        TypeError: ``path`` is not a str, bytes or os.PathLike.
+        InvalidValueError: the name of a format safeckpt reads but never writes (a file named
+            ``*.pt`` would be taken for one: by torch.load, numpy.load, ``convert``), or
+            ``*.safetensors`` for a sharded save.
+        IsADirectoryError: the path ends with a separator.
+    """
+    from . import interop  # it imports this module
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"path must be a str, bytes or os.PathLike, not {type(path).__name__} "
+                        "(safeckpt.save_bytes returns the file as bytes)") from None
+    if not os.path.basename(path):
+        raise IsADirectoryError(errno.EISDIR, "cannot save: the path names a directory", path)
+    name = path.lower()
+    if interop.kind_of(name) != "file":
+        index = name.endswith(interop.INDEX_SUFFIX)
+        ext = interop.INDEX_SUFFIX if index else os.path.splitext(name)[1]
+        raise InvalidValueError(f"{path!r}: safeckpt does not write {ext} files, and a file named "
+                                "so would be taken for one; name it *.sckpt or *.safetensors")
+    kind = next((kind for suffix, kind in interop.OUTPUTS.items() if name.endswith(suffix)), None)
+    if sharded and kind == "safetensors":
+        raise InvalidValueError(f"{path!r}: a sharded save writes .sckpt shards and a .sckpt index "
+                                "(FORMAT.md section 9); name it *.sckpt")
+    return path, kind
+
+
+@contextlib.contextmanager
+def _new_file(path, atomic):
+    """The descriptor of a new, empty file that becomes ``path`` when the block ends [W2], [W3].
+
+    Nothing is ever written into the file already at ``path``: readers may have it mapped.
+    With ``atomic``, a temporary file in the same directory is fsynced and renamed over
+    ``path``, then the directory is fsynced. Without, the old file is unlinked first and the
+    new one created at ``path``: no room for two copies is needed, and ext4 does not flush the
+    new file as it does (auto_da_alloc) on a rename over a file or a truncation to zero. On an
+    error the new file is removed.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "cannot save over a directory", path)
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise FileExistsError(errno.EEXIST, "cannot save over what is not a regular file (a "
+                              "FIFO, socket or device)", path)
     directory, base = os.path.split(os.path.abspath(path))
-    temp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    target = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp") if atomic else path
+    if not atomic and mode is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
+    except FileNotFoundError:  # a hidden temporary name would only confuse: say what is missing
+        raise FileNotFoundError(errno.ENOENT, f"cannot save {path!r}: the directory does not "
+                                "exist", directory) from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot save {path!r} in {directory!r}: {exc.strerror}") from None
     try:
         try:
-            _write(fd, plan)
-            os.fsync(fd)
+            yield fd
+            if atomic:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temp, path)
+        if atomic:
+            try:
+                os.replace(target, path)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot save {path!r}: {exc.strerror}") from None
     except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
         raise
-    _fsync_directory(directory)
+    if atomic:
+        _fsync_directory(directory)
+
+
+def _save_plan(plan, path, atomic):
+    """Write ``plan`` to ``path`` as a new file [W2], [W3]; a ``*.safetensors`` name gets a
+    safetensors file."""
+    path, kind = _output(path, sharded=plan.shards is not None)
+    if kind == "safetensors":
+        from . import safetensors_format as sft  # it imports this module
+        sft.save_file(dict(zip(plan.names, plan.arrays)), path, metadata=plan.metadata,
+                      tree=plan.tree, atomic=atomic)
+        return
+    plan.warn_beyond_reader_defaults()
+    with _new_file(path, atomic) as fd:
+        _write(fd, plan)
 
 
 def save_bytes(tensors, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True):
@@ -290,6 +422,7 @@ def save_bytes(tensors, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True
 
 def _plan_bytes(plan):
     """The bytes of the file that ``plan`` describes."""
+    plan.warn_beyond_reader_defaults()
     out = bytearray(plan.file_size)
     crcs = []
     for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):
