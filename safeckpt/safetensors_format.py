@@ -62,7 +62,7 @@ import numpy as np
 
 from . import format as fmt
 from . import writer as _writer
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
+from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE
 from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
@@ -71,6 +71,7 @@ METADATA_KEY = "__metadata__"
 SAFECKPT_KEY = "__safeckpt__"  # our lossless extras in the metadata [ST9]
 TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 _LIMIT = 1 << 63  # dims, offsets and byte sizes stay below it, as in our format [T3, T4]
+_NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy refuses more [ST4]
 _JSON_SPACE = " \t\n\r"  # JSON's whitespace (RFC 8259)
 # Bad values are quoted in messages within a few dozen characters, however large or deep they are.
 _SHOW = reprlib.Repr()
@@ -221,9 +222,9 @@ def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
         if len(shape) > max_ndim:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions > max_ndim={max_ndim}; pass "
                              "max_ndim=... to allow it [ST4]")
-        if len(shape) > NUMPY_MAX_NDIM:
+        if len(shape) > _NUMPY_MAX_NDIM:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions, more than numpy holds "
-                             f"({NUMPY_MAX_NDIM}) [ST4]")
+                             f"({_NUMPY_MAX_NDIM}) [ST4]")
         if type(span) is not list or len(span) != 2:
             raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end], not "
                               f"{_SHOW.repr(span)} [ST4]")
