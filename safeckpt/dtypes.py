@@ -51,6 +51,7 @@ _ML_CODES = frozenset(code for code, name, _, _ in _TABLE
 NAME_BY_CODE = tuple(name for _, name, _, _ in _TABLE)
 ITEMSIZE_BY_CODE = tuple(size for _, _, size, _ in _TABLE)
 MINOR_BY_CODE = tuple(minor for _, _, _, minor in _TABLE)
+NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy's NPY_MAXDIMS
 _resolved = False
 
 

@@ -26,7 +26,7 @@ from . import format as fmt
 from . import _backend
 from . import safetensors_format as _safetensors
 from . import tree as _tree
-from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE
+from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM
 from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError, plural, quote
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
@@ -230,7 +230,9 @@ class Reader(TensorMap):
         header_end = fmt.PREFIX_SIZE + header_len
         table = (n, columns["dtypes"], columns["ndims"], columns["shape"], columns["offsets"],
                  columns["nbytes"])
-        code, bad = be.validate_table(*table, header_end, self.align, size, max_ndim)
+        # [T2]: never more dimensions than numpy holds, whatever max_ndim says
+        code, bad = be.validate_table(*table, header_end, self.align, size,
+                                      min(max_ndim, NUMPY_MAX_NDIM))
         if code:
             self._raise_table(code, bad, names, columns, max_ndim)
         if self._mapping is not None:
@@ -294,7 +296,9 @@ class Reader(TensorMap):
             detail = (f": code {columns['dtypes'][index]}; a newer safeckpt may read it "
                       f"(this one knows 0..{len(NAME_BY_CODE) - 1})")
         elif code == Code.NDIM:
-            detail = f": {columns['ndims'][index]} > {max_ndim}; pass max_ndim=... to allow it"
+            ndim = columns["ndims"][index]
+            detail = (f": {ndim} > {max_ndim}; pass max_ndim=... to allow it" if ndim > max_ndim
+                      else f": {ndim}, more than numpy holds ({NUMPY_MAX_NDIM})")
         elif code in (Code.MISALIGNED, Code.OVERLAP, Code.GAP, Code.TENSOR_TRUNCATED, Code.NBYTES):
             offset, nbytes = (int.from_bytes(columns[k][8 * index:8 * index + 8], "little")
                               for k in ("offsets", "nbytes"))

@@ -32,7 +32,7 @@ def test_a_plain_file_round_trips_without_ml_dtypes():
         "import sys, numpy as np, safeckpt\n"
         "data = safeckpt.save_bytes({'w': np.arange(3, dtype=np.float32)})\n"
         "back = safeckpt.load_bytes(data)['w']\n"
-        "with safeckpt.open(data) as f: info = f.info('w')\n"
+        "with safeckpt.Reader(data) as f: info = f.info('w')\n"
         "print(back.tolist(), info.dtype, 'ml_dtypes' in sys.modules)")
     assert out == "[0.0, 1.0, 2.0] float32 False"
 
@@ -90,7 +90,7 @@ def test_fnuz_float8_round_trips_in_sckpt_with_version_1_3(backend, name):
     x = np.array([0.5, -2, 0], getattr(ml_dtypes, name))
     data = safeckpt.save_bytes({"x": x, "y": np.ones(2, np.float32)})
     assert int.from_bytes(data[10:12], "little") == 3  # minor: the lowest that holds code 17/18
-    with safeckpt.open(data) as f:
+    with safeckpt.Reader(data) as f:
         assert f.version == (1, 3) and f.info("x").dtype == x.dtype
         assert f["x"].tobytes() == x.tobytes() and f["x"].dtype == x.dtype
     plain = safeckpt.save_bytes({"y": np.ones(2, np.float32)})

@@ -200,6 +200,20 @@ def test_a_wrong_value_is_named_in_a_message_of_bounded_size(field, bad):
     assert len(str(caught.value)) < 400
 
 
+def test_more_dimensions_than_numpy_holds_is_a_limit_error_under_any_max_ndim():
+    """[ST4], [T2]: a max_ndim above numpy's own limit (64; 32 before numpy 2) cannot let numpy's
+    'maximum supported dimension' ValueError out, in either format."""
+    from forge import forge as forge_sckpt, u64s
+    from safeckpt.dtypes import NUMPY_MAX_NDIM
+    ndim = NUMPY_MAX_NDIM + 6
+    sckpt = forge_sckpt({"x": np.zeros((1,) * 32, np.float32)}, align=4096,  # data stays put
+                        edit=lambda header: header.update(ndims=bytes([ndim]), shape=u64s([1] * ndim)))
+    st = forge({"x": entry(shape=(1,) * ndim, offsets=(0, 4))}, bytes(4))
+    for data in (sckpt, st):
+        with pytest.raises(safeckpt.LimitError, match=f"'x'.*{ndim}.*numpy holds"):
+            safeckpt.load_bytes(data, max_ndim=100)
+
+
 def test_the_safetensors_package_refuses_our_layout_cases_too(tmp_path):
     """Our [ST6]/[ST7] are safetensors' own rules: the reference reader refuses the same files."""
     from safetensors import SafetensorError
