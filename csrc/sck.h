@@ -30,7 +30,7 @@ extern "C" {
 #define SCK_MAGIC_TEXT_MANGLED_SIZE 7
 #define SCK_PREFIX_SIZE 32 /* magic 8, major 2, minor 2, flags 4, header_len 8, align 4, crc 4 */
 #define SCK_VERSION_MAJOR 1
-#define SCK_VERSION_MINOR 3 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtype codes 17, 18 */
+#define SCK_VERSION_MINOR 3 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtypes 17, 18 */
 #define SCK_FLAG_TENSOR_CRC 0x1u
 #define SCK_FLAG_SHARD_INDEX 0x2u /* the file is a shard index [S1] */
 #define SCK_KNOWN_FLAGS (SCK_FLAG_TENSOR_CRC | SCK_FLAG_SHARD_INDEX)

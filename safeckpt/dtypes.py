@@ -131,7 +131,7 @@ DTYPES = _Dtypes()
 
 
 def _resolve():
-    """Fill in the ml_dtypes codes of ``DTYPE_BY_CODE`` and ``CODE_BY_DTYPE`` (imports ml_dtypes)."""
+    """Fill in the ml_dtypes codes of ``DTYPE_BY_CODE`` and ``CODE_BY_DTYPE`` (imports it)."""
     global _resolved
     import ml_dtypes
     for code in sorted(_ML_CODES):

@@ -62,7 +62,7 @@ import numpy as np
 
 from . import format as fmt
 from . import writer as _writer
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE
+from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
 from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
@@ -71,7 +71,6 @@ METADATA_KEY = "__metadata__"
 SAFECKPT_KEY = "__safeckpt__"  # our lossless extras in the metadata [ST9]
 TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 _LIMIT = 1 << 63  # dims, offsets and byte sizes stay below it, as in our format [T3, T4]
-_NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy refuses more [ST4]
 _JSON_SPACE = " \t\n\r"  # JSON's whitespace (RFC 8259)
 # Bad values are quoted in messages within a few dozen characters, however large or deep they are.
 _SHOW = reprlib.Repr()
@@ -121,7 +120,7 @@ def _check_str(value, what):
 
 
 def _json_int(literal):
-    """json's ``parse_int``: serde_json reads ``-0`` as the float -0.0, so it is no int here [ST4]."""
+    """json's ``parse_int``: serde_json reads ``-0`` as the float -0.0, so no int here [ST4]."""
     return -0.0 if literal == "-0" else int(literal)
 
 
@@ -215,16 +214,17 @@ def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
                 raise UnsupportedDtypeError(f"tensor {name!r}: safetensors dtype {dtype} has no numpy "
                                             "dtype here and cannot be read [ST4]")
             raise UnsupportedDtypeError(f"tensor {name!r}: unknown safetensors dtype "
-                                        f"{_SHOW.repr(dtype)}; known: {', '.join(DTYPE_CODES)} [ST4]")
+                                        f"{_SHOW.repr(dtype)}; known: {', '.join(DTYPE_CODES)} "
+                                        "[ST4]")
         if type(shape) is not list:
             raise HeaderError(f"tensor {name!r}: shape must be an array of ints, not "
                               f"{_SHOW.repr(shape)} [ST4]")
         if len(shape) > max_ndim:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions > max_ndim={max_ndim}; pass "
                              "max_ndim=... to allow it [ST4]")
-        if len(shape) > _NUMPY_MAX_NDIM:
+        if len(shape) > NUMPY_MAX_NDIM:
             raise LimitError(f"tensor {name!r}: {len(shape)} dimensions, more than numpy holds "
-                             f"({_NUMPY_MAX_NDIM}) [ST4]")
+                             f"({NUMPY_MAX_NDIM}) [ST4]")
         if type(span) is not list or len(span) != 2:
             raise HeaderError(f"tensor {name!r}: data_offsets must be [begin, end], not "
                               f"{_SHOW.repr(span)} [ST4]")

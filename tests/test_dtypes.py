@@ -22,8 +22,8 @@ def _in_fresh_python(code):
 
 def test_import_safeckpt_loads_neither_ml_dtypes_nor_a_framework():
     """``import safeckpt`` stays light: ml_dtypes (~0.5-1.3 s), torch and jax load on first use."""
-    out = _in_fresh_python("import sys, safeckpt; "
-                           "print(sorted(m for m in ('ml_dtypes', 'torch', 'jax') if m in sys.modules))")
+    out = _in_fresh_python("import sys, safeckpt; print(sorted(m for m in "
+                           "('ml_dtypes', 'torch', 'jax') if m in sys.modules))")
     assert out == "[]"
 
 
@@ -60,14 +60,14 @@ def test_the_table_reads_as_one_sequence_of_codes():
     """Every name of the table keeps its meaning: DTYPES, DTYPE_BY_CODE, NAME_BY_CODE,
     ITEMSIZE_BY_CODE and CODE_BY_DTYPE agree, code by code, with FORMAT.md section 4."""
     n = len(dtypes.NAME_BY_CODE)
-    assert n == len(dtypes.DTYPE_BY_CODE) == len(dtypes.ITEMSIZE_BY_CODE) == len(dtypes.DTYPES) == 19
+    assert n == 19 == len(dtypes.DTYPE_BY_CODE) == len(dtypes.ITEMSIZE_BY_CODE) == len(dtypes.DTYPES)
     assert list(dtypes.DTYPE_BY_CODE) == [dtypes.DTYPE_BY_CODE[code] for code in range(n)]
     for code, name, dt in dtypes.DTYPES:
         assert dt.name == name == dtypes.NAME_BY_CODE[code]
         assert dt.itemsize == dtypes.ITEMSIZE_BY_CODE[code]
         assert dtypes.CODE_BY_DTYPE[dt] == dtypes.code_of(dt) == code
         assert dtypes.dtype_of(code) == dt and dt.byteorder in "=|<"
-    assert [name for name in dtypes.NAME_BY_CODE if name in ML_DTYPES_NAMES] == list(ML_DTYPES_NAMES)
+    assert [n for n in dtypes.NAME_BY_CODE if n in ML_DTYPES_NAMES] == list(ML_DTYPES_NAMES)
     for bad in (-1, n, 255):
         with pytest.raises(IndexError):
             dtypes.DTYPE_BY_CODE[bad]

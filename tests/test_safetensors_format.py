@@ -78,14 +78,15 @@ def test_fnuz_float8_both_ways_with_the_safetensors_package(tmp_path, name, st_n
     import safetensors.torch
     x = np.array([0.5, -2, 0, 1.75], getattr(ml_dtypes, name))
     theirs = tmp_path / "theirs.safetensors"
-    safetensors.torch.save_file({"x": torch.from_numpy(x.view(np.uint8)).view(getattr(torch, name))},
-                                str(theirs))
+    bits = torch.from_numpy(x.view(np.uint8))
+    safetensors.torch.save_file({"x": bits.view(getattr(torch, name))}, str(theirs))
     assert st_name.encode() in theirs.read_bytes()
     assert same_bits(safeckpt.load_file(theirs)["x"], x)
     ours = tmp_path / "ours.safetensors"
     sft.save_file({"x": x}, ours)
     back = safetensors.torch.load_file(str(ours))["x"]
-    assert back.dtype == getattr(torch, name) and back.view(torch.uint8).numpy().tobytes() == x.tobytes()
+    assert back.dtype == getattr(torch, name)
+    assert back.view(torch.uint8).numpy().tobytes() == x.tobytes()
     safeckpt.convert(ours, tmp_path / "x.sckpt")  # and on to .sckpt, version 1.3 [T1]
     with safeckpt.open(tmp_path / "x.sckpt") as f:
         assert f.version == (1, 3) and same_bits(f["x"], x)
@@ -248,10 +249,12 @@ BASE_HEADER = {"__metadata__": {"format": "pt"}, "a": entry("F32", (2, 3), (0, 2
                "b": entry("I16", (0, 5), (24, 24)), "c": entry("BF16", (1,), (24, 26))}
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.floats() | st.text(max_size=6)
-    | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, 2, 24, 26, -1, 2**62, 2**63 - 1, 2**63, 2**64])
+    | st.integers(-2**70, 2**70)
+    | st.sampled_from([0, 1, 2, 24, 26, -1, 2**62, 2**63 - 1, 2**63, 2**64])
     | st.sampled_from(["F32", "BF16", "F8_E4M3FNUZ", "F4", "", "__metadata__", "dtype"]),
     lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "x", "a"]), inner, max_size=4),
+    | st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "x", "a"]), inner,
+                      max_size=4),
     max_leaves=8)
 
 
