@@ -649,19 +649,24 @@ def same(a, b):
         >>> same({"x": (1, float("nan"))}, {"x": (1, float("nan"))})
         True
     """
-    stack = [(a, b)]
-    while stack:
-        a, b = stack.pop()
+    stack = [iter([(a, b)])]  # pairs of children, one iterator per open container: memory
+    while stack:              # grows with the depth, not the width (R1)
+        pair = next(stack[-1], None)
+        if pair is None:
+            stack.pop()
+            continue
+        a, b = pair
         if type(a) is not type(b):
             return False
         if type(a) in (dict, collections.OrderedDict):
-            if list(a.keys()) != list(b.keys()) or [type(k) for k in a] != [type(k) for k in b]:
+            if len(a) != len(b) or any(type(x) is not type(y) or (x is not y and x != y)
+                                      for x, y in zip(a, b)):
                 return False
-            stack.extend(zip(a.values(), b.values()))
+            stack.append(zip(a.values(), b.values()))
         elif type(a) in (list, tuple):
             if len(a) != len(b):
                 return False
-            stack.extend(zip(a, b))
+            stack.append(zip(a, b))
         elif type(a) is float:
             if np.float64(a).tobytes() != np.float64(b).tobytes():
                 return False
