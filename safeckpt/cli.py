@@ -30,6 +30,7 @@ Example:
 
 import argparse
 import base64
+import itertools
 import json
 import math
 import re
@@ -57,7 +58,9 @@ EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h: an internal error
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion takes well under a second: no bar
 DIFF_CHUNK = 1 << 20  # elements compared at a time, so diff needs no copy of a whole tensor
-OUTLINE_MAX_LINES = 200
+OUTLINE_MAX_LINES = 200  # inspect's outline of the tree (--json writes all of it)
+VALUE_MAX = 200  # characters of a metadata value that inspect shows (--json writes all of it)
+JSON_BATCH = 1 << 16  # characters of JSON text written at a time
 JSON_INT_MAX = 2**53  # beyond this a JSON reader that uses doubles (JavaScript, jq) rounds an int
 
 # The reader limits (keyword argument: metavar, what it bounds); the flag of max_header_size is
@@ -150,42 +153,152 @@ def _human(n):
         n /= 1024
 
 
+class _Lazy:
+    """A JSON array (or object, of ``(str key, value)`` pairs) whose items are made only when
+    :func:`_json_pieces` reaches them: no copy of a file's values is ever built whole."""
+
+    __slots__ = ("items", "is_object")
+
+    def __init__(self, items, is_object=False):
+        self.items, self.is_object = items, is_object
+
+
+def _object(pairs):
+    return _Lazy(pairs, is_object=True)
+
+
 def _jsonable(value):
-    r"""Any metadata or tree value as JSON, without loss and without NaN (strict JSON).
+    r"""Any metadata or tree value as JSON, without loss and without NaN (strict JSON), lazily.
 
     None, bool, str, finite floats, lists and dicts of str keys are themselves; the rest are
     tagged objects: ``{"int": "18446744073709551615"}`` beyond 2**53 (where readers that use
     doubles round), ``{"float": "nan"}`` (and ``"inf"``, ``"-inf"``), ``{"complex": [re, im]}``,
     ``{"base64": ...}`` for bytes, ``{"type": "tuple", "items": [...]}``, ``{"type": "dict",
     "items": [[key, value], ...]}`` when a key is not a str, numpy scalars as their Python value,
-    and ``{"repr": ...}`` for any other type (a valid file holds none).
+    and ``{"repr": ...}`` for any other type (a valid file holds none). A container becomes a
+    :class:`_Lazy` whose items are converted as they are written, so this costs O(1).
 
     Example:
-        >>> _jsonable((float("nan"), 2**64 - 1, b"\x00"))
-        {'type': 'tuple', 'items': [{'float': 'nan'}, {'int': '18446744073709551615'}, {'base64': 'AA=='}]}
+        >>> json.loads("".join(_json_pieces(_jsonable((float("nan"), b"\x00")))))
+        {'type': 'tuple', 'items': [{'float': 'nan'}, {'base64': 'AA=='}]}
     """
     kind = type(value)
     if value is None or kind in (bool, str):
         return value
     if kind is int:
-        return value if -JSON_INT_MAX <= value <= JSON_INT_MAX else {"int": str(value)}
+        return value if -JSON_INT_MAX <= value <= JSON_INT_MAX else _object([("int", str(value))])
     if kind is float:
-        return value if math.isfinite(value) else {"float": str(value)}
+        return value if math.isfinite(value) else _object([("float", str(value))])
     if kind is complex:
-        return {"complex": [_jsonable(value.real), _jsonable(value.imag)]}
+        return _object([("complex", _Lazy([_jsonable(value.real), _jsonable(value.imag)]))])
     if kind in (bytes, bytearray):
-        return {"base64": base64.b64encode(value).decode("ascii")}
+        return _object([("base64", base64.b64encode(value).decode("ascii"))])
     if kind is list:
-        return [_jsonable(v) for v in value]
+        return _Lazy(map(_jsonable, value))
     if kind is tuple:
-        return {"type": "tuple", "items": [_jsonable(v) for v in value]}
+        return _object([("type", "tuple"), ("items", _Lazy(map(_jsonable, value)))])
     if isinstance(value, dict):
         if all(type(k) is str for k in value):
-            return {k: _jsonable(v) for k, v in value.items()}
-        return {"type": "dict", "items": [[_jsonable(k), _jsonable(v)] for k, v in value.items()]}
+            return _object((k, _jsonable(v)) for k, v in value.items())
+        return _object([("type", "dict"), ("items", _Lazy(_Lazy((_jsonable(k), _jsonable(v)))
+                                                          for k, v in value.items()))])
     if isinstance(value, np.generic):
         return _jsonable(value.item())
-    return {"repr": repr(value)}
+    return _object([("repr", repr(value))])
+
+
+_END = object()
+
+
+def _json_pieces(value):
+    """``value`` (JSON scalars and :class:`_Lazy` containers, nested) as JSON text, piece by
+    piece, laid out as ``json.dump(value, indent=2)`` lays it out; ASCII only.
+
+    Memory grows with the nesting depth, never with the number of items, and nothing recurses.
+    """
+    stack, text = [], ""  # the open containers (their items, whether an object); text to write
+    while True:
+        item = _END
+        if type(value) is _Lazy:
+            items = iter(value.items)
+            item = next(items, _END)
+            if item is _END:
+                yield text + ("{}" if value.is_object else "[]")
+            else:
+                stack.append((items, value.is_object))
+                text += "{" if value.is_object else "["
+        else:
+            yield text + _json_scalar(value)
+        if item is _END:  # the value is written: on to the next item, closing finished containers
+            while stack:
+                item = next(stack[-1][0], _END)
+                if item is not _END:
+                    text = ","
+                    break
+                is_object = stack.pop()[1]
+                yield "\n" + "  " * len(stack) + ("}" if is_object else "]")
+            else:
+                return
+        text += "\n" + "  " * len(stack)
+        if stack[-1][1]:
+            key, value = item
+            text += _json_str(key) + ": "
+        else:
+            value = item
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dump uses (ensure_ascii)
+
+
+def _json_scalar(value):
+    """A JSON scalar as json.dump writes it (a float is finite: see :func:`_jsonable`)."""
+    kind = type(value)
+    if kind is str:
+        return _json_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return float.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    raise TypeError(f"not a JSON scalar: {type(value).__name__}")
+
+
+def _write_json(out, value):
+    """Write ``value`` (see :func:`_json_pieces`) to ``out`` in batches, then a newline."""
+    batch, size = [], 0
+    for piece in _json_pieces(value):
+        batch.append(piece)
+        size += len(piece)
+        if size >= JSON_BATCH:
+            out.write("".join(batch))
+            batch, size = [], 0
+    out.write("".join(batch) + "\n")
+
+
+def _shown(value):
+    """A metadata value for a person: :func:`quote`'s ``repr`` of at most about ``VALUE_MAX``
+    characters; a value cut short says how large it is.
+
+    Example:
+        >>> _shown([[]] * 300000)[-40:]
+        '(300,000 items in all; --json shows all)'
+    """
+    text = quote(value, VALUE_MAX)
+    if isinstance(value, (list, tuple, dict)):
+        unit = "item"
+    elif isinstance(value, str):
+        unit = "character"
+    elif isinstance(value, (bytes, bytearray)):
+        unit = "byte"
+    else:
+        return text
+    if len(text) <= VALUE_MAX and len(value) <= VALUE_MAX:
+        return text
+    unit += "" if len(value) == 1 else "s"
+    return f"{text} ({len(value):,} {unit} in all; --json shows all)"
 
 
 def _scalar(node):
@@ -193,108 +306,127 @@ def _scalar(node):
     return np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
 
 
+def _children(node):
+    """A container node's ``(key, child)`` pairs, one at a time."""
+    if node[0] in (_tree.DICT, _tree.ODICT):
+        return zip(itertools.islice(node, 1, None, 2), itertools.islice(node, 2, None, 2))
+    return enumerate(itertools.islice(node, 1, None))
+
+
 def _outline(skeleton, names, infos):
-    """The tree as indented lines (containers with their lengths; leaves with type or value)."""
-    lines = []
-    stack = [(skeleton, None, 0)]
-    while stack and len(lines) < OUTLINE_MAX_LINES:
-        node, key, depth = stack.pop()
+    """The tree as indented lines (containers with their lengths; leaves with type or value),
+    at most ``OUTLINE_MAX_LINES``, made one at a time."""
+    stack, count = [iter([(None, skeleton)])], 0  # an iterator of (key, node) per open container
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        if count == OUTLINE_MAX_LINES:
+            yield f"... (outline cut at {OUTLINE_MAX_LINES} lines; --json shows all)"
+            return
+        count += 1
+        key, node = entry
         label = "" if key is None else f"{quote(key)}: "
-        pad = "  " * depth
+        pad = "  " * (len(stack) - 1)
         if type(node) is list and node[0] in _tree.CONTAINERS:
-            tag, items = node[0], node[1:]
-            if tag in (_tree.DICT, _tree.ODICT):
-                lines.append(f"{pad}{label}{tag} ({len(items) // 2})")
-                children = [(items[i + 1], items[i], depth + 1) for i in range(0, len(items), 2)]
-            else:
-                lines.append(f"{pad}{label}{tag} ({len(items)})")
-                children = [(child, i, depth + 1) for i, child in enumerate(items)]
-            stack.extend(reversed(children))
+            size = (len(node) - 1) // 2 if node[0] in (_tree.DICT, _tree.ODICT) else len(node) - 1
+            yield f"{pad}{label}{node[0]} ({size})"
+            stack.append(_children(node))
         elif type(node) is list and node[0] in (_tree.TENSOR, _tree.REF):
             info = infos[node[1]]
             kind = "tensor" if node[0] == _tree.TENSOR else "same tensor as"
-            lines.append(f"{pad}{label}{kind} {_escape(names[node[1]])} {info.dtype} "
-                         f"{list(info.shape)}")
+            yield f"{pad}{label}{kind} {_escape(names[node[1]])} {info.dtype} {list(info.shape)}"
         elif type(node) is list and node[0] == _tree.SCALAR:
             value = _scalar(node)
-            lines.append(f"{pad}{label}{value.dtype} scalar {quote(value.item())}")
+            yield f"{pad}{label}{value.dtype} scalar {quote(value.item())}"
         else:
-            lines.append(f"{pad}{label}{quote(node)}")
-    if stack:
-        lines.append(f"... (outline cut at {OUTLINE_MAX_LINES} lines)")
-    return lines
+            yield f"{pad}{label}{quote(node)}"
 
 
-def _json_outline(node, names):
-    """The tree as JSON: containers as {"type", "items"}; tensors as {"tensor": name}."""
+def _json_tree(node, names):
+    """The tree as JSON, lazily: containers as {"type", "items"}; tensors as {"tensor": name}."""
     if type(node) is not list:
         return _jsonable(node)
     tag = node[0]
     if tag in (_tree.DICT, _tree.ODICT):
-        pairs = node[1:]
-        return {"type": tag, "items": [[_jsonable(pairs[i]), _json_outline(pairs[i + 1], names)]
-                                       for i in range(0, len(pairs), 2)]}
+        return _object([("type", tag), ("items", _Lazy(
+            _Lazy((_jsonable(key), _json_tree(child, names))) for key, child in _children(node)))])
     if tag in (_tree.LIST, _tree.TUPLE):
-        return {"type": tag, "items": [_json_outline(child, names) for child in node[1:]]}
+        return _object([("type", tag), ("items", _Lazy(
+            _json_tree(child, names) for _, child in _children(node)))])
     if tag in (_tree.TENSOR, _tree.REF):
-        return {"tensor": names[node[1]]}
+        return _object([("tensor", names[node[1]])])
     value = _scalar(node)
-    return {"scalar": str(value.dtype), "value": _jsonable(value.item())}
+    return _object([("scalar", str(value.dtype)), ("value", _jsonable(value.item()))])
 
 
-def _describe_file(reader, path, names, infos):
+def _json_description(reader, path, names, infos, skeleton):
+    """What ``inspect --json`` writes, as a lazy JSON object."""
     version = getattr(reader, "version", None)
-    return {
-        "path": path,
-        "format": getattr(reader, "format", "sckpt"),
-        "version": f"{version[0]}.{version[1]}" if version else None,
-        "file_size": getattr(reader, "size", None),
-        "align": getattr(reader, "align", None),
-        "checksums": reader.has_checksums,
-        "tensor_count": len(infos),
-        "tensor_bytes": sum(i.nbytes for i in infos),
-        "tensors": [{"name": i.name, "dtype": str(i.dtype), "shape": list(i.shape),
-                     "nbytes": i.nbytes, "offset": i.offset, "crc32c": i.crc32c} for i in infos],
-        "metadata": _jsonable(reader.metadata),
-    }
+    tensors = (_object([("name", i.name), ("dtype", str(i.dtype)), ("shape", _Lazy(i.shape)),
+                        ("nbytes", i.nbytes), ("offset", i.offset), ("crc32c", i.crc32c)])
+               for i in infos)
+    return _object([
+        ("path", path),
+        ("format", getattr(reader, "format", "sckpt")),
+        ("version", f"{version[0]}.{version[1]}" if version else None),
+        ("file_size", getattr(reader, "size", None)),
+        ("align", getattr(reader, "align", None)),
+        ("checksums", reader.has_checksums),
+        ("tensor_count", len(infos)),
+        ("tensor_bytes", sum(i.nbytes for i in infos)),
+        ("tensors", _Lazy(tensors)),
+        ("metadata", _jsonable(reader.metadata)),
+        ("tree", None if skeleton is fmt.NO_TREE else _json_tree(skeleton, names)),
+    ])
 
 
 def cmd_inspect(args, out):
+    """Print a file's tensors, metadata and tree, as they are read: nothing is built whole."""
     with _open_checkpoint(args.file, args) as reader:
         names = reader.keys()
         infos = [reader.info(name) for name in names]
-        desc = _describe_file(reader, args.file, names, infos)
         skeleton = getattr(reader, "_skeleton", fmt.NO_TREE)
-    if args.json:  # ensure_ascii: every non-ASCII character escaped, so nothing reaches a terminal
-        desc["tree"] = None if skeleton is fmt.NO_TREE else _json_outline(skeleton, names)
-        json.dump(desc, out, indent=2, allow_nan=False)
-        out.write("\n")
-        return EXIT_OK
-    count = plural(desc["tensor_count"], "tensor")
-    version = f" {desc['version']}" if desc["version"] else ""
-    _say(out, f"{args.file}: {desc['format']}{version}, {_human(desc['file_size'])}, {count}, "
-              f"{_human(desc['tensor_bytes'])} of tensor data, "
-              f"{'checksums' if desc['checksums'] else 'no checksums'}")
-    rows = [("name", "dtype", "shape", "bytes", "offset")]
-    rows += [(_escape(i.name), str(i.dtype), "(" + ", ".join(map(str, i.shape)) + ")",
-              str(i.nbytes), str(i.offset)) for i in infos]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for k, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].ljust(widths[2]),
-                 row[3].rjust(widths[3]), row[4].rjust(widths[4])]
-        _say(out, "  ".join(cells).rstrip())
+        if args.json:  # ASCII: every other character escaped, so nothing reaches a terminal
+            _write_json(out, _json_description(reader, args.file, names, infos, skeleton))
+            return EXIT_OK
+        _inspect_text(reader, args.file, names, infos, skeleton, out)
+    return EXIT_OK
+
+
+def _inspect_text(reader, path, names, infos, skeleton, out):
+    """inspect's output for a person: every tensor; long values and the tree cut short."""
+    count = plural(len(infos), "tensor")
+    total = sum(i.nbytes for i in infos)
+    version = getattr(reader, "version", None)
+    version = f" {version[0]}.{version[1]}" if version else ""
+    _say(out, f"{path}: {getattr(reader, 'format', 'sckpt')}{version}, "
+              f"{_human(reader.size)}, {count}, {_human(total)} of tensor data, "
+              f"{'checksums' if reader.has_checksums else 'no checksums'}")
+
+    def row(i):
+        return (_escape(i.name), str(i.dtype), "(" + ", ".join(map(str, i.shape)) + ")",
+                str(i.nbytes), str(i.offset))
+    header = ("name", "dtype", "shape", "bytes", "offset")
+    widths = list(map(len, header))
+    for info in infos:  # a first pass for the widths: the rows are made again as they are printed
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row(info))]
+    for k, cells in enumerate(itertools.chain([header], map(row, infos))):
+        _say(out, "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]),
+                             cells[2].ljust(widths[2]), cells[3].rjust(widths[3]),
+                             cells[4].rjust(widths[4])]).rstrip())
         if k == 0:
             _say(out, "  ".join("-" * w for w in widths))
-    _say(out, f"total: {count}, {desc['tensor_bytes']} bytes")
-    if desc["metadata"]:
+    _say(out, f"total: {count}, {total} bytes")
+    if reader.metadata:
         _say(out, "metadata:")
-        for key, value in desc["metadata"].items():
-            _say(out, f"  {_escape(key)}: {json.dumps(value, ensure_ascii=False)}")
+        for key, value in reader.metadata.items():
+            _say(out, f"  {_escape(key)}: {_shown(value)}")
     if skeleton is not fmt.NO_TREE:
         _say(out, "tree:")
         for line in _outline(skeleton, names, infos):
             _say(out, f"  {line}")
-    return EXIT_OK
 
 
 # -- verify -----------------------------------------------------------------------------------------
@@ -422,18 +554,25 @@ def _max_abs_diff(a, b):
 
 
 def cmd_diff(args, out):
+    """Print each difference as it is found: nothing is collected, whatever the files hold."""
+    differences = 0
+
+    def say(line):
+        nonlocal differences
+        differences += 1
+        _say(out, line)
+
     with _convert.read_source(args.a, **_limits(args)) as a, \
             _convert.read_source(args.b, **_limits(args)) as b:
-        lines = []
         ta, tb = a.tensors, b.tensors
         for name in ta:
             if name not in tb:
-                lines.append(f"- {_escape(name)}: only in {args.a} ({ta[name].dtype} "
-                             f"{list(ta[name].shape)})")
+                x = ta[name]
+                say(f"- {_escape(name)}: only in {args.a} ({x.dtype} {list(x.shape)})")
         for name in tb:
             if name not in ta:
-                lines.append(f"+ {_escape(name)}: only in {args.b} ({tb[name].dtype} "
-                             f"{list(tb[name].shape)})")
+                y = tb[name]
+                say(f"+ {_escape(name)}: only in {args.b} ({y.dtype} {list(y.shape)})")
         same = 0
         for name in ta:
             if name not in tb:
@@ -449,18 +588,16 @@ def cmd_diff(args, out):
                 if x.dtype != y.dtype or not _same_bytes(x, y):
                     changes.append(f"max abs diff {_max_abs_diff(x, y):.6g}")
             if changes:
-                lines.append(f"~ {_escape(name)}: " + ", ".join(changes))
+                say(f"~ {_escape(name)}: " + ", ".join(changes))
             else:
                 same += 1
-        meta = _metadata_changes(a.metadata, b.metadata)
-        lines.extend(meta)
+        for line in _metadata_changes(a.metadata, b.metadata):
+            say(line)
         if not _tree.same(_tree_of(a), _tree_of(b)):
-            lines.append("~ the tree (structure and plain values) differs")
-    for line in lines:
-        _say(out, line)
+            say("~ the tree (structure and plain values) differs")
     _say(out, f"{same} of {plural(len(ta), 'tensor')} in {args.a} identical; "
-              f"{plural(len(lines), 'difference')}")
-    return EXIT_DIFFERENT if lines else EXIT_OK
+              f"{plural(differences, 'difference')}")
+    return EXIT_DIFFERENT if differences else EXIT_OK
 
 
 def _load(array):
@@ -476,14 +613,15 @@ def _same_bytes(x, y):
 
 
 def _metadata_changes(ma, mb):
-    lines = []
+    """A line per metadata key removed, changed or added (values cut short by :func:`quote`)."""
     for key in ma:
         if key not in mb:
-            lines.append(f"- metadata[{quote(key)}] = {quote(ma[key])}")
+            yield f"- metadata[{quote(key)}] = {quote(ma[key])}"
         elif not _tree.same(ma[key], mb[key]):
-            lines.append(f"~ metadata[{quote(key)}]: {quote(ma[key])} -> {quote(mb[key])}")
-    lines += [f"+ metadata[{quote(key)}] = {quote(mb[key])}" for key in mb if key not in ma]
-    return lines
+            yield f"~ metadata[{quote(key)}]: {quote(ma[key])} -> {quote(mb[key])}"
+    for key in mb:
+        if key not in ma:
+            yield f"+ metadata[{quote(key)}] = {quote(mb[key])}"
 
 
 def _tree_of(source):

@@ -216,12 +216,60 @@ def test_inspect_json_holds_every_value_type_of_a_tree_and_metadata(files, call)
     assert r.returncode == cli.EXIT_OK and "complex128 scalar" in r.stdout, r.stderr
 
 
+def _json(value):
+    return json.loads("".join(cli._json_pieces(cli._jsonable(value))))
+
+
 def test_jsonable_is_total():
     class Odd:
         def __repr__(self):
             return "Odd()"
-    assert cli._jsonable({"a": Odd(), 1: np.float16(2)}) == \
+    assert _json({"a": Odd(), 1: np.float16(2)}) == \
         {"type": "dict", "items": [["a", {"repr": "Odd()"}], [1, 2.0]]}
+
+
+@pytest.mark.parametrize("value", [
+    None, True, 0, -1.5, "", "é\x1b\ud800", [], {}, [[]], {"a": {}}, [1, [2, [3, {"k": []}]], {}],
+    {"a": [1, 2], "b": {"c": None, "": "x"}, "\u2028": [[], {}, [[[]]]]}, [1e300, -0.0, 2**53],
+])
+def test_json_pieces_lay_out_json_as_json_dump_with_indent_2(value):
+    """inspect --json streams its output; the text is what json.dump(indent=2) writes."""
+    assert "".join(cli._json_pieces(cli._jsonable(value))) == json.dumps(value, indent=2)
+
+
+def test_json_pieces_go_as_deep_as_a_file_may_nest_without_recursion():
+    value = {"k": []}
+    for _ in range(5000):  # far deeper than Python's recursion limit
+        value = [value]
+    text = "".join(cli._json_pieces(cli._jsonable(value)))
+    assert text.startswith("[\n  [\n    [") and text.count("[") == text.count("]") == 5001
+    assert "\n" + "  " * 5000 + '{\n' + "  " * 5001 + '"k": []\n' + "  " * 5000 + "}\n" in text
+
+
+def test_inspect_shows_long_values_cut_short_with_their_size_and_json_in_full(files, call):
+    """Text output is for a person: a value of 300,000 items is shown in one short line that says
+    how large it is (and it costs no memory per item); --json holds every item."""
+    n = 300_000
+    safeckpt.save({"w": np.zeros(1), "s": [None] * n, "t": "x" * n},
+                  files / "long.sckpt", metadata={"m": [[] for _ in range(n)], "b": b"\x00" * n,
+                                                  "short": [1, "a"]})
+    r = call("inspect", "long.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) < 2 * cli.VALUE_MAX
+    m = next(line for line in lines if line.startswith("  m: "))
+    assert m.startswith("  m: [[], [], [], ")
+    assert m.endswith(" (300,000 items in all; --json shows all)")
+    assert any(line.startswith("  b: b'\\x00\\x00") and line.endswith("(300,000 bytes in all; "
+                                                                      "--json shows all)")
+               for line in lines)
+    assert "  short: [1, 'a']" in lines
+    assert "    's': list (300000)" in lines and "      0: None" in lines
+    assert lines[-1] == f"  ... (outline cut at {cli.OUTLINE_MAX_LINES} lines; --json shows all)"
+    desc = json.loads(call("inspect", "--json", "long.sckpt").stdout)
+    assert desc["metadata"]["m"] == [[]] * n and desc["metadata"]["short"] == [1, "a"]
+    tree = dict(desc["tree"]["items"])
+    assert tree["s"] == {"type": "list", "items": [None] * n} and tree["t"] == "x" * n
 
 
 def test_limit_flags_work_after_the_subcommand_and_errors_name_the_flag(files, call):
