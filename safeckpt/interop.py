@@ -161,8 +161,9 @@ def _index_source(path, stack, limits):
         raise LimitError(f"{where}: index is larger than max_header_size={max_size}; pass "
                          "max_header_size=... if you trust this file")
     try:
-        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_sft._unique_object,
-                           parse_constant=_sft._refuse_constant)
+        with fmt.collector_paused():
+            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_sft._unique_object,
+                               parse_constant=_sft._refuse_constant)
     except HeaderError as exc:
         raise HeaderError(f"{where}: {exc}") from None
     except RecursionError:

@@ -164,8 +164,9 @@ def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors
                               "requires '{' as its first byte [ST2]")
         raise HeaderError(f"{where}: safetensors header does not start with '{{' [ST2]")
     try:
-        header = json.loads(text.rstrip(" "), object_pairs_hook=_unique_object,
-                            parse_constant=_refuse_constant, parse_int=_json_int)
+        with fmt.collector_paused():
+            header = json.loads(text.rstrip(" "), object_pairs_hook=_unique_object,
+                                parse_constant=_refuse_constant, parse_int=_json_int)
     except HeaderError as exc:
         raise HeaderError(f"{where}: {exc}") from None
     except RecursionError:
@@ -274,9 +275,10 @@ def _decode_extras(metadata, max_depth):
     if blob is None:
         return metadata, fmt.NO_TREE
     try:
-        extras = msgpack.unpackb(base64.b64decode(blob, validate=True), raw=False,
-                                 strict_map_key=False, object_pairs_hook=fmt.unique_pairs,
-                                 timestamp=0)
+        with fmt.collector_paused():
+            extras = msgpack.unpackb(base64.b64decode(blob, validate=True), raw=False,
+                                     strict_map_key=False, object_pairs_hook=fmt.unique_pairs,
+                                     timestamp=0)
     except HeaderError:
         raise
     except (binascii.Error, ValueError, TypeError, msgpack.ExtraData, msgpack.StackError,
