@@ -16,6 +16,7 @@ import errno
 import itertools
 import operator
 import os
+import shlex
 import stat
 import sys
 import threading
@@ -68,9 +69,12 @@ def _not_a_checkpoint(prefix, path):
     kind = next((kind for magic, kind in _LOOKS_LIKE if prefix.startswith(magic)), None)
     if kind is None:
         return detail
-    source = path if path is not None else "FILE"
-    return (f"{detail}, like {kind}; convert it with `safeckpt convert {source} OUT.sckpt` or "
-            "safeckpt.convert(), which never unpickles")
+    source, target = "FILE", "OUT.sckpt"
+    if path is not None:
+        stem = os.path.splitext(path)[0]
+        source, target = path, stem + (".sckpt" if stem + ".sckpt" != path else "-converted.sckpt")
+    return (f"{detail}, like {kind}; convert it with `safeckpt convert {shlex.quote(source)} "
+            f"{shlex.quote(target)}` or safeckpt.convert(), which never unpickles")
 
 
 class TensorMap:

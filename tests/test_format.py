@@ -4,6 +4,7 @@ Each bad file is loaded three ways (bytes, mapped file, pread file); all must ra
 error type with a message that names the problem.
 """
 
+import shlex
 import struct
 
 import msgpack
@@ -96,7 +97,12 @@ def test_P2_wrong_magic_says_what_the_file_looks_like(tmp_path, start, words):
         message = refuse((start + data[len(start):])[:length], tmp_path, safeckpt.NotSafeckptError,
                          "not a safeckpt file", "safeckpt convert", *words)
         assert message.index("not a safeckpt") < message.index("[P2]")
-    assert "bad.sckpt OUT.sckpt" in message  # the path to convert, from the file opened
+    source, target = (shlex.quote(str(tmp_path / name)) for name in ("bad.sckpt", "bad-converted.sckpt"))
+    assert f"convert {source} {target}`" in message
+    spaced = tmp_path / "my model.pt"
+    spaced.write_bytes(start + data[len(start):])
+    with pytest.raises(safeckpt.NotSafeckptError, match=r"convert '\S+/my model.pt' '\S+/my model.sckpt'`"):
+        safeckpt.open(spaced)
 
 
 def test_P2_text_mode_mangling_is_named(tmp_path):
