@@ -131,7 +131,7 @@ def _walk_metadata(metadata, max_depth, error):
                 key = next(k for k, v in _items(value) if type(v) in nested)
                 raise LimitError(f"{path_of('metadata', keys + [key])}: nesting deeper than "
                                  f"max_depth={max_depth} [H3]")
-            stack.append((k, v) for k, v in _items(value) if v and type(v) in nested)
+            stack.append((k, v) for k, v in _items(value) if type(v) in nested and v)
             keys.append(None)
         while stack:  # the next container to enter: in the innermost level that has one left
             item = next(stack[-1], None)
@@ -170,7 +170,7 @@ def _check_depth(value, path, max_depth):
             children = item.values() if type(item) is dict else item
             if len(stack) + 2 > max_depth and not {dict, list}.isdisjoint(map(type, children)):
                 raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
-            stack.append(x for x in children if x and type(x) in (dict, list))
+            stack.append(x for x in children if type(x) in (dict, list) and x)
             break
         else:
             stack.pop()
