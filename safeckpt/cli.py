@@ -67,7 +67,9 @@ JSON_INT_MAX = 2**53  # beyond this a JSON reader that uses doubles (JavaScript,
 # --max-header-size, and messages that advise "max_header_size=..." are shown with the flag.
 LIMITS = {"max_header_size": ("BYTES", "largest header"), "max_tensors": ("N", "most tensors"),
           "max_ndim": ("N", "most dimensions of a tensor"), "max_depth": ("N", "deepest nesting")}
-_LIMIT_WORD = re.compile(r"(?<![\w'\"])(" + "|".join(LIMITS) + r")\b")  # not in a quoted name
+# convert and diff also take max_expansion: how many times its size a .npz or torch file may expand
+EXPANSION = "max_expansion"
+_LIMIT_WORD = re.compile(r"(?<![\w'\"])(" + "|".join([*LIMITS, EXPANSION]) + r")\b")  # not quoted
 
 
 class _Usage(Exception):
@@ -632,8 +634,10 @@ def _tree_of(source):
 # -- main -------------------------------------------------------------------------------------------
 
 def _limits(args):
-    """The reader limits given on the command line, as keyword arguments."""
-    return {name: getattr(args, name) for name in LIMITS if getattr(args, name, None) is not None}
+    """The reader limits given on the command line, as keyword arguments (and max_expansion,
+    which only convert and diff take)."""
+    return {name: getattr(args, name) for name in [*LIMITS, EXPANSION]
+            if getattr(args, name, None) is not None}
 
 
 def _positive(text):
@@ -676,6 +680,13 @@ def _common_options():
     return common
 
 
+def _expansion_option(parser):
+    """--max-expansion, for the commands that read .npz and torch files (convert, diff)."""
+    parser.add_argument("--max-expansion", type=_positive, metavar="N", dest=EXPANSION,
+                        help="how many times its size the arrays of an .npz or torch file may "
+                        f"hold (default {_convert.MAX_EXPANSION}); raise it for files you trust")
+
+
 def build_parser():
     common = _common_options()
     parser = _Parser(prog="safeckpt", parents=[common], description="Inspect, verify, convert "
@@ -709,12 +720,14 @@ def build_parser():
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--progress", action="store_true", help="always show a progress bar")
     shown.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    _expansion_option(p)
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("diff", parents=[common], help="missing/extra tensors, dtype and shape "
                        "changes, max abs difference; exit 1 if the files differ")
     p.add_argument("a")
     p.add_argument("b")
+    _expansion_option(p)
     p.set_defaults(run=cmd_diff)
     return parser
 

@@ -289,6 +289,19 @@ def test_limit_flags_work_after_the_subcommand_and_errors_name_the_flag(files, c
     assert r.returncode == cli.EXIT_USAGE
 
 
+def test_max_expansion_flag_of_convert_and_diff(files, call):
+    """A compressed .npz of zeros expands past the default 16x: refused naming the flag, which
+    convert and diff take to accept it (SECURITY.md, Conversions)."""
+    np.savez_compressed(files / "z.npz", a=np.zeros(1 << 16))
+    for args in (("convert", "z.npz", "z.sckpt"), ("diff", "z.npz", "z.npz")):
+        r = call(*args)
+        assert r.returncode == cli.EXIT_BAD_FILE, (args, r.stderr)
+        assert "--max-expansion=" in r.stderr and "max_expansion" not in r.stderr
+        assert call(*args, "--max-expansion", "10000").returncode == 0, args
+    assert safeckpt.load_file(files / "z.sckpt")["a"].shape == (1 << 16,)
+    assert call("inspect", "z.sckpt", "--max-expansion", "10").returncode == cli.EXIT_USAGE
+
+
 @pytest.mark.parametrize("name", ["x.npz", "x.npy", "x.pt", "x.bin"])
 @pytest.mark.parametrize("command", ["inspect", "verify"])
 def test_inspect_and_verify_of_a_file_to_convert_say_how(files, call, name, command):
