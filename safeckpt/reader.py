@@ -399,6 +399,15 @@ class Reader(TensorMap):
         """
         return TensorSlice(self, self._position(name))
 
+    def shard_of(self, name):
+        """The path of the file that holds ``name``: this one (as :meth:`ShardedReader.shard_of`
+        names a shard), so code written for sharded checkpoints also reads a single file.
+
+        Example: ``safeckpt.open("model.sckpt").shard_of("w")`` is ``"model.sckpt"``.
+        """
+        self._position(name)
+        return self.path
+
     def load_all(self, *, verify=None):
         """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel.
 

@@ -363,3 +363,13 @@ def test_thousands_of_open_close_cycles_leak_nothing(path, tmp_path):
     assert mapped(path) == 0 and mapped(bad) == 0
     # the loader's own mappings: none of the 6000 remains (a little slack for the allocator)
     assert len(open("/proc/self/maps").read().splitlines()) <= maps + 8
+
+
+def test_shard_of_a_single_file_is_that_file(tmp_path, backend):
+    """README's sharded example calls shard_of, which works when the state fits in one file."""
+    path = str(tmp_path / "one.sckpt")
+    safeckpt.save({"w": np.zeros(2)}, path, max_shard_size="1GB")
+    with safeckpt.open(path) as f:
+        assert f.shard_of("w") == path
+        with pytest.raises(KeyError, match="nope"):
+            f.shard_of("nope")
