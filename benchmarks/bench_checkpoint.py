@@ -15,7 +15,8 @@ Before each save the optimizer state is moved back to ordinary memory (untimed),
     python benchmarks/bench_checkpoint.py [--runs 5] [--dir /tmp]
 
 safeckpt's save is atomic (temp file, fsync, rename, fsync of the directory) and computes a CRC32C
-per tensor; its load verifies every CRC32C (``verify=True``, the default of load_checkpoint).
+per tensor; its load verifies every CRC32C (load_checkpoint's default, ``verify=None``, checks a file
+that has checksums).
 torch.save does neither: the rows "safeckpt, no fsync/no verify" show the same work without them.
 """
 
