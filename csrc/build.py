@@ -95,7 +95,8 @@ void sck_unmap(void *base, uint64_t size);
 int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int advice);
 
 int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
-                   void *const *dests, int nthreads, uint64_t *bad_index, int *err);
+                   void *const *dests, const uint8_t *want_crc, uint32_t *crcs, int nthreads,
+                   uint64_t *bad_index, int *err);
 int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
                       const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
                       uint64_t *end, uint64_t *bad_index, int *err);

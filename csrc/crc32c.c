@@ -282,16 +282,7 @@ int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_
     job.base = base;
     job.offsets = offsets;
     sck_run_pieces(n, lengths, first_piece, nthreads, sck_crc_piece, &job);
-    for (uint64_t i = 0; i < n; i++) { /* join the pieces of each range, in order */
-        uint32_t crc = 0;
-        for (uint64_t k = first_piece[i]; k < first_piece[i + 1]; k++) {
-            uint64_t off = (k - first_piece[i]) * (uint64_t)SCK_READ_PIECE;
-            uint64_t len = lengths[i] - off < SCK_READ_PIECE ? lengths[i] - off : SCK_READ_PIECE;
-            crc = k == first_piece[i] ? job.piece_crcs[k]
-                                      : sck_crc32c_combine(crc, job.piece_crcs[k], len);
-        }
-        crcs[i] = crc;
-    }
+    sck_join_pieces(n, lengths, first_piece, job.piece_crcs, crcs);
     free(first_piece);
     free(job.piece_crcs);
     return SCK_OK;

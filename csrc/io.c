@@ -25,6 +25,12 @@
 #define SCK_IOV_BATCH 1024
 #endif
 
+/* A checked read reads and checksums this much at a time, so that the checksum finds the bytes
+ * in the core's own cache (L2) where the copy left them: measured 256 KiB to 1 MiB best on a
+ * 475 MiB read on 2 cores: the checksum added about 20 ms, against about 30 ms when whole
+ * 8 MiB pieces were checksummed after their pread. */
+#define SCK_READ_CRC_CHUNK (256u << 10)
+
 /* ---- Memory mapping -------------------------------------------------------------------------- */
 
 int sck_map(int fd, uint64_t size, void **out, int *err)
@@ -236,12 +242,28 @@ void sck_run_pieces(uint64_t n, const uint64_t *lengths, uint64_t *first_piece, 
         pthread_join(threads[t], NULL);
 }
 
+void sck_join_pieces(uint64_t n, const uint64_t *lengths, const uint64_t *first_piece,
+                     const uint32_t *piece_crcs, uint32_t *crcs)
+{
+    for (uint64_t i = 0; i < n; i++) { /* the pieces of each range, in order */
+        uint32_t crc = 0;
+        for (uint64_t k = first_piece[i]; k < first_piece[i + 1]; k++) {
+            uint64_t off = (k - first_piece[i]) * (uint64_t)SCK_READ_PIECE;
+            uint64_t len = lengths[i] - off < SCK_READ_PIECE ? lengths[i] - off : SCK_READ_PIECE;
+            crc = k == first_piece[i] ? piece_crcs[k] : sck_crc32c_combine(crc, piece_crcs[k], len);
+        }
+        crcs[i] = crc;
+    }
+}
+
 /* ---- Parallel read ---------------------------------------------------------------------------- */
 
 typedef struct sck_reader {
     int fd;
     const uint64_t *offsets;
     void *const *dests;
+    const uint8_t *want_crc; /* NULL: every range */
+    uint32_t *piece_crcs;    /* NULL: no checksums */
     pthread_mutex_t lock;
     int rc;       /* the failure of the lowest failing tensor, under lock */
     uint64_t bad;
@@ -251,9 +273,23 @@ typedef struct sck_reader {
 static int sck_read_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uint64_t k)
 {
     sck_reader *r = ctx;
-    int err = 0, rc = sck_pread_full(r->fd, (uint8_t *)r->dests[i] + off, len,
-                                     r->offsets[i] + off, &err);
-    (void)k;
+    uint8_t *dst = (uint8_t *)r->dests[i] + off;
+    int err = 0, rc;
+    if (r->piece_crcs != NULL && (r->want_crc == NULL || r->want_crc[i])) {
+        /* read and checksum in chunks small enough to be checksummed while still in the
+         * core's own cache */
+        uint32_t crc = 0;
+        rc = SCK_OK;
+        for (uint64_t at = 0; at < len && rc == SCK_OK; at += SCK_READ_CRC_CHUNK) {
+            uint64_t c = len - at < SCK_READ_CRC_CHUNK ? len - at : SCK_READ_CRC_CHUNK;
+            rc = sck_pread_full(r->fd, dst + at, c, r->offsets[i] + off + at, &err);
+            if (rc == SCK_OK)
+                crc = sck_crc32c(crc, dst + at, (size_t)c);
+        }
+        r->piece_crcs[k] = crc;
+    } else {
+        rc = sck_pread_full(r->fd, dst, len, r->offsets[i] + off, &err);
+    }
     if (rc != SCK_OK) {
         pthread_mutex_lock(&r->lock);
         if (r->rc == SCK_OK || i < r->bad) {
@@ -267,15 +303,20 @@ static int sck_read_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uin
 }
 
 int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
-                   void *const *dests, int nthreads, uint64_t *bad_index, int *err)
+                   void *const *dests, const uint8_t *want_crc, uint32_t *crcs, int nthreads,
+                   uint64_t *bad_index, int *err)
 {
     uint64_t npieces = 0, *first_piece;
+    uint32_t *piece_crcs = NULL;
     sck_reader r;
 
     SCK_CHECK(bad_index != NULL && err != NULL, SCK_E_ARG);
     *bad_index = 0;
     *err = 0;
     SCK_CHECK(n == 0 || (offsets && lengths && dests), SCK_E_ARG);
+    if (crcs != NULL)
+        for (uint64_t i = 0; i < n; i++)
+            crcs[i] = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t end;
         if (lengths[i] == 0)
@@ -289,17 +330,33 @@ int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *
     if (npieces == 0)
         return SCK_OK;
     SCK_CHECK(n < SIZE_MAX / sizeof *first_piece, SCK_E_NOMEM);
+    SCK_CHECK(npieces < SIZE_MAX / sizeof *piece_crcs, SCK_E_NOMEM);
     first_piece = malloc((size_t)(n + 1) * sizeof *first_piece);
-    if (first_piece == NULL)
+    /* zeroed: a range that is not checksummed still gets joined (then zeroed again) */
+    if (crcs != NULL)
+        piece_crcs = calloc((size_t)npieces, sizeof *piece_crcs);
+    if (first_piece == NULL || (crcs != NULL && piece_crcs == NULL)) {
+        free(first_piece);
+        free(piece_crcs);
         return SCK_E_NOMEM;
+    }
     memset(&r, 0, sizeof r);
     r.fd = fd;
     r.offsets = offsets;
     r.dests = dests;
+    r.want_crc = want_crc;
+    r.piece_crcs = piece_crcs;
     pthread_mutex_init(&r.lock, NULL);
     sck_run_pieces(n, lengths, first_piece, nthreads, sck_read_piece, &r);
     pthread_mutex_destroy(&r.lock);
+    if (crcs != NULL && r.rc == SCK_OK) {
+        sck_join_pieces(n, lengths, first_piece, piece_crcs, crcs);
+        for (uint64_t i = 0; want_crc != NULL && i < n; i++)
+            if (!want_crc[i])
+                crcs[i] = 0;
+    }
     free(first_piece);
+    free(piece_crcs);
     *bad_index = r.rc == SCK_OK ? 0 : r.bad;
     *err = r.err;
     return r.rc;

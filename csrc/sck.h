@@ -187,10 +187,16 @@ int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int 
 
 /* Reads lengths[i] bytes at offsets[i] of fd into dests[i], for i < n, with nthreads threads
  * (<= 0: min(online CPUs, SCK_MAX_THREADS); at most SCK_MAX_THREADS, and never more threads than
- * pieces of <= SCK_READ_PIECE bytes; a single piece is read on the calling thread). End of file first: SCK_E_TRUNCATED;
- * read error: SCK_E_IO with *err = errno; both set *bad_index to the (lowest) failing tensor. */
+ * pieces of <= SCK_READ_PIECE bytes; a single piece is read on the calling thread). End of file
+ * first: SCK_E_TRUNCATED; read error: SCK_E_IO with *err = errno; both set *bad_index to the
+ * (lowest) failing tensor.
+ * crcs: NULL, or n entries: crcs[i] = the CRC32C of the bytes read into dests[i] for each range
+ * with want_crc == NULL or want_crc[i] != 0, else 0 (all 0 unless SCK_OK). Each thread checksums
+ * the piece it has just read, while it is in cache, and the pieces are joined with
+ * sck_crc32c_combine: a checked read costs little more than an unchecked one. */
 int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
-                   void *const *dests, int nthreads, uint64_t *bad_index, int *err);
+                   void *const *dests, const uint8_t *want_crc, uint32_t *crcs, int nthreads,
+                   uint64_t *bad_index, int *err);
 
 /* ---- Streaming write --------------------------------------------------------------------- */
 

@@ -90,6 +90,10 @@ typedef int (*sck_piece_fn)(void *ctx, uint64_t i, uint64_t off, uint64_t len, u
  * whose sum the caller has checked for overflow. */
 void sck_run_pieces(uint64_t n, const uint64_t *lengths, uint64_t *first_piece, int nthreads,
                     sck_piece_fn fn, void *ctx);
+/* crcs[i] = the CRC32C of range i, joined from piece_crcs[first_piece[i] .. first_piece[i + 1]),
+ * the CRC32C of each of its pieces as sck_run_pieces cut them (0 for an empty range). */
+void sck_join_pieces(uint64_t n, const uint64_t *lengths, const uint64_t *first_piece,
+                     const uint32_t *piece_crcs, uint32_t *crcs);
 
 static inline int sck_is_pow2(uint64_t x)
 {

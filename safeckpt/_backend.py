@@ -25,9 +25,12 @@ the C core and fails at import if it is not built. Both backends export the same
     lives as long as anything (a numpy array) refers to ``.buffer``; ``.address`` is its start.
 ``advise(mapping, offset, length, advice)``
     Best-effort madvise; ``advice`` is ``"sequential"``, ``"willneed"`` or ``"random"``.
-``read_into(fd, offsets, lengths, dests)``
+``read_into(fd, offsets, lengths, dests, checksum=False) -> None or numpy uint32 array``
     Reads ``lengths[i]`` bytes at ``offsets[i]`` into the writable buffer ``dests[i]`` (in
-    parallel in C). Raises ``OSError``, or ``TruncatedFileError`` on a short read.
+    parallel in C). ``checksum`` (``True``, or one flag per range): also returns the CRC32C of
+    each range asked for (0 for the others), which C computes piece by piece on the reading
+    threads, right after each pread, while the bytes are in cache. Raises ``OSError``, or
+    ``TruncatedFileError`` on a short read.
 ``write_tensors(fd, pos, buffers, align, checksum) -> (crcs, end)``
     For each buffer: zero padding from ``pos`` up to the next multiple of ``align``, then the
     buffer's bytes; ``pos`` moves to its end. Returns the CRC32C of each buffer (``None`` when

@@ -185,15 +185,25 @@ def check_padding(source, n, offsets, nbytes, header_end):
     return code, index[0]
 
 
-def read_into(fd, offsets, lengths, dests):
+def read_into(fd, offsets, lengths, dests, checksum=False):
     """Read ``lengths[i]`` bytes at ``offsets[i]`` of ``fd`` into ``dests[i]``, in parallel.
 
-    ``dests`` are writable C-contiguous buffers of at least ``lengths[i]`` bytes.
+    ``dests`` are writable C-contiguous buffers of at least ``lengths[i]`` bytes. ``checksum``:
+    ``False``, ``True``, or one flag per range; each thread checksums the piece it has just read.
+
+    Returns:
+        ``None`` unless ``checksum``; else a uint32 array: the CRC32C of each range asked for,
+        0 for the others.
 
     Raises:
         OSError: a read failed.
         TruncatedFileError: the file ended before ``offsets[i] + lengths[i]``.
         ValueError: the lists differ in length, or a destination is too small.
+
+    Example:
+        >>> # fd: a file that starts with b"123456789"
+        >>> read_into(fd, [0], [9], [bytearray(9)], checksum=True)  # doctest: +SKIP
+        array([3808858755], dtype=uint32)
     """
     n = len(dests)
     if len(offsets) != n or len(lengths) != n:
@@ -206,10 +216,18 @@ def read_into(fd, offsets, lengths, dests):
         if len(bufs[i]) < lens[i]:
             raise ValueError(f"read_into: destination {i} holds {len(bufs[i])} bytes, "
                              f"{lens[i]} are to be read")
+    want, crcs, out = ffi.NULL, None, ffi.NULL
+    if not isinstance(checksum, (bool, np.bool_)):  # one flag per range
+        if len(checksum) != n:
+            raise ValueError(f"read_into: {len(checksum)} checksum flags for {n} ranges")
+        want = _new("uint8_t[]", [1 if flag else 0 for flag in checksum])
+    if not isinstance(checksum, (bool, np.bool_)) or checksum:
+        crcs = np.empty(n, np.uint32)
+        out = _from_buffer("uint32_t[]", crcs, require_writable=True)
     ptrs = _new("void *[]", bufs)
     index = _new("uint64_t *")
     err = _new("int *")
-    code = lib.sck_pread_many(fd, n, offs, lens, ptrs, 0, index, err)
+    code = lib.sck_pread_many(fd, n, offs, lens, ptrs, want, out, 0, index, err)
     if code:
         i = index[0]
         if code == lib.SCK_E_TRUNCATED:
@@ -217,6 +235,7 @@ def read_into(fd, offsets, lengths, dests):
                 f"file ended before byte {offs[i] + lens[i]}, the end of tensor {i} "
                 f"(file seems not fully written or downloaded) [T7]")
         _raise(code, err[0], f"reading {lens[i]} bytes at offset {offs[i]} (tensor {i})")
+    return crcs
 
 
 def write_tensors(fd, pos, buffers, align, checksum):

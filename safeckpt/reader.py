@@ -333,8 +333,9 @@ class Reader(TensorMap):
 
     # -- the mapping interface ------------------------------------------------------------------
 
-    def _read_into(self, offsets, lengths, dests):
-        """The backend's read_into on this reader's file descriptor.
+    def _read_into(self, offsets, lengths, dests, checksum=False):
+        """The backend's read_into on this reader's file descriptor (its result: the CRC32Cs
+        asked for by ``checksum``, or None).
 
         A close() in another thread waits for no one: it marks the reader closed, and the last
         read in flight closes the descriptor, so no read ever lands on a reused descriptor number.
@@ -345,7 +346,7 @@ class Reader(TensorMap):
             fd = self._fd
             self._fd_users += 1
         try:
-            self._be.read_into(fd, offsets, lengths, dests)
+            return self._be.read_into(fd, offsets, lengths, dests, checksum)
         finally:
             with self._lock:
                 self._fd_users -= 1
@@ -447,7 +448,9 @@ class Reader(TensorMap):
         Mapped (or bytes): views, made without a copy. Otherwise fresh memory filled by one
         parallel pread; runs of small neighbouring tensors share one block (one read, one
         allocation) instead of costing a read and an allocation each. Checksums are computed
-        from the bytes just read (one C call per block or large tensor), never by reading again.
+        from the bytes just read, never by reading again: a read holding one tensor is
+        checksummed by the read itself, piece by piece while in cache (read_into's checksum);
+        a block of several small ones by one crc32c_ranges call after the read.
         """
         self._check_open()
         check = self.verifies(verify)
@@ -484,13 +487,15 @@ class Reader(TensorMap):
                 arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory, offsets[i] - start)
             dests.append(memory)
         if reads:
-            self._read_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests)
+            read_crcs = self._read_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests,
+                                        [len(r[2]) == 1 for r in reads] if check else False)
         if check:
             crc32c_ranges = self._be.crc32c_ranges
             checked = [i for _, _, members in reads for _, i in members]
-            computed = [crc32c_ranges(dest, [offsets[i] - start for _, i in members],
+            computed = [read_crcs[k:k + 1] if len(members) == 1 else
+                        crc32c_ranges(dest, [offsets[i] - start for _, i in members],
                                       [nbytes[i] for _, i in members])
-                        for (start, _, members), dest in zip(reads, dests)]
+                        for k, ((start, _, members), dest) in enumerate(zip(reads, dests))]
             empty_ones = [i for i in indices if not nbytes[i]]  # the CRC32C of no bytes is 0
             self._compare(checked + empty_ones,
                           np.concatenate(computed + [np.zeros(len(empty_ones), np.uint32)]))

@@ -297,14 +297,14 @@ class _ShardFile(Reader):
         self._pins = 0  # reads between reopening the descriptor and using it
         open_shards.touch(self)
 
-    def _read_into(self, offsets, lengths, dests):
+    def _read_into(self, offsets, lengths, dests, checksum=False):
         with self._lock:
             if self._fd is None and self._names is not None:
                 self._fd = self._reopen()
             self._pins += 1
         try:
             self._open_shards.touch(self)
-            super()._read_into(offsets, lengths, dests)
+            return super()._read_into(offsets, lengths, dests, checksum)
         finally:
             with self._lock:
                 self._pins -= 1

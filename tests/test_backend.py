@@ -680,6 +680,44 @@ def test_read_into_truncated(backend, file_fd):
         backend.read_into(fd, [0, 1], [8], [np.empty(8, np.uint8)])
 
 
+def test_read_into_checksums(backend, tmp_path):
+    """checksum=True: the CRC32C of every range, as read; C checksums each piece of at most
+    SCK_READ_PIECE (8 MiB) as it reads it and joins the pieces, so ranges spanning several
+    pieces, empty ranges and many small ranges must all give the CRC of the whole range."""
+    data = np.random.default_rng(5).integers(0, 256, (20 << 20) + 333, dtype=np.uint8)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data.tobytes())
+    small = [(7 + 97 * k, k % 50) for k in range(1000)]  # 1000 ranges, 0 to 49 bytes
+    ranges = [(3, (17 << 20) + 5), (0, 0), ((17 << 20) + 11, (3 << 20) + 300)] + small
+    dests = [np.empty(length, np.uint8) for _, length in ranges]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        crcs = backend.read_into(fd, [o for o, _ in ranges], [n for _, n in ranges], dests,
+                                 checksum=True)
+        assert backend.read_into(fd, [0], [4], [np.empty(4, np.uint8)]) is None
+        flags = [k % 3 == 0 for k in range(len(ranges))]
+        some = backend.read_into(fd, [o for o, _ in ranges], [n for _, n in ranges], dests,
+                                 checksum=flags)
+    finally:
+        os.close(fd)
+    expected = [_pybackend.crc32c(data[o:o + n]) for o, n in ranges]
+    assert crcs.dtype == np.uint32 and list(crcs) == expected
+    assert expected[1] == 0 and len(set(expected[:3])) == 3
+    assert list(some) == [crc if flag else 0 for crc, flag in zip(expected, flags)]
+    assert all(np.array_equal(dest, data[o:o + n]) for dest, (o, n) in zip(dests, ranges))
+
+
+def test_read_into_checksums_truncated(backend, file_fd):
+    """A short read raises TruncatedFileError with checksum=True as without; a wrong number of
+    flags is a ValueError before anything is read."""
+    fd, data, _ = file_fd
+    with pytest.raises(TruncatedFileError):
+        backend.read_into(fd, [0, len(data) - 4], [5, 8], [np.empty(5, np.uint8),
+                                                          np.empty(8, np.uint8)], checksum=True)
+    with pytest.raises(ValueError, match="flags"):
+        backend.read_into(fd, [0, 1], [1, 1], [bytearray(1), bytearray(1)], checksum=[True])
+
+
 @pytest.mark.parametrize("align", [8, 4096])
 @pytest.mark.parametrize("checksum", [True, False])
 def test_write_tensors_round_trip(backend, tmp_path, align, checksum):

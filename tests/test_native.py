@@ -806,18 +806,30 @@ def test_pread_many_threads_and_pieces(tmp_path):
     try:
         offsets = [0, 17, 30 << 20, (40 << 20) - 5]
         lengths = [20 << 20, 1000, 10 << 20, 5]
+        expected = [_native.crc32c(data[o:o + n]) for o, n in zip(offsets, lengths)]
         for nthreads in (1, 2, 0, 100):
             dests = [np.empty(n, np.uint8) for n in lengths]
             ptrs = ffi.new("void *[]", [ffi.from_buffer(d) for d in dests])
             index, err = ffi.new("uint64_t *"), ffi.new("int *")
-            rc = lib.sck_pread_many(fd, 4, offsets, lengths, ptrs, nthreads, index, err)
+            crcs = ffi.new("uint32_t[]", [7] * 4)
+            rc = lib.sck_pread_many(fd, 4, offsets, lengths, ptrs, ffi.NULL, crcs, nthreads,
+                                    index, err)
             assert rc == Code.OK
             for o, n, d in zip(offsets, lengths, dests):
                 assert np.array_equal(d, data[o:o + n])
-        # the lowest failing tensor is reported
+            assert list(crcs) == expected  # the 20 MiB range is joined from 3 pieces
+            rc = lib.sck_pread_many(fd, 4, offsets, lengths, ptrs, [0, 1, 1, 0], crcs, nthreads,
+                                    index, err)
+            assert (rc, list(crcs)) == (Code.OK, [0, expected[1], expected[2], 0])
+        # the lowest failing tensor is reported; no checksum of a failed read is given
         dests = [np.empty(8 << 20, np.uint8) for _ in range(3)]
         ptrs = ffi.new("void *[]", [ffi.from_buffer(d) for d in dests])
-        rc = lib.sck_pread_many(fd, 3, [0, 40 << 20, 41 << 20], [8 << 20] * 3, ptrs, 3, index, err)
+        crcs = ffi.new("uint32_t[]", [7] * 3)
+        rc = lib.sck_pread_many(fd, 3, [0, 40 << 20, 41 << 20], [8 << 20] * 3, ptrs, ffi.NULL,
+                                crcs, 3, index, err)
+        assert (rc, index[0], list(crcs)) == (Code.TRUNCATED, 1, [0, 0, 0])
+        rc = lib.sck_pread_many(fd, 3, [0, 40 << 20, 41 << 20], [8 << 20] * 3, ptrs, ffi.NULL,
+                                ffi.NULL, 3, index, err)
         assert (rc, index[0]) == (Code.TRUNCATED, 1)
     finally:
         os.close(fd)

@@ -93,9 +93,9 @@ def test_pread_slice_reads_only_needed_rows(tmp_path, monkeypatch):
     asked = []
     real = _backend.backend.read_into
 
-    def spy(fd, offsets, lengths, dests):
+    def spy(fd, offsets, lengths, dests, checksum=False):
         asked.extend(lengths)
-        return real(fd, offsets, lengths, dests)
+        return real(fd, offsets, lengths, dests, checksum)
 
     monkeypatch.setattr(_backend.backend, "read_into", spy)
     with safeckpt.open(p, mmap=False) as f:
@@ -226,6 +226,36 @@ def test_verify_without_a_mapping_reads_in_bounded_batches(tmp_path, backend, mo
                 f.verify()
             with pytest.raises(safeckpt.ChecksumError, match="'t4'"):
                 f.verify(["t3", "t4", "t1"])
+
+
+def test_unmapped_load_checks_tensors_in_the_read(tmp_path, backend, monkeypatch):
+    """mmap=False checks every tensor's CRC32C [T10]: a tensor read alone (here one spanning
+    three 8 MiB read pieces, and a small one with no neighbour in reach) by the read itself, so
+    the only second pass is over the block of small neighbours; a flipped byte anywhere is
+    caught and named."""
+    tensors = {"a": np.arange(5, dtype=np.int32), "b": np.arange(7, dtype=np.int16),
+               "big": np.arange(4_500_000, dtype=np.float32), "empty": np.zeros(0, np.int8),
+               "lone": np.arange(9, dtype=np.int64)}
+    path = tmp_path / "c.sckpt"
+    safeckpt.save_file(tensors, path)
+    be = safeckpt._backend.backend
+    second_pass, crc32c_ranges = [], be.crc32c_ranges
+    monkeypatch.setattr(be, "crc32c_ranges", lambda *a: second_pass.append(list(a[2])) or
+                        crc32c_ranges(*a))
+    loaded = safeckpt.load_file(path, mmap=False)
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+    assert second_pass == [[20, 14]]  # "a" and "b", sharing one block
+    with safeckpt.open(path) as f:
+        at = {name: f.info(name).offset for name in ("a", "b", "big", "lone")}
+    for name, offset in [("a", at["a"]), ("b", at["b"] + 13), ("big", at["big"]),
+                         ("big", at["big"] + (17 << 20) + 3), ("lone", at["lone"] + 71)]:
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0x40
+        bad = tmp_path / "bad.sckpt"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(safeckpt.ChecksumError, match=f"'{name}'"):
+            safeckpt.load_file(bad, mmap=False)
+        assert safeckpt.load_file(bad, mmap=False, verify=False).keys() == tensors.keys()
 
 
 def test_sharded_loads_verify_by_default(tmp_path):

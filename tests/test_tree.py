@@ -207,10 +207,10 @@ class ReadSpy:
         self.offsets, self.ranges = [], []
         real = _backend.backend.read_into
 
-        def read_into(fd, offsets, lengths, dests):
+        def read_into(fd, offsets, lengths, dests, checksum=False):
             self.offsets.extend(offsets)
             self.ranges.extend((o, o + n) for o, n in zip(offsets, lengths))
-            return real(fd, offsets, lengths, dests)
+            return real(fd, offsets, lengths, dests, checksum)
         monkeypatch.setattr(_backend.backend, "read_into", read_into)
 
 
