@@ -37,6 +37,8 @@ from forge import forge
 MEMORY_PER_BYTE = 80  # SECURITY.md, "Guaranteed" 2: the bound on decoding a header
 SLACK = 2 << 20  # caches and first-use imports that do not grow with the file
 TIME_RATIO = 24  # 8x the file: linear ~8x the time, quadratic ~64x
+pytestmark = pytest.mark.cost  # .ci/sanitize skips these: ASan changes what memory and time cost
+
 HEADER_BYTES = 1 << 18  # every shape is made about this large (counts below)
 
 

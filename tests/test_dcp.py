@@ -397,6 +397,7 @@ _COST = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cost
 def test_read_cost_per_input_byte(tmp_path):
     """read_metadata + the template-free load (which allocates what the metadata describes), on
     each shape, in a fresh process: peak memory (VmHWM, reset before the load) per metadata byte

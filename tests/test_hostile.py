@@ -248,6 +248,7 @@ def test_index_json_metadata_memory_is_bounded(tmp_path):
     assert peak <= MEMORY_PER_HEADER_BYTE * index.stat().st_size, peak / index.stat().st_size
 
 
+@pytest.mark.cost
 def test_header_memory_bound_in_rss():
     """The same bound measured as the process sees it (peak RSS of a fresh process), on a 10 MB
     header of empty maps, the costliest shape."""

@@ -570,6 +570,7 @@ _COST = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cost
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc")
 @pytest.mark.parametrize("shape", CONVERT_SHAPES)
 def test_convert_cost_per_source_byte(tmp_path, backend, shape):
