@@ -223,6 +223,7 @@ class Reader(TensorMap):
             _raise(code, where, detail)
         self.version = fields[0], fields[1]
         flags, header_len, self.align, header_crc = fields[2:]
+        self._header_len = header_len
         header = self._read(fmt.PREFIX_SIZE, header_len)
         actual = be.crc32c(header)
         if actual != header_crc:

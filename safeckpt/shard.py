@@ -19,6 +19,7 @@ Example:
 import collections
 import concurrent.futures
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -286,13 +287,14 @@ class _OpenShards:
 
 class _ShardFile(Reader):
     """A shard read with ``pread`` (``mmap=False``) whose descriptor :class:`_OpenShards` may
-    close between reads; it reopens by path, and must then be the file it was (same device,
-    inode and size) or it raises ShardError [S7]."""
+    close between reads; it reopens by path, and must then be the file it was or it raises
+    ShardError [S7]: the same device, inode and size, and the same prefix and header bytes
+    (a file system reuses a freed inode at once, so a later save's shard of the same size can
+    have all three; its header differs, as it holds that save's id)."""
 
     def __init__(self, path, open_shards, **limits):
         super().__init__(path, mmap=False, **limits)
-        st = os.fstat(self._fd)
-        self._identity = st.st_dev, st.st_ino, st.st_size
+        self._identity = self._identity_of(self._fd)
         self._open_shards = open_shards
         self._pins = 0  # reads between reopening the descriptor and using it
         open_shards.touch(self)
@@ -312,12 +314,29 @@ class _ShardFile(Reader):
     def _reopen(self):
         fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(
             os, "O_NONBLOCK", 0))
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size) != self._identity:
+        try:
+            same = self._identity_of(fd) == self._identity
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
             os.close(fd)
             raise ShardError(f"shard {self._where} was replaced or changed since the checkpoint "
                              "was opened (another save?); open the checkpoint again [S7]")
         return fd
+
+    def _identity_of(self, fd):
+        """Device, inode, size and a hash of the prefix and header of the file open at ``fd`` (kept
+        instead of the header itself, which may be large, for each of many shards)."""
+        st = os.fstat(fd)
+        length = min(fmt.PREFIX_SIZE + self._header_len, st.st_size)
+        head = b""
+        while len(head) < length:
+            more = os.pread(fd, length - len(head), len(head))
+            if not more:
+                break
+            head += more
+        return st.st_dev, st.st_ino, st.st_size, hashlib.blake2b(head, digest_size=16).digest()
 
     def _release(self):
         """Close the descriptor unless a read uses it; whether none is left open."""

@@ -419,3 +419,24 @@ def test_bytes_path_is_a_path_not_contents(tmp_path, backend):
     for contents in (bytearray(single.read_bytes()), memoryview(single.read_bytes())):
         with pytest.raises(TypeError, match="load_bytes"):
             safeckpt.load_file(contents)
+
+
+def test_R8_a_later_save_on_a_reused_inode_is_refused(tmp_path, monkeypatch, backend):
+    """A shard closed for room and re-saved since (atomic=False: unlink, then create, and the file
+    system hands the freed inode to the new file at once) has the old device, inode and size;
+    its header (another save id) tells it apart, so no read returns the later save's values [S7]."""
+    monkeypatch.setattr(shard, "MAX_OPEN_SHARDS", 2)
+
+    def tensors(base):
+        return {f"t{i}": np.full(16, base + i, np.float32) for i in range(6)}
+
+    path = tmp_path / "ck.sckpt"
+    safeckpt.save_file(tensors(0.0), path, max_shard_size=64)
+    with safeckpt.open(path, mmap=False) as f:
+        for i in range(6):
+            f[f"t{i}"]  # the first shards are closed for room
+        safeckpt.save_file(tensors(1000.0), path, max_shard_size=64, atomic=False)
+        for read in (lambda: f.get_slice("t0")[:2], lambda: f["t0"],
+                     lambda: f.load_all(verify=False)):
+            with pytest.raises(safeckpt.ShardError, match=r"replaced or changed.*\[S7\]"):
+                read()
