@@ -3,9 +3,12 @@
 docs/FORMAT.md is the specification; rule names such as [P5] refer to it.
 """
 
+from __future__ import annotations
+
 import contextlib
 import gc
 import struct
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import msgpack
 
@@ -36,23 +39,35 @@ COLUMN_KEYS = ("dtypes", "ndims", "shape", "offsets", "nbytes")
 KEY_MINOR = {"names": 0, **{key: 0 for key in COLUMN_KEYS}, "crc32c": 0, "metadata": 0, "tree": 1,
              "shards": 2}
 HEADER_KEYS = frozenset(KEY_MINOR)
-NO_TREE = type("NoTree", (), {"__repr__": lambda self: "NO_TREE"})()  # a file without "tree"
-# (None cannot say so: a tree may be just None)
+
+
+class _NoTree:
+    """The type of :data:`NO_TREE`."""
+
+    def __repr__(self) -> str:
+        return "NO_TREE"
+
+
+NO_TREE = _NoTree()  # a file without "tree" (None cannot say so: a tree may be just None)
 _INT_MIN = -(1 << 63)
 _INT_MAX = (1 << 64) - 1
+_T = TypeVar("_T")
 
 
-def align_up(value, align):
+def align_up(value: int, align: int) -> int:
     """Round ``value`` up to a multiple of ``align`` (a power of two)."""
     return (value + align - 1) & ~(align - 1)
 
 
-def encode_prefix(flags, header_len, align, header_crc, minor=0):
+def encode_prefix(flags: int, header_len: int, align: int, header_crc: int, minor: int = 0
+                  ) -> bytes:
     """Return the 32-byte prefix [P1-P8]; ``minor`` is the lowest version that holds the header."""
     return PREFIX_STRUCT.pack(MAGIC, VERSION_MAJOR, minor, flags, header_len, align, header_crc)
 
 
-def encode_header(names, columns, crcs, metadata, tree=NO_TREE, shards=None):
+def encode_header(names: list[str], columns: dict[str, bytes], crcs: bytes | None,
+                  metadata: dict[str, Any] | None, tree: Any = NO_TREE,
+                  shards: dict[str, Any] | None = None) -> bytes:
     """Return the msgpack header [H1-H8].
 
     ``columns`` maps each of ``COLUMN_KEYS`` to its bytes; ``crcs`` is the ``crc32c`` column or
@@ -60,7 +75,7 @@ def encode_header(names, columns, crcs, metadata, tree=NO_TREE, shards=None):
     see :mod:`safeckpt.tree`) or ``NO_TREE``; ``shards`` the ``shards`` map of a shard index
     (section 9) or ``None``.
     """
-    header = {"names": names}
+    header: dict[str, Any] = {"names": names}
     for key in COLUMN_KEYS:
         header[key] = columns[key]
     if crcs is not None:
@@ -74,7 +89,7 @@ def encode_header(names, columns, crcs, metadata, tree=NO_TREE, shards=None):
     return msgpack.packb(header, use_bin_type=True)
 
 
-def check_metadata(metadata, max_depth=MAX_DEPTH):
+def check_metadata(metadata: object, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """Check that user metadata holds only msgpack primitives [H7]; return it as a dict.
 
     Raises:
@@ -90,20 +105,33 @@ def check_metadata(metadata, max_depth=MAX_DEPTH):
         return {}
     if not isinstance(metadata, dict):
         raise InvalidValueError(f"metadata must be a dict with str keys, not {type(metadata).__name__}")
-    _walk_metadata(metadata, max_depth, InvalidValueError)
+    walk_metadata(metadata, max_depth, InvalidValueError)
     return metadata
 
 
-def _walk_metadata(metadata, max_depth, error):
-    """Check [H3] and [H7] without recursion; raise ``error`` naming the path of a bad value.
+def walk_metadata(metadata: dict[Any, Any], max_depth: int,
+                  error: Callable[[str], Exception]) -> None:
+    """Check metadata's nesting [H3] and types [H7]; raise ``error`` naming the path of a bad value.
 
-    The children of each container are checked in bulk (the set of their types, the range of
-    their ints), and only the non-empty containers among them are entered, one iterator per
-    level: memory grows with the depth, not the size, and the path of a bad value
-    (``metadata['lr'][2]``) is spelled out only for the message.
+    For every metadata map a reader or writer meets: a file's (``error`` is HeaderError), a
+    caller's (InvalidValueError), a safetensors header's or index's. The map itself is level 2
+    of a header. Nothing recurses: the children of each container are checked in bulk (the set
+    of their types, the range of their ints), and only the non-empty containers among them are
+    entered, one iterator per level, so memory grows with the depth, not the size; the path of a
+    bad value (``metadata['lr'][2]``) is spelled out only for the message.
+
+    Raises:
+        ``error``: a key that is not a str, an int out of range, a type msgpack does not hold.
+        LimitError: deeper than ``max_depth`` [H3].
+
+    Example:
+        >>> walk_metadata({"lr": [0.1, {1: 2}]}, MAX_DEPTH, ValueError)
+        Traceback (most recent call last):
+        ValueError: metadata['lr'][1]: map key 1 is not a str [H7]
     """
-    keys, stack = [], []  # per level entered: the key of the container entered, its children left
-    value = metadata
+    keys: list[Any] = []  # per level entered: the key of the container entered
+    stack: list[Iterator[tuple[Any, Any]]] = []  # per level entered: its children left to enter
+    value: Any = metadata
     if 2 > max_depth:  # the header map is level 1, metadata level 2
         raise LimitError(f"metadata: nesting deeper than max_depth={max_depth} [H3]")
     while True:
@@ -147,24 +175,25 @@ def _walk_metadata(metadata, max_depth, error):
 _LEAF_TYPES = frozenset((type(None), bool, int, float, str, bytes))  # msgpack's primitives [H7]
 
 
-def _items(container):
+def _items(container: Any) -> Iterable[tuple[Any, Any]]:
     """``(key or index, value)`` of a dict, list or tuple."""
     return container.items() if isinstance(container, dict) else enumerate(container)
 
 
-def path_of(root, keys):
+def path_of(root: str, keys: Sequence[object]) -> str:
     """``metadata['a'][0]``: the expression that reaches a value, for a message (keys quoted)."""
     return root + "".join(f"[{quote(key)}]" for key in keys)
 
 
-def _check_depth(value, path, max_depth):
+def _check_depth(value: object, path: str, max_depth: int) -> None:
     """[H3] for a top-level header value (level 2) of any content, e.g. an ignored key [H8];
     without recursion, entering only non-empty containers, one iterator per level."""
     if type(value) not in (dict, list):
         return
     if 2 > max_depth:
         raise LimitError(f"{path}: nesting deeper than max_depth={max_depth} [H3]")
-    stack = [iter((value,))]  # per level entered: the non-empty containers left to enter
+    stack: list[Iterator[Any]] = [iter((value,))]  # per level entered: the non-empty
+    # containers left to enter
     while stack:
         for item in stack[-1]:
             children = item.values() if type(item) is dict else item
@@ -176,21 +205,31 @@ def _check_depth(value, path, max_depth):
             stack.pop()
 
 
-def unique_pairs(pairs, where="map key in the header [H2]"):
+def unique_pairs(pairs: Sequence[tuple[Any, Any]], where: str = "map key in the header [H2]"
+                 ) -> dict[Any, Any]:
     """object_pairs_hook for msgpack and json: build a dict, refusing a key given twice.
 
     ``where`` completes the message: "duplicate <where>: <key>".
     """
     result = dict(pairs)
     if len(result) != len(pairs):
-        seen = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        key = _first_repeated(k for k, _ in pairs)
         raise HeaderError(f"duplicate {where}: {quote(key)}")
     return result
 
 
+def _first_repeated(items: Iterable[_T]) -> _T:
+    """The first item equal to one before it (the caller knows that one is)."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    raise ValueError("no item is repeated")
+
+
 @contextlib.contextmanager
-def collector_paused():
+def collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a header is decoded.
 
     A header makes up to one new container per byte, none in a cycle: the collector would walk
@@ -209,20 +248,48 @@ def collector_paused():
             gc.enable()
 
 
-def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_DEPTH):
-    """Decode and check the msgpack header [H1-H8]; return ``(index, columns, crcs, metadata, tree,
-    shards)``.
+class Header(NamedTuple):
+    """A decoded and checked header (:func:`decode_header`): the parts a reader keeps."""
 
-    ``index`` maps each tensor name to its position in the table, in table order.
+    positions: dict[str, int]  # each tensor name -> its position in the table, in table order
+    columns: dict[str, bytes]  # each of COLUMN_KEYS -> its bytes, not yet checked [T1-T7]
+    crcs: Optional[bytes]  # the crc32c column, or None without the TENSOR_CRC flag
+    metadata: dict[str, Any]  # checked [H7]
+    tree: Any  # the raw "tree" value (section 8), or NO_TREE
+    shards: Optional[dict[Any, Any]]  # the raw "shards" map of a shard index [S1], or None
 
-    ``tree`` is the raw ``tree`` value (section 8), or ``NO_TREE``; :func:`safeckpt.tree.check_tree`
-    validates it against the tensor table. ``shards`` is the raw ``shards`` map of a shard index
-    (flag ``SHARD_INDEX``, [S1]) or ``None``; :mod:`safeckpt.shard` validates it [S2-S6].
+
+def decode_header(data: bytes, minor: int, flags: int, *, max_tensors: int = MAX_TENSORS,
+                  max_depth: int = MAX_DEPTH) -> Header:
+    """Decode and check the msgpack header [H1-H8]; return a :class:`Header`.
+
+    The checks run in the order of FORMAT.md section 2: the map and its keys [H1-H3, H8], the
+    names [H4-H6], the columns and the crc32c column [H4], the metadata [H7], then the tree and
+    the shards of a later minor version. :func:`safeckpt.tree.check_tree` validates the tree
+    against the tensor table, :mod:`safeckpt.shard` the shards [S2-S6].
 
     Raises:
         HeaderError: malformed msgpack or a schema violation.
         LimitError: too many tensors [H6] or too deep [H3].
+
+    Example:
+        >>> columns = {key: b"" for key in COLUMN_KEYS}
+        >>> decode_header(encode_header([], columns, None, None), 0, 0).positions
+        {}
     """
+    header = _unpack(data, max_depth)
+    _check_keys(header, minor, max_depth)
+    positions = _decode_names(header, max_tensors)
+    columns = _decode_columns(header)
+    crcs = _decode_crcs(header, flags, len(positions))
+    metadata = _decode_metadata(header, max_depth)
+    tree = header.get("tree", NO_TREE) if minor >= KEY_MINOR["tree"] else NO_TREE  # section 8
+    shards = _decode_shards(header, minor, flags, len(positions), max_depth)
+    return Header(positions, columns, crcs, metadata, tree, shards)
+
+
+def _unpack(data: bytes, max_depth: int) -> dict[Any, Any]:
+    """The header as one msgpack map, no key twice [H1, H2]."""
     try:
         with collector_paused():
             header = msgpack.unpackb(
@@ -237,6 +304,12 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         raise HeaderError(f"header is not one valid msgpack object: {exc} [H1]") from exc
     if not isinstance(header, dict):
         raise HeaderError(f"header must be a msgpack map, not {type(header).__name__} [H1]")
+    return header
+
+
+def _check_keys(header: dict[Any, Any], minor: int, max_depth: int) -> None:
+    """Every key a str [H1] of the file's minor version or older [H8]; the depth of the values
+    that no later step walks [H3]."""
     for key in header:
         if type(key) is not str:
             raise HeaderError(f"header key {quote(key)} is not a str [H1]")
@@ -245,6 +318,10 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
         if key not in ("names", "metadata", "tree", "shards"):  # flat, or walked later
             _check_depth(header[key], f"header[{quote(key)}]", max_depth)
 
+
+def _decode_names(header: dict[str, Any], max_tensors: int) -> dict[str, int]:
+    """``names`` [H4], at most ``max_tensors`` [H6], each a non-empty str given once [H5], as
+    name -> position."""
     names = header.get("names")
     if type(names) is not list:
         raise HeaderError(f"header 'names' must be an array of str, not {type(names).__name__} [H4]")
@@ -262,37 +339,56 @@ def decode_header(data, minor, flags, *, max_tensors=MAX_TENSORS, max_depth=MAX_
     if "" in index:
         raise HeaderError(f"tensor {index['']}: name '' is not a non-empty str [H5]")
     if len(index) != len(names):
-        seen = set()
-        name = next(x for x in names if x in seen or seen.add(x))
+        name = _first_repeated(names)
         raise HeaderError(f"tensor {quote(name)}: the name appears twice [H5]")
+    return index
 
+
+def _decode_columns(header: dict[str, Any]) -> dict[str, bytes]:
+    """The five columns of the tensor table, each a bin [H4] (their content: section 3)."""
     columns = {}
     for key in COLUMN_KEYS:
         value = header.get(key)
         if type(value) is not bytes:
             raise HeaderError(f"header {key!r} must be bin, not {type(value).__name__} [H4]")
         columns[key] = value
+    return columns
+
+
+def _decode_crcs(header: dict[str, Any], flags: int, count: int) -> bytes | None:
+    """The ``crc32c`` column: 4 bytes a tensor with the TENSOR_CRC flag, absent without [H4]."""
     crcs = header.get("crc32c")
     if flags & FLAG_TENSOR_CRC:
-        if type(crcs) is not bytes or len(crcs) != 4 * len(names):
-            raise HeaderError(f"header 'crc32c' must be bin of {4 * len(names)} bytes when the "
+        if type(crcs) is not bytes or len(crcs) != 4 * count:
+            raise HeaderError(f"header 'crc32c' must be bin of {4 * count} bytes when the "
                               "TENSOR_CRC flag is set [H4]")
     elif crcs is not None:
         raise HeaderError("header has a 'crc32c' column but the TENSOR_CRC flag is not set [H4]")
+    return crcs
 
+
+def _decode_metadata(header: dict[str, Any], max_depth: int) -> dict[str, Any]:
+    """``metadata``: a map of msgpack primitives [H7], within the depth limit [H3]; ``{}`` when
+    absent."""
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise HeaderError(f"header 'metadata' must be a map, not {type(metadata).__name__} [H7]")
-    _walk_metadata(metadata, max_depth, HeaderError)
-    tree = header.get("tree", NO_TREE) if minor >= KEY_MINOR["tree"] else NO_TREE
+    walk_metadata(metadata, max_depth, HeaderError)
+    return metadata
+
+
+def _decode_shards(header: dict[str, Any], minor: int, flags: int, count: int, max_depth: int
+                   ) -> dict[Any, Any] | None:
+    """The ``shards`` map of a shard index, which holds no tensors and no other flag [S1]; None
+    for a file of tensors, which must not have one."""
     shards = header.get("shards") if minor >= KEY_MINOR["shards"] else None
     if flags & FLAG_SHARD_INDEX:  # [S1]
         if flags != FLAG_SHARD_INDEX or minor < KEY_MINOR["shards"] or type(shards) is not dict:
             raise HeaderError("a shard index (flag SHARD_INDEX) needs no other flag, minor version 2 "
                               "or later and a 'shards' map [S1]")
-        if names:
-            raise HeaderError(f"a shard index holds no tensors, this one has {len(names)} [S1]")
+        if count:
+            raise HeaderError(f"a shard index holds no tensors, this one has {count} [S1]")
         _check_depth(shards, "header['shards']", max_depth)
     elif shards is not None:
         raise HeaderError("header has a 'shards' key but not the SHARD_INDEX flag [S1]")
-    return index, columns, crcs, metadata, tree, shards
+    return shards

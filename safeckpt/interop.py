@@ -178,7 +178,7 @@ def _index_source(path, stack, limits):
     if type(metadata) is not dict:
         raise HeaderError(f"{where}: 'metadata' must be an object, not {type(metadata).__name__}")
     metadata = dict(metadata)
-    fmt._walk_metadata(metadata, limits.get("max_depth", fmt.MAX_DEPTH), HeaderError)
+    fmt.walk_metadata(metadata, limits.get("max_depth", fmt.MAX_DEPTH), HeaderError)
     by_file = collections.defaultdict(set)
     for name, file in weight_map.items():
         by_file[_plain_name(file, where)].add(name)
