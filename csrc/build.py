@@ -4,9 +4,11 @@ Used by setup.py through ``cffi_modules=["csrc/build.py:ffibuilder"]``; paths ar
 the repository root, where setup.py runs. ``python csrc/build.py`` builds it by hand.
 The ``cdef`` below is written by hand from csrc/sck.h; constants are declared with ``...`` so
 that their values come from the C header, and tests/test_native.py compares them with the
-Python modules.
+Python modules. The core is ISO C11 on POSIX (csrc/compat.h); .ci/cross builds the same sources
+with -std=c11 -pedantic for three CPUs.
 """
 
+import glob
 import sys
 
 from cffi import FFI
@@ -47,7 +49,6 @@ typedef enum sck_code {
     SCK_E_ARG, ...
 } sck_code;
 
-const char *sck_strerror(int code);
 int sck_dtype_itemsize(int code);
 
 uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len);
@@ -102,7 +103,8 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
                       uint64_t *end, uint64_t *bad_index, int *err);
 """
 
-SOURCES = ["csrc/crc32c.c", "csrc/sck.c", "csrc/io.c"]
+SOURCES = sorted(glob.glob("csrc/*.c"))
+HEADERS = sorted(glob.glob("csrc/*.h"))
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -111,8 +113,10 @@ ffibuilder.set_source(
     '#include "sck.h"',
     sources=SOURCES,
     include_dirs=["csrc"],
-    depends=["csrc/sck.h", "csrc/sck_internal.h"],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-fvisibility=hidden"],
+    depends=HEADERS,
+    # _FILE_OFFSET_BITS: a 64-bit off_t on 32-bit hosts (compat.h sets it too, for other builds)
+    define_macros=[("_FILE_OFFSET_BITS", "64")],
+    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"],
     libraries=["pthread"],
 )
 

@@ -8,18 +8,23 @@
  * "shift by one stream length" operator: for the raw CRC register (no pre/post inversion),
  * reg(r, A||B) = shift_|B|(reg(r, A)) ^ reg(0, B), and shift_N is linear over GF(2), so it is a
  * 32x32 bit matrix, applied with four 256-entry tables. (Mark Adler's crc32c.c popularised this.)
+ *
+ * A leaf: pure computation, calling nothing else of the core (the parallel driver over many
+ * ranges is in parallel.c). Its only system dependency is pthread_once, which builds the tables
+ * on first use.
  */
-#define _GNU_SOURCE
-#include <pthread.h>
+#include "compat.h" /* first: feature-test macros */
+
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "sck.h"
 #include "sck_internal.h"
 
-/* -DSCK_NO_HW_CRC builds the portable code only (to test that build). */
-#if defined(SCK_NO_HW_CRC)
+/* Which CRC instructions: SSE4.2 on x86-64 (cpuid at run time), the ARMv8 CRC extension on
+ * aarch64 Linux (HWCAP at run time) and on Apple Silicon (always present: every Apple aarch64
+ * CPU has it, so there is nothing to check). -DSCK_NO_HW_CRC or -DSCK_PORTABLE: tables only. */
+#if defined(SCK_NO_HW_CRC) || defined(SCK_PORTABLE)
 /* tables only */
 #elif defined(__x86_64__) && defined(__GNUC__)
 #include <nmmintrin.h>
@@ -31,6 +36,10 @@
 #define HWCAP_CRC32 (1 << 7)
 #endif
 #define SCK_CRC_ARM 1
+#elif defined(__aarch64__) && defined(__APPLE__) && defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+#define SCK_CRC_ARM 1
+#define SCK_CRC_ARM_ALWAYS 1
 #endif
 
 #define SCK_CRC_POLY 0x82F63B78u /* 0x1EDC6F41 bit-reflected */
@@ -112,6 +121,8 @@ static void sck_crc_init(void)
 #if defined(SCK_CRC_X86)
     __builtin_cpu_init();
     sck_crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+#elif defined(SCK_CRC_ARM_ALWAYS)
+    sck_crc_hw = 1;
 #elif defined(SCK_CRC_ARM)
     sck_crc_hw = (getauxval(AT_HWCAP) & HWCAP_CRC32) ? 1 : 0;
 #else
@@ -141,7 +152,7 @@ static uint32_t sck_crc_sw_raw(uint32_t reg, const uint8_t *p, size_t len)
 
 uint32_t sck_crc32c_sw(uint32_t crc, const void *buf, size_t len)
 {
-    pthread_once(&sck_crc_once, sck_crc_init);
+    sck_once(&sck_crc_once, sck_crc_init);
     if (len == 0)
         return crc;
     return ~sck_crc_sw_raw(~crc, (const uint8_t *)buf, len);
@@ -153,6 +164,10 @@ uint32_t sck_crc32c_sw(uint32_t crc, const void *buf, size_t len)
 #define SCK_CRC_TARGET __attribute__((target("sse4.2")))
 #define SCK_CRC_U64(reg, v) ((uint32_t)_mm_crc32_u64((reg), (v)))
 #define SCK_CRC_U8(reg, v) _mm_crc32_u8((reg), (v))
+#elif defined(SCK_CRC_ARM_ALWAYS)
+#define SCK_CRC_TARGET /* the compiler's target has the CRC extension (__ARM_FEATURE_CRC32) */
+#define SCK_CRC_U64(reg, v) __crc32cd((reg), (v))
+#define SCK_CRC_U8(reg, v) __crc32cb((reg), (v))
 #else
 #define SCK_CRC_TARGET __attribute__((target("+crc")))
 #define SCK_CRC_U64(reg, v) __crc32cd((reg), (v))
@@ -203,7 +218,7 @@ static uint32_t sck_crc_hw_raw(uint32_t reg, const uint8_t *p, size_t len)
 
 uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len)
 {
-    pthread_once(&sck_crc_once, sck_crc_init);
+    sck_once(&sck_crc_once, sck_crc_init);
     if (len == 0)
         return crc;
 #if defined(SCK_CRC_X86) || defined(SCK_CRC_ARM)
@@ -215,7 +230,7 @@ uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len)
 
 int sck_crc32c_hw_available(void)
 {
-    pthread_once(&sck_crc_once, sck_crc_init);
+    sck_once(&sck_crc_once, sck_crc_init);
     return sck_crc_hw;
 }
 
@@ -226,64 +241,4 @@ uint32_t sck_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
     shift = sck_crc_mulmod(shift, shift);
     shift = sck_crc_mulmod(shift, shift);
     return sck_crc_mulmod(crc_a, shift) ^ crc_b;
-}
-
-/* ---- Many ranges, in parallel ----------------------------------------------------------------- */
-
-typedef struct sck_crc_job {
-    const uint8_t *base;
-    const uint64_t *offsets;
-    uint32_t *piece_crcs;
-} sck_crc_job;
-
-static int sck_crc_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uint64_t k)
-{
-    sck_crc_job *job = ctx;
-    job->piece_crcs[k] = sck_crc32c(0, job->base + job->offsets[i] + off, (size_t)len);
-    return SCK_OK;
-}
-
-int sck_crc32c_ranges(const void *base, uint64_t size, uint64_t n, const uint64_t *offsets,
-                      const uint64_t *lengths, uint32_t *crcs, int nthreads, uint64_t *bad_index)
-{
-    uint64_t total = 0, npieces = 0, *first_piece;
-    sck_crc_job job;
-
-    SCK_CHECK(bad_index != NULL, SCK_E_ARG);
-    *bad_index = 0;
-    SCK_CHECK(n == 0 || (base != NULL && offsets != NULL && lengths != NULL && crcs != NULL),
-              SCK_E_ARG);
-    SCK_CHECK(size <= (uint64_t)SIZE_MAX, SCK_E_ARG);
-    for (uint64_t i = 0; i < n; i++) {
-        uint64_t end;
-        if (sck_add_u64(offsets[i], lengths[i], &end) || end > size ||
-            sck_add_u64(npieces, sck_piece_count(lengths[i]), &npieces)) {
-            *bad_index = i;
-            return SCK_E_ARG;
-        }
-        /* saturating: past the threshold the sum is not needed */
-        total = lengths[i] >= SCK_CRC_THREAD_MIN - total ? SCK_CRC_THREAD_MIN : total + lengths[i];
-    }
-    /* Ranges of a checked table do not overlap, so npieces <= n + size / SCK_READ_PIECE; other
-     * ranges (overlapping) are checked on this thread, with no memory sized by them. */
-    if (nthreads == 1 || total < SCK_CRC_THREAD_MIN || n >= SIZE_MAX / 16 ||
-        npieces > n + size / SCK_READ_PIECE) {
-        for (uint64_t i = 0; i < n; i++)
-            crcs[i] = sck_crc32c(0, (const uint8_t *)base + offsets[i], (size_t)lengths[i]);
-        return SCK_OK;
-    }
-    first_piece = malloc((size_t)(n + 1) * sizeof *first_piece);
-    job.piece_crcs = malloc((size_t)npieces * sizeof *job.piece_crcs);
-    if (first_piece == NULL || job.piece_crcs == NULL) {
-        free(first_piece);
-        free(job.piece_crcs);
-        return SCK_E_NOMEM;
-    }
-    job.base = base;
-    job.offsets = offsets;
-    sck_run_pieces(n, lengths, first_piece, nthreads, sck_crc_piece, &job);
-    sck_join_pieces(n, lengths, first_piece, job.piece_crcs, crcs);
-    free(first_piece);
-    free(job.piece_crcs);
-    return SCK_OK;
 }

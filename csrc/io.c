@@ -1,14 +1,16 @@
 /*
- * io.c - file access for safeckpt: private memory maps, parallel pread, streaming write.
+ * io.c - file access for safeckpt: private memory maps, the padding check on a file descriptor,
+ * parallel pread (driven by parallel.c), streaming write.
  *
  * Every read and write loops over partial transfers and EINTR; failures come back as SCK_E_IO
  * with the errno in an out-parameter (the parallel reader fails in worker threads, where errno
- * would be lost). Positions are checked to stay below 2**63 so that they fit off_t.
+ * would be lost). Positions are checked to stay below 2**63 so that they fit off_t, which
+ * compat.h makes 64 bits wide on 32-bit hosts too.
  */
-#define _GNU_SOURCE
+#include "compat.h" /* first: feature-test macros */
+
 #include <errno.h>
 #include <limits.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,10 +42,10 @@ int sck_map(int fd, uint64_t size, void **out, int *err)
     *out = NULL;
     *err = 0;
     SCK_CHECK(size > 0 && size <= (uint64_t)SIZE_MAX, SCK_E_ARG);
-    /* MAP_NORESERVE: a private writable mapping is otherwise charged in full against the
-     * overcommit limit, which refuses files larger than RAM + swap; pages are only copied when
-     * written. */
-    p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+    /* MAP_NORESERVE (where there is one): a private writable mapping is otherwise charged in
+     * full against the overcommit limit, which refuses files larger than RAM + swap; pages are
+     * only copied when written. */
+    p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | SCK_MAP_NORESERVE, fd, 0);
     if (p == MAP_FAILED) {
         *err = errno;
         return SCK_E_IO;
@@ -65,10 +67,10 @@ int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int 
     long ps;
 
     switch (advice) {
-    case SCK_ADVICE_NORMAL: adv = MADV_NORMAL; break;
-    case SCK_ADVICE_SEQUENTIAL: adv = MADV_SEQUENTIAL; break;
-    case SCK_ADVICE_WILLNEED: adv = MADV_WILLNEED; break;
-    case SCK_ADVICE_RANDOM: adv = MADV_RANDOM; break;
+    case SCK_ADVICE_NORMAL: adv = POSIX_MADV_NORMAL; break;
+    case SCK_ADVICE_SEQUENTIAL: adv = POSIX_MADV_SEQUENTIAL; break;
+    case SCK_ADVICE_WILLNEED: adv = POSIX_MADV_WILLNEED; break;
+    case SCK_ADVICE_RANDOM: adv = POSIX_MADV_RANDOM; break;
     default: return SCK_E_ARG;
     }
     if (base == NULL || offset >= size || length == 0)
@@ -79,7 +81,8 @@ int sck_advise(void *base, uint64_t size, uint64_t offset, uint64_t length, int 
     start = offset & ~(page - 1);
     if (sck_align_up_u64(end, page, &end))
         return SCK_OK;
-    (void)madvise((uint8_t *)base + start, (size_t)(end - start), adv); /* best effort */
+    /* best effort; the POSIX spelling of madvise (glibc passes these four straight to it) */
+    (void)posix_madvise((uint8_t *)base + start, (size_t)(end - start), adv);
     return SCK_OK;
 }
 
@@ -128,6 +131,7 @@ static int sck_pwrite_full(int fd, const uint8_t *src, uint64_t len, uint64_t of
 }
 
 /* Writes iov[0..cnt) at off, following partial writes; modifies iov. */
+#if SCK_HAVE_PWRITEV
 static int sck_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t off, int *err)
 {
     int i = 0;
@@ -162,98 +166,96 @@ static int sck_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t off, in
     }
     return SCK_OK;
 }
-
-/* ---- Work in pieces, on several threads ------------------------------------------------------ */
-
-int sck_online_cpus(void)
+#else
+static int sck_pwritev_full(int fd, struct iovec *iov, int cnt, uint64_t off, int *err)
 {
-    long c = sysconf(_SC_NPROCESSORS_ONLN);
-    return c < 1 ? 1 : (c > SCK_MAX_THREADS ? SCK_MAX_THREADS : (int)c);
-}
-
-uint64_t sck_piece_count(uint64_t len)
-{
-    return len / SCK_READ_PIECE + (len % SCK_READ_PIECE != 0);
-}
-
-typedef struct sck_pieces {
-    const uint64_t *lengths;
-    const uint64_t *first_piece;
-    uint64_t n;
-    uint64_t npieces;
-    uint64_t next; /* atomic: the next piece to claim */
-    int stop;      /* atomic: set when fn fails */
-    sck_piece_fn fn;
-    void *ctx;
-} sck_pieces;
-
-static void *sck_pieces_work(void *arg)
-{
-    sck_pieces *w = arg;
-    for (;;) {
-        uint64_t k, lo = 0, hi = w->n, off, len;
-        if (__atomic_load_n(&w->stop, __ATOMIC_RELAXED))
-            break;
-        k = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
-        if (k >= w->npieces)
-            break;
-        while (hi - lo > 1) { /* the last range i with first_piece[i] <= k owns piece k */
-            uint64_t mid = lo + (hi - lo) / 2;
-            if (w->first_piece[mid] <= k)
-                lo = mid;
-            else
-                hi = mid;
-        }
-        off = (k - w->first_piece[lo]) * (uint64_t)SCK_READ_PIECE;
-        len = w->lengths[lo] - off < SCK_READ_PIECE ? w->lengths[lo] - off : SCK_READ_PIECE;
-        if (w->fn(w->ctx, lo, off, len, k) != SCK_OK)
-            __atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+    for (int i = 0; i < cnt; i++) {
+        int rc = sck_pwrite_full(fd, iov[i].iov_base, iov[i].iov_len, off, err);
+        if (rc != SCK_OK)
+            return rc;
+        off += iov[i].iov_len;
     }
-    return NULL;
+    return SCK_OK;
+}
+#endif
+
+/* ---- Padding [T9] on a file descriptor -------------------------------------------------------- */
+
+/* pread of file bytes into a window buffer that serves several small gaps in a row. */
+#define SCK_PAD_WINDOW (256u << 10)
+
+typedef struct sck_window {
+    int fd;
+    uint64_t size;  /* file size the caller vouches for */
+    uint8_t *buf;   /* SCK_PAD_WINDOW bytes */
+    uint64_t start; /* file offset of buf[0] */
+    uint64_t len;   /* valid bytes in buf */
+    int err;
+} sck_window;
+
+/* Makes sure [pos, pos+need) is in the window (need <= SCK_PAD_WINDOW, pos+need <= size);
+ * reads ahead up to a full window, since the next gaps of small tensors are close by. */
+static int sck_window_fill(sck_window *w, uint64_t pos, uint64_t need)
+{
+    uint64_t want, got = 0;
+    if (pos >= w->start && pos - w->start <= w->len && w->len - (pos - w->start) >= need)
+        return SCK_OK;
+    want = w->size - pos < SCK_PAD_WINDOW ? w->size - pos : SCK_PAD_WINDOW;
+    w->start = pos;
+    w->len = 0;
+    while (got < need) {
+        ssize_t r = pread(w->fd, w->buf + got, (size_t)(want - got), (off_t)(pos + got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            w->err = errno;
+            return SCK_E_IO;
+        }
+        if (r == 0)
+            return SCK_E_TRUNCATED;
+        got += (uint64_t)r;
+        w->len = got;
+    }
+    return SCK_OK;
 }
 
-void sck_run_pieces(uint64_t n, const uint64_t *lengths, uint64_t *first_piece, int nthreads,
-                    sck_piece_fn fn, void *ctx)
+int sck_check_padding_fd(int fd, uint64_t size, const sck_table *t, uint64_t header_end,
+                         uint64_t *bad_index, int *err)
 {
-    pthread_t threads[SCK_MAX_THREADS];
-    int nthr, started = 0;
-    sck_pieces w;
+    uint64_t prev_end = header_end, gap_end, next;
+    sck_window w;
+    int rc;
 
-    first_piece[0] = 0;
-    for (uint64_t i = 0; i < n; i++)
-        first_piece[i + 1] = first_piece[i] + sck_piece_count(lengths[i]);
+    if (err == NULL)
+        return SCK_E_ARG;
+    *err = 0;
+    rc = sck_padding_args(t, bad_index);
+    if (rc != SCK_OK)
+        return rc;
+    SCK_CHECK(size < SCK_INT63_LIMIT, SCK_E_ARG); /* every pread offset fits off_t */
     memset(&w, 0, sizeof w);
-    w.lengths = lengths;
-    w.first_piece = first_piece;
-    w.n = n;
-    w.npieces = first_piece[n];
-    w.fn = fn;
-    w.ctx = ctx;
-    nthr = nthreads <= 0 ? sck_online_cpus() : (nthreads > SCK_MAX_THREADS ? SCK_MAX_THREADS
-                                                                            : nthreads);
-    if ((uint64_t)nthr > w.npieces)
-        nthr = (int)w.npieces;
-    /* the calling thread is worker 0; a thread that cannot start just leaves more for others */
-    for (int t = 1; t < nthr; t++)
-        if (pthread_create(&threads[started], NULL, sck_pieces_work, &w) == 0)
-            started++;
-    sck_pieces_work(&w);
-    for (int t = 0; t < started; t++)
-        pthread_join(threads[t], NULL);
-}
-
-void sck_join_pieces(uint64_t n, const uint64_t *lengths, const uint64_t *first_piece,
-                     const uint32_t *piece_crcs, uint32_t *crcs)
-{
-    for (uint64_t i = 0; i < n; i++) { /* the pieces of each range, in order */
-        uint32_t crc = 0;
-        for (uint64_t k = first_piece[i]; k < first_piece[i + 1]; k++) {
-            uint64_t off = (k - first_piece[i]) * (uint64_t)SCK_READ_PIECE;
-            uint64_t len = lengths[i] - off < SCK_READ_PIECE ? lengths[i] - off : SCK_READ_PIECE;
-            crc = k == first_piece[i] ? piece_crcs[k] : sck_crc32c_combine(crc, piece_crcs[k], len);
+    w.fd = fd;
+    w.size = size;
+    for (uint64_t i = 0; i < t->n && rc == SCK_OK; i++) {
+        rc = sck_padding_gap(t, i, size, prev_end, &gap_end, &next);
+        while (rc == SCK_OK && prev_end < gap_end) {
+            uint64_t piece = gap_end - prev_end;
+            if (piece > SCK_PAD_WINDOW)
+                piece = SCK_PAD_WINDOW;
+            if (w.buf == NULL && (w.buf = malloc(SCK_PAD_WINDOW)) == NULL)
+                rc = SCK_E_NOMEM;
+            else if ((rc = sck_window_fill(&w, prev_end, piece)) == SCK_OK &&
+                     !sck_all_zero(w.buf + (prev_end - w.start), piece))
+                rc = SCK_E_PADDING;
+            prev_end += piece;
         }
-        crcs[i] = crc;
+        if (rc != SCK_OK)
+            *bad_index = i;
+        prev_end = next;
     }
+    free(w.buf);
+    *err = w.err;
+    return rc;
 }
 
 /* ---- Parallel read ---------------------------------------------------------------------------- */
@@ -291,13 +293,13 @@ static int sck_read_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uin
         rc = sck_pread_full(r->fd, dst, len, r->offsets[i] + off, &err);
     }
     if (rc != SCK_OK) {
-        pthread_mutex_lock(&r->lock);
+        sck_lock(&r->lock);
         if (r->rc == SCK_OK || i < r->bad) {
             r->rc = rc;
             r->bad = i;
             r->err = err;
         }
-        pthread_mutex_unlock(&r->lock);
+        sck_unlock(&r->lock);
     }
     return rc;
 }
@@ -309,6 +311,7 @@ int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *
     uint64_t npieces = 0, *first_piece;
     uint32_t *piece_crcs = NULL;
     sck_reader r;
+    int rc;
 
     SCK_CHECK(bad_index != NULL && err != NULL, SCK_E_ARG);
     *bad_index = 0;
@@ -346,9 +349,17 @@ int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *
     r.dests = dests;
     r.want_crc = want_crc;
     r.piece_crcs = piece_crcs;
-    pthread_mutex_init(&r.lock, NULL);
+    rc = pthread_mutex_init(&r.lock, NULL);
+    if (rc != 0) { /* EAGAIN, ENOMEM: out of resources; EPERM */
+        free(first_piece);
+        free(piece_crcs);
+        if (rc == EAGAIN || rc == ENOMEM)
+            return SCK_E_NOMEM;
+        *err = rc;
+        return SCK_E_IO;
+    }
     sck_run_pieces(n, lengths, first_piece, nthreads, sck_read_piece, &r);
-    pthread_mutex_destroy(&r.lock);
+    sck_mutex_destroy(&r.lock);
     if (crcs != NULL && r.rc == SCK_OK) {
         sck_join_pieces(n, lengths, first_piece, piece_crcs, crcs);
         for (uint64_t i = 0; want_crc != NULL && i < n; i++)
@@ -402,45 +413,36 @@ static int sck_writer_add(sck_writer *w, uint64_t i, const void *p, uint64_t len
     return SCK_OK;
 }
 
-/* The CRC32C of every tensor of a write, computed on a second thread while the first writes:
- * writing to the page cache and checksumming are each bound by one core, so on two cores the
- * checksums come for free. */
-typedef struct sck_crc_job {
+/* The CRC32C of every tensor of a write [T10], computed on a second thread while the first
+ * writes: writing to the page cache and checksumming are each bound by one core, so on two cores
+ * the checksums come for free. */
+typedef struct sck_write_crc_job {
     uint64_t n;
     const void *const *srcs;
     const uint64_t *lens;
     uint32_t *crcs;
-} sck_crc_job;
+} sck_write_crc_job;
 
-static void *sck_crc_work(void *arg)
+static void *sck_write_crc_work(void *arg)
 {
-    const sck_crc_job *job = arg;
+    const sck_write_crc_job *job = arg;
     for (uint64_t i = 0; i < job->n; i++)
         job->crcs[i] = job->lens[i] ? sck_crc32c(0, job->srcs[i], (size_t)job->lens[i]) : 0;
     return NULL;
 }
 
-int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
-                      const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
-                      uint64_t *end, uint64_t *bad_index, int *err)
+/* Checks the arguments and that every position of the data section fits off_t, before anything
+ * is written; zeroes crcs; *total = the bytes the tensors and their padding take from pos. */
+static int sck_write_check(uint64_t pos, uint64_t n, const void *const *srcs,
+                           const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
+                           uint64_t *total, uint64_t *bad_index)
 {
-    sck_writer w;
-    uint8_t *zeros = NULL;
-    uint64_t p = pos, i, total;
-    int rc = SCK_OK, crc_thread_started = 1;
-    pthread_t crc_thread;
-    sck_crc_job job = {n, srcs, lens, crcs};
-
-    SCK_CHECK(end != NULL && bad_index != NULL && err != NULL, SCK_E_ARG);
-    *end = 0;
-    *bad_index = 0;
-    *err = 0;
+    uint64_t p = pos;
     SCK_CHECK(n == 0 || (srcs && lens), SCK_E_ARG);
     SCK_CHECK(!want_crc || n == 0 || crcs, SCK_E_ARG);
     SCK_CHECK(sck_align_ok(align), SCK_E_ALIGN);
     SCK_CHECK(pos < SCK_INT63_LIMIT, SCK_E_ARG);
-    /* every position must fit off_t: check them all before writing anything */
-    for (i = 0; i < n; i++) {
+    for (uint64_t i = 0; i < n; i++) {
         if ((lens[i] > 0 && srcs[i] == NULL) || lens[i] > (uint64_t)SIZE_MAX ||
             sck_align_up_u64(p, align, &p) || sck_add_u64(p, lens[i], &p) ||
             p >= SCK_INT63_LIMIT) {
@@ -450,12 +452,77 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
         if (want_crc)
             crcs[i] = 0;
     }
-    total = p - pos;
-    if (n == 0) {
-        *end = pos;
-        return SCK_OK;
-    }
+    *total = p - pos;
+    return SCK_OK;
+}
 
+/* A tensor larger than SCK_WRITE_CHUNK, at file position p: the batch is flushed, then the
+ * tensor goes out chunk by chunk, each checksummed (when crc != NULL) right before it is written,
+ * while it is in cache. */
+static int sck_write_big(sck_writer *w, uint64_t i, const uint8_t *src, uint64_t len, uint64_t p,
+                         uint32_t *crc)
+{
+    uint32_t c32 = 0;
+    int rc = sck_writer_flush(w);
+    for (uint64_t off = 0; off < len && rc == SCK_OK; off += SCK_WRITE_CHUNK) {
+        uint64_t c = len - off < SCK_WRITE_CHUNK ? len - off : SCK_WRITE_CHUNK;
+        if (crc != NULL)
+            c32 = sck_crc32c(c32, src + off, (size_t)c);
+        rc = sck_pwrite_full(w->fd, src + off, c, p + off, &w->err);
+        if (rc != SCK_OK)
+            w->first = i;
+    }
+    if (crc != NULL)
+        *crc = c32;
+    w->start = p + len;
+    return rc;
+}
+
+/* Tensor i of the data section [T6]: zero padding from *p up to the next multiple of align [T9],
+ * then its len bytes; *p moves to its end. Small tensors join the pwritev batch. crc: NULL, or
+ * where its CRC32C goes [T10]. */
+static int sck_write_tensor(sck_writer *w, uint64_t i, const uint8_t *src, uint64_t len,
+                            const uint8_t *zeros, uint64_t align, uint64_t *p, uint32_t *crc)
+{
+    uint64_t aligned = *p;
+    int rc = SCK_OK;
+    (void)sck_align_up_u64(*p, align, &aligned); /* cannot overflow: sck_write_check */
+    if (aligned > *p)
+        rc = sck_writer_add(w, i, zeros, aligned - *p);
+    *p = aligned;
+    if (rc != SCK_OK || len == 0)
+        return rc;
+    if (len <= SCK_WRITE_CHUNK) {
+        if (crc != NULL)
+            *crc = sck_crc32c(0, src, (size_t)len);
+        rc = sck_writer_add(w, i, src, len);
+    } else {
+        rc = sck_write_big(w, i, src, len, *p, crc);
+    }
+    *p += len;
+    return rc;
+}
+
+int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
+                      const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
+                      uint64_t *end, uint64_t *bad_index, int *err)
+{
+    sck_writer w;
+    uint8_t *zeros;
+    uint64_t p = pos, total = 0;
+    int rc, crc_inline = want_crc, crc_thread_started = 0;
+    pthread_t crc_thread;
+    sck_write_crc_job job = {n, srcs, lens, crcs};
+
+    SCK_CHECK(end != NULL && bad_index != NULL && err != NULL, SCK_E_ARG);
+    *end = 0;
+    *bad_index = 0;
+    *err = 0;
+    rc = sck_write_check(pos, n, srcs, lens, align, want_crc, crcs, &total, bad_index);
+    if (rc != SCK_OK || n == 0) {
+        *end = rc == SCK_OK ? pos : 0;
+        return rc;
+    }
     memset(&w, 0, sizeof w);
     w.fd = fd;
     w.start = pos;
@@ -466,50 +533,19 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
         free(zeros);
         return SCK_E_NOMEM;
     }
-
     /* checksums on a helper thread when there is enough to write; inline if it cannot start */
     if (want_crc && total >= SCK_CRC_THREAD_MIN &&
-        pthread_create(&crc_thread, NULL, sck_crc_work, &job) == 0)
-        want_crc = 0; /* the loop below only writes */
-    else
-        crc_thread_started = 0;
-
-    p = pos;
-    for (i = 0; i < n && rc == SCK_OK; i++) {
-        const uint8_t *src = srcs[i];
-        uint64_t len = lens[i], aligned = p;
-        (void)sck_align_up_u64(p, align, &aligned); /* cannot overflow: checked above */
-        if (aligned > p)
-            rc = sck_writer_add(&w, i, zeros, aligned - p);
-        p = aligned;
-        if (rc != SCK_OK || len == 0)
-            continue;
-        if (len <= SCK_WRITE_CHUNK) {
-            if (want_crc)
-                crcs[i] = sck_crc32c(0, src, (size_t)len);
-            rc = sck_writer_add(&w, i, src, len);
-        } else {
-            /* big tensor: CRC each chunk right before writing it, while it is in cache */
-            uint32_t crc = 0;
-            rc = sck_writer_flush(&w);
-            for (uint64_t off = 0; off < len && rc == SCK_OK; off += SCK_WRITE_CHUNK) {
-                uint64_t c = len - off < SCK_WRITE_CHUNK ? len - off : SCK_WRITE_CHUNK;
-                if (want_crc)
-                    crc = sck_crc32c(crc, src + off, (size_t)c);
-                rc = sck_pwrite_full(fd, src + off, c, p + off, &w.err);
-                if (rc != SCK_OK)
-                    w.first = i;
-            }
-            if (want_crc)
-                crcs[i] = crc;
-            w.start = p + len;
-        }
-        p += len;
+        pthread_create(&crc_thread, NULL, sck_write_crc_work, &job) == 0) {
+        crc_thread_started = 1;
+        crc_inline = 0; /* the loop below only writes */
     }
+    for (uint64_t i = 0; i < n && rc == SCK_OK; i++)
+        rc = sck_write_tensor(&w, i, srcs[i], lens[i], zeros, align, &p,
+                              crc_inline ? &crcs[i] : NULL);
     if (rc == SCK_OK)
         rc = sck_writer_flush(&w);
     if (crc_thread_started)
-        pthread_join(crc_thread, NULL);
+        sck_join(crc_thread);
     free(w.iov);
     free(zeros);
     if (rc != SCK_OK) {

@@ -4,7 +4,9 @@
  *
  * docs/FORMAT.md is the specification; rule names such as [P5] or [T6] refer to it.
  * Every constant here mirrors safeckpt/format.py, safeckpt/dtypes.py or safeckpt/errors.py, and
- * tests/test_native.py checks that they agree.
+ * tests/test_native.py checks that they agree. compat.h says what the core needs of the platform;
+ * the sources: validate.c (pure validation), crc32c.c (pure CRC32C), parallel.c (work in pieces
+ * on threads, parallel CRC32C), io.c (mmap, pread, pwrite).
  *
  * Conventions: every public name starts with sck_ / SCK_. Functions return an int: SCK_OK (0) or a
  * negative enum sck_code; results go through out-pointers, which are zeroed before being filled.
@@ -47,7 +49,8 @@ extern "C" {
 /* The magic as an array, for bindings that cannot see a string macro. */
 extern const unsigned char sck_magic[SCK_MAGIC_SIZE];
 
-/* ---- Error codes (safeckpt/errors.py, class Code): same names, same values ---------------- */
+/* ---- Error codes (safeckpt/errors.py, class Code): same names, same values ----------------
+ * The messages live in one place, safeckpt/errors.py (ERRORS); the C core has no table of them. */
 
 typedef enum sck_code {
     SCK_OK = 0,
@@ -77,9 +80,6 @@ typedef enum sck_code {
     SCK_E_ARG = -24
 } sck_code;
 
-/* A static message for a code ("unknown error code" for anything else); never NULL. */
-const char *sck_strerror(int code);
-
 /* ---- Dtypes (safeckpt/dtypes.py, FORMAT.md section 4) ----------------------------------- */
 
 #define SCK_DTYPE_COUNT 19
@@ -91,7 +91,8 @@ int sck_dtype_itemsize(int code);
 
 /* CRC32C of buf[0..len), continuing from crc (0 to start), like zlib's crc32():
  * sck_crc32c(sck_crc32c(0, a, la), b, lb) == crc32c of a followed by b.
- * Uses SSE4.2 (x86-64) or the ARMv8 CRC instructions when the CPU has them, else tables. */
+ * Uses SSE4.2 (x86-64) or the ARMv8 CRC instructions (aarch64 Linux and macOS) when the CPU
+ * has them, else tables. */
 uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len);
 /* The portable table-driven (slicing-by-8) implementation, for tests and benchmarks. */
 uint32_t sck_crc32c_sw(uint32_t crc, const void *buf, size_t len);

@@ -1,24 +1,19 @@
 /*
  * sck_internal.h - helpers shared by the C sources of safeckpt; not part of the public API.
  *
- * Little-endian loads go through memcpy (no pointer casts, no alignment assumed); arithmetic on
- * untrusted values goes through the overflow-checked helpers, which return 1 on overflow.
+ * Little-endian loads go through memcpy (no pointer casts, no alignment assumed), so they are
+ * right on big-endian hosts; arithmetic on untrusted values goes through the overflow-checked
+ * helpers of compat.h, which return 1 on overflow. Each .c file includes compat.h first.
  */
 #ifndef SCK_INTERNAL_H
 #define SCK_INTERNAL_H
+
+#include "compat.h" /* first: feature-test macros */
 
 #include <stdint.h>
 #include <string.h>
 
 #include "sck.h"
-
-#if defined(__GNUC__)
-#define SCK_LIKELY(x) __builtin_expect(!!(x), 1)
-#define SCK_UNLIKELY(x) __builtin_expect(!!(x), 0)
-#else
-#define SCK_LIKELY(x) (x)
-#define SCK_UNLIKELY(x) (x)
-#endif
 
 /* "Check, and return the error": one line per rule. */
 #define SCK_CHECK(cond, code) \
@@ -54,17 +49,6 @@ static inline uint64_t sck_load_u64le(const uint8_t *p)
 #endif
 }
 
-/* *out = a + b; returns 1 (and leaves *out undefined) on overflow. */
-static inline int sck_add_u64(uint64_t a, uint64_t b, uint64_t *out)
-{
-    return __builtin_add_overflow(a, b, out);
-}
-
-static inline int sck_mul_u64(uint64_t a, uint64_t b, uint64_t *out)
-{
-    return __builtin_mul_overflow(a, b, out);
-}
-
 /* *out = x rounded up to a multiple of align (a power of two); returns 1 on overflow. */
 static inline int sck_align_up_u64(uint64_t x, uint64_t align, uint64_t *out)
 {
@@ -75,7 +59,19 @@ static inline int sck_align_up_u64(uint64_t x, uint64_t align, uint64_t *out)
     return 0;
 }
 
-/* ---- Work in pieces on several threads (io.c) ---- */
+/* ---- Validation helpers shared with io.c (validate.c) ---- */
+
+/* The arguments of a padding check [T9]: bad_index set, offsets and nbytes columns of 8n bytes. */
+int sck_padding_args(const sck_table *t, uint64_t *bad_index);
+/* The gap before tensor i is [prev_end, *gap_end): empty when the tensor starts at or before
+ * prev_end. *next_end is the tensor's end, saturated at 2**64 - 1 on overflow. A gap that is not
+ * inside [0, size) is SCK_E_TRUNCATED; nothing outside it is ever read. */
+int sck_padding_gap(const sck_table *t, uint64_t i, uint64_t size, uint64_t prev_end,
+                    uint64_t *gap_end, uint64_t *next_end);
+/* 1 when p[0..len) are all zero bytes. */
+int sck_all_zero(const uint8_t *p, uint64_t len);
+
+/* ---- Work in pieces on several threads (parallel.c) ---- */
 
 /* Online CPUs, between 1 and SCK_MAX_THREADS. */
 int sck_online_cpus(void);
@@ -87,7 +83,8 @@ typedef int (*sck_piece_fn)(void *ctx, uint64_t i, uint64_t off, uint64_t len, u
 /* Cuts n ranges of lengths[i] bytes into pieces of at most SCK_READ_PIECE bytes and runs fn on
  * each, on up to nthreads threads (<= 0: sck_online_cpus()), the calling thread among them.
  * Fills first_piece (n + 1 entries): the first piece of range i; first_piece[n] is the count,
- * whose sum the caller has checked for overflow. */
+ * whose sum the caller has checked for overflow and which fits size_t (the caller allocated an
+ * array of that many entries). */
 void sck_run_pieces(uint64_t n, const uint64_t *lengths, uint64_t *first_piece, int nthreads,
                     sck_piece_fn fn, void *ctx);
 /* crcs[i] = the CRC32C of range i, joined from piece_crcs[first_piece[i] .. first_piece[i + 1]),

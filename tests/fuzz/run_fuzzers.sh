@@ -32,7 +32,7 @@ run() {  # name, command...: run one fuzzer, print its executions, fail on a fin
 flags=(-max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=0)
 
 clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Icsrc \
-    tests/fuzz/fuzz_table.c csrc/sck.c csrc/crc32c.c csrc/io.c -lpthread -o "$out/fuzz_table"
+    tests/fuzz/fuzz_table.c csrc/*.c -lpthread -o "$out/fuzz_table"
 cp -r tests/fuzz/corpus_c "$out/corpus_c"
 run fuzz_table "$out/fuzz_table" "$out/corpus_c" -artifact_prefix="$out/" "${flags[@]}"
 

@@ -1,59 +1,21 @@
 /*
- * sck.c - error strings, dtype table, and the validators: prefix [P1]-[P7], tensor table
- * [H4 lengths, T1-T8], padding [T9].
+ * validate.c - the validators of untrusted bytes: prefix [P1]-[P7], tensor table [H4 lengths,
+ * T1-T8], padding [T9] in memory; and the dtype table. Pure computation: no system calls, no
+ * threads (the padding check on a file descriptor, which reads, is in io.c).
  *
  * Everything here reads untrusted bytes: lengths are compared before any access, little-endian
  * integers are loaded with memcpy, and arithmetic goes through overflow-checked helpers. An
  * overflow is reported as the error of the rule being checked (FORMAT.md section 3).
  */
-#define _GNU_SOURCE
-#include <errno.h>
+#include "compat.h" /* first: feature-test macros */
+
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "sck.h"
 #include "sck_internal.h"
 
 const unsigned char sck_magic[SCK_MAGIC_SIZE] = {0x89, 'S', 'C', 'K', '\r', '\n', 0x1a, '\n'};
-
-/* ---- Error strings: the one table ---------------------------------------------------------- */
-
-static const char *const sck_messages[] = {
-    /* SCK_OK */ "ok",
-    /* SCK_E_TRUNCATED */ "file is shorter than the 32-byte prefix or its header [P1, P6]",
-    /* SCK_E_MAGIC */ "not a safeckpt file: the magic bytes do not match [P2]",
-    /* SCK_E_MAGIC_TEXT */ "the magic bytes look converted by a text-mode transfer [P2]",
-    /* SCK_E_VERSION */ "unsupported major version [P3]",
-    /* SCK_E_FLAGS */ "unknown flag bits are set [P4]",
-    /* SCK_E_HEADER_LIMIT */ "header is larger than max_header_size [P5]",
-    /* SCK_E_ALIGN */ "alignment is not a power of two between 8 and 1 MiB [P7]",
-    /* SCK_E_HEADER_CRC */ "header checksum mismatch [P8]",
-    /* SCK_E_COLUMN */ "a column of the tensor table has the wrong length [H4]",
-    /* SCK_E_DTYPE */ "unknown dtype code [T1]",
-    /* SCK_E_NDIM */ "more dimensions than max_ndim [T2]",
-    /* SCK_E_DIM */ "a dimension is not below 2**63 [T3]",
-    /* SCK_E_TOO_LARGE */ "shape times item size is 2**63 bytes or more [T4]",
-    /* SCK_E_NBYTES */ "byte length does not equal prod(shape) x itemsize [T5]",
-    /* SCK_E_MISALIGNED */ "offset is not a multiple of the alignment [T6]",
-    /* SCK_E_OVERLAP */ "tensor overlaps the header or the previous tensor [T6]",
-    /* SCK_E_GAP */ "unexplained gap before the tensor [T6]",
-    /* SCK_E_TENSOR_TRUNCATED */ "tensor data runs past the end of the file [T7]",
-    /* SCK_E_TRAILING */ "trailing bytes after the last tensor [T8]",
-    /* SCK_E_PADDING */ "non-zero padding byte before the tensor [T9]",
-    /* SCK_E_CRC */ "tensor checksum mismatch [T10]",
-    /* SCK_E_IO */ "I/O error",
-    /* SCK_E_NOMEM */ "out of memory",
-    /* SCK_E_ARG */ "invalid argument",
-};
-
-const char *sck_strerror(int code)
-{
-    if (code > 0 || code < SCK_E_ARG)
-        return "unknown error code";
-    return sck_messages[-code];
-}
 
 /* ---- Dtypes ---------------------------------------------------------------------------------- */
 
@@ -211,7 +173,7 @@ int sck_validate_table(const sck_table *t, uint64_t header_end, uint64_t align,
 
 /* ---- Padding [T9] ---------------------------------------------------------------------------- */
 
-static int sck_all_zero(const uint8_t *p, uint64_t len)
+int sck_all_zero(const uint8_t *p, uint64_t len)
 {
     uint64_t acc = 0;
     while (len >= 32) {
@@ -232,12 +194,10 @@ static int sck_all_zero(const uint8_t *p, uint64_t len)
     return acc == 0;
 }
 
-/* The gap before tensor i is [prev_end, *gap_end): empty when the tensor starts at or before
- * prev_end (a table the validator accepted has no such tensor; nothing to read there).
- * *next_end is the tensor's end, saturated at 2**64 - 1 (beyond any offset) on overflow.
- * A gap that is not inside [0, size) is SCK_E_TRUNCATED; nothing outside it is ever read. */
-static int sck_padding_gap(const sck_table *t, uint64_t i, uint64_t size, uint64_t prev_end,
-                           uint64_t *gap_end, uint64_t *next_end)
+/* (sck_internal.h) A table the validator accepted has no tensor starting before prev_end, so no
+ * empty gap; the saturated end is beyond any offset. */
+int sck_padding_gap(const sck_table *t, uint64_t i, uint64_t size, uint64_t prev_end,
+                    uint64_t *gap_end, uint64_t *next_end)
 {
     uint64_t offset = sck_load_u64le(t->offsets + 8 * i);
     uint64_t nbytes = sck_load_u64le(t->nbytes + 8 * i);
@@ -251,7 +211,7 @@ static int sck_padding_gap(const sck_table *t, uint64_t i, uint64_t size, uint64
     return SCK_OK;
 }
 
-static int sck_padding_args(const sck_table *t, uint64_t *bad_index)
+int sck_padding_args(const sck_table *t, uint64_t *bad_index)
 {
     uint64_t n8;
     if (bad_index == NULL)
@@ -286,81 +246,4 @@ int sck_check_padding_mem(const uint8_t *base, uint64_t size, const sck_table *t
         prev_end = next;
     }
     return SCK_OK;
-}
-
-/* pread of file bytes into a window buffer that serves several small gaps in a row. */
-#define SCK_PAD_WINDOW (256u << 10)
-
-typedef struct sck_window {
-    int fd;
-    uint64_t size;  /* file size the caller vouches for */
-    uint8_t *buf;   /* SCK_PAD_WINDOW bytes */
-    uint64_t start; /* file offset of buf[0] */
-    uint64_t len;   /* valid bytes in buf */
-    int err;
-} sck_window;
-
-/* Makes sure [pos, pos+need) is in the window (need <= SCK_PAD_WINDOW, pos+need <= size);
- * reads ahead up to a full window, since the next gaps of small tensors are close by. */
-static int sck_window_fill(sck_window *w, uint64_t pos, uint64_t need)
-{
-    uint64_t want, got = 0;
-    if (pos >= w->start && pos - w->start <= w->len && w->len - (pos - w->start) >= need)
-        return SCK_OK;
-    want = w->size - pos < SCK_PAD_WINDOW ? w->size - pos : SCK_PAD_WINDOW;
-    w->start = pos;
-    w->len = 0;
-    while (got < need) {
-        ssize_t r = pread(w->fd, w->buf + got, (size_t)(want - got), (off_t)(pos + got));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            w->err = errno;
-            return SCK_E_IO;
-        }
-        if (r == 0)
-            return SCK_E_TRUNCATED;
-        got += (uint64_t)r;
-        w->len = got;
-    }
-    return SCK_OK;
-}
-
-int sck_check_padding_fd(int fd, uint64_t size, const sck_table *t, uint64_t header_end,
-                         uint64_t *bad_index, int *err)
-{
-    uint64_t prev_end = header_end, gap_end, next;
-    sck_window w;
-    int rc;
-
-    if (err == NULL)
-        return SCK_E_ARG;
-    *err = 0;
-    rc = sck_padding_args(t, bad_index);
-    if (rc != SCK_OK)
-        return rc;
-    SCK_CHECK(size < SCK_INT63_LIMIT, SCK_E_ARG); /* every pread offset fits off_t */
-    memset(&w, 0, sizeof w);
-    w.fd = fd;
-    w.size = size;
-    for (uint64_t i = 0; i < t->n && rc == SCK_OK; i++) {
-        rc = sck_padding_gap(t, i, size, prev_end, &gap_end, &next);
-        while (rc == SCK_OK && prev_end < gap_end) {
-            uint64_t piece = gap_end - prev_end;
-            if (piece > SCK_PAD_WINDOW)
-                piece = SCK_PAD_WINDOW;
-            if (w.buf == NULL && (w.buf = malloc(SCK_PAD_WINDOW)) == NULL)
-                rc = SCK_E_NOMEM;
-            else if ((rc = sck_window_fill(&w, prev_end, piece)) == SCK_OK &&
-                     !sck_all_zero(w.buf + (prev_end - w.start), piece))
-                rc = SCK_E_PADDING;
-            prev_end += piece;
-        }
-        if (rc != SCK_OK)
-            *bad_index = i;
-        prev_end = next;
-    }
-    free(w.buf);
-    *err = w.err;
-    return rc;
 }
