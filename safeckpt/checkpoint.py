@@ -33,17 +33,26 @@ Example:
     ...     manager.save(step, state, metrics={"loss": loss})
 """
 
+from __future__ import annotations
+
 import collections
 import errno
+import functools
+import importlib
 import math
 import os
 import random
 import re
 import sys
+import types
 import warnings
+from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 
+from . import _fs, api, torch_convert
+from . import torch as _sck_torch
 from . import tree as _tree
 from . import writer as _writer
 from .errors import HeaderError, InvalidValueError, SafeckptError, StateMismatchError
@@ -52,23 +61,40 @@ from .tree import Subtree
 
 FORMAT = "safeckpt.checkpoint/1"  # metadata["format"] of every checkpoint file
 _NAME = re.compile(r"^step-(\d{10,20})\.sckpt$")  # CheckpointManager's file names
-_TEMP = re.compile(r"^\.step-\d{10,20}\.sckpt\.[0-9a-f]+\.tmp$")  # the writer's temporary files
 
-CheckpointInfo = collections.namedtuple("CheckpointInfo", "path step epoch metrics extra state")
-CheckpointInfo.__doc__ = """What a checkpoint held: its ``path``, ``step``, ``epoch``, ``metrics``
-and ``extra``, and ``state``, the whole loaded tree (numpy arrays, or torch tensors where they
-were restored into torch objects)."""
+Metrics = Dict[str, Union[int, float]]  # {"loss": 0.1}: a checkpoint's metrics [C1]
+PathLike = Union[str, "os.PathLike[str]"]
+_Path = Tuple[Any, ...]  # the keys from the top of a restore down to a value
 
-Checkpoint = collections.namedtuple("Checkpoint", "step path metrics")
-Checkpoint.__doc__ = "A complete checkpoint in a :class:`CheckpointManager`'s directory."
+
+class CheckpointInfo(NamedTuple):
+    """What a checkpoint held: its ``path``, ``step``, ``epoch``, ``metrics`` and ``extra``, and
+    ``state``, the whole loaded tree (numpy arrays, or torch tensors where they were restored
+    into torch objects)."""
+
+    path: str
+    step: Optional[int]
+    epoch: Optional[int]
+    metrics: Metrics
+    extra: Any
+    state: Any
+
+
+class Checkpoint(NamedTuple):
+    """A complete checkpoint in a :class:`CheckpointManager`'s directory."""
+
+    step: int
+    path: str
+    metrics: Metrics
 
 
 # -- random number generators ----------------------------------------------------------------------
 
-def capture_rng():
+def capture_rng() -> dict[str, Any]:
     """The state of Python's ``random``, numpy's global generator and, when torch is imported,
     torch's CPU generator and every initialised CUDA generator."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(legacy=True)}
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": np.random.get_state(legacy=True)}
     torch = sys.modules.get("torch")
     if torch is not None:
         state["torch"] = torch.get_rng_state()
@@ -77,7 +103,7 @@ def capture_rng():
     return state
 
 
-def restore_rng(state):
+def restore_rng(state: dict[str, Any] | None) -> None:
     """Set the generators captured by :func:`capture_rng` (missing entries are left alone).
 
     Every entry is checked first ([C3] in this module's docstring), so a bad one changes none.
@@ -94,9 +120,10 @@ def restore_rng(state):
         random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
         np.random.set_state(tuple(_as_numpy(v) for v in state["numpy"]))
-    if torch is None and ("torch" in state or "cuda" in state):
-        warnings.warn("the random state of torch was not restored: torch is not installed",
-                      RuntimeWarning, stacklevel=2)
+    if torch is None:
+        if "torch" in state or "cuda" in state:
+            warnings.warn("the random state of torch was not restored: torch is not installed",
+                          RuntimeWarning, stacklevel=2)
         return
     if "torch" in state:
         torch.set_rng_state(_as_byte_tensor(state["torch"]))
@@ -108,7 +135,7 @@ def restore_rng(state):
 _MT_WORDS = 624  # 32-bit words of a Mersenne Twister's state (Python's random, numpy's legacy)
 
 
-def _shown(value):
+def _shown(value: Any) -> str:
     """``value!r`` for a short number or str, else its kind (``a list``): cheap for any value."""
     kind = type(value)
     if ((kind in (str, bytes) and len(value) <= 40) or (kind is int and value.bit_length() <= 64)
@@ -117,18 +144,20 @@ def _shown(value):
     return _kind(value)
 
 
-def _is_int(value, low, high):
+def _is_int(value: object, low: int, high: int) -> bool:
+    """Whether ``value`` is an int (not a bool) in ``low..high``."""
     return type(value) is int and low <= value <= high
 
 
-def _byte_vector(value, where):
+def _byte_vector(value: object, where: str) -> np.ndarray:
+    """``value`` as a uint8 vector (a torch tensor's numpy view); anything else is refused [C3]."""
     value = _as_numpy(value)
     if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
         raise HeaderError(f"{where}: {_shown(value)} is not a uint8 vector [C3]")
     return value
 
 
-def check_rng(state, where="rng"):
+def check_rng(state: object, where: str = "rng") -> types.ModuleType | None:
     """Check random generators' state as :func:`capture_rng` makes it [C3], setting nothing.
 
     Returns torch when the state holds a torch entry and torch imports, else None.
@@ -136,7 +165,7 @@ def check_rng(state, where="rng"):
     Raises:
         HeaderError: the first entry that is wrong, named (``rng['numpy'][1]``).
     """
-    torch = None
+    torch: types.ModuleType | None = None
     if state is None:
         return torch
     if not isinstance(state, dict):
@@ -175,8 +204,8 @@ def check_rng(state, where="rng"):
     if "torch" in state or "cuda" in state:
         torch = sys.modules.get("torch")
         if torch is None:
-            try:
-                import torch
+            try:  # torch is optional: imported only to check a torch state
+                torch = importlib.import_module("torch")
             except ImportError:
                 torch = None
     if "torch" in state:
@@ -202,15 +231,17 @@ def check_rng(state, where="rng"):
     return torch
 
 
-def _as_numpy(value):
+def _as_numpy(value: Any) -> Any:
+    """A torch tensor as a numpy array; anything else as it is."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         return value.cpu().numpy()
     return value
 
 
-def _as_byte_tensor(value):
-    import torch
+def _as_byte_tensor(value: Any) -> Any:
+    """A checked generator state (uint8 vector or tensor) as the CPU tensor torch takes."""
+    import torch  # optional: only a torch state reaches here
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone().contiguous()
     return torch.from_numpy(np.array(value, np.uint8))
@@ -218,7 +249,7 @@ def _as_byte_tensor(value):
 
 # -- state in and out ------------------------------------------------------------------------------
 
-def _state_of(obj, depth=0):
+def _state_of(obj: Any, depth: int = 0) -> Any:
     """``obj`` with every object that has ``state_dict()`` replaced by its state (through dicts)."""
     if callable(getattr(obj, "state_dict", None)) and not isinstance(obj, dict):
         return obj.state_dict()
@@ -227,22 +258,24 @@ def _state_of(obj, depth=0):
     return obj
 
 
-def _torch_of(obj):
+def _torch_of(obj: object) -> types.ModuleType | None:
     """The torch module if ``obj`` is a torch.Tensor (torch is never imported here)."""
     torch = sys.modules.get("torch")
     return torch if torch is not None and isinstance(obj, torch.Tensor) else None
 
 
-def _is_torch_module(obj):
+def _is_torch_module(obj: object) -> bool:
+    """Whether ``obj`` is a torch.nn.Module (torch is never imported here)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def _has_load_state_dict(obj):
+def _has_load_state_dict(obj: object) -> bool:
+    """Whether ``obj`` restores itself: it has ``load_state_dict()`` and is not a dict."""
     return callable(getattr(obj, "load_state_dict", None)) and not isinstance(obj, dict)
 
 
-def _is_plain(value):
+def _is_plain(value: object) -> bool:
     """A value that a restore replaces rather than writes into: None, a number, a str, bytes, a
     numpy scalar, or a tuple of these."""
     if isinstance(value, tuple):
@@ -250,14 +283,15 @@ def _is_plain(value):
     return value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic))
 
 
-def _kind(value):
+def _kind(value: Any) -> str:
     """``shape (2, 3) float32`` for an array or tensor, else ``a list``, ``an int``."""
     if isinstance(value, (np.ndarray, np.generic)) or _torch_of(value) is not None:
         return f"shape {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
     return _article(type(value).__name__)
 
 
-def _article(name):
+def _article(name: str) -> str:
+    """``name`` with "a" or "an" before it."""
     return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
 
@@ -268,17 +302,22 @@ class _Restore:
     """One restore: walk the targets and the loaded state, gather every problem and every write,
     and write nothing until all were checked."""
 
-    def __init__(self, where, strict, map_location):
+    def __init__(self, where: str, strict: bool, map_location: Any) -> None:
         self.where, self.strict, self.map_location = where, strict, map_location
-        self.missing, self.unexpected, self.mismatched = [], [], []  # paths; (path, words)
+        self.missing: List[_Path] = []
+        self.unexpected: List[_Path] = []
+        self.mismatched: List[Tuple[_Path, str]] = []  # (path, what differs)
         # Writes run in this order: objects whose own load_state_dict() may still refuse, then
         # checked torch modules, then arrays and tensors, which cannot fail.
-        self.calls, self.modules, self.writes = [], [], []
+        self.calls: List[Callable[[], object]] = []
+        self.modules: List[Callable[[], object]] = []
+        self.writes: List[Callable[[], object]] = []
 
-    def name(self, path):
+    def name(self, path: _Path) -> str:
+        """``['model']['w']``: the path as it reads after the file's name in a message."""
         return "".join(f"[{key!r}]" for key in path)
 
-    def top(self, target, state, path):
+    def top(self, target: Any, state: Any, path: _Path) -> None:
         """Walk one target given by the caller, which must change in place."""
         if not _is_plain(target):
             if self.walk(target, state, path) is target:
@@ -288,14 +327,14 @@ class _Restore:
             "cannot be changed in place; pass a dict (or a list, a numpy array, a torch tensor, "
             "an object with load_state_dict()) that holds it, e.g. {'step': 0}")
 
-    def walk(self, target, value, path):
+    def walk(self, target: Any, value: Any, path: _Path) -> Any:
         """Plan the restore of ``value`` into ``target``; return what the parent then holds."""
         if _has_load_state_dict(target):
             self.stateful(target, value, path)
         elif isinstance(target, np.ndarray):
             self.array(target, value, path)
-        elif _torch_of(target) is not None:
-            self.tensor(_torch_of(target), target, value, path)
+        elif (torch := _torch_of(target)) is not None:
+            self.tensor(torch, target, value, path)
         elif isinstance(target, dict):
             self.dict(target, value, path)
         elif isinstance(target, list) or (isinstance(target, tuple) and not _is_plain(target)):
@@ -308,7 +347,8 @@ class _Restore:
                                     "(for jax arrays use safeckpt.jax.load(..., target=...))"))
         return target
 
-    def dict(self, target, value, path):
+    def dict(self, target: Dict[Any, Any], value: Any, path: _Path) -> None:
+        """Plan a dict's restore, key by key (an empty one takes the file's whole)."""
         if not isinstance(value, dict):
             self.mismatched.append((path, f"file has {_kind(value)}, target has a dict"))
             return
@@ -321,10 +361,12 @@ class _Restore:
                 continue
             new = self.walk(current, value[key], path + (key,))
             if new is not current:
-                self.writes.append(lambda key=key, new=new: target.__setitem__(key, new))
+                self.writes.append(functools.partial(target.__setitem__, key, new))
         self.unexpected.extend(path + (key,) for key in value if key not in target)
 
-    def sequence(self, target, value, path):
+    def sequence(self, target: Union[List[Any], Tuple[Any, ...]], value: Any, path: _Path
+                 ) -> Any:
+        """Plan a list's restore in place, or return the new tuple (a tuple cannot change)."""
         if not isinstance(value, (list, tuple)):
             self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
             return target
@@ -341,11 +383,12 @@ class _Restore:
         if isinstance(target, list):
             for i, item in enumerate(new):
                 if item is not target[i]:
-                    self.writes.append(lambda i=i, item=item: target.__setitem__(i, item))
+                    self.writes.append(functools.partial(target.__setitem__, i, item))
             return target
         return target._make(new) if hasattr(target, "_make") else type(target)(new)
 
-    def array(self, target, value, path):
+    def array(self, target: np.ndarray, value: Any, path: _Path) -> None:
+        """Plan ``np.copyto`` into a numpy array of the same shape and dtype."""
         if not isinstance(value, (np.ndarray, np.generic)):
             self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
         elif value.shape != target.shape or value.dtype != target.dtype:
@@ -355,8 +398,8 @@ class _Restore:
         else:
             self.writes.append(lambda: np.copyto(target, value))
 
-    def tensor(self, torch, target, value, path):
-        from . import torch as _sck_torch
+    def tensor(self, torch: types.ModuleType, target: Any, value: Any, path: _Path) -> None:
+        """Plan ``Tensor.copy_`` into a torch tensor of the same shape and dtype."""
         if target.is_meta:
             self.mismatched.append((path, "the target tensor is on the meta device and has no "
                                     "memory to restore into; materialise it first (e.g. "
@@ -366,7 +409,7 @@ class _Restore:
             self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
             return
         try:
-            source = _sck_torch.from_numpy(np.asarray(value))  # a view of the file: no copy yet
+            source = torch_convert.from_numpy(np.asarray(value))  # a view of the file: no copy yet
         except KeyError:
             self.mismatched.append((path, f"file has dtype {value.dtype}, which torch lacks"))
             return
@@ -374,19 +417,20 @@ class _Restore:
             self.mismatched.append((path, f"file has {_kind(source)}, target has {_kind(target)}"))
             return
 
-        def write():
+        def write() -> None:
             with torch.no_grad():
                 target.copy_(source)
         self.writes.append(write)
 
-    def stateful(self, target, value, path):
+    def stateful(self, target: Any, value: Any, path: _Path) -> None:
+        """Plan the restore of an object with ``load_state_dict()`` (a torch module checked key
+        by key; another object's own method may still refuse, which is run first)."""
         if not isinstance(value, dict):
             self.mismatched.append((path, f"file has {_kind(value)}, not the state dict of "
                                     f"{_article(type(target).__name__)}"))
             return
         if _is_torch_module(target):
-            from . import torch as _sck_torch
-            state = _sck_torch.to_torch(value, self.map_location)
+            state = torch_convert.to_torch(value, self.map_location)
             report = _sck_torch.check_state(target, state)
             self.missing.extend(path + (key,) for key in report.missing)
             self.unexpected.extend(path + (key,) for key in report.unexpected)
@@ -407,13 +451,12 @@ class _Restore:
             self.unexpected.extend(path + (key,) for key in unexpected)
             value = {key: item for key, item in value.items() if key not in unexpected}
         if "torch" in sys.modules:
-            from . import torch as _sck_torch
-            value = _sck_torch.to_torch(value, self.map_location)
+            value = torch_convert.to_torch(value, self.map_location)
 
         torch = sys.modules.get("torch")
         out_of_memory = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
 
-        def call():
+        def call() -> None:
             try:
                 target.load_state_dict(value)
             except out_of_memory:
@@ -425,7 +468,7 @@ class _Restore:
                     f"refused the saved state: {type(exc).__name__}: {exc}") from exc
         self.calls.append(call)
 
-    def finish(self):
+    def finish(self) -> None:
         """Raise (strict) or warn about every problem found, then make the writes."""
         lines = []
         for words, paths in (("in the target, not in the file", self.missing),
@@ -448,7 +491,8 @@ class _Restore:
             write()
 
 
-def restore_into(target, state, *, strict=True, where="state", map_location=None):
+def restore_into(target: Any, state: Any, *, strict: bool = True, where: str = "state",
+                 map_location: Any = None) -> Any:
     """Put a loaded ``state`` into ``target`` in place; return ``target``.
 
     ``target`` describes what to restore, and every part of it is checked against ``state``
@@ -479,13 +523,13 @@ def restore_into(target, state, *, strict=True, where="state", map_location=None
     return target
 
 
-def _plain_metrics(metrics):
+def _plain_metrics(metrics: object) -> Metrics:
     """Metrics as a dict of str -> int/float (numpy and 0-d torch values converted)."""
     if metrics is None:
         return {}
     if not isinstance(metrics, dict):
         raise InvalidValueError(f"metrics must be a dict of str -> number, not {type(metrics).__name__}")
-    out = {}
+    out: Metrics = {}
     for key, value in metrics.items():
         if type(key) is not str:
             raise InvalidValueError(f"metrics: key {key!r} is not a str")
@@ -497,13 +541,16 @@ def _plain_metrics(metrics):
     return out
 
 
-def _check_count(name, value):
+def _check_count(name: str, value: object) -> None:
+    """Refuse a counter (``step``, ``epoch``) that is not None or an int >= 0."""
     if value is not None and (type(value) is not int or value < 0):
         raise InvalidValueError(f"{name}={value!r} must be a non-negative int or None")
 
 
-def save_checkpoint(path, *, model=None, optimizer=None, scheduler=None, step=None, epoch=None,
-                    rng=True, extra=None, metrics=None, checksum=True, atomic=True):
+def save_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
+                    scheduler: Any = None, step: int | None = None, epoch: int | None = None,
+                    rng: bool = True, extra: Any = None, metrics: Metrics | None = None,
+                    checksum: bool = True, atomic: bool = True) -> None:
     """Save a training checkpoint atomically.
 
     Parameters:
@@ -531,15 +578,19 @@ def save_checkpoint(path, *, model=None, optimizer=None, scheduler=None, step=No
     _save(state, path, step, metrics, checksum, atomic, root="checkpoint")
 
 
-def _save(state, path, step, metrics, checksum, atomic, root):
+def _save(state: dict[str, Any], path: PathLike, step: int | None, metrics: Metrics,
+          checksum: bool, atomic: bool, root: str) -> None:
+    """Write a checkpoint's tree with its [C1] metadata."""
     meta = {"format": FORMAT, "step": step, "metrics": metrics}
     tree, names, arrays = _tree.flatten(state, root=root)
-    plan = _writer._Plan(dict(zip(names, arrays)), meta, 64, checksum, tree=tree)
-    _writer._save_plan(plan, path, atomic)
+    plan = _writer.Plan(dict(zip(names, arrays)), meta, 64, checksum, tree=tree)
+    api.save_plan(plan, path, atomic=atomic)
 
 
-def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, map_location=None,
-                    rng=True, strict=True, verify=None, **limits):
+def load_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
+                    scheduler: Any = None, map_location: Any = None, rng: bool = True,
+                    strict: bool = True, verify: bool | None = None, **limits: Any
+                    ) -> CheckpointInfo:
     """Load a checkpoint of :func:`save_checkpoint` and restore it into the objects given; return
     a :class:`CheckpointInfo`.
 
@@ -583,12 +634,14 @@ _SAVED = ("model", "optimizer", "scheduler", "step", "epoch", "rng", "extra", "m
 _MANAGED = ("state", "step", "metrics", "rng")  # [C2]
 
 
-def _check_counter(value, where, rule):
+def _check_counter(value: object, where: str, rule: str) -> None:
+    """A file's counter: None or an int >= 0 (below 2**64) [C1, C2]."""
     if value is not None and not _is_int(value, 0, (1 << 64) - 1):
         raise HeaderError(f"{where}: {_shown(value)} is not None or an int >= 0 [{rule}]")
 
 
-def _check_metrics(metrics, where, rule):
+def _check_metrics(metrics: object, where: str, rule: str) -> None:
+    """A file's metrics: a map of str to int or float [C1, C2]."""
     if not isinstance(metrics, dict):
         raise HeaderError(f"{where}: {_shown(metrics)} is not a map of str to numbers [{rule}]")
     for key, value in metrics.items():
@@ -597,7 +650,7 @@ def _check_metrics(metrics, where, rule):
                               f"[{rule}]")
 
 
-def _check_metadata(meta, where, step=None):
+def _check_metadata(meta: dict[str, Any], where: str, step: int | None = None) -> None:
     """[C1]: raise HeaderError unless ``meta`` is a checkpoint's (of ``step``, if given)."""
     if meta.get("format") != FORMAT:
         raise HeaderError(f"{where} is not a checkpoint: its metadata has no format {FORMAT!r}; "
@@ -609,7 +662,7 @@ def _check_metadata(meta, where, step=None):
                           f"is named for step {step} [C2]")
 
 
-def _check_layout(keys, where, layout):
+def _check_layout(keys: Iterable[Any], where: str, layout: Tuple[str, ...]) -> None:
     """[C2]: the top-level keys of a checkpoint of ``layout`` (_SAVED or _MANAGED)."""
     keys = set(keys)
     if layout is _SAVED and "state" in keys and "model" not in keys:
@@ -627,7 +680,9 @@ def _check_layout(keys, where, layout):
                           f"{', '.join(map(repr, missing))} [C2]")
 
 
-def _load_file(path, layout, fresh_keys, verify, limits, step=None):
+def _load_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str],
+               verify: bool | None, limits: dict[str, Any], step: int | None = None
+               ) -> dict[str, Any]:
     """The checked content of a checkpoint file of ``layout`` [C1-C3] (of ``step``, if given).
 
     Top-level entries named in ``fresh_keys`` are read into fresh memory. An optimizer keeps the
@@ -688,8 +743,9 @@ class CheckpointManager:
         >>> manager.restore({"model": model, "optimizer": opt})                               # doctest: +SKIP
     """
 
-    def __init__(self, directory, *, keep_last=3, keep_best=0, metric=None, mode="min", rng=True,
-                 checksum=True):
+    def __init__(self, directory: PathLike, *, keep_last: int = 3, keep_best: int = 0,
+                 metric: str | None = None, mode: str = "min", rng: bool = True,
+                 checksum: bool = True) -> None:
         if type(keep_last) is not int or keep_last < 1:
             raise ValueError(f"keep_last={keep_last!r} must be an int >= 1 (the newest is always kept)")
         if type(keep_best) is not int or keep_best < 0:
@@ -701,22 +757,24 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
         self.rng, self.checksum = rng, checksum
-        self._cache = {}  # file name -> ((size, mtime_ns), Checkpoint or None)
+        # file name -> ((size, mtime_ns), Checkpoint or None)
+        self._cache: Dict[str, Tuple[Tuple[int, int], Optional[Checkpoint]]] = {}
         os.makedirs(self.directory, exist_ok=True)
         self.cleanup()
 
-    def path(self, step):
+    def path(self, step: int) -> str:
         """The file of checkpoint ``step``."""
         _check_count("step", step)
         if step is None:
             raise InvalidValueError("step must be a non-negative int")
         return os.path.join(self.directory, f"step-{step:010d}.sckpt")
 
-    def cleanup(self):
+    def cleanup(self) -> list[str]:
         """Remove temporary files left by crashed saves; return their names."""
         removed = []
         for name in os.listdir(self.directory):
-            if _TEMP.match(name):
+            temp = _fs.TEMP_NAME.match(name)  # an atomic save's temporary file
+            if temp and _NAME.match(temp['base']):
                 try:
                     os.unlink(os.path.join(self.directory, name))
                     removed.append(name)
@@ -724,7 +782,8 @@ class CheckpointManager:
                     pass
         return removed
 
-    def save(self, step, state, metrics=None, *, overwrite=False):
+    def save(self, step: int, state: Any, metrics: Metrics | None = None, *,
+             overwrite: bool = False) -> Checkpoint:
         """Save ``state`` (a dict of arrays, values and objects with ``state_dict()``, or such an
         object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`.
 
@@ -763,7 +822,7 @@ class CheckpointManager:
         self._retain()
         return Checkpoint(step, path, metrics)
 
-    def _record(self, name):
+    def _record(self, name: str) -> Checkpoint | None:
         """The Checkpoint of a file name, from its header (cached); None if it does not open or
         its metadata is not a checkpoint's of that step [C1]."""
         match = _NAME.match(name)
@@ -789,37 +848,42 @@ class CheckpointManager:
         self._cache[name] = (key, record)
         return record
 
-    def all(self):
+    def all(self) -> list[Checkpoint]:
         """Every complete checkpoint, oldest first."""
         records = (self._record(name) for name in os.listdir(self.directory))
         return sorted((r for r in records if r is not None), key=lambda r: r.step)
 
-    def latest(self):
+    def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or None."""
         records = self.all()
         return records[-1] if records else None
 
-    def _ranked(self, records):
-        scored = [r for r in records if type(r.metrics.get(self.metric)) in (int, float)
-                  and not math.isnan(r.metrics[self.metric])]
+    def _ranked(self, records: list[Checkpoint]) -> list[Checkpoint]:
+        """The records that have ``metric``, best first (newest first on a tie)."""
+        metric = self.metric
+        if metric is None:
+            return []
+        scored = [r for r in records if type(r.metrics.get(metric)) in (int, float)
+                  and not math.isnan(r.metrics[metric])]
         sign = 1 if self.mode == "min" else -1
-        return sorted(scored, key=lambda r: (sign * r.metrics[self.metric], -r.step))
+        return sorted(scored, key=lambda r: (sign * r.metrics[metric], -r.step))
 
-    def best(self):
+    def best(self) -> Checkpoint | None:
         """The checkpoint with the best ``metric`` (newest on a tie), or None."""
         if self.metric is None:
             raise ValueError("best() needs CheckpointManager(..., metric='name')")
         ranked = self._ranked(self.all())
         return ranked[0] if ranked else None
 
-    def _kept(self, records):
+    def _kept(self, records: list[Checkpoint]) -> set[int]:
         """The steps that retention keeps of ``records`` (sorted by step)."""
         keep = {r.step for r in records[-self.keep_last:]}
         if self.keep_best:
             keep |= {r.step for r in self._ranked(records)[:self.keep_best]}
         return keep
 
-    def _retain(self):
+    def _retain(self) -> None:
+        """Delete the complete checkpoints that retention does not keep."""
         records = self.all()
         keep = self._kept(records)
         for record in records:
@@ -830,13 +894,15 @@ class CheckpointManager:
                     pass
                 self._cache.pop(os.path.basename(record.path), None)
 
-    def load(self, step=None, *, verify=None):
+    def load(self, step: int | None = None, *, verify: bool | None = None
+             ) -> CheckpointInfo | None:
         """Load checkpoint ``step`` (default: the newest that loads and passes its checks, as
         :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
         or None when there is none."""
         return self._load(None, step, verify, True, None)
 
-    def restore(self, state_or_model, step=None, *, verify=None, strict=True, map_location=None):
+    def restore(self, state_or_model: Any, step: int | None = None, *, verify: bool | None = None,
+                strict: bool = True, map_location: Any = None) -> CheckpointInfo | None:
         """Resume in one call: load checkpoint ``step`` (default: the newest complete one) into
         ``state_or_model`` in place (see :func:`restore_into`) and restore the random generators.
 
@@ -856,13 +922,15 @@ class CheckpointManager:
         """
         return self._load(state_or_model, step, verify, strict, map_location)
 
-    def _candidates(self):
+    def _candidates(self) -> list[tuple[int, str]]:
         """``(step, path)`` of every file named like a checkpoint, newest first."""
         found = sorted(((int(m.group(1)), m.group(0)) for m in map(_NAME.match,
                         os.listdir(self.directory)) if m), reverse=True)
         return [(step, os.path.join(self.directory, name)) for step, name in found]
 
-    def _load(self, target, step, verify, strict, map_location):
+    def _load(self, target: Any, step: int | None, verify: bool | None, strict: bool,
+              map_location: Any) -> CheckpointInfo | None:
+        """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
         candidates = self._candidates() if step is None else [(step, self.path(step))]
         for number, path in candidates:
             try:

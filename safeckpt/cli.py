@@ -28,6 +28,8 @@ Example:
     $ safeckpt diff before.sckpt after.sckpt --max-header-size 200000000
 """
 
+from __future__ import annotations
+
 import argparse
 import base64
 import itertools
@@ -36,14 +38,21 @@ import math
 import re
 import sys
 import traceback
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NoReturn, Sequence, TextIO
 
 import numpy as np
 
 from . import __version__
+from . import api
 from . import interop as _convert
 from . import format as fmt
 from . import tree as _tree
+from .dtypes import DTYPE_BY_CODE
 from .errors import ChecksumError, SafeckptError, plural, quote
+from .writer import LazyArray
+
+if TYPE_CHECKING:
+    from .reader import TensorInfo, TensorMap
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -76,7 +85,7 @@ class _Usage(Exception):
     """A usage problem found after argument parsing (exit code 2)."""
 
 
-def _escape(text, *, backslash=True):
+def _escape(text: str, *, backslash: bool = True) -> str:
     r"""``text`` with every character a terminal acts on written as :func:`repr` writes it.
 
     Control characters (C0, C1, DEL, so ESC and newlines), format characters (bidi overrides such
@@ -95,12 +104,12 @@ def _escape(text, *, backslash=True):
                    for c in text)
 
 
-def _say(stream, line):
+def _say(stream: TextIO, line: str) -> None:
     """Write one line; whatever it quotes from a file cannot act on the terminal."""
     stream.write(_escape(line, backslash=False) + "\n")
 
 
-def _exit_code(exc):
+def _exit_code(exc: BaseException) -> int:
     """The exit code for an exception that ends a command (EXIT_BUG for one we did not expect)."""
     if isinstance(exc, ChecksumError):
         return EXIT_CHECKSUM
@@ -117,7 +126,7 @@ def _exit_code(exc):
     return EXIT_BUG
 
 
-def _message(exc):
+def _message(exc: BaseException) -> str:
     """The message of an exception, the library's limit advice spelled as the CLI's flags."""
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
@@ -126,7 +135,7 @@ def _message(exc):
     return _LIMIT_WORD.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
 
 
-def _report(exc, args):
+def _report(exc: BaseException, args: argparse.Namespace) -> int:
     """Print the one line for an exception that ends a command (or a file of ``verify``)."""
     code = _exit_code(exc)
     if code != EXIT_BUG:
@@ -140,19 +149,20 @@ def _report(exc, args):
     return code
 
 
-def _open_checkpoint(path, args):
+def _open_checkpoint(path: str, args: argparse.Namespace) -> TensorMap:
     """``safeckpt.open(path)`` with the limits given (a .pt or .npz: the error says to convert)."""
-    from .reader import open as open_file
-    return open_file(path, **_limits(args))
+    return api.open(path, **_limits(args))
 
 
 # -- inspect ----------------------------------------------------------------------------------------
 
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+def _human(n: float) -> str:
+    """``n`` bytes for a person: ``512 B``, ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+    return f"{n:.1f} TiB"
 
 
 class _Lazy:
@@ -160,16 +170,19 @@ class _Lazy:
     :func:`_json_pieces` reaches them: no copy of a file's values is ever built whole."""
 
     __slots__ = ("items", "is_object")
+    items: Iterable[Any]  # values, or (str key, value) pairs of an object
+    is_object: bool
 
-    def __init__(self, items, is_object=False):
+    def __init__(self, items: Iterable[Any], is_object: bool = False) -> None:
         self.items, self.is_object = items, is_object
 
 
-def _object(pairs):
+def _object(pairs: Iterable[tuple[str, Any]]) -> _Lazy:
+    """A lazy JSON object of ``(key, value)`` pairs."""
     return _Lazy(pairs, is_object=True)
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     r"""Any metadata or tree value as JSON, without loss and without NaN (strict JSON), lazily.
 
     None, bool, str, finite floats, lists and dicts of str keys are themselves; the rest are
@@ -212,15 +225,16 @@ def _jsonable(value):
 _END = object()
 
 
-def _json_pieces(value):
+def _json_pieces(value: Any) -> Iterator[str]:
     """``value`` (JSON scalars and :class:`_Lazy` containers, nested) as JSON text, piece by
     piece, laid out as ``json.dump(value, indent=2)`` lays it out; ASCII only.
 
     Memory grows with the nesting depth, never with the number of items, and nothing recurses.
     """
-    stack, text = [], ""  # the open containers (their items, whether an object); text to write
+    stack: list[tuple[Iterator[Any], bool]] = []  # the open containers: items, whether an object
+    text = ""  # to write before the next piece
     while True:
-        item = _END
+        item: Any = _END
         if type(value) is _Lazy:
             items = iter(value.items)
             item = next(items, _END)
@@ -252,7 +266,7 @@ def _json_pieces(value):
 _json_str = json.encoder.encode_basestring_ascii  # what json.dump uses (ensure_ascii)
 
 
-def _json_scalar(value):
+def _json_scalar(value: Any) -> str:
     """A JSON scalar as json.dump writes it (a float is finite: see :func:`_jsonable`)."""
     kind = type(value)
     if kind is str:
@@ -268,9 +282,10 @@ def _json_scalar(value):
     raise TypeError(f"not a JSON scalar: {type(value).__name__}")
 
 
-def _write_json(out, value):
+def _write_json(out: TextIO, value: Any) -> None:
     """Write ``value`` (see :func:`_json_pieces`) to ``out`` in batches, then a newline."""
-    batch, size = [], 0
+    batch: list[str] = []
+    size = 0
     for piece in _json_pieces(value):
         batch.append(piece)
         size += len(piece)
@@ -280,7 +295,7 @@ def _write_json(out, value):
     out.write("".join(batch) + "\n")
 
 
-def _shown(value):
+def _shown(value: Any) -> str:
     """A metadata value for a person: :func:`quote`'s ``repr`` of at most about ``VALUE_MAX``
     characters; a value cut short says how large it is.
 
@@ -303,22 +318,24 @@ def _shown(value):
     return f"{text} ({len(value):,} {unit} in all; --json shows all)"
 
 
-def _scalar(node):
-    from .dtypes import DTYPE_BY_CODE
+def _scalar(node: list[Any]) -> np.generic:
+    """The numpy scalar of a tree's scalar node (FORMAT.md section 8)."""
     return np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
 
 
-def _children(node):
+def _children(node: list[Any]) -> Iterator[tuple[Any, Any]]:
     """A container node's ``(key, child)`` pairs, one at a time."""
     if node[0] in (_tree.DICT, _tree.ODICT):
         return zip(itertools.islice(node, 1, None, 2), itertools.islice(node, 2, None, 2))
     return enumerate(itertools.islice(node, 1, None))
 
 
-def _outline(skeleton, names, infos):
+def _outline(skeleton: Any, names: Sequence[str], infos: Sequence[TensorInfo]
+             ) -> Iterator[str]:
     """The tree as indented lines (containers with their lengths; leaves with type or value),
     at most ``OUTLINE_MAX_LINES``, made one at a time."""
-    stack, count = [iter([(None, skeleton)])], 0  # an iterator of (key, node) per open container
+    stack: list[Iterator[tuple[Any, Any]]] = [iter([(None, skeleton)])]  # (key, node) per open
+    count = 0  # container; lines made
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
@@ -346,7 +363,7 @@ def _outline(skeleton, names, infos):
             yield f"{pad}{label}{quote(node)}"
 
 
-def _json_tree(node, names):
+def _json_tree(node: Any, names: Sequence[str]) -> Any:
     """The tree as JSON, lazily: containers as {"type", "items"}; tensors as {"tensor": name}."""
     if type(node) is not list:
         return _jsonable(node)
@@ -363,7 +380,8 @@ def _json_tree(node, names):
     return _object([("scalar", str(value.dtype)), ("value", _jsonable(value.item()))])
 
 
-def _json_description(reader, path, names, infos, skeleton):
+def _json_description(reader: TensorMap, path: str, names: Sequence[str],
+                      infos: Sequence[TensorInfo], skeleton: Any) -> _Lazy:
     """What ``inspect --json`` writes, as a lazy JSON object."""
     version = getattr(reader, "version", None)
     tensors = (_object([("name", i.name), ("dtype", str(i.dtype)), ("shape", _Lazy(i.shape)),
@@ -384,12 +402,12 @@ def _json_description(reader, path, names, infos, skeleton):
     ])
 
 
-def cmd_inspect(args, out):
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     """Print a file's tensors, metadata and tree, as they are read: nothing is built whole."""
     with _open_checkpoint(args.file, args) as reader:
         names = reader.keys()
         infos = [reader.info(name) for name in names]
-        skeleton = getattr(reader, "_skeleton", fmt.NO_TREE)
+        skeleton = reader.stored_tree
         if args.json:  # ASCII: every other character escaped, so nothing reaches a terminal
             _write_json(out, _json_description(reader, args.file, names, infos, skeleton))
             return EXIT_OK
@@ -397,7 +415,8 @@ def cmd_inspect(args, out):
     return EXIT_OK
 
 
-def _inspect_text(reader, path, names, infos, skeleton, out):
+def _inspect_text(reader: TensorMap, path: str, names: Sequence[str],
+                  infos: Sequence[TensorInfo], skeleton: Any, out: TextIO) -> None:
     """inspect's output for a person: every tensor; long values and the tree cut short."""
     count = plural(len(infos), "tensor")
     total = sum(i.nbytes for i in infos)
@@ -407,7 +426,7 @@ def _inspect_text(reader, path, names, infos, skeleton, out):
               f"{_human(reader.size)}, {count}, {_human(total)} of tensor data, "
               f"{'checksums' if reader.has_checksums else 'no checksums'}")
 
-    def row(i):
+    def row(i: TensorInfo) -> tuple[str, str, str, str, str]:
         return (_escape(i.name), str(i.dtype), "(" + ", ".join(map(str, i.shape)) + ")",
                 str(i.nbytes), str(i.offset))
     header = ("name", "dtype", "shape", "bytes", "offset")
@@ -433,7 +452,7 @@ def _inspect_text(reader, path, names, infos, skeleton, out):
 
 # -- verify -----------------------------------------------------------------------------------------
 
-def _verify_one(path, args):
+def _verify_one(path: str, args: argparse.Namespace) -> tuple[str, bool]:
     """Check one file; return its line and whether it held checksums."""
     with _open_checkpoint(path, args) as reader:
         count = plural(len(reader), "tensor")
@@ -448,7 +467,8 @@ def _verify_one(path, args):
             "unverified"), False
 
 
-def cmd_verify(args, out):
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    """Check every file given; a line per file, the first failure's exit code."""
     first, unverified = None, False
     for path in args.files:
         try:
@@ -466,13 +486,13 @@ def cmd_verify(args, out):
 
 # -- convert ----------------------------------------------------------------------------------------
 
-def _progress_bar(enabled):
+def _progress_bar(enabled: bool | str) -> Callable[[int, int], None] | None:
     """A ``progress(done, total)`` callback: tqdm when installed, else a plain line on stderr."""
     if not enabled:
         return None
-    state = {}
+    state: dict[str, Any] = {}  # "bar": tqdm, a _PlainBar or None; "done": bytes shown
 
-    def progress(done, total):
+    def progress(done: int, total: int) -> None:
         if "bar" not in state:
             if total < PROGRESS_MIN_BYTES and enabled != "always":
                 state["bar"] = None
@@ -496,10 +516,11 @@ def _progress_bar(enabled):
 class _PlainBar:
     """The fallback when tqdm is not installed: ``convert  42% (1.0 GiB of 2.4 GiB)`` on stderr."""
 
-    def __init__(self, total):
+    def __init__(self, total: int) -> None:
         self.total, self.done, self.shown = total, 0, -1
 
-    def update(self, n):
+    def update(self, n: int) -> None:
+        """Count ``n`` more bytes; redraw when the percentage changes."""
         self.done += n
         percent = 100 * self.done // self.total if self.total else 100
         if percent != self.shown:
@@ -507,14 +528,17 @@ class _PlainBar:
             sys.stderr.write(f"\rconvert {percent:3d}% ({_human(self.done)} of {_human(self.total)})")
             sys.stderr.flush()
 
-    def close(self):
+    def close(self) -> None:
+        """End the line."""
         sys.stderr.write("\n")
 
 
-def cmd_convert(args, out):
+def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
+    """Convert ``args.src`` to ``args.dst``, with a progress bar where it helps."""
     if not args.dst.lower().endswith(tuple(_convert.OUTPUTS)):
         raise _Usage(f"{args.dst}: unknown output format; name it "
                      + " or ".join("*" + suffix for suffix in _convert.OUTPUTS))
+    enabled: bool | str
     if args.progress:
         enabled = "always"
     elif args.quiet:
@@ -532,14 +556,15 @@ def cmd_convert(args, out):
 
 # -- diff -------------------------------------------------------------------------------------------
 
-def _max_abs_diff(a, b):
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     """The largest |a - b| over the elements (float64 or an exact int), in chunks; NaN where one
     side is NaN and the other not (NaN in both places counts as equal)."""
     a, b = a.reshape(-1), b.reshape(-1)
     exact_int = a.dtype == b.dtype and a.dtype.kind in "iu"
-    worst = 0
+    worst: float = 0
     for start in range(0, a.size, DIFF_CHUNK):
         x, y = a[start:start + DIFF_CHUNK], b[start:start + DIFF_CHUNK]
+        d: float
         if exact_int:  # max - min in the dtype itself: exact, no overflow
             d = int((np.maximum(x, y) - np.minimum(x, y)).max(initial=0))
         else:
@@ -555,11 +580,11 @@ def _max_abs_diff(a, b):
     return worst
 
 
-def cmd_diff(args, out):
+def cmd_diff(args: argparse.Namespace, out: TextIO) -> int:
     """Print each difference as it is found: nothing is collected, whatever the files hold."""
     differences = 0
 
-    def say(line):
+    def say(line: str) -> None:
         nonlocal differences
         differences += 1
         _say(out, line)
@@ -602,19 +627,19 @@ def cmd_diff(args, out):
     return EXIT_DIFFERENT if differences else EXIT_OK
 
 
-def _load(array):
-    from .writer import LazyArray
+def _load(array: np.ndarray | LazyArray) -> np.ndarray:
+    """The array, read now if it is lazy."""
     return array.load() if isinstance(array, LazyArray) else array
 
 
-def _same_bytes(x, y):
+def _same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
     """Whether two arrays of one dtype hold the same bits (NaN payloads and -0.0 included)."""
     x, y = x.reshape(-1), y.reshape(-1)
     return all(np.array_equal(x[i:i + DIFF_CHUNK].view(np.uint8), y[i:i + DIFF_CHUNK].view(np.uint8))
                for i in range(0, x.size, DIFF_CHUNK))
 
 
-def _metadata_changes(ma, mb):
+def _metadata_changes(ma: dict[str, Any], mb: dict[str, Any]) -> Iterator[str]:
     """A line per metadata key removed, changed or added (values cut short by :func:`quote`)."""
     for key in ma:
         if key not in mb:
@@ -626,27 +651,29 @@ def _metadata_changes(ma, mb):
             yield f"+ metadata[{quote(key)}] = {quote(mb[key])}"
 
 
-def _tree_of(source):
+def _tree_of(source: _convert.Source) -> Any:
     """The encoded tree (structure, plain values, tensor indices), or None for a flat file."""
     return source.tree if source.tree is not fmt.NO_TREE else None
 
 
 # -- main -------------------------------------------------------------------------------------------
 
-def _limits(args):
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
     """The reader limits given on the command line, as keyword arguments (and max_expansion,
     which only convert and diff take)."""
     return {name: getattr(args, name) for name in [*LIMITS, EXPANSION]
             if getattr(args, name, None) is not None}
 
 
-def _positive(text):
+def _positive(text: str) -> int:
+    """argparse type: a positive int."""
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
 
 
-def _alignment(text):
+def _alignment(text: str) -> int:
+    """argparse type: a power of two from ALIGN_MIN to ALIGN_MAX."""
     if not text.isdigit() or int(text) & (int(text) - 1) or not (
             fmt.ALIGN_MIN <= int(text) <= fmt.ALIGN_MAX):
         raise argparse.ArgumentTypeError(f"{text!r} is not a power of two between "
@@ -655,19 +682,21 @@ def _alignment(text):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own exit code is 2 too; keep our one-line style
+    """argparse's parser, its usage errors on one line in our style."""
+
+    def error(self, message: str) -> NoReturn:  # argparse's own exit code is 2 too
         self.print_usage(sys.stderr)
         _say(sys.stderr, f"safeckpt: error: {message}")
         raise SystemExit(EXIT_USAGE)
 
 
-def _common_options():
+def _common_options() -> _Parser:
     """Options every subcommand takes, before or after its name: the limits and --traceback.
 
     Their default is SUPPRESS, so that a subcommand's parser does not overwrite with a default
     what was given before the subcommand.
     """
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     limits = common.add_argument_group("limits (raise them only for files you trust)")
     defaults = {"max_header_size": _human(fmt.MAX_HEADER_SIZE), "max_tensors": fmt.MAX_TENSORS,
                 "max_ndim": fmt.MAX_NDIM, "max_depth": fmt.MAX_DEPTH}
@@ -680,14 +709,15 @@ def _common_options():
     return common
 
 
-def _expansion_option(parser):
+def _expansion_option(parser: argparse.ArgumentParser) -> None:
     """--max-expansion, for the commands that read .npz and torch files (convert, diff)."""
     parser.add_argument("--max-expansion", type=_positive, metavar="N", dest=EXPANSION,
                         help="how many times its size the arrays of an .npz or torch file may "
                         f"hold (default {_convert.MAX_EXPANSION}); raise it for files you trust")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
+    """The ``safeckpt`` command's parser, with its four subcommands."""
     common = _common_options()
     parser = _Parser(prog="safeckpt", parents=[common], description="Inspect, verify, convert "
                      "and compare checkpoints (.sckpt, .safetensors, .npz, .npy, torch .pt/.bin).",
@@ -732,7 +762,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (see the module docstring)."""
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets \x..
         if hasattr(stream, "reconfigure"):
@@ -750,6 +780,6 @@ def main(argv=None):
         return _report(exc, args)
 
 
-def console():
+def console() -> NoReturn:
     """Entry point of the ``safeckpt`` console script."""
     sys.exit(main())

@@ -31,6 +31,8 @@ Example:
     >>> safeckpt.convert("model.safetensors.index.json", "model.sckpt")    # doctest: +SKIP
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
 import errno
@@ -43,20 +45,27 @@ import re
 import stat
 import zipfile
 import zlib
+from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Dict, Iterable,
+                    Iterator, Literal, NamedTuple, Union)
 
 import numpy as np
 
+from . import api
 from . import format as fmt
 from . import safetensors_format as _sft
+from . import safetensors_writer
 from . import tree as _tree
 from . import writer as _writer
 from .dtypes import code_of
+from .filekind import INDEX_SUFFIX, OUTPUTS, TORCH_SUFFIXES, kind_of
 from .errors import (HeaderError, LayoutError, LimitError, PickleRequiredError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-INDEX_SUFFIX = ".index.json"
-OUTPUTS = {".sckpt": "sckpt", ".safetensors": "safetensors"}
+if TYPE_CHECKING:
+    import types
+
+    from .reader import TensorMap
+
 
 # The tensors of an .npz or torch file may hold at most this many times the file's size in bytes
 # (keyword max_expansion): more is a compressed member that inflates like a zip bomb, or a tensor
@@ -71,38 +80,34 @@ TREE_FLOOR = 1 << 16
 NPY_MAX_HEADER = 10_000  # numpy's own limit on an .npy header (numpy.lib.format)
 NPZ_PIECE = 1 << 20  # an .npz member is decompressed this many bytes at a time
 
-Converted = collections.namedtuple("Converted", "tensors nbytes")
-Converted.__doc__ = "What :func:`convert` wrote: the number of tensors and their bytes."
+Tensors = Dict[str, Union[np.ndarray, _writer.LazyArray]]  # name -> an array, or one read later
+Progress = Callable[[int, int], None]  # progress(done_bytes, total_bytes)
+
+
+class Converted(NamedTuple):
+    """What :func:`convert` wrote: the number of tensors and their bytes."""
+
+    tensors: int
+    nbytes: int
 
 
 class Source:
     """What a source file holds: ``tensors`` (name -> array or LazyArray, in order), ``metadata``
     and ``tree`` (an encoded skeleton over the tensors' order, or ``format.NO_TREE``)."""
 
-    def __init__(self, tensors, metadata=None, tree=fmt.NO_TREE):
+    def __init__(self, tensors: Tensors, metadata: dict[str, Any] | None = None,
+                 tree: Any = fmt.NO_TREE) -> None:
         self.tensors, self.metadata, self.tree = tensors, metadata or {}, tree
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
+        """The bytes of all its tensors."""
         return sum(int(a.nbytes) for a in self.tensors.values())
 
 
-def kind_of(path):
-    """The source kind of a path, from its name: ``index``, ``npz``, ``npy``, ``torch`` or ``file``."""
-    name = os.fspath(path).lower()
-    if name.endswith(INDEX_SUFFIX):
-        return "index"
-    if name.endswith(".npz"):
-        return "npz"
-    if name.endswith(".npy"):
-        return "npy"
-    if name.endswith(TORCH_SUFFIXES):
-        return "torch"
-    return "file"
-
-
 @contextlib.contextmanager
-def read_source(path, *, max_expansion=MAX_EXPANSION, **limits):
+def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANSION,
+                **limits: Any) -> Iterator[Source]:
     """Open any supported source as a :class:`Source`; files stay open inside the ``with``.
 
     ``max_expansion``: see :func:`convert`; ``limits``: the reader's (``max_header_size``, ...).
@@ -127,22 +132,22 @@ def read_source(path, *, max_expansion=MAX_EXPANSION, **limits):
             yield _reader_source(stack.enter_context(_open(path, **limits)))
 
 
-def _open(path, **limits):
-    from .reader import open as open_file
-    return open_file(path, **limits)
+def _open(path: str, **limits: Any) -> TensorMap:
+    """:func:`safeckpt.open` of a .sckpt or .safetensors file, with the reader's limits."""
+    return api.open(path, **limits)
 
 
-def _reader_source(reader):
+def _reader_source(reader: TensorMap) -> Source:
     """A .sckpt or .safetensors reader's tensors, each read when the writer reaches it."""
-    tensors = {}
+    tensors: Tensors = {}
     for name in reader.keys():
         info = reader.info(name)
         tensors[name] = _writer.LazyArray(info.dtype, info.shape,
-                                          lambda name=name: reader[name])
-    return Source(tensors, dict(reader.metadata), getattr(reader, "_skeleton", fmt.NO_TREE))
+                                          functools.partial(reader.__getitem__, name))
+    return Source(tensors, dict(reader.metadata), reader.stored_tree)
 
 
-def _plain_name(name, where):
+def _plain_name(name: object, where: str) -> str:
     """A file name in the index's own directory: no path, no hidden file (as FORMAT.md [S3])."""
     if (type(name) is not str or not name or len(name.encode("utf-8", "replace")) > 255
             or any(c in name for c in "/\\\0") or name.startswith(".")):
@@ -151,7 +156,7 @@ def _plain_name(name, where):
     return name
 
 
-def _index_source(path, stack, limits):
+def _index_source(path: str, stack: contextlib.ExitStack, limits: dict[str, Any]) -> Source:
     """A sharded safetensors model: ``{"metadata": {...}, "weight_map": {tensor: shard file}}``."""
     where = repr(path)
     max_size = limits.get("max_header_size", fmt.MAX_HEADER_SIZE)
@@ -162,8 +167,8 @@ def _index_source(path, stack, limits):
                          "max_header_size=... if you trust this file")
     try:
         with fmt.collector_paused():
-            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_sft._unique_object,
-                               parse_constant=_sft._refuse_constant)
+            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_sft.unique_object,
+                               parse_constant=_sft.refuse_constant)
     except HeaderError as exc:
         raise HeaderError(f"{where}: {exc}") from None
     except RecursionError:
@@ -179,11 +184,11 @@ def _index_source(path, stack, limits):
         raise HeaderError(f"{where}: 'metadata' must be an object, not {type(metadata).__name__}")
     metadata = dict(metadata)
     fmt.walk_metadata(metadata, limits.get("max_depth", fmt.MAX_DEPTH), HeaderError)
-    by_file = collections.defaultdict(set)
+    by_file: dict[str, set[str]] = collections.defaultdict(set)
     for name, file in weight_map.items():
         by_file[_plain_name(file, where)].add(name)
     directory = os.path.dirname(os.path.abspath(path))
-    tensors = {}
+    tensors: Tensors = {}
     for file in sorted(by_file):  # model-00001-of-00003... sort in shard order
         reader = stack.enter_context(_open(os.path.join(directory, file), **limits))
         if getattr(reader, "format", None) != "safetensors":
@@ -201,7 +206,7 @@ def _index_source(path, stack, limits):
     return Source(tensors, metadata)
 
 
-def _open_regular(path, stack):
+def _open_regular(path: str, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:
     """``(file, size)``: ``path`` opened for reading, refused at once unless a regular file (a FIFO
     is not waited on)."""
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -214,20 +219,21 @@ def _open_regular(path, stack):
     return file, info.st_size
 
 
-def _printable(text):
+def _printable(text: str) -> str:
     """``text`` with control characters escaped: a message quoting a file cannot drive a terminal."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def _read_exact(stream, size, where, what):
+def _read_exact(stream: IO[bytes], size: int, where: str, what: str) -> bytes:
+    """``size`` bytes of ``stream``; fewer is a truncated file, ``what`` says where in it."""
     data = stream.read(size)
     if len(data) != size:
         raise TruncatedFileError(f"{where}: ends inside its {what} ({len(data)} of {size} bytes)")
     return data
 
 
-def _npy_header(stream, where):
-    """``(header bytes, shape, dtype, fortran_order)`` of an .npy stream, read with bounded reads.
+def _npy_header(stream: IO[bytes], where: str) -> tuple[int, tuple[int, ...], np.dtype, bool]:
+    """``(header size, shape, dtype, fortran_order)`` of an .npy stream, read with bounded reads.
 
     The header is at most ``NPY_MAX_HEADER`` bytes, parsed by numpy (literals only); object arrays
     are refused before any data is read, and the shape is checked as FORMAT.md [T3, T4] check it.
@@ -273,11 +279,12 @@ def _npy_header(stream, where):
     return 8 + width + length, shape, dtype, fortran
 
 
-def _npy_bytes(shape, dtype):
+def _npy_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """The bytes of an array of ``shape`` and ``dtype`` (exact: no overflow)."""
     return int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
-def _npy_source(path, stack):
+def _npy_source(path: str, stack: contextlib.ExitStack) -> Source:
     """One array, mapped: its size must be exactly what the header says."""
     where = repr(path)
     file, size = _open_regular(path, stack)
@@ -289,7 +296,7 @@ def _npy_source(path, stack):
     if header + nbytes < size:
         raise LayoutError(f"{where}: {size - header - nbytes} bytes after the array's "
                           f"{nbytes} bytes, which numpy never writes")
-    order = "F" if fortran else "C"
+    order: Literal["C", "F"] = "F" if fortran else "C"
     array = (np.memmap(file, dtype, "r", header, shape, order).view(np.ndarray) if nbytes
              else np.empty(shape, dtype, order))
     tree, names, arrays = _tree.flatten(array, root="array")
@@ -301,7 +308,7 @@ _ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate",
 
 
 @contextlib.contextmanager
-def _zip_errors(where):
+def _zip_errors(where: str) -> Iterator[None]:
     """zipfile's and the decompressors' errors on bad bytes, as SafeckptErrors naming ``where``."""
     try:
         yield
@@ -319,7 +326,8 @@ def _zip_errors(where):
         raise HeaderError(f"{where}: a corrupt zip archive: {_printable(str(exc))}") from None
 
 
-def _zip_archive(file, where, methods):
+def _zip_archive(file: IO[bytes], where: str, methods: Collection[int]
+                 ) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
     """``(archive, members)``: a zip archive and its members, each checked: not encrypted,
     compressed only by ``methods``, no name twice (which one is read is then a reader's choice)."""
     with _zip_errors(where):
@@ -341,7 +349,7 @@ def _zip_archive(file, where, methods):
     return archive, members
 
 
-def _npz_source(path, stack, max_expansion):
+def _npz_source(path: str, stack: contextlib.ExitStack, max_expansion: int) -> Source:
     """Each member's .npy header is read first; its data, in bounded pieces, when the writer
     reaches it. Claims (the zip directory's, the headers') must agree and stay within
     ``max_expansion`` x the file's size before anything is allocated for them."""
@@ -350,7 +358,8 @@ def _npz_source(path, stack, max_expansion):
     if file.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a member, or an empty archive
         raise HeaderError(f"{where}: not an .npz archive (a zip of .npy files)")
     archive, members = _zip_archive(file, where, (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
-    tensors, total = {}, 0
+    tensors: Tensors = {}
+    total = 0
     for info in members:
         name = f"{where}, member {_printable(repr(info.filename))}"
         if not info.filename.endswith(".npy"):
@@ -369,7 +378,8 @@ def _npz_source(path, stack, max_expansion):
     return Source(tensors)
 
 
-def _npz_array(archive, info, header, shape, dtype, fortran, where):
+def _npz_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, header: int,
+               shape: tuple[int, ...], dtype: np.dtype, fortran: bool, where: str) -> np.ndarray:
     """A member's array, decompressed in pieces into memory of the checked size."""
     nbytes = _npy_bytes(shape, dtype)
     with _zip_errors(where), archive.open(info) as stream:
@@ -386,7 +396,7 @@ def _npz_array(archive, info, header, shape, dtype, fortran, where):
     return out.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _check_expansion(nbytes, size, max_expansion, what):
+def _check_expansion(nbytes: int, size: int, max_expansion: int, what: str) -> None:
     """Refuse ``nbytes`` of tensors from a file of ``size`` bytes past ``max_expansion``."""
     if nbytes > max_expansion * size:
         raise LimitError(f"{what} hold {nbytes} bytes, more than max_expansion={max_expansion} "
@@ -395,7 +405,7 @@ def _check_expansion(nbytes, size, max_expansion, what):
                          "memory or disk); pass max_expansion=... if you trust this file")
 
 
-def _torch_kind(file, where):
+def _torch_kind(file: IO[bytes], where: str) -> str:
     """``"zip"`` (torch.save since torch 1.6) or ``"legacy"`` (a pickle stream), as torch.load
     tells them; a zip's members must be stored, as torch.save stores them (a compressed member
     would be mapped as tensor data, compressed bytes and all)."""
@@ -409,7 +419,7 @@ def _torch_kind(file, where):
                       "nor a legacy torch pickle")
 
 
-def _torch_reason(message):
+def _torch_reason(message: str) -> str:
     """The reason in a torch.load(weights_only=True) error, whole, without torch's advice about
     its own options (safeckpt never takes it)."""
     text = message.split("\n\nCheck the documentation", 1)[0]
@@ -422,7 +432,10 @@ def _torch_reason(message):
     return _printable(reason.rstrip(". ")) or "no reason given"
 
 
-def _torch_source(path, stack, max_expansion, max_depth):
+def _torch_source(path: str, stack: contextlib.ExitStack, max_expansion: int, max_depth: int
+                  ) -> Source:
+    """What ``torch.load(weights_only=True)`` makes of a torch file (never full pickle), within
+    the bounds of :func:`_check_shared` and ``max_expansion``."""
     where = repr(path)
     file, size = _open_regular(path, stack)
     kind = _torch_kind(file, where)
@@ -459,7 +472,7 @@ def _torch_source(path, stack, max_expansion, max_depth):
     return source
 
 
-def _check_shared(torch, obj, size, where):
+def _check_shared(torch: types.ModuleType, obj: object, size: int, where: str) -> None:
     """Refuse a torch file's object that holds itself, or whose shared parts expand too far.
 
     pickle stores an object that appears several times once; a tree stores each appearance
@@ -470,14 +483,16 @@ def _check_shared(torch, obj, size, where):
     """
     containers = (dict, collections.OrderedDict, list, tuple)
     cap = TREE_EXPANSION * size + TREE_FLOOR + 1  # no budget is larger: sizes stop growing here
-    sizes, walking, storages = {}, set(), {}
+    sizes: dict[int, int] = {}  # id of a container walked -> its expanded size
+    walking: set[int] = set()  # ids of the containers being walked
+    storages: dict[int, int] = {}  # tensor storages: address -> bytes
 
-    def children(value):
+    def children(value: Any) -> Iterable[Any]:
         if type(value) is dict or type(value) is collections.OrderedDict:
             return itertools.chain.from_iterable(value.items())
         return value
 
-    def leaf(value):
+    def leaf(value: object) -> int:
         if type(value) is str or type(value) is bytes:
             return 1 + len(value)
         if isinstance(value, torch.Tensor) and value.layout == torch.strided:
@@ -514,7 +529,7 @@ def _check_shared(torch, obj, size, where):
                          "with safeckpt.save")
 
 
-def _counting(tensors, progress):
+def _counting(tensors: Tensors, progress: Progress | None) -> Tensors:
     """The tensors, each wrapped so that reaching it reports its bytes to ``progress(done, total)``."""
     if progress is None:
         return tensors
@@ -522,8 +537,8 @@ def _counting(tensors, progress):
     done = [0]
     progress(0, total)
 
-    def wrap(array):
-        def load():
+    def wrap(array: np.ndarray | _writer.LazyArray) -> _writer.LazyArray:
+        def load() -> np.ndarray:
             value = array.load() if isinstance(array, _writer.LazyArray) else array
             done[0] += int(array.nbytes)
             progress(done[0], total)
@@ -532,8 +547,9 @@ def _counting(tensors, progress):
     return {name: wrap(array) for name, array in tensors.items()}
 
 
-def convert(src, dst, *, align=fmt.ALIGN_DEFAULT, checksum=True, progress=None,
-            max_expansion=MAX_EXPANSION, **limits):
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+            align: int = fmt.ALIGN_DEFAULT, checksum: bool = True, progress: Progress | None = None,
+            max_expansion: int = MAX_EXPANSION, **limits: Any) -> Converted:
     """Convert ``src`` to ``dst``, each format chosen by the file name (see the module docstring).
 
     Parameters:
@@ -567,8 +583,8 @@ def convert(src, dst, *, align=fmt.ALIGN_DEFAULT, checksum=True, progress=None,
     with read_source(src, max_expansion=max_expansion, **limits) as source:
         tensors = _counting(source.tensors, progress)
         if out == "sckpt":
-            plan = _writer._Plan(tensors, source.metadata, align, checksum, tree=source.tree)
-            _writer._save_plan(plan, dst, True)
+            plan = _writer.Plan(tensors, source.metadata, align, checksum, tree=source.tree)
+            api.save_plan(plan, dst, atomic=True)
         else:
-            _sft.save_file(tensors, dst, metadata=source.metadata, tree=source.tree)
+            safetensors_writer.save_file(tensors, dst, metadata=source.metadata, tree=source.tree)
         return Converted(len(source.tensors), source.nbytes)
