@@ -304,6 +304,29 @@ static int sck_read_piece(void *ctx, uint64_t i, uint64_t off, uint64_t len, uin
     return rc;
 }
 
+/* Checks the arguments of sck_pread_many and that every range ends below 2**63 (fits off_t);
+ * zeroes crcs; *npieces = the pieces of SCK_READ_PIECE bytes to read. */
+static int sck_read_check(uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
+                          void *const *dests, uint32_t *crcs, uint64_t *npieces,
+                          uint64_t *bad_index)
+{
+    *npieces = 0;
+    SCK_CHECK(n == 0 || (offsets && lengths && dests), SCK_E_ARG);
+    for (uint64_t i = 0; crcs != NULL && i < n; i++)
+        crcs[i] = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t end;
+        if (lengths[i] == 0)
+            continue;
+        if (dests[i] == NULL || sck_add_u64(offsets[i], lengths[i], &end) ||
+            end >= SCK_INT63_LIMIT || sck_add_u64(*npieces, sck_piece_count(lengths[i]), npieces)) {
+            *bad_index = i;
+            return SCK_E_ARG;
+        }
+    }
+    return SCK_OK;
+}
+
 int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *lengths,
                    void *const *dests, const uint8_t *want_crc, uint32_t *crcs, int nthreads,
                    uint64_t *bad_index, int *err)
@@ -316,22 +339,9 @@ int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *
     SCK_CHECK(bad_index != NULL && err != NULL, SCK_E_ARG);
     *bad_index = 0;
     *err = 0;
-    SCK_CHECK(n == 0 || (offsets && lengths && dests), SCK_E_ARG);
-    if (crcs != NULL)
-        for (uint64_t i = 0; i < n; i++)
-            crcs[i] = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        uint64_t end;
-        if (lengths[i] == 0)
-            continue;
-        if (dests[i] == NULL || sck_add_u64(offsets[i], lengths[i], &end) ||
-            end >= SCK_INT63_LIMIT || sck_add_u64(npieces, sck_piece_count(lengths[i]), &npieces)) {
-            *bad_index = i;
-            return SCK_E_ARG;
-        }
-    }
-    if (npieces == 0)
-        return SCK_OK;
+    rc = sck_read_check(n, offsets, lengths, dests, crcs, &npieces, bad_index);
+    if (rc != SCK_OK || npieces == 0)
+        return rc;
     SCK_CHECK(n < SIZE_MAX / sizeof *first_piece, SCK_E_NOMEM);
     SCK_CHECK(npieces < SIZE_MAX / sizeof *piece_crcs, SCK_E_NOMEM);
     first_piece = malloc((size_t)(n + 1) * sizeof *first_piece);
