@@ -7,6 +7,9 @@ Example:
     array([0., 1., 2., 3.], dtype=float32)
 
 ``safeckpt.backend`` is ``"c"`` when the C core is in use, ``"python"`` for the fallback.
+
+This module only re-exports: the entry points live in :mod:`safeckpt.api`, and docs/ARCHITECTURE.md
+shows the layers below them.
 """
 
 from ._backend import NAME as backend
@@ -26,14 +29,14 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from .reader import Reader, TensorInfo, TensorSlice, load_bytes, load_file, open
-from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
-from .tree import Subtree, load, save
+from .api import load, load_bytes, load_file, open, save, save_bytes, save_file
+from .reader import Reader, TensorInfo, TensorSlice
+from .tree import Subtree
 from .shard import ShardedReader
-from . import torch  # the adapter; torch itself is imported only when it is used
+from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
+from . import torch  # the public torch module; torch itself is imported only when it is used
 from . import jax  # likewise: jax is imported only when it is used
 from .interop import convert
-from .writer import save_bytes, save_file
 
 __version__ = "0.1.0"
 

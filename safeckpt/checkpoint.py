@@ -38,7 +38,6 @@ from __future__ import annotations
 import collections
 import errno
 import functools
-import importlib
 import math
 import os
 import random
@@ -205,7 +204,7 @@ def check_rng(state: object, where: str = "rng") -> types.ModuleType | None:
         torch = sys.modules.get("torch")
         if torch is None:
             try:  # torch is optional: imported only to check a torch state
-                torch = importlib.import_module("torch")
+                import torch
             except ImportError:
                 torch = None
     if "torch" in state:

@@ -57,7 +57,7 @@ from . import safetensors_writer
 from . import tree as _tree
 from . import writer as _writer
 from .dtypes import code_of
-from .filekind import INDEX_SUFFIX, OUTPUTS, TORCH_SUFFIXES, kind_of
+from .filekind import OUTPUTS, kind_of
 from .errors import (HeaderError, LayoutError, LimitError, PickleRequiredError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 

@@ -1,6 +1,8 @@
-"""Reading .sckpt files: ``open``, ``load_file`` and ``load_bytes``.
+"""Reading one file: :class:`Reader` (a validated .sckpt or .safetensors file) and the reader
+protocol, :class:`TensorMap`, that every reader shares and the layers above use.
 
 Every rule of docs/FORMAT.md is checked when a file is opened, before any array is handed out.
+The public functions (``open``, ``load_file``, ``load_bytes``) are in :mod:`safeckpt.api`.
 
 Example:
     >>> import numpy as np, safeckpt, tempfile, os
@@ -11,6 +13,8 @@ Example:
     ((2, 3), [[3.0, 4.0, 5.0]])
 """
 
+from __future__ import annotations
+
 import collections
 import errno
 import itertools
@@ -20,15 +24,16 @@ import shlex
 import stat
 import sys
 import threading
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
-from . import format as fmt
 from . import _backend
+from . import format as fmt
 from . import safetensors_format as _safetensors
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM
-from .errors import ERRORS, ChecksumError, Code, ReaderClosedError, ShardError, plural, quote
+from .errors import ChecksumError, Code, ReaderClosedError, ShardError, error_for, plural, quote
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
 # into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
@@ -36,6 +41,7 @@ _SHARED_MAX = 1 << 20
 _BLOCK_MAX = 64 << 20
 _VERIFY_BATCH = 64 << 20  # verify() reads (mmap=False) and checks at most this much at a time
 
+_Self = TypeVar("_Self", bound="TensorMap")
 TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
 TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None without checksums."
 
@@ -46,12 +52,6 @@ def _column(data, code):
     if sys.byteorder == "little":
         return memoryview(data).cast(code)
     return np.frombuffer(data, "<u8" if code == "Q" else "<u4").tolist()
-
-
-def _raise(code, where, detail=""):
-    """Raise the exception of an error code; ``where`` names the file and the tensor."""
-    cls, message = ERRORS[Code(code)]
-    raise cls(f"{where}: {message}{detail}")
 
 
 # What a file that is not a checkpoint may be, by its first bytes (for the message).
@@ -78,45 +78,147 @@ def _not_a_checkpoint(prefix, path):
 
 
 class TensorMap:
-    """What every reader shares: tensor names in order, use after ``close()`` refused, and the
-    saved object's tree (``tree``, ``load``).
+    """The reader protocol: what every reader (:class:`Reader`, :class:`safeckpt.ShardedReader`)
+    offers, and all that the layers above (the tree codec, the framework conversions, dcp) use.
 
-    A subclass sets ``_names`` to the list of names while it is open and to None when closed.
+    Public interface: ``keys()``, ``len``, ``in``, ``[name]``, ``info``, ``get_slice``,
+    ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``, ``close`` and use as a
+    context manager. Internal protocol, by index into :attr:`names`:
+
+    - :attr:`where`: how messages name the file; :attr:`names`: the tensor names in order;
+      :meth:`check_open`.
+    - :meth:`locate` ``(i) -> (reader, j)``: the single-file :class:`Reader` that holds tensor
+      ``i`` and its index there, whose :meth:`Reader.entry`, :meth:`Reader.read_ranges` and
+      :meth:`Reader.check_crc` read its bytes (the GPU staging of
+      :func:`safeckpt.torch_convert.device_tensors`).
+    - :meth:`load_indices` ``(indices, verify)``: arrays, CRC32C checked as :meth:`verifies` says.
+    - :attr:`skeleton`: the checked tree (FORMAT.md section 8), a flat file's built on first use;
+      :attr:`subtree_cache`: a dict that :func:`safeckpt.tree.view` keeps its views in.
+
+    A subclass sets ``_names`` to the list of names while it is open and to None when closed,
+    ``_stored_tree`` to the checked tree or ``NO_TREE``, and ``where``.
     """
 
-    _names = None
-    _flat_skeleton = None  # a flat file's tree, built on first use (see safeckpt.tree)
-    _views = None  # Subtree of each container node of the tree, made on first use
+    where = "<reader>"
+    path: Optional[str] = None
+    metadata: Dict[str, Any]
+    size: int
+    _names: Optional[List[str]] = None
+    _stored_tree: Any = fmt.NO_TREE
+    _flat_skeleton: Optional[list] = None
+    _subtrees: Optional[Dict[int, Any]] = None
 
-    def _check_open(self):
+    def check_open(self) -> List[str]:
         """The tensor names; raises ReaderClosedError after close() (in any thread)."""
         names = self._names
         if names is None:
-            raise ReaderClosedError(f"{self._where}: the reader is closed")
+            raise ReaderClosedError(f"{self.where}: the reader is closed")
         return names
 
-    def keys(self):
-        """Tensor names, in storage order."""
-        return list(self._check_open())
+    @property
+    def names(self) -> List[str]:
+        """The tensor names in storage order (the reader's own list: do not change it).
 
-    def __iter__(self):
+        Raises:
+            ReaderClosedError: after close().
+        """
+        return self.check_open()
+
+    def keys(self) -> List[str]:
+        """Tensor names, in storage order."""
+        return list(self.check_open())
+
+    def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
-    def __len__(self):
-        return len(self._check_open())
+    def __len__(self) -> int:
+        return len(self.check_open())
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._names is None
 
-    def __enter__(self):
+    def __enter__(self: _Self) -> _Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def close(self) -> None:
+        """Release the file(s); arrays already handed out stay valid."""
+        raise NotImplementedError
+
+    def __contains__(self, name: object) -> bool:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array."""
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape, byte length, offset and checksum of a tensor, without reading its data."""
+        raise NotImplementedError
+
+    def get_slice(self, name: str) -> "TensorSlice":
+        """A lazy handle whose ``[...]`` reads only the rows of the first axis it needs."""
+        raise NotImplementedError
+
+    def shard_of(self, name: str) -> Optional[str]:
+        """The path of the file that holds ``name``."""
+        raise NotImplementedError
+
+    def load_all(self, *, verify: Optional[bool] = None) -> Dict[str, np.ndarray]:
+        """Every tensor as ``{name: array}``."""
+        raise NotImplementedError
+
+    def verifies(self, verify: Optional[bool] = None) -> bool:
+        """Whether a load with this ``verify`` checks each tensor's CRC32C [T10]."""
+        raise NotImplementedError
+
     @property
-    def tree(self):
+    def has_checksums(self) -> bool:
+        """Whether every tensor has a stored CRC32C [T10]."""
+        raise NotImplementedError
+
+    def verify(self, names: Optional[Sequence[str]] = None, *,
+               arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """Check the CRC32C of tensors (all by default) [T10]."""
+        raise NotImplementedError
+
+    def locate(self, i: int) -> Tuple["Reader", int]:
+        """The single-file reader that holds tensor ``i``, and the tensor's index there."""
+        raise NotImplementedError
+
+    def load_indices(self, indices: Sequence[int], verify: Optional[bool] = None) -> List[np.ndarray]:
+        """The arrays of the tensors at ``indices``, in order; CRC32C checked as
+        :meth:`verifies` says for ``verify``."""
+        raise NotImplementedError
+
+    @property
+    def stored_tree(self) -> Any:
+        """The tree the header holds, checked [R1]-[R6], or ``format.NO_TREE`` (a flat file)."""
+        return self._stored_tree
+
+    @property
+    def skeleton(self) -> Any:
+        """The checked tree; a flat file's (a dict of its tensors by name) is built on first use."""
+        names = self.check_open()
+        if self._stored_tree is not fmt.NO_TREE:
+            return self._stored_tree
+        if self._flat_skeleton is None:
+            self._flat_skeleton = _tree.flat_skeleton(names)
+        return self._flat_skeleton
+
+    @property
+    def subtree_cache(self) -> Dict[int, Any]:
+        """The :class:`safeckpt.tree.Subtree` of each container node, by ``id(node)``, so each
+        builds its key index once (kept by :func:`safeckpt.tree.view`)."""
+        if self._subtrees is None:
+            self._subtrees = {}
+        return self._subtrees
+
+    @property
+    def tree(self) -> Any:
         """The saved object's structure, lazily: containers are :class:`safeckpt.tree.Subtree`
         views that read a tensor only when it is indexed; ``.load()`` materialises a subtree.
 
@@ -127,14 +229,69 @@ class TensorMap:
             ...     w = f.tree["model"]["layers.0.weight"]             # reads this tensor only
             ...     opt = f.tree["optimizer"].load()
         """
-        self._check_open()
+        self.check_open()
         return _tree.view(self, _tree.find(self, None))
 
-    def load(self, prefix=None, *, framework=None, map_location=None, verify=None):
+    def load(self, prefix: Union[None, str, Sequence[Any]] = None, *,
+             framework: Optional[str] = None, map_location: Any = None,
+             verify: Optional[bool] = None) -> Any:
         """The saved object (or the subtree at ``prefix``) with its tensors; see :func:`safeckpt.load`."""
-        self._check_open()
+        self.check_open()
         return _tree.materialize(self, _tree.find(self, prefix), framework=framework,
                                  map_location=map_location, verify=verify)
+
+
+class TensorTable:
+    """The tensor table of one file (FORMAT.md section 6), as read from its header: columns kept
+    as they are (no Python int per entry until asked for), shapes built on first use.
+
+    ``index`` maps names to positions; ``codes`` and ``ndims`` are bytes, ``offsets``, ``nbytes``,
+    ``dims`` and ``crcs`` (None without checksums) sequences of ints.
+    """
+
+    def __init__(self, index: Dict[str, int], codes: Sequence[int], ndims: Sequence[int],
+                 dims: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
+                 crcs: Optional[Sequence[int]]) -> None:
+        self.index, self.codes, self.ndims, self.dims = index, codes, ndims, dims
+        self.offsets, self.nbytes, self.crcs = offsets, nbytes, crcs
+        self._shapes: Optional[List[Tuple[int, ...]]] = None
+        self._starts: Optional[np.ndarray] = None
+
+    def shape(self, i: int) -> Tuple[int, ...]:
+        """The shape of tensor ``i``, without building every shape (a file opened for one).
+
+        Where each shape starts in the flat ``shape`` column is summed once, in numpy, the first
+        time: every later call costs the same, whatever ``i`` and the number of tensors.
+        """
+        if self._shapes is not None:
+            return self._shapes[i]
+        starts = self._starts
+        if starts is None:
+            starts = np.zeros(len(self.ndims) + 1, np.int64)
+            np.cumsum(np.frombuffer(self.ndims, np.uint8), out=starts[1:])
+            self._starts = starts
+        start = int(starts[i])
+        return tuple(self.dims[start:start + self.ndims[i]])
+
+    def shapes(self) -> List[Tuple[int, ...]]:
+        """The shape of every tensor, built once (from the flat ``shape`` column)."""
+        if self._shapes is None:
+            ndims, dims = self.ndims, self.dims
+            if ndims and min(ndims) == max(ndims):  # one rank for all: group in C, not in a loop
+                shapes = list(zip(*[iter(dims)] * ndims[0])) if ndims[0] else [()] * len(ndims)
+            else:
+                it = iter(dims)
+                shapes = [tuple(itertools.islice(it, k)) for k in ndims]
+            self._shapes = shapes
+        return self._shapes
+
+    def dtype(self, i: int) -> np.dtype:
+        return DTYPE_BY_CODE[self.codes[i]]
+
+    def entry(self, i: int, name: str) -> TensorInfo:
+        """What the table says of tensor ``i``, as a :class:`TensorInfo`."""
+        crc = self.crcs[i] if self.crcs is not None else None
+        return TensorInfo(name, self.dtype(i), self.shape(i), self.nbytes[i], self.offsets[i], crc)
 
 
 class Reader(TensorMap):
@@ -144,9 +301,16 @@ class Reader(TensorMap):
     any of them, so ``close()`` never invalidates an array already handed out.
     """
 
-    def __init__(self, source, *, mmap=True, name=None, max_header_size=fmt.MAX_HEADER_SIZE,
-                 max_tensors=fmt.MAX_TENSORS, max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH,
-                 _index=False):
+    format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
+    shard_index: Optional[Dict[str, Any]] = None  # an index's "shards" map [S2], else None
+    table: TensorTable
+    _fd_users = 0  # reads in flight on _fd (see pread_into)
+
+    def __init__(self, source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview], *,
+                 mmap: bool = True, name: Optional[str] = None,
+                 max_header_size: int = fmt.MAX_HEADER_SIZE, max_tensors: int = fmt.MAX_TENSORS,
+                 max_ndim: int = fmt.MAX_NDIM, max_depth: int = fmt.MAX_DEPTH,
+                 _index: bool = False) -> None:
         self._be = _backend.backend
         self._lock = threading.Lock()  # guards _fd against close() while another thread reads
         self._fd = None
@@ -154,12 +318,12 @@ class Reader(TensorMap):
         self._mapping = None
         if isinstance(source, (bytes, bytearray, memoryview)):
             self.path = None
-            self._where = name or "<bytes>"
+            self.where = name or "<bytes>"
             self._buffer = memoryview(source).cast("B")
             size = self._buffer.nbytes
         else:
             self.path = os.fspath(source)
-            self._where = name or repr(self.path)
+            self.where = name or repr(self.path)
             # O_NONBLOCK: a FIFO given as the path must not block open() until a writer comes
             # (its size is 0, so it is then refused [P1]); regular files ignore the flag.
             flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -181,9 +345,9 @@ class Reader(TensorMap):
             os.close(self._fd)  # the mapping keeps the file's pages; no descriptor needed
             self._fd = None
         self.size = size
-        if self._shards is not None and not _index:  # a Reader reads tensors; an index has none
+        if self.shard_index is not None and not _index:  # a Reader reads tensors; an index has none
             self.close()
-            raise ShardError(f"{self._where} is a shard index, not a file of tensors; open it with "
+            raise ShardError(f"{self.where} is a shard index, not a file of tensors; open it with "
                              "safeckpt.open(), which reads its shards [S1]")
 
     def _read(self, offset, length):
@@ -196,17 +360,38 @@ class Reader(TensorMap):
         while len(data) < length:  # pread may return less than asked on some filesystems
             more = os.pread(self._fd, length - len(data), offset + len(data))
             if not more:
-                _raise(Code.TRUNCATED, self._where, " (the file shrank while being read)")
+                raise error_for(Code.TRUNCATED, self.where, " (the file shrank while being read)")
             data += more
         return data
 
-    def _open(self, size, max_header_size, max_tensors, max_ndim, max_depth):
-        be, where = self._be, self._where
+    def _open(self, size: int, max_header_size: int, max_tensors: int, max_ndim: int,
+              max_depth: int) -> None:
+        """Check the file: prefix (FORMAT.md section 2), header (3), table (6), padding (7) and
+        tree (8), in that order, before anything is handed out."""
         prefix = bytes(self._read(0, min(size, fmt.PREFIX_SIZE)))
         if _safetensors.looks_like(prefix):  # no magic: its u64 length, then '{' [ST2]
             return self._open_safetensors(size, max_header_size, max_tensors, max_ndim,
                                           max_depth)
-        code, fields = be.parse_prefix(prefix, size, max_header_size)
+        minor, flags, header_len = self._check_prefix(prefix, size, max_header_size)
+        index, columns, crcs, self.metadata, tree, self.shard_index = fmt.decode_header(
+            self._check_header(header_len), minor, flags, max_tensors=max_tensors,
+            max_depth=max_depth)
+        names = list(index)
+        self._check_table(names, columns, fmt.PREFIX_SIZE + header_len, size, max_ndim)
+        # A shard index's tree points into the tensors of its shards: safeckpt.shard checks it [S6]
+        self._stored_tree = tree if self.shard_index is not None else _tree.check_tree(
+            tree, names, max_depth, self.where)
+        self.flags = flags
+        self.table = TensorTable(index, columns["dtypes"], columns["ndims"],
+                                 _column(columns["shape"], "Q"), _column(columns["offsets"], "Q"),
+                                 _column(columns["nbytes"], "Q"),
+                                 _column(crcs, "I") if crcs is not None else None)
+        self._names = names  # last: a reader with names is open
+
+    def _check_prefix(self, prefix: bytes, size: int, max_header_size: int) -> Tuple[int, int, int]:
+        """Parse the prefix [P1]-[P7]; sets ``version``, ``align``, ``header_crc``; returns
+        ``(minor, flags, header_len)``."""
+        code, fields = self._be.parse_prefix(prefix, size, max_header_size)
         if code == Code.TRUNCATED and len(prefix) < fmt.PREFIX_SIZE:  # too short: truncated only
             head = prefix[:len(fmt.MAGIC)]  # if what there is starts as a checkpoint does [P1, P2]
             if not fmt.MAGIC.startswith(head):
@@ -220,19 +405,25 @@ class Reader(TensorMap):
                 header_len = int.from_bytes(prefix[16:24], "little")
                 detail = (f": {header_len} > {max_header_size}; pass max_header_size=... "
                           "if you trust this file")
-            _raise(code, where, detail)
+            raise error_for(code, self.where, detail)
         self.version = fields[0], fields[1]
-        flags, header_len, self.align, header_crc = fields[2:]
+        flags, header_len, self.align, self.header_crc = fields[2:]
         self._header_len = header_len
+        return fields[1], flags, header_len
+
+    def _check_header(self, header_len: int) -> Any:
+        """The header's bytes, once their CRC32C matches the prefix's [P6]."""
         header = self._read(fmt.PREFIX_SIZE, header_len)
-        actual = be.crc32c(header)
-        if actual != header_crc:
-            _raise(Code.HEADER_CRC, where, f" (stored {header_crc:#010x}, computed {actual:#010x})")
-        index, columns, crcs, self.metadata, tree, self._shards = fmt.decode_header(
-            header, fields[1], flags, max_tensors=max_tensors, max_depth=max_depth)
-        names = list(index)
-        n = len(names)
-        header_end = fmt.PREFIX_SIZE + header_len
+        actual = self._be.crc32c(header)
+        if actual != self.header_crc:
+            raise error_for(Code.HEADER_CRC, self.where,
+                            f" (stored {self.header_crc:#010x}, computed {actual:#010x})")
+        return header
+
+    def _check_table(self, names: List[str], columns: Dict[str, Any], header_end: int, size: int,
+                     max_ndim: int) -> None:
+        """Validate the tensor table [T1]-[T9] and the padding between tensors [T7]."""
+        be, n = self._be, len(names)
         table = (n, columns["dtypes"], columns["ndims"], columns["shape"], columns["offsets"],
                  columns["nbytes"])
         # [T2]: never more dimensions than numpy holds, whatever max_ndim says
@@ -247,53 +438,10 @@ class Reader(TensorMap):
         code, bad = be.check_padding(source, n, columns["offsets"], columns["nbytes"], header_end)
         if code:
             self._raise_table(code, bad, names, columns, max_ndim)
-        # A shard index's tree points into the tensors of its shards: safeckpt.shard checks it [S6]
-        self._skeleton = tree if self._shards is not None else _tree.check_tree(
-            tree, names, max_depth, where)
-        self.flags, self.header_crc = flags, header_crc
-
-        self._index = index
-        self._codes = columns["dtypes"]
-        self._offsets = _column(columns["offsets"], "Q")
-        self._nbytes = _column(columns["nbytes"], "Q")
-        self._crcs = _column(crcs, "I") if crcs is not None else None
-        self._ndims = columns["ndims"]
-        self._dims = _column(columns["shape"], "Q")
-        self._shapes = self._starts = None  # built on first use: a file may be opened for one tensor
-        self._names = names  # last: a reader with names is open
-
-    def _shape(self, i):
-        """The shape of tensor ``i``, without building every shape (a file opened for one).
-
-        Where each shape starts in the flat ``shape`` column is summed once, in numpy, the first
-        time: every later call costs the same, whatever ``i`` and the number of tensors.
-        """
-        if self._shapes is not None:
-            return self._shapes[i]
-        starts = self._starts
-        if starts is None:
-            starts = np.zeros(len(self._ndims) + 1, np.int64)
-            np.cumsum(np.frombuffer(self._ndims, np.uint8), out=starts[1:])
-            self._starts = starts
-        start = int(starts[i])
-        return tuple(self._dims[start:start + self._ndims[i]])
-
-    @property
-    def _shape_list(self):
-        """The shape of every tensor, built once (from the flat ``shape`` column)."""
-        if self._shapes is None:
-            ndims, dims = self._ndims, self._dims
-            if ndims and min(ndims) == max(ndims):  # one rank for all: group in C, not in a loop
-                shapes = list(zip(*[iter(dims)] * ndims[0])) if ndims[0] else [()] * len(ndims)
-            else:
-                it = iter(dims)
-                shapes = [tuple(itertools.islice(it, k)) for k in ndims]
-            self._shapes = shapes
-        return self._shapes
 
     def _raise_table(self, code, index, names, columns, max_ndim):
         """Raise a table error with the tensor's name and its bad value."""
-        where = self._where
+        where = self.where
         if index < len(names):
             where += f", tensor {quote(names[index])}"
         detail = ""
@@ -310,7 +458,7 @@ class Reader(TensorMap):
             detail = f" (offset {offset}, nbytes {nbytes}, file size {self._size_hint()})"
         elif code == Code.TRAILING:
             detail = f" (file size {self._size_hint()})"
-        _raise(code, where, detail)
+        raise error_for(code, where, detail)
 
     def _size_hint(self):
         if self._buffer is not None:
@@ -319,31 +467,31 @@ class Reader(TensorMap):
 
     def _open_safetensors(self, size, max_header_size, max_tensors, max_ndim, max_depth):
         """Validate a .safetensors file [ST1]-[ST9] and fill the same table as ``_open``."""
-        table = _safetensors.parse(self._read, size, where=self._where,
+        table = _safetensors.parse(self._read, size, where=self.where,
                                    max_header_size=max_header_size, max_tensors=max_tensors,
                                    max_ndim=max_ndim, max_depth=max_depth)
         self.format, self.version, self.align = "safetensors", None, 1
-        self.flags, self.header_crc, self._shards = 0, None, None
+        self.flags, self.header_crc, self.shard_index = 0, None, None
         self.metadata = table.metadata
-        self._skeleton = _tree.check_tree(table.tree, table.names, max_depth, self._where)
-        self._index = dict(zip(table.names, range(len(table.names))))
-        self._codes, self._ndims, self._dims = table.codes, table.ndims, table.dims
-        self._offsets, self._nbytes, self._crcs = table.offsets, table.nbytes, None
-        self._shapes = self._starts = None
+        self._stored_tree = _tree.check_tree(table.tree, table.names, max_depth, self.where)
+        self.table = TensorTable(dict(zip(table.names, range(len(table.names)))), table.codes,
+                                 table.ndims, table.dims, table.offsets, table.nbytes, None)
         self._names = table.names  # last: a reader with names is open
 
     # -- the mapping interface ------------------------------------------------------------------
 
-    def _read_into(self, offsets, lengths, dests, checksum=False):
-        """The backend's read_into on this reader's file descriptor (its result: the CRC32Cs
-        asked for by ``checksum``, or None).
+    def pread_into(self, offsets: Sequence[int], lengths: Sequence[int], dests: Sequence[Any],
+                   checksum: Union[bool, Sequence[bool]] = False) -> Any:
+        """The backend's parallel ``read_into`` on this reader's descriptor (``mmap=False``); its
+        result: the CRC32Cs asked for by ``checksum``, or None. :class:`safeckpt.shard` overrides
+        it to reopen a descriptor it closed for room.
 
         A close() in another thread waits for no one: it marks the reader closed, and the last
         read in flight closes the descriptor, so no read ever lands on a reused descriptor number.
         """
         with self._lock:
             if self._fd is None or self._names is None:
-                raise ReaderClosedError(f"{self._where}: the reader is closed")
+                raise ReaderClosedError(f"{self.where}: the reader is closed")
             fd = self._fd
             self._fd_users += 1
         try:
@@ -355,53 +503,52 @@ class Reader(TensorMap):
                     os.close(self._fd)
                     self._fd = None
 
-    def _read_ranges(self, offsets, lengths, dests):
+    def read_ranges(self, offsets: Sequence[int], lengths: Sequence[int],
+                    dests: Sequence[np.ndarray]) -> None:
         """Copy the file's bytes at ``offsets`` into the uint8 arrays ``dests`` (ranges inside
         checked tensors): from the mapping, or by one parallel pread with ``mmap=False``."""
-        self._check_open()
+        self.check_open()
         if self._buffer is None:
-            self._read_into(offsets, lengths, dests)
+            self.pread_into(offsets, lengths, dests)
             return
         for offset, length, dest in zip(offsets, lengths, dests):
             dest[:length] = np.frombuffer(self._buffer, np.uint8, length, offset)
 
-    def _source(self, i):
-        """The plain reader and position of tensor ``i`` (a :class:`ShardedReader` has several)."""
+    def locate(self, i: int) -> Tuple["Reader", int]:
+        """This reader and ``i``: a single file holds every tensor it names."""
         return self, i
 
-    def _position(self, name):
-        self._check_open()
+    def entry(self, i: int) -> TensorInfo:
+        """What the header says of tensor ``i`` (see :meth:`info`)."""
+        return self.table.entry(i, self.check_open()[i])
+
+    def _position(self, name: str) -> int:
+        self.check_open()
         try:
-            return self._index[name]
+            return self.table.index[name]
         except KeyError:
-            raise KeyError(f"{self._where} has no tensor {quote(name)}") from None
+            raise KeyError(f"{self.where} has no tensor {quote(name)}") from None
 
-    def __contains__(self, name):
-        self._check_open()
-        return name in self._index
+    def __contains__(self, name: object) -> bool:
+        self.check_open()
+        return name in self.table.index
 
-    def info(self, name):
+    def info(self, name: str) -> TensorInfo:
         """Dtype, shape, byte length, offset and checksum of a tensor, without reading its data."""
-        i = self._position(name)
-        crc = self._crcs[i] if self._crcs is not None else None
-        return TensorInfo(name, DTYPE_BY_CODE[self._codes[i]], self._shape(i),
-                          self._nbytes[i], self._offsets[i], crc)
+        return self.table.entry(self._position(name), name)
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> np.ndarray:
         """The tensor as a numpy array: a view of the mapping, or fresh memory if ``mmap=False``."""
-        return self._array(self._position(name))
+        return self.load_indices([self._position(name)])[0]
 
-    def _array(self, i):
-        return self._load([i])[0]
-
-    def get_slice(self, name):
+    def get_slice(self, name: str) -> "TensorSlice":
         """A lazy handle whose ``[...]`` reads only the rows of the first axis it needs.
 
         Example: ``reader.get_slice("emb")[100:200]`` reads 100 rows.
         """
         return TensorSlice(self, self._position(name))
 
-    def shard_of(self, name):
+    def shard_of(self, name: str) -> Optional[str]:
         """The path of the file that holds ``name``: this one (as :meth:`ShardedReader.shard_of`
         names a shard), so code written for sharded checkpoints also reads a single file.
 
@@ -410,17 +557,17 @@ class Reader(TensorMap):
         self._position(name)
         return self.path
 
-    def load_all(self, *, verify=None):
+    def load_all(self, *, verify: Optional[bool] = None) -> Dict[str, np.ndarray]:
         """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel.
 
         ``verify``: see :meth:`verifies`.
         """
-        names = self._check_open()
+        names = self.check_open()
         if self._mapping is not None:
             self._advise("willneed")
-        return dict(zip(names, self._load(range(len(names)), verify)))
+        return dict(zip(names, self.load_indices(range(len(names)), verify)))
 
-    def verifies(self, verify=None):
+    def verifies(self, verify: Optional[bool] = None) -> bool:
         """Whether a load with this ``verify`` checks each tensor's CRC32C [T10].
 
         ``None`` (the default, "auto"): yes when the tensor's bytes are copied into memory anyway
@@ -432,63 +579,40 @@ class Reader(TensorMap):
             ChecksumError: ``verify=True`` and the file holds no checksums.
         """
         if verify is None:
-            return self._crcs is not None and self._mapping is None
-        if verify and self._crcs is None:
+            return self.table.crcs is not None and self._mapping is None
+        if verify and self.table.crcs is None:
             self._no_checksums()
         return bool(verify)
 
-    def _no_checksums(self):
+    def _no_checksums(self) -> None:
         why = ("safetensors files hold no checksums" if self.format == "safetensors"
                else "the file was saved with checksum=False")
-        raise ChecksumError(f"{self._where}: {why}; there is nothing to verify [T10]")
+        raise ChecksumError(f"{self.where}: {why}; there is nothing to verify [T10]")
 
-    def _load(self, indices, verify=None):
+    def load_indices(self, indices: Sequence[int], verify: Optional[bool] = None) -> List[np.ndarray]:
         """The arrays of the tensors at ``indices``, in order; CRC32C checked as
         :meth:`verifies` says for ``verify``.
 
         Mapped (or bytes): views, made without a copy. Otherwise fresh memory filled by one
-        parallel pread; runs of small neighbouring tensors share one block (one read, one
-        allocation) instead of costing a read and an allocation each. Checksums are computed
-        from the bytes just read, never by reading again: a read holding one tensor is
-        checksummed by the read itself, piece by piece while in cache (read_into's checksum);
-        a block of several small ones by one crc32c_ranges call after the read.
+        parallel pread (see :func:`_plan_reads`). Checksums are computed from the bytes just
+        read, never by reading again: a read holding one tensor is checksummed by the read
+        itself, piece by piece while in cache (read_into's checksum); a block of several small
+        ones by one crc32c_ranges call after the read.
         """
-        self._check_open()
+        self.check_open()
         check = self.verifies(verify)
-        codes, offsets, nbytes = self._codes, self._offsets, self._nbytes
-        shapes = self._shape_list if len(indices) > 8 else {i: self._shape(i) for i in indices}
+        table = self.table
+        codes, offsets, nbytes = table.codes, table.offsets, table.nbytes
+        shapes = table.shapes() if len(indices) > 8 else {i: table.shape(i) for i in indices}
         buffer, ndarray, empty = self._buffer, np.ndarray, np.empty
         if buffer is not None:
             if check:
                 self._compare(indices, self._crcs_in_buffer(indices))
             return [ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i]) if nbytes[i]
                     else empty(shapes[i], DTYPE_BY_CODE[codes[i]]) for i in indices]
-        arrays = [None] * len(indices)
-        reads, block = [], None  # each read: [start, end, its tensors as (slot, index)]
-        for slot, i in enumerate(indices):
-            size, start = nbytes[i], offsets[i]
-            if not size or size > _SHARED_MAX:  # read into an array of its own
-                arrays[slot] = empty(shapes[i], DTYPE_BY_CODE[codes[i]])
-                if size:
-                    reads.append([start, start + size, [(slot, i)]])
-            elif block and 0 <= start - block[1] < self.align and start + size - block[0] <= _BLOCK_MAX:
-                block[1] = start + size
-                block[2].append((slot, i))
-            else:
-                block = [start, start + size, [(slot, i)]]
-                reads.append(block)
-        dests = []
-        for start, end, members in reads:
-            own = arrays[members[0][0]]
-            if own is not None:
-                dests.append(own.reshape(-1).view(np.uint8))
-                continue
-            memory = empty(end - start, np.uint8)  # a block of small tensors: views of one buffer
-            for slot, i in members:
-                arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory, offsets[i] - start)
-            dests.append(memory)
+        arrays, reads, dests = _plan_reads(indices, table, shapes, self.align)
         if reads:
-            read_crcs = self._read_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests,
+            read_crcs = self.pread_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests,
                                         [len(r[2]) == 1 for r in reads] if check else False)
         if check:
             crc32c_ranges = self._be.crc32c_ranges
@@ -502,17 +626,18 @@ class Reader(TensorMap):
                           np.concatenate(computed + [np.zeros(len(empty_ones), np.uint32)]))
         return arrays
 
-    def _advise(self, advice):
-        mapping = self._mapping
-        if mapping is not None and self._offsets:
-            self._be.advise(mapping, self._offsets[0], self.size - self._offsets[0], advice)
+    def _advise(self, advice: str) -> None:
+        mapping, offsets = self._mapping, self.table.offsets
+        if mapping is not None and offsets:
+            self._be.advise(mapping, offsets[0], self.size - offsets[0], advice)
 
     @property
-    def has_checksums(self):
+    def has_checksums(self) -> bool:
         """Whether the file stores a CRC32C per tensor [T10]."""
-        return self._crcs is not None
+        return self.table.crcs is not None
 
-    def verify(self, names=None, *, arrays=None):
+    def verify(self, names: Optional[Sequence[str]] = None, *,
+               arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Check the CRC32C of tensors (all by default) [T10].
 
         One pass in C for all tensors (threads share large ones). ``arrays`` may give arrays
@@ -523,8 +648,8 @@ class Reader(TensorMap):
             ChecksumError: names the first tensor whose bytes do not match, or says that the file
                 holds no checksums (it was saved with ``checksum=False``).
         """
-        all_names = self._check_open()
-        if self._crcs is None:
+        all_names = self.check_open()
+        if self.table.crcs is None:
             self._no_checksums()
         indices = (np.arange(len(all_names)) if names is None
                    else np.array([self._position(name) for name in names], np.intp))
@@ -538,24 +663,24 @@ class Reader(TensorMap):
             computed = self._crcs_from_file(indices)
         self._compare(indices, computed)
 
-    def _crcs_in_buffer(self, indices):
+    def _crcs_in_buffer(self, indices: Sequence[int]) -> np.ndarray:
         """The CRC32C of tensors ``indices`` in the mapping (or bytes): one C call."""
         indices = np.asarray(indices, np.intp)
-        return self._be.crc32c_ranges(self._buffer, np.asarray(self._offsets)[indices],
-                                      np.asarray(self._nbytes)[indices])
+        return self._be.crc32c_ranges(self._buffer, np.asarray(self.table.offsets)[indices],
+                                      np.asarray(self.table.nbytes)[indices])
 
-    def _compare(self, indices, computed):
+    def _compare(self, indices: Sequence[int], computed: Any) -> None:
         """Raise ChecksumError naming the first of tensors ``indices`` whose stored CRC32C is not
         ``computed`` [T10]."""
-        stored = np.asarray(self._crcs, np.uint32)[np.asarray(indices, np.intp)]
+        stored = np.asarray(self.table.crcs, np.uint32)[np.asarray(indices, np.intp)]
         bad = np.flatnonzero(stored != np.asarray(computed, np.uint32))
         if len(bad):
-            self._check_crc(indices[bad[0]], int(computed[bad[0]]))
+            self.check_crc(indices[bad[0]], int(computed[bad[0]]))
 
-    def _crcs_from_file(self, indices):
+    def _crcs_from_file(self, indices: np.ndarray) -> np.ndarray:
         """The CRC32C of tensors ``indices``, read with pread in file order: neighbours share one
         read of at most _VERIFY_BATCH bytes, and a larger tensor is read in pieces of that size."""
-        offsets, nbytes = np.asarray(self._offsets), np.asarray(self._nbytes)
+        offsets, nbytes = np.asarray(self.table.offsets), np.asarray(self.table.nbytes)
         computed = np.zeros(len(indices), np.uint32)
         order = np.argsort(offsets[indices], kind="stable")
         k = 0
@@ -573,25 +698,30 @@ class Reader(TensorMap):
                 crc, piece = 0, np.empty(_VERIFY_BATCH, np.uint8)
                 for at in range(first, end, _VERIFY_BATCH):
                     length = min(_VERIFY_BATCH, end - at)
-                    self._read_into([at], [length], [piece])
+                    self.pread_into([at], [length], [piece])
                     crc = self._be.crc32c(piece[:length], crc)
                 computed[order[k]] = crc
             else:
                 span = np.empty(end - first, np.uint8)
-                self._read_into([first], [end - first], [span])
+                self.pread_into([first], [end - first], [span])
                 members = indices[order[k:j]]
                 computed[order[k:j]] = self._be.crc32c_ranges(span, offsets[members] - first,
                                                               nbytes[members])
             k = j
         return computed
 
-    def _check_crc(self, i, computed):
-        """Raise ChecksumError, naming tensor ``i``, if ``computed`` is not its stored CRC32C."""
-        if computed != self._crcs[i]:
-            _raise(Code.CRC, f"{self._where}, tensor {quote(self._names[i])}",
-                   f" (stored {self._crcs[i]:#010x}, computed {computed:#010x})")
+    def check_crc(self, i: int, computed: int) -> None:
+        """Raise ChecksumError, naming tensor ``i``, if ``computed`` is not its stored CRC32C.
 
-    def close(self):
+        Raises:
+            ChecksumError: the bytes do not match [T10].
+        """
+        crcs = self.table.crcs
+        if crcs is not None and computed != crcs[i]:
+            raise error_for(Code.CRC, f"{self.where}, tensor {quote(self.check_open()[i])}",
+                            f" (stored {crcs[i]:#010x}, computed {computed:#010x})")
+
+    def close(self) -> None:
         """Release the file. Arrays already handed out stay valid; using the reader raises.
 
         Safe while other threads read: their reads finish or raise ReaderClosedError.
@@ -604,12 +734,48 @@ class Reader(TensorMap):
                 os.close(self._fd)
                 self._fd = None
 
-    def __repr__(self):
-        state = "closed" if self.closed else plural(len(self._names), "tensor")
-        return f"<safeckpt.Reader {self._where} ({state})>"
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else plural(len(self._names or ()), "tensor")
+        return f"<safeckpt.Reader {self.where} ({state})>"
 
-    format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
-    _fd_users = 0  # reads in flight on _fd (see _read_into)
+
+def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: int
+                ) -> Tuple[List[Any], List[list], List[np.ndarray]]:
+    """How an ``mmap=False`` load reads tensors ``indices``: ``(arrays, reads, dests)``.
+
+    Each tensor gets fresh memory; runs of small neighbouring tensors (up to ``_SHARED_MAX``
+    bytes each, ``_BLOCK_MAX`` in all) share one block, so a file of 20,000 small tensors costs
+    a few reads and allocations, not 20,000. ``reads`` are ``[start, end, [(slot, index), ...]]``
+    and ``dests`` the uint8 array each is read into.
+    """
+    codes, offsets, nbytes = table.codes, table.offsets, table.nbytes
+    empty, ndarray = np.empty, np.ndarray
+    arrays: List[Any] = [None] * len(indices)
+    reads: List[list] = []
+    block: Optional[list] = None
+    for slot, i in enumerate(indices):
+        size, start = nbytes[i], offsets[i]
+        if not size or size > _SHARED_MAX:  # read into an array of its own
+            arrays[slot] = empty(shapes[i], DTYPE_BY_CODE[codes[i]])
+            if size:
+                reads.append([start, start + size, [(slot, i)]])
+        elif block and 0 <= start - block[1] < align and start + size - block[0] <= _BLOCK_MAX:
+            block[1] = start + size
+            block[2].append((slot, i))
+        else:
+            block = [start, start + size, [(slot, i)]]
+            reads.append(block)
+    dests = []
+    for start, end, members in reads:
+        own = arrays[members[0][0]]
+        if own is not None:
+            dests.append(own.reshape(-1).view(np.uint8))
+            continue
+        memory = empty(end - start, np.uint8)  # a block of small tensors: views of one buffer
+        for slot, i in members:
+            arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory, offsets[i] - start)
+        dests.append(memory)
+    return arrays, reads, dests
 
 
 class TensorSlice:
@@ -617,14 +783,14 @@ class TensorSlice:
 
     def __init__(self, reader, index):
         self._reader, self._i = reader, index
-        self.dtype = DTYPE_BY_CODE[reader._codes[index]]
-        self.shape = reader._shape(index)
+        self.dtype = reader.table.dtype(index)
+        self.shape = reader.table.shape(index)
 
     def __getitem__(self, key):
         reader = self._reader
-        reader._check_open()
+        reader.check_open()
         if reader._buffer is not None or not self.shape:
-            return reader._array(self._i)[key]  # a view: only the touched pages are read
+            return reader.load_indices([self._i])[0][key]  # a view: only the touched pages are read
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
         rows = self.shape[0]
         if isinstance(first, slice):
@@ -638,7 +804,7 @@ class TensorSlice:
         try:
             row = operator.index(first)
         except TypeError:
-            return reader._array(self._i)[key]  # fancy indexing or Ellipsis: read it all
+            return reader.load_indices([self._i])[0][key]  # fancy indexing or Ellipsis: read it all
         if not -rows <= row < rows:
             raise IndexError(f"index {row} is out of bounds for axis 0 with size {rows}")
         return self._rows(row % rows, row % rows + 1)[0][rest]
@@ -648,65 +814,8 @@ class TensorSlice:
         out = np.empty((stop - start,) + self.shape[1:], self.dtype)
         row_bytes = out.nbytes // max(stop - start, 1)
         if out.nbytes:
-            reader._read_into([reader._offsets[i] + start * row_bytes], [out.nbytes], [out])
+            reader.pread_into([reader.table.offsets[i] + start * row_bytes], [out.nbytes], [out])
         return out
 
     def __repr__(self):
         return f"<TensorSlice shape={self.shape} dtype={self.dtype}>"
-
-
-def open(path, *, mmap=True, **limits):  # noqa: A001 - the public name is safeckpt.open
-    """Open and validate a .sckpt file, or a sharded checkpoint; use as a context manager.
-
-    Parameters:
-        path: a str or path-like: a .sckpt file, a shard index (FORMAT.md section 9) or a
-            directory that holds one checkpoint (see :func:`safeckpt.shard.open_any`).
-        mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
-            memory (network filesystems, or a file that may shrink while open).
-        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
-            for files you trust.
-
-    Returns:
-        A :class:`Reader`, or a :class:`safeckpt.ShardedReader` (the same interface) over the
-        shards of an index.
-
-    Raises:
-        SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
-
-    Example:
-        >>> with safeckpt.open("model.sckpt") as f:          # doctest: +SKIP
-        ...     w = f["layers.0.weight"]
-    """
-    from . import shard
-    return shard.open_any(path, mmap=mmap, **limits)
-
-
-def load_file(path, *, mmap=True, verify=None, **limits):
-    """Load every tensor of a .sckpt file as ``{name: np.ndarray}``.
-
-    With ``mmap=True`` (default) the arrays view a private copy-on-write mapping of the file:
-    no copy, writable, and the file itself never changes. ``verify``: ``None`` (auto) checks the
-    CRC32C of every tensor read into fresh memory (``mmap=False``) and leaves a mapped load lazy;
-    ``True`` checks every tensor (reading every page); ``False`` none. Limits as for :func:`open`.
-
-    Example:
-        >>> tensors = safeckpt.load_file("model.sckpt")    # doctest: +SKIP
-    """
-    from . import shard
-    with shard.open_any(path, mmap=mmap, **limits) as reader:
-        return reader.load_all(verify=verify)
-
-
-def load_bytes(data, *, verify=None, **limits):
-    """Load tensors from an in-memory .sckpt file; arrays view ``data`` (read-only for bytes).
-
-    ``verify=None`` (auto) checks every tensor's CRC32C when the file has checksums: the bytes
-    are in memory already, so the check reads nothing more (pass ``verify=False`` for ``data``
-    that views a mapping you want to keep lazy).
-
-    Example:
-        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.zeros(2)}))["x"]
-        array([0., 0.])
-    """
-    with Reader(data, **limits) as reader:
-        return reader.load_all(verify=verify)

@@ -1,4 +1,5 @@
-"""Reading and writing .safetensors files with the strictness of our own format.
+"""Reading .safetensors files with the strictness of our own format (writing them:
+:mod:`safeckpt.safetensors_writer`).
 
 The safetensors format, as this module reads it (rule names [ST1]-[ST9] are used in messages):
 
@@ -42,9 +43,9 @@ bytes, ...) and the tree go, exactly, into ``__safeckpt__`` [ST9]. Reading merge
 
 Example:
     >>> import numpy as np, safeckpt, tempfile, os
-    >>> from safeckpt import safetensors_format as sft
+    >>> from safeckpt import safetensors_writer
     >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-    >>> sft.save_file({"w": np.arange(3, dtype=np.float32)}, path, metadata={"format": "np"})
+    >>> safetensors_writer.save_file({"w": np.arange(3, dtype=np.float32)}, path, metadata={"format": "np"})
     >>> with safeckpt.open(path) as f:                         # the format is detected
     ...     f.format, f.metadata, f["w"].tolist()
     ('safetensors', {'format': 'np'}, [0.0, 1.0, 2.0])
@@ -54,16 +55,13 @@ import base64
 import binascii
 import collections.abc
 import json
-import os
 import reprlib
 
 import msgpack
-import numpy as np
 
 from . import format as fmt
-from . import writer as _writer
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
-from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
+from .dtypes import ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
+from .errors import (HeaderError, LayoutError, LimitError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
 LENGTH_SIZE = 8  # the u64 header length [ST1]
@@ -102,12 +100,13 @@ def looks_like(prefix):
     return len(prefix) > LENGTH_SIZE and body[:1] == b"{" and not prefix.startswith(fmt.MAGIC[:4])
 
 
-def _unique_object(pairs):
+def unique_object(pairs):
     """json object_pairs_hook: a dict, refusing a key given twice [ST2]."""
     return fmt.unique_pairs(pairs, "JSON key in the safetensors header [ST2]")
 
 
-def _refuse_constant(name):
+def refuse_constant(name):
+    """json parse_constant: NaN and Infinity are not JSON [ST2]."""
     raise HeaderError(f"JSON constant {name} is not allowed in a safetensors header [ST2]")
 
 
@@ -165,8 +164,8 @@ def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors
         raise HeaderError(f"{where}: safetensors header does not start with '{{' [ST2]")
     try:
         with fmt.collector_paused():
-            header = json.loads(text.rstrip(" "), object_pairs_hook=_unique_object,
-                                parse_constant=_refuse_constant, parse_int=_json_int)
+            header = json.loads(text.rstrip(" "), object_pairs_hook=unique_object,
+                                parse_constant=refuse_constant, parse_int=_json_int)
     except HeaderError as exc:
         raise HeaderError(f"{where}: {exc}") from None
     except RecursionError:
@@ -291,131 +290,10 @@ def _decode_extras(metadata, max_depth):
     more = extras.get("metadata", {})
     if type(more) is not dict:
         raise HeaderError(f"metadata[{SAFECKPT_KEY!r}]['metadata'] must be a map [ST9]")
-    fmt._walk_metadata(more, max_depth, HeaderError)
+    fmt.walk_metadata(more, max_depth, HeaderError)
     clash = more.keys() & metadata.keys()
     if clash:
         raise HeaderError(f"metadata key {sorted(clash)[0]!r} is both a str entry and in "
                           f"{SAFECKPT_KEY!r} [ST9]")
     metadata.update(more)
     return metadata, extras.get("tree", fmt.NO_TREE)
-
-
-def encode_metadata(metadata, tree=fmt.NO_TREE):
-    """Our metadata (and tree) as safetensors' str -> str metadata [ST9]; see the module docstring.
-
-    Raises:
-        InvalidValueError: a metadata value msgpack cannot hold, or the reserved key ``__safeckpt__``.
-    """
-    metadata = fmt.check_metadata(metadata)
-    if SAFECKPT_KEY in metadata:
-        raise InvalidValueError(f"metadata key {SAFECKPT_KEY!r} is reserved for safeckpt's own "
-                                "extras in safetensors files [ST9]; rename it")
-    plain = {k: v for k, v in metadata.items() if type(v) is str}
-    extras = {}
-    if len(plain) != len(metadata):
-        extras["metadata"] = {k: v for k, v in metadata.items() if type(v) is not str}
-    if tree is not fmt.NO_TREE:
-        extras["tree"] = tree
-    if extras:
-        try:
-            packed = msgpack.packb(extras, use_bin_type=True)
-        except UnicodeEncodeError as exc:
-            raise _writer._unicode_error(exc, (), "[ST9]") from None
-        plain[SAFECKPT_KEY] = base64.b64encode(packed).decode("ascii")
-    return plain
-
-
-def _plan(tensors, metadata, tree):
-    """``(header bytes, arrays in data order)`` for :func:`save_file`; checks every tensor."""
-    if not isinstance(tensors, collections.abc.Mapping):
-        raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
-                                f"not {type(tensors).__name__}")
-    entries, order, sizes = {}, [], []
-    for name, value in tensors.items():
-        if type(name) is not str or not name:
-            raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str")
-        if name == METADATA_KEY:
-            raise InvalidValueError(f"tensor name {name!r} is reserved by safetensors; rename it")
-        if isinstance(value, np.generic):
-            value = np.asarray(value)
-        if not isinstance(value, (np.ndarray, _writer.LazyArray)):
-            raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
-                                    f"{type(value).__name__} is not a numpy array")
-        dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
-        code = CODE_BY_DTYPE.get(dtype)
-        if code not in DTYPE_NAMES:
-            raise UnsupportedDtypeError(
-                f"tensor {name!r}: dtype {value.dtype} has no safetensors equivalent"
-                + (" (safetensors has no complex128; save as .sckpt)" if code is not None else ""))
-        if value.ndim > fmt.MAX_NDIM:  # [W4]: what readers refuse by default is not written
-            raise LimitError(f"tensor {name!r}: {value.ndim} dimensions, more than readers accept "
-                             f"by default ({fmt.MAX_NDIM}) [ST4]")
-        entries[name] = {"dtype": DTYPE_NAMES[code], "shape": list(value.shape)}
-        order.append((-ITEMSIZE_BY_CODE[code], len(order), name, value))
-        sizes.append(value.nbytes)
-    # [ST8]: data sorted by item size, largest first (stable), so every tensor is aligned to its
-    # item size; the header keeps the caller's order, which is the order a reader lists.
-    order.sort(key=lambda item: item[:2])
-    position, arrays = 0, []
-    for _, _, name, value in order:
-        entries[name]["data_offsets"] = [position, position + value.nbytes]
-        position += value.nbytes
-        arrays.append(value)
-    header = {}
-    plain = encode_metadata(metadata, tree)
-    if plain:
-        header[METADATA_KEY] = plain
-    header.update(entries)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
-    try:
-        text = text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: name the str that holds it
-        for item in (*entries, *plain, *plain.values()):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise _writer._unicode_error(exc, entries, "[ST2]") from None
-        raise
-    text += b" " * (-(LENGTH_SIZE + len(text)) % 8)  # data starts on an 8-byte boundary
-    return len(text).to_bytes(LENGTH_SIZE, "little") + text, arrays
-
-
-def save_file(tensors, path, *, metadata=None, tree=fmt.NO_TREE, atomic=True, progress=None):
-    """Write ``{name: array}`` as a .safetensors file that any safetensors reader loads.
-
-    As every save, it writes a new file, never into the one at ``path`` (FORMAT.md [W3]).
-
-    Parameters:
-        tensors: names to numpy arrays (or :class:`safeckpt.writer.LazyArray`); every dtype of
-            FORMAT.md section 4 except complex128.
-        path: a str, bytes or path-like; not a ``*.sckpt`` name, nor one of a format that
-            safeckpt does not write (``.pt``, ``.npz``, ...).
-        metadata: our metadata (any msgpack primitives); see the module docstring for the mapping.
-        tree: an encoded skeleton (FORMAT.md section 8) to keep in ``__safeckpt__`` [ST9].
-        atomic: as for :func:`safeckpt.save_file` [W2].
-        progress: called as ``progress(nbytes)`` after each tensor is written.
-
-    Raises:
-        InvalidValueError, UnsupportedDtypeError: naming the tensor, metadata key or path.
-        LimitError: more dimensions than readers accept by default [W4].
-
-    Warns:
-        UserWarning: the header or the tensor count is over the readers' default limit [W4].
-
-    Example:
-        >>> save_file({"w": np.zeros(2)}, "w.safetensors", metadata={"step": 3})  # doctest: +SKIP
-    """
-    path, kind = _writer._output(path)
-    if kind == "sckpt":
-        raise InvalidValueError(f"{path!r}: a .sckpt name for a safetensors file; name it "
-                                "*.safetensors (safeckpt.save_file writes .sckpt files)")
-    head, arrays = _plan(tensors, metadata, tree)
-    _writer._warn_beyond_reader_defaults(len(head) - LENGTH_SIZE, len(arrays), "[ST1]", "[ST3]")
-    with _writer._new_file(path, atomic) as fd, open(fd, "wb", closefd=False) as f:
-        f.write(head)
-        for array in arrays:
-            data = _writer._le_bytes(array)[0]
-            if data.nbytes:
-                f.write(memoryview(data.reshape(-1).view(np.uint8)))
-            if progress is not None:
-                progress(data.nbytes)

@@ -16,20 +16,26 @@ Example:
     (['a', 'b'], 3)
 """
 
+from __future__ import annotations
+
 import collections
-import concurrent.futures
 import errno
 import hashlib
 import os
 import re
 import secrets
 import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
+from . import _fs
 from . import format as fmt
 from . import tree as _tree
 from . import writer as _writer
 from .errors import HeaderError, LimitError, ShardError, plural, quote
-from .reader import Reader, TensorMap
+from .filekind import PathLike, output_format
+from .reader import Reader, TensorInfo, TensorMap, TensorSlice
 
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
 MAX_OPEN_SHARDS = 32  # mmap=False: shards a reader keeps open; others reopen when read (not 1 fd each)
@@ -104,12 +110,12 @@ def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic
     (each atomically when ``atomic``), the index last. One shard's worth is one ordinary file.
     """
     limit = parse_size(max_shard_size)
-    path = _writer._output(path, sharded=True)[0]  # a str; the name checked before any shard [W5]
+    path = output_format(path, sharded=True)[0]  # a str; the name checked before any shard [W5]
     arrays = list(arrays)
     counts = split([array.nbytes for array in arrays], limit)
     if len(counts) <= 1:
-        _writer._save_plan(_writer._Plan(dict(zip(names, arrays)), metadata, align, checksum,
-                                         tree=tree), path, atomic)
+        _writer.write_plan(_writer.Plan(dict(zip(names, arrays)), metadata, align, checksum,
+                                        tree=tree), path, atomic=atomic)
         _remove_stale(path, ())
         return
     if len(counts) > MAX_SHARDS:
@@ -121,25 +127,23 @@ def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic
     for j, count in enumerate(counts, 1):
         part = dict(zip(names[start:start + count], arrays[start:start + count]))
         shard_meta = {SHARD_KEY: {"save_id": save_id, "index": j, "count": len(counts)}}
-        plans.append(_writer._Plan(part, shard_meta, align, checksum))
+        plans.append(_writer.Plan(part, shard_meta, align, checksum))
         start += count
     metadata = fmt.check_metadata(metadata)
     directory = os.path.dirname(os.path.abspath(path))
 
     def write(j):
         shard_path = os.path.join(directory, files[j])
-        _writer._save_plan(plans[j], shard_path, atomic)
+        _writer.write_plan(plans[j], shard_path, atomic=atomic)
         with open(shard_path, "rb") as f:  # the prefix as written: its header_crc binds the shard
             prefix = f.read(fmt.PREFIX_SIZE)
         return os.path.getsize(shard_path), int.from_bytes(prefix[28:32], "little")
 
-    workers = min(len(plans), os.cpu_count() or 1, 8)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        written = list(pool.map(write, range(len(plans))))  # [S9]: every shard before the index
+    written = _fs.fan_out(write, range(len(plans)))  # [S9]: every shard before the index
     shards = {"files": files, "counts": counts, "sizes": [size for size, _ in written],
               "header_crcs": [crc for _, crc in written], "names": list(names), "save_id": save_id}
-    _writer._save_plan(_writer._Plan({}, metadata, align, False, tree=tree, shards=shards), path,
-                       atomic)
+    _writer.write_plan(_writer.Plan({}, metadata, align, False, tree=tree, shards=shards), path,
+                       atomic=atomic)
     _remove_stale(path, files)
 
 
@@ -159,38 +163,13 @@ def _remove_stale(path, keep):
 
 # -- open ------------------------------------------------------------------------------------------
 
-def open_any(path, *, mmap=True, **limits):
-    """A :class:`Reader` for a .sckpt file, a :class:`ShardedReader` for a shard index or for a
-    directory that holds one checkpoint (its only .sckpt file that is not named as a shard).
-
-    ``path`` is a str, a path-like object or bytes, which name a file as they do for ``open()``
-    (``os.fspath``); to read a checkpoint held in memory, use :func:`safeckpt.load_bytes`.
+def find_index(directory: str) -> str:
+    """The checkpoint in ``directory``: its only .sckpt file that is not named as a shard.
 
     Raises:
-        SafeckptError: a subclass naming the file and the rule broken; OSError for I/O (a
-            missing shard included).
-        ValueError: a directory with several checkpoints (open one by its path).
-        TypeError: ``path`` is not a str, bytes or path-like object (e.g. a bytearray).
+        ValueError: several checkpoints (open one by its path).
+        IsADirectoryError: none (said so when only shards are there: an unfinished save [S9]).
     """
-    try:
-        path = os.fsdecode(path)
-    except TypeError:
-        raise TypeError(f"a path is a str, bytes or os.PathLike object, not "
-                        f"{type(path).__name__}; to load a checkpoint held in memory, use "
-                        "safeckpt.load_bytes(data)") from None
-    if os.path.isdir(path):
-        path = _find_index(path)
-    reader = Reader(path, mmap=mmap, _index=True, **limits)
-    if reader._shards is None:
-        return reader
-    try:
-        return ShardedReader(reader, mmap=mmap, **limits)
-    except BaseException:
-        reader.close()
-        raise
-
-
-def _find_index(directory):
     entries = sorted(os.listdir(directory))
     found = [e for e in entries if e.endswith(SUFFIX) and not e.startswith(".")
              and not _SHARD_NAME.search(e)]
@@ -299,14 +278,14 @@ class _ShardFile(Reader):
         self._pins = 0  # reads between reopening the descriptor and using it
         open_shards.touch(self)
 
-    def _read_into(self, offsets, lengths, dests, checksum=False):
+    def pread_into(self, offsets, lengths, dests, checksum=False):
         with self._lock:
             if self._fd is None and self._names is not None:
                 self._fd = self._reopen()
             self._pins += 1
         try:
             self._open_shards.touch(self)
-            return super()._read_into(offsets, lengths, dests, checksum)
+            return super().pread_into(offsets, lengths, dests, checksum)
         finally:
             with self._lock:
                 self._pins -= 1
@@ -321,7 +300,7 @@ class _ShardFile(Reader):
             raise
         if not same:
             os.close(fd)
-            raise ShardError(f"shard {self._where} was replaced or changed since the checkpoint "
+            raise ShardError(f"shard {self.where} was replaced or changed since the checkpoint "
                              "was opened (another save?); open the checkpoint again [S7]")
         return fd
 
@@ -360,13 +339,13 @@ class ShardedReader(TensorMap):
     """
 
     def __init__(self, index, *, mmap=True, **limits):
-        where = self._where = index._where
+        where = self.where = index.where
         self.path, self.version, self.metadata = index.path, index.version, index.metadata
         self.size = index.size
         self._index_reader = index
-        shards = check_shards(index._shards, where, limits.get("max_tensors", fmt.MAX_TENSORS))
+        shards = check_shards(index.shard_index, where, limits.get("max_tensors", fmt.MAX_TENSORS))
         names = shards["names"]
-        self._skeleton = _tree.check_tree(index._skeleton, names, limits.get(
+        self._stored_tree = _tree.check_tree(index.stored_tree, names, limits.get(
             "max_depth", fmt.MAX_DEPTH), where)  # [S6]
         directory = os.path.dirname(os.path.abspath(index.path))
         self.shards = [os.path.join(directory, name) for name in shards["files"]]
@@ -393,7 +372,7 @@ class ShardedReader(TensorMap):
     def _check_shard(self, reader, j, k, part, shards):
         """[S7]: the shard is the one this index wrote."""
         problem = None
-        if reader._skeleton is not fmt.NO_TREE:
+        if reader.stored_tree is not fmt.NO_TREE:
             problem = "has a tree; shards are flat files"
         elif reader.size != shards["sizes"][j]:
             problem = f"is {reader.size} bytes, the index says {shards['sizes'][j]}"
@@ -406,7 +385,7 @@ class ShardedReader(TensorMap):
                                              "count": k}}:
             problem = "has another save's id or position in its metadata"
         if problem:
-            raise ShardError(f"{self._where}: shard {reader._where} {problem}: it was not written "
+            raise ShardError(f"{self.where}: shard {reader.where} {problem}: it was not written "
                              "by the save that wrote this index (an interrupted save, or files of "
                              "two checkpoints mixed) [S7]")
 
@@ -414,17 +393,17 @@ class ShardedReader(TensorMap):
 
     def _shard_number(self, name):
         """The position in ``shards`` of the shard that holds ``name``."""
-        self._check_open()
+        self.check_open()
         try:
             return self._where_is[self._position_of[name]][0]
         except KeyError:
-            raise KeyError(f"{self._where} has no tensor {quote(name)}") from None
+            raise KeyError(f"{self.where} has no tensor {quote(name)}") from None
 
     def _locate(self, name):
         return self._readers[self._shard_number(name)]
 
     def __contains__(self, name):
-        return name in self._position_of and self._check_open() is not None
+        return name in self._position_of and self.check_open() is not None
 
     def info(self, name):
         """As :meth:`Reader.info`; ``offset`` is within the tensor's shard."""
@@ -440,7 +419,7 @@ class ShardedReader(TensorMap):
     def get_slice(self, name):
         return self._locate(name).get_slice(name)
 
-    def _source(self, i):
+    def locate(self, i):
         """The shard's reader and the position in it of checkpoint tensor ``i``."""
         j, local = self._where_is[i]
         return self._readers[j], local
@@ -453,36 +432,27 @@ class ShardedReader(TensorMap):
             groups.setdefault(j, []).append((slot, local))
         return groups
 
-    def _parallel(self, function, jobs):
-        """``function(job)`` for every job, in threads when there are several."""
-        jobs = list(jobs)
-        if len(jobs) <= 1:
-            return [function(job) for job in jobs]
-        workers = min(len(jobs), os.cpu_count() or 1, 8)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(function, jobs))
-
-    def _load(self, indices, verify=None):
+    def load_indices(self, indices, verify=None):
         """The arrays of checkpoint tensors ``indices``, in order; shards read in parallel, each
         checking CRC32C as :meth:`safeckpt.Reader.verifies` says for ``verify``."""
-        self._check_open()
+        self.check_open()
         indices = list(indices)
         out = [None] * len(indices)
 
         def load(group):
             j, members = group
-            arrays = self._readers[j]._load([local for _, local in members], verify)
+            arrays = self._readers[j].load_indices([local for _, local in members], verify)
             for (slot, _), array in zip(members, arrays):
                 out[slot] = array
 
-        self._parallel(load, self._by_shard(indices).items())
+        _fs.fan_out(load, self._by_shard(indices).items())
         return out
 
     def load_all(self, *, verify=None):
         """Every tensor as ``{name: array}``, the shards read in parallel; ``verify`` as for
         :meth:`safeckpt.Reader.load_all`."""
-        names = self._check_open()
-        return dict(zip(names, self._load(range(len(names)), verify)))
+        names = self.check_open()
+        return dict(zip(names, self.load_indices(range(len(names)), verify)))
 
     @property
     def has_checksums(self):
@@ -490,7 +460,7 @@ class ShardedReader(TensorMap):
 
     def verify(self, names=None, *, arrays=None):
         """Check the CRC32C of tensors (all by default) [T10], the shards in parallel."""
-        all_names = self._check_open()
+        all_names = self.check_open()
         groups = {}
         for name in all_names if names is None else names:
             groups.setdefault(self._shard_number(name), []).append(name)
@@ -499,7 +469,7 @@ class ShardedReader(TensorMap):
             j, group_names = group
             self._readers[j].verify(group_names, arrays=arrays)
 
-        self._parallel(verify, groups.items())
+        _fs.fan_out(verify, groups.items())
 
     def close(self):
         """Close every shard; arrays already handed out stay valid."""
@@ -510,7 +480,7 @@ class ShardedReader(TensorMap):
 
     def __repr__(self):
         state = "closed" if self.closed else plural(len(self._names), "tensor")
-        return f"<safeckpt.ShardedReader {self._where} ({len(self.shards)} shards, {state})>"
+        return f"<safeckpt.ShardedReader {self.where} ({len(self.shards)} shards, {state})>"
 
     _readers = ()
 

@@ -1,10 +1,15 @@
-"""Nested state <-> flat tensors: ``save``, ``load`` and the ``tree`` skeleton (FORMAT.md section 8).
+"""The tree codec (FORMAT.md section 8): nested state <-> flat tensors plus a skeleton.
 
 A tree of dicts, lists and tuples with arrays and plain values at its leaves is stored as a flat
 tensor table (readable by any .sckpt reader: ``open(path).keys()`` lists ``"model.layers.0.weight"``)
 plus the skeleton, a msgpack value under the header key ``"tree"``, whose tensor leaves point into
 the table by index. Nothing is ever pickled: any other class is refused at save time, naming where
 it was found.
+
+This module encodes (:func:`flatten`), validates (:func:`check_tree`) and decodes (:func:`find`,
+:func:`view`, :func:`materialize`) the skeleton; it reads tensors only through the reader
+protocol of :class:`safeckpt.reader.TensorMap` and never imports the reader. The public
+``save``/``load`` are in :mod:`safeckpt.api`.
 
 Example:
     >>> import collections, numpy as np, safeckpt, tempfile, os
@@ -19,15 +24,17 @@ Example:
     ((0.9, 0.999), True)
 """
 
+from __future__ import annotations
+
 import collections
 import itertools
 import re
-import sys
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import format as fmt
-from . import writer as _writer
+from . import jax_convert, torch_convert
 from .dtypes import DTYPE_BY_CODE, code_of
 from .errors import HeaderError, InvalidValueError, LimitError, quote
 
@@ -47,20 +54,6 @@ _FRAMEWORKS = (None, "numpy", "torch", "jax")
 def _describe(root, path):
     """``state['model'][0]``: the Python expression that reaches a value, for messages."""
     return fmt.path_of(root, path)
-
-
-def _is_jax_array(value):
-    """Whether ``value`` is a jax.Array (jax is never imported here)."""
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(value, jax.Array)
-
-
-def _torch_module(value):
-    """The torch module if ``value`` is a torch.Tensor (torch is never imported here)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.Tensor):
-        return torch
-    return None
 
 
 def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
@@ -114,7 +107,7 @@ def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
             node = [LIST if kind is list else TUPLE]
             stack.extend((v, node, _NO_KEY, path + (i,), level + 1)
                          for i, v in reversed(list(enumerate(value))))
-        elif kind is np.ndarray or _torch_module(value) is not None or _is_jax_array(value):
+        elif kind is np.ndarray or torch_convert.is_tensor(value) or jax_convert.is_array(value):
             node = _tensor_node(value, root, path, names, arrays, taken, shared)
         elif isinstance(value, np.generic):
             code = code_of(value.dtype, _describe(root, path))
@@ -144,12 +137,10 @@ def _tensor_node(value, root, path, names, arrays, taken, shared):
         array = value
         identity = ("numpy", array.__array_interface__["data"][0], array.shape, array.strides,
                     array.dtype.str) if array.nbytes else None
-    elif _is_jax_array(value):
-        from . import jax as _sck_jax
-        array, identity = _sck_jax.export(value, _describe(root, path))
+    elif jax_convert.is_array(value):
+        array, identity = jax_convert.export(value, _describe(root, path))
     else:
-        from . import torch as _sck_torch
-        array, device, identity = _sck_torch.export(value, _describe(root, path))
+        array, device, identity = torch_convert.export(value, _describe(root, path))
     if identity is not None and identity in shared:
         return [REF, shared[identity]]
     code_of(array.dtype, _describe(root, path))
@@ -177,46 +168,6 @@ def _is_plain_flat(tree, names):
         if key != name or type(key) is not str or node != [TENSOR, i]:
             return False
     return True
-
-
-def plan(obj, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, root="obj"):
-    """A writer plan for ``obj`` (used by :func:`save` and :mod:`safeckpt.checkpoint`)."""
-    tree, names, arrays = flatten(obj, root=root)
-    return _writer._Plan(dict(zip(names, arrays)), metadata, align, checksum, tree=tree)
-
-
-def save(obj, path, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True, atomic=True,
-         max_shard_size=None):
-    """Save a nested object (a state dict, an optimizer state, a whole training state) to a file.
-
-    Parameters:
-        obj: dicts (str or int keys, order kept), OrderedDicts, lists and tuples of numpy arrays,
-            torch tensors, numpy scalars, None, bool, int (int64 and uint64 range), float, str and
-            bytes. A tensor that appears twice (the same memory, e.g. tied weights) is stored once.
-        path: a str or path-like.
-        metadata, align, checksum, atomic: as for :func:`safeckpt.save_file`.
-        max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
-            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
-
-    Raises:
-        InvalidValueError: a value safeckpt does not store; the message names its path
-            (``obj['scheduler']``) and the fix.
-        UnsupportedDtypeError, LimitError: an unstorable dtype, nesting deeper than 64.
-
-    Example:
-        >>> safeckpt.save({"model": model.state_dict(), "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
-    """
-    if max_shard_size is not None:
-        from . import shard
-        shard.save_sharded(*flatten(obj), path, metadata=metadata, align=align, checksum=checksum,
-                           atomic=atomic, max_shard_size=max_shard_size)
-        return
-    _writer._save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), path, atomic)
-
-
-def save_bytes(obj, *, metadata=None, align=fmt.ALIGN_DEFAULT, checksum=True):
-    """The file :func:`save` would write, as bytes (for tests and in-memory use)."""
-    return _writer._plan_bytes(plan(obj, metadata=metadata, align=align, checksum=checksum))
 
 
 # -- read side: check the skeleton, view it lazily, materialise it ---------------------------------
@@ -355,16 +306,16 @@ def _msgpack_name(value):
     return {dict: "map"}.get(type(value), type(value).__name__)
 
 
-def _skeleton(reader):
-    """The reader's skeleton; a flat file's is a dict of its tensors by name, built once."""
-    if reader._skeleton is not fmt.NO_TREE:
-        return reader._skeleton
-    node = reader._flat_skeleton
-    if node is None:
-        node = [DICT]
-        for i, name in enumerate(reader._check_open()):
-            node += [name, [TENSOR, i]]
-        reader._flat_skeleton = node
+def flat_skeleton(names: Sequence[str]) -> list:
+    """The skeleton of a file without a tree: a dict of its tensors by name.
+
+    Example:
+        >>> flat_skeleton(["a", "b"])
+        ['dict', 'a', ['tensor', 0], 'b', ['tensor', 1]]
+    """
+    node: list = [DICT]
+    for i, name in enumerate(names):
+        node += [name, [TENSOR, i]]
     return node
 
 
@@ -376,7 +327,7 @@ def find(reader, prefix):
     Raises:
         KeyError: nothing is at ``prefix``.
     """
-    node = _skeleton(reader)
+    node = reader.skeleton
     if prefix is None:
         return node
     if isinstance(prefix, str):
@@ -384,13 +335,13 @@ def find(reader, prefix):
         while rest:
             child, rest = _step_str(reader, node, rest)
             if child is _MISSING:
-                raise KeyError(f"{reader._where} has nothing at {quote(prefix)} in its tree")
+                raise KeyError(f"{reader.where} has nothing at {quote(prefix)} in its tree")
             node = child
         return node
     for key in prefix:
         child = view(reader, node)._child(key) if _is_container(node) else _MISSING
         if child is _MISSING:
-            raise KeyError(f"{reader._where} has nothing at {quote(tuple(prefix))} in its tree")
+            raise KeyError(f"{reader.where} has nothing at {quote(tuple(prefix))} in its tree")
         node = child
     return node
 
@@ -446,14 +397,6 @@ def _tensor_indices(node):
     return found
 
 
-def load_checked(reader, indices, verify=None):
-    """``{index: array}`` for the given tensors (views of the mapping, or one parallel pread),
-    checking CRC32C as ``verify`` says (see :meth:`safeckpt.Reader.verifies`: ``None`` auto,
-    ``True``, ``False``) [T10]."""
-    indices = list(indices)
-    return dict(zip(indices, reader._load(indices, verify)))
-
-
 def _leaf(node, tensors):
     """The value of a leaf node; tensors come from ``tensors[index]``."""
     if type(node) is not list:
@@ -498,7 +441,7 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=None)
 
     ``framework`` is ``None`` or ``"numpy"`` (numpy arrays) or ``"torch"`` (torch tensors, zero-copy
     from the mapping, or copied to a GPU through pinned buffers, as ``map_location`` says; see
-    :func:`safeckpt.torch.device_tensors`). Tensors referenced twice come back as the same object.
+    :func:`safeckpt.torch_convert.device_tensors`). Tensors referenced twice come back as the same object.
     """
     if framework not in _FRAMEWORKS:
         raise ValueError(f"framework={framework!r}: use None, 'numpy', 'torch' or 'jax'")
@@ -506,12 +449,12 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=None)
         raise ValueError("map_location needs framework='torch'")
     devices = _tensor_indices(node)
     if framework == "torch":
-        from . import torch as _sck_torch
-        return _build(node, _sck_torch.load_tensors(reader, devices, map_location, verify))
-    tensors = load_checked(reader, list(devices), verify)
+        return _build(node, torch_convert.load_tensors(reader, devices, map_location, verify))
+    indices = list(devices)
+    tensors = dict(zip(indices, reader.load_indices(indices, verify)))
     if framework == "jax":
-        from . import jax as _sck_jax
-        tensors = {i: _sck_jax.from_numpy(a, reader._names[i]) for i, a in tensors.items()}
+        names = reader.names
+        tensors = {i: jax_convert.from_numpy(a, names[i]) for i, a in tensors.items()}
     return _build(node, tensors)
 
 
@@ -519,14 +462,13 @@ def view(reader, node):
     """A lazy :class:`Subtree` for a container node (one per node and reader, so that each
     builds its key index once), else the leaf's value."""
     if _is_container(node):
-        views = reader._views
-        if views is None:
-            views = reader._views = {}
+        views = reader.subtree_cache
         subtree = views.get(id(node))  # the reader's skeleton keeps every node alive
         if subtree is None:
             subtree = views[id(node)] = Subtree(reader, node)
         return subtree
-    return _leaf(node, load_checked(reader, _tensor_indices(node)))
+    indices = list(_tensor_indices(node))
+    return _leaf(node, dict(zip(indices, reader.load_indices(indices))))
 
 
 class Subtree:
@@ -579,7 +521,7 @@ class Subtree:
         return _item(self._node, key)
 
     def __getitem__(self, key):
-        self._reader._check_open()
+        self._reader.check_open()
         child = self._child(key)
         if child is _MISSING:
             raise KeyError(key)
@@ -590,7 +532,7 @@ class Subtree:
 
     def load(self, *, framework=None, map_location=None, verify=None):
         """The subtree as Python values; see :func:`safeckpt.load`."""
-        self._reader._check_open()
+        self._reader.check_open()
         return materialize(self._reader, self._node, framework=framework, map_location=map_location,
                            verify=verify)
 
@@ -599,47 +541,6 @@ class Subtree:
 
 
 _MISSING = object()
-
-
-def load(path, *, prefix=None, framework=None, map_location=None, device=None, mmap=True,
-         verify=None, **limits):
-    """Load what :func:`save` saved (or any .sckpt file: a flat one loads as a dict by name).
-
-    Parameters:
-        path: a str or path-like.
-        prefix: load only the subtree there: ``"model"``, ``"optimizer.state.0"``, or a tuple of
-            exact keys such as ``("state", 0)``. Other tensors are not read.
-        framework: ``None``/``"numpy"`` for numpy arrays, ``"torch"`` for torch tensors,
-            ``"jax"`` for jax arrays (see :mod:`safeckpt.jax`).
-        map_location: with torch, where tensors go, as ``torch.load`` takes it: ``"cpu"``,
-            ``"cuda:0"``, a ``torch.device`` or a dict mapping saved devices to devices. By
-            default a tensor goes back to the device it was saved from.
-        device: with torch, one device for every tensor (``"cuda:0"``, a ``torch.device``), as
-            safetensors takes it: the same as ``map_location=device``.
-        mmap: zero-copy views of a private mapping (default) or fresh memory read with pread.
-        verify: check the CRC32C of the tensors loaded: ``None`` (auto) for those read into fresh
-            memory (``mmap=False``; a mapped load stays lazy), ``True`` for all, ``False`` none.
-        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
-
-    Returns:
-        The object, with its types: tuples stay tuples, int keys stay ints, OrderedDicts stay
-        ordered, numpy scalars keep their dtype, tied tensors are one object.
-
-    Raises:
-        SafeckptError: a subclass naming the problem, the file and the path in the tree.
-        KeyError: nothing at ``prefix``.
-
-    Example:
-        >>> opt = safeckpt.load("ckpt.sckpt", prefix="optimizer", framework="torch")  # doctest: +SKIP
-    """
-    if device is not None:
-        if framework != "torch" or map_location is not None:
-            raise ValueError("device= needs framework='torch' and no map_location=")
-        map_location = device
-    from .shard import open_any
-    with open_any(path, mmap=mmap, **limits) as reader:
-        return materialize(reader, find(reader, prefix), framework=framework,
-                           map_location=map_location, verify=verify)
 
 
 def same(a, b):
@@ -674,11 +575,10 @@ def same(a, b):
             if a.dtype != b.dtype or a.shape != b.shape or (
                     np.ascontiguousarray(a).tobytes() != np.ascontiguousarray(b).tobytes()):
                 return False
-        elif _torch_module(a) is not None:
+        elif torch_convert.is_tensor(a):
             if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
                 return False
-            from . import torch as _sck_torch
-            if not same(_sck_torch.export(a.cpu(), "a")[0], _sck_torch.export(b.cpu(), "b")[0]):
+            if not same(torch_convert.export(a.cpu(), "a")[0], torch_convert.export(b.cpu(), "b")[0]):
                 return False
         elif a != b:
             return False

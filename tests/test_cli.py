@@ -380,7 +380,7 @@ def test_usage_is_exit_2_only_for_arguments(files, call):
 def test_an_unexpected_exception_is_reported_as_a_bug_in_one_line(files, monkeypatch, capsys):
     def broken(path, **limits):
         raise TypeError("unhashable \x1b[2J 'list'")
-    monkeypatch.setattr(safeckpt.reader, "open", broken)
+    monkeypatch.setattr(safeckpt.api, "open", broken)
     assert cli.main(["inspect", str(files / "a.sckpt")]) == cli.EXIT_BUG
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -398,7 +398,7 @@ def test_each_tensor_is_looked_up_a_constant_number_of_times(files, monkeypatch)
     safeckpt.save({"model": tensors, "tied": tensors["t0"]}, files / "n1.sckpt")
     safeckpt.save({"model": tensors}, files / "n2.sckpt")
     calls = collections.Counter()
-    real_open = safeckpt.reader.open
+    real_open = safeckpt.api.open
 
     class Counting:
         def __init__(self, reader):
@@ -434,7 +434,7 @@ def test_each_tensor_is_looked_up_a_constant_number_of_times(files, monkeypatch)
             calls[("contains", name)] += 1
             return name in self._reader
 
-    monkeypatch.setattr(safeckpt.reader, "open", lambda path, **kw: Counting(real_open(path, **kw)))
+    monkeypatch.setattr(safeckpt.api, "open", lambda path, **kw: Counting(real_open(path, **kw)))
     for argv in (["inspect", "n1.sckpt"], ["inspect", "--json", "n1.sckpt"], ["verify", "n1.sckpt"],
                  ["diff", "n1.sckpt", "n2.sckpt"], ["convert", "-q", "n1.sckpt", "n3.sckpt"]):
         calls.clear()

@@ -423,8 +423,8 @@ def test_T10_checksums_come_from_the_bytes_read(tmp_path, monkeypatch):
     safeckpt.save_file(tensors, path)
     with safeckpt.open(path, mmap=False) as reader:
         reads, ranges = [], []
-        read_into, crc32c_ranges = reader._read_into, reader._be.crc32c_ranges
-        monkeypatch.setattr(reader, "_read_into", lambda *a: reads.append(a) or read_into(*a))
+        read_into, crc32c_ranges = reader.pread_into, reader._be.crc32c_ranges
+        monkeypatch.setattr(reader, "pread_into", lambda *a: reads.append(a) or read_into(*a))
         monkeypatch.setattr(reader._be, "crc32c_ranges",
                             lambda *a: ranges.append(a) or crc32c_ranges(*a))
         loaded = reader.load_all(verify=True)

@@ -19,6 +19,7 @@ import pytest
 import safeckpt
 from safeckpt import interop
 from safeckpt import safetensors_format as sft
+from safeckpt import safetensors_writer
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -42,7 +43,7 @@ def test_a_real_safetensors_model_converts_bit_for_bit(tmp_path):
     loaded = safeckpt.load_file(dst, verify=True)
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():
-        got = safeckpt.torch.from_numpy(loaded[name])
+        got = safeckpt.torch_convert.from_numpy(loaded[name])
         assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
         assert torch.equal(got.view(torch.int16), tensor.view(torch.int16)), name
     from safetensors import safe_open
@@ -61,7 +62,7 @@ def write_sharded(tmp_path, tensors, per_shard=2, metadata=None):
     weight_map = {}
     for j, group in enumerate(groups, 1):
         file = f"model-{j:05d}-of-{len(groups):05d}.safetensors"
-        sft.save_file({n: tensors[n] for n in group}, tmp_path / file, metadata={"format": "np"})
+        safetensors_writer.save_file({n: tensors[n] for n in group}, tmp_path / file, metadata={"format": "np"})
         weight_map.update({n: file for n in group})
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": metadata or {"total_size": 1}, "weight_map":
@@ -402,7 +403,7 @@ def _sources(directory):
     for name, save in (
             ("sckpt", lambda p: safeckpt.save({"x": arrays, "n": [1, "two"]}, p)),
             ("sharded.sckpt", lambda p: safeckpt.save({"x": arrays, "n": 1}, p, max_shard_size=100)),
-            ("safetensors", lambda p: sft.save_file(arrays, p, metadata={"format": "np"})),
+            ("safetensors", lambda p: safetensors_writer.save_file(arrays, p, metadata={"format": "np"})),
             ("npy", lambda p: np.save(p, arrays["a"])),
             ("npz", lambda p: np.savez(p, **arrays)),
             ("deflated.npz", lambda p: np.savez_compressed(p, **arrays)),

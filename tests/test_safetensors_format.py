@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import safeckpt
 from safeckpt import safetensors_format as sft
+from safeckpt import safetensors_writer
 
 pytestmark = pytest.mark.usefixtures("backend")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -54,7 +55,7 @@ def test_reads_a_file_written_by_the_safetensors_package_bit_for_bit(tmp_path, m
 
 def test_writes_files_the_safetensors_package_reads(tmp_path):
     path = tmp_path / "out.safetensors"
-    sft.save_file(TENSORS, path, metadata={"format": "np", "epoch": 3})
+    safetensors_writer.save_file(TENSORS, path, metadata={"format": "np", "epoch": 3})
     # safetensors' numpy loader has no float8 dtypes; every other tensor comes back bit for bit
     from safetensors import safe_open
     with safe_open(str(path), "np") as f:
@@ -83,7 +84,7 @@ def test_fnuz_float8_both_ways_with_the_safetensors_package(tmp_path, name, st_n
     assert st_name.encode() in theirs.read_bytes()
     assert same_bits(safeckpt.load_file(theirs)["x"], x)
     ours = tmp_path / "ours.safetensors"
-    sft.save_file({"x": x}, ours)
+    safetensors_writer.save_file({"x": x}, ours)
     back = safetensors.torch.load_file(str(ours))["x"]
     assert back.dtype == getattr(torch, name)
     assert back.view(torch.uint8).numpy().tobytes() == x.tobytes()
@@ -94,9 +95,9 @@ def test_fnuz_float8_both_ways_with_the_safetensors_package(tmp_path, name, st_n
 
 def test_save_refuses_what_safetensors_cannot_hold(tmp_path):
     with pytest.raises(safeckpt.UnsupportedDtypeError, match="'z'.*complex128"):
-        sft.save_file({"z": np.zeros(2, np.complex128)}, tmp_path / "x.safetensors")
+        safetensors_writer.save_file({"z": np.zeros(2, np.complex128)}, tmp_path / "x.safetensors")
     with pytest.raises(safeckpt.InvalidValueError, match="reserved"):
-        sft.save_file({"a": np.zeros(1)}, tmp_path / "x.safetensors",
+        safetensors_writer.save_file({"a": np.zeros(1)}, tmp_path / "x.safetensors",
                       metadata={sft.SAFECKPT_KEY: "x"})
     assert not list(tmp_path.iterdir())
 

@@ -36,11 +36,11 @@ def saved(tmp_path, obj=STATE, limit=1000, **kw):
 def index_shards(path):
     """The raw ``shards`` map of an index, to tamper with."""
     with Reader(path, _index=True) as reader:
-        return reader._shards, reader._skeleton
+        return reader.shard_index, reader.stored_tree
 
 
 def write_index(path, shards, tree=fmt.NO_TREE):
-    writer._save_plan(writer._Plan({}, None, 64, False, tree=tree, shards=shards), path, True)
+    writer.write_plan(writer.Plan({}, None, 64, False, tree=tree, shards=shards), path, atomic=True)
 
 
 # -- save ------------------------------------------------------------------------------------------
@@ -125,13 +125,13 @@ def test_one_lazy_reader_over_all_shards(tmp_path, mmap):
 def test_load_reads_shards_in_parallel(tmp_path, monkeypatch):
     path = saved(tmp_path, obj={f"t{i}": np.full(300, i, np.float32) for i in range(6)}, limit=1200)
     threads = set()
-    original = Reader._load
+    original = Reader.load_indices
 
     def spy(self, *args):
         threads.add(threading.get_ident())
         return original(self, *args)
 
-    monkeypatch.setattr(Reader, "_load", spy)
+    monkeypatch.setattr(Reader, "load_indices", spy)
     with safeckpt.open(path, mmap=False) as f:
         assert len(f.shards) == 6 and len(f.load_all()) == 6
     assert threading.get_ident() not in threads and threads  # worker threads did the reads
@@ -290,29 +290,29 @@ def test_S9_crash_before_the_index(tmp_path, monkeypatch):
     """Shards first, index last: an interrupted save never yields a silently mixed checkpoint."""
     path = saved(tmp_path)
     first = safeckpt.load(path)
-    real = writer._save_plan
+    real = writer.write_plan
     calls = []
 
-    def crash_on_second(plan, target, atomic):
+    def crash_on_second(plan, target, *, atomic):
         calls.append(target)
         if len(calls) == 2:
             raise KeyboardInterrupt("power cut")
-        return real(plan, target, atomic)
+        return real(plan, target, atomic=atomic)
 
-    monkeypatch.setattr(writer, "_save_plan", crash_on_second)
+    monkeypatch.setattr(writer, "write_plan", crash_on_second)
     changed = dict(STATE, opt={0: {"c": C + 1, "step": 4}})
     with pytest.raises(KeyboardInterrupt):
         safeckpt.save(changed, path, max_shard_size=1000)  # same shard count: shard 1 replaced?
     with pytest.raises(safeckpt.ShardError, match="S7"):
         safeckpt.open(path)  # the old index with a new shard: refused, not mixed
-    monkeypatch.setattr(writer, "_save_plan", real)
+    monkeypatch.setattr(writer, "write_plan", real)
     safeckpt.save(STATE, path, max_shard_size=1000)
     calls.clear()
-    monkeypatch.setattr(writer, "_save_plan", crash_on_second)
+    monkeypatch.setattr(writer, "write_plan", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         safeckpt.save(changed, path, max_shard_size=1200)  # 2 shards: other names...
     assert same(safeckpt.load(path), first)  # ... so the previous checkpoint still loads
-    monkeypatch.setattr(writer, "_save_plan", real)
+    monkeypatch.setattr(writer, "write_plan", real)
     safeckpt.save(changed, path, max_shard_size=1000)
     assert same(safeckpt.load(path, verify=True), changed)
     assert not [e for e in os.listdir(tmp_path) if e.endswith(".tmp")]

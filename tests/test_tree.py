@@ -14,7 +14,8 @@ import safeckpt
 from safeckpt import _backend
 from safeckpt import format as fmt
 from safeckpt.dtypes import DTYPE_BY_CODE
-from safeckpt.tree import same, save_bytes
+from safeckpt.api import save_tree_bytes as save_bytes
+from safeckpt.tree import same
 from forge import forge
 
 pytestmark = pytest.mark.usefixtures("backend")

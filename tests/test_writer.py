@@ -14,6 +14,7 @@ import safeckpt
 from safeckpt import _backend
 from safeckpt import format as fmt
 from safeckpt import safetensors_format as sft
+from safeckpt import safetensors_writer
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -177,7 +178,7 @@ def test_many_tensors_and_copies_are_batched(tmp_path, monkeypatch):
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path)}
-WRITERS = {"sckpt": (safeckpt.save_file, "m.sckpt"), "safetensors": (sft.save_file, "m.safetensors")}
+WRITERS = {"sckpt": (safeckpt.save_file, "m.sckpt"), "safetensors": (safetensors_writer.save_file, "m.safetensors")}
 
 
 @pytest.mark.parametrize("atomic", [False, True])
@@ -204,7 +205,8 @@ def test_saving_over_a_loaded_file_leaves_its_arrays_alone(tmp_path, kind, atomi
 SHRINK = """
 import sys, numpy as np, safeckpt
 from safeckpt import safetensors_format as sft
-save = {"sckpt": safeckpt.save_file, "safetensors": sft.save_file}[sys.argv[1]]
+from safeckpt import safetensors_writer
+save = {"sckpt": safeckpt.save_file, "safetensors": safetensors_writer.save_file}[sys.argv[1]]
 path, atomic = sys.argv[2], sys.argv[3] == "1"
 save({"a": np.arange(10, dtype=np.float32), "b": np.ones(1 << 20, np.float32)}, path)
 d = safeckpt.load_file(path)
@@ -260,7 +262,7 @@ SAVES = {
     "save": safeckpt.save,
     "sharded": lambda tensors, path: safeckpt.save(tensors, path, max_shard_size=8),
     "save_checkpoint": lambda tensors, path: safeckpt.save_checkpoint(path, extra=tensors, rng=False),
-    "safetensors": sft.save_file,
+    "safetensors": safetensors_writer.save_file,
 }
 
 
@@ -279,7 +281,7 @@ def test_a_format_a_save_cannot_write_under_that_name_is_refused(tmp_path):
         safeckpt.save_file({"a": np.zeros(2), "b": np.ones(2)}, tmp_path / "m.safetensors",
                            max_shard_size=8)
     with pytest.raises(safeckpt.InvalidValueError, match="name it"):
-        sft.save_file({"a": np.zeros(2)}, tmp_path / "m.sckpt")
+        safetensors_writer.save_file({"a": np.zeros(2)}, tmp_path / "m.sckpt")
     assert not os.listdir(tmp_path)
 
 

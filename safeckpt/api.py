@@ -1,0 +1,282 @@
+"""The public entry points: ``open``, ``load``, ``save``, ``load_file``, ``save_file``,
+``load_bytes`` and ``save_bytes`` (``safeckpt/__init__.py`` re-exports them).
+
+This is the top of the core: it chooses between a single file and shards, and by a file's
+name between .sckpt and .safetensors; the layers below (:mod:`safeckpt.shard`,
+:mod:`safeckpt.reader`, :mod:`safeckpt.writer`, :mod:`safeckpt.tree`) each do one job.
+
+Example:
+    >>> import numpy as np, safeckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.sckpt")
+    >>> safeckpt.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
+    >>> with safeckpt.open(path) as f:
+    ...     f.info("w").shape, f.get_slice("w")[1:].tolist()
+    ((2, 3), [[3.0, 4.0, 5.0]])
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from . import format as fmt
+from . import safetensors_writer
+from . import shard as _shard
+from . import tree as _tree
+from . import writer as _writer
+from .errors import InvalidValueError
+from .filekind import PathLike, output_format
+from .reader import Reader, TensorMap
+
+Metadata = Optional[Mapping[str, Any]]
+Prefix = Union[None, str, Sequence[Any]]
+
+
+def open(path: PathLike, *, mmap: bool = True, **limits: int) -> TensorMap:  # noqa: A001 - safeckpt.open
+    """Open and validate a .sckpt file, or a sharded checkpoint; use as a context manager.
+
+    Parameters:
+        path: a str or path-like: a .sckpt file, a shard index (FORMAT.md section 9) or a
+            directory that holds one checkpoint (its only .sckpt file that is not named as a shard).
+        mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
+            memory (network filesystems, or a file that may shrink while open).
+        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
+            for files you trust.
+
+    Returns:
+        A :class:`Reader`, or a :class:`safeckpt.ShardedReader` (the same interface) over the
+        shards of an index.
+
+    Raises:
+        SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
+
+    Example:
+        >>> with safeckpt.open("model.sckpt") as f:          # doctest: +SKIP
+        ...     w = f["layers.0.weight"]
+    """
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"a path is a str, bytes or os.PathLike object, not "
+                        f"{type(path).__name__}; to load a checkpoint held in memory, use "
+                        "safeckpt.load_bytes(data)") from None
+    if os.path.isdir(path):
+        path = _shard.find_index(path)
+    reader = Reader(path, mmap=mmap, _index=True, **limits)
+    if reader.shard_index is None:
+        return reader
+    try:
+        return _shard.ShardedReader(reader, mmap=mmap, **limits)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def load_file(path: PathLike, *, mmap: bool = True, verify: Optional[bool] = None,
+              **limits: int) -> Dict[str, np.ndarray]:
+    """Load every tensor of a .sckpt file as ``{name: np.ndarray}``.
+
+    With ``mmap=True`` (default) the arrays view a private copy-on-write mapping of the file:
+    no copy, writable, and the file itself never changes. ``verify``: ``None`` (auto) checks the
+    CRC32C of every tensor read into fresh memory (``mmap=False``) and leaves a mapped load lazy;
+    ``True`` checks every tensor (reading every page); ``False`` none. Limits as for :func:`open`.
+
+    Example:
+        >>> tensors = safeckpt.load_file("model.sckpt")    # doctest: +SKIP
+    """
+    with open(path, mmap=mmap, **limits) as reader:
+        return reader.load_all(verify=verify)
+
+
+def load_bytes(data: Union[bytes, bytearray, memoryview], *, verify: Optional[bool] = None,
+               **limits: int) -> Dict[str, np.ndarray]:
+    """Load tensors from an in-memory .sckpt file; arrays view ``data`` (read-only for bytes).
+
+    ``verify=None`` (auto) checks every tensor's CRC32C when the file has checksums: the bytes
+    are in memory already, so the check reads nothing more (pass ``verify=False`` for ``data``
+    that views a mapping you want to keep lazy).
+
+    Example:
+        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.zeros(2)}))["x"]
+        array([0., 0.])
+    """
+    with Reader(data, **limits) as reader:
+        return reader.load_all(verify=verify)
+
+
+def load(path: PathLike, *, prefix: Prefix = None, framework: Optional[str] = None,
+         map_location: Any = None, device: Any = None, mmap: bool = True,
+         verify: Optional[bool] = None, **limits: int) -> Any:
+    """Load what :func:`save` saved (or any .sckpt file: a flat one loads as a dict by name).
+
+    Parameters:
+        path: a str or path-like.
+        prefix: load only the subtree there: ``"model"``, ``"optimizer.state.0"``, or a tuple of
+            exact keys such as ``("state", 0)``. Other tensors are not read.
+        framework: ``None``/``"numpy"`` for numpy arrays, ``"torch"`` for torch tensors,
+            ``"jax"`` for jax arrays (see :mod:`safeckpt.jax`).
+        map_location: with torch, where tensors go, as ``torch.load`` takes it: ``"cpu"``,
+            ``"cuda:0"``, a ``torch.device`` or a dict mapping saved devices to devices. By
+            default a tensor goes back to the device it was saved from.
+        device: with torch, one device for every tensor (``"cuda:0"``, a ``torch.device``), as
+            safetensors takes it: the same as ``map_location=device``.
+        mmap: zero-copy views of a private mapping (default) or fresh memory read with pread.
+        verify: check the CRC32C of the tensors loaded: ``None`` (auto) for those read into fresh
+            memory (``mmap=False``; a mapped load stays lazy), ``True`` for all, ``False`` none.
+        limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
+
+    Returns:
+        The object, with its types: tuples stay tuples, int keys stay ints, OrderedDicts stay
+        ordered, numpy scalars keep their dtype, tied tensors are one object.
+
+    Raises:
+        SafeckptError: a subclass naming the problem, the file and the path in the tree.
+        KeyError: nothing at ``prefix``.
+
+    Example:
+        >>> opt = safeckpt.load("ckpt.sckpt", prefix="optimizer", framework="torch")  # doctest: +SKIP
+    """
+    if device is not None:
+        if framework != "torch" or map_location is not None:
+            raise ValueError("device= needs framework='torch' and no map_location=")
+        map_location = device
+    with open(path, mmap=mmap, **limits) as reader:
+        return _tree.materialize(reader, _tree.find(reader, prefix), framework=framework,
+                                 map_location=map_location, verify=verify)
+
+
+def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata = None,
+              align: int = fmt.ALIGN_DEFAULT, checksum: bool = True, atomic: bool = True,
+              max_shard_size: Union[None, int, str] = None) -> None:
+    """Save a flat ``{name: np.ndarray}`` dict to a .sckpt file (or .safetensors, by its name).
+
+    Every save writes a new file and never into the one at ``path`` (FORMAT.md [W3]): arrays that
+    anyone loaded (memory-mapped) from the old file keep its bytes.
+
+    Parameters:
+        tensors: names (non-empty str) to numpy arrays or scalars of a dtype in FORMAT.md sect. 4.
+        path: a str, bytes or path-like. The name chooses the format, as in
+            :func:`safeckpt.convert`: ``*.safetensors`` writes a safetensors file (no checksums,
+            ``align`` unused; see :mod:`safeckpt.safetensors_writer`), any other name a .sckpt
+            file; names of formats safeckpt reads but never writes (``.pt``, ``.bin``, ``.npz``,
+            ``.index.json``, ...) are refused.
+        metadata: a dict with str keys of msgpack primitives (None, bool, int, float, str,
+            bytes, lists and dicts of them).
+        align: tensor alignment, a power of two from 8 to 1 MiB (4096 suits O_DIRECT).
+        checksum: store a CRC32C per tensor, checked by ``verify``.
+        atomic: write a temporary file in the same directory, fsync, rename it over ``path`` and
+            fsync the directory, so a crash leaves the old file or the new one, never a mix
+            [W2]. ``False`` skips the fsyncs and the second copy on disk: the old file is
+            unlinked, then the new one is written at ``path``; an error removes the partial file
+            (the old one is gone), a crash may leave one (readers refuse it).
+        max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
+            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
+
+    Raises:
+        InvalidValueError: a key is not a str, a value is not an array, metadata has a value
+            msgpack cannot hold, or ``path`` names a format safeckpt does not write; the message
+            names it.
+        UnsupportedDtypeError: an array's dtype cannot be stored.
+        LimitError: more dimensions or deeper metadata than readers accept by default [W4].
+        OSError: from the file system (a missing directory is named as such); no partial file
+            is left behind.
+
+    Warns:
+        UserWarning: the header or the tensor count is over the readers' default limit [W4];
+            the message says which keyword loads the file.
+
+    Example:
+        >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
+    """
+    if not isinstance(tensors, collections.abc.Mapping):
+        raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
+                                f"not {type(tensors).__name__}")
+    if max_shard_size is not None:
+        _shard.save_sharded(fmt.NO_TREE, list(tensors), list(tensors.values()), path,
+                            metadata=metadata, align=align, checksum=checksum, atomic=atomic,
+                            max_shard_size=max_shard_size)
+        return
+    save_plan(_writer.Plan(tensors, metadata, align, checksum), path, atomic=atomic)
+
+
+def save(obj: Any, path: PathLike, *, metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT,
+         checksum: bool = True, atomic: bool = True,
+         max_shard_size: Union[None, int, str] = None) -> None:
+    """Save a nested object (a state dict, an optimizer state, a whole training state) to a file.
+
+    Parameters:
+        obj: dicts (str or int keys, order kept), OrderedDicts, lists and tuples of numpy arrays,
+            torch tensors, numpy scalars, None, bool, int (int64 and uint64 range), float, str and
+            bytes. A tensor that appears twice (the same memory, e.g. tied weights) is stored once.
+        path: a str or path-like.
+        metadata, align, checksum, atomic: as for :func:`safeckpt.save_file`.
+        max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
+            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
+
+    Raises:
+        InvalidValueError: a value safeckpt does not store; the message names its path
+            (``obj['scheduler']``) and the fix.
+        UnsupportedDtypeError, LimitError: an unstorable dtype, nesting deeper than 64.
+
+    Example:
+        >>> safeckpt.save({"model": model.state_dict(), "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
+    """
+    if max_shard_size is not None:
+        _shard.save_sharded(*_tree.flatten(obj), path, metadata=metadata, align=align,
+                            checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
+        return
+    save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), path, atomic=atomic)
+
+
+def save_bytes(tensors: Mapping[str, Any], *, metadata: Metadata = None,
+               align: int = fmt.ALIGN_DEFAULT, checksum: bool = True) -> bytes:
+    """Return the .sckpt file of ``tensors`` as bytes; options as for :func:`save_file`.
+
+    Example:
+        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.arange(3)}))["x"]
+        array([0, 1, 2])
+    """
+    return _writer.plan_bytes(_writer.Plan(tensors, metadata, align, checksum))
+
+
+def save_tree_bytes(obj: Any, *, metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT,
+                    checksum: bool = True) -> bytes:
+    """The file :func:`save` would write, as bytes (for tests and in-memory use).
+
+    Example:
+        >>> safeckpt.Reader(save_tree_bytes({"a": (1, 2)})).load()
+        {'a': (1, 2)}
+    """
+    return _writer.plan_bytes(plan(obj, metadata=metadata, align=align, checksum=checksum))
+
+
+def plan(obj: Any, *, metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT,
+         checksum: bool = True, root: str = "obj") -> _writer.Plan:
+    """The write plan of a nested object: its tree flattened (:func:`safeckpt.tree.flatten`),
+    every value checked, nothing written yet. ``root`` names the object in messages.
+
+    Example:
+        >>> plan({"step": 3, "w": np.zeros(2)}).names
+        ['w']
+    """
+    tree, names, arrays = _tree.flatten(obj, root=root)
+    return _writer.Plan(dict(zip(names, arrays)), metadata, align, checksum, tree=tree)
+
+
+def save_plan(plan: _writer.Plan, path: PathLike, *, atomic: bool = True) -> None:
+    """Write ``plan`` to ``path`` as a new file [W2], [W3]: a ``*.safetensors`` name gets a
+    safetensors file (:mod:`safeckpt.safetensors_writer`), any other a .sckpt file; names of
+    formats safeckpt never writes are refused [W5].
+
+    Example:
+        >>> save_plan(plan({"w": np.zeros(2)}), "w.safetensors")  # doctest: +SKIP
+    """
+    path, kind = output_format(path, sharded=plan.shards is not None)
+    if kind == "safetensors":
+        safetensors_writer.save_file(dict(zip(plan.names, plan.arrays)), path,
+                                     metadata=plan.metadata, tree=plan.tree, atomic=atomic)
+        return
+    _writer.write_plan(plan, path, atomic=atomic)
