@@ -38,7 +38,7 @@ from . import torch  # the public torch module; torch itself is imported only wh
 from . import jax  # likewise: jax is imported only when it is used
 from .interop import convert
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ChecksumError", "HeaderError", "InvalidValueError", "LayoutError", "LimitError",

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NoReturn, S
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from . import api
 from . import interop as _convert
 from . import format as fmt
