@@ -37,8 +37,12 @@ the C core and fails at import if it is not built. Both backends export the same
     ``checksum`` is false) and the final position. Raises ``OSError``.
 """
 
-import os
+from __future__ import annotations
 
+import os
+from types import ModuleType
+
+backend: ModuleType  # the chosen one: _native or _pybackend
 _choice = os.environ.get("SAFECKPT_BACKEND", "").strip().lower()
 if _choice not in ("", "c", "python"):
     raise ImportError(f"SAFECKPT_BACKEND={_choice!r}: use 'c' or 'python'")
@@ -56,14 +60,22 @@ else:
 NAME = backend.NAME
 
 
-def use(name):
+def use(name: str) -> str:
     """Switch the backend used by every reader and writer (for tests); return the previous one.
+
+    The backend is imported here, on first use, so that a process that never switches loads
+    only the one chosen at import (both are below this module: no import cycle).
+
+    Raises:
+        ValueError: ``name`` is not ``"c"`` or ``"python"``.
+        ImportError: ``"c"`` and the C core is not built.
 
     Example:
         >>> previous = use("python"); use(previous)              # doctest: +SKIP
     """
     global backend, NAME
     previous = NAME
+    chosen: ModuleType
     if name == "python":
         from . import _pybackend as chosen
     elif name == "c":

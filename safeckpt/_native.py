@@ -14,14 +14,20 @@ Example:
     '0xe3069283'
 """
 
+from __future__ import annotations
+
 import os
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from ._sckpt import ffi, lib
-from .errors import ERRORS, Code, TruncatedFileError
+from .errors import Code, error_for
 
 NAME = "c"
+
+Buffer = Any  # a C-contiguous bytes-like object: bytes, bytearray, memoryview, mmap, numpy array
+Ints = Union[Sequence[int], np.ndarray]  # non-negative ints (offsets, lengths): a list or an array
 
 _U64_MAX = (1 << 64) - 1
 _U32_MAX = (1 << 32) - 1
@@ -35,26 +41,20 @@ _from_buffer = ffi.from_buffer
 _new = ffi.new
 
 
-def _raise(code, err, what):
-    """Raise the exception of a C error code: OSError for SCK_E_IO, else the errors.ERRORS class."""
-    if code == lib.SCK_E_IO:
-        raise OSError(err, f"{os.strerror(err)} ({what})")
-    if code == lib.SCK_E_NOMEM:
-        raise MemoryError(what)
-    cls, message = ERRORS[Code(code)]
-    raise cls(f"{message} ({what})")
-
-
-def crc32c(data, value=0):
+def crc32c(data: Buffer, value: int = 0) -> int:
     """CRC32C of a C-contiguous bytes-like ``data``, continuing from ``value`` (as zlib.crc32)."""
     buf = _from_buffer(data)
     return lib.sck_crc32c(value & _U32_MAX, buf, len(buf))
 
 
-def crc32c_ranges(buffer, offsets, lengths):
+def crc32c_ranges(buffer: Buffer, offsets: Ints, lengths: Ints) -> np.ndarray:
     """The CRC32C of each ``buffer[offsets[i]:offsets[i] + lengths[i]]``, as uint32 array.
 
     One C call for all ranges; from 16 MiB in all, threads share the work (the GIL released).
+
+    Raises:
+        ValueError: the lists differ in length; SafeckptError (a ValueError): a range is not
+            inside the buffer.
     """
     buf = _from_buffer(buffer)
     offsets = np.ascontiguousarray(offsets, np.uint64)
@@ -69,12 +69,13 @@ def crc32c_ranges(buffer, offsets, lengths):
                                  _from_buffer("uint32_t[]", crcs, require_writable=True), 0, index)
     if code:
         i = index[0]
-        raise ValueError(f"crc32c_ranges: range {i} ({int(lengths[i])} bytes at "
-                         f"{int(offsets[i])}) is not inside the {len(buf)}-byte buffer")
+        raise error_for(code, "crc32c_ranges", f": range {i} ({int(lengths[i])} bytes at "
+                        f"{int(offsets[i])}) is not inside the {len(buf)}-byte buffer")
     return crcs
 
 
-def parse_prefix(prefix, file_size, max_header_size):
+def parse_prefix(prefix: Buffer, file_size: int, max_header_size: int
+                 ) -> tuple[int, tuple[int, int, int, int, int, int] | None]:
     """Check [P1]-[P7] on the first ``min(32, file_size)`` bytes of a file.
 
     Returns:
@@ -89,7 +90,9 @@ def parse_prefix(prefix, file_size, max_header_size):
     return 0, (out.major, out.minor, out.flags, out.header_len, out.align, out.header_crc)
 
 
-def validate_table(n, dtypes, ndims, shape, offsets, nbytes, header_end, align, file_size, max_ndim):
+def validate_table(n: int, dtypes: Buffer, ndims: Buffer, shape: Buffer, offsets: Buffer,
+                   nbytes: Buffer, header_end: int, align: int, file_size: int, max_ndim: int
+                   ) -> tuple[int, int]:
     """Check the column lengths [H4] and [T1]-[T8] on the raw ``bin`` columns of the header.
 
     Returns:
@@ -118,35 +121,34 @@ class Mapping:
 
     __slots__ = ("buffer", "address", "size", "_base", "__weakref__")
 
-    def __init__(self, base, size):
+    def __init__(self, base: Any, size: int) -> None:
         self._base = base  # cdata with the munmap destructor; the buffer refers to it too
         self.size = size
         self.address = int(ffi.cast("uintptr_t", base))
         self.buffer = ffi.buffer(base, size)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<safeckpt Mapping of {self.size} bytes at {self.address:#x}>"
 
 
-def map_file(fd, size):
+def map_file(fd: int, size: int) -> Mapping:
     """Map the first ``size`` (> 0) bytes of ``fd`` privately; returns a :class:`Mapping`.
 
     Raises:
         OSError: mmap failed.
-        ValueError: ``size`` is 0 or does not fit the address space.
+        SafeckptError (a ValueError): ``size`` is 0 or does not fit the address space.
     """
     out = _new("void **")
     err = _new("int *")
     code = lib.sck_map(fd, size, out, err)
-    if code == lib.SCK_E_ARG:
-        raise ValueError(f"cannot map {size} bytes: the size must be > 0 and fit in memory")
     if code:
-        _raise(code, err[0], f"mmap of {size} bytes")
+        detail = ": the size must be > 0 and fit in memory" if code == lib.SCK_E_ARG else ""
+        raise error_for(code, f"mmap of {size} bytes", detail, errno=err[0])
     base = ffi.gc(ffi.cast("uint8_t *", out[0]), lambda p, size=size: lib.sck_unmap(p, size))
     return Mapping(base, size)
 
 
-def advise(mapping, offset, length, advice):
+def advise(mapping: Mapping, offset: int, length: int, advice: str) -> None:
     """Best-effort madvise of ``[offset, offset + length)`` of a :class:`Mapping`.
 
     ``advice`` is ``"sequential"``, ``"willneed"``, ``"random"`` or ``"normal"``.
@@ -157,7 +159,8 @@ def advise(mapping, offset, length, advice):
     lib.sck_advise(mapping._base, mapping.size, min(offset, _U64_MAX), min(length, _U64_MAX), code)
 
 
-def check_padding(source, n, offsets, nbytes, header_end):
+def check_padding(source: Mapping | Buffer | int, n: int, offsets: Buffer, nbytes: Buffer,
+                  header_end: int) -> tuple[int, int]:
     """[T9] on a table that :func:`validate_table` accepted.
 
     ``source`` is a :class:`Mapping`, a bytes-like object holding the whole file, or an ``int``
@@ -178,14 +181,15 @@ def check_padding(source, n, offsets, nbytes, header_end):
         size = os.fstat(source).st_size
         code = lib.sck_check_padding_fd(source, size, table, header_end, index, err)
         if code == lib.SCK_E_IO or code == lib.SCK_E_NOMEM:
-            _raise(code, err[0], "reading padding bytes")
+            raise error_for(code, "reading padding bytes", errno=err[0])
     else:
         data = _from_buffer(source)
         code = lib.sck_check_padding_mem(data, len(data), table, header_end, index)
     return code, index[0]
 
 
-def read_into(fd, offsets, lengths, dests, checksum=False):
+def read_into(fd: int, offsets: Ints, lengths: Ints, dests: Sequence[Buffer],
+              checksum: bool | Sequence[bool] = False) -> np.ndarray | None:
     """Read ``lengths[i]`` bytes at ``offsets[i]`` of ``fd`` into ``dests[i]``, in parallel.
 
     ``dests`` are writable C-contiguous buffers of at least ``lengths[i]`` bytes. ``checksum``:
@@ -230,15 +234,14 @@ def read_into(fd, offsets, lengths, dests, checksum=False):
     code = lib.sck_pread_many(fd, n, offs, lens, ptrs, want, out, 0, index, err)
     if code:
         i = index[0]
-        if code == lib.SCK_E_TRUNCATED:
-            raise TruncatedFileError(
-                f"file ended before byte {offs[i] + lens[i]}, the end of tensor {i} "
-                f"(file seems not fully written or downloaded) [T7]")
-        _raise(code, err[0], f"reading {lens[i]} bytes at offset {offs[i]} (tensor {i})")
+        if code == lib.SCK_E_TRUNCATED:  # the reader checked the size: the file shrank since
+            code = Code.TENSOR_TRUNCATED
+        raise error_for(code, f"reading bytes [{offs[i]}, {offs[i] + lens[i]})", errno=err[0])
     return crcs
 
 
-def write_tensors(fd, pos, buffers, align, checksum):
+def write_tensors(fd: int, pos: int, buffers: Sequence[Buffer], align: int, checksum: bool
+                  ) -> tuple[list[int] | None, int]:
     """Write each buffer at the next multiple of ``align`` from ``pos``, zero-padding before it.
 
     Returns:
@@ -248,6 +251,7 @@ def write_tensors(fd, pos, buffers, align, checksum):
     Raises:
         OSError: a write failed.
         LayoutError: ``align`` is not a power of two in [8, 1 MiB].
+        SafeckptError (a ValueError): a tensor would end at 2**63 bytes or beyond.
     """
     bufs = [_from_buffer(b) for b in buffers]
     n = len(bufs)
@@ -259,9 +263,9 @@ def write_tensors(fd, pos, buffers, align, checksum):
     err = _new("int *")
     code = lib.sck_write_tensors(fd, pos, n, srcs, lens, align, 1 if checksum else 0, crcs,
                                  end, index, err)
+    if code == lib.SCK_E_ALIGN:
+        raise error_for(code, "write_tensors", f" (align={align!r})")
     if code:
-        i = index[0]
-        if code == lib.SCK_E_ARG:
-            raise ValueError(f"write_tensors: tensor {i} would end at 2**63 bytes or beyond")
-        _raise(code, err[0], f"writing tensor {i} at align {align}")
+        detail = ": it would end at 2**63 bytes or beyond" if code == lib.SCK_E_ARG else ""
+        raise error_for(code, f"writing tensor {index[0]}", detail, errno=err[0])
     return (list(crcs) if checksum else None), end[0]

@@ -15,18 +15,22 @@ Example:
     (<Code.MAGIC_TEXT: -3>, None)
 """
 
+from __future__ import annotations
+
 import ctypes
 import math
 import mmap
 import os
 import struct
+import sys
 import weakref
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from ._pycrc32c import crc32c
 from .dtypes import ITEMSIZE_BY_CODE
-from .errors import ERRORS, Code, TruncatedFileError
+from .errors import Code, error_for
 from .format import (
     ALIGN_MAX,
     ALIGN_MIN,
@@ -45,6 +49,9 @@ __all__ = [
 
 NAME = "python"
 
+Buffer = Any  # a C-contiguous bytes-like object: bytes, bytearray, memoryview, mmap, numpy array
+Ints = Union[Sequence[int], np.ndarray]  # non-negative ints (offsets, lengths): a list or an array
+
 WRITE_CHUNK = 8 << 20  # bytes written (and checksummed) per pwrite: bounds memory and latency
 PAD_CHUNK = 1 << 20  # bytes of padding read per pread: bounds memory whatever a table claims
 _U64 = np.dtype("<u8")
@@ -59,30 +66,36 @@ _ADVICE = {
 }
 
 
-def _align_ok(align):
+def _align_ok(align: int) -> bool:
     """[P7] ``align`` is a power of two in [ALIGN_MIN, ALIGN_MAX]."""
     return ALIGN_MIN <= align <= ALIGN_MAX and align & (align - 1) == 0
 
 
-def _nbytes(buf):
+def _nbytes(buf: Buffer) -> int:
     return memoryview(buf).nbytes
 
 
-def crc32c_ranges(buffer, offsets, lengths):
-    """The CRC32C of each ``buffer[offsets[i]:offsets[i] + lengths[i]]``, as uint32 array."""
+def crc32c_ranges(buffer: Buffer, offsets: Ints, lengths: Ints) -> np.ndarray:
+    """The CRC32C of each ``buffer[offsets[i]:offsets[i] + lengths[i]]``, as uint32 array.
+
+    Raises:
+        ValueError: the lists differ in length; SafeckptError (a ValueError): a range is not
+            inside the buffer.
+    """
     data = memoryview(buffer).cast("B")
     if len(offsets) != len(lengths):
         raise ValueError(f"crc32c_ranges: {len(offsets)} offsets, {len(lengths)} lengths")
     crcs = np.empty(len(offsets), np.uint32)
     for i, (offset, length) in enumerate(zip(map(int, offsets), map(int, lengths))):
         if offset + length > len(data):
-            raise ValueError(f"crc32c_ranges: range {i} ({length} bytes at {offset}) is not "
-                             f"inside the {len(data)}-byte buffer")
+            raise error_for(Code.ARG, "crc32c_ranges", f": range {i} ({length} bytes at {offset}) "
+                            f"is not inside the {len(data)}-byte buffer")
         crcs[i] = crc32c(data[offset:offset + length])
     return crcs
 
 
-def parse_prefix(prefix, file_size, max_header_size):
+def parse_prefix(prefix: Buffer, file_size: int, max_header_size: int
+                 ) -> tuple[int, tuple[int, int, int, int, int, int] | None]:
     """Check [P1]-[P7] on the first ``min(32, file_size)`` bytes of a file.
 
     Returns:
@@ -107,7 +120,8 @@ def parse_prefix(prefix, file_size, max_header_size):
     return Code.OK, (major, minor, flags, header_len, align, header_crc)
 
 
-def _check_tensor(dtype, ndim, shape, start, offset, size, prev_end, align, file_size, max_ndim):
+def _check_tensor(dtype: int, ndim: int, shape: Buffer, start: int, offset: int, size: int,
+                  prev_end: int, align: int, file_size: int, max_ndim: int) -> Code:
     """The first rule of [T1]-[T7] that one tensor breaks, with exact integers; OK if none.
 
     ``start`` is the index of its first dimension in the ``shape`` column (raw bytes).
@@ -138,7 +152,8 @@ def _check_tensor(dtype, ndim, shape, start, offset, size, prev_end, align, file
     return Code.OK
 
 
-def _table_start(n, dtypes, ndims, offsets, nbytes, header_end, align, file_size):
+def _table_start(n: int, dtypes: Buffer, ndims: Buffer, offsets: Buffer, nbytes: Buffer,
+                 header_end: int, align: int, file_size: int) -> Code:
     """The whole-table checks that come before any tensor; returns a code."""
     if not _align_ok(align):
         return Code.ALIGN
@@ -149,7 +164,8 @@ def _table_start(n, dtypes, ndims, offsets, nbytes, header_end, align, file_size
     return Code.OK
 
 
-def _table_end(n, shape, consumed, end, file_size):
+def _table_end(n: int, shape: Buffer, consumed: int, end: int, file_size: int
+               ) -> tuple[Code, int]:
     """The checks after the last tensor: shape column fully used [H4], no trailing bytes [T8]."""
     if len(shape) > 8 * consumed:
         return Code.COLUMN, n
@@ -158,8 +174,9 @@ def _table_end(n, shape, consumed, end, file_size):
     return Code.OK, 0
 
 
-def _validate_table_scalar(n, dtypes, ndims, shape, offsets, nbytes, header_end, align,
-                           file_size, max_ndim):
+def _validate_table_scalar(n: int, dtypes: Buffer, ndims: Buffer, shape: Buffer, offsets: Buffer,
+                           nbytes: Buffer, header_end: int, align: int, file_size: int,
+                           max_ndim: int) -> tuple[Code, int]:
     """``validate_table`` as one plain loop over the tensors: the reference of the rule order."""
     dtypes, ndims, shape = bytes(dtypes), bytes(ndims), bytes(shape)
     offsets, nbytes = bytes(offsets), bytes(nbytes)
@@ -179,8 +196,9 @@ def _validate_table_scalar(n, dtypes, ndims, shape, offsets, nbytes, header_end,
     return _table_end(n, shape, start, end, file_size)
 
 
-def validate_table(n, dtypes, ndims, shape, offsets, nbytes, header_end, align, file_size,
-                   max_ndim):
+def validate_table(n: int, dtypes: Buffer, ndims: Buffer, shape: Buffer, offsets: Buffer,
+                   nbytes: Buffer, header_end: int, align: int, file_size: int, max_ndim: int
+                   ) -> tuple[Code, int]:
     """Check the column lengths [H4] and [T1]-[T8] on the raw ``bin`` columns of the header.
 
     Order: (a) align [P7], the lengths of dtypes/ndims/offsets/nbytes, ``header_end`` within
@@ -211,40 +229,8 @@ def validate_table(n, dtypes, ndims, shape, offsets, nbytes, header_end, align, 
     dims_per = np.frombuffer(ndims, dtype=np.uint8)
     offs = np.frombuffer(offsets, dtype=_U64)
     sizes = np.frombuffer(nbytes, dtype=_U64)
-
-    flagged = codes >= len(ITEMSIZE_BY_CODE)
-    flagged |= dims_per > max_ndim
-    ends = np.cumsum(dims_per, dtype=np.int64)
-    starts = ends - dims_per
-    available = len(shape) // 8
-    have = int(np.searchsorted(ends, available, side="right"))  # tensors whose dims are there
-    flagged[have:] = True
-    if have:
-        consumed = int(ends[have - 1])
-        dims = np.frombuffer(shape, dtype=_U64, count=consumed)
-        first = starts[:have]
-        big = np.concatenate(([0], np.cumsum(dims >= _DIM_LIMIT, dtype=np.int64)))
-        flagged[:have] |= big[ends[:have]] != big[first]  # [T3]
-        # [T4] screened in floating point with a wide margin; exact for what passes.
-        log_dims = np.log2(np.maximum(dims, 1).astype(np.float64))
-        log_sum = np.concatenate(([0.0], np.cumsum(log_dims)))
-        itemsizes = _ITEMSIZES[np.minimum(codes[:have], len(ITEMSIZE_BY_CODE) - 1)]
-        log_bytes = log_sum[ends[:have]] - log_sum[first] + np.log2(itemsizes.astype(np.float64))
-        flagged[:have] |= log_bytes >= _SCREEN_LOG2
-        # [T5] exact in uint64 wherever the screen above passed (the product is below 2**62).
-        products = np.multiply.reduceat(np.append(dims, np.uint64(1)), first)
-        products[dims_per[:have] == 0] = 1
-        flagged[:have] |= products * itemsizes != sizes[:have]
-
-    # [T6] and [T7]: uint64 arithmetic cannot wrap for a tensor whose predecessor passed [T7].
-    prev_ends = np.empty(n, dtype=_U64)
-    prev_ends[0] = header_end
-    np.add(offs[:-1], sizes[:-1], out=prev_ends[1:])
-    aligned = (prev_ends + np.uint64(align - 1)) & np.uint64(~(align - 1) & (2**64 - 1))
-    flagged |= offs != aligned
-    limit = np.uint64(file_size)
-    flagged |= (offs > limit) | (sizes > limit - offs)
-
+    flagged, starts, ends = _screen_shapes(codes, dims_per, shape, sizes, max_ndim)
+    flagged |= _screen_layout(offs, sizes, header_end, align, file_size)
     for i in np.flatnonzero(flagged).tolist():
         prev_end = header_end if i == 0 else int(offs[i - 1]) + int(sizes[i - 1])
         code = _check_tensor(int(codes[i]), int(dims_per[i]), shape, int(starts[i]),
@@ -252,6 +238,57 @@ def validate_table(n, dtypes, ndims, shape, offsets, nbytes, header_end, align, 
         if code:
             return code, i
     return _table_end(n, shape, int(ends[-1]), int(offs[-1]) + int(sizes[-1]), file_size)
+
+
+def _screen_shapes(codes: np.ndarray, dims_per: np.ndarray, shape: Buffer, sizes: np.ndarray,
+                   max_ndim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flag the tensors that may break [T1]-[T5] or whose dimensions the shape column lacks.
+
+    Returns:
+        ``(flagged, starts, ends)``: a bool per tensor, and where its dimensions start and end
+        in the shape column (counted in dimensions).
+    """
+    flagged = codes >= len(ITEMSIZE_BY_CODE)  # [T1]
+    flagged |= dims_per > max_ndim  # [T2]
+    ends = np.cumsum(dims_per, dtype=np.int64)
+    starts = ends - dims_per
+    available = len(shape) // 8
+    have = int(np.searchsorted(ends, available, side="right"))  # tensors whose dims are there
+    flagged[have:] = True
+    if not have:
+        return flagged, starts, ends
+    consumed = int(ends[have - 1])
+    dims = np.frombuffer(shape, dtype=_U64, count=consumed)
+    first = starts[:have]
+    big = np.concatenate(([0], np.cumsum(dims >= _DIM_LIMIT, dtype=np.int64)))
+    flagged[:have] |= big[ends[:have]] != big[first]  # [T3]
+    # [T4] screened in floating point with a wide margin; exact for what passes.
+    log_dims = np.log2(np.maximum(dims, 1).astype(np.float64))
+    log_sum = np.concatenate(([0.0], np.cumsum(log_dims)))
+    itemsizes = _ITEMSIZES[np.minimum(codes[:have], len(ITEMSIZE_BY_CODE) - 1)]
+    log_bytes = log_sum[ends[:have]] - log_sum[first] + np.log2(itemsizes.astype(np.float64))
+    flagged[:have] |= log_bytes >= _SCREEN_LOG2
+    # [T5] exact in uint64 wherever the screen above passed (the product is below 2**62).
+    products = np.multiply.reduceat(np.append(dims, np.uint64(1)), first)
+    products[dims_per[:have] == 0] = 1
+    flagged[:have] |= products * itemsizes != sizes[:have]
+    return flagged, starts, ends
+
+
+def _screen_layout(offs: np.ndarray, sizes: np.ndarray, header_end: int, align: int,
+                   file_size: int) -> np.ndarray:
+    """Flag the tensors that may break [T6] or [T7]: a bool per tensor.
+
+    uint64 arithmetic cannot wrap for a tensor whose predecessor passed [T7].
+    """
+    prev_ends = np.empty(len(offs), dtype=_U64)
+    prev_ends[0] = header_end
+    np.add(offs[:-1], sizes[:-1], out=prev_ends[1:])
+    aligned = (prev_ends + np.uint64(align - 1)) & np.uint64(~(align - 1) & (2**64 - 1))
+    flagged = offs != aligned
+    limit = np.uint64(file_size)
+    flagged |= (offs > limit) | (sizes > limit - offs)
+    return flagged
 
 
 class Mapping:
@@ -267,19 +304,19 @@ class Mapping:
 
     __slots__ = ("buffer", "address", "size")
 
-    def __init__(self, buffer, address, size):
+    def __init__(self, buffer: memoryview, address: int, size: int) -> None:
         self.buffer = buffer
         self.address = address
         self.size = size
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<safeckpt._pybackend.Mapping size={self.size} address={self.address:#x}>"
 
 
-_libc = None
+_libc: Any = None
 
 
-def _c_library():
+def _c_library() -> Any:
     """libc's mmap, munmap and madvise, through ctypes (loaded on first use)."""
     global _libc
     if _libc is None:
@@ -297,12 +334,12 @@ class _Pages:
     """The owner of a mapping: numpy views it through ``__array_interface__``; it is unmapped
     when the last view goes."""
 
-    def __init__(self, address, size):
+    def __init__(self, address: int, size: int) -> None:
         self.__array_interface__ = {"data": (address, False), "shape": (size,),
                                     "typestr": "|u1", "version": 3}
 
 
-def map_file(fd, size):
+def map_file(fd: int, size: int) -> Mapping:
     """Map ``size`` bytes of the open file ``fd`` privately (copy-on-write); ``size`` > 0.
 
     The mapping keeps no descriptor: it is made with libc's ``mmap`` rather than the ``mmap``
@@ -310,21 +347,22 @@ def map_file(fd, size):
     so that a checkpoint of thousands of mapped shards does not run out of descriptors.
 
     Raises:
-        OSError: the mapping failed; ValueError: ``size`` is 0.
+        OSError: the mapping failed.
+        SafeckptError (a ValueError): ``size`` is 0 or does not fit the address space.
     """
-    if size <= 0:
-        raise ValueError(f"cannot map {size} bytes: the size must be > 0")
+    if not 0 < size <= sys.maxsize:  # ctypes would wrap a size_t above it
+        raise error_for(Code.ARG, f"mmap of {size} bytes",
+                        ": the size must be > 0 and fit in memory")
     libc = _c_library()
     address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
     if address is None or address == ctypes.c_void_p(-1).value:  # MAP_FAILED
-        code = ctypes.get_errno()
-        raise OSError(code, f"mmap of {size} bytes: {os.strerror(code)}")
+        raise error_for(Code.IO, f"mmap of {size} bytes", errno=ctypes.get_errno())
     pages = _Pages(address, size)
     weakref.finalize(pages, libc.munmap, address, size).atexit = False  # views may outlive exit
-    return Mapping(memoryview(np.asarray(pages)), address, size)
+    return Mapping(np.asarray(pages).data, address, size)
 
 
-def advise(mapping, offset, length, advice):
+def advise(mapping: Mapping, offset: int, length: int, advice: str) -> None:
     """Best-effort ``madvise`` on ``[offset, offset + length)`` of a mapping.
 
     ``advice`` is ``"sequential"``, ``"willneed"``, ``"random"`` or ``"normal"``; the range is
@@ -345,14 +383,14 @@ def advise(mapping, offset, length, advice):
     _c_library().madvise(mapping.address + start, end - start, option)  # errors ignored
 
 
-def _byte_view(buf, writable):
+def _byte_view(buf: Buffer, writable: bool) -> memoryview:
     """A flat ``memoryview`` of the bytes of a C-contiguous buffer (a numpy array of any dtype)."""
     if isinstance(buf, np.ndarray):
         if not buf.flags.c_contiguous:
             raise ValueError("buffer must be C-contiguous")
         if writable and not buf.flags.writeable:
             raise ValueError("destination array is read-only")
-        return memoryview(buf.reshape(-1).view(np.uint8))
+        return buf.reshape(-1).view(np.uint8).data
     view = memoryview(buf)
     if not view.c_contiguous:
         raise ValueError("buffer must be C-contiguous")
@@ -361,7 +399,8 @@ def _byte_view(buf, writable):
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
-def check_padding(source, n, offsets, nbytes, header_end):
+def check_padding(source: Mapping | Buffer | int, n: int, offsets: Buffer, nbytes: Buffer,
+                  header_end: int) -> tuple[Code, int]:
     """[T9] every padding byte, before tensor 0 and between tensors, is zero.
 
     Parameters:
@@ -403,7 +442,8 @@ def check_padding(source, n, offsets, nbytes, header_end):
     return Code.OK, 0
 
 
-def read_into(fd, offsets, lengths, dests, checksum=False):
+def read_into(fd: int, offsets: Ints, lengths: Ints, dests: Sequence[Buffer],
+              checksum: bool | Sequence[bool] = False) -> np.ndarray | None:
     """Read ``lengths[i]`` bytes at ``offsets[i]`` of ``fd`` into ``dests[i]``, for each ``i``.
 
     ``dests`` are writable C-contiguous buffers (numpy arrays of any dtype) of at least
@@ -441,18 +481,16 @@ def read_into(fd, offsets, lengths, dests, checksum=False):
             done = 0
             while done < length:
                 got = os.preadv(fd, [view[done:length]], offset + done)
-                if got == 0:
-                    raise TruncatedFileError(
-                        f"file ends inside bytes [{offset}, {offset + length}): got {done} of "
-                        f"{length} bytes (file seems not fully written or downloaded)"
-                    )
+                if got == 0:  # the reader checked the size: the file shrank since
+                    raise error_for(Code.TENSOR_TRUNCATED,
+                                    f"reading bytes [{offset}, {offset + length})")
                 done += got
             if want[i]:
                 crcs[i] = crc32c(view[:length])
     return crcs if not isinstance(checksum, (bool, np.bool_)) or checksum else None
 
 
-def _pwrite_all(fd, data, pos):
+def _pwrite_all(fd: int, data: Buffer, pos: int) -> None:
     """``os.pwrite`` until all of ``data`` is written at ``pos``."""
     with memoryview(data) as view:
         done = 0
@@ -460,7 +498,8 @@ def _pwrite_all(fd, data, pos):
             done += os.pwrite(fd, view[done:], pos + done)
 
 
-def write_tensors(fd, pos, buffers, align, checksum):
+def write_tensors(fd: int, pos: int, buffers: Sequence[Buffer], align: int, checksum: bool
+                  ) -> tuple[list[int] | None, int]:
     """Write each buffer at the next multiple of ``align`` after ``pos``, zero-padding the gap.
 
     Big buffers go out in chunks of ``WRITE_CHUNK`` bytes, each checksummed just before it is
@@ -476,9 +515,8 @@ def write_tensors(fd, pos, buffers, align, checksum):
         ValueError: a buffer is not C-contiguous.
     """
     if not _align_ok(align):
-        cls, message = ERRORS[Code.ALIGN]
-        raise cls(f"{message} (align={align!r})")
-    crcs = [] if checksum else None
+        raise error_for(Code.ALIGN, "write_tensors", f" (align={align!r})")
+    crcs: list[int] = []
     for buf in buffers:
         with _byte_view(buf, False) as view:
             pad = -pos % align
@@ -494,4 +532,4 @@ def write_tensors(fd, pos, buffers, align, checksum):
                     pos += len(chunk)
             if checksum:
                 crcs.append(crc)
-    return crcs, pos
+    return (crcs if checksum else None), pos

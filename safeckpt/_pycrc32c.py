@@ -21,6 +21,10 @@ linear over GF(2), and leading zero bytes do not change it. So:
 
 Inputs under ``_SMALL`` bytes use a plain table loop, which beats numpy's per-call overhead.
 
+Byte order: every array that is read as bytes or as 16-bit pieces (states, tables, the data's
+words) has an explicit little-endian dtype (``'<u4'``, ``'<u2'``), never the native one, so the
+CRC is the same on a big-endian host.
+
 Example:
     >>> hex(crc32c(b"123456789"))
     '0xe3069283'
@@ -28,7 +32,10 @@ Example:
     True
 """
 
+from __future__ import annotations
+
 import functools
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 
@@ -40,8 +47,10 @@ _MIN_ROWS = 4  # fewer lanes while the data would fill fewer rows (per-row numpy
 _U32 = np.dtype("<u4")
 _U16 = np.dtype("<u2")
 
+Bytes = Union[bytes, bytearray, memoryview, np.ndarray]  # what _as_bytes returns
 
-def _byte_table():
+
+def _byte_table() -> list[int]:
     table = []
     for byte in range(256):
         crc = byte
@@ -54,7 +63,7 @@ def _byte_table():
 _TABLE = tuple(_byte_table())  # the classic one-byte-at-a-time table
 
 
-def _raw_small(data, crc):
+def _raw_small(data: Iterable[int], crc: int) -> int:
     """Raw CRC (no inversions) of an iterable of byte values, from state ``crc``."""
     table = _TABLE
     for byte in data:
@@ -65,7 +74,7 @@ def _raw_small(data, crc):
 # ---- GF(2) operators on 32-bit states, each held as four byte tables: shape (4, 256) ----
 
 
-def _apply(op, states):
+def _apply(op: np.ndarray, states: Any) -> np.ndarray:
     """Apply the operator ``op`` (4, 256) to a uint32 array of states."""
     states = np.ascontiguousarray(states, dtype=_U32)
     octets = states.view(np.uint8).reshape(-1, 4)  # '<u4' bytes: least significant first
@@ -76,24 +85,24 @@ def _apply(op, states):
     return out
 
 
-def _compose(outer, inner):
+def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The operator ``outer(inner(x))``: by linearity, ``outer`` applied to inner's tables."""
     return _apply(outer, inner.ravel()).reshape(4, 256)
 
 
-def _tables_from_images(images):
+def _tables_from_images(images: Sequence[int]) -> np.ndarray:
     """Byte tables of the linear map whose image of bit ``b`` is ``images[b]``.
 
     ``images`` has 8 entries per input byte; the result has one 256-entry table per byte.
     """
-    images = np.asarray(images, dtype=_U32).reshape(-1, 8)
+    by_byte = np.asarray(images, dtype=_U32).reshape(-1, 8)
     bits = (np.arange(256)[:, None] >> np.arange(8)) & 1  # (256, 8): the bits of each byte value
-    picked = np.where(bits[None, :, :] == 1, images[:, None, :], 0).astype(_U32)
+    picked = np.where(bits[None, :, :] == 1, by_byte[:, None, :], 0).astype(_U32)
     return np.bitwise_xor.reduce(picked, axis=2)
 
 
 @functools.lru_cache(maxsize=None)
-def _zero_powers():
+def _zero_powers() -> tuple[np.ndarray, ...]:
     """``Z(2**i)`` for i in 0..63, as (4, 256) tables; ``Z(1)`` advances over one zero byte."""
     one = _tables_from_images([(1 << bit >> 8) ^ _TABLE[(1 << bit) & 0xFF] for bit in range(32)])
     powers = [one]
@@ -103,12 +112,12 @@ def _zero_powers():
 
 
 @functools.lru_cache(maxsize=None)
-def _zero_power_lists():
+def _zero_power_lists() -> tuple[tuple[tuple[int, ...], ...], ...]:
     """The same operators as nested lists, for applying them to one Python int quickly."""
     return tuple(tuple(tuple(row) for row in op.tolist()) for op in _zero_powers())
 
 
-def _shift(crc, length):
+def _shift(crc: int, length: int) -> int:
     """Advance the raw state ``crc`` over ``length`` zero bytes (scalar)."""
     powers = _zero_power_lists()
     bit = 0
@@ -121,57 +130,57 @@ def _shift(crc, length):
     return crc
 
 
-def _zero_op(length):
+def _zero_op(length: int) -> np.ndarray:
     """``Z(length)`` as (4, 256) tables (length > 0)."""
     powers = _zero_powers()
-    op = None
-    bit = 0
-    while length:
-        if length & 1:
-            op = powers[bit] if op is None else _compose(powers[bit], op)
-        length >>= 1
-        bit += 1
+    bits = [bit for bit in range(length.bit_length()) if length >> bit & 1]
+    op = powers[bits[0]]
+    for bit in bits[1:]:
+        op = _compose(powers[bit], op)
     return op
 
 
 @functools.lru_cache(maxsize=None)
-def _slice8_tables():
+def _slice8_tables() -> tuple[np.ndarray, ...]:
     """Slicing-by-8 tables: entry ``j`` maps byte ``j`` of a word to its share of ``G(word)``."""
     tables = [np.array(_TABLE, dtype=_U32)]
     for _ in range(7):
         prev = tables[-1]
-        tables.append((prev >> 8) ^ tables[0].take(prev & 0xFF))
+        tables.append(((prev >> 8) ^ tables[0].take(prev & 0xFF)).astype(_U32))
     return tuple(reversed(tables))  # byte 0 of the word is the farthest from the end
 
 
-def _pieces16(byte_tables):
-    """Four 16-bit tables (4, 65536) from eight byte tables: piece ``m`` is bytes 2m, 2m+1."""
+def _pieces16(byte_tables: Sequence[np.ndarray]) -> np.ndarray:
+    """Four 16-bit tables (4, 65536) from eight byte tables: piece ``m`` is bytes 2m, 2m+1.
+
+    The tables are '<u4' like the states they are taken into (``take(out=...)`` wants one dtype).
+    """
     return np.stack([
         (byte_tables[2 * m][None, :] ^ byte_tables[2 * m + 1][:, None]).ravel() for m in range(4)
-    ])
+    ]).astype(_U32, copy=False)
 
 
 @functools.lru_cache(maxsize=None)
-def _last_row_tables():
+def _last_row_tables() -> np.ndarray:
     """``G``: one slicing-by-8 step, no advance (the last row of every lane)."""
     return _pieces16(_slice8_tables())
 
 
 @functools.lru_cache(maxsize=None)
-def _row_tables(lanes):
+def _row_tables(lanes: int) -> np.ndarray:
     """``H = Z(8 * (lanes - 1)) o G``: one step that also skips the other lanes' words."""
     skip = _zero_op(8 * (lanes - 1))
     return _pieces16([_apply(skip, table) for table in _slice8_tables()])
 
 
-def _lanes_for(length):
+def _lanes_for(length: int) -> int:
     """Number of lanes for ``length`` bytes: a power of 4, enough rows to amortise each call."""
     target = max(length // (8 * _MIN_ROWS), 1)
     log4 = min(max((target.bit_length() - 1) // 2, 2), _MAX_LANES_LOG4)
     return 1 << (2 * log4)
 
 
-def _raw_lanes(data):
+def _raw_lanes(data: np.ndarray) -> int:
     """Raw CRC from state 0 of a 1-D uint8 array (any length, best above ``_SMALL``)."""
     lanes = _lanes_for(data.size)
     row_bytes = 8 * lanes
@@ -185,7 +194,8 @@ def _raw_lanes(data):
     acc = np.empty(lanes, dtype=_U32)
     part = np.empty(lanes, dtype=_U32)
 
-    def step(row, tables):  # row: (lanes, 4) 16-bit pieces of one row of words
+    def step(row: np.ndarray, tables: np.ndarray) -> None:
+        """One step of every lane; ``row``: the (lanes, 4) 16-bit pieces of one row of words."""
         np.bitwise_xor(row[:, :2], state16, out=low)
         tables[0].take(low[:, 0], out=acc, mode="wrap")  # indices are < 2**16: no bound checks
         tables[1].take(low[:, 1], out=part, mode="wrap")
@@ -215,7 +225,7 @@ def _raw_lanes(data):
     return int(merged[0])
 
 
-def _as_bytes(data):
+def _as_bytes(data: Any) -> Bytes:
     """``data`` as bytes/bytearray, a flat byte memoryview or a 1-D uint8 array (never a copy)."""
     if isinstance(data, (bytes, bytearray)):
         return data
@@ -231,7 +241,7 @@ def _as_bytes(data):
     return view
 
 
-def crc32c(data, value=0):
+def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``value`` (as ``zlib.crc32`` does).
 
     Parameters:

@@ -4,6 +4,9 @@ Every problem found in a file raises a subclass of :class:`SafeckptError`, which
 :class:`ValueError`, so ``except ValueError`` keeps working. OS errors (a missing file, a
 full disk) stay OS errors.
 
+Error codes become exceptions in one place, :func:`error_for`, from one table, ``ERRORS``:
+both backends and the reader raise what it returns, so a problem reads the same whichever found it.
+
 Example:
     >>> import safeckpt
     >>> try:
@@ -13,13 +16,17 @@ Example:
     NotSafeckptError
 """
 
+from __future__ import annotations
+
 import enum
 import itertools
+import os
+from typing import Any
 
 QUOTE_MAX = 100  # characters of a value from a file shown in a message (names are rarely longer)
 
 
-def quote(value, limit=QUOTE_MAX):
+def quote(value: object, limit: int = QUOTE_MAX) -> str:
     """``repr(value)`` for an error message: at most about ``limit`` characters, for any value.
 
     A value read from a file may be nested a thousand levels deep or hold millions of items:
@@ -32,7 +39,9 @@ def quote(value, limit=QUOTE_MAX):
         >>> quote("a" * 1000, limit=15)
         "'aaaaa...aaaaa'"
     """
-    out, size, stack = [], 0, [value]
+    out: list[str] = []
+    stack: list[Any] = [value]  # Any: type(item) is tested exactly, which mypy does not narrow
+    size = 0
     while stack and size <= limit:
         item = stack.pop()
         kind = type(item)
@@ -60,14 +69,16 @@ class _Text(str):
     """Punctuation that :func:`quote` writes as it is."""
 
 
-def _pieces(container, limit):
+def _pieces(container: list | tuple | dict, limit: int) -> list[object]:
     """Brackets, separators and at most ``limit`` children of a container, in order."""
     is_map = isinstance(container, dict)
-    open_, close = ("{", "}") if is_map else ("[", "]") if isinstance(container, list) else ("(", ")")
+    brackets = ("{", "}") if is_map else ("[", "]") if isinstance(container, list) else ("(", ")")
+    open_, close = brackets
     if type(container) is tuple and len(container) == 1:
         close = ",)"
-    pieces = [_Text(open_)]
-    children = itertools.islice(container.items() if is_map else container, limit)
+    pieces: list[object] = [_Text(open_)]
+    items: Any = container.items() if isinstance(container, dict) else container
+    children = itertools.islice(items, limit)
     for j, child in enumerate(children):
         if j:
             pieces.append(_Text(", "))
@@ -78,7 +89,7 @@ def _pieces(container, limit):
     return pieces
 
 
-def plural(count, noun):
+def plural(count: int, noun: str) -> str:
     """``"1 tensor"``, ``"3 tensors"``.
 
     Example:
@@ -129,7 +140,8 @@ class InvalidValueError(SafeckptError, TypeError):
 
 
 class StateMismatchError(SafeckptError):
-    """A saved state does not fit the model it is loaded into: missing, unexpected or mismatched keys."""
+    """A saved state does not fit the model it is loaded into: missing, unexpected or mismatched
+    keys."""
 
 
 class PickleRequiredError(SafeckptError):
@@ -175,17 +187,20 @@ class Code(enum.IntEnum):
     ARG = -24
 
 
-# The exception class and the message of each code: the one table the Python side reads.
-# Messages are completed by the caller with the file, the tensor and the bad value.
-ERRORS = {
+# What every message about a file that ends too early says, whatever the code or the format.
+TRUNCATED_HINT = "file seems not fully written or downloaded"
+
+# The exception class and the message of each code: the one table of messages (the C core keeps
+# none of its own). error_for() completes a message with the file, the tensor and the bad value.
+ERRORS: dict[Code, tuple[type[Exception], str]] = {
     Code.TRUNCATED: (TruncatedFileError, "file ends before the end of its 32-byte prefix or of its "
-                     "header (file seems not fully written or downloaded) [P1, P6]"),
+                     f"header ({TRUNCATED_HINT}) [P1, P6]"),
     Code.MAGIC: (NotSafeckptError, "not a safeckpt file (nor a safetensors one): the magic bytes "
                  "that start every safeckpt file are missing [P2]"),
     Code.MAGIC_TEXT: (NotSafeckptError, "the magic bytes look converted by a text-mode transfer "
                       "(line endings changed); copy the file in binary mode [P2]"),
-    Code.VERSION: (UnsupportedVersionError, "the file is in a major version of the format that this "
-                   "safeckpt does not read; a newer safeckpt may [P3]"),
+    Code.VERSION: (UnsupportedVersionError, "the file is in a major version of the format that "
+                   "this safeckpt does not read; a newer safeckpt may [P3]"),
     Code.FLAGS: (UnsupportedVersionError, "the file uses features this safeckpt does not know "
                  "(unknown flag bits are set); a newer safeckpt may read it [P4]"),
     Code.HEADER_LIMIT: (LimitError, "header is larger than max_header_size [P5]"),
@@ -203,7 +218,7 @@ ERRORS = {
     Code.OVERLAP: (LayoutError, "tensor overlaps the header or the previous tensor [T6]"),
     Code.GAP: (LayoutError, "more bytes before the tensor than its alignment needs (a gap) [T6]"),
     Code.TENSOR_TRUNCATED: (TruncatedFileError, "tensor data runs past the end of the file "
-                            "(file seems not fully written or downloaded) [T7]"),
+                            f"({TRUNCATED_HINT}) [T7]"),
     Code.TRAILING: (LayoutError, "trailing bytes after the last tensor: the file is longer than "
                     "its tensors [T8]"),
     Code.PADDING: (LayoutError, "a padding byte before the tensor is not zero [T9]"),
@@ -212,3 +227,34 @@ ERRORS = {
     Code.NOMEM: (MemoryError, "out of memory"),
     Code.ARG: (SafeckptError, "internal error: invalid argument to the backend"),
 }
+
+
+def error_for(code: int, where: str, detail: str = "", *, errno: int | None = None) -> Exception:
+    """The exception of an error code, to ``raise``: its class and message from ``ERRORS``.
+
+    Parameters:
+        code: a :class:`Code` (or the int a backend returned), not ``Code.OK``.
+        where: what the message names first: the file, and the tensor when there is one.
+        detail: appended to the message as it is, so it starts with its separator: the bad
+            value, what was expected (``" (stored 0x1, computed 0x2)"``, ``": ..."``).
+        errno: for ``Code.IO``, the OS error number: the result is ``OSError(errno, ...)`` with
+            the OS's words for it, so ``exc.errno`` says what failed.
+
+    Returns:
+        An exception whose message is ``f"{where}: {message}{detail}"``.
+
+    Raises:
+        ValueError: ``code`` is not a known error code.
+
+    Example:
+        >>> raise error_for(Code.HEADER_LIMIT, "m.sckpt", " (2 GiB)")
+        Traceback (most recent call last):
+        safeckpt.errors.LimitError: m.sckpt: header is larger than max_header_size [P5] (2 GiB)
+    """
+    known = ERRORS.get(Code(code))  # Code() raises ValueError for an unknown int
+    if known is None:
+        raise ValueError(f"error_for({code!r}): not an error code")
+    cls, message = known
+    if errno and cls is OSError:
+        return OSError(errno, f"{where}: {os.strerror(errno)}{detail}")
+    return cls(f"{where}: {message}{detail}")

@@ -5,6 +5,7 @@ rule; each case runs on every backend, and the cases that compare backends asser
 return the same ``(code, index)``.
 """
 
+import errno
 import gc
 import os
 import struct
@@ -17,10 +18,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ml_dtypes
-from safeckpt import _pybackend
+from safeckpt import _pybackend, dtypes
 from safeckpt._pycrc32c import _raw_small
 from safeckpt.dtypes import ITEMSIZE_BY_CODE
-from safeckpt.errors import Code, LayoutError, TruncatedFileError
+from safeckpt.errors import ERRORS, Code, LayoutError, SafeckptError, TruncatedFileError
 from safeckpt.format import MAGIC, MAGIC_TEXT_MANGLED, PREFIX_STRUCT
 
 try:
@@ -801,5 +802,84 @@ def test_T9_padding_check_is_bounded_on_any_table(backend, tmp_path):
         image[big - 1] = 1
         assert backend.check_padding(bytes(image), 1, struct.pack("<Q", big), struct.pack("<Q", 64),
                                      32) == (Code.PADDING, 0)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: every code becomes an exception through errors.error_for, with the same message on
+# both backends
+
+
+def test_a_short_read_says_the_table_message_on_every_backend(backend, tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(bytes(100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for checksum in (False, True):
+            with pytest.raises(TruncatedFileError) as info:
+                backend.read_into(fd, [0, 96], [4, 8], [bytearray(4), bytearray(8)], checksum)
+            assert str(info.value) == f"reading bytes [96, 104): {ERRORS[Code.TENSOR_TRUNCATED][1]}"
+    finally:
+        os.close(fd)
+
+
+def test_a_bad_align_on_write_says_the_same_on_every_backend(backend, tmp_path):
+    fd = os.open(tmp_path / "e.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(LayoutError) as info:
+            backend.write_tensors(fd, 0, [b"x"], 48, True)
+    finally:
+        os.close(fd)
+    assert str(info.value) == f"write_tensors: {ERRORS[Code.ALIGN][1]} (align=48)"
+
+
+def test_map_file_errors_are_the_same_on_every_backend(backend, tmp_path):
+    path = tmp_path / "m"
+    path.write_bytes(bytes(10))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(SafeckptError, match=r"^mmap of 0 bytes: .*the size must be > 0"):
+            backend.map_file(fd, 0)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        backend.map_file(fd, 10)  # closed descriptor
+    assert info.value.errno == errno.EBADF
+    assert str(info.value) == f"[Errno {errno.EBADF}] mmap of 10 bytes: {os.strerror(errno.EBADF)}"
+
+
+def test_a_range_outside_the_buffer_is_an_internal_error_on_every_backend(backend):
+    with pytest.raises(SafeckptError, match=r"^crc32c_ranges: internal error: .* range 0 "):
+        backend.crc32c_ranges(bytes(10), np.array([8], np.uint64), np.array([4], np.uint64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte order: the backends checksum and write bytes, never values, so no host order creeps in
+
+
+@pytest.mark.parametrize("order", ["<", ">", "="])
+def test_crcs_and_writes_use_the_raw_bytes_of_any_byte_order(backend, tmp_path, order):
+    array = np.arange(1000, dtype=f"{order}u8")  # 8000 bytes: the numpy lanes of _pycrc32c
+    raw = array.tobytes()
+    assert backend.crc32c(array) == backend.crc32c(raw) == reference_crc32c(raw)
+    assert backend.crc32c_ranges(array, [8], [16]).tolist() == [reference_crc32c(raw[8:24])]
+    fd = os.open(tmp_path / "w.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        crcs, end = backend.write_tensors(fd, 0, [array], 64, True)
+        assert os.pread(fd, end, 0) == raw and list(crcs) == [reference_crc32c(raw)]
+    finally:
+        os.close(fd)
+
+
+def test_a_native_array_is_saved_byteswapped_on_a_big_endian_host(backend, tmp_path,
+                                                                   monkeypatch):
+    """What the writer hands a backend on a big-endian host: to_little_endian(array)."""
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", True)
+    array = np.array([1, 2, 0x0102], dtype="=u2")  # native order: big-endian on this "host"
+    fd = os.open(tmp_path / "w.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        backend.write_tensors(fd, 0, [dtypes.to_little_endian(array)], 64, False)
+        assert os.pread(fd, 6, 0) == array.byteswap().tobytes()
     finally:
         os.close(fd)
