@@ -5,17 +5,27 @@ bfloat16 and the float8 codes come from ml_dtypes, whose import costs 0.5-1.3 s,
 only when one of those codes is first looked up (``DTYPE_BY_CODE[12]``, a file holding one, or an
 array of one being saved, which means its caller has imported ml_dtypes already).
 
+Byte order. A file holds little-endian bytes. A dtype's byte order is ``'<'``, ``'>'``, ``'|'``
+(single bytes: no order) or ``'='``, native, which means big-endian on a big-endian host
+(s390x): :func:`is_little_endian` and :func:`to_little_endian` resolve ``'='`` with
+``BIG_ENDIAN_HOST``, which tests set to force the big-endian path on any machine.
+``CODE_BY_DTYPE`` holds only little-endian dtypes, so its lookups miss for a dtype whose bytes must
+be swapped; :func:`code_of` accepts either order.
+
 Example:
     >>> import numpy as np
     >>> from safeckpt.dtypes import code_of, dtype_of
     >>> code_of(np.dtype("float32"))
     10
-    >>> dtype_of(10)
-    dtype('float32')
+    >>> dtype_of(10) == np.dtype("<f4")
+    True
 """
+
+from __future__ import annotations
 
 import collections.abc
 import sys
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -52,6 +62,9 @@ NAME_BY_CODE = tuple(name for _, name, _, _ in _TABLE)
 ITEMSIZE_BY_CODE = tuple(size for _, _, size, _ in _TABLE)
 MINOR_BY_CODE = tuple(minor for _, _, _, minor in _TABLE)
 NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy's NPY_MAXDIMS
+# What native byte order ('=') means here; read by is_little_endian() at each call, so that a test
+# can set it to True and take the path of a big-endian host on a little-endian one.
+BIG_ENDIAN_HOST = sys.byteorder == "big"
 _resolved = False
 
 
@@ -64,22 +77,22 @@ class _DtypeByCode(dict):
 
     __slots__ = ()
 
-    def __missing__(self, code):
+    def __missing__(self, code: int) -> np.dtype:
         if code in _ML_CODES:
             _resolve()
             return dict.__getitem__(self, code)
         raise IndexError(f"dtype code {code!r} is not in 0..{len(NAME_BY_CODE) - 1}")
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(NAME_BY_CODE)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[np.dtype]:  # the values, as a sequence in code order
         return (self[code] for code in range(len(NAME_BY_CODE)))
 
-    def __contains__(self, dtype):
+    def __contains__(self, dtype: object) -> bool:
         return any(dtype == dt for dt in self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"DTYPE_BY_CODE{tuple(self)!r}"
 
 
@@ -92,18 +105,18 @@ class _CodeByDtype(dict):
 
     __slots__ = ()
 
-    def __missing__(self, dtype):
+    def __missing__(self, dtype: np.dtype) -> int:
         if _resolve_if_imported():
             return self[dtype]
         raise KeyError(dtype)
 
-    def get(self, dtype, default=None):
+    def get(self, dtype: Any, default: Any = None) -> Any:
         code = dict.get(self, dtype)
         if code is None and _resolve_if_imported():
             code = dict.get(self, dtype)
         return default if code is None else code
 
-    def __contains__(self, dtype):
+    def __contains__(self, dtype: object) -> bool:
         return self.get(dtype) is not None
 
 
@@ -119,10 +132,10 @@ class _Dtypes(collections.abc.Sequence):
 
     __slots__ = ()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(NAME_BY_CODE)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         code = range(len(NAME_BY_CODE))[index]
         return code, NAME_BY_CODE[code], DTYPE_BY_CODE[code]
 
@@ -130,7 +143,7 @@ class _Dtypes(collections.abc.Sequence):
 DTYPES = _Dtypes()
 
 
-def _resolve():
+def _resolve() -> None:
     """Fill in the ml_dtypes codes of ``DTYPE_BY_CODE`` and ``CODE_BY_DTYPE`` (imports it)."""
     global _resolved
     import ml_dtypes
@@ -141,7 +154,7 @@ def _resolve():
     _resolved = True
 
 
-def _resolve_if_imported():
+def _resolve_if_imported() -> bool:
     """Resolve the table if ml_dtypes is imported and it is not resolved yet; whether it was."""
     if _resolved or "ml_dtypes" not in sys.modules:
         return False
@@ -149,16 +162,67 @@ def _resolve_if_imported():
     return True
 
 
-def code_of(dtype, name=None):
+def is_little_endian(dtype: Any) -> bool:
+    """Whether the items of ``dtype`` are stored little-endian, as a file holds them.
+
+    Native order (``'='``) is little unless ``BIG_ENDIAN_HOST``; single bytes always are.
+
+    Example:
+        >>> is_little_endian(np.dtype("<f4")), is_little_endian(np.dtype(">f4"))
+        (True, False)
+    """
+    dt = np.dtype(dtype)
+    order = dt.byteorder
+    if order == "=":
+        return not BIG_ENDIAN_HOST or dt.itemsize <= 1
+    return order != ">"
+
+
+def little_endian(dtype: Any) -> np.dtype:
+    """The little-endian twin of ``dtype``: the key of ``CODE_BY_DTYPE`` for either byte order.
+
+    A dtype that numpy has in native order only (ml_dtypes' bfloat16 on a big-endian host, whose
+    swapped twin would be a plain void) is returned as it is.
+
+    Example:
+        >>> little_endian(np.dtype(">i8")) == np.dtype("<i8")
+        True
+    """
+    dt = np.dtype(dtype)
+    if is_little_endian(dt):
+        return dt
+    twin = dt.newbyteorder("<")
+    return twin if twin.type is dt.type else dt
+
+
+def to_little_endian(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when its bytes are little-endian, else a C-ordered copy whose are.
+
+    The copy has the dtype of :func:`little_endian`: its values are the array's, except for a
+    dtype that numpy has in native order only, where only its bytes (what a file holds) are right.
+
+    Example:
+        >>> list(to_little_endian(np.array([1, 2], ">u2")).tobytes())
+        [1, 0, 2, 0]
+    """
+    if is_little_endian(array.dtype):
+        return array
+    swapped = np.ascontiguousarray(array.byteswap())  # byteswap() copies, keeping the layout
+    return swapped.view(little_endian(array.dtype))
+
+
+def code_of(dtype: Any, name: str | None = None) -> int:
     """Return the format's code for a numpy dtype (either byte order).
 
     Raises:
         UnsupportedDtypeError: the dtype cannot be stored (object, string, structured, ...);
             the message names the tensor when ``name`` is given.
+
+    Example:
+        >>> code_of(np.dtype(">f4")), code_of(np.dtype("<f4"))
+        (10, 10)
     """
-    dt = np.dtype(dtype)
-    if dt.byteorder == ">":
-        dt = dt.newbyteorder("<")
+    dt = little_endian(dtype)
     code = CODE_BY_DTYPE.get(dt)
     if code is None:
         where = f"tensor {name!r}: " if name is not None else ""
@@ -168,14 +232,14 @@ def code_of(dtype, name=None):
     return code
 
 
-def dtype_of(code):
+def dtype_of(code: int) -> np.dtype:
     """Return the numpy dtype (little-endian) of a dtype code; IndexError if unknown."""
     if not 0 <= code < len(NAME_BY_CODE):
         raise IndexError(code)
     return DTYPE_BY_CODE[code]
 
 
-def minor_of(codes):
+def minor_of(codes: bytes) -> int:
     """The lowest minor version that holds every code of ``codes`` (bytes, e.g. a dtypes column).
 
     Example: ``minor_of(bytes([10, 17])) == 3``.

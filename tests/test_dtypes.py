@@ -10,6 +10,7 @@ from forge import forge
 import safeckpt
 from safeckpt import dtypes
 
+BIG_ENDIAN_MACHINE = sys.byteorder == "big"  # the real host, whatever a test forces
 ML_DTYPES_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 
 
@@ -129,3 +130,69 @@ def test_format_md_lists_the_same_table():
     table = sorted((int(code), name, int(size)) for code, name, size in rows)
     assert table == [(code, dtypes.NAME_BY_CODE[code], dtypes.ITEMSIZE_BY_CODE[code])
                      for code in range(len(dtypes.NAME_BY_CODE))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte order: native ('=') is big-endian on a big-endian host; BIG_ENDIAN_HOST forces that path
+
+
+@pytest.fixture(params=[False, True], ids=["little-endian host", "big-endian host"])
+def big_endian_host(request, monkeypatch):
+    """Run the test as on a host of each byte order (native order resolved by the flag).
+
+    On a little-endian machine numpy spells ``'<'`` as ``'='``: a forced big-endian host has no
+    little-endian dtype of more than one byte, so the ``'<'`` cases check the real host only.
+    """
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", request.param)
+    return request.param
+
+
+def test_is_little_endian_resolves_native_order_with_the_host(big_endian_host):
+    import ml_dtypes
+    assert dtypes.is_little_endian(np.dtype("=f4")) is not big_endian_host
+    assert dtypes.is_little_endian(np.dtype(ml_dtypes.bfloat16)) is not big_endian_host
+    for single in ("|u1", "?", "=i1", ml_dtypes.float8_e4m3fn):  # one byte: no order to get wrong
+        assert dtypes.is_little_endian(np.dtype(single))
+    assert not dtypes.is_little_endian(np.dtype(">i8"))
+    assert dtypes.is_little_endian(np.dtype("<c16")) is (not big_endian_host or BIG_ENDIAN_MACHINE)
+
+
+@pytest.mark.parametrize("order", ["<", ">", "="])
+def test_code_of_accepts_every_byte_order_on_every_host(big_endian_host, order):
+    for name in ("int16", "float32", "complex128", "uint64"):
+        dt = np.dtype(name).newbyteorder(order)
+        assert dtypes.code_of(dt) == dtypes.NAME_BY_CODE.index(name)
+        assert dtypes.little_endian(dt) == np.dtype(name).newbyteorder("<")
+        assert dtypes.CODE_BY_DTYPE[dtypes.little_endian(dt)] == dtypes.code_of(dt)
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match="'w'.*<U3"):
+        dtypes.code_of(np.dtype("<U3").newbyteorder(order), "w")
+
+
+def test_a_native_array_is_byteswapped_only_on_a_big_endian_host(big_endian_host):
+    native = np.array([[1, 0x0102], [0x7F00, 3]], dtype="=u2")
+    out = dtypes.to_little_endian(native)
+    if big_endian_host:  # its bytes are big-endian: a little-endian copy
+        assert out is not native and out.tobytes() == native.byteswap().tobytes()
+        assert out.dtype == np.dtype("<u2") and out.flags.c_contiguous
+    else:
+        assert out is native
+
+
+def test_little_and_big_endian_arrays_are_the_same_on_every_host(big_endian_host):
+    little = np.arange(6, dtype="<i4").reshape(2, 3)
+    if not big_endian_host or BIG_ENDIAN_MACHINE:  # see the fixture
+        assert dtypes.to_little_endian(little) is little
+    big = np.arange(6, dtype=">i4").reshape(3, 2).T  # not C-contiguous
+    out = dtypes.to_little_endian(big)
+    assert out.flags.c_contiguous and out.dtype == np.dtype("<i4")
+    assert np.array_equal(out, big) and out.tobytes() == np.ascontiguousarray(big, "<i4").tobytes()
+
+
+def test_bfloat16_bytes_are_swapped_on_a_big_endian_host(big_endian_host):
+    """numpy has bfloat16 in native order only: its bytes are swapped, its dtype kept."""
+    import ml_dtypes
+    x = np.array([1.0, -2.5], ml_dtypes.bfloat16)
+    assert dtypes.code_of(x.dtype) == 12 and dtypes.little_endian(x.dtype) == x.dtype
+    out = dtypes.to_little_endian(x)
+    assert out.dtype == x.dtype
+    assert out.tobytes() == (x.byteswap().tobytes() if big_endian_host else x.tobytes())
