@@ -38,6 +38,8 @@ Example:
     >>> dcp.load(state, storage_reader=SafeckptReader("ckpt/step-100"))     # doctest: +SKIP
 """
 
+from __future__ import annotations
+
 import concurrent.futures
 import dataclasses
 import io
@@ -45,8 +47,11 @@ import math
 import os
 import re
 import uuid
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, NoReturn, Optional, Set, Tuple, Union
 
 import torch
+# torch's private module: DefaultLoadPlanner.load_bytes puts a value into a nested state dict
+# with it, and torch has no public function that does (SafeckptReader._load_value does the same)
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
@@ -58,15 +63,25 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from . import api, torch_convert, tree
 from . import format as fmt
-from . import shard as _shard
-from . import torch as _sck_torch
-from . import tree as _tree
 from .errors import HeaderError, InvalidValueError, LimitError, SafeckptError, quote
+
+if TYPE_CHECKING:  # a name for annotations, which are never evaluated
+    from .filekind import PathLike
 
 METADATA_FILE = "metadata.sckpt"  # written last: its presence marks a complete save
 DATA_FILE = "data-{:05d}.sckpt"  # one per rank (per plan)
@@ -90,14 +105,9 @@ class Location:
     key: str
 
 
-def _dtypes():
-    """``{name: torch dtype}``: the 17 dtypes of FORMAT.md section 4, and nothing else."""
-    return {str(dtype).split(".")[-1]: dtype for dtype in _sck_torch._tables()[0]}
-
-
 # -- Metadata <-> plain values -------------------------------------------------------------------
 
-def encode_metadata(metadata):
+def encode_metadata(metadata: Metadata) -> Dict[str, Any]:
     """DCP ``Metadata`` as plain values that ``safeckpt.save`` stores, field by field.
 
     Raises:
@@ -105,9 +115,9 @@ def encode_metadata(metadata):
             that :func:`decode_metadata` would refuse (e.g. a custom planner's ``planner_data``
             that is not the paths of the state dict's items).
     """
-    names = {dtype: name for name, dtype in _dtypes().items()}
+    names = {dtype: name for name, dtype in torch_convert.dtype_by_name().items()}
     formats = {value: name for name, value in _MEMORY_FORMATS.items()}
-    entries = {}
+    entries: Dict[str, Dict[str, Any]] = {}
     for fqn, entry in metadata.state_dict_metadata.items():
         if isinstance(entry, BytesStorageMetadata):
             entries[fqn] = {"kind": "bytes"}
@@ -141,18 +151,18 @@ def encode_metadata(metadata):
 class _Checker:
     """Type checks that raise ``HeaderError`` naming the path in metadata.sckpt."""
 
-    def __init__(self, where):
+    def __init__(self, where: str) -> None:
         self.where = where
 
-    def fail(self, path, problem):
+    def fail(self, path: str, problem: str) -> NoReturn:
         raise HeaderError(f"{self.where}: DCP metadata {path}: {problem}")
 
-    def kind(self, value, kinds, path, what):
+    def kind(self, value: Any, kinds: Tuple[type, ...], path: str, what: str) -> Any:
         if type(value) not in kinds:
             self.fail(path, f"{what} expected, not {type(value).__name__} {quote(value)}")
         return value
 
-    def keys(self, value, keys, path):
+    def keys(self, value: Any, keys: Set[str], path: str) -> Dict[str, Any]:
         self.kind(value, (dict,), path, "a dict")
         if value.keys() != keys:
             missing = sorted(keys - value.keys())
@@ -161,7 +171,7 @@ class _Checker:
                       f"{quote(unknown)})")
         return value
 
-    def ints(self, value, path, length=None):
+    def ints(self, value: Any, path: str, length: Optional[int] = None) -> List[int]:
         self.kind(value, (list,), path, "a list of ints")
         if length is not None and len(value) != length:
             self.fail(path, f"{len(value)} dimensions where the tensor has {length}")
@@ -171,10 +181,13 @@ class _Checker:
         return value
 
 
-_LEAF = "leaf"  # check_planner_data: a node that is an item's value, not a container
+# -- planner_data --------------------------------------------------------------------------------
+
+_LEAF = "leaf"  # _PathTree: a node that is an item's value, not a container
 
 
-def check_planner_data(data, names, where="metadata.sckpt", max_depth=fmt.MAX_DEPTH):
+def check_planner_data(data: Any, names: Iterable[str], where: str = "metadata.sckpt",
+                       max_depth: int = fmt.MAX_DEPTH) -> None:
     """Check DCP's ``planner_data``: None, or the path of each item in the nested state dict.
 
     torch's ``flatten_state_dict`` names each item of a nested state dict by its path of dict
@@ -203,6 +216,7 @@ def check_planner_data(data, names, where="metadata.sckpt", max_depth=fmt.MAX_DE
     """
     if data is None:
         return
+    names = list(names)
     check = _Checker(where)
     check.kind(data, (dict,), "planner_data", "a dict or None")
     wanted = set(names)
@@ -211,25 +225,48 @@ def check_planner_data(data, names, where="metadata.sckpt", max_depth=fmt.MAX_DE
         unknown = [name for name in data if name not in wanted]
         check.fail("planner_data", f"must have a path for each item and no other (missing "
                    f"{quote(missing)}, unknown {quote(unknown)})")
-    # The tree of paths: node 0 is the state dict; children[node, key] is a node; kinds[node] is
-    # str (a dict), int (a list), None (not known yet) or _LEAF; lists[node] = [name, largest
-    # index + 1, number of indices used].
-    children, kinds, lists = {}, [str], {}
+    paths = _PathTree(check)
     for name, path in data.items():
         at = f"planner_data[{quote(name)}]"
-        if type(path) not in (list, tuple) or not path:
-            check.fail(at, f"must be a non-empty list of str keys and int indices, not {quote(path)}")
-        if len(path) > max_depth:
-            raise LimitError(f"{where}: DCP metadata {at}: {len(path)} keys deep, more than "
-                             f"max_depth={max_depth}")
-        for i, part in enumerate(path):
-            if type(part) is not str and (type(part) is not int or part < 0 or i == 0):
-                check.fail(f"{at}[{i}]", f"{quote(part)} is not a str key" + (
-                    " (a path starts with a key of the state dict)" if i == 0 else
-                    " or an int index >= 0"))
-        if ".".join(map(str, path)) != name:
-            check.fail(at, f"the path {quote(tuple(path))} does not spell its name {quote(name)}")
-        node = 0
+        _check_path(check, at, name, path, max_depth)
+        paths.add(at, name, path)
+    paths.check_lists()
+
+
+def _check_path(check: _Checker, at: str, name: str, path: Any, max_depth: int) -> None:
+    """One item's path on its own: a non-empty list of keys and indices that spells ``name``."""
+    if type(path) not in (list, tuple) or not path:
+        check.fail(at, f"must be a non-empty list of str keys and int indices, not {quote(path)}")
+    if len(path) > max_depth:
+        raise LimitError(f"{check.where}: DCP metadata {at}: {len(path)} keys deep, more than "
+                         f"max_depth={max_depth}")
+    for i, part in enumerate(path):
+        if type(part) is not str and (type(part) is not int or part < 0 or i == 0):
+            check.fail(f"{at}[{i}]", f"{quote(part)} is not a str key" + (
+                " (a path starts with a key of the state dict)" if i == 0 else
+                " or an int index >= 0"))
+    if ".".join(map(str, path)) != name:
+        check.fail(at, f"the path {quote(tuple(path))} does not spell its name {quote(name)}")
+
+
+class _PathTree:
+    """The tree that the items' paths spell, checked as paths are added.
+
+    Node 0 is the state dict; ``children[node, key]`` is a node; ``kinds[node]`` is str (a
+    dict), int (a list), None (not known yet) or _LEAF; ``lists[node]`` is [name, largest index
+    + 1, number of indices used].
+    """
+
+    def __init__(self, check: _Checker) -> None:
+        self.check = check
+        self.children: Dict[Tuple[int, Union[str, int]], int] = {}
+        self.kinds: List[Any] = [str]
+        self.lists: Dict[int, List[Any]] = {}
+
+    def add(self, at: str, name: str, path: Any) -> None:
+        """Add an item's checked path: it must not run through or end at another item."""
+        check, children, kinds = self.check, self.children, self.kinds
+        node: int = 0
         for depth, part in enumerate(path):
             kind = kinds[node]
             if kind is _LEAF or (kind is not None and kind is not type(part)):
@@ -237,11 +274,11 @@ def check_planner_data(data, names, where="metadata.sckpt", max_depth=fmt.MAX_DE
                 check.fail(at, f"{container} is the value of another item" if kind is _LEAF else
                            f"{container} holds both str keys and int indices")
             if kind is None and type(part) is int:
-                lists[node] = [".".join(map(str, path[:depth])), 0, 0]
+                self.lists[node] = [".".join(map(str, path[:depth])), 0, 0]
             kinds[node] = type(part)
             child = children.get((node, part))
             if type(part) is int:
-                counts = lists[node]
+                counts = self.lists[node]
                 counts[1] = max(counts[1], part + 1)
                 counts[2] += child is None
             if depth == len(path) - 1:
@@ -252,16 +289,22 @@ def check_planner_data(data, names, where="metadata.sckpt", max_depth=fmt.MAX_DE
             elif child is None:
                 child = children[node, part] = len(kinds)
                 kinds.append(None)
-            node = child
-    for container, slots, used in lists.values():
-        if slots != used:
-            check.fail("planner_data", f"the list {quote(container)} uses {used} of the indices "
-                       f"0..{slots - 1}: torch would pad it with {slots - used} empty slots (an "
-                       "index past the items, or a gap that torch cannot load)")
+            node = children[node, part]
+
+    def check_lists(self) -> None:
+        """Each list uses every index from 0 to its largest: torch would pad it otherwise."""
+        for container, slots, used in self.lists.values():
+            if slots != used:
+                self.check.fail("planner_data", f"the list {quote(container)} uses {used} of the "
+                                f"indices 0..{slots - 1}: torch would pad it with {slots - used} "
+                                "empty slots (an index past the items, or a gap that torch cannot "
+                                "load)")
 
 
-def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM,
-                    max_depth=fmt.MAX_DEPTH):
+# -- decoding: the metadata's sections -----------------------------------------------------------
+
+def decode_metadata(value: Any, where: str = "metadata.sckpt", max_ndim: int = fmt.MAX_NDIM,
+                    max_depth: int = fmt.MAX_DEPTH) -> Metadata:
     """DCP ``Metadata`` from the plain values of :func:`encode_metadata`, every field checked.
 
     Checks: exact keys and types everywhere; dtypes from the fixed table of FORMAT.md section 4;
@@ -274,6 +317,9 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM,
         HeaderError: the first problem, with its path, e.g. ``state_dict_metadata['w'].chunks[1]``.
         LimitError: a tensor of more than ``max_ndim`` dimensions, a planner path of more than
             ``max_depth`` keys.
+
+    Example:
+        >>> metadata = decode_metadata(safeckpt.load("ckpt/metadata.sckpt"))  # doctest: +SKIP
     """
     check = _Checker(where)
     check.keys(value, _METADATA_KEYS, "")
@@ -281,51 +327,74 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM,
         check.fail("format", f"{quote(value['format'])} version {quote(value['version'])} is not "
                    f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
     check.kind(value["dcp_version"], (str, type(None)), "dcp_version", "a str or None")
-    dtypes = _dtypes()
-    entries, chunk_sets = {}, {}
-    for fqn, entry in check.kind(value["state_dict_metadata"], (dict,), "state_dict_metadata",
-                                 "a dict").items():
+    entries, chunk_sets = _decode_entries(check, value["state_dict_metadata"], max_ndim)
+    storage = _decode_storage(check, value["storage"], entries, chunk_sets)
+    storage_meta = _decode_storage_meta(check, value["storage_meta"])
+    check_planner_data(value["planner_data"], list(entries), where, max_depth)
+    return Metadata(state_dict_metadata=entries, planner_data=value["planner_data"],
+                    storage_data=storage, storage_meta=storage_meta, version=value["dcp_version"])
+
+
+def _decode_entries(check: _Checker, value: Any, max_ndim: int) -> Tuple[Dict[str, Any], Dict]:
+    """``state_dict_metadata``: ``({fqn: storage metadata}, {fqn: {chunk offsets: sizes}})``."""
+    dtypes = torch_convert.dtype_by_name()
+    entries: Dict[str, Any] = {}
+    chunk_sets = {}
+    for fqn, entry in check.kind(value, (dict,), "state_dict_metadata", "a dict").items():
         path = f"state_dict_metadata[{quote(fqn)}]"
         check.kind(fqn, (str,), path, "a str key")
         if check.kind(entry, (dict,), path, "a dict").get("kind") == "bytes":
             check.keys(entry, {"kind"}, path)
             entries[fqn] = BytesStorageMetadata()
             continue
-        check.keys(entry, _TENSOR_KEYS, path)
-        for key in ("kind", "dtype", "memory_format"):
-            check.kind(entry[key], (str,), f"{path}.{key}", "a str")
-        if entry["kind"] != "tensor" or entry["dtype"] not in dtypes or (
-                entry["memory_format"] not in _MEMORY_FORMATS):
-            check.fail(path, f"kind {quote(entry['kind'])}, dtype {quote(entry['dtype'])} or "
-                       f"memory format {quote(entry['memory_format'])} is unknown")
-        for key in ("requires_grad", "pin_memory"):
-            check.kind(entry[key], (bool,), f"{path}.{key}", "a bool")
-        size = check.ints(entry["size"], f"{path}.size")
-        if len(size) > max_ndim:
-            raise LimitError(f"{where}: DCP metadata {path}: {len(size)} dimensions, more than "
-                             f"max_ndim={max_ndim}")
-        chunks = []
-        for i, chunk in enumerate(check.kind(entry["chunks"], (list,), f"{path}.chunks", "a list")):
-            cpath = f"{path}.chunks[{i}]"
-            if type(chunk) is not list or len(chunk) != 2:
-                check.fail(cpath, "must be [offsets, sizes]")
-            offsets = check.ints(chunk[0], f"{cpath}.offsets", len(size))
-            sizes = check.ints(chunk[1], f"{cpath}.sizes", len(size))
-            if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
-                check.fail(cpath, f"offsets {offsets} + sizes {sizes} reach past the size {size}")
-            chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-            chunk_sets.setdefault(fqn, {})[tuple(offsets)] = tuple(sizes)
-        held, elements = sum(math.prod(chunk.sizes) for chunk in chunks), math.prod(size)
-        if held != elements:
-            check.fail(f"{path}.chunks", f"the chunks hold {held} elements and the tensor "
-                       f"{elements}: they must cover it exactly")
-        properties = TensorProperties(dtype=dtypes[entry["dtype"]],
-                                      requires_grad=entry["requires_grad"],
-                                      memory_format=_MEMORY_FORMATS[entry["memory_format"]],
-                                      pin_memory=entry["pin_memory"])
-        entries[fqn] = TensorStorageMetadata(properties, torch.Size(size), chunks)
+        entries[fqn], chunk_sets[fqn] = _decode_tensor(check, path, entry, dtypes, max_ndim)
+    return entries, chunk_sets
+
+
+def _decode_tensor(check: _Checker, path: str, entry: Dict[str, Any], dtypes: Dict[str, Any],
+                   max_ndim: int) -> Tuple[TensorStorageMetadata, Dict[tuple, tuple]]:
+    """One tensor's entry: its storage metadata and ``{chunk offsets: chunk sizes}``; the
+    chunks lie inside the tensor and hold as many elements as it."""
+    check.keys(entry, _TENSOR_KEYS, path)
+    for key in ("kind", "dtype", "memory_format"):
+        check.kind(entry[key], (str,), f"{path}.{key}", "a str")
+    if entry["kind"] != "tensor" or entry["dtype"] not in dtypes or (
+            entry["memory_format"] not in _MEMORY_FORMATS):
+        check.fail(path, f"kind {quote(entry['kind'])}, dtype {quote(entry['dtype'])} or "
+                   f"memory format {quote(entry['memory_format'])} is unknown")
+    for key in ("requires_grad", "pin_memory"):
+        check.kind(entry[key], (bool,), f"{path}.{key}", "a bool")
+    size = check.ints(entry["size"], f"{path}.size")
+    if len(size) > max_ndim:
+        raise LimitError(f"{check.where}: DCP metadata {path}: {len(size)} dimensions, more than "
+                         f"max_ndim={max_ndim}")
+    chunks, chunk_set = [], {}
+    for i, chunk in enumerate(check.kind(entry["chunks"], (list,), f"{path}.chunks", "a list")):
+        cpath = f"{path}.chunks[{i}]"
+        if type(chunk) is not list or len(chunk) != 2:
+            check.fail(cpath, "must be [offsets, sizes]")
+        offsets = check.ints(chunk[0], f"{cpath}.offsets", len(size))
+        sizes = check.ints(chunk[1], f"{cpath}.sizes", len(size))
+        if any(o + s > d for o, s, d in zip(offsets, sizes, size)):
+            check.fail(cpath, f"offsets {offsets} + sizes {sizes} reach past the size {size}")
+        chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+        chunk_set[tuple(offsets)] = tuple(sizes)
+    held, elements = sum(math.prod(chunk.sizes) for chunk in chunks), math.prod(size)
+    if held != elements:
+        check.fail(f"{path}.chunks", f"the chunks hold {held} elements and the tensor "
+                   f"{elements}: they must cover it exactly")
+    properties = TensorProperties(dtype=dtypes[entry["dtype"]],
+                                  requires_grad=entry["requires_grad"],
+                                  memory_format=_MEMORY_FORMATS[entry["memory_format"]],
+                                  pin_memory=entry["pin_memory"])
+    return TensorStorageMetadata(properties, torch.Size(size), chunks), chunk_set
+
+
+def _decode_storage(check: _Checker, value: Any, entries: Dict[str, Any],
+                    chunk_sets: Dict[str, Dict[tuple, tuple]]) -> Dict[MetadataIndex, Location]:
+    """``storage``: where each chunk and non-tensor item is, each stored exactly once."""
     storage, stored = {}, set()
-    for i, item in enumerate(check.kind(value["storage"], (list,), "storage", "a list")):
+    for i, item in enumerate(check.kind(value, (list,), "storage", "a list")):
         path = f"storage[{i}]"
         if type(item) is not list or len(item) != 5:
             check.fail(path, "must be [fqn, offset, index, file, key]")
@@ -354,24 +423,25 @@ def decode_metadata(value, where="metadata.sckpt", max_ndim=fmt.MAX_NDIM,
                   isinstance(entry, TensorStorageMetadata) else [(fqn, None)])
         for missing in (w for w in wanted if w not in stored):
             check.fail("storage", f"nothing stores {quote(missing[0])} at {missing[1]}")
-    meta = value["storage_meta"]
-    storage_meta = None
-    if meta is not None:
-        check.keys(meta, _STORAGE_META_KEYS, "storage_meta")
-        for key in ("checkpoint_id", "save_id", "load_id"):
-            check.kind(meta[key], (str, type(None)), f"storage_meta.{key}", "a str or None")
-        modules = check.kind(meta["modules"], (list,), "storage_meta.modules", "a list")
-        for i, module in enumerate(modules):
-            check.kind(module, (str,), f"storage_meta.modules[{i}]", "a str")
-        storage_meta = StorageMeta(meta["checkpoint_id"], meta["save_id"], meta["load_id"], modules)
-    check_planner_data(value["planner_data"], list(entries), where, max_depth)
-    return Metadata(state_dict_metadata=entries, planner_data=value["planner_data"],
-                    storage_data=storage, storage_meta=storage_meta, version=value["dcp_version"])
+    return storage
+
+
+def _decode_storage_meta(check: _Checker, meta: Any) -> Optional[StorageMeta]:
+    """``storage_meta``: None, or the ids and module names of the save."""
+    if meta is None:
+        return None
+    check.keys(meta, _STORAGE_META_KEYS, "storage_meta")
+    for key in ("checkpoint_id", "save_id", "load_id"):
+        check.kind(meta[key], (str, type(None)), f"storage_meta.{key}", "a str or None")
+    modules = check.kind(meta["modules"], (list,), "storage_meta.modules", "a list")
+    for i, module in enumerate(modules):
+        check.kind(module, (str,), f"storage_meta.modules[{i}]", "a str")
+    return StorageMeta(meta["checkpoint_id"], meta["save_id"], meta["load_id"], modules)
 
 
 # -- writing -------------------------------------------------------------------------------------
 
-def _item_key(index, taken):
+def _item_key(index: MetadataIndex, taken: Set[str]) -> str:
     """The tree key of an item in its rank's file: the FQN, ``fqn@o1,o2`` for a chunk that does
     not start at 0, and ``~1``, ``~2`` … for a clash."""
     key = index.fqn
@@ -400,35 +470,38 @@ class SafeckptWriter(StorageWriter):
         >>> dcp.save({"model": model.state_dict()}, storage_writer=SafeckptWriter("ckpt"))  # doctest: +SKIP
     """
 
-    def __init__(self, path, *, checksum=True, sync_files=True, align=fmt.ALIGN_DEFAULT):
+    def __init__(self, path: PathLike, *, checksum: bool = True,
+                 sync_files: bool = True, align: int = fmt.ALIGN_DEFAULT) -> None:
         super().__init__()
         self.path = os.fsdecode(path)
         self.checksum, self.sync_files, self.align = checksum, sync_files, align
         self.save_id = uuid.uuid4().hex
-        self.rank = None
+        self.rank: Optional[int] = None
 
-    def reset(self, checkpoint_id=None):
+    def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
         if checkpoint_id:
             self.path = os.fsdecode(checkpoint_id)
         self.save_id = uuid.uuid4().hex
 
-    def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
 
-    def prepare_local_plan(self, plan):
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         os.makedirs(self.path, exist_ok=True)
         return plan
 
-    def prepare_global_plan(self, plans):
+    def prepare_global_plan(self, plans: List[SavePlan]) -> List[SavePlan]:
         return [dataclasses.replace(plan, storage_data=DATA_FILE.format(i))
                 for i, plan in enumerate(plans)]
 
-    def write_data(self, plan, planner):
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         """Write this rank's items into one file; non-tensor values as plain values, never pickles."""
         file = plan.storage_data if isinstance(plan.storage_data, str) else DATA_FILE.format(
             self.rank or 0)
-        values, results, taken = {}, [], set()
+        values: Dict[str, Any] = {}
+        results: List[WriteResult] = []
+        taken: Set[str] = set()
         for item in plan.items:
             key = _item_key(item.index, taken)
             if item.type == WriteItemType.BYTE_IO:
@@ -440,14 +513,14 @@ class SafeckptWriter(StorageWriter):
             values[key] = value
             results.append(WriteResult(index=item.index, size_in_bytes=size,
                                        storage_data=Location(file, key)))
-        _tree.save(values, os.path.join(self.path, file), checksum=self.checksum, align=self.align,
-                   atomic=self.sync_files)
+        api.save(values, os.path.join(self.path, file), checksum=self.checksum, align=self.align,
+                 atomic=self.sync_files)
         future = Future()
         future.set_result(results)
         return future
 
     @staticmethod
-    def _plain_value(planner, item):
+    def _plain_value(planner: SavePlanner, item: WriteItem) -> Any:
         lookup = getattr(planner, "lookup_object", None)
         if lookup is None:
             raise InvalidValueError(
@@ -456,31 +529,32 @@ class SafeckptWriter(StorageWriter):
                 "lookup_object, such as DefaultSavePlanner")
         return lookup(item.index)
 
-    def finish(self, metadata, results):
+    def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         """Write metadata.sckpt (coordinator only, after every rank wrote): the save is complete."""
         storage = {}
         for rank_results in results:
             storage.update({result.index: result.storage_data for result in rank_results})
         metadata = dataclasses.replace(metadata, storage_data=storage, version=DCP_VERSION,
                                        storage_meta=self.storage_meta())
-        _tree.save(encode_metadata(metadata), os.path.join(self.path, METADATA_FILE),
-                   atomic=self.sync_files)
+        api.save(encode_metadata(metadata), os.path.join(self.path, METADATA_FILE),
+                 atomic=self.sync_files)
 
-    def storage_meta(self):
+    def storage_meta(self) -> StorageMeta:
         return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
 
     @property
-    def checkpoint_id(self):
+    def checkpoint_id(self) -> str:
         return self.path
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return isinstance(checkpoint_id, (str, bytes, os.PathLike))
 
 
 # -- reading -------------------------------------------------------------------------------------
 
-def _narrow(tensor, offsets, lengths):
+def _narrow(tensor: torch.Tensor, offsets: List[int], lengths: List[int]) -> torch.Tensor:
+    """The part of ``tensor`` at ``offsets`` of ``lengths`` (a view)."""
     for dim, (offset, length) in enumerate(zip(offsets, lengths)):
         if offset or length != tensor.size(dim):
             tensor = tensor.narrow(dim, offset, length)
@@ -506,20 +580,22 @@ class SafeckptReader(StorageReader):
         >>> dcp.load(state, storage_reader=SafeckptReader("ckpt"))    # doctest: +SKIP
     """
 
-    def __init__(self, path, *, mmap=True, verify=None, **limits):
+    def __init__(self, path: PathLike, *, mmap: bool = True,
+                 verify: Optional[bool] = None, **limits: int) -> None:
         super().__init__()
         self.path = os.fsdecode(path)
-        self.mmap, self.verify, self.limits = mmap, verify, limits
-        self.storage_data = {}
+        self.mmap, self.verify = mmap, verify
+        self.limits: Dict[str, Any] = limits
+        self.storage_data: Dict[MetadataIndex, Location] = {}
         self.load_id = uuid.uuid4().hex
 
-    def reset(self, checkpoint_id=None):
+    def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
         self.storage_data = {}
         if checkpoint_id:
             self.path = os.fsdecode(checkpoint_id)
         self.load_id = uuid.uuid4().hex
 
-    def read_metadata(self):
+    def read_metadata(self) -> Metadata:
         """DCP's Metadata from metadata.sckpt, every field checked; no pickle.
 
         Raises:
@@ -528,9 +604,9 @@ class SafeckptReader(StorageReader):
             OSError: a missing file.
         """
         path = os.path.join(self.path, METADATA_FILE)
-        with _shard.open_any(path, **self.limits) as reader:
+        with api.open(path, **self.limits) as reader:
             if reader.keys():
-                raise HeaderError(f"{reader._where}: DCP metadata holds no tensors, this file has "
+                raise HeaderError(f"{reader.where}: DCP metadata holds no tensors, this file has "
                                   f"{len(reader)}")
             value = reader.load()
         metadata = decode_metadata(value, repr(path), self.limits.get("max_ndim", fmt.MAX_NDIM),
@@ -541,7 +617,7 @@ class SafeckptReader(StorageReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
-    def _check_data_files(self, metadata, where):
+    def _check_data_files(self, metadata: Metadata, where: str) -> None:
         """Each data file holds at least the bytes of the tensor chunks the metadata stores in it:
         torch allocates whole tensors from the metadata (a load without a template), and they are
         never larger than the checkpoint's files."""
@@ -551,7 +627,7 @@ class SafeckptReader(StorageReader):
                 itemsize = entry.properties.dtype.itemsize
                 for chunk in entry.chunks:
                     nbytes[fqn, tuple(chunk.offsets)] = math.prod(chunk.sizes) * itemsize
-        per_file = {}
+        per_file: Dict[str, int] = {}
         for index, location in metadata.storage_data.items():
             if index.offset is not None:
                 per_file[location.file] = (per_file.get(location.file, 0)
@@ -562,47 +638,48 @@ class SafeckptReader(StorageReader):
                 raise HeaderError(f"{where}: data file {file!r} is {size} bytes, but the DCP "
                                   f"metadata stores {stored} bytes of tensor chunks in it")
 
-    def set_up_storage_reader(self, metadata, is_coordinator, *args, **kwargs):
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
+                              **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data
         self.state_dict_metadata = metadata.state_dict_metadata
         self._chunks = {(fqn, tuple(chunk.offsets)): chunk
                         for fqn, entry in metadata.state_dict_metadata.items()
                         if isinstance(entry, TensorStorageMetadata) for chunk in entry.chunks}
 
-    def prepare_local_plan(self, plan):
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
 
-    def prepare_global_plan(self, plans):
+    def prepare_global_plan(self, plans: List[LoadPlan]) -> List[LoadPlan]:
         return plans
 
-    def read_data(self, plan, planner):
-        per_file = {}
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        per_file: Dict[str, List[ReadItem]] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].file, []).append(item)
         jobs = list(per_file.items())
         if len(jobs) > 1:
             workers = min(len(jobs), os.cpu_count() or 1, 8)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda job: self._read_file(*job, planner), jobs))
+                list(pool.map(lambda job: self._read_file(job[0], job[1], planner), jobs))
         else:
-            for job in jobs:
-                self._read_file(*job, planner)
+            for file, items in jobs:
+                self._read_file(file, items, planner)
         future = Future()
         future.set_result(None)
         return future
 
-    def _read_file(self, file, items, planner):
-        with _shard.open_any(os.path.join(self.path, file), mmap=self.mmap, **self.limits) as reader:
-            root = _tree.find(reader, None)  # the file's top-level dict, indexed once
+    def _read_file(self, file: str, items: List[ReadItem], planner: LoadPlanner) -> None:
+        with api.open(os.path.join(self.path, file), mmap=self.mmap, **self.limits) as reader:
+            root = tree.find(reader, None)  # the file's top-level dict, indexed once
             nodes = (dict(zip(root[1::2], root[2::2]))
-                     if type(root) is list and root[:1] in ([_tree.DICT], [_tree.ODICT]) else {})
+                     if type(root) is list and root[:1] in ([tree.DICT], [tree.ODICT]) else {})
             for item in items:
                 location = self.storage_data[item.storage_index]
                 node = nodes.get(location.key, nodes)  # nodes itself: no such key
                 if node is nodes:
-                    raise HeaderError(f"{reader._where}: has no item {quote(location.key)}, which "
+                    raise HeaderError(f"{reader.where}: has no item {quote(location.key)}, which "
                                       f"the DCP metadata says holds {quote(item.storage_index.fqn)}")
-                value = _tree.materialize(reader, node, framework="torch", verify=self.verify)
+                value = tree.materialize(reader, node, framework="torch", verify=self.verify)
                 if item.type == LoadItemType.BYTE_IO:
                     self._load_value(planner, item, value)
                     continue
@@ -611,12 +688,12 @@ class SafeckptReader(StorageReader):
                 if (not isinstance(value, torch.Tensor) or chunk is None
                         or value.shape != chunk.sizes or value.dtype != entry.properties.dtype):
                     raise HeaderError(
-                        f"{reader._where}: {location.key!r} is not the {entry.properties.dtype} "
+                        f"{reader.where}: {location.key!r} is not the {entry.properties.dtype} "
                         f"chunk of shape {None if chunk is None else list(chunk.sizes)} that the DCP "
                         "metadata describes")
                 if any(o + n > s for o, n, s in zip(item.storage_offsets, item.lengths,
                                                       value.shape)):
-                    raise HeaderError(f"{reader._where}: read of {location.key!r} past its shape")
+                    raise HeaderError(f"{reader.where}: read of {location.key!r} past its shape")
                 tensor = _narrow(value, item.storage_offsets, item.lengths)
                 target = planner.resolve_tensor(item).detach()
                 if target.size() != tensor.size():
@@ -626,7 +703,7 @@ class SafeckptReader(StorageReader):
                 planner.commit_tensor(item, target)
 
     @staticmethod
-    def _load_value(planner, item, value):
+    def _load_value(planner: LoadPlanner, item: ReadItem, value: Any) -> None:
         """Hand a non-tensor value to the planner without pickle (see the module docstring)."""
         if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
             if planner.flatten_state_dict:
@@ -641,10 +718,10 @@ class SafeckptReader(StorageReader):
         planner.load_bytes(item, data)
 
     @property
-    def checkpoint_id(self):
+    def checkpoint_id(self) -> str:
         return self.path
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return isinstance(checkpoint_id, (str, bytes, os.PathLike)) and os.path.isfile(
             os.path.join(os.fsdecode(checkpoint_id), METADATA_FILE))

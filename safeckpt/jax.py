@@ -19,55 +19,41 @@ Example:
     >>> params = sj.load("f.sckpt", prefix="params")                      # doctest: +SKIP
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
+
 import numpy as np
 
-from . import tree as _tree
-from .errors import StateMismatchError, UnsupportedDtypeError, quote
+from . import api, jax_convert
+from .errors import StateMismatchError
+
+if TYPE_CHECKING:  # names for annotations, which are never evaluated
+    from .api import Prefix
+    from .filekind import PathLike
 
 _PLAIN = (dict, list, tuple, type(None))
 
 
-def _jax():
-    import jax
+def _jax() -> Any:
+    import jax  # lazily: jax is optional, and `import safeckpt` must not import it
     return jax
 
 
-def _flax_serialization():
+def _flax_serialization() -> Any:
     """flax.serialization, or None when flax is not installed."""
     try:
-        from flax import serialization
+        from flax import serialization  # lazily: flax is optional
     except ImportError:
         return None
     return serialization
 
 
-def export(array, where):
-    """``(numpy array, identity)`` of a jax array being saved: host memory (a view on CPU)."""
-    host = np.asarray(array)
-    identity = ("jax", id(array)) if host.size else None  # the same jax.Array twice: stored once
-    return host, identity
-
-
-def from_numpy(array, name):
-    """A jax array of a loaded numpy array, refusing a dtype jax would change (64-bit without x64).
-
-    Raises:
-        UnsupportedDtypeError: naming the tensor and the fix.
-    """
-    jax = _jax()
-    if jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:
-        raise UnsupportedDtypeError(
-            f"tensor {quote(name)} is {array.dtype}, which jax would silently turn into "
-            f"{jax.dtypes.canonicalize_dtype(array.dtype)}; enable 64-bit types first "
-            "(jax.config.update('jax_enable_x64', True)) or load with framework='numpy'")
-    return jax.numpy.asarray(array)
-
-
-def to_state(tree):
+def to_state(tree: Any) -> Any:
     """A pytree as plain containers: itself when it has no other node classes, else its flax
     state dict (named tuples and dataclasses become dicts keyed by field)."""
     jax = _jax()
-    plain = all(type(node) in _PLAIN or _tree._is_jax_array(node) or not _is_node(jax, node)
+    plain = all(type(node) in _PLAIN or jax_convert.is_array(node) or not _is_node(jax, node)
                 for node in _walk(tree))
     if plain:
         return tree
@@ -79,12 +65,12 @@ def to_state(tree):
     return serialization.to_state_dict(tree)
 
 
-def _is_node(jax, value):
+def _is_node(jax: Any, value: Any) -> bool:
     """Whether jax treats ``value`` as a pytree node (a container), not a leaf."""
     return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(value))
 
 
-def _walk(tree):
+def _walk(tree: Any) -> Iterator[Any]:
     """Every container and leaf of plain containers, without recursion (stops at other nodes)."""
     stack = [tree]
     while stack:
@@ -96,16 +82,17 @@ def _walk(tree):
             stack.extend(node)
 
 
-def save(tree, path, **options):
+def save(tree: Any, path: PathLike, **options: Any) -> None:
     """Save a pytree of jax arrays; options as :func:`safeckpt.save` (metadata, align, ...).
 
     Example:
         >>> safeckpt.jax.save({"params": params, "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
     """
-    _tree.save(to_state(tree), path, **options)
+    api.save(to_state(tree), path, **options)
 
 
-def load(path, *, target=None, prefix=None, mmap=True, verify=None, **limits):
+def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, mmap: bool = True,
+         verify: Optional[bool] = None, **limits: int) -> Any:
     """Load a pytree saved by :func:`save` (or any file) with jax arrays.
 
     Parameters:
@@ -123,13 +110,13 @@ def load(path, *, target=None, prefix=None, mmap=True, verify=None, **limits):
     Example:
         >>> params = safeckpt.jax.load("ckpt.sckpt", prefix="params", target=params)  # doctest: +SKIP
     """
-    state = _tree.load(path, prefix=prefix, framework="jax", mmap=mmap, verify=verify, **limits)
+    state = api.load(path, prefix=prefix, framework="jax", mmap=mmap, verify=verify, **limits)
     if target is None:
         return state
     return restore(target, state)
 
 
-def restore(target, state):
+def restore(target: Any, state: Any) -> Any:
     """Put the arrays of ``state`` (plain containers) into ``target``'s structure; see :func:`load`."""
     jax = _jax()
     template = to_state(target)
@@ -152,7 +139,7 @@ def restore(target, state):
     return _flax_serialization().from_state_dict(target, state)
 
 
-def _leaves(jax, tree):
+def _leaves(jax: Any, tree: Any) -> List[Tuple[str, Any]]:
     """``(key path string, leaf)`` for every leaf of a pytree."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]

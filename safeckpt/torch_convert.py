@@ -1,0 +1,516 @@
+"""torch tensors to and from the format: the conversions that the layers above share.
+
+The dtype tables (bfloat16 and float8 travel as their bits), :func:`export` of a tensor being
+saved, :func:`from_numpy` of a loaded array, the checks of every device a load may use, and the
+loads to a device through pinned staging buffers (:func:`load_tensors`, :func:`device_tensors`).
+The public functions are in :mod:`safeckpt.torch`; this module is what ``safeckpt.tree``,
+``safeckpt.dcp`` and ``safeckpt.checkpoint`` use.
+
+torch is imported lazily, inside the functions that need it (:func:`_torch`), never by
+``import safeckpt``; :func:`is_tensor` never imports it.
+
+Readers are used through the reader protocol documented on :class:`safeckpt.reader.TensorMap`
+(``names``, ``locate``, ``load_indices``; a single file's ``entry``, ``read_ranges``,
+``check_crc``, ``has_checksums``, ``verifies``).
+
+Example:
+    >>> import torch, safeckpt.torch_convert as tc                 # doctest: +SKIP
+    >>> tc.from_numpy(np.zeros(3, np.float32))                      # doctest: +SKIP
+    tensor([0., 0., 0.])
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _backend
+from .dtypes import DTYPES
+from .errors import InvalidValueError, UnsupportedDtypeError
+from .writer import LazyArray
+
+if TYPE_CHECKING:  # torch is optional: its types are for the checker only
+    from typing import Protocol
+
+    import torch
+
+    DeviceName = Union[str, int, torch.device]
+    MapLocation = Union[None, DeviceName, Dict[Union[str, torch.device], DeviceName]]
+    CheckedMapLocation = Union[None, torch.device, Dict[str, torch.device]]
+
+    class TensorSource(Protocol):
+        """A single-file reader, as :func:`device_tensors` uses it."""
+
+        @property
+        def has_checksums(self) -> bool: ...
+        def verifies(self, verify: Optional[bool] = None) -> bool: ...
+        def entry(self, i: int) -> Any: ...
+        def read_ranges(self, offsets: List[int], lengths: List[int],
+                        dests: List[np.ndarray]) -> None: ...
+        def check_crc(self, i: int, computed: int) -> None: ...
+
+    class TensorReader(Protocol):
+        """Any reader (one file or shards), as :func:`load_tensors` uses it."""
+
+        @property
+        def names(self) -> List[str]: ...
+        def locate(self, i: int) -> Tuple[TensorSource, int]: ...
+        def load_indices(self, indices: Sequence[int],
+                         verify: Optional[bool] = None) -> List[np.ndarray]: ...
+
+_TABLES: Optional[Tuple[Dict[Any, Any], Dict[Any, Any]]] = None  # built on first use
+
+_ACCEPTED = ("use 'cpu', 'cuda', 'cuda:N', an int N (device N of the accelerator), a torch.device, "
+             "or a dict {saved device: device}")
+_ELSEWHERE = "pass map_location='cpu' (or a dict) to load it elsewhere"
+_STAGING_BYTES = 64 << 20  # each of the two host buffers of a load to a GPU
+
+
+def _torch() -> Any:
+    import torch  # lazily: torch is optional, and `import safeckpt` must not import it
+    return torch
+
+
+def is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch.Tensor; torch is never imported here (no torch loaded: no).
+
+    Example:
+        >>> is_tensor(np.zeros(2))
+        False
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _tables() -> Tuple[Dict[Any, Any], Dict[Any, Any]]:
+    """``{torch dtype: (numpy dtype, torch dtype whose bits numpy reads or None)}`` and back."""
+    global _TABLES
+    if _TABLES is None:
+        torch = _torch()
+        pairs = [
+            (torch.bool, "bool", None), (torch.int8, "int8", None), (torch.int16, "int16", None),
+            (torch.int32, "int32", None), (torch.int64, "int64", None), (torch.uint8, "uint8", None),
+            (torch.uint16, "uint16", None), (torch.uint32, "uint32", None),
+            (torch.uint64, "uint64", None), (torch.float16, "float16", None),
+            (torch.float32, "float32", None), (torch.float64, "float64", None),
+            (torch.bfloat16, "bfloat16", torch.int16),
+            (torch.float8_e4m3fn, "float8_e4m3fn", torch.uint8),
+            (torch.float8_e5m2, "float8_e5m2", torch.uint8),
+            (torch.float8_e4m3fnuz, "float8_e4m3fnuz", torch.uint8),
+            (torch.float8_e5m2fnuz, "float8_e5m2fnuz", torch.uint8),
+            (torch.complex64, "complex64", None), (torch.complex128, "complex128", None),
+        ]
+        by_name = {name: dtype for _, name, dtype in DTYPES}
+        to_numpy = {t: (by_name[name], bits) for t, name, bits in pairs if name in by_name}
+        to_torch = {np_dtype: (t, bits) for t, (np_dtype, bits) in to_numpy.items()}
+        _TABLES = to_numpy, to_torch
+    return _TABLES
+
+
+def dtype_by_name() -> Dict[str, torch.dtype]:
+    """``{"float32": torch.float32, ...}``: the torch dtype of each dtype of FORMAT.md section 4.
+
+    Example:
+        >>> dtype_by_name()["bfloat16"]                             # doctest: +SKIP
+        torch.bfloat16
+    """
+    return {str(dtype).split(".")[-1]: dtype for dtype in _tables()[0]}
+
+
+def _torch_dtype(np_dtype: np.dtype, name: str) -> Tuple[Any, Any]:
+    """The torch dtype of a loaded array's dtype and the dtype whose bits numpy reads (or None)."""
+    found = _tables()[1].get(np_dtype)
+    if found is None:
+        raise UnsupportedDtypeError(f"tensor {name!r}: dtype {np_dtype} has no torch dtype; load it "
+                                    "with framework='numpy' [T1]")
+    return found
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+def export(tensor: torch.Tensor, where: str) -> Tuple[Union[np.ndarray, LazyArray], Optional[str],
+                                                      Optional[tuple]]:
+    """``(array, device, identity)`` for a torch tensor being saved.
+
+    ``array`` views a CPU tensor's memory (no copy; the writer copies a non-contiguous one when
+    it writes it) or is a :class:`safeckpt.writer.LazyArray` that copies a GPU tensor to host when
+    the writer reaches it. ``device`` is ``None`` for CPU, else e.g. ``"cuda:0"``. ``identity`` says
+    which tensors are the same memory (tied weights), or is ``None`` for an empty tensor.
+
+    Raises:
+        InvalidValueError: a tensor without plain dense memory (nested, sparse, quantized, on the
+            meta device, a subclass with its own dispatch such as FakeTensor or DTensor), naming
+            ``where`` and the fix.
+        UnsupportedDtypeError: a dtype the format cannot store.
+
+    Example:
+        >>> array, device, identity = export(torch.ones(2), "obj['w']")  # doctest: +SKIP
+    """
+    torch = _torch()
+    problem = _unsaveable(torch, tensor)
+    if problem:
+        raise InvalidValueError(f"{where}: {problem}")
+    if tensor.dtype not in _tables()[0]:
+        raise UnsupportedDtypeError(f"tensor {where!r}: torch dtype {tensor.dtype} cannot be stored; "
+                                    f"supported: {', '.join(str(t) for t in _tables()[0])}")
+    tensor = tensor.detach()
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    identity = None
+    if tensor.numel():
+        identity = ("torch", str(tensor.device), tensor.data_ptr(), tuple(tensor.shape),
+                    tuple(tensor.stride()), tensor.dtype)
+    if tensor.device.type == "cpu":
+        return _host_array(tensor, where), None, identity
+    np_dtype = _tables()[0][tensor.dtype][0]
+    return (LazyArray(np_dtype, tuple(tensor.shape), lambda: _host_array(tensor, where)),
+            str(tensor.device), identity)
+
+
+def _unsaveable(torch: Any, tensor: Any) -> Optional[str]:
+    """Why ``tensor`` has no plain dense memory to save, with the fix; None if it has."""
+    if tensor.is_nested:
+        return ("a nested tensor cannot be saved; save its components (tensor.unbind()) or a "
+                "padded tensor (tensor.to_padded_tensor(0)) instead")
+    if type(tensor).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+        return (f"a {type(tensor).__name__} (a tensor subclass with its own dispatch) has no plain "
+                "memory to save; convert it to a plain tensor first (e.g. DTensor.full_tensor())")
+    if tensor.layout != torch.strided:
+        return (f"a {str(tensor.layout).replace('torch.', '')} tensor cannot be saved; convert it "
+                "with tensor.to_dense() first")
+    if tensor.is_quantized:
+        return ("a quantized tensor cannot be saved; save tensor.dequantize(), or tensor.int_repr() "
+                "with its scale and zero point")
+    if tensor.is_meta:
+        return ("a tensor on the meta device holds no data to save; materialise it first (e.g. "
+                "model.to_empty(device='cpu'), then initialise or load its values)")
+    return None
+
+
+def _host_array(tensor: Any, where: str) -> np.ndarray:
+    """A numpy array of a tensor's values: a view of a CPU tensor, a host copy of another one."""
+    try:
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu().contiguous()
+        np_dtype, bits = _tables()[0][tensor.dtype]
+        if bits is None:
+            return tensor.numpy()
+        return tensor.view(bits).numpy().view(np_dtype)  # numpy reads bfloat16/float8 as bits
+    except RuntimeError as exc:  # e.g. an efficient zero tensor, a functorch wrapper
+        raise InvalidValueError(f"{where}: this tensor has no plain memory to save (torch says: "
+                                f"{exc}); save a plain copy (tensor.clone()) instead") from exc
+
+
+# -- devices -------------------------------------------------------------------------------------
+
+def _device(value: Any, what: str, hint: str = _ACCEPTED) -> Any:
+    """The torch.device that ``value`` (a str, torch.device or int) names, checked to exist here.
+
+    The one check of every device a load may use: ``map_location``, ``device=``, and a tensor's
+    saved device when it is not remapped; it runs before any tensor is read.
+
+    Raises:
+        InvalidValueError: ``"{what}: {problem}; {hint}"``. The meta device is refused: it would
+            load shapes without data.
+    """
+    torch = _torch()
+    if isinstance(value, torch.device):
+        device = value
+    elif type(value) is str:
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidValueError(f"{what}: not a device name torch knows; {hint}") from exc
+    elif type(value) is int and value >= 0:
+        accelerator = getattr(torch, "accelerator", torch.cuda)  # torch < 2.6: an int is CUDA's
+        if not accelerator.is_available():
+            raise InvalidValueError(f"{what}: an int is a device of the accelerator (0 means "
+                                    f"cuda:0) and there is no accelerator here; {hint}")
+        device = torch.device(value)
+    else:
+        raise InvalidValueError(f"{what}: not a device; {hint}")
+    kind, index = device.type, device.index
+    backend: Any = getattr(torch, kind, None)
+    if kind == "meta":
+        problem = ("the meta device holds no data, so nothing would be loaded "
+                   "(safeckpt.open(path).info(name) gives shapes and dtypes without reading)")
+    elif kind == "cuda" and not torch.cuda.is_available():
+        problem = "CUDA is not available here"
+    elif not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        problem = f"no {kind} device is available here"
+    elif index is not None and not 0 <= index < getattr(backend, "device_count", lambda: 1)():
+        problem = f"there is no {kind} device {index} here"
+    else:
+        return device
+    raise InvalidValueError(f"{what}: {problem}; {hint}")
+
+
+def check_map_location(map_location: MapLocation,
+                       name: str = "map_location") -> CheckedMapLocation:
+    """``map_location`` (or ``device``, as ``name`` says) checked to name devices that exist here.
+
+    Returns:
+        None, a torch.device, or a dict of saved device str -> torch.device.
+
+    Raises:
+        InvalidValueError: naming ``name``, the bad value and what is accepted; the meta device
+            is refused (it would load no data).
+
+    Example:
+        >>> check_map_location("cpu")                               # doctest: +SKIP
+        device(type='cpu')
+    """
+    torch = _torch()
+    if map_location is None:
+        return None
+    if not isinstance(map_location, dict):
+        return _device(map_location, f"{name}={map_location!r}")
+    checked = {}
+    for saved, device in map_location.items():
+        if not isinstance(saved, (str, torch.device)):
+            raise InvalidValueError(f"{name}: key {saved!r} is not a device str; {_ACCEPTED}")
+        checked[str(saved)] = _device(device, f"{name}[{saved!r}]={device!r}")
+    return checked
+
+
+def _targets(saved_devices: Dict[int, Optional[str]], map_location: CheckedMapLocation,
+             names: Sequence[str]) -> Dict[int, Any]:
+    """``{index: torch.device}``: where each tensor goes, as torch.load decides from the device it
+    was saved from (``saved_devices[i]``: a str from the file [R3], or None for the CPU) and a
+    checked ``map_location``. Each saved device is checked once, naming its first tensor."""
+    torch = _torch()
+    by_saved: Dict[Optional[str], Any] = {}
+    targets = {}
+    for i, saved in saved_devices.items():
+        if saved not in by_saved:
+            if isinstance(map_location, torch.device):
+                by_saved[saved] = map_location
+            elif isinstance(map_location, dict) and (saved or "cpu") in map_location:
+                by_saved[saved] = map_location[saved or "cpu"]
+            elif saved is None:
+                by_saved[saved] = torch.device("cpu")
+            else:
+                by_saved[saved] = _device(saved, f"tensor {names[i]!r} was saved from {saved!r}",
+                                          _ELSEWHERE)
+        targets[i] = by_saved[saved]
+    return targets
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+def from_numpy(array: np.ndarray, name: str = "tensor") -> torch.Tensor:
+    """A CPU torch tensor of ``array``: zero-copy for a writable array.
+
+    Raises:
+        UnsupportedDtypeError: a dtype torch does not have, naming tensor ``name``.
+
+    Example:
+        >>> from_numpy(np.arange(3, dtype=np.int64))                 # doctest: +SKIP
+        tensor([0, 1, 2])
+    """
+    torch = _torch()
+    tensor_dtype, bits = _torch_dtype(array.dtype, name)
+    if not array.flags.writeable:
+        array = array.copy()  # torch would write to read-only memory (e.g. load from bytes)
+    tensor = torch.from_numpy(array if bits is None else array.view(_tables()[0][bits][0]))
+    return tensor if bits is None else tensor.view(tensor_dtype)
+
+
+def load_tensors(reader: TensorReader, saved_devices: Dict[int, Optional[str]],
+                 map_location: MapLocation = None,
+                 verify: Optional[bool] = None) -> Dict[int, torch.Tensor]:
+    """``{index: tensor}`` for a load with ``framework="torch"``.
+
+    ``saved_devices`` maps tensor indices to the device each was saved from (None: CPU). A tensor
+    bound for the CPU views the file (zero-copy, or the fresh memory of an ``mmap=False`` read);
+    one bound for any other device is copied there by :func:`device_tensors`. ``verify`` as
+    :func:`safeckpt.load` takes it.
+
+    Raises:
+        InvalidValueError: a ``map_location`` that torch cannot use here, or a tensor saved from
+            such a device and not remapped; checked before any tensor is read.
+
+    Example:
+        >>> load_tensors(reader, {0: None, 1: "cuda:0"}, "cpu")      # doctest: +SKIP
+    """
+    names = reader.names
+    targets = _targets(saved_devices, check_map_location(map_location), names)
+    host = [i for i, device in targets.items() if device.type == "cpu"]
+    arrays = reader.load_indices(host, verify)
+    tensors = {i: from_numpy(array, names[i]) for i, array in zip(host, arrays)}
+    by_device: Dict[Any, List[int]] = {}
+    for i, device in targets.items():
+        if device.type != "cpu":
+            by_device.setdefault(device, []).append(i)
+    for device, indices in by_device.items():
+        tensors.update(device_tensors(reader, indices, device, verify=verify))
+    return tensors
+
+
+class _Staging:
+    """The two host buffers of a load to a device, and the pieces of tensors bound for them.
+
+    Bytes are read into one buffer while the device copies out of the other; on CUDA the buffers
+    are pinned, the copies asynchronous, and an event per buffer says when it is free again.
+    """
+
+    def __init__(self, torch: Any, device: Any, size: int, checked: set) -> None:
+        self.torch, self.device, self.size = torch, device, size
+        self.pinned = device.type == "cuda"
+        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+                        for _ in range(2)]
+        self.hosts = [buffer.numpy() for buffer in self.buffers]
+        self.fences: List[Any] = [None, None]  # events: the device copied all out of that buffer
+        self.checked = checked  # the tensors whose CRC32C is computed
+        self.crcs: Dict[int, int] = {}
+        self.slot, self.used = 0, 0
+        self.pieces: List[tuple] = []  # (source, offset, length, at, dst, dst_at, index)
+
+    def add(self, source: TensorSource, offset: int, nbytes: int, dst: Any, i: int) -> None:
+        """Stage ``nbytes`` of the file at ``offset`` for ``dst``, flushing each full buffer."""
+        done = 0
+        while done < nbytes:
+            length = min(nbytes - done, self.size - self.used)
+            self.pieces.append((source, offset + done, length, self.used, dst, done, i))
+            self.used += length
+            done += length
+            if self.used == self.size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Read the pieces into the current buffer, checksum them, start their copies, swap."""
+        host = self.hosts[self.slot]
+        by_source: Dict[Any, List[tuple]] = {}
+        for source, offset, length, at, *_ in self.pieces:
+            by_source.setdefault(source, []).append((offset, length, host[at:at + length]))
+        for source, reads in by_source.items():
+            source.read_ranges(*map(list, zip(*reads)))
+        crc32c = _backend.backend.crc32c
+        for source, _, length, at, dst, dst_at, i in self.pieces:
+            if i in self.checked:
+                self.crcs[i] = crc32c(host[at:at + length], self.crcs.get(i, 0))
+            dst[dst_at:dst_at + length].copy_(self.buffers[self.slot][at:at + length],
+                                              non_blocking=self.pinned)
+        if self.pinned:
+            fence = self.fences[self.slot] = self.torch.cuda.Event()
+            fence.record(self.torch.cuda.current_stream(self.device))
+        self.slot, self.used, self.pieces = 1 - self.slot, 0, []
+        if self.fences[self.slot] is not None:
+            self.fences[self.slot].synchronize()  # the other buffer is free again
+
+    def finish(self) -> None:
+        """Flush what is left and wait until every copy has finished."""
+        if self.pieces:
+            self.flush()
+        for fence in self.fences:
+            if fence is not None:
+                fence.synchronize()
+
+
+def device_tensors(reader: TensorReader, indices: Sequence[int], device: torch.device, *,
+                   verify: Optional[bool] = None,
+                   staging_bytes: int = _STAGING_BYTES) -> Dict[int, torch.Tensor]:
+    """``{index: tensor}`` on ``device`` for the tensors ``indices`` of an open reader.
+
+    The bytes go through two host buffers of ``staging_bytes``: while the device copies out of
+    one, the next bytes are read into the other. On CUDA the buffers are pinned and the copies
+    asynchronous, so reading the file and copying to the GPU overlap; with ``mmap=False`` the
+    file is read by parallel pread straight into the pinned buffers. Small tensors share a
+    buffer, a large one crosses several. Each tensor's CRC32C is computed from the staged bytes,
+    so the file is read once: always with ``verify=True``, never with ``False``, and with
+    ``None`` (the default: every byte is copied anyway) for each file that holds checksums.
+    Every copy has finished when this returns.
+
+    Raises:
+        ChecksumError: a tensor whose bytes do not match its CRC32C, or ``verify=True`` on a file
+            without checksums.
+        RuntimeError: ``device`` is a CUDA device and CUDA is not available.
+
+    Example:
+        >>> state = safeckpt.torch.load("model.sckpt", map_location="cuda:0")  # doctest: +SKIP
+    """
+    torch = _torch()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"cannot put tensors on {device}: CUDA is not available; pass "
+                           "map_location='cpu' (or a dict) to load them elsewhere")
+    names = reader.names
+    located = [reader.locate(i) for i in indices]
+    entries = [source.entry(local) for source, local in located]
+    checked: set = set()
+    staging = _Staging(torch, device, max(1, min(staging_bytes, sum(e.nbytes for e in entries))),
+                       checked)
+    tensors = {}
+    for i, (source, _), entry in zip(indices, located, entries):
+        # None: each file that has checksums; verifies(True) raises for a file without them
+        if (source.has_checksums if verify is None else source.verifies(verify)):
+            checked.add(i)
+        dtype = _torch_dtype(entry.dtype, names[i])[0]
+        dst = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
+        tensors[i] = dst.view(dtype).reshape(entry.shape)
+        staging.add(source, entry.offset, entry.nbytes, dst, i)
+    staging.finish()
+    for i, (source, local) in zip(indices, located):
+        if i in checked:
+            source.check_crc(local, staging.crcs.get(i, 0))  # zero-size: the CRC32C of no bytes is 0
+    return tensors
+
+
+def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
+    """Convert the numpy arrays of a loaded tree to torch tensors (zero-copy on CPU), moved as
+    ``map_location`` says (the arrays count as saved from the CPU); an array that appears twice
+    becomes one tensor.
+
+    Raises:
+        InvalidValueError: a ``map_location`` that torch cannot use here.
+        UnsupportedDtypeError: an array of a dtype torch does not have.
+
+    Example:
+        >>> to_torch({"w": np.ones(2, np.float32)})                  # doctest: +SKIP
+        {'w': tensor([1., 1.])}
+    """
+    device = _targets({0: None}, check_map_location(map_location), ["tensor"])[0]
+    done: Dict[int, Tuple[np.ndarray, Any]] = {}
+
+    def convert(array: np.ndarray) -> Any:
+        if id(array) not in done:  # the array is kept in ``done``, so its id stays its own
+            tensor = from_numpy(array)
+            done[id(array)] = (array, tensor if device.type == "cpu" else tensor.to(device))
+        return done[id(array)][1]
+    return _map_arrays(obj, convert)
+
+
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple)
+_END = object()
+
+
+def _map_arrays(obj: Any, convert: Callable[[np.ndarray], Any]) -> Any:
+    """A copy of a tree's containers with ``convert(array)`` for each numpy array, no recursion."""
+    def leaf(value: Any) -> Any:
+        return convert(value) if type(value) is np.ndarray else value
+
+    def values(container: Any) -> Any:
+        return iter(container.values() if isinstance(container, dict) else container)
+
+    if type(obj) not in _CONTAINERS:
+        return leaf(obj)
+    stack = [[obj, values(obj), []]]  # frames: container, its values, the converted ones
+    while True:
+        frame = stack[-1]
+        child = next(frame[1], _END)
+        if child is not _END:
+            if type(child) in _CONTAINERS:
+                stack.append([child, values(child), []])
+            else:
+                frame[2].append(leaf(child))
+            continue
+        stack.pop()
+        container, _, out = frame
+        value = type(container)(zip(container.keys(), out) if isinstance(container, dict) else out)
+        if not stack:
+            return value
+        stack[-1][2].append(value)
