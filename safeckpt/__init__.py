@@ -38,7 +38,9 @@ from . import torch  # the public torch module; torch itself is imported only wh
 from . import jax  # likewise: jax is imported only when it is used
 from .interop import convert
 
-from ._version import __version__
+from . import _version
+
+__version__ = _version.__version__
 
 __all__ = [
     "ChecksumError", "HeaderError", "InvalidValueError", "LayoutError", "LimitError",

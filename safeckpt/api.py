@@ -35,7 +35,7 @@ Metadata = Optional[Mapping[str, Any]]
 Prefix = Union[None, str, Sequence[Any]]
 
 
-def open(path: PathLike, *, mmap: bool = True, **limits: int) -> TensorMap:  # noqa: A001 - safeckpt.open
+def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # noqa: A001 - safeckpt.open
     """Open and validate a .sckpt file, or a sharded checkpoint; use as a context manager.
 
     Parameters:
@@ -92,7 +92,7 @@ def load_file(path: PathLike, *, mmap: bool = True, verify: Optional[bool] = Non
 
 
 def load_bytes(data: Union[bytes, bytearray, memoryview], *, verify: Optional[bool] = None,
-               **limits: int) -> Dict[str, np.ndarray]:
+               **limits: Any) -> Dict[str, np.ndarray]:
     """Load tensors from an in-memory .sckpt file; arrays view ``data`` (read-only for bytes).
 
     ``verify=None`` (auto) checks every tensor's CRC32C when the file has checksums: the bytes
@@ -100,7 +100,7 @@ def load_bytes(data: Union[bytes, bytearray, memoryview], *, verify: Optional[bo
     that views a mapping you want to keep lazy).
 
     Example:
-        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.zeros(2)}))["x"]
+        >>> load_bytes(save_bytes({"x": np.zeros(2)}))["x"]
         array([0., 0.])
     """
     with Reader(data, **limits) as reader:
@@ -236,7 +236,7 @@ def save_bytes(tensors: Mapping[str, Any], *, metadata: Metadata = None,
     """Return the .sckpt file of ``tensors`` as bytes; options as for :func:`save_file`.
 
     Example:
-        >>> safeckpt.load_bytes(safeckpt.save_bytes({"x": np.arange(3)}))["x"]
+        >>> load_bytes(save_bytes({"x": np.arange(3)}))["x"]
         array([0, 1, 2])
     """
     return _writer.plan_bytes(_writer.Plan(tensors, metadata, align, checksum))
@@ -247,7 +247,7 @@ def save_tree_bytes(obj: Any, *, metadata: Metadata = None, align: int = fmt.ALI
     """The file :func:`save` would write, as bytes (for tests and in-memory use).
 
     Example:
-        >>> safeckpt.Reader(save_tree_bytes({"a": (1, 2)})).load()
+        >>> Reader(save_tree_bytes({"a": (1, 2)})).load()
         {'a': (1, 2)}
     """
     return _writer.plan_bytes(plan(obj, metadata=metadata, align=align, checksum=checksum))

@@ -24,7 +24,8 @@ import shlex
 import stat
 import sys
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (Any, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
+                    TypeVar, Union)
 
 import numpy as np
 
@@ -46,7 +47,7 @@ TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offse
 TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None without checksums."
 
 
-def _column(data, code):
+def _column(data: bytes, code: Literal["Q", "I"]) -> Sequence[int]:
     """A column of little-endian u64 ("Q") or u32 ("I") as a sequence of ints, without a copy:
     a file opened for one tensor does not turn every entry into a Python int."""
     if sys.byteorder == "little":
@@ -62,7 +63,7 @@ _LOOKS_LIKE = (
 )
 
 
-def _not_a_checkpoint(prefix, path):
+def _not_a_checkpoint(prefix: bytes, path: Optional[str]) -> str:
     """The end of the message for a file without the magic [P2]: its first bytes, what they look
     like, and how to convert it."""
     detail = f": it starts with {quote(bytes(prefix[:8]))}"
@@ -249,7 +250,7 @@ class TensorTable:
     ``dims`` and ``crcs`` (None without checksums) sequences of ints.
     """
 
-    def __init__(self, index: Dict[str, int], codes: Sequence[int], ndims: Sequence[int],
+    def __init__(self, index: Dict[str, int], codes: bytes, ndims: bytes,
                  dims: Sequence[int], offsets: Sequence[int], nbytes: Sequence[int],
                  crcs: Optional[Sequence[int]]) -> None:
         self.index, self.codes, self.ndims, self.dims = index, codes, ndims, dims
@@ -277,6 +278,7 @@ class TensorTable:
         """The shape of every tensor, built once (from the flat ``shape`` column)."""
         if self._shapes is None:
             ndims, dims = self.ndims, self.dims
+            shapes: List[Tuple[int, ...]]
             if ndims and min(ndims) == max(ndims):  # one rank for all: group in C, not in a loop
                 shapes = list(zip(*[iter(dims)] * ndims[0])) if ndims[0] else [()] * len(ndims)
             else:
@@ -304,6 +306,10 @@ class Reader(TensorMap):
     format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
     shard_index: Optional[Dict[str, Any]] = None  # an index's "shards" map [S2], else None
     table: TensorTable
+    version: Optional[Tuple[int, int]]  # (major, minor); None for safetensors
+    flags: int
+    align: int
+    header_crc: Optional[int]
     _fd_users = 0  # reads in flight on _fd (see pread_into)
 
     def __init__(self, source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview], *,
@@ -313,9 +319,10 @@ class Reader(TensorMap):
                  _index: bool = False) -> None:
         self._be = _backend.backend
         self._lock = threading.Lock()  # guards _fd against close() while another thread reads
-        self._fd = None
-        self._buffer = None  # the whole file as a buffer (mapping or bytes), if not read by pread
-        self._mapping = None
+        self._fd: Optional[int] = None
+        # the whole file as a buffer (mapping or bytes), if not read by pread
+        self._buffer: Optional[memoryview] = None
+        self._mapping: Any = None  # the backend's mapping object, with mmap=True
         if isinstance(source, (bytes, bytearray, memoryview)):
             self.path = None
             self.where = name or "<bytes>"
@@ -350,15 +357,17 @@ class Reader(TensorMap):
             raise ShardError(f"{self.where} is a shard index, not a file of tensors; open it with "
                              "safeckpt.open(), which reads its shards [S1]")
 
-    def _read(self, offset, length):
+    def _read(self, offset: int, length: int) -> Union[bytes, memoryview]:
         """The bytes at [offset, offset+length), which the caller has bounds-checked."""
         if self._buffer is not None:
             return self._buffer[offset:offset + length]
         if not length:  # e.g. the prefix of an empty file, a FIFO or a device (size 0): no pread
             return b""
-        data = os.pread(self._fd, length, offset)
+        fd = self._fd
+        assert fd is not None  # no buffer: the file is open for pread
+        data = os.pread(fd, length, offset)
         while len(data) < length:  # pread may return less than asked on some filesystems
-            more = os.pread(self._fd, length - len(data), offset + len(data))
+            more = os.pread(fd, length - len(data), offset + len(data))
             if not more:
                 raise error_for(Code.TRUNCATED, self.where, " (the file shrank while being read)")
             data += more
@@ -439,7 +448,8 @@ class Reader(TensorMap):
         if code:
             self._raise_table(code, bad, names, columns, max_ndim)
 
-    def _raise_table(self, code, index, names, columns, max_ndim):
+    def _raise_table(self, code: int, index: int, names: List[str], columns: Dict[str, Any],
+                     max_ndim: int) -> NoReturn:
         """Raise a table error with the tensor's name and its bad value."""
         where = self.where
         if index < len(names):
@@ -460,12 +470,14 @@ class Reader(TensorMap):
             detail = f" (file size {self._size_hint()})"
         raise error_for(code, where, detail)
 
-    def _size_hint(self):
+    def _size_hint(self) -> int:
         if self._buffer is not None:
             return len(self._buffer)
+        assert self._fd is not None  # no buffer: the file is open for pread
         return os.fstat(self._fd).st_size
 
-    def _open_safetensors(self, size, max_header_size, max_tensors, max_ndim, max_depth):
+    def _open_safetensors(self, size: int, max_header_size: int, max_tensors: int, max_ndim: int,
+                          max_depth: int) -> None:
         """Validate a .safetensors file [ST1]-[ST9] and fill the same table as ``_open``."""
         table = _safetensors.parse(self._read, size, where=self.where,
                                    max_header_size=max_header_size, max_tensors=max_tensors,
@@ -653,6 +665,7 @@ class Reader(TensorMap):
             self._no_checksums()
         indices = (np.arange(len(all_names)) if names is None
                    else np.array([self._position(name) for name in names], np.intp))
+        computed: Union[np.ndarray, List[int]]
         if self._buffer is not None:  # mapped, or bytes: given arrays view these very bytes
             computed = self._crcs_in_buffer(indices)
         elif arrays is not None:
@@ -663,13 +676,13 @@ class Reader(TensorMap):
             computed = self._crcs_from_file(indices)
         self._compare(indices, computed)
 
-    def _crcs_in_buffer(self, indices: Sequence[int]) -> np.ndarray:
+    def _crcs_in_buffer(self, indices: Union[Sequence[int], np.ndarray]) -> np.ndarray:
         """The CRC32C of tensors ``indices`` in the mapping (or bytes): one C call."""
         indices = np.asarray(indices, np.intp)
         return self._be.crc32c_ranges(self._buffer, np.asarray(self.table.offsets)[indices],
                                       np.asarray(self.table.nbytes)[indices])
 
-    def _compare(self, indices: Sequence[int], computed: Any) -> None:
+    def _compare(self, indices: Union[Sequence[int], np.ndarray], computed: Any) -> None:
         """Raise ChecksumError naming the first of tensors ``indices`` whose stored CRC32C is not
         ``computed`` [T10]."""
         stored = np.asarray(self.table.crcs, np.uint32)[np.asarray(indices, np.intp)]
@@ -781,12 +794,12 @@ def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: 
 class TensorSlice:
     """Index one tensor lazily; made by :meth:`Reader.get_slice`."""
 
-    def __init__(self, reader, index):
+    def __init__(self, reader: Reader, index: int) -> None:
         self._reader, self._i = reader, index
-        self.dtype = reader.table.dtype(index)
-        self.shape = reader.table.shape(index)
+        self.dtype: np.dtype = reader.table.dtype(index)
+        self.shape: Tuple[int, ...] = reader.table.shape(index)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         reader = self._reader
         reader.check_open()
         if reader._buffer is not None or not self.shape:
@@ -809,7 +822,7 @@ class TensorSlice:
             raise IndexError(f"index {row} is out of bounds for axis 0 with size {rows}")
         return self._rows(row % rows, row % rows + 1)[0][rest]
 
-    def _rows(self, start, stop):
+    def _rows(self, start: int, stop: int) -> np.ndarray:
         reader, i = self._reader, self._i
         out = np.empty((stop - start,) + self.shape[1:], self.dtype)
         row_bytes = out.nbytes // max(stop - start, 1)
@@ -817,5 +830,5 @@ class TensorSlice:
             reader.pread_into([reader.table.offsets[i] + start * row_bytes], [out.nbytes], [out])
         return out
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<TensorSlice shape={self.shape} dtype={self.dtype}>"

@@ -51,11 +51,14 @@ Example:
     ('safetensors', {'format': 'np'}, [0.0, 1.0, 2.0])
 """
 
+from __future__ import annotations
+
 import base64
 import binascii
 import collections.abc
 import json
 import reprlib
+from typing import Any, Callable, Dict, NoReturn, Sequence, Tuple, Union
 
 import msgpack
 
@@ -90,7 +93,7 @@ Table.__doc__ = """A validated safetensors header, in the shape of our tensor ta
 ``ndims`` are bytes, ``dims`` the flat shape list, ``offsets`` absolute file offsets."""
 
 
-def looks_like(prefix):
+def looks_like(prefix: bytes) -> bool:
     """Whether the first bytes of a file are a safetensors header (u64 length, then ``{``) [ST2].
 
     JSON whitespace before the ``{`` still counts, so that :func:`parse` refuses such a header
@@ -100,17 +103,17 @@ def looks_like(prefix):
     return len(prefix) > LENGTH_SIZE and body[:1] == b"{" and not prefix.startswith(fmt.MAGIC[:4])
 
 
-def unique_object(pairs):
+def unique_object(pairs: Sequence[Tuple[Any, Any]]) -> Dict[Any, Any]:
     """json object_pairs_hook: a dict, refusing a key given twice [ST2]."""
     return fmt.unique_pairs(pairs, "JSON key in the safetensors header [ST2]")
 
 
-def refuse_constant(name):
+def refuse_constant(name: str) -> NoReturn:
     """json parse_constant: NaN and Infinity are not JSON [ST2]."""
     raise HeaderError(f"JSON constant {name} is not allowed in a safetensors header [ST2]")
 
 
-def _check_str(value, what):
+def _check_str(value: str, what: str) -> None:
     """A str that is valid Unicode (json accepts lone surrogates such as "\\ud800")."""
     try:
         value.encode("utf-8")
@@ -118,20 +121,21 @@ def _check_str(value, what):
         raise HeaderError(f"{what} {value!r} is not valid Unicode [ST2]") from None
 
 
-def _json_int(literal):
+def _json_int(literal: str) -> Union[int, float]:
     """json's ``parse_int``: serde_json reads ``-0`` as the float -0.0, so no int here [ST4]."""
     return -0.0 if literal == "-0" else int(literal)
 
 
-def _uint(value, what, name):
+def _uint(value: Any, what: str, name: str) -> int:
     if type(value) is not int or not 0 <= value < _LIMIT:
         raise HeaderError(f"tensor {name!r}: {what} {_SHOW.repr(value)} must be an int in "
                           "0 .. 2**63-1, written without sign, fraction or exponent [ST4]")
     return value
 
 
-def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors=fmt.MAX_TENSORS,
-          max_ndim=fmt.MAX_NDIM, max_depth=fmt.MAX_DEPTH):
+def parse(read: Callable[[int, int], Union[bytes, memoryview]], size: int, *, where: str,
+          max_header_size: int = fmt.MAX_HEADER_SIZE, max_tensors: int = fmt.MAX_TENSORS,
+          max_ndim: int = fmt.MAX_NDIM, max_depth: int = fmt.MAX_DEPTH) -> Table:
     """Validate a safetensors file [ST1]-[ST9] and return its :class:`Table`.
 
     Parameters:
@@ -182,7 +186,8 @@ def parse(read, size, *, where, max_header_size=fmt.MAX_HEADER_SIZE, max_tensors
         raise type(exc)(f"{where}: {exc}") from None
 
 
-def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
+def _table(header: Dict[str, Any], header_len: int, size: int, max_tensors: int, max_ndim: int,
+           max_depth: int, where: str) -> Table:
     metadata = header.pop(METADATA_KEY, {})
     if type(metadata) is not dict:
         raise HeaderError(f"'{METADATA_KEY}' must be an object of str -> str, "
@@ -268,7 +273,7 @@ def _table(header, header_len, size, max_tensors, max_ndim, max_depth, where):
                  [e - b for b, e in zip(begins, ends)], metadata, tree)
 
 
-def _decode_extras(metadata, max_depth):
+def _decode_extras(metadata: Dict[str, Any], max_depth: int) -> Tuple[Dict[str, Any], Any]:
     """Merge ``__safeckpt__`` [ST9] back into the metadata; return ``(metadata, raw tree)``."""
     blob = metadata.pop(SAFECKPT_KEY, None)
     if blob is None:

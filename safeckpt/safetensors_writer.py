@@ -59,6 +59,8 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
     if not isinstance(tensors, collections.abc.Mapping):
         raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                 f"not {type(tensors).__name__}")
+    entries: Dict[str, Dict[str, Any]]
+    order: List[Tuple[int, int, str, Any]]  # (-itemsize, position, name, array)
     entries, order, sizes = {}, [], []
     for name, value in tensors.items():
         if type(name) is not str or not name:
@@ -90,14 +92,14 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
         entries[name]["data_offsets"] = [position, position + value.nbytes]
         position += value.nbytes
         arrays.append(value)
-    header = {}
+    header: Dict[str, Any] = {}
     plain = encode_metadata(metadata, tree)
     if plain:
         header[METADATA_KEY] = plain
     header.update(entries)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
     try:
-        text = text.encode("utf-8")
+        raw = text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: name the str that holds it
         for item in (*entries, *plain, *plain.values()):
             try:
@@ -105,8 +107,8 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
             except UnicodeEncodeError as exc:
                 raise unicode_error(exc, entries, "[ST2]") from None
         raise
-    text += b" " * (-(LENGTH_SIZE + len(text)) % 8)  # data starts on an 8-byte boundary
-    return len(text).to_bytes(LENGTH_SIZE, "little") + text, arrays
+    raw += b" " * (-(LENGTH_SIZE + len(raw)) % 8)  # data starts on an 8-byte boundary
+    return len(raw).to_bytes(LENGTH_SIZE, "little") + raw, arrays
 
 
 def save_file(tensors: Mapping[str, Any], path: PathLike, *,
@@ -147,6 +149,6 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *,
         for array in arrays:
             data = le_bytes(array)[0]
             if data.nbytes:
-                f.write(memoryview(data.reshape(-1).view(np.uint8)))
+                f.write(data.reshape(-1).view(np.uint8).data)
             if progress is not None:
                 progress(data.nbytes)

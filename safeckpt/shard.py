@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -55,17 +55,18 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*\Z", re.IGNORECASE)
 
 # -- save ------------------------------------------------------------------------------------------
 
-def parse_size(value):
+def parse_size(value: Union[int, str]) -> int:
     """Bytes in ``value``: a positive int, or a str such as ``"500MB"``, ``"2GiB"``, ``"1.5GB"``.
 
     Example:
         >>> parse_size("2GiB"), parse_size("500MB"), parse_size(4096)
         (2147483648, 500000000, 4096)
     """
+    match = _SIZE.match(value) if isinstance(value, str) else None
     if type(value) is int:
         number = value
-    elif isinstance(value, str) and _SIZE.match(value) and _SIZE.match(value)[2].lower() in _UNITS:
-        digits, unit = _SIZE.match(value).groups()
+    elif match and match[2].lower() in _UNITS:
+        digits, unit = match.groups()
         number = int(float(digits) * _UNITS[unit.lower()]) if "." in digits else (
             int(digits) * _UNITS[unit.lower()])
     else:
@@ -76,7 +77,7 @@ def parse_size(value):
     return number
 
 
-def split(nbytes, limit):
+def split(nbytes: Iterable[int], limit: int) -> List[int]:
     """How many tensors go into each shard [S8]: greedy, in order, never splitting a tensor.
 
     Example:
@@ -85,7 +86,8 @@ def split(nbytes, limit):
         >>> split([300, 300, 300, 300], 1000)
         [3, 1]
     """
-    counts, used = [], 0
+    counts: List[int] = []
+    used = 0
     for size in nbytes:
         if counts and used + size <= limit:
             counts[-1] += 1
@@ -96,14 +98,16 @@ def split(nbytes, limit):
     return counts
 
 
-def shard_files(path, k):
+def shard_files(path: PathLike, k: int) -> List[str]:
     """The file names of ``k`` shards of the index at ``path``: ``stem-0000j-of-0000k.sckpt``."""
     base = os.path.basename(os.fsdecode(path))
     stem = base[:-len(SUFFIX)] if base.endswith(SUFFIX) and len(base) > len(SUFFIX) else base
     return [f"{stem}-{j:05d}-of-{k:05d}{SUFFIX}" for j in range(1, k + 1)]
 
 
-def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic, max_shard_size):
+def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: PathLike, *,
+                 metadata: Optional[Mapping[str, Any]], align: int, checksum: bool, atomic: bool,
+                 max_shard_size: Union[int, str]) -> None:
     """Write shards, then the index (FORMAT.md [S8], [S9]); used by ``save`` and ``save_file``.
 
     Every shard plan is checked before anything is written; shards are written in parallel
@@ -123,16 +127,17 @@ def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic
                          f"{MAX_SHARDS}; raise max_shard_size [S8]")
     files = shard_files(path, len(counts))
     save_id = secrets.token_bytes(SAVE_ID_SIZE)
-    plans, start = [], 0
+    plans: List[_writer.Plan] = []
+    start = 0
     for j, count in enumerate(counts, 1):
         part = dict(zip(names[start:start + count], arrays[start:start + count]))
         shard_meta = {SHARD_KEY: {"save_id": save_id, "index": j, "count": len(counts)}}
         plans.append(_writer.Plan(part, shard_meta, align, checksum))
         start += count
-    metadata = fmt.check_metadata(metadata)
+    checked_metadata = fmt.check_metadata(metadata)
     directory = os.path.dirname(os.path.abspath(path))
 
-    def write(j):
+    def write(j: int) -> Tuple[int, int]:
         shard_path = os.path.join(directory, files[j])
         _writer.write_plan(plans[j], shard_path, atomic=atomic)
         with open(shard_path, "rb") as f:  # the prefix as written: its header_crc binds the shard
@@ -142,19 +147,19 @@ def save_sharded(tree, names, arrays, path, *, metadata, align, checksum, atomic
     written = _fs.fan_out(write, range(len(plans)))  # [S9]: every shard before the index
     shards = {"files": files, "counts": counts, "sizes": [size for size, _ in written],
               "header_crcs": [crc for _, crc in written], "names": list(names), "save_id": save_id}
-    _writer.write_plan(_writer.Plan({}, metadata, align, False, tree=tree, shards=shards), path,
-                       atomic=atomic)
+    _writer.write_plan(_writer.Plan({}, checked_metadata, align, False, tree=tree, shards=shards),
+                       path, atomic=atomic)
     _remove_stale(path, files)
 
 
-def _remove_stale(path, keep):
+def _remove_stale(path: str, keep: Iterable[str]) -> None:
     """Delete shards of earlier saves to ``path`` that the new index does not name [S9]."""
     directory = os.path.dirname(os.path.abspath(path))
     stem = shard_files(path, 1)[0][:-len("-00001-of-00001.sckpt")]
     pattern = re.compile(re.escape(stem) + _SHARD_NAME.pattern)
-    keep = set(keep)
+    kept = set(keep)
     for entry in os.listdir(directory):
-        if pattern.match(entry) and entry not in keep:
+        if pattern.match(entry) and entry not in kept:
             try:
                 os.unlink(os.path.join(directory, entry))
             except FileNotFoundError:
@@ -185,7 +190,8 @@ def find_index(directory: str) -> str:
                             directory)
 
 
-def check_shards(shards, where, max_tensors=fmt.MAX_TENSORS):
+def check_shards(shards: Dict[str, Any], where: str, max_tensors: int = fmt.MAX_TENSORS
+                 ) -> Dict[str, Any]:
     """Check an index's ``shards`` map [S2]-[S5]; return it with the start of each shard.
 
     Raises:
@@ -232,8 +238,11 @@ def check_shards(shards, where, max_tensors=fmt.MAX_TENSORS):
         bad = next(x for x in names if type(x) is not str or not x)
         raise HeaderError(f"{where}: tensor name {quote(bad)} is not a non-empty str [S4]")
     if len(set(names)) != len(names):
-        seen = set()
-        twice = next(x for x in names if x in seen or seen.add(x))
+        seen: Set[str] = set()
+        for twice in names:  # the first name seen a second time
+            if twice in seen:
+                break
+            seen.add(twice)
         raise HeaderError(f"{where}: tensor {quote(twice)} is named twice in the index (two shards?) [S4]")
     for j, (size, crc) in enumerate(zip(sizes, crcs), 1):
         if type(size) is not int or not fmt.PREFIX_SIZE <= size <= _I63_MAX:
@@ -248,12 +257,12 @@ class _OpenShards:
     first: past ``limit``, reading a shard closes the descriptor of the least recently read one
     that no read is using (it reopens when read again)."""
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
-        self._open = collections.OrderedDict()  # _ShardFile -> None
+        self._open: collections.OrderedDict[_ShardFile, None] = collections.OrderedDict()
 
-    def touch(self, shard):
+    def touch(self, shard: _ShardFile) -> None:
         with self._lock:  # then each shard's own lock (never the other way round)
             self._open[shard] = None
             self._open.move_to_end(shard)
@@ -271,14 +280,16 @@ class _ShardFile(Reader):
     (a file system reuses a freed inode at once, so a later save's shard of the same size can
     have all three; its header differs, as it holds that save's id)."""
 
-    def __init__(self, path, open_shards, **limits):
+    def __init__(self, path: str, open_shards: _OpenShards, **limits: Any) -> None:
         super().__init__(path, mmap=False, **limits)
+        assert self._fd is not None  # mmap=False: the descriptor stays open
         self._identity = self._identity_of(self._fd)
         self._open_shards = open_shards
         self._pins = 0  # reads between reopening the descriptor and using it
         open_shards.touch(self)
 
-    def pread_into(self, offsets, lengths, dests, checksum=False):
+    def pread_into(self, offsets: Sequence[int], lengths: Sequence[int], dests: Sequence[Any],
+                   checksum: Union[bool, Sequence[bool]] = False) -> Any:
         with self._lock:
             if self._fd is None and self._names is not None:
                 self._fd = self._reopen()
@@ -290,8 +301,10 @@ class _ShardFile(Reader):
             with self._lock:
                 self._pins -= 1
 
-    def _reopen(self):
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(
+    def _reopen(self) -> int:
+        path = self.path
+        assert path is not None  # a shard is opened by its path
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(
             os, "O_NONBLOCK", 0))
         try:
             same = self._identity_of(fd) == self._identity
@@ -304,7 +317,7 @@ class _ShardFile(Reader):
                              "was opened (another save?); open the checkpoint again [S7]")
         return fd
 
-    def _identity_of(self, fd):
+    def _identity_of(self, fd: int) -> Tuple[int, int, int, bytes]:
         """Device, inode, size and a hash of the prefix and header of the file open at ``fd`` (kept
         instead of the header itself, which may be large, for each of many shards)."""
         st = os.fstat(fd)
@@ -317,7 +330,7 @@ class _ShardFile(Reader):
             head += more
         return st.st_dev, st.st_ino, st.st_size, hashlib.blake2b(head, digest_size=16).digest()
 
-    def _release(self):
+    def _release(self) -> bool:
         """Close the descriptor unless a read uses it; whether none is left open."""
         with self._lock:
             if self._fd is not None and not (self._pins or self._fd_users):
@@ -338,18 +351,22 @@ class ShardedReader(TensorMap):
     open (a shard closed for room reopens when read, and must be the same file [S7]).
     """
 
-    def __init__(self, index, *, mmap=True, **limits):
+    def __init__(self, index: Reader, *, mmap: bool = True, **limits: Any) -> None:
         where = self.where = index.where
         self.path, self.version, self.metadata = index.path, index.version, index.metadata
         self.size = index.size
         self._index_reader = index
+        # safeckpt.open makes one for an index it opened by path
+        assert index.shard_index is not None and index.path is not None
         shards = check_shards(index.shard_index, where, limits.get("max_tensors", fmt.MAX_TENSORS))
         names = shards["names"]
         self._stored_tree = _tree.check_tree(index.stored_tree, names, limits.get(
             "max_depth", fmt.MAX_DEPTH), where)  # [S6]
         directory = os.path.dirname(os.path.abspath(index.path))
-        self.shards = [os.path.join(directory, name) for name in shards["files"]]
-        self._readers, self._where_is = [], []  # a reader per shard; (shard, position) per tensor
+        self.shards: List[str] = [os.path.join(directory, name) for name in shards["files"]]
+        readers: List[Reader] = []  # a reader per shard
+        self._where_is: List[Tuple[int, int]] = []  # (shard, position) per tensor
+        self._readers = readers
         k = len(self.shards)
         open_shards = _OpenShards(MAX_OPEN_SHARDS)
         try:
@@ -358,7 +375,7 @@ class ShardedReader(TensorMap):
                 # every rule of sections 1-8
                 reader = (Reader(file, mmap=True, **limits) if mmap else
                           _ShardFile(file, open_shards, **limits))
-                self._readers.append(reader)
+                readers.append(reader)
                 part = names[start:start + count]
                 self._check_shard(reader, j, k, part, shards)
                 self._where_is.extend((j, i) for i in range(count))
@@ -369,7 +386,8 @@ class ShardedReader(TensorMap):
         self._position_of = dict(zip(names, range(len(names))))
         self._names = names  # last: a reader with names is open
 
-    def _check_shard(self, reader, j, k, part, shards):
+    def _check_shard(self, reader: Reader, j: int, k: int, part: List[str],
+                     shards: Dict[str, Any]) -> None:
         """[S7]: the shard is the one this index wrote."""
         problem = None
         if reader.stored_tree is not fmt.NO_TREE:
@@ -391,7 +409,7 @@ class ShardedReader(TensorMap):
 
     # -- the Reader interface ------------------------------------------------------------------
 
-    def _shard_number(self, name):
+    def _shard_number(self, name: str) -> int:
         """The position in ``shards`` of the shard that holds ``name``."""
         self.check_open()
         try:
@@ -399,47 +417,48 @@ class ShardedReader(TensorMap):
         except KeyError:
             raise KeyError(f"{self.where} has no tensor {quote(name)}") from None
 
-    def _locate(self, name):
+    def _locate(self, name: str) -> Reader:
         return self._readers[self._shard_number(name)]
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         return name in self._position_of and self.check_open() is not None
 
-    def info(self, name):
+    def info(self, name: str) -> TensorInfo:
         """As :meth:`Reader.info`; ``offset`` is within the tensor's shard."""
         return self._locate(name).info(name)
 
-    def shard_of(self, name):
+    def shard_of(self, name: str) -> str:
         """The path of the shard that holds ``name``."""
         return self.shards[self._shard_number(name)]
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> np.ndarray:
         return self._locate(name)[name]
 
-    def get_slice(self, name):
+    def get_slice(self, name: str) -> TensorSlice:
         return self._locate(name).get_slice(name)
 
-    def locate(self, i):
+    def locate(self, i: int) -> Tuple[Reader, int]:
         """The shard's reader and the position in it of checkpoint tensor ``i``."""
         j, local = self._where_is[i]
         return self._readers[j], local
 
-    def _by_shard(self, indices):
+    def _by_shard(self, indices: Sequence[int]) -> Dict[int, List[Tuple[int, int]]]:
         """``{shard: [(slot, position in shard), ...]}`` for checkpoint tensor ``indices``."""
-        groups = {}
+        groups: Dict[int, List[Tuple[int, int]]] = {}
         for slot, i in enumerate(indices):
             j, local = self._where_is[i]
             groups.setdefault(j, []).append((slot, local))
         return groups
 
-    def load_indices(self, indices, verify=None):
+    def load_indices(self, indices: Iterable[int],
+                     verify: Optional[bool] = None) -> List[np.ndarray]:
         """The arrays of checkpoint tensors ``indices``, in order; shards read in parallel, each
         checking CRC32C as :meth:`safeckpt.Reader.verifies` says for ``verify``."""
         self.check_open()
         indices = list(indices)
-        out = [None] * len(indices)
+        out: List[Any] = [None] * len(indices)
 
-        def load(group):
+        def load(group: Tuple[int, List[Tuple[int, int]]]) -> None:
             j, members = group
             arrays = self._readers[j].load_indices([local for _, local in members], verify)
             for (slot, _), array in zip(members, arrays):
@@ -448,39 +467,40 @@ class ShardedReader(TensorMap):
         _fs.fan_out(load, self._by_shard(indices).items())
         return out
 
-    def load_all(self, *, verify=None):
+    def load_all(self, *, verify: Optional[bool] = None) -> Dict[str, np.ndarray]:
         """Every tensor as ``{name: array}``, the shards read in parallel; ``verify`` as for
         :meth:`safeckpt.Reader.load_all`."""
         names = self.check_open()
         return dict(zip(names, self.load_indices(range(len(names)), verify)))
 
     @property
-    def has_checksums(self):
+    def has_checksums(self) -> bool:
         return all(reader.has_checksums for reader in self._readers)
 
-    def verify(self, names=None, *, arrays=None):
+    def verify(self, names: Optional[Sequence[str]] = None, *,
+               arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Check the CRC32C of tensors (all by default) [T10], the shards in parallel."""
         all_names = self.check_open()
-        groups = {}
+        groups: Dict[int, List[str]] = {}
         for name in all_names if names is None else names:
             groups.setdefault(self._shard_number(name), []).append(name)
 
-        def verify(group):
+        def verify(group: Tuple[int, List[str]]) -> None:
             j, group_names = group
             self._readers[j].verify(group_names, arrays=arrays)
 
         _fs.fan_out(verify, groups.items())
 
-    def close(self):
+    def close(self) -> None:
         """Close every shard; arrays already handed out stay valid."""
         self._names = None
         for reader in self._readers:
             reader.close()
         self._index_reader.close()
 
-    def __repr__(self):
-        state = "closed" if self.closed else plural(len(self._names), "tensor")
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else plural(len(self._names or ()), "tensor")
         return f"<safeckpt.ShardedReader {self.where} ({len(self.shards)} shards, {state})>"
 
-    _readers = ()
+    _readers: Sequence[Reader] = ()  # until __init__ opens the shards (close() may come first)
 

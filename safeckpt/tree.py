@@ -29,7 +29,8 @@ from __future__ import annotations
 import collections
 import itertools
 import re
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
+                    Union)
 
 import numpy as np
 
@@ -47,16 +48,36 @@ ROOT_NAME = "_"  # the flat name of a tensor that is the whole tree [R7]
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 _PRIMITIVES = (type(None), bool, int, float, str, bytes)
 _FRAMEWORKS = (None, "numpy", "torch", "jax")
+Key = Union[str, int]  # a dict key, or an index into a list or tuple
+
+
+class TreeReader(Protocol):
+    """What this module uses of a reader (the reader protocol of
+    :class:`safeckpt.reader.TensorMap`, which it never imports)."""
+
+    where: str
+
+    @property
+    def names(self) -> List[str]: ...
+    @property
+    def skeleton(self) -> Any: ...
+    @property
+    def subtree_cache(self) -> Dict[int, Any]: ...
+    def check_open(self) -> List[str]: ...
+    def locate(self, i: int) -> Tuple[Any, int]: ...
+    def load_indices(self, indices: Sequence[int],
+                     verify: Optional[bool] = None) -> List[np.ndarray]: ...
 
 
 # -- save side: nested -> (skeleton, names, arrays) ------------------------------------------------
 
-def _describe(root, path):
+def _describe(root: str, path: Sequence[Key]) -> str:
     """``state['model'][0]``: the Python expression that reaches a value, for messages."""
     return fmt.path_of(root, path)
 
 
-def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
+def flatten(obj: Any, *, root: str = "obj", max_depth: int = fmt.MAX_DEPTH
+            ) -> Tuple[Any, List[str], List[Any]]:
     """Split ``obj`` into ``(tree, names, arrays)``: its skeleton [R1-R6], tensor names [R7] and data.
 
     ``tree`` is ``format.NO_TREE`` when ``obj`` is a plain dict of str -> array whose keys are the names
@@ -70,11 +91,14 @@ def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
         UnsupportedDtypeError: an array of a dtype the format cannot hold.
         LimitError: nesting deeper than ``max_depth`` (or a container that holds itself).
     """
-    names, arrays, taken = [], [], set()
-    shared = {}  # identity of a tensor's memory -> its index, so a tied tensor is stored once
-    top = []  # receives the root node
+    names: List[str] = []
+    arrays: List[Any] = []
+    taken: Set[str] = set()
+    shared: Dict[Any, int] = {}  # identity of a tensor's memory -> its index: a tied tensor once
+    top: List[Any] = []  # receives the root node
     # Each entry: (value, parent node list, key to write before the value or _NO_KEY, path, level).
-    stack = [(obj, top, _NO_KEY, (), 2)]  # the header map is level 1, its "tree" value level 2
+    stack: List[Tuple[Any, List[Any], Any, Tuple[Key, ...], int]] = [(obj, top, _NO_KEY, (), 2)]
+    # (the header map is level 1, its "tree" value level 2)
     while stack:
         value, parent, key, path, level = stack.pop()
         if key is not _NO_KEY:
@@ -90,9 +114,10 @@ def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
         if level > max_depth:
             raise LimitError(f"{_describe(root, path)}: nesting deeper than max_depth={max_depth} "
                              "(does a container hold itself?) [R6]")
+        node: List[Any]
         if kind is dict or kind is collections.OrderedDict:
             node = [DICT if kind is dict else ODICT]
-            children = []
+            children: List[Tuple[Any, List[Any], Any, Tuple[Key, ...], int]] = []
             for k, v in value.items():
                 if type(k) is not str and type(k) is not int:
                     raise InvalidValueError(
@@ -130,9 +155,12 @@ def flatten(obj, *, root="obj", max_depth=fmt.MAX_DEPTH):
 _NO_KEY = object()
 
 
-def _tensor_node(value, root, path, names, arrays, taken, shared):
+def _tensor_node(value: Any, root: str, path: Tuple[Key, ...], names: List[str],
+                 arrays: List[Any], taken: Set[str], shared: Dict[Any, int]) -> List[Any]:
     """The node of an array or torch tensor: a new table entry, or a ref to one stored already."""
-    device = None
+    device: Optional[str] = None
+    array: Any
+    identity: Optional[tuple]
     if type(value) is np.ndarray:
         array = value
         identity = ("numpy", array.__array_interface__["data"][0], array.shape, array.strides,
@@ -159,7 +187,7 @@ def _tensor_node(value, root, path, names, arrays, taken, shared):
     return [TENSOR, index] if device is None else [TENSOR, index, device]
 
 
-def _is_plain_flat(tree, names):
+def _is_plain_flat(tree: Any, names: List[str]) -> bool:
     """Whether the tree is a plain dict whose values are the tensors in order, named by their keys."""
     if type(tree) is not list or tree[0] != DICT or len(tree) - 1 != 2 * len(names):
         return False
@@ -172,7 +200,7 @@ def _is_plain_flat(tree, names):
 
 # -- read side: check the skeleton, view it lazily, materialise it ---------------------------------
 
-def _nodes(tree):
+def _nodes(tree: Any) -> Iterator[Tuple[Any, int, List[Any]]]:
     """The root and every node below it that is not a plain value (None, bool, int, float, str,
     bytes: leaves that need no check), depth first and in order, without recursion.
 
@@ -182,10 +210,13 @@ def _nodes(tree):
     each node and raises never walks into a node it has not checked. Memory: one iterator per
     level, whatever the width.
     """
-    keys, stack, node = [], [], tree
+    keys: List[Any] = []
+    stack: List[Iterator[Tuple[Any, Any]]] = []
+    node = tree
     while True:
         yield node, len(stack) + 2, keys
         if _is_container(node):
+            children: Iterator[Tuple[Any, Any]]
             if node[0] in (LIST, TUPLE):
                 children = enumerate(itertools.islice(node, 1, None))
             else:
@@ -203,12 +234,12 @@ def _nodes(tree):
         keys[-1], node = item
 
 
-def _path(keys):
+def _path(keys: Sequence[Any]) -> str:
     """``tree['model'][0]``, for a message."""
     return fmt.path_of("tree", keys)
 
 
-def _first(tree, tag, index):
+def _first(tree: Any, tag: str, index: int) -> str:
     """The path of the first ``tag`` node of tensor ``index`` (to name it in a message)."""
     for node, _, keys in _nodes(tree):
         if type(node) is list and len(node) > 1 and node[0] == tag and node[1] == index:
@@ -216,7 +247,7 @@ def _first(tree, tag, index):
     return "tree"
 
 
-def check_tree(tree, names, max_depth, where):
+def check_tree(tree: Any, names: Sequence[str], max_depth: int, where: str) -> Any:
     """Validate a raw ``tree`` header value against the tensor table [R1-R6]; return it.
 
     Walks the skeleton without recursion, in memory that grows with its depth and the number of
@@ -231,67 +262,98 @@ def check_tree(tree, names, max_depth, where):
     """
     if tree is fmt.NO_TREE:
         return tree
-    n = len(names)
-    used = bytearray(n)  # per tensor: bit 1 once its tensor node is seen, bit 2 if a ref points to it
+    # per tensor: bit 1 once its tensor node is seen, bit 2 if a ref points to it
+    used = bytearray(len(names))
     for node, level, keys in _nodes(tree):
-        kind = type(node)
-        if kind in _PRIMITIVES:
+        if type(node) in _PRIMITIVES:
             continue
-        if kind is not list:
-            raise HeaderError(f"{where}: {_path(keys)}: a {_msgpack_name(node)} is not a tree "
-                              "node [R2]")
-        if level > max_depth:
-            raise LimitError(f"{where}: {_path(keys)}: tree nesting deeper than "
-                             f"max_depth={max_depth}; pass max_depth=... if you trust this file [R6]")
-        tag = node[0] if node else None
-        if type(tag) is not str or (tag not in CONTAINERS and tag not in _LEAF_ARITY):
-            raise HeaderError(f"{where}: {_path(keys)}: node tag {quote(tag)} is not one of "
-                              f"{sorted(CONTAINERS | set(_LEAF_ARITY))} [R2]")
+        tag = _check_node(node, level, keys, max_depth, where)
         if tag in (LIST, TUPLE):
             continue
         if tag in (DICT, ODICT):
-            if len(node) % 2 != 1:
-                raise HeaderError(f"{where}: {_path(keys)}: a {tag} node needs an even number of "
-                                  f"items (key, value pairs) after its tag, found {len(node) - 1} "
-                                  "items [R4]")
-            seen = set()  # str and int keys never compare equal (bool and float are refused)
-            for key in itertools.islice(node, 1, None, 2):
-                if type(key) is not str and type(key) is not int:
-                    raise HeaderError(f"{where}: {_path(keys)}: dict key {quote(key)} is not a str "
-                                      "or int [R4]")
-                if key in seen:
-                    raise HeaderError(f"{where}: {_path(keys)}: dict key {quote(key)} appears "
-                                      "twice [R4]")
-                seen.add(key)
+            _check_map_keys(node, tag, keys, where)
             continue
         if len(node) not in _LEAF_ARITY[tag]:
             raise HeaderError(f"{where}: {_path(keys)}: a {tag} node has {len(node)} items, not "
                               f"{' or '.join(map(str, _LEAF_ARITY[tag]))} [R2]")
         if tag == SCALAR:
-            code, raw = node[1], node[2]
-            if type(code) is not int or not 0 <= code < len(DTYPE_BY_CODE):
-                raise HeaderError(f"{where}: {_path(keys)}: scalar dtype code {quote(code)} is "
-                                  "unknown [R5]")
-            if type(raw) is not bytes or len(raw) != DTYPE_BY_CODE[code].itemsize:
-                raise HeaderError(f"{where}: {_path(keys)}: scalar of dtype "
-                                  f"{DTYPE_BY_CODE[code]} needs {DTYPE_BY_CODE[code].itemsize} "
-                                  "bytes of bin [R5]")
-            continue
-        index = node[1]
-        if type(index) is not int or not 0 <= index < n:
-            raise HeaderError(f"{where}: {_path(keys)}: tensor index {quote(index)} is not in "
-                              f"0..{n - 1} [R3]")
-        if tag == REF:
-            used[index] |= 2
-            continue
-        if len(node) == 3 and (type(node[2]) is not str or not node[2]):
-            raise HeaderError(f"{where}: {_path(keys)}: tensor device {quote(node[2])} is not a "
-                              "non-empty str [R3]")
-        if used[index] & 1:
-            raise HeaderError(f"{where}: {_path(keys)}: tensor {quote(names[index])} has a "
-                              f"tensor node already at {_first(tree, TENSOR, index)}; a second use "
-                              "must be a ref node [R3]")
-        used[index] |= 1
+            _check_scalar(node, keys, where)
+        else:
+            _check_tensor_index(tree, node, tag, keys, names, used, where)
+    _check_every_tensor_used(tree, names, used, where)
+    return tree
+
+
+def _check_node(node: Any, level: int, keys: List[Any], max_depth: int, where: str) -> str:
+    """A node that is not a plain value: a list [R2], not deeper than ``max_depth`` [R6], with a
+    known tag [R2]; returns the tag."""
+    if type(node) is not list:
+        raise HeaderError(f"{where}: {_path(keys)}: a {_msgpack_name(node)} is not a tree "
+                          "node [R2]")
+    if level > max_depth:
+        raise LimitError(f"{where}: {_path(keys)}: tree nesting deeper than "
+                         f"max_depth={max_depth}; pass max_depth=... if you trust this file [R6]")
+    tag = node[0] if node else None
+    if type(tag) is not str or (tag not in CONTAINERS and tag not in _LEAF_ARITY):
+        raise HeaderError(f"{where}: {_path(keys)}: node tag {quote(tag)} is not one of "
+                          f"{sorted(CONTAINERS | set(_LEAF_ARITY))} [R2]")
+    return tag
+
+
+def _check_map_keys(node: List[Any], tag: str, keys: List[Any], where: str) -> None:
+    """A dict or odict node: key, value pairs whose keys are str or int, each once [R4]."""
+    if len(node) % 2 != 1:
+        raise HeaderError(f"{where}: {_path(keys)}: a {tag} node needs an even number of "
+                          f"items (key, value pairs) after its tag, found {len(node) - 1} "
+                          "items [R4]")
+    seen: Set[Union[str, int]] = set()  # str and int never compare equal (bool, float refused)
+    for key in itertools.islice(node, 1, None, 2):
+        if type(key) is not str and type(key) is not int:
+            raise HeaderError(f"{where}: {_path(keys)}: dict key {quote(key)} is not a str "
+                              "or int [R4]")
+        if key in seen:
+            raise HeaderError(f"{where}: {_path(keys)}: dict key {quote(key)} appears "
+                              "twice [R4]")
+        seen.add(key)
+
+
+def _check_scalar(node: List[Any], keys: List[Any], where: str) -> None:
+    """A scalar node: a known dtype code and a bin of that dtype's item size [R5]."""
+    code, raw = node[1], node[2]
+    if type(code) is not int or not 0 <= code < len(DTYPE_BY_CODE):
+        raise HeaderError(f"{where}: {_path(keys)}: scalar dtype code {quote(code)} is "
+                          "unknown [R5]")
+    if type(raw) is not bytes or len(raw) != DTYPE_BY_CODE[code].itemsize:
+        raise HeaderError(f"{where}: {_path(keys)}: scalar of dtype "
+                          f"{DTYPE_BY_CODE[code]} needs {DTYPE_BY_CODE[code].itemsize} "
+                          "bytes of bin [R5]")
+
+
+def _check_tensor_index(tree: Any, node: List[Any], tag: str, keys: List[Any],
+                        names: Sequence[str], used: bytearray, where: str) -> None:
+    """A tensor or ref node: an index into the table [R3], a tensor node's device a non-empty str
+    and at most one tensor node per tensor [R3]; marks the tensor in ``used``."""
+    n = len(names)
+    index = node[1]
+    if type(index) is not int or not 0 <= index < n:
+        raise HeaderError(f"{where}: {_path(keys)}: tensor index {quote(index)} is not in "
+                          f"0..{n - 1} [R3]")
+    if tag == REF:
+        used[index] |= 2
+        return
+    if len(node) == 3 and (type(node[2]) is not str or not node[2]):
+        raise HeaderError(f"{where}: {_path(keys)}: tensor device {quote(node[2])} is not a "
+                          "non-empty str [R3]")
+    if used[index] & 1:
+        raise HeaderError(f"{where}: {_path(keys)}: tensor {quote(names[index])} has a "
+                          f"tensor node already at {_first(tree, TENSOR, index)}; a second use "
+                          "must be a ref node [R3]")
+    used[index] |= 1
+
+
+def _check_every_tensor_used(tree: Any, names: Sequence[str], used: bytearray, where: str
+                             ) -> None:
+    """Every tensor of the table has a tensor node, and every ref points to one [R3]."""
     index = used.find(2)  # refs only: no tensor node
     if index >= 0:
         raise HeaderError(f"{where}: {_first(tree, REF, index)}: ref to tensor "
@@ -299,27 +361,26 @@ def check_tree(tree, names, max_depth, where):
     index = used.find(0)
     if index >= 0:
         raise HeaderError(f"{where}: tensor {quote(names[index])} is not in the tree [R3]")
-    return tree
 
 
-def _msgpack_name(value):
+def _msgpack_name(value: Any) -> str:
     return {dict: "map"}.get(type(value), type(value).__name__)
 
 
-def flat_skeleton(names: Sequence[str]) -> list:
+def flat_skeleton(names: Sequence[str]) -> List[Any]:
     """The skeleton of a file without a tree: a dict of its tensors by name.
 
     Example:
         >>> flat_skeleton(["a", "b"])
         ['dict', 'a', ['tensor', 0], 'b', ['tensor', 1]]
     """
-    node: list = [DICT]
+    node: List[Any] = [DICT]
     for i, name in enumerate(names):
         node += [name, [TENSOR, i]]
     return node
 
 
-def find(reader, prefix):
+def find(reader: TreeReader, prefix: Union[None, str, Sequence[Any]]) -> Any:
     """The node at ``prefix``: a str such as ``"model"`` or ``"optimizer.state.0"`` (dict keys may
     hold dots: the longest key that matches wins), or a tuple of exact keys and indices. Each step
     is a lookup in the dict's key index (built once per reader), whatever the dict's size.
@@ -346,11 +407,11 @@ def find(reader, prefix):
     return node
 
 
-def _is_container(node):
+def _is_container(node: Any) -> bool:
     return type(node) is list and node[0] in CONTAINERS
 
 
-def _item(node, key):
+def _item(node: List[Any], key: Any) -> Any:
     """The child at ``key`` of a list or tuple node (negative indices count from the end)."""
     if type(key) is int and -(len(node) - 1) <= key < len(node) - 1:
         return node[1 + key % (len(node) - 1)]
@@ -360,7 +421,7 @@ def _item(node, key):
 _INT_TEXT = re.compile(r"0|-?[1-9][0-9]{0,19}")  # str() of an int key (int64 and uint64 range)
 
 
-def _step_str(reader, node, rest):
+def _step_str(reader: TreeReader, node: Any, rest: str) -> Tuple[Any, str]:
     """One step of a dotted prefix: the child and what is left of the prefix. A dict key may hold
     dots: the longest key that ``rest`` starts with (then a dot) wins, a str key over an equal int."""
     if not _is_container(node):
@@ -383,9 +444,10 @@ def _step_str(reader, node, rest):
     return _MISSING, rest
 
 
-def _tensor_indices(node):
+def _tensor_indices(node: Any) -> Dict[int, Optional[str]]:
     """Indices of the tensors a subtree uses (each once), in tree order."""
-    found, stack = {}, [node]
+    found: Dict[int, Optional[str]] = {}
+    stack = [node]
     while stack:
         node = stack.pop()
         if type(node) is not list:
@@ -397,7 +459,7 @@ def _tensor_indices(node):
     return found
 
 
-def _leaf(node, tensors):
+def _leaf(node: Any, tensors: Dict[int, Any]) -> Any:
     """The value of a leaf node; tensors come from ``tensors[index]``."""
     if type(node) is not list:
         return node
@@ -406,11 +468,11 @@ def _leaf(node, tensors):
     return tensors[node[1]]
 
 
-def _build(node, tensors):
+def _build(node: Any, tensors: Dict[int, Any]) -> Any:
     """The Python value of a checked subtree, built without recursion."""
     if not _is_container(node):
         return _leaf(node, tensors)
-    stack = [[node, 1, []]]  # frames: node, index of the next child, values built so far
+    stack: List[List[Any]] = [[node, 1, []]]  # frames: node, index of the next child, values so far
     while True:
         frame = stack[-1]
         node, i, out = frame
@@ -436,7 +498,8 @@ def _build(node, tensors):
         stack[-1][2].append(value)
 
 
-def materialize(reader, node, *, framework=None, map_location=None, verify=None):
+def materialize(reader: TreeReader, node: Any, *, framework: Optional[str] = None,
+                map_location: Any = None, verify: Optional[bool] = None) -> Any:
     """The Python value of ``node``, reading only the tensors it uses.
 
     ``framework`` is ``None`` or ``"numpy"`` (numpy arrays) or ``"torch"`` (torch tensors, zero-copy
@@ -458,7 +521,7 @@ def materialize(reader, node, *, framework=None, map_location=None, verify=None)
     return _build(node, tensors)
 
 
-def view(reader, node):
+def view(reader: TreeReader, node: Any) -> Any:
     """A lazy :class:`Subtree` for a container node (one per node and reader, so that each
     builds its key index once), else the leaf's value."""
     if _is_container(node):
@@ -486,33 +549,37 @@ class Subtree:
 
     __slots__ = ("_reader", "_node", "_index")
 
-    def __init__(self, reader, node):
+    _reader: TreeReader
+    _node: List[Any]
+    _index: Optional[Dict[Tuple[type, Any], Any]]
+
+    def __init__(self, reader: TreeReader, node: List[Any]) -> None:
         self._reader, self._node, self._index = reader, node, None
 
     @property
-    def kind(self):
+    def kind(self) -> type:
         """The container's type: ``dict``, ``collections.OrderedDict``, ``list`` or ``tuple``."""
         return {DICT: dict, ODICT: collections.OrderedDict, LIST: list, TUPLE: tuple}[self._node[0]]
 
-    def _is_map(self):
+    def _is_map(self) -> bool:
         return self._node[0] in (DICT, ODICT)
 
-    def keys(self):
+    def keys(self) -> Union[List[Any], range]:
         """Dict keys in order, or ``range(len)`` for a list or tuple."""
         if self._is_map():
             return self._node[1::2]
         return range(len(self._node) - 1)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return (len(self._node) - 1) // (2 if self._is_map() else 1)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.keys())
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return self._child(key) is not _MISSING
 
-    def _child(self, key):
+    def _child(self, key: Any) -> Any:
         if self._is_map():
             if self._index is None:
                 node = self._node
@@ -520,38 +587,41 @@ class Subtree:
             return self._index.get((type(key), key), _MISSING)
         return _item(self._node, key)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         self._reader.check_open()
         child = self._child(key)
         if child is _MISSING:
             raise KeyError(key)
         return view(self._reader, child)
 
-    def items(self):
+    def items(self) -> List[Tuple[Any, Any]]:
         return [(key, self[key]) for key in self.keys()]
 
-    def load(self, *, framework=None, map_location=None, verify=None):
+    def load(self, *, framework: Optional[str] = None, map_location: Any = None,
+             verify: Optional[bool] = None) -> Any:
         """The subtree as Python values; see :func:`safeckpt.load`."""
         self._reader.check_open()
         return materialize(self._reader, self._node, framework=framework, map_location=map_location,
                            verify=verify)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<safeckpt Subtree {self.kind.__name__} of {len(self)}>"
 
 
 _MISSING = object()
 
 
-def same(a, b):
+def same(a: Any, b: Any) -> bool:
     """Whether two trees are equal with exact types and bits (NaN payloads, -0.0, dtypes).
 
     Example:
         >>> same({"x": (1, float("nan"))}, {"x": (1, float("nan"))})
         True
     """
-    stack = [iter([(a, b)])]  # pairs of children, one iterator per open container: memory
-    while stack:              # grows with the depth, not the width (R1)
+    # pairs of children, one iterator per open container: memory grows with the depth, not the
+    # width (R1)
+    stack: List[Iterator[Tuple[Any, Any]]] = [iter([(a, b)])]
+    while stack:
         pair = next(stack[-1], None)
         if pair is None:
             stack.pop()

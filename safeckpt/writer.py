@@ -17,6 +17,7 @@ import collections.abc
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,8 +70,8 @@ class Plan:
 
     Example:
         >>> plan = Plan({"w": np.zeros(3, np.float32)}, {"step": 1}, 64, True)
-        >>> plan.file_size, plan.offsets
-        (140, [128])
+        >>> plan.header_end, plan.offsets, plan.file_size    # the tensor starts at a multiple of 64
+        (141, [192], 204)
     """
 
     def __init__(self, tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]],
@@ -226,7 +227,8 @@ def warn_beyond_reader_defaults(header_len: int, count: int, header_rule: str,
 
 def _warn(message: str) -> None:
     """``warnings.warn`` pointing at the first caller outside this package."""
-    package, frame, level = os.path.dirname(__file__), sys._getframe(1), 2
+    package, level = os.path.dirname(__file__), 2
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
@@ -308,10 +310,10 @@ def plan_bytes(plan: Plan) -> bytes:
     """
     plan.warn_beyond_reader_defaults()
     out = bytearray(plan.file_size)
-    crcs = []
+    crcs: List[int] = []
     for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):
         data = le_bytes(array)[0].reshape(-1).view(np.uint8)
-        out[offset:offset + size] = memoryview(data)
+        out[offset:offset + size] = data.data
         if plan.checksum:
             crcs.append(_backend.backend.crc32c(data))
     head = plan.prefix_and_header(crcs)
