@@ -156,6 +156,15 @@ def _byte_vector(value: object, where: str) -> np.ndarray:
     return value
 
 
+def _import_torch() -> types.ModuleType | None:
+    """torch if it is installed (it is optional: imported only to check a torch state)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def check_rng(state: object, where: str = "rng") -> types.ModuleType | None:
     """Check random generators' state as :func:`capture_rng` makes it [C3], setting nothing.
 
@@ -201,12 +210,7 @@ def check_rng(state: object, where: str = "rng") -> types.ModuleType | None:
         if type(cached) not in (int, float):
             raise HeaderError(f"{at}[4]: cached gaussian {_shown(cached)} is not a float [C3]")
     if "torch" in state or "cuda" in state:
-        torch = sys.modules.get("torch")
-        if torch is None:
-            try:  # torch is optional: imported only to check a torch state
-                import torch
-            except ImportError:
-                torch = None
+        torch = sys.modules.get("torch") or _import_torch()
     if "torch" in state:
         value = _byte_vector(state["torch"], f"{where}['torch']")
         if torch is not None:

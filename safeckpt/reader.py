@@ -24,7 +24,7 @@ import shlex
 import stat
 import sys
 import threading
-from typing import (Any, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
+from typing import (Any, cast, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
                     TypeVar, Union)
 
 import numpy as np
@@ -363,8 +363,7 @@ class Reader(TensorMap):
             return self._buffer[offset:offset + length]
         if not length:  # e.g. the prefix of an empty file, a FIFO or a device (size 0): no pread
             return b""
-        fd = self._fd
-        assert fd is not None  # no buffer: the file is open for pread
+        fd = cast(int, self._fd)  # no buffer: the file is open for pread
         data = os.pread(fd, length, offset)
         while len(data) < length:  # pread may return less than asked on some filesystems
             more = os.pread(fd, length - len(data), offset + len(data))
@@ -473,8 +472,7 @@ class Reader(TensorMap):
     def _size_hint(self) -> int:
         if self._buffer is not None:
             return len(self._buffer)
-        assert self._fd is not None  # no buffer: the file is open for pread
-        return os.fstat(self._fd).st_size
+        return os.fstat(cast(int, self._fd)).st_size  # no buffer: the file is open for pread
 
     def _open_safetensors(self, size: int, max_header_size: int, max_tensors: int, max_ndim: int,
                           max_depth: int) -> None:

@@ -61,7 +61,7 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
                                 f"not {type(tensors).__name__}")
     entries: Dict[str, Dict[str, Any]]
     order: List[Tuple[int, int, str, Any]]  # (-itemsize, position, name, array)
-    entries, order, sizes = {}, [], []
+    entries, order = {}, []
     for name, value in tensors.items():
         if type(name) is not str or not name:
             raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str")
@@ -83,7 +83,6 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
                              f"by default ({fmt.MAX_NDIM}) [ST4]")
         entries[name] = {"dtype": DTYPE_NAMES[code], "shape": list(value.shape)}
         order.append((-ITEMSIZE_BY_CODE[code], len(order), name, value))
-        sizes.append(value.nbytes)
     # [ST8]: data sorted by item size, largest first (stable), so every tensor is aligned to its
     # item size; the header keeps the caller's order, which is the order a reader lists.
     order.sort(key=lambda item: item[:2])

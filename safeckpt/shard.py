@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 import threading
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, cast, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -282,8 +282,7 @@ class _ShardFile(Reader):
 
     def __init__(self, path: str, open_shards: _OpenShards, **limits: Any) -> None:
         super().__init__(path, mmap=False, **limits)
-        assert self._fd is not None  # mmap=False: the descriptor stays open
-        self._identity = self._identity_of(self._fd)
+        self._identity = self._identity_of(cast(int, self._fd))  # mmap=False: the descriptor stays open
         self._open_shards = open_shards
         self._pins = 0  # reads between reopening the descriptor and using it
         open_shards.touch(self)
@@ -302,10 +301,8 @@ class _ShardFile(Reader):
                 self._pins -= 1
 
     def _reopen(self) -> int:
-        path = self.path
-        assert path is not None  # a shard is opened by its path
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(
-            os, "O_NONBLOCK", 0))
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(cast(str, self.path), flags)  # a shard is opened by its path
         try:
             same = self._identity_of(fd) == self._identity
         except BaseException:
@@ -356,8 +353,9 @@ class ShardedReader(TensorMap):
         self.path, self.version, self.metadata = index.path, index.version, index.metadata
         self.size = index.size
         self._index_reader = index
-        # safeckpt.open makes one for an index it opened by path
-        assert index.shard_index is not None and index.path is not None
+        if index.shard_index is None or index.path is None:
+            raise ShardError(f"{where} is not a shard index opened by its path [S1]; open a "
+                             "checkpoint with safeckpt.open()")
         shards = check_shards(index.shard_index, where, limits.get("max_tensors", fmt.MAX_TENSORS))
         names = shards["names"]
         self._stored_tree = _tree.check_tree(index.stored_tree, names, limits.get(

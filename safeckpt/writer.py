@@ -22,9 +22,10 @@ from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Sequ
 
 import numpy as np
 
-from . import _backend, _fs
+from . import _backend, _fs, dtypes
 from . import format as fmt
-from .dtypes import CODE_BY_DTYPE, MINOR_BY_CODE, code_of, is_little_endian, minor_of
+from .dtypes import (CODE_BY_DTYPE, MINOR_BY_CODE, code_of, is_little_endian, minor_of,
+                     to_little_endian)
 from .errors import InvalidValueError, LimitError, plural, quote
 
 # A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
@@ -114,7 +115,9 @@ class Plan:
         self.arrays: List[Any] = []
         codes, ndims, dims, nbytes = [], [], [], []
         code_by_dtype, arrays = CODE_BY_DTYPE, self.arrays  # locals: this loop is per tensor
-        direct = True  # every array can be written as it is (C-contiguous, little-endian)
+        # every array can be written as it is (C-contiguous, little-endian): never on a big-endian
+        # host, where each goes through le_bytes (which passes little-endian ones through)
+        direct = not dtypes.BIG_ENDIAN_HOST
         for name, value in tensors.items():
             if type(name) is not str or not name:
                 raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
@@ -252,7 +255,7 @@ def le_bytes(array: Any) -> Tuple[np.ndarray, bool]:
             raise RuntimeError(f"safeckpt bug: a lazy array loaded as {array.dtype} {array.shape}, "
                                f"planned {expected[0]} {expected[1]}")
     if not is_little_endian(array.dtype):
-        return array.astype(array.dtype.newbyteorder("<"), order="C"), True
+        return to_little_endian(array), True
     return np.ascontiguousarray(array), True
 
 

@@ -381,3 +381,28 @@ def test_strings_that_are_not_unicode_are_refused_by_name(tmp_path, name, tensor
     for word in words:
         assert word in str(info.value)
     assert not os.listdir(tmp_path)
+
+
+
+# -- byte order: a big-endian host (FORMAT.md section 4: tensor bytes are little-endian) ----------
+
+@pytest.mark.parametrize("save", ["file", "bytes", "safetensors"])
+def test_native_arrays_on_a_big_endian_host_are_stored_little_endian(tmp_path, monkeypatch, save):
+    """dtypes.BIG_ENDIAN_HOST takes the path a big-endian host takes: a native ('=') array is
+    big-endian there, so every writer swaps its bytes ('>' arrays too; one-byte ones never). On
+    this little-endian machine the native array's bytes are really little-endian, so the file
+    holds them byte-reversed: that the swap happened is what is checked."""
+    from safeckpt import dtypes
+    tensors = {"native": np.array([1, 2], np.uint16), "big": np.array([5, 6], ">u2"),
+               "bytes": np.array([7, 8], np.uint8)}
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", True)
+    if save == "bytes":
+        data = safeckpt.save_bytes(tensors)
+    else:
+        path = tmp_path / ("m.safetensors" if save == "safetensors" else "m.sckpt")
+        safeckpt.save_file(tensors, path)
+        data = path.read_bytes()
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", False)
+    with safeckpt.Reader(data) as f:
+        raw = {name: f[name].view(np.uint8).tobytes() for name in f.keys()}
+    assert raw == {"native": bytes([0, 1, 0, 2]), "big": bytes([5, 0, 6, 0]), "bytes": bytes([7, 8])}
