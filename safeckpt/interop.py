@@ -58,8 +58,8 @@ from . import tree as _tree
 from . import writer as _writer
 from .dtypes import code_of
 from .filekind import OUTPUTS, kind_of
-from .errors import (HeaderError, LayoutError, LimitError, PickleRequiredError, SafeckptError,
-                     TruncatedFileError, UnsupportedDtypeError)
+from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, PickleRequiredError,
+                     SafeckptError, TruncatedFileError, UnsupportedDtypeError)
 
 if TYPE_CHECKING:
     import types
@@ -228,7 +228,8 @@ def _read_exact(stream: IO[bytes], size: int, where: str, what: str) -> bytes:
     """``size`` bytes of ``stream``; fewer is a truncated file, ``what`` says where in it."""
     data = stream.read(size)
     if len(data) != size:
-        raise TruncatedFileError(f"{where}: ends inside its {what} ({len(data)} of {size} bytes)")
+        raise TruncatedFileError(f"{where}: ends inside its {what} ({len(data)} of {size} bytes; "
+                                 f"{TRUNCATED_HINT})")
     return data
 
 
@@ -292,7 +293,7 @@ def _npy_source(path: str, stack: contextlib.ExitStack) -> Source:
     nbytes = _npy_bytes(shape, dtype)
     if header + nbytes > size:
         raise TruncatedFileError(f"{where}: holds {size - header} bytes of array data, its header "
-                                 f"says {nbytes} (file seems not fully written?)")
+                                 f"says {nbytes} ({TRUNCATED_HINT})")
     if header + nbytes < size:
         raise LayoutError(f"{where}: {size - header - nbytes} bytes after the array's "
                           f"{nbytes} bytes, which numpy never writes")
@@ -316,7 +317,7 @@ def _zip_errors(where: str) -> Iterator[None]:
         raise
     except EOFError:
         raise TruncatedFileError(f"{where}: the zip archive ends inside a member "
-                                 "(file seems not fully written?)") from None
+                                 f"({TRUNCATED_HINT})") from None
     except OSError as exc:
         if exc.errno != errno.EINVAL:  # a seek before the file's start, to an offset it gave
             raise
@@ -390,7 +391,7 @@ def _npz_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, header: int,
             piece = stream.read(min(NPZ_PIECE, nbytes - done))
             if not piece:
                 raise TruncatedFileError(f"{where}: ends after {done} of its {nbytes} bytes of "
-                                         "array data")
+                                         f"array data ({TRUNCATED_HINT})")
             out[done:done + len(piece)] = np.frombuffer(piece, np.uint8)
             done += len(piece)
     return out.view(dtype).reshape(shape, order="F" if fortran else "C")
@@ -453,8 +454,7 @@ def _torch_source(path: str, stack: contextlib.ExitStack, max_expansion: int, ma
             "with torch.load's full unpickling and save its tensors and plain values with "
             "safeckpt.save") from None
     except EOFError:
-        raise TruncatedFileError(f"{where}: its pickle ends too early (file seems not fully "
-                                 "written?)") from None
+        raise TruncatedFileError(f"{where}: its pickle ends too early ({TRUNCATED_HINT})") from None
     except MemoryError:
         raise LimitError(f"{where}: torch ran out of memory reading it (a size it claims?)"
                          ) from None

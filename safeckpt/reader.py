@@ -22,18 +22,17 @@ import operator
 import os
 import shlex
 import stat
-import sys
 import threading
 from typing import (Any, cast, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
                     TypeVar, Union)
 
 import numpy as np
 
-from . import _backend
+from . import _backend, dtypes
 from . import format as fmt
 from . import safetensors_format as _safetensors
 from . import tree as _tree
-from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM
+from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM, is_little_endian, to_little_endian
 from .errors import ChecksumError, Code, ReaderClosedError, ShardError, error_for, plural, quote
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
@@ -50,7 +49,7 @@ TensorInfo.__doc__ = "What the header says of one tensor; ``crc32c`` is None wit
 def _column(data: bytes, code: Literal["Q", "I"]) -> Sequence[int]:
     """A column of little-endian u64 ("Q") or u32 ("I") as a sequence of ints, without a copy:
     a file opened for one tensor does not turn every entry into a Python int."""
-    if sys.byteorder == "little":
+    if not dtypes.BIG_ENDIAN_HOST:
         return memoryview(data).cast(code)
     return np.frombuffer(data, "<u8" if code == "Q" else "<u4").tolist()
 
@@ -618,8 +617,9 @@ class Reader(TensorMap):
         if buffer is not None:
             if check:
                 self._compare(indices, self._crcs_in_buffer(indices))
-            return [ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i]) if nbytes[i]
-                    else empty(shapes[i], DTYPE_BY_CODE[codes[i]]) for i in indices]
+            return _in_host_order([ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i])
+                                   if nbytes[i] else empty(shapes[i], DTYPE_BY_CODE[codes[i]])
+                                   for i in indices])
         arrays, reads, dests = _plan_reads(indices, table, shapes, self.align)
         if reads:
             read_crcs = self.pread_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests,
@@ -634,7 +634,7 @@ class Reader(TensorMap):
             empty_ones = [i for i in indices if not nbytes[i]]  # the CRC32C of no bytes is 0
             self._compare(checked + empty_ones,
                           np.concatenate(computed + [np.zeros(len(empty_ones), np.uint32)]))
-        return arrays
+        return _in_host_order(arrays)
 
     def _advise(self, advice: str) -> None:
         mapping, offsets = self._mapping, self.table.offsets
@@ -668,8 +668,8 @@ class Reader(TensorMap):
             computed = self._crcs_in_buffer(indices)
         elif arrays is not None:
             crc32c = self._be.crc32c
-            computed = [crc32c(np.ascontiguousarray(arrays[all_names[i]]).reshape(-1).view(np.uint8))
-                        for i in indices]
+            computed = [crc32c(np.ascontiguousarray(to_little_endian(arrays[all_names[i]]))
+                               .reshape(-1).view(np.uint8)) for i in indices]
         else:
             computed = self._crcs_from_file(indices)
         self._compare(indices, computed)
@@ -750,6 +750,19 @@ class Reader(TensorMap):
         return f"<safeckpt.Reader {self.where} ({state})>"
 
 
+def _in_host_order(arrays: List[np.ndarray]) -> List[np.ndarray]:
+    """The arrays, with the bytes of those whose dtype numpy has in native order only swapped.
+
+    A file's bytes are little-endian (FORMAT.md section 4). Every dtype of DTYPE_BY_CODE says so
+    (``'<'``), and numpy reads such arrays without a copy on any host, except ml_dtypes' (bfloat16,
+    float8), which numpy has in native order only: on a big-endian host those are copied with
+    their bytes swapped. Nothing happens on a little-endian host.
+    """
+    if not dtypes.BIG_ENDIAN_HOST:
+        return arrays
+    return [array if is_little_endian(array.dtype) else array.byteswap() for array in arrays]
+
+
 def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: int
                 ) -> Tuple[List[Any], List[list], List[np.ndarray]]:
     """How an ``mmap=False`` load reads tensors ``indices``: ``(arrays, reads, dests)``.
@@ -826,7 +839,7 @@ class TensorSlice:
         row_bytes = out.nbytes // max(stop - start, 1)
         if out.nbytes:
             reader.pread_into([reader.table.offsets[i] + start * row_bytes], [out.nbytes], [out])
-        return out
+        return _in_host_order([out])[0]
 
     def __repr__(self) -> str:
         return f"<TensorSlice shape={self.shape} dtype={self.dtype}>"

@@ -64,7 +64,7 @@ import msgpack
 
 from . import format as fmt
 from .dtypes import ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
-from .errors import (HeaderError, LayoutError, LimitError, SafeckptError,
+from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
 LENGTH_SIZE = 8  # the u64 header length [ST1]
@@ -148,14 +148,15 @@ def parse(read: Callable[[int, int], Union[bytes, memoryview]], size: int, *, wh
             file, the tensor and the bad value.
     """
     if size < LENGTH_SIZE:
-        raise TruncatedFileError(f"{where}: file is shorter than the 8-byte header length [ST1]")
+        raise TruncatedFileError(f"{where}: file is shorter than the 8-byte header length "
+                                 f"({TRUNCATED_HINT}) [ST1]")
     header_len = int.from_bytes(bytes(read(0, LENGTH_SIZE)), "little")
     if header_len > max_header_size:
         raise LimitError(f"{where}: safetensors header is larger than max_header_size: {header_len} > "
                          f"{max_header_size}; pass max_header_size=... if you trust this file [ST1]")
     if header_len > size - LENGTH_SIZE:
         raise TruncatedFileError(f"{where}: safetensors header of {header_len} bytes runs past the "
-                                 f"end of the file ({size} bytes) [ST1]")
+                                 f"end of the file ({size} bytes; {TRUNCATED_HINT}) [ST1]")
     raw = bytes(read(LENGTH_SIZE, header_len))
     try:
         text = raw.decode("utf-8")
@@ -264,7 +265,7 @@ def _table(header: Dict[str, Any], header_len: int, size: int, max_tensors: int,
         position = ends[i]
     if position > data_size:
         raise TruncatedFileError(f"tensor data ends at {position} but the file holds {data_size} "
-                                 "bytes of data (file seems not fully written or downloaded) [ST7]")
+                                 f"bytes of data ({TRUNCATED_HINT}) [ST7]")
     if position < data_size:
         raise LayoutError(f"{data_size - position} trailing bytes after the last tensor [ST7]")
     base = LENGTH_SIZE + header_len

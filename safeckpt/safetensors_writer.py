@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _fs
 from . import format as fmt
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, is_little_endian
+from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, little_endian
 from .errors import InvalidValueError, LimitError, UnsupportedDtypeError
 from .filekind import PathLike, output_format
 from .safetensors_format import DTYPE_NAMES, LENGTH_SIZE, METADATA_KEY, SAFECKPT_KEY
@@ -72,8 +72,7 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
         if not isinstance(value, (np.ndarray, LazyArray)):
             raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
                                     f"{type(value).__name__} is not a numpy array")
-        dtype = value.dtype if is_little_endian(value.dtype) else value.dtype.newbyteorder("<")
-        code = CODE_BY_DTYPE.get(dtype)
+        code = CODE_BY_DTYPE.get(little_endian(value.dtype))
         if code not in DTYPE_NAMES:
             raise UnsupportedDtypeError(
                 f"tensor {name!r}: dtype {value.dtype} has no safetensors equivalent"

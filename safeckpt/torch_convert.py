@@ -315,7 +315,9 @@ def from_numpy(array: np.ndarray, name: str = "tensor") -> torch.Tensor:
     """
     torch = _torch()
     tensor_dtype, bits = _torch_dtype(array.dtype, name)
-    if not array.flags.writeable:
+    if not array.dtype.isnative:  # a file's '<' arrays on a big-endian host: torch takes native only
+        array = array.astype(array.dtype.newbyteorder("="))
+    elif not array.flags.writeable:
         array = array.copy()  # torch would write to read-only memory (e.g. load from bytes)
     tensor = torch.from_numpy(array if bits is None else array.view(_tables()[0][bits][0]))
     return tensor if bits is None else tensor.view(tensor_dtype)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import safeckpt
+from safeckpt.tree import same
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -403,3 +404,33 @@ def test_shard_of_a_single_file_is_that_file(tmp_path, backend):
         assert f.shard_of("w") == path
         with pytest.raises(KeyError, match="nope"):
             f.shard_of("nope")
+
+
+# -- byte order: a big-endian host (FORMAT.md section 4: tensor bytes are little-endian) ----------
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_big_endian_host_reads_back_what_it_saved(tmp_path, monkeypatch, mmap):
+    """dtypes.BIG_ENDIAN_HOST takes a big-endian host's path on this machine: native ('=') arrays
+    are big-endian there, the file's bytes little-endian (FORMAT.md section 4). The reader returns
+    '<' views for numpy's dtypes (right on any host) and swaps ml_dtypes' into host order (numpy
+    has them in native order only), and reads the table's u64 columns through numpy rather than a
+    native memoryview. So what that host saves loads back with the values it had there (for a
+    uint16 array, the big-endian reading of its bytes), and a little-endian host's file reads
+    right too."""
+    from safeckpt import dtypes
+    import ml_dtypes
+    u16, bf16 = np.arange(6, dtype=np.uint16).reshape(2, 3), np.array([1.5, -2.0], ml_dtypes.bfloat16)
+    tensors = {"u16": u16, "bf16": bf16, "u8": np.array([7], np.uint8)}
+    safeckpt.save_file(tensors, tmp_path / "little.sckpt")
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", True)
+    safeckpt.save_file(tensors, tmp_path / "big.sckpt")
+    as_big_host = u16.view(">u2")  # the values of u16's bytes on a big-endian host
+    loaded = safeckpt.load_file(tmp_path / "big.sckpt", mmap=mmap, verify=True)
+    assert loaded["u16"].dtype.str == "<u2" and np.array_equal(loaded["u16"], as_big_host)
+    assert loaded["bf16"].tobytes() == bf16.tobytes() and loaded["u8"].tolist() == [7]
+    with safeckpt.open(tmp_path / "big.sckpt", mmap=mmap) as f:
+        assert np.array_equal(f.get_slice("u16")[1:], as_big_host[1:])
+        f.verify(arrays=loaded)
+    little = safeckpt.load_file(tmp_path / "little.sckpt", mmap=mmap, verify=True)
+    assert np.array_equal(little["u16"], u16)
+    assert little["bf16"].tobytes() == bf16.byteswap().tobytes()  # host order of bytes it holds
