@@ -5,12 +5,11 @@ Every rule of docs/FORMAT.md is checked when a file is opened, before any array 
 The public functions (``open``, ``load_file``, ``load_bytes``) are in :mod:`safeckpt.api`.
 
 Example:
-    >>> import numpy as np, safeckpt, tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "w.sckpt")
-    >>> safeckpt.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
-    >>> with safeckpt.open(path) as f:
-    ...     f.info("w").shape, f.get_slice("w")[1:].tolist()
-    ((2, 3), [[3.0, 4.0, 5.0]])
+    >>> import numpy as np, safeckpt
+    >>> data = safeckpt.save_bytes({"a": np.zeros(2), "b": np.ones((2, 2), np.int8)})
+    >>> with Reader(data) as f:                        # a file in memory, checked whole
+    ...     f.names, f.locate(1), f.entry(1).shape
+    (['a', 'b'], (<safeckpt.Reader <bytes> (2 tensors)>, 1), (2, 2))
 """
 
 from __future__ import annotations
