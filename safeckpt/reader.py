@@ -22,7 +22,7 @@ import os
 import shlex
 import stat
 import threading
-from typing import (Any, cast, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
+from typing import (Any, Callable, cast, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
                     TypeVar, Union)
 
 import numpy as np
@@ -451,21 +451,7 @@ class Reader(TensorMap):
         where = self.where
         if index < len(names):
             where += f", tensor {quote(names[index])}"
-        detail = ""
-        if code == Code.DTYPE:
-            detail = (f": code {columns['dtypes'][index]}; a newer safeckpt may read it "
-                      f"(this one knows 0..{len(NAME_BY_CODE) - 1})")
-        elif code == Code.NDIM:
-            ndim = columns["ndims"][index]
-            detail = (f": {ndim} > {max_ndim}; pass max_ndim=... to allow it" if ndim > max_ndim
-                      else f": {ndim}, more than numpy holds ({NUMPY_MAX_NDIM})")
-        elif code in (Code.MISALIGNED, Code.OVERLAP, Code.GAP, Code.TENSOR_TRUNCATED, Code.NBYTES):
-            offset, nbytes = (int.from_bytes(columns[k][8 * index:8 * index + 8], "little")
-                              for k in ("offsets", "nbytes"))
-            detail = f" (offset {offset}, nbytes {nbytes}, file size {self._size_hint()})"
-        elif code == Code.TRAILING:
-            detail = f" (file size {self._size_hint()})"
-        raise error_for(code, where, detail)
+        raise error_for(code, where, _table_detail(code, index, columns, max_ndim, self._size_hint))
 
     def _size_hint(self) -> int:
         if self._buffer is not None:
@@ -670,7 +656,7 @@ class Reader(TensorMap):
             computed = [crc32c(np.ascontiguousarray(to_little_endian(arrays[all_names[i]]))
                                .reshape(-1).view(np.uint8)) for i in indices]
         else:
-            computed = self._crcs_from_file(indices)
+            computed = _crcs_by_pread(self.pread_into, self._be, self.table, indices)
         self._compare(indices, computed)
 
     def _crcs_in_buffer(self, indices: Union[Sequence[int], np.ndarray]) -> np.ndarray:
@@ -686,39 +672,6 @@ class Reader(TensorMap):
         bad = np.flatnonzero(stored != np.asarray(computed, np.uint32))
         if len(bad):
             self.check_crc(indices[bad[0]], int(computed[bad[0]]))
-
-    def _crcs_from_file(self, indices: np.ndarray) -> np.ndarray:
-        """The CRC32C of tensors ``indices``, read with pread in file order: neighbours share one
-        read of at most _VERIFY_BATCH bytes, and a larger tensor is read in pieces of that size."""
-        offsets, nbytes = np.asarray(self.table.offsets), np.asarray(self.table.nbytes)
-        computed = np.zeros(len(indices), np.uint32)
-        order = np.argsort(offsets[indices], kind="stable")
-        k = 0
-        while k < len(order):
-            first = int(offsets[indices[order[k]]])
-            end = first + int(nbytes[indices[order[k]]])
-            j = k + 1  # take neighbours while the span stays small and the gaps short
-            while j < len(order):
-                start_j = int(offsets[indices[order[j]]])
-                end_j = start_j + int(nbytes[indices[order[j]]])
-                if end_j - first > _VERIFY_BATCH or start_j - end > _SHARED_MAX:
-                    break
-                end, j = max(end, end_j), j + 1
-            if j == k + 1 and end - first > _VERIFY_BATCH:  # one large tensor, piece by piece
-                crc, piece = 0, np.empty(_VERIFY_BATCH, np.uint8)
-                for at in range(first, end, _VERIFY_BATCH):
-                    length = min(_VERIFY_BATCH, end - at)
-                    self.pread_into([at], [length], [piece])
-                    crc = self._be.crc32c(piece[:length], crc)
-                computed[order[k]] = crc
-            else:
-                span = np.empty(end - first, np.uint8)
-                self.pread_into([first], [end - first], [span])
-                members = indices[order[k:j]]
-                computed[order[k:j]] = self._be.crc32c_ranges(span, offsets[members] - first,
-                                                              nbytes[members])
-            k = j
-        return computed
 
     def check_crc(self, i: int, computed: int) -> None:
         """Raise ChecksumError, naming tensor ``i``, if ``computed`` is not its stored CRC32C.
@@ -749,6 +702,25 @@ class Reader(TensorMap):
         return f"<safeckpt.Reader {self.where} ({state})>"
 
 
+def _table_detail(code: int, index: int, columns: Dict[str, Any], max_ndim: int,
+                  file_size: Callable[[], int]) -> str:
+    """What a table error's message adds after its text: the bad value of tensor ``index``."""
+    if code == Code.DTYPE:
+        return (f": code {columns['dtypes'][index]}; a newer safeckpt may read it "
+                f"(this one knows 0..{len(NAME_BY_CODE) - 1})")
+    if code == Code.NDIM:
+        ndim = columns["ndims"][index]
+        return (f": {ndim} > {max_ndim}; pass max_ndim=... to allow it" if ndim > max_ndim
+                else f": {ndim}, more than numpy holds ({NUMPY_MAX_NDIM})")
+    if code in (Code.MISALIGNED, Code.OVERLAP, Code.GAP, Code.TENSOR_TRUNCATED, Code.NBYTES):
+        offset, nbytes = (int.from_bytes(columns[k][8 * index:8 * index + 8], "little")
+                          for k in ("offsets", "nbytes"))
+        return f" (offset {offset}, nbytes {nbytes}, file size {file_size()})"
+    if code == Code.TRAILING:
+        return f" (file size {file_size()})"
+    return ""
+
+
 def _in_host_order(arrays: List[np.ndarray]) -> List[np.ndarray]:
     """The arrays, with the bytes of those whose dtype numpy has in native order only swapped.
 
@@ -760,6 +732,40 @@ def _in_host_order(arrays: List[np.ndarray]) -> List[np.ndarray]:
     if not dtypes.BIG_ENDIAN_HOST:
         return arrays
     return [array if is_little_endian(array.dtype) else array.byteswap() for array in arrays]
+
+
+def _crcs_by_pread(pread_into: Callable[..., Any], be: Any, table: TensorTable,
+                   indices: np.ndarray) -> np.ndarray:
+    """The CRC32C of tensors ``indices``, read with ``pread_into`` in file order: neighbours share
+    one read of at most _VERIFY_BATCH bytes, and a larger tensor is read in pieces of that size."""
+    offsets, nbytes = np.asarray(table.offsets), np.asarray(table.nbytes)
+    computed = np.zeros(len(indices), np.uint32)
+    order = np.argsort(offsets[indices], kind="stable")
+    k = 0
+    while k < len(order):
+        first = int(offsets[indices[order[k]]])
+        end = first + int(nbytes[indices[order[k]]])
+        j = k + 1  # take neighbours while the span stays small and the gaps short
+        while j < len(order):
+            start_j = int(offsets[indices[order[j]]])
+            end_j = start_j + int(nbytes[indices[order[j]]])
+            if end_j - first > _VERIFY_BATCH or start_j - end > _SHARED_MAX:
+                break
+            end, j = max(end, end_j), j + 1
+        if j == k + 1 and end - first > _VERIFY_BATCH:  # one large tensor, piece by piece
+            crc, piece = 0, np.empty(_VERIFY_BATCH, np.uint8)
+            for at in range(first, end, _VERIFY_BATCH):
+                length = min(_VERIFY_BATCH, end - at)
+                pread_into([at], [length], [piece])
+                crc = be.crc32c(piece[:length], crc)
+            computed[order[k]] = crc
+        else:
+            span = np.empty(end - first, np.uint8)
+            pread_into([first], [end - first], [span])
+            members = indices[order[k:j]]
+            computed[order[k:j]] = be.crc32c_ranges(span, offsets[members] - first, nbytes[members])
+        k = j
+    return computed
 
 
 def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: int
