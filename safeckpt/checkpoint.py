@@ -59,7 +59,7 @@ from .reader import Reader
 from .tree import Subtree
 
 FORMAT = "safeckpt.checkpoint/1"  # metadata["format"] of every checkpoint file
-_NAME = re.compile(r"^step-(\d{10,20})\.sckpt$")  # CheckpointManager's file names
+_NAME = re.compile(r"\Astep-(\d{10,20})\.sckpt\Z")  # CheckpointManager's file names
 
 Metrics = Dict[str, Union[int, float]]  # {"loss": 0.1}: a checkpoint's metrics [C1]
 PathLike = Union[str, "os.PathLike[str]"]

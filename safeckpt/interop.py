@@ -57,6 +57,7 @@ from . import safetensors_writer
 from . import tree as _tree
 from . import writer as _writer
 from .dtypes import code_of
+from . import filekind
 from .filekind import OUTPUTS, kind_of
 from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, PickleRequiredError,
                      SafeckptError, TruncatedFileError, UnsupportedDtypeError)
@@ -66,6 +67,9 @@ if TYPE_CHECKING:
 
     from .reader import TensorMap
 
+
+# What file names say, from filekind; interop's own names before issue 11, kept for callers.
+INDEX_SUFFIX, TORCH_SUFFIXES = filekind.INDEX_SUFFIX, filekind.TORCH_SUFFIXES
 
 # The tensors of an .npz or torch file may hold at most this many times the file's size in bytes
 # (keyword max_expansion): more is a compressed member that inflates like a zip bomb, or a tensor

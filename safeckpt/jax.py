@@ -27,6 +27,10 @@ import numpy as np
 
 from . import api, jax_convert
 from .errors import StateMismatchError
+# The conversions, public here too: code written against safeckpt.jax keeps working.
+from .jax_convert import export, from_numpy
+
+__all__ = ["export", "from_numpy", "load", "restore", "save", "to_state"]
 
 if TYPE_CHECKING:  # names for annotations, which are never evaluated
     from .api import Prefix

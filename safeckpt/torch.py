@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
 from . import api, torch_convert
 from .errors import StateMismatchError
+# The conversions, public here too: code written against safeckpt.torch keeps working.
+from .torch_convert import device_tensors, export, from_numpy, load_tensors, to_torch
+
+__all__ = ["LoadReport", "check_state", "device_tensors", "export", "from_numpy", "load",
+           "load_model", "load_state", "load_tensors", "save", "save_model", "to_torch"]
 
 if TYPE_CHECKING:  # names for annotations, which are never evaluated; torch is optional
     import torch

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import numpy as np
 
-from . import _backend
+from . import _backend, dtypes
 from .dtypes import DTYPES
 from .errors import InvalidValueError, UnsupportedDtypeError
 from .writer import LazyArray
@@ -431,12 +431,17 @@ def device_tensors(reader: TensorReader, indices: Sequence[int], device: torch.d
     Raises:
         ChecksumError: a tensor whose bytes do not match its CRC32C, or ``verify=True`` on a file
             without checksums.
-        RuntimeError: ``device`` is a CUDA device and CUDA is not available.
+        RuntimeError: ``device`` is a CUDA device and CUDA is not available, or the host is
+            big-endian (the file's little-endian bytes would be staged to the device unswapped).
 
     Example:
         >>> state = safeckpt.torch.load("model.sckpt", map_location="cuda:0")  # doctest: +SKIP
     """
     torch = _torch()
+    if dtypes.BIG_ENDIAN_HOST:
+        raise RuntimeError(f"cannot stage tensors to {device} on a big-endian host: their bytes "
+                           "are little-endian; load them with map_location='cpu' (swapped into "
+                           "host order) and move them")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"cannot put tensors on {device}: CUDA is not available; pass "
                            "map_location='cpu' (or a dict) to load them elsewhere")

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import format as fmt
 from . import jax_convert, torch_convert
-from .dtypes import DTYPE_BY_CODE, code_of
+from .dtypes import DTYPE_BY_CODE, code_of, is_little_endian, to_little_endian
 from .errors import HeaderError, InvalidValueError, LimitError, quote
 
 # Node tags (FORMAT.md section 8, [R2]). Containers hold children; the others are leaves.
@@ -136,7 +136,7 @@ def flatten(obj: Any, *, root: str = "obj", max_depth: int = fmt.MAX_DEPTH
             node = _tensor_node(value, root, path, names, arrays, taken, shared)
         elif isinstance(value, np.generic):
             code = code_of(value.dtype, _describe(root, path))
-            raw = np.asarray(value).astype(DTYPE_BY_CODE[code], copy=False).tobytes()
+            raw = to_little_endian(np.asarray(value).astype(DTYPE_BY_CODE[code], copy=False)).tobytes()
             node = [SCALAR, code, raw]
         else:
             cls = type(value)
@@ -464,7 +464,9 @@ def _leaf(node: Any, tensors: Dict[int, Any]) -> Any:
     if type(node) is not list:
         return node
     if node[0] == SCALAR:
-        return np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])[0]
+        scalar = np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])
+        # bytes are little-endian [R5]; a dtype numpy has in native order only is swapped into it
+        return (scalar if is_little_endian(scalar.dtype) else scalar.byteswap())[0]
     return tensors[node[1]]
 
 

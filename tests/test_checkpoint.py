@@ -168,10 +168,12 @@ def test_manager_skips_damaged_and_temporary_files(tmp_path):
         f.write(bytes(data))
     temp = tmp_path / ".step-0000000004.sckpt.0123456789ab.tmp"
     temp.write_bytes(b"half a checkpoint")
+    lookalike = tmp_path / ".step-0000000004.sckpt\n.0123456789ab.tmp"  # not a name it writes
+    lookalike.write_bytes(b"someone else's")
     (tmp_path / "step-0000000005.sckpt").write_bytes(b"garbage")  # does not even open
     (tmp_path / "notes.txt").write_text("not mine")
     manager = safeckpt.CheckpointManager(tmp_path, keep_last=5)
-    assert not temp.exists() and (tmp_path / "notes.txt").exists()
+    assert not temp.exists() and (tmp_path / "notes.txt").exists() and lookalike.exists()
     assert [c.step for c in manager.all()] == [1, 2, 3]
     state = {"w": np.zeros(1000, np.int64)}
     with pytest.warns(RuntimeWarning) as caught:

@@ -43,7 +43,7 @@ def test_a_real_safetensors_model_converts_bit_for_bit(tmp_path):
     loaded = safeckpt.load_file(dst, verify=True)
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():
-        got = safeckpt.torch_convert.from_numpy(loaded[name])
+        got = safeckpt.torch.from_numpy(loaded[name])
         assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
         assert torch.equal(got.view(torch.int16), tensor.view(torch.int16)), name
     from safetensors import safe_open

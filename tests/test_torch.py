@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 
 import safeckpt  # noqa: E402
 import safeckpt.torch as st  # noqa: E402
-import safeckpt.torch_convert as tc  # noqa: E402
 from safeckpt.tree import same  # noqa: E402
 from forge import forge  # noqa: E402
 
@@ -32,7 +31,7 @@ def random_tensor(dtype, shape=(3, 5), seed=0):
 
 
 def bits(t):
-    return tc.export(t.cpu(), "t")[0].tobytes()
+    return st.export(t.cpu(), "t")[0].tobytes()
 
 
 def test_all_dtypes_round_trip_bit_exact(tmp_path):
@@ -56,7 +55,7 @@ def test_all_dtypes_round_trip_bit_exact(tmp_path):
 
 def test_cpu_tensors_are_written_from_their_own_memory():
     t = torch.randn(4, 4).to(torch.bfloat16)
-    array, device, _ = tc.export(t, "t")
+    array, device, _ = st.export(t, "t")
     assert device is None and array.__array_interface__["data"][0] == t.data_ptr()
 
 
@@ -227,13 +226,25 @@ def test_device_tensors_through_staging_buffers(tmp_path, backend, staging_bytes
     obj, path = staged_case(tmp_path)
     with safeckpt.open(path, mmap=mmap) as f:
         indices = list(range(len(f)))
-        back = tc.device_tensors(f, indices, torch.device("cpu"), verify=True,
+        back = st.device_tensors(f, indices, torch.device("cpu"), verify=True,
                                  staging_bytes=staging_bytes)
         names = f.keys()
     for i, name in zip(indices, names):
         got, want = back[i], obj[name]
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert bits(got) == bits(want), name
+
+
+def test_device_tensors_refuse_a_big_endian_host(tmp_path, monkeypatch):
+    """The staging buffers copy a file's little-endian bytes to the device as they are: on a
+    big-endian host (dtypes.BIG_ENDIAN_HOST forces its path) that would be wrong values, so it
+    is refused, and the same load to the CPU (swapped into host order) still works."""
+    from safeckpt import dtypes
+    obj, path = staged_case(tmp_path)
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", True)
+    with safeckpt.open(path) as f, pytest.raises(RuntimeError, match="big-endian"):
+        st.device_tensors(f, [0], torch.device("cpu"))
+    assert st.load(path, map_location="cpu").keys() == obj.keys()
 
 
 def test_device_tensors_verify_from_the_staged_bytes(tmp_path, backend):
@@ -247,12 +258,12 @@ def test_device_tensors_verify_from_the_staged_bytes(tmp_path, backend):
     path.write_bytes(data)
     with safeckpt.open(path, mmap=False) as f:
         everything = list(range(len(f)))
-        tc.device_tensors(f, everything, torch.device("cpu"), verify=False, staging_bytes=100)
+        st.device_tensors(f, everything, torch.device("cpu"), verify=False, staging_bytes=100)
         with pytest.raises(safeckpt.ChecksumError, match=r"tensor 'big'"):
-            tc.device_tensors(f, everything, torch.device("cpu"), verify=True, staging_bytes=100)
+            st.device_tensors(f, everything, torch.device("cpu"), verify=True, staging_bytes=100)
     _, plain = staged_case(tmp_path, checksum=False)
     with safeckpt.open(plain) as f, pytest.raises(safeckpt.ChecksumError, match="checksum=False"):
-        tc.device_tensors(f, [0], torch.device("cpu"), verify=True)
+        st.device_tensors(f, [0], torch.device("cpu"), verify=True)
 
 
 def test_device_tensors_from_shards(tmp_path, backend):
@@ -260,7 +271,7 @@ def test_device_tensors_from_shards(tmp_path, backend):
     obj, path = staged_case(tmp_path, max_shard_size=800)
     with safeckpt.open(path) as f:
         assert len(f.shards) > 2
-        back = tc.device_tensors(f, list(range(len(f))), torch.device("cpu"), verify=True,
+        back = st.device_tensors(f, list(range(len(f))), torch.device("cpu"), verify=True,
                                  staging_bytes=333)
         assert {name: bits(back[i]) for i, name in enumerate(f.keys())} == {
             name: bits(t) for name, t in obj.items()}
@@ -426,11 +437,11 @@ def test_verify_by_default_where_the_bytes_are_copied(tmp_path, backend):
     with pytest.raises(safeckpt.ChecksumError, match="tensor 'big'"):
         st.load(path, mmap=False)
     with safeckpt.open(path) as f, pytest.raises(safeckpt.ChecksumError, match="tensor 'big'"):
-        tc.device_tensors(f, list(range(len(f))), torch.device("cpu"))
+        st.device_tensors(f, list(range(len(f))), torch.device("cpu"))
     _, plain = staged_case(tmp_path, checksum=False)
     st.load(plain, mmap=False)
     with safeckpt.open(plain) as f:
-        tc.device_tensors(f, [0], torch.device("cpu"))
+        st.device_tensors(f, [0], torch.device("cpu"))
     model_path = tmp_path / "lm.sckpt"
     st.save_model(TinyLM(), model_path)
     corrupt(model_path, "body.weight")

@@ -552,3 +552,24 @@ def test_prefix_to_a_none_or_plain_leaf(tmp_path):
     assert safeckpt.load(path, prefix="cfg.name") is None
     with pytest.raises(KeyError):
         safeckpt.load(path, prefix="missing")
+
+
+
+def test_R5_scalars_are_little_endian_on_a_big_endian_host(monkeypatch):
+    """[R5] a scalar node holds the value's little-endian bytes. dtypes.BIG_ENDIAN_HOST takes a
+    big-endian host's path: a bfloat16 (which numpy has in native order only) is swapped on save
+    and back on load, so the tree holds the bytes a little-endian host writes for it, reversed,
+    and it loads back equal. A native float32 is big-endian there too, so its bytes are reversed
+    as well, and it loads as a '<f4' view with the value that host gave it."""
+    import ml_dtypes
+    from safeckpt import dtypes
+    obj = {"bf16": ml_dtypes.bfloat16(1.5), "f32": np.float32(2.5)}
+    little = dict(zip(*[iter(header_of(save_bytes(obj))["tree"][1:])] * 2))
+    monkeypatch.setattr(dtypes, "BIG_ENDIAN_HOST", True)
+    data = save_bytes(obj)
+    big = dict(zip(*[iter(header_of(data)["tree"][1:])] * 2))
+    assert big["bf16"][2] == little["bf16"][2][::-1] != little["bf16"][2]
+    assert big["f32"][2] == little["f32"][2][::-1]
+    back = safeckpt.Reader(data).load()
+    assert same(back["bf16"], obj["bf16"])
+    assert back["f32"] == np.float32(2.5).view(">f4") and back["f32"].dtype.str == "<f4"
