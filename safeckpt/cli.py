@@ -38,7 +38,7 @@ import math
 import re
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NoReturn, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence, TextIO
 
 import numpy as np
 
@@ -49,10 +49,8 @@ from . import format as fmt
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE
 from .errors import ChecksumError, SafeckptError, plural, quote
+from .reader import TensorInfo, TensorMap
 from .writer import LazyArray
-
-if TYPE_CHECKING:
-    from .reader import TensorInfo, TensorMap
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1

@@ -47,7 +47,7 @@ import math
 import os
 import re
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, NoReturn, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, NoReturn, Optional, Set, Tuple, Union
 
 import torch
 # torch's private module: DefaultLoadPlanner.load_bytes puts a value into a nested state dict
@@ -79,9 +79,7 @@ from torch.futures import Future
 from . import api, torch_convert, tree
 from . import format as fmt
 from .errors import HeaderError, InvalidValueError, LimitError, SafeckptError, quote
-
-if TYPE_CHECKING:  # a name for annotations, which are never evaluated
-    from .filekind import PathLike
+from .filekind import PathLike
 
 METADATA_FILE = "metadata.sckpt"  # written last: its presence marks a complete save
 DATA_FILE = "data-{:05d}.sckpt"  # one per rank (per plan)

@@ -55,17 +55,16 @@ from . import format as fmt
 from . import safetensors_format as _sft
 from . import safetensors_writer
 from . import tree as _tree
+from . import filekind
 from . import writer as _writer
 from .dtypes import code_of
-from . import filekind
 from .filekind import OUTPUTS, kind_of
+from .reader import TensorMap
 from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, PickleRequiredError,
                      SafeckptError, TruncatedFileError, UnsupportedDtypeError)
 
 if TYPE_CHECKING:
     import types
-
-    from .reader import TensorMap
 
 
 # What file names say, from filekind; interop's own names before issue 11, kept for callers.

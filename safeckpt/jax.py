@@ -21,20 +21,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from . import api, jax_convert
+from .api import Prefix
 from .errors import StateMismatchError
+from .filekind import PathLike
 # The conversions, public here too: code written against safeckpt.jax keeps working.
 from .jax_convert import export, from_numpy
 
 __all__ = ["export", "from_numpy", "load", "restore", "save", "to_state"]
-
-if TYPE_CHECKING:  # names for annotations, which are never evaluated
-    from .api import Prefix
-    from .filekind import PathLike
 
 _PLAIN = (dict, list, tuple, type(None))
 

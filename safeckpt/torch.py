@@ -18,7 +18,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
 from . import api, torch_convert
+from .api import Prefix
 from .errors import StateMismatchError
+from .filekind import PathLike
 # The conversions, public here too: code written against safeckpt.torch keeps working.
 from .torch_convert import device_tensors, export, from_numpy, load_tensors, to_torch
 
@@ -28,9 +30,7 @@ __all__ = ["LoadReport", "check_state", "device_tensors", "export", "from_numpy"
 if TYPE_CHECKING:  # names for annotations, which are never evaluated; torch is optional
     import torch
 
-    from .api import Prefix
-    from .filekind import PathLike
-    from .torch_convert import DeviceName, MapLocation
+    from .torch_convert import DeviceName, MapLocation  # aliases over torch's types
 
 
 class LoadReport(NamedTuple):
