@@ -65,7 +65,7 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
                         "safeckpt.load_bytes(data)") from None
     if os.path.isdir(path):
         path = _shard.find_index(path)
-    reader = Reader(path, mmap=mmap, _index=True, **limits)
+    reader = Reader(path, mmap=mmap, allow_index=True, **limits)
     if reader.shard_index is None:
         return reader
     try:

@@ -299,6 +299,10 @@ class Reader(TensorMap):
 
     Arrays from a memory-mapped reader view the mapping (no copy); the mapping lives as long as
     any of them, so ``close()`` never invalidates an array already handed out.
+
+    ``source`` is a path or the bytes of a file; ``name`` replaces it in messages. A shard index
+    (FORMAT.md section 9) is refused unless ``allow_index``: :func:`safeckpt.open` opens one so,
+    then reads its shards with a :class:`safeckpt.ShardedReader`.
     """
 
     format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
@@ -314,7 +318,7 @@ class Reader(TensorMap):
                  mmap: bool = True, name: Optional[str] = None,
                  max_header_size: int = fmt.MAX_HEADER_SIZE, max_tensors: int = fmt.MAX_TENSORS,
                  max_ndim: int = fmt.MAX_NDIM, max_depth: int = fmt.MAX_DEPTH,
-                 _index: bool = False) -> None:
+                 allow_index: bool = False) -> None:
         self._be = _backend.backend
         self._lock = threading.Lock()  # guards _fd against close() while another thread reads
         self._fd: Optional[int] = None
@@ -350,7 +354,7 @@ class Reader(TensorMap):
             os.close(self._fd)  # the mapping keeps the file's pages; no descriptor needed
             self._fd = None
         self.size = size
-        if self.shard_index is not None and not _index:  # a Reader reads tensors; an index has none
+        if self.shard_index is not None and not allow_index:  # an index holds no tensors
             self.close()
             raise ShardError(f"{self.where} is a shard index, not a file of tensors; open it with "
                              "safeckpt.open(), which reads its shards [S1]")

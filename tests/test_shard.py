@@ -35,7 +35,7 @@ def saved(tmp_path, obj=STATE, limit=1000, **kw):
 
 def index_shards(path):
     """The raw ``shards`` map of an index, to tamper with."""
-    with Reader(path, _index=True) as reader:
+    with Reader(path, allow_index=True) as reader:
         return reader.shard_index, reader.stored_tree
 
 
@@ -56,7 +56,7 @@ def test_S8_shards_in_order_a_big_tensor_alone(tmp_path):
             assert f.version == (1, 0) and f.keys() == [shards["names"][j]]
             assert f.metadata == {"safeckpt.shard": {"save_id": shards["save_id"], "index": j + 1,
                                                      "count": 3}}
-    with Reader(path, _index=True) as index:  # the index: no tensors, its own flag, version 1.2
+    with Reader(path, allow_index=True) as index:  # the index: no tensors, its own flag, version 1.2
         assert index.flags == fmt.FLAG_SHARD_INDEX and index.version == (1, 2) and not index.keys()
     assert same(safeckpt.load(path), STATE)
 
