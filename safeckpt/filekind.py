@@ -1,4 +1,5 @@
-"""What a file's name says it holds: the one table of names that reading, saving and converting share.
+"""What a file's name says it holds: the one table of names that reading, saving and
+converting share.
 
 A save chooses its format by the name (``*.safetensors`` or a .sckpt file), refuses the names of
 formats safeckpt reads but never writes (a file named ``*.pt`` would be taken for a torch file by

@@ -22,8 +22,8 @@ import os
 import shlex
 import stat
 import threading
-from typing import (Any, Callable, cast, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence, Tuple,
-                    TypeVar, Union)
+from typing import (Any, Callable, Dict, Iterator, List, Literal, NoReturn, Optional, Sequence,
+                    Tuple, TypeVar, Union, cast)
 
 import numpy as np
 
@@ -188,7 +188,8 @@ class TensorMap:
         """The single-file reader that holds tensor ``i``, and the tensor's index there."""
         raise NotImplementedError
 
-    def load_indices(self, indices: Sequence[int], verify: Optional[bool] = None) -> List[np.ndarray]:
+    def load_indices(self, indices: Sequence[int],
+                     verify: Optional[bool] = None) -> List[np.ndarray]:
         """The arrays of the tensors at ``indices``, in order; CRC32C checked as
         :meth:`verifies` says for ``verify``."""
         raise NotImplementedError
@@ -587,7 +588,8 @@ class Reader(TensorMap):
                else "the file was saved with checksum=False")
         raise ChecksumError(f"{self.where}: {why}; there is nothing to verify [T10]")
 
-    def load_indices(self, indices: Sequence[int], verify: Optional[bool] = None) -> List[np.ndarray]:
+    def load_indices(self, indices: Sequence[int],
+                     verify: Optional[bool] = None) -> List[np.ndarray]:
         """The arrays of the tensors at ``indices``, in order; CRC32C checked as
         :meth:`verifies` says for ``verify``.
 

@@ -45,7 +45,8 @@ Example:
     >>> import numpy as np, safeckpt, tempfile, os
     >>> from safeckpt import safetensors_writer
     >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-    >>> safetensors_writer.save_file({"w": np.arange(3, dtype=np.float32)}, path, metadata={"format": "np"})
+    >>> w = np.arange(3, dtype=np.float32)
+    >>> safetensors_writer.save_file({"w": w}, path, metadata={"format": "np"})
     >>> with safeckpt.open(path) as f:                         # the format is detected
     ...     f.format, f.metadata, f["w"].tolist()
     ('safetensors', {'format': 'np'}, [0.0, 1.0, 2.0])

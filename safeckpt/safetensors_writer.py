@@ -28,7 +28,8 @@ from .safetensors_format import DTYPE_NAMES, LENGTH_SIZE, METADATA_KEY, SAFECKPT
 from .writer import LazyArray, le_bytes, unicode_error, warn_beyond_reader_defaults
 
 
-def encode_metadata(metadata: Optional[Mapping[str, Any]], tree: Any = fmt.NO_TREE) -> Dict[str, str]:
+def encode_metadata(metadata: Optional[Mapping[str, Any]],
+                    tree: Any = fmt.NO_TREE) -> Dict[str, str]:
     """Our metadata (and tree) as safetensors' str -> str metadata [ST9]; see the module docstring.
 
     Raises:

@@ -30,8 +30,6 @@ __all__ = ["LoadReport", "check_state", "device_tensors", "export", "from_numpy"
 if TYPE_CHECKING:  # names for annotations, which are never evaluated; torch is optional
     import torch
 
-    from .torch_convert import DeviceName, MapLocation  # aliases over torch's types
-
 
 class LoadReport(NamedTuple):
     """What :func:`load_model` found: lists of missing keys (in the model, not the file),
@@ -52,8 +50,8 @@ def save(obj: Any, path: PathLike, **options: Any) -> None:
     api.save(obj, path, **options)
 
 
-def load(path: PathLike, *, prefix: Prefix = None, map_location: MapLocation = None,
-         device: Optional[DeviceName] = None, mmap: bool = True,
+def load(path: PathLike, *, prefix: Prefix = None, map_location: torch_convert.MapLocation = None,
+         device: Optional[torch_convert.DeviceName] = None, mmap: bool = True,
          verify: Optional[bool] = None, **limits: int) -> Any:
     """:func:`safeckpt.load` with ``framework="torch"``: tensors view the file (zero-copy).
 
