@@ -47,6 +47,9 @@ _choice = os.environ.get("SAFECKPT_BACKEND", "").strip().lower()
 if _choice not in ("", "c", "python"):
     raise ImportError(f"SAFECKPT_BACKEND={_choice!r}: use 'c' or 'python'")
 
+# Only the chosen backend is imported: the C extension may be missing (then the fallback), and
+# importing _pybackend too would add about 7 ms (ctypes) to every `import safeckpt`. Both are
+# below this module, so these imports dodge no cycle.
 if _choice == "python":
     from . import _pybackend as backend
 else:
