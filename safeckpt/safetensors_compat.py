@@ -53,7 +53,7 @@ from .filekind import PathLike
 from .reader import TensorMap, TensorSlice
 from .safetensors_format import DTYPE_NAMES as _ST_NAMES
 
-__all__ = ["FRAMEWORKS", "SafeSlice", "safe_open"]
+__all__ = ["BACKENDS", "DTYPE_NAMES", "FRAMEWORKS", "SafeSlice", "safe_open"]
 
 # The framework names safetensors accepts and what each gives here.
 FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np",
@@ -105,7 +105,7 @@ class safe_open:  # noqa: N801 - the name of safetensors' class, so that only th
         device: for ``"pt"``, where tensors go: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, an
             int (device N of the accelerator), a ``torch.device``; ``"cpu"`` for the others.
         backend: ``"mmap"`` (default: tensors view a private mapping of the file, zero-copy) or
-            ``"pread"`` (read into fresh memory, each tensor's CRC32C checked as it is read;
+            ``"pread"`` (read into fresh memory, a .sckpt tensor's CRC32C checked as it is read;
             ``get_slice(...)[a:b]`` reads only those rows).
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
             for files you trust.
@@ -174,8 +174,9 @@ class safe_open:  # noqa: N801 - the name of safetensors' class, so that only th
 
         Raises:
             KeyError: no tensor of that name.
-            ChecksumError: its bytes do not match their CRC32C (checked when they are copied:
-                ``backend="pread"``, or to a device other than the CPU).
+            ChecksumError: its bytes do not match their CRC32C (a .sckpt file holds one per
+                tensor; checked when they are copied: ``backend="pread"``, or to a device other
+                than the CPU).
         """
         return self._tensors([self._position(name)])[0]
 
