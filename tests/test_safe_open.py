@@ -375,6 +375,40 @@ def test_sharded_checkpoint(backend, tmp_path):
             assert list(f.get_tensors()) == list(arrays)
 
 
+@pytest.mark.parametrize("io", ["mmap", "pread"])
+def test_hugging_face_sharded_safetensors(backend, tmp_path, io):
+    """A model.safetensors.index.json (or its directory) and shards written by safetensors.torch:
+    each tensor bit for bit as the real safe_open reads it from its shard."""
+    torch = _torch()
+    from safetensors.torch import save_file
+    tensors = _torch_tensors(torch)
+    names = sorted(tensors)
+    weight_map = {}
+    for j, part in enumerate((names[0::2], names[1::2])):  # interleaved, as by name
+        file = f"model-{j + 1:05d}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, tmp_path / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = tmp_path / "model.safetensors.index.json"
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    for source in (index, tmp_path):
+        with safeckpt.safe_open(source, "pt", backend=io) as f:
+            assert f.keys() == names
+            shard_order = []
+            for file in sorted(set(weight_map.values())):
+                ref = safetensors.safe_open(tmp_path / file, "pt")
+                shard_order += ref.offset_keys()
+                for name in ref.keys():
+                    assert _same(f.get_tensor(name), ref.get_tensor(name)), name
+                    assert f.get_slice(name).get_dtype() == ref.get_slice(name).get_dtype()
+                    assert f.get_slice(name).get_shape() == ref.get_slice(name).get_shape()
+            assert f.offset_keys() == shard_order
+            assert _same(f.get_slice("b")[1:, ::2], tensors["b"][1:, ::2])
+            assert list(f.get_tensors()) == shard_order
+            with safeckpt.open(source) as reader:
+                assert f.metadata() == (dict(reader.metadata) or None)
+
+
 def test_files_safeckpt_refuses_are_refused(backend, st_file, tmp_path):
     path, _ = st_file
     with pytest.raises(LimitError, match="max_tensors"):
