@@ -502,13 +502,20 @@ def restore_into(target: Any, state: Any, *, strict: bool = True, where: str = "
     before anything is written:
 
     - numpy arrays and torch tensors are overwritten in place (``np.copyto``, ``Tensor.copy_``),
-      so references to them stay valid; the file's must have the same shape and dtype;
+      so references to them stay valid; the file's must have the same shape and dtype. A
+      ``model.state_dict()`` (or an optimizer's) given as a dict is restored this way: the
+      module's own tensors receive the values (``data_ptr()`` unchanged), and no entry holding
+      a tensor is ever replaced; a tensor on the meta device is refused (no memory);
     - an object with ``load_state_dict()`` gets its state (a torch module is checked key by key,
       see :func:`safeckpt.torch.load_state`); its own refusals raise ``StateMismatchError``;
     - dicts and lists are walked key by key: a key of the target missing from the file, or of
       the file missing from the target, is a problem; an *empty* dict or list receives whatever
       the file holds there (e.g. the velocity of a numpy optimizer before its first step);
     - plain values (numbers, str, None, tuples of them) are replaced by the file's.
+
+    ``map_location`` moves what is given to objects with ``load_state_dict()`` (an optimizer's
+    state), as ``torch.load`` takes it: a device, a dict, or a function ``(storage, location)``
+    (see :func:`safeckpt.torch.load`).
 
     Raises:
         StateMismatchError: with ``strict``, one error listing every missing and unexpected key
@@ -603,7 +610,9 @@ def load_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
     ``rng``, the random generators are set. ``verify``: check every tensor's CRC32C; ``None``
     (default) does when the file has checksums (a restore reads every byte anyway), ``True``
     always (raises on a file saved with ``checksum=False``), ``False`` never. ``map_location``
-    moves tensors restored into torch objects, as ``torch.load`` does.
+    moves tensors restored into torch objects, as ``torch.load`` takes it (a device, a dict,
+    or a function ``(storage, location)``; see :func:`safeckpt.torch.load`). A target given as
+    a plain state dict (``model=model.state_dict()``) is written in place, never rebound.
 
     Raises:
         HeaderError: not a file of :func:`save_checkpoint` (a plain file, a file of
@@ -911,8 +920,8 @@ class CheckpointManager:
 
         With ``step=None``, a newest file that does not open, fails verification or breaks
         [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
-        the one before it. ``verify`` as for :func:`load_checkpoint`. Returns a
-        :class:`CheckpointInfo`, or None when there is no checkpoint (start fresh).
+        the one before it. ``verify`` and ``map_location`` as for :func:`load_checkpoint`.
+        Returns a :class:`CheckpointInfo`, or None when there is no checkpoint (start fresh).
 
         Raises:
             StateMismatchError: the checkpoint does not fit ``state_or_model``; nothing was

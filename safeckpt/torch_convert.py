@@ -38,8 +38,10 @@ if TYPE_CHECKING:  # torch is optional: its types are for the checker only
     import torch
 
     DeviceName = Union[str, int, torch.device]
-    MapLocation = Union[None, DeviceName, Dict[Union[str, torch.device], DeviceName]]
-    CheckedMapLocation = Union[None, torch.device, Dict[str, torch.device]]
+    # torch.load's map_location function: (CPU storage, saved location tag) -> where it goes
+    MapFunction = Callable[[torch.UntypedStorage, str], Any]
+    MapLocation = Union[None, DeviceName, Dict[Union[str, torch.device], DeviceName], MapFunction]
+    CheckedMapLocation = Union[None, torch.device, Dict[str, torch.device], MapFunction]
 
     class TensorSource(Protocol):
         """A single-file reader, as :func:`device_tensors` uses it."""
@@ -65,6 +67,7 @@ _TABLES: Optional[Tuple[Dict[Any, Any], Dict[Any, Any]]] = None  # built on firs
 
 _ACCEPTED = ("use 'cpu', 'cuda', 'cuda:N', an int N (device N of the accelerator), a torch.device, "
              "or a dict {saved device: device}")
+_FUNCTION = "; map_location may also be a function (storage, location), as torch.load takes it"
 _ELSEWHERE = "pass map_location='cpu' (or a dict) to load it elsewhere"
 _STAGING_BYTES = 64 << 20  # each of the two host buffers of a load to a GPU
 
@@ -254,8 +257,11 @@ def check_map_location(map_location: MapLocation,
                        name: str = "map_location") -> CheckedMapLocation:
     """``map_location`` (or ``device``, as ``name`` says) checked to name devices that exist here.
 
+    A function (``map_location`` only, not ``device``) is returned as it is: what it returns is
+    checked per tensor, when :func:`load_tensors` calls it.
+
     Returns:
-        None, a torch.device, or a dict of saved device str -> torch.device.
+        None, a torch.device, a dict of saved device str -> torch.device, or the function.
 
     Raises:
         InvalidValueError: naming ``name``, the bad value and what is accepted; the meta device
@@ -268,8 +274,14 @@ def check_map_location(map_location: MapLocation,
     torch = _torch()
     if map_location is None:
         return None
+    if callable(map_location):
+        if name != "map_location":
+            raise InvalidValueError(f"{name}={map_location!r}: a function is not a device; pass "
+                                    f"it as map_location=, or {_ACCEPTED}")
+        return map_location
     if not isinstance(map_location, dict):
-        return _device(map_location, f"{name}={map_location!r}")
+        return _device(map_location, f"{name}={map_location!r}",
+                       _ACCEPTED + (_FUNCTION if name == "map_location" else ""))
     checked = {}
     for saved, device in map_location.items():
         if not isinstance(saved, (str, torch.device)):
@@ -323,6 +335,45 @@ def from_numpy(array: np.ndarray, name: str = "tensor") -> torch.Tensor:
     return tensor if bits is None else tensor.view(tensor_dtype)
 
 
+def _mapped(tensor: Any, function: MapFunction, location: str, saved: Optional[str],
+            name: str) -> Any:
+    """``tensor`` (on the CPU) where ``function(storage, location)`` puts it, as torch.load
+    does: a storage (the tensor's own: it stays; another: the tensor is rebuilt on it), a tensor
+    of the same shape and dtype, or None (the default: where it was saved, ``saved``).
+
+    Raises:
+        InvalidValueError: anything else returned, or a storage of another size, naming the
+            tensor; with None, a saved device that torch cannot use here.
+    """
+    torch = _torch()
+    own = tensor.untyped_storage()
+    result = function(own, location)
+    what = f"map_location({location!r}) for tensor {name!r}"
+    if result is None:
+        device = _targets({0: saved}, None, [name])[0]
+        return tensor if device.type == "cpu" else tensor.to(device)
+    if isinstance(result, torch.Tensor):
+        if result.shape != tensor.shape or result.dtype != tensor.dtype:
+            raise InvalidValueError(
+                f"{what} returned a tensor of shape {tuple(result.shape)} {result.dtype}; the "
+                f"tensor is shape {tuple(tensor.shape)} {tensor.dtype}: return the storage it "
+                "was given (moved), a tensor like it, or None")
+        return result
+    if isinstance(result, torch.TypedStorage):
+        result = result.untyped()
+    if not isinstance(result, torch.UntypedStorage):
+        raise InvalidValueError(f"{what} returned {type(result).__name__}, not a storage, a "
+                                "tensor or None, as torch.load takes them")
+    if result.nbytes() != own.nbytes() or result.device.type == "meta":
+        raise InvalidValueError(
+            f"{what} returned a storage of {result.nbytes()} bytes on {result.device}; the "
+            f"tensor needs its {own.nbytes()} bytes with their data (e.g. storage.cuda())")
+    if result.device == own.device and result.data_ptr() == own.data_ptr():
+        return tensor
+    return torch.empty(0, dtype=tensor.dtype, device=result.device).set_(
+        result, tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
 def load_tensors(reader: TensorReader, saved_devices: Dict[int, Optional[str]],
                  map_location: MapLocation = None,
                  verify: Optional[bool] = None) -> Dict[int, torch.Tensor]:
@@ -333,15 +384,29 @@ def load_tensors(reader: TensorReader, saved_devices: Dict[int, Optional[str]],
     one bound for any other device is copied there by :func:`device_tensors`. ``verify`` as
     :func:`safeckpt.load` takes it.
 
+    A function ``map_location`` is called as torch.load calls it, once per stored tensor (a tied
+    tensor once): ``map_location(storage, location)`` with the tensor's CPU storage (a view of the
+    file) and the location it was saved from (``"cpu"``, ``"cuda:0"``); it returns the storage
+    (the tensor stays a view), another storage of the same size (``storage.cuda(1)``: the
+    tensor is rebuilt on it), a tensor of the same shape and dtype, or None (where it was saved).
+
     Raises:
         InvalidValueError: a ``map_location`` that torch cannot use here, or a tensor saved from
-            such a device and not remapped; checked before any tensor is read.
+            such a device and not remapped; checked before any tensor is read (a function's
+            results: when it returns them).
 
     Example:
         >>> load_tensors(reader, {0: None, 1: "cuda:0"}, "cpu")      # doctest: +SKIP
+        >>> load_tensors(reader, {0: None}, lambda storage, location: storage)  # doctest: +SKIP
     """
     names = reader.names
-    targets = _targets(saved_devices, check_map_location(map_location), names)
+    checked = check_map_location(map_location)
+    if callable(checked):
+        indices = list(saved_devices)
+        arrays = reader.load_indices(indices, verify)
+        return {i: _mapped(from_numpy(array, names[i]), checked, saved_devices[i] or "cpu",
+                           saved_devices[i], names[i]) for i, array in zip(indices, arrays)}
+    targets = _targets(saved_devices, checked, names)
     host = [i for i, device in targets.items() if device.type == "cpu"]
     arrays = reader.load_indices(host, verify)
     tensors = {i: from_numpy(array, names[i]) for i, array in zip(host, arrays)}
@@ -469,8 +534,8 @@ def device_tensors(reader: TensorReader, indices: Sequence[int], device: torch.d
 
 def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
     """Convert the numpy arrays of a loaded tree to torch tensors (zero-copy on CPU), moved as
-    ``map_location`` says (the arrays count as saved from the CPU); an array that appears twice
-    becomes one tensor.
+    ``map_location`` says (the arrays count as saved from the CPU: a function is called with
+    location ``"cpu"``, see :func:`load_tensors`); an array that appears twice becomes one tensor.
 
     Raises:
         InvalidValueError: a ``map_location`` that torch cannot use here.
@@ -480,13 +545,18 @@ def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
         >>> to_torch({"w": np.ones(2, np.float32)})                  # doctest: +SKIP
         {'w': tensor([1., 1.])}
     """
-    device = _targets({0: None}, check_map_location(map_location), ["tensor"])[0]
+    checked = check_map_location(map_location)
+    device = None if callable(checked) else _targets({0: None}, checked, ["tensor"])[0]
     done: Dict[int, Tuple[np.ndarray, Any]] = {}
 
     def convert(array: np.ndarray) -> Any:
         if id(array) not in done:  # the array is kept in ``done``, so its id stays its own
             tensor = from_numpy(array)
-            done[id(array)] = (array, tensor if device.type == "cpu" else tensor.to(device))
+            if callable(checked):
+                tensor = _mapped(tensor, checked, "cpu", None, "tensor")
+            elif device is not None and device.type != "cpu":
+                tensor = tensor.to(device)
+            done[id(array)] = (array, tensor)
         return done[id(array)][1]
     return _map_arrays(obj, convert)
 
