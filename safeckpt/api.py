@@ -17,18 +17,20 @@ Example:
 from __future__ import annotations
 
 import collections.abc
+import errno
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import format as fmt
+from . import safetensors_shards as _hf
 from . import safetensors_writer
 from . import shard as _shard
 from . import tree as _tree
 from . import writer as _writer
 from .errors import InvalidValueError
-from .filekind import PathLike, output_format
+from .filekind import PathLike, kind_of, output_format
 from .reader import Reader, TensorMap
 
 Metadata = Optional[Mapping[str, Any]]
@@ -36,11 +38,17 @@ Prefix = Union[None, str, Sequence[Any]]
 
 
 def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # noqa: A001 - safeckpt.open
-    """Open and validate a .sckpt file, or a sharded checkpoint; use as a context manager.
+    """Open and validate a checkpoint (one file, or shards and their index); use as a context manager.
 
     Parameters:
-        path: a str or path-like: a .sckpt file, a shard index (FORMAT.md section 9) or a
-            directory that holds one checkpoint (its only .sckpt file that is not named as a shard).
+        path: a str or path-like:
+
+            - a .sckpt or .safetensors file (told apart by their first bytes);
+            - a .sckpt shard index (FORMAT.md section 9);
+            - a Hugging Face index ``*.safetensors.index.json`` (section 10), or the name its
+              sharded save was given (``model.safetensors``, when only its index is there);
+            - a directory holding one checkpoint: its only .sckpt file or Hugging Face index
+              (shards are not counted), else its only .safetensors file.
         mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
             memory (network filesystems, or a file that may shrink while open).
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
@@ -52,10 +60,15 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
 
     Raises:
         SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
+        ValueError: a directory holding several checkpoints (they are named; open one).
+        IsADirectoryError: a directory holding none (or only shards: a save did not finish).
 
     Example:
         >>> with safeckpt.open("model.sckpt") as f:          # doctest: +SKIP
         ...     w = f["layers.0.weight"]
+        >>> with safeckpt.open("Llama-3-8B/") as f:          # doctest: +SKIP
+        ...     f.shard_of("lm_head.weight")
+        'Llama-3-8B/model-00004-of-00004.safetensors'
     """
     try:
         path = os.fsdecode(path)
@@ -64,7 +77,12 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
                         f"{type(path).__name__}; to load a checkpoint held in memory, use "
                         "safeckpt.load_bytes(data)") from None
     if os.path.isdir(path):
-        path = _shard.find_index(path)
+        path = _checkpoint_in(path)
+    elif (path.lower().endswith(_hf.SUFFIX) and not os.path.lexists(path)
+          and os.path.isfile(_hf.index_of(path))):  # a sharded save to this name wrote an index
+        path = _hf.index_of(path)
+    if kind_of(path) == "index":
+        return _hf.SafetensorsShards(path, mmap=mmap, **limits)
     reader = Reader(path, mmap=mmap, allow_index=True, **limits)
     if reader.shard_index is None:
         return reader
@@ -73,6 +91,30 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
     except BaseException:
         reader.close()
         raise
+
+
+def _checkpoint_in(directory: str) -> str:
+    """The checkpoint in ``directory``: its only .sckpt checkpoint or Hugging Face index, else its
+    only .safetensors file that is not named as a shard.
+
+    Raises:
+        ValueError: several of them (named: open one by its path).
+        IsADirectoryError: none (said so when only shards are there: a save did not finish [S9]).
+    """
+    entries = sorted(os.listdir(directory))
+    found = sorted(_shard.checkpoints_in(entries) + _hf.indexes_in(entries))
+    if not found:
+        found = _hf.singles_in(entries)
+    if len(found) == 1:
+        return os.path.join(directory, found[0])
+    if found:
+        raise ValueError(f"{directory!r} holds several checkpoints ({', '.join(found)}); open one "
+                         "of them by its path")
+    shards = _shard.shards_in(entries) + _hf.shards_in(entries)
+    detail = (f": only shards ({shards[0]}, ...) and no index, so a save did not finish [S9]"
+              if shards else "")
+    raise IsADirectoryError(errno.EISDIR, "a directory with no .sckpt, .safetensors or "
+                            f"*.safetensors.index.json checkpoint in it{detail}", directory)
 
 
 def load_file(path: PathLike, *, mmap: bool = True, verify: Optional[bool] = None,
@@ -173,7 +215,10 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata 
             unlinked, then the new one is written at ``path``; an error removes the partial file
             (the old one is gone), a crash may leave one (readers refuse it).
         max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
-            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
+            such as ``"500MB"`` or ``"2GiB"``). A .sckpt name gets shards plus an index at
+            ``path`` (FORMAT.md section 9); ``*.safetensors`` gets Hugging Face shards
+            (``model-00001-of-00002.safetensors`` ...) and ``model.safetensors.index.json``, as
+            transformers writes them (section 10). What fits in one shard is one file at ``path``.
 
     Raises:
         InvalidValueError: a key is not a str, a value is not an array, metadata has a value
@@ -190,14 +235,14 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata 
 
     Example:
         >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
+        >>> safeckpt.save_file(weights, "out/model.safetensors", max_shard_size="5GB")  # doctest: +SKIP
     """
     if not isinstance(tensors, collections.abc.Mapping):
         raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                 f"not {type(tensors).__name__}")
     if max_shard_size is not None:
-        _shard.save_sharded(fmt.NO_TREE, list(tensors), list(tensors.values()), path,
-                            metadata=metadata, align=align, checksum=checksum, atomic=atomic,
-                            max_shard_size=max_shard_size)
+        save_sharded(fmt.NO_TREE, list(tensors), list(tensors.values()), path, metadata=metadata,
+                     align=align, checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
         return
     save_plan(_writer.Plan(tensors, metadata, align, checksum), path, atomic=atomic)
 
@@ -214,7 +259,10 @@ def save(obj: Any, path: PathLike, *, metadata: Metadata = None, align: int = fm
         path: a str or path-like.
         metadata, align, checksum, atomic: as for :func:`safeckpt.save_file`.
         max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
-            such as ``"500MB"`` or ``"2GiB"``) plus an index at ``path`` (FORMAT.md section 9).
+            such as ``"500MB"`` or ``"2GiB"``). A .sckpt name gets shards plus an index at
+            ``path`` (FORMAT.md section 9); ``*.safetensors`` gets Hugging Face shards
+            (``model-00001-of-00002.safetensors`` ...) and ``model.safetensors.index.json``, as
+            transformers writes them (section 10). What fits in one shard is one file at ``path``.
 
     Raises:
         InvalidValueError: a value safeckpt does not store; the message names its path
@@ -225,10 +273,31 @@ def save(obj: Any, path: PathLike, *, metadata: Metadata = None, align: int = fm
         >>> safeckpt.save({"model": model.state_dict(), "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
     """
     if max_shard_size is not None:
-        _shard.save_sharded(*_tree.flatten(obj), path, metadata=metadata, align=align,
-                            checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
+        save_sharded(*_tree.flatten(obj), path, metadata=metadata, align=align, checksum=checksum,
+                     atomic=atomic, max_shard_size=max_shard_size)
         return
     save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), path, atomic=atomic)
+
+
+def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: PathLike, *,
+                 metadata: Metadata, align: int, checksum: bool, atomic: bool,
+                 max_shard_size: Union[int, str]) -> None:
+    """Write a flattened object in shards of at most ``max_shard_size`` tensor bytes, the format
+    chosen by the name: ``*.safetensors`` writes Hugging Face shards and their
+    ``*.safetensors.index.json`` (:func:`safeckpt.safetensors_shards.save_sharded`; ``align``
+    and ``checksum`` unused), any other name .sckpt shards and an index at ``path``
+    (:func:`safeckpt.shard.save_sharded`). What fits in one shard is one ordinary file at ``path``.
+
+    Example:
+        >>> save_sharded(*_tree.flatten({"w": np.zeros(2)}), "out/model.safetensors", metadata=None,
+        ...              align=64, checksum=True, atomic=True, max_shard_size="5GB")  # doctest: +SKIP
+    """
+    if output_format(path)[1] == "safetensors":
+        _hf.save_sharded(tree, names, arrays, path, metadata=metadata, atomic=atomic,
+                         max_shard_size=max_shard_size)
+        return
+    _shard.save_sharded(tree, names, arrays, path, metadata=metadata, align=align,
+                        checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
 
 
 def save_bytes(tensors: Mapping[str, Any], *, metadata: Metadata = None,

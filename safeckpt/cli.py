@@ -25,6 +25,7 @@ Example:
     $ safeckpt inspect model.sckpt --json | jq '.tensors[0]'
     $ safeckpt verify *.sckpt && echo intact
     $ safeckpt convert model.safetensors model.sckpt
+    $ safeckpt convert model.sckpt hf/model.safetensors --max-shard-size 5GB
     $ safeckpt diff before.sckpt after.sckpt --max-header-size 200000000
 """
 
@@ -46,6 +47,7 @@ from ._version import __version__
 from . import api
 from . import interop as _convert
 from . import format as fmt
+from . import shard as _shard
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE
 from .errors import ChecksumError, SafeckptError, plural, quote
@@ -545,7 +547,7 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
         enabled = sys.stderr.isatty()
     result = _convert.convert(args.src, args.dst, align=args.align,
                               checksum=not args.no_checksum, progress=_progress_bar(enabled),
-                              **_limits(args))
+                              max_shard_size=args.max_shard_size, **_limits(args))
     if not args.quiet:
         _say(out, f"{args.src} -> {args.dst}: {plural(result.tensors, 'tensor')}, "
                   f"{_human(result.nbytes)}")
@@ -670,6 +672,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _shard_size(text: str) -> int:
+    """argparse type: a size in bytes, with an optional unit (``5GB``, ``500MiB``)."""
+    try:
+        return _shard.parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MiB or "
+                                         "1000000 (bytes)") from None
+
+
 def _alignment(text: str) -> int:
     """argparse type: a power of two from ALIGN_MIN to ALIGN_MAX."""
     if not text.isdigit() or int(text) & (int(text) - 1) or not (
@@ -745,6 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", type=_alignment, default=fmt.ALIGN_DEFAULT, help="tensor "
                    f"alignment in a .sckpt output (default {fmt.ALIGN_DEFAULT})")
     p.add_argument("--no-checksum", action="store_true", help="no CRC32C in a .sckpt output")
+    p.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE", help="write shards of at "
+                   "most SIZE tensor bytes (e.g. 5GB, 500MiB) and their index: for DST "
+                   "model.safetensors, Hugging Face shards model-00001-of-0000N.safetensors and "
+                   "model.safetensors.index.json")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--progress", action="store_true", help="always show a progress bar")
     shown.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")

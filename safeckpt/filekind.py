@@ -46,12 +46,14 @@ def kind_of(path: PathLike) -> str:
 
 def output_format(path: PathLike, *, sharded: bool = False) -> Tuple[str, Optional[str]]:
     """``(path as a str, format)`` for a save: ``"safetensors"``, ``"sckpt"``, or ``None`` for
-    another name (a .sckpt file is written) [W5].
+    another name (a .sckpt file is written) [W5]. ``sharded``: the save writes .sckpt shards or a
+    .sckpt shard index (FORMAT.md section 9).
 
     Raises:
         TypeError: ``path`` is not a str, bytes or os.PathLike.
-        InvalidValueError: the name of a format safeckpt reads but never writes, or
-            ``*.safetensors`` for a sharded save.
+        InvalidValueError: the name of a format safeckpt reads but never writes (an index
+            ``*.index.json`` is written beside its shards, never as a save's path), or
+            ``*.safetensors`` with ``sharded`` (a .sckpt shard or index).
         IsADirectoryError: the path ends with a separator.
 
     Example: ``output_format("w.pt")`` raises InvalidValueError; name it ``w.sckpt``.
@@ -64,12 +66,19 @@ def output_format(path: PathLike, *, sharded: bool = False) -> Tuple[str, Option
     if not os.path.basename(text):
         raise IsADirectoryError(errno.EISDIR, "cannot save: the path names a directory", text)
     name = text.lower()
+    if kind_of(name) == "index":  # the index of Hugging Face shards is written beside them
+        raise InvalidValueError(f"{text!r}: safeckpt writes a {INDEX_SUFFIX} index only beside the "
+                                "shards it names; name it after the model (e.g. "
+                                "'model.safetensors') and pass max_shard_size=..., which writes "
+                                f"'model.safetensors{INDEX_SUFFIX}' when there is more than one shard")
     if kind_of(name) != "file":
-        ext = INDEX_SUFFIX if name.endswith(INDEX_SUFFIX) else os.path.splitext(name)[1]
+        ext = os.path.splitext(name)[1]
         raise InvalidValueError(f"{text!r}: safeckpt does not write {ext} files, and a file named "
                                 "so would be taken for one; name it *.sckpt or *.safetensors")
     kind = next((kind for suffix, kind in OUTPUTS.items() if name.endswith(suffix)), None)
     if sharded and kind == "safetensors":
-        raise InvalidValueError(f"{text!r}: a sharded save writes .sckpt shards and a .sckpt index "
-                                "(FORMAT.md section 9); name it *.sckpt")
+        raise InvalidValueError(f"{text!r}: .sckpt shards and their .sckpt index (FORMAT.md "
+                                "section 9) are never written under a .safetensors name; name it "
+                                "*.sckpt (safeckpt.save/save_file with max_shard_size= write "
+                                "Hugging Face shards to a *.safetensors name)")
     return text, kind

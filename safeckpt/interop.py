@@ -5,8 +5,9 @@ Sources, chosen by the file name (anything else is read by :func:`safeckpt.open`
 
 =============================  ====================================================================
 ``*.sckpt``, ``*.safetensors``  read and validated by safeckpt's own reader (zero-copy)
-``*.index.json``                a sharded safetensors model (``model.safetensors.index.json``): every
-                                shard it names, checked against its ``weight_map``, as one file
+``*.index.json``, a directory   a sharded model (``model.safetensors.index.json``, FORMAT.md section
+                                10) or a directory holding one checkpoint, read by
+                                :func:`safeckpt.open`: every shard checked against the index
 ``*.npz``, ``*.npy``            read here with bounded reads (numpy parses the .npy header: literals
                                 only); object arrays raise :class:`PickleRequiredError`
 ``*.pt``, ``*.pth``, ``*.bin``, ``torch.load(..., weights_only=True)`` only: a file that needs full
@@ -18,7 +19,8 @@ of a torch file may hold ``max_expansion`` (16) times the file's size, checked b
 allocated (a zip bomb, a stride-0 tensor), and a torch file's shared objects, which a tree stores
 once per appearance, may expand to ``TREE_EXPANSION`` (2) times its bytes outside tensors.
 
-Destinations: ``*.sckpt`` or ``*.safetensors``. Tensor bytes are copied as they are (bit-exact,
+Destinations: ``*.sckpt`` or ``*.safetensors``; with ``max_shard_size``, shards and their index
+(Hugging Face's for ``*.safetensors``). Tensor bytes are copied as they are (bit-exact,
 dtypes kept); metadata and the tree of nested objects are kept (for safetensors, see
 :mod:`safeckpt.safetensors_format`). A ``.npy`` file is one array, so it becomes a file whose
 object is that array (``safeckpt.load`` returns it; its tensor is named ``_``). A torch file holds
@@ -29,6 +31,7 @@ Example:
     >>> safeckpt.convert("model.safetensors", "model.sckpt")               # doctest: +SKIP
     >>> safeckpt.convert("pytorch_model.bin", "model.sckpt")               # doctest: +SKIP
     >>> safeckpt.convert("model.safetensors.index.json", "model.sckpt")    # doctest: +SKIP
+    >>> safeckpt.convert("model.sckpt", "hf/model.safetensors", max_shard_size="5GB")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import errno
 import functools
 import io
 import itertools
-import json
 import os
 import re
 import stat
@@ -52,7 +54,6 @@ import numpy as np
 
 from . import api
 from . import format as fmt
-from . import safetensors_format as _sft
 from . import safetensors_writer
 from . import tree as _tree
 from . import filekind
@@ -60,6 +61,7 @@ from . import writer as _writer
 from .dtypes import code_of
 from .filekind import OUTPUTS, kind_of
 from .reader import TensorMap
+from .safetensors_shards import TOTAL_SIZE_KEY
 from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, PickleRequiredError,
                      SafeckptError, TruncatedFileError, UnsupportedDtypeError)
 
@@ -123,9 +125,7 @@ def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANS
     path = os.fspath(path)
     kind = kind_of(path)
     with contextlib.ExitStack() as stack:
-        if kind == "index":
-            yield _index_source(path, stack, limits)
-        elif kind == "npz":
+        if kind == "npz":
             yield _npz_source(path, stack, max_expansion)
         elif kind == "npy":
             yield _npy_source(path, stack)
@@ -136,77 +136,19 @@ def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANS
 
 
 def _open(path: str, **limits: Any) -> TensorMap:
-    """:func:`safeckpt.open` of a .sckpt or .safetensors file, with the reader's limits."""
+    """:func:`safeckpt.open` of a .sckpt or .safetensors file, or of shards and their index, with
+    the reader's limits."""
     return api.open(path, **limits)
 
 
 def _reader_source(reader: TensorMap) -> Source:
-    """A .sckpt or .safetensors reader's tensors, each read when the writer reaches it."""
+    """A reader's tensors (a file's or shards'), each read when the writer reaches it."""
     tensors: Tensors = {}
     for name in reader.keys():
         info = reader.info(name)
         tensors[name] = _writer.LazyArray(info.dtype, info.shape,
                                           functools.partial(reader.__getitem__, name))
     return Source(tensors, dict(reader.metadata), reader.stored_tree)
-
-
-def _plain_name(name: object, where: str) -> str:
-    """A file name in the index's own directory: no path, no hidden file (as FORMAT.md [S3])."""
-    if (type(name) is not str or not name or len(name.encode("utf-8", "replace")) > 255
-            or any(c in name for c in "/\\\0") or name.startswith(".")):
-        raise HeaderError(f"{where}: shard file {name!r} must be a plain file name in the index's "
-                          "directory")
-    return name
-
-
-def _index_source(path: str, stack: contextlib.ExitStack, limits: dict[str, Any]) -> Source:
-    """A sharded safetensors model: ``{"metadata": {...}, "weight_map": {tensor: shard file}}``."""
-    where = repr(path)
-    max_size = limits.get("max_header_size", fmt.MAX_HEADER_SIZE)
-    with open(path, "rb") as f:  # read(n) allocates n bytes first: never more than the file
-        raw = f.read(min(max_size, os.fstat(f.fileno()).st_size) + 1)
-    if len(raw) > max_size:
-        raise LimitError(f"{where}: index is larger than max_header_size={max_size}; pass "
-                         "max_header_size=... if you trust this file")
-    try:
-        with fmt.collector_paused():
-            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_sft.unique_object,
-                               parse_constant=_sft.refuse_constant)
-    except HeaderError as exc:
-        raise HeaderError(f"{where}: {exc}") from None
-    except RecursionError:
-        raise LimitError(f"{where}: index nesting is too deep to decode") from None
-    except ValueError as exc:
-        raise HeaderError(f"{where}: not a JSON index: {exc}") from None
-    weight_map = index.get("weight_map") if type(index) is dict else None
-    if type(weight_map) is not dict or not weight_map:
-        raise HeaderError(f"{where}: a sharded safetensors index needs a non-empty 'weight_map' "
-                          "object of tensor name -> shard file")
-    metadata = index.get("metadata", {})
-    if type(metadata) is not dict:
-        raise HeaderError(f"{where}: 'metadata' must be an object, not {type(metadata).__name__}")
-    metadata = dict(metadata)
-    fmt.walk_metadata(metadata, limits.get("max_depth", fmt.MAX_DEPTH), HeaderError)
-    by_file: dict[str, set[str]] = collections.defaultdict(set)
-    for name, file in weight_map.items():
-        by_file[_plain_name(file, where)].add(name)
-    directory = os.path.dirname(os.path.abspath(path))
-    tensors: Tensors = {}
-    for file in sorted(by_file):  # model-00001-of-00003... sort in shard order
-        reader = stack.enter_context(_open(os.path.join(directory, file), **limits))
-        if getattr(reader, "format", None) != "safetensors":
-            raise HeaderError(f"{where}: shard {file!r} is not a safetensors file")
-        names = reader.keys()
-        extra = [n for n in names if n not in by_file[file]]
-        missing = by_file[file].difference(names)
-        if extra or missing:
-            problem = (f"holds {extra[0]!r}, which the weight_map does not map to it" if extra
-                       else f"does not hold {sorted(missing)[0]!r}, which the weight_map maps to it")
-            raise LayoutError(f"{where}: shard {file!r} {problem}")
-        for key, value in reader.metadata.items():
-            metadata.setdefault(key, value)
-        tensors.update(_reader_source(reader).tensors)
-    return Source(tensors, metadata)
 
 
 def _open_regular(path: str, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:
@@ -552,17 +494,23 @@ def _counting(tensors: Tensors, progress: Progress | None) -> Tensors:
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             align: int = fmt.ALIGN_DEFAULT, checksum: bool = True, progress: Progress | None = None,
-            max_expansion: int = MAX_EXPANSION, **limits: Any) -> Converted:
+            max_expansion: int = MAX_EXPANSION, max_shard_size: int | str | None = None,
+            **limits: Any) -> Converted:
     """Convert ``src`` to ``dst``, each format chosen by the file name (see the module docstring).
 
     Parameters:
-        src: a .sckpt, .safetensors, sharded ``*.index.json``, .npz, .npy or torch file.
+        src: a .sckpt, .safetensors, sharded ``*.index.json``, .npz, .npy or torch file, or a
+            directory holding one checkpoint (as :func:`safeckpt.open` takes it).
         dst: a path ending in ``.sckpt`` or ``.safetensors``; written atomically.
         align, checksum: for a .sckpt destination, as :func:`safeckpt.save_file`.
         progress: called as ``progress(done_bytes, total_bytes)`` as tensors are written.
         max_expansion: the tensors of an .npz or torch file may hold at most this many times the
             file's size in bytes (default 16): a bound on what a small file can make convert
             decompress or write. Raise it for a trusted .npz of mostly-zero arrays.
+        max_shard_size: write shards of at most this many tensor bytes (an int, or a str such as
+            ``"5GB"``), as :func:`safeckpt.save_file`: for ``model.safetensors``, Hugging Face
+            shards and ``model.safetensors.index.json`` (a ``total_size`` in the source's
+            metadata is the source files' own: the index gets the new one).
         limits: reader limits for .sckpt/.safetensors sources (``max_header_size``, ...).
 
     Returns:
@@ -578,6 +526,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     Example:
         >>> safeckpt.convert("model.safetensors", "model.sckpt")   # doctest: +SKIP
         Converted(tensors=291, nbytes=2471636992)
+        >>> safeckpt.convert("pytorch_model.bin", "hf/model.safetensors", max_shard_size="5GB")  # doctest: +SKIP
+        Converted(tensors=291, nbytes=16060522496)
     """
     dst = os.fspath(dst)
     out = next((kind for suffix, kind in OUTPUTS.items() if dst.lower().endswith(suffix)), None)
@@ -585,7 +535,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         raise ValueError(f"{dst!r}: unknown output format; name it *.sckpt or *.safetensors")
     with read_source(src, max_expansion=max_expansion, **limits) as source:
         tensors = _counting(source.tensors, progress)
-        if out == "sckpt":
+        if max_shard_size is not None:
+            metadata = source.metadata
+            if out == "safetensors":
+                metadata = {k: v for k, v in metadata.items() if k != TOTAL_SIZE_KEY}
+            api.save_sharded(source.tree, list(tensors), list(tensors.values()), dst,
+                             metadata=metadata, align=align, checksum=checksum, atomic=True,
+                             max_shard_size=max_shard_size)
+        elif out == "sckpt":
             plan = _writer.Plan(tensors, source.metadata, align, checksum, tree=source.tree)
             api.save_plan(plan, dst, atomic=True)
         else:

@@ -270,16 +270,27 @@ def _table(header: Dict[str, Any], header_len: int, size: int, max_tensors: int,
     if position < data_size:
         raise LayoutError(f"{data_size - position} trailing bytes after the last tensor [ST7]")
     base = LENGTH_SIZE + header_len
-    metadata, tree = _decode_extras(metadata, max_depth)
+    metadata, tree = decode_extras(metadata, max_depth)
     return Table(names, bytes(codes), bytes(ndims), dims, [base + b for b in begins],
                  [e - b for b, e in zip(begins, ends)], metadata, tree)
 
 
-def _decode_extras(metadata: Dict[str, Any], max_depth: int) -> Tuple[Dict[str, Any], Any]:
-    """Merge ``__safeckpt__`` [ST9] back into the metadata; return ``(metadata, raw tree)``."""
+def decode_extras(metadata: Dict[str, Any], max_depth: int) -> Tuple[Dict[str, Any], Any]:
+    """Merge ``__safeckpt__`` [ST9] back into the metadata; return ``(metadata, raw tree)``.
+
+    For a file's metadata (str values) and a Hugging Face index's (any JSON values); the tree is
+    returned unchecked (the caller checks it against its tensor names).
+
+    Raises:
+        HeaderError: ``__safeckpt__`` is not base64 of one msgpack map of that schema, or one
+            of its keys is also a plain entry.
+    """
     blob = metadata.pop(SAFECKPT_KEY, None)
     if blob is None:
         return metadata, fmt.NO_TREE
+    if type(blob) is not str:
+        raise HeaderError(f"metadata[{SAFECKPT_KEY!r}] must be a str (base64), not "
+                          f"{type(blob).__name__} [ST9]")
     try:
         with fmt.collector_paused():
             extras = msgpack.unpackb(base64.b64decode(blob, validate=True), raw=False,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import collections.abc
 import json
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import msgpack
 import numpy as np
@@ -54,9 +54,25 @@ def encode_metadata(metadata: Optional[Mapping[str, Any]],
     return plain
 
 
-def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tree: Any
-          ) -> Tuple[bytes, List[Any]]:
-    """``(header bytes, arrays in data order)`` for :func:`save_file`; checks every tensor."""
+class Planned(NamedTuple):
+    """A safetensors file checked and laid out, nothing written yet: its length and header
+    (``head``) and its arrays in data order; made by :func:`plan`, written by :func:`write`."""
+
+    head: bytes
+    arrays: List[Any]
+
+
+def plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = None,
+         tree: Any = fmt.NO_TREE) -> Planned:
+    """Check every tensor and the metadata, and lay out the file; see :func:`save_file`.
+
+    Raises:
+        InvalidValueError, UnsupportedDtypeError, LimitError: as :func:`save_file`.
+
+    Example:
+        >>> len(plan({"w": np.zeros(2, np.float32)}).head)   # 8-byte length + padded JSON
+        64
+    """
     if not isinstance(tensors, collections.abc.Mapping):
         raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                 f"not {type(tensors).__name__}")
@@ -107,7 +123,7 @@ def _plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]], tre
                 raise unicode_error(exc, entries, "[ST2]") from None
         raise
     raw += b" " * (-(LENGTH_SIZE + len(raw)) % 8)  # data starts on an 8-byte boundary
-    return len(raw).to_bytes(LENGTH_SIZE, "little") + raw, arrays
+    return Planned(len(raw).to_bytes(LENGTH_SIZE, "little") + raw, arrays)
 
 
 def save_file(tensors: Mapping[str, Any], path: PathLike, *,
@@ -141,7 +157,18 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *,
     if kind == "sckpt":
         raise InvalidValueError(f"{path!r}: a .sckpt name for a safetensors file; name it "
                                 "*.safetensors (safeckpt.save_file writes .sckpt files)")
-    head, arrays = _plan(tensors, metadata, tree)
+    write(plan(tensors, metadata, tree), path, atomic=atomic, progress=progress)
+
+
+def write(planned: Planned, path: str, *, atomic: bool = True,
+          progress: Optional[Callable[[int], None]] = None) -> None:
+    """Write a :func:`plan` to ``path`` as a new file [W2], [W3] (the name is the caller's to
+    check); ``atomic`` and ``progress`` as for :func:`save_file`.
+
+    Warns:
+        UserWarning: the header or the tensor count is over the readers' default limit [W4].
+    """
+    head, arrays = planned
     warn_beyond_reader_defaults(len(head) - LENGTH_SIZE, len(arrays), "[ST1]", "[ST3]")
     with _fs.new_file(path, atomic) as fd, open(fd, "wb", closefd=False) as f:
         f.write(head)

@@ -19,13 +19,13 @@ Example:
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import os
 import re
 import secrets
 import threading
-from typing import Any, cast, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, Callable, cast, Dict, Iterable, List, Mapping, Optional, Sequence, Set,
+                    Tuple, Union)
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from . import writer as _writer
 from .errors import HeaderError, LimitError, ShardError, plural, quote
 from .filekind import PathLike, output_format
 from .reader import Reader, TensorInfo, TensorMap, TensorSlice
+from .safetensors_format import LENGTH_SIZE
 
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
 MAX_OPEN_SHARDS = 32  # mmap=False: shards a reader keeps open; others reopen when read (not 1 fd each)
@@ -154,9 +155,14 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
 
 def _remove_stale(path: str, keep: Iterable[str]) -> None:
     """Delete shards of earlier saves to ``path`` that the new index does not name [S9]."""
-    directory = os.path.dirname(os.path.abspath(path))
     stem = shard_files(path, 1)[0][:-len("-00001-of-00001.sckpt")]
-    pattern = re.compile(re.escape(stem) + _SHARD_NAME.pattern)
+    remove_stale_shards(os.path.dirname(os.path.abspath(path)), stem, SUFFIX, keep)
+
+
+def remove_stale_shards(directory: str, stem: str, suffix: str, keep: Iterable[str]) -> None:
+    """Delete the files ``stem-0000j-of-0000k<suffix>`` in ``directory`` that are not in ``keep``:
+    the shards of earlier saves that a new index (or a single file) replaces [S9]."""
+    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}" + re.escape(suffix) + r"\Z")
     kept = set(keep)
     for entry in os.listdir(directory):
         if pattern.match(entry) and entry not in kept:
@@ -168,26 +174,16 @@ def _remove_stale(path: str, keep: Iterable[str]) -> None:
 
 # -- open ------------------------------------------------------------------------------------------
 
-def find_index(directory: str) -> str:
-    """The checkpoint in ``directory``: its only .sckpt file that is not named as a shard.
+def checkpoints_in(entries: Iterable[str]) -> List[str]:
+    """The .sckpt checkpoints among a directory's ``entries``: files ending in ``.sckpt`` that are
+    neither hidden nor named as shards (an index or a single file)."""
+    return [e for e in entries if e.endswith(SUFFIX) and not e.startswith(".")
+            and not _SHARD_NAME.search(e)]
 
-    Raises:
-        ValueError: several checkpoints (open one by its path).
-        IsADirectoryError: none (said so when only shards are there: an unfinished save [S9]).
-    """
-    entries = sorted(os.listdir(directory))
-    found = [e for e in entries if e.endswith(SUFFIX) and not e.startswith(".")
-             and not _SHARD_NAME.search(e)]
-    if len(found) == 1:
-        return os.path.join(directory, found[0])
-    if found:
-        raise ValueError(f"{directory!r} holds several checkpoints ({', '.join(found)}); open one "
-                         "of them by its path")
-    shards = [e for e in entries if _SHARD_NAME.search(e)]
-    detail = (f": only shards ({shards[0]}, ...) and no index, so a save did not finish [S9]"
-              if shards else "")
-    raise IsADirectoryError(errno.EISDIR, f"a directory with no .sckpt checkpoint in it{detail}",
-                            directory)
+
+def shards_in(entries: Iterable[str]) -> List[str]:
+    """The entries named as .sckpt shards (``-0000j-of-0000k.sckpt``)."""
+    return [e for e in entries if _SHARD_NAME.search(e)]
 
 
 def check_shards(shards: Dict[str, Any], where: str, max_tensors: int = fmt.MAX_TENSORS
@@ -276,12 +272,16 @@ class _OpenShards:
 class _ShardFile(Reader):
     """A shard read with ``pread`` (``mmap=False``) whose descriptor :class:`_OpenShards` may
     close between reads; it reopens by path, and must then be the file it was or it raises
-    ShardError [S7]: the same device, inode and size, and the same prefix and header bytes
-    (a file system reuses a freed inode at once, so a later save's shard of the same size can
-    have all three; its header differs, as it holds that save's id)."""
+    ShardError [S7]: the same device, inode, size and modification time, and the same prefix and
+    header bytes (a file system reuses a freed inode at once, so a later save's shard of the same
+    size can have the first three; its header differs, as it holds that save's id)."""
 
     def __init__(self, path: str, open_shards: _OpenShards, **limits: Any) -> None:
         super().__init__(path, mmap=False, **limits)
+        if self.format == "safetensors":  # a Hugging Face shard: its u64 length, then the header [ST1]
+            self._head_size = LENGTH_SIZE + int.from_bytes(self._read(0, LENGTH_SIZE), "little")
+        else:
+            self._head_size = fmt.PREFIX_SIZE + self._header_len
         self._identity = self._identity_of(cast(int, self._fd))  # mmap=False: the descriptor stays open
         self._open_shards = open_shards
         self._pins = 0  # reads between reopening the descriptor and using it
@@ -314,18 +314,21 @@ class _ShardFile(Reader):
                              "was opened (another save?); open the checkpoint again [S7]")
         return fd
 
-    def _identity_of(self, fd: int) -> Tuple[int, int, int, bytes]:
-        """Device, inode, size and a hash of the prefix and header of the file open at ``fd`` (kept
-        instead of the header itself, which may be large, for each of many shards)."""
+    def _identity_of(self, fd: int) -> Tuple[int, int, int, int, bytes]:
+        """Device, inode, size, modification time and a hash of the prefix and header of the file
+        open at ``fd`` (kept instead of the header itself, which may be large, for each of many
+        shards). The time tells apart a Hugging Face shard written again with the same header,
+        which has no save id."""
         st = os.fstat(fd)
-        length = min(fmt.PREFIX_SIZE + self._header_len, st.st_size)
+        length = min(self._head_size, st.st_size)
         head = b""
         while len(head) < length:
             more = os.pread(fd, length - len(head), len(head))
             if not more:
                 break
             head += more
-        return st.st_dev, st.st_ino, st.st_size, hashlib.blake2b(head, digest_size=16).digest()
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                hashlib.blake2b(head, digest_size=16).digest())
 
     def _release(self) -> bool:
         """Close the descriptor unless a read uses it; whether none is left open."""
@@ -340,13 +343,21 @@ class ShardedReader(TensorMap):
     """The shards of an index as one lazy reader; made by :func:`safeckpt.open`.
 
     Same interface as :class:`safeckpt.Reader`: ``keys()``, ``reader[name]``, ``info``,
-    ``get_slice``, ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``, ``close``.
+    ``get_slice``, ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``, ``close``,
+    and ``shard_of(name)``, the path of the shard that holds a tensor (``shards`` lists them all).
     Every shard is opened and checked [S7] when the reader is made; tensors are read when asked
     for, and ``load_all``, ``load`` and ``verify`` work on the shards in parallel threads (the C
     core reads and checksums without the GIL). Open descriptors are bounded whatever the number
     of shards: a mapped shard keeps none, and with ``mmap=False`` at most ``MAX_OPEN_SHARDS`` stay
     open (a shard closed for room reopens when read, and must be the same file [S7]).
+
+    This class reads a .sckpt shard index (FORMAT.md section 9);
+    :class:`safeckpt.safetensors_shards.SafetensorsShards` reads a Hugging Face index of
+    .safetensors shards with the same machinery (:meth:`_open_shards`).
     """
+
+    format = "sckpt"  # what the shards are: "sckpt", or "safetensors" (Hugging Face shards)
+    version: Optional[Tuple[int, int]]  # the index's (major, minor); None for a Hugging Face index
 
     def __init__(self, index: Reader, *, mmap: bool = True, **limits: Any) -> None:
         where = self.where = index.where
@@ -360,29 +371,46 @@ class ShardedReader(TensorMap):
         names = shards["names"]
         self._stored_tree = _tree.check_tree(index.stored_tree, names, limits.get(
             "max_depth", fmt.MAX_DEPTH), where)  # [S6]
-        directory = os.path.dirname(os.path.abspath(index.path))
-        self.shards: List[str] = [os.path.join(directory, name) for name in shards["files"]]
+        k = len(shards["files"])
+        starts = [0]
+        for count in shards["counts"]:
+            starts.append(starts[-1] + count)
+
+        def check(reader: Reader, j: int) -> List[str]:
+            part = names[starts[j]:starts[j + 1]]
+            self._check_shard(reader, j, k, part, shards)
+            return part
+
+        self._open_shards(shards["files"], check, mmap, limits)
+        self._names = names  # last: a reader with names is open
+
+    def _open_shards(self, files: Sequence[str], check: Callable[[Reader, int], List[str]],
+                     mmap: bool, limits: Dict[str, Any]) -> List[str]:
+        """Open the shards ``files`` (names in the directory of :attr:`path`) under ``limits``, each
+        checked by ``check(reader, j)``, which returns the names it holds in its own order; return
+        all the names, shard after shard (the caller then sets ``_names``). On an error every
+        shard opened so far is closed."""
+        directory = os.path.dirname(os.path.abspath(cast(str, self.path)))
+        self.shards = [os.path.join(directory, name) for name in files]
         readers: List[Reader] = []  # a reader per shard
-        self._where_is: List[Tuple[int, int]] = []  # (shard, position) per tensor
         self._readers = readers
-        k = len(self.shards)
+        self._where_is = []
+        names: List[str] = []
         open_shards = _OpenShards(MAX_OPEN_SHARDS)
         try:
-            start = 0
-            for j, (file, count) in enumerate(zip(self.shards, shards["counts"])):
-                # every rule of sections 1-8
+            for j, file in enumerate(self.shards):
+                # every rule of the shard's own format
                 reader = (Reader(file, mmap=True, **limits) if mmap else
                           _ShardFile(file, open_shards, **limits))
                 readers.append(reader)
-                part = names[start:start + count]
-                self._check_shard(reader, j, k, part, shards)
-                self._where_is.extend((j, i) for i in range(count))
-                start += count
+                part = check(reader, j)
+                self._where_is.extend((j, i) for i in range(len(part)))
+                names.extend(part)
         except BaseException:
             self.close()
             raise
         self._position_of = dict(zip(names, range(len(names))))
-        self._names = names  # last: a reader with names is open
+        return names
 
     def _check_shard(self, reader: Reader, j: int, k: int, part: List[str],
                      shards: Dict[str, Any]) -> None:
@@ -494,11 +522,16 @@ class ShardedReader(TensorMap):
         self._names = None
         for reader in self._readers:
             reader.close()
-        self._index_reader.close()
+        if self._index_reader is not None:
+            self._index_reader.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else plural(len(self._names or ()), "tensor")
         return f"<safeckpt.ShardedReader {self.where} ({len(self.shards)} shards, {state})>"
 
     _readers: Sequence[Reader] = ()  # until __init__ opens the shards (close() may come first)
+    _index_reader: Optional[Reader] = None  # the .sckpt index, open with the shards
+    _where_is: List[Tuple[int, int]]  # (shard, position in it) per tensor
+    _position_of: Dict[str, int]  # name -> position in names
+    shards: List[str] = []  # the shards' paths, in order
 

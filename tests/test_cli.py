@@ -103,6 +103,20 @@ def test_convert_round_trip_and_diff(files):
     assert "+ extra: only in" in r.stdout and "- metadata['run']" in r.stdout
 
 
+def test_convert_max_shard_size_writes_huggingface_shards(call, files):
+    safeckpt.save_file({f"w{i}": np.full(100, i, np.float32) for i in range(3)}, files / "m.sckpt")
+    (files / "hf").mkdir()
+    r = call("convert", "m.sckpt", "hf/model.safetensors", "--max-shard-size", "800")
+    assert r.returncode == cli.EXIT_OK and ": 3 tensors, " in r.stdout, r.stderr
+    assert sorted(os.listdir(files / "hf")) == [f"model-0000{j}-of-00002.safetensors" for j in (1, 2)] + [
+        "model.safetensors.index.json"]
+    r = call("inspect", "hf")
+    assert r.returncode == cli.EXIT_OK and "safetensors" in r.stdout and "w2" in r.stdout
+    r = call("convert", "m.sckpt", "x.sckpt", "--max-shard-size", "5 parsecs")
+    assert r.returncode == cli.EXIT_USAGE and "--max-shard-size" in r.stderr and "5GB" in r.stderr
+    assert not (files / "x.sckpt").exists()
+
+
 def test_convert_refuses_a_pickle_only_source(files):
     np.save(files / "obj.npy", np.array([object()], dtype=object), allow_pickle=True)
     r = run("convert", files / "obj.npy", files / "o.sckpt")

@@ -1,0 +1,336 @@
+"""Hugging Face sharded safetensors: ``model.safetensors.index.json`` and the .safetensors shards it
+names (docs/FORMAT.md section 10, rules [HF1]-[HF6], cited in messages).
+
+Reading: :func:`safeckpt.open` of an index, or of the model's directory, returns a
+:class:`SafetensorsShards`: a :class:`safeckpt.ShardedReader` (the same lazy interface) over
+the shards, each checked against the index's ``weight_map`` when it is opened (only headers
+are read). ``load``, ``load_file`` and ``safeckpt.torch.load_model`` take it as any checkpoint.
+
+Writing: ``save_file(tensors, "out/model.safetensors", max_shard_size="5GB")`` (and ``save``,
+``convert``) writes what transformers' ``save_pretrained`` writes: ``model-00001-of-0000N
+.safetensors`` ... and the index ``model.safetensors.index.json``, or one ``model.safetensors``
+when everything fits in one shard.
+
+Example:
+    >>> import numpy as np, safeckpt, tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> tensors = {"a": np.zeros(300, np.float32), "b": np.ones(300, np.float32)}
+    >>> safeckpt.save_file(tensors, os.path.join(folder, "model.safetensors"), max_shard_size="1KB")
+    >>> sorted(os.listdir(folder))  # doctest: +NORMALIZE_WHITESPACE
+    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors',
+     'model.safetensors.index.json']
+    >>> with safeckpt.open(folder) as f:
+    ...     f.keys(), os.path.basename(f.shard_of("b")), f.metadata["total_size"]
+    (['a', 'b'], 'model-00002-of-00002.safetensors', 2400)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import stat
+from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Set,
+                    Tuple, Union)
+
+from . import _fs
+from . import format as fmt
+from . import safetensors_writer
+from . import tree as _tree
+from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
+                     ShardError, quote)
+from .filekind import INDEX_SUFFIX, PathLike, output_format
+from .reader import Reader
+from .safetensors_format import decode_extras
+from .shard import MAX_FILE_NAME, MAX_SHARDS, ShardedReader, parse_size, remove_stale_shards, split
+from .writer import warn_beyond_reader_defaults
+
+SUFFIX = ".safetensors"
+TOTAL_SIZE_KEY = "total_size"  # the index's metadata: the bytes of all tensors, as transformers writes
+FORMAT_KEY = "format"  # a shard's metadata: transformers refuses a file whose "format" it does not know
+DEFAULT_FORMAT = "pt"  # what transformers' save_pretrained writes: it loads into a PyTorch model
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors\Z", re.IGNORECASE)
+
+
+class Index(NamedTuple):
+    """A checked index [HF1]-[HF3]: its ``size`` in bytes, the shard ``files`` in order, the
+    tensor names each holds (``by_file``), its ``metadata`` ([ST9] extras merged) and the raw
+    ``tree`` from them (``format.NO_TREE`` if none)."""
+
+    size: int
+    files: List[str]
+    by_file: Dict[str, Set[str]]
+    metadata: Dict[str, Any]
+    tree: Any
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+def index_of(path: str) -> str:
+    """The index a sharded save to ``path`` writes: ``model.safetensors`` -> its ``.index.json``."""
+    return path + INDEX_SUFFIX
+
+
+def shard_files(path: PathLike, k: int) -> List[str]:
+    """The file names of ``k`` shards of a save to ``path``, as transformers names them.
+
+    Example:
+        >>> shard_files("out/model.safetensors", 2)
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    stem = os.path.basename(os.fsdecode(path))[:-len(SUFFIX)]
+    return [f"{stem}-{j:05d}-of-{k:05d}{SUFFIX}" for j in range(1, k + 1)]
+
+
+def indexes_in(entries: Iterable[str]) -> List[str]:
+    """The Hugging Face indexes among a directory's ``entries`` (``*.safetensors.index.json``)."""
+    return [e for e in entries if e.lower().endswith(SUFFIX + INDEX_SUFFIX) and not e.startswith(".")]
+
+
+def singles_in(entries: Iterable[str]) -> List[str]:
+    """The ``*.safetensors`` files among ``entries`` that are not named as shards."""
+    return [e for e in entries if e.lower().endswith(SUFFIX) and not e.startswith(".")
+            and not _SHARD_NAME.search(e)]
+
+
+def shards_in(entries: Iterable[str]) -> List[str]:
+    """The entries named as Hugging Face shards (``-0000j-of-0000k.safetensors``)."""
+    return [e for e in entries if _SHARD_NAME.search(e)]
+
+
+# -- read ----------------------------------------------------------------------------------------
+
+def _read_bounded(path: str, where: str, max_size: int) -> bytes:
+    """The bytes of the regular file at ``path``, refused before reading if over ``max_size``."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    with open(os.open(path, flags), "rb") as f:  # O_NONBLOCK: a FIFO is refused, not waited on
+        info = os.fstat(f.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(info.st_mode):
+            raise HeaderError(f"{where}: the index is not a regular file (a FIFO or a device) [HF1]")
+        if info.st_size > max_size:
+            raise LimitError(f"{where}: the index is {info.st_size} bytes, more than "
+                             f"max_header_size={max_size}; pass max_header_size=... if you trust "
+                             "this file [HF1]")
+        raw = f.read(info.st_size + 1)  # read(n) allocates n bytes first: never max_size
+        if len(raw) > info.st_size:  # the file grew since fstat: the rest, up to the limit
+            raw += f.read(max_size + 1 - len(raw))
+    if len(raw) > max_size:
+        raise LimitError(f"{where}: the index is larger than max_header_size={max_size}; pass "
+                         "max_header_size=... if you trust this file [HF1]")
+    return raw
+
+
+def _unique_object(pairs: Sequence[Tuple[Any, Any]]) -> Dict[Any, Any]:
+    """json object_pairs_hook: a dict, refusing a key given twice [HF1]."""
+    return fmt.unique_pairs(pairs, "JSON key in the index [HF1]")
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    """json parse_constant: NaN and Infinity are not JSON [HF1]."""
+    raise HeaderError(f"JSON constant {name} is not allowed in an index [HF1]")
+
+
+def _shard_file(name: object, tensor: str, where: str) -> str:
+    """A shard's file name from the weight_map: a plain ``*.safetensors`` name in the index's own
+    directory [HF2], so the index never makes a reader open a file elsewhere."""
+    if (type(name) is not str or not name or name.startswith(".") or any(c in name for c in "/\\\0")
+            or len(name.encode("utf-8", "replace")) > MAX_FILE_NAME):
+        raise HeaderError(f"{where}: weight_map[{quote(tensor)}]: shard file {quote(name)} must be a "
+                          "plain file name in the index's directory [HF2]")
+    if not name.lower().endswith(SUFFIX):
+        raise HeaderError(f"{where}: weight_map[{quote(tensor)}]: shard file {quote(name)} is not a "
+                          "*.safetensors file; safeckpt opens sharded safetensors only (convert "
+                          "torch shards one by one with safeckpt convert) [HF2]")
+    return name
+
+
+def read_index(path: str, *, max_header_size: int = fmt.MAX_HEADER_SIZE,
+               max_tensors: int = fmt.MAX_TENSORS, max_depth: int = fmt.MAX_DEPTH,
+               **_other_limits: Any) -> Index:
+    """Read and check a Hugging Face index [HF1]-[HF3], an untrusted file; open no shard.
+
+    Raises:
+        LimitError: the file is over ``max_header_size``, names more than ``max_tensors``
+            tensors, or nests deeper than ``max_depth``.
+        HeaderError: not one strict JSON object (duplicate keys, NaN), no non-empty
+            ``weight_map`` of tensor -> plain ``*.safetensors`` name, or bad ``metadata``; the
+            message names the index and the tensor.
+        OSError: the file cannot be read.
+
+    Example:
+        >>> read_index("model.safetensors.index.json").files   # doctest: +SKIP
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    where = repr(path)
+    raw = _read_bounded(path, where, max_header_size)
+    try:
+        with fmt.collector_paused():
+            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object,
+                               parse_constant=_refuse_constant)
+    except HeaderError as exc:
+        raise HeaderError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise LimitError(f"{where}: index nesting is too deep to decode [HF1]") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an int of more than 4300 digits
+        raise HeaderError(f"{where}: not a JSON index: {exc} [HF1]") from None
+    weight_map = index.get("weight_map") if type(index) is dict else None
+    if type(weight_map) is not dict or not weight_map:
+        raise HeaderError(f"{where}: a sharded safetensors index needs a non-empty 'weight_map' "
+                          "object of tensor name -> shard file [HF2]")
+    if len(weight_map) > max_tensors:
+        raise LimitError(f"{where}: the weight_map names {len(weight_map)} tensors, more than "
+                         f"max_tensors={max_tensors}; pass max_tensors=... if you trust this file [HF2]")
+    by_file: Dict[str, Set[str]] = {}
+    for name, file in weight_map.items():
+        if not name:
+            raise HeaderError(f"{where}: tensor name '' in the weight_map is not a non-empty str [HF2]")
+        by_file.setdefault(_shard_file(file, name, where), set()).add(name)
+    metadata = index.get("metadata", {})
+    if type(metadata) is not dict:
+        raise HeaderError(f"{where}: 'metadata' must be an object, not {type(metadata).__name__} "
+                          "[HF3]")
+    try:
+        fmt.walk_metadata(metadata, max_depth, HeaderError)
+        metadata, tree = decode_extras(metadata, max_depth)
+    except SafeckptError as exc:
+        raise type(exc)(f"{where}: {exc} [HF3]") from None
+    return Index(len(raw), sorted(by_file), by_file, metadata, tree)
+
+
+class SafetensorsShards(ShardedReader):
+    """A Hugging Face sharded model (an index and its .safetensors shards) as one lazy reader;
+    made by :func:`safeckpt.open` of the index or its directory.
+
+    The interface of :class:`safeckpt.ShardedReader`; ``path`` is the index, ``shards`` the
+    shards in order, ``version`` None, ``format`` ``"safetensors"``. ``metadata`` is the
+    index's (``total_size`` among it), then what the shards' own metadata adds (``format``).
+    The tensors are the shards' in the order of their file names, each shard's in its own order
+    [HF5]. Safetensors files hold no checksums: ``verify`` raises, naming the shard.
+
+    With ``mmap=False`` a shard closed for room and reopened must be the file it was (device,
+    inode, size, modification time and header), as for .sckpt shards [S7].
+    """
+
+    format = "safetensors"
+
+    def __init__(self, path: str, *, mmap: bool = True, **limits: Any) -> None:
+        where = self.where = repr(path)
+        self.path, self.version = path, None
+        index = read_index(path, **limits)
+        self.size = index.size
+        self.metadata = metadata = index.metadata
+
+        def check(reader: Reader, j: int) -> List[str]:
+            """[HF4]: a flat safetensors file holding exactly what the weight_map maps to it."""
+            file = index.files[j]
+            problem = None
+            if reader.format != "safetensors":
+                problem = "is not a safetensors file"
+            elif reader.stored_tree is not fmt.NO_TREE:
+                problem = "has a tree in its metadata; shards are flat files"
+            if problem:
+                raise ShardError(f"{where}: shard {file!r} {problem} [HF4]")
+            names, expected = reader.names, index.by_file[file]
+            extra = next((n for n in names if n not in expected), None)
+            if extra is not None or len(names) != len(expected):
+                problem = (f"holds {quote(extra)}, which the weight_map does not map to it"
+                           if extra is not None else
+                           f"does not hold {quote(min(expected.difference(names)))}, which the "
+                           "weight_map maps to it")
+                raise LayoutError(f"{where}: shard {file!r} {problem} [HF4]")
+            for key, value in reader.metadata.items():
+                metadata.setdefault(key, value)
+            return reader.keys()
+
+        names = self._open_shards(index.files, check, mmap, limits)
+        try:
+            self._stored_tree = _tree.check_tree(index.tree, names,
+                                                 limits.get("max_depth", fmt.MAX_DEPTH), where)
+        except BaseException:
+            self.close()
+            raise
+        self._names = names  # last: a reader with names is open
+
+
+# -- write ---------------------------------------------------------------------------------------
+
+def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: PathLike, *,
+                 metadata: Optional[Mapping[str, Any]], atomic: bool,
+                 max_shard_size: Union[int, str]) -> None:
+    """Write ``names``/``arrays`` as Hugging Face shards and their index [HF6].
+
+    Tensors fill shards in order, a new one started when the next tensor would bring its tensor
+    bytes over ``max_shard_size`` [S8]; one shard's worth is one plain .safetensors file at
+    ``path``. Else ``<stem>-0000j-of-0000k.safetensors`` (each with ``{"format": ...}``, "pt"
+    unless ``metadata`` has a str ``format``) and then ``<path>.index.json``: ``{"metadata":
+    {"total_size": <tensor bytes>, ...}, "weight_map": {name: file}}``, the rest of ``metadata``
+    and the ``tree`` kept as the single-file writer keeps them [ST9]. Every file is planned and
+    checked before any is written; shards are written first, the index last (each atomically
+    when ``atomic``); then files of earlier saves to ``path`` that would be taken for this one
+    (other shards, and the single file or the index that this save did not write) are removed.
+
+    Raises:
+        InvalidValueError: ``path`` is not a ``*.safetensors`` name, or ``metadata`` has the key
+            ``total_size`` (the index's own); and as :func:`safeckpt.safetensors_writer.save_file`.
+        ValueError: a bad ``max_shard_size``, or more than 99999 shards.
+        IsADirectoryError: ``path`` is a directory.
+    """
+    limit = parse_size(max_shard_size)
+    path, kind = output_format(path)
+    if kind != "safetensors":
+        raise InvalidValueError(f"{path!r}: Hugging Face shards are saved to a *.safetensors name "
+                                "(e.g. 'model.safetensors') [HF6]")
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "cannot save over a directory", path)
+    metadata = dict(fmt.check_metadata(metadata))
+    if TOTAL_SIZE_KEY in metadata:
+        raise InvalidValueError(f"metadata key {TOTAL_SIZE_KEY!r} is the index's own (the bytes of "
+                                "all tensors, as Hugging Face writes it) [HF6]; rename it")
+    names, arrays = list(names), list(arrays)
+    counts = split([array.nbytes for array in arrays], limit)
+    directory = os.path.dirname(os.path.abspath(path))
+    stem = os.path.basename(path)[:-len(SUFFIX)]
+    index = index_of(path)
+    given_format = metadata.get(FORMAT_KEY)
+    if len(counts) <= 1:
+        metadata.setdefault(FORMAT_KEY, DEFAULT_FORMAT)
+        safetensors_writer.write(safetensors_writer.plan(dict(zip(names, arrays)), metadata, tree),
+                                 path, atomic=atomic)
+        _remove_file(index)
+        remove_stale_shards(directory, stem, SUFFIX, ())
+        return
+    if len(counts) > MAX_SHARDS:
+        raise ValueError(f"max_shard_size={max_shard_size!r} makes {len(counts)} shards, more than "
+                         f"{MAX_SHARDS}; raise max_shard_size [S8]")
+    files = shard_files(path, len(counts))
+    shard_metadata = {FORMAT_KEY: given_format if type(given_format) is str else DEFAULT_FORMAT}
+    plans, weight_map, start = [], {}, 0
+    for file, count in zip(files, counts):
+        part = dict(zip(names[start:start + count], arrays[start:start + count]))
+        plans.append(safetensors_writer.plan(part, shard_metadata))
+        weight_map.update(dict.fromkeys(part, file))
+        start += count
+    index_metadata = {TOTAL_SIZE_KEY: sum(int(array.nbytes) for array in arrays),
+                      **safetensors_writer.encode_metadata(metadata, tree)}
+    text = json.dumps({"metadata": index_metadata, "weight_map": weight_map}, indent=2,
+                      sort_keys=True) + "\n"  # as transformers writes it (ASCII: names escaped)
+    warn_beyond_reader_defaults(len(text), len(names), "[HF1]", "[HF2]")
+
+    def write(j: int) -> None:
+        safetensors_writer.write(plans[j], os.path.join(directory, files[j]), atomic=atomic)
+
+    _fs.fan_out(write, range(len(plans)))  # every shard before the index
+    with _fs.new_file(index, atomic) as fd:
+        _fs.pwrite_all(fd, text.encode("ascii"), 0)
+    remove_stale_shards(directory, stem, SUFFIX, files)
+    _remove_file(path)  # transformers loads a model.safetensors before it looks for an index
+
+
+def _remove_file(path: str) -> None:
+    """Delete the file at ``path`` (an earlier save's), if there is one."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
