@@ -220,6 +220,7 @@ def test_HF6_save_file_writes_huggingface_shards_and_index(tmp_path):
     path = tmp_path / "model.safetensors"
     safeckpt.save_file(TENSORS, path, max_shard_size=900, metadata={"step": 3, "run": "x"})
     assert sorted(os.listdir(tmp_path)) == FILES + ["model.safetensors.index.json"]
+    assert hf.shard_files(path, 3) == FILES and hf.index_of(str(path)).endswith(".safetensors.index.json")
     text = (tmp_path / "model.safetensors.index.json").read_text()
     index = json.loads(text)
     assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"  # as transformers writes it
