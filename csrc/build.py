@@ -1,7 +1,9 @@
 """cffi builder of ``safeckpt._sckpt``: compiles csrc/*.c into the extension (API mode).
 
 Used by setup.py through ``cffi_modules=["csrc/build.py:ffibuilder"]``; paths are relative to
-the repository root, where setup.py runs. ``python csrc/build.py`` builds it by hand.
+the repository root, where setup.py runs. ``python csrc/build.py`` builds it by hand. cffi
+builds it with the limited API (``Py_LIMITED_API``), hence ``_sckpt.abi3.so`` and setup.py's
+``cp39-abi3`` wheel tag.
 The ``cdef`` below is written by hand from csrc/sck.h; constants are declared with ``...`` so
 that their values come from the C header, and tests/test_native.py compares them with the
 Python modules. The core is ISO C11 on POSIX (csrc/compat.h); .ci/cross builds the same sources
@@ -9,6 +11,7 @@ with -std=c11 -pedantic for three CPUs.
 """
 
 import glob
+import os
 import sys
 
 from cffi import FFI
@@ -105,6 +108,12 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
 
 SOURCES = sorted(glob.glob("csrc/*.c"))
 HEADERS = sorted(glob.glob("csrc/*.h"))
+if not SOURCES or not HEADERS:
+    # without its sources the extension still links (a shared object may leave symbols undefined)
+    # and fails only at import: a source tree or sdist missing csrc/ must fail the build instead
+    raise FileNotFoundError(f"csrc/*.c and csrc/*.h not found under {os.getcwd()!r}: run the "
+                            "build from the root of safeckpt's source tree (sdists carry csrc/, "
+                            "see MANIFEST.in)")
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
