@@ -37,6 +37,7 @@ from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 from . import torch  # the public torch module; torch itself is imported only when it is used
 from . import jax  # likewise: jax is imported only when it is used
 from .interop import convert
+from .safetensors_compat import safe_open
 
 from . import _version
 
@@ -50,4 +51,5 @@ __all__ = [
     "ShardError", "ShardedReader", "StateMismatchError", "Subtree", "load", "save", "torch",
     "CheckpointManager", "load_checkpoint", "save_checkpoint",
     "PickleRequiredError", "convert", "jax",
+    "safe_open",
 ]

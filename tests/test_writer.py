@@ -277,9 +277,12 @@ def test_names_of_formats_safeckpt_does_not_write_are_refused(tmp_path, save, na
 
 
 def test_a_format_a_save_cannot_write_under_that_name_is_refused(tmp_path):
+    # .sckpt shards never go under a .safetensors name (save_file writes Hugging Face shards there:
+    # tests/test_safetensors_shards.py)
     with pytest.raises(safeckpt.InvalidValueError, match="shard"):
-        safeckpt.save_file({"a": np.zeros(2), "b": np.ones(2)}, tmp_path / "m.safetensors",
-                           max_shard_size=8)
+        safeckpt.shard.save_sharded(fmt.NO_TREE, ["a", "b"], [np.zeros(2), np.ones(2)],
+                                    tmp_path / "m.safetensors", metadata=None, align=64,
+                                    checksum=True, atomic=True, max_shard_size=8)
     with pytest.raises(safeckpt.InvalidValueError, match="name it"):
         safetensors_writer.save_file({"a": np.zeros(2)}, tmp_path / "m.sckpt")
     assert not os.listdir(tmp_path)
