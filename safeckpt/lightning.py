@@ -7,7 +7,10 @@ with ``ckpt_path``) is read without pickle. A Lightning checkpoint is a nested d
 plain values (the module's ``state_dict``, the optimizers' and LR schedulers' states, the loops'
 progress, the callbacks' states, the hyper-parameters, a datamodule's state), which
 :func:`safeckpt.save` stores as it is. A value only pickle could hold is refused before anything
-is written, with the Lightning feature that put it there and the way around it.
+is written, with the Lightning feature that put it there and the way around it; so is a numpy
+array, which would come back as a torch tensor (the file does not record which it was). Tensors
+come back as plain torch tensors: an ``nn.Parameter`` as a tensor of the same values, as
+``state_dict()`` gives them.
 
 ``LightningModule.load_from_checkpoint`` calls ``torch.load`` itself and never reaches the
 plugin; :func:`load_from_checkpoint` here does the same job on a safeckpt file.
@@ -24,8 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
 
 try:
     from lightning.fabric.plugins import CheckpointIO
@@ -42,9 +48,8 @@ except ModuleNotFoundError as exc:
 
 from . import api, filekind, torch_convert
 from . import format as fmt
-from . import torch as _sck_torch
 from . import writer as _writer
-from .errors import NotSafeckptError, SafeckptError
+from .errors import InvalidValueError, NotSafeckptError, SafeckptError
 
 __all__ = ["SafeckptCheckpointIO", "load_from_checkpoint"]
 
@@ -92,22 +97,24 @@ class SafeckptCheckpointIO(CheckpointIO):
     """A Lightning ``CheckpointIO`` that writes and reads .sckpt files: never pickle.
 
     Parameters:
-        verify: check the CRC32C of every tensor read (default; a resume reads every byte
-            anyway), or not.
+        verify: ``None`` (default) checks the CRC32C of every tensor read when the file has
+            checksums (a .sckpt file; a resume reads every byte anyway), ``True`` always (a
+            safetensors file, which holds none, is then refused), ``False`` never.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth`` for reading,
             as :func:`safeckpt.open` takes them; raise them only for checkpoints you trust.
 
     Files keep the names Lightning gives them (``epoch=3-step=400.ckpt``, ``last.ckpt``): a name
     that ``torch.save`` files usually have (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) gets a .sckpt
     file, any other name the format :func:`safeckpt.save` chooses by it (``*.safetensors``
-    writes safetensors). Reading tells the formats apart by their first bytes, never by the name.
+    writes safetensors, without checksums). Reading tells the formats apart by their first bytes,
+    never by the name.
 
     Example:
         >>> trainer = pl.Trainer(plugins=[SafeckptCheckpointIO()],         # doctest: +SKIP
         ...                      callbacks=[ModelCheckpoint(monitor="val_loss", save_top_k=2)])
     """
 
-    def __init__(self, *, verify: bool = True, **limits: Any) -> None:
+    def __init__(self, *, verify: Optional[bool] = None, **limits: Any) -> None:
         self.verify = verify
         self.limits = limits
 
@@ -123,9 +130,12 @@ class SafeckptCheckpointIO(CheckpointIO):
             storage_options: must be None, as for Lightning's ``TorchCheckpointIO``.
 
         Raises:
-            InvalidValueError: a value only pickle could hold (or an unstorable dtype, too deep a
-                nesting: UnsupportedDtypeError, LimitError); the message names its key, the
-                Lightning feature that put it there and the way around it. Nothing is written.
+            InvalidValueError: a value only pickle could hold, or a numpy array, which would
+                load back as a torch tensor (save ``torch.from_numpy(value)`` or
+                ``value.tolist()``); the message names its key, the Lightning feature that put
+                it there and the way around it. Nothing is written.
+            UnsupportedDtypeError, LimitError: an unstorable dtype, too deep a nesting; told
+                the same way.
             TypeError: ``storage_options`` was given.
 
         Example:
@@ -156,12 +166,15 @@ class SafeckptCheckpointIO(CheckpointIO):
             weights_only: accepted for Lightning's sake and unused: nothing is ever unpickled.
 
         Returns:
-            The checkpoint dict, with torch tensors (views of the file's private mapping).
+            The checkpoint dict, with plain torch tensors (views of the file's private mapping;
+            an ``nn.Parameter`` saved comes back as a tensor without ``requires_grad``).
 
         Raises:
             FileNotFoundError: no file at ``path``.
             NotSafeckptError: a file of another format (a ``torch.save`` checkpoint of Lightning's
                 default plugin): the message says how to convert it.
+            ChecksumError: a tensor whose bytes do not match their CRC32C (or ``verify=True``
+                and a file without checksums).
             SafeckptError: a damaged or hostile file, naming the problem.
 
         Example:
@@ -183,8 +196,8 @@ class SafeckptCheckpointIO(CheckpointIO):
 
 def load_from_checkpoint(cls: Any, path: Any, *, map_location: Any = "cpu",
                          hparams_file: Any = None, strict: Optional[bool] = None,
-                         weights_only: Optional[bool] = None, verify: bool = True,
-                         **kwargs: Any) -> Any:
+                         weights_only: Optional[bool] = None,
+                         verify: Optional[bool] = None, **kwargs: Any) -> Any:
     """``cls.load_from_checkpoint(path)`` for a checkpoint written by :class:`SafeckptCheckpointIO`.
 
     The class is built from the checkpoint's hyper-parameters and ``kwargs`` (which win), then
@@ -200,7 +213,8 @@ def load_from_checkpoint(cls: Any, path: Any, *, map_location: Any = "cpu",
         hparams_file: a ``.yaml``/``.yml`` or ``.csv`` file of hyper-parameters to use instead
             of the saved ones, and ``strict``: as for Lightning's ``load_from_checkpoint``.
         weights_only: accepted for Lightning's sake and unused: nothing is ever unpickled.
-        verify: check the CRC32C of every tensor (default).
+        verify: as for :class:`SafeckptCheckpointIO`: by default check the CRC32C of every
+            tensor when the file has checksums.
         kwargs: arguments of ``cls.__init__``, over the saved hyper-parameters.
 
     Returns:
@@ -241,14 +255,20 @@ def _local(path: Any) -> str:
     return text
 
 
-def _load(path: str, map_location: Any, verify: bool, limits: Dict[str, Any]) -> Dict[str, Any]:
-    """The checkpoint dict in the file at ``path``, read without pickle."""
+def _load(path: str, map_location: Any, verify: Optional[bool], limits: Dict[str, Any]
+          ) -> Dict[str, Any]:
+    """The checkpoint dict in the file at ``path``, read without pickle; ``verify=None``
+    checks the CRC32Cs when the file has them."""
+    torch_convert.check_map_location(map_location, "map_location")
     try:
-        checkpoint = _sck_torch.load(path, map_location=map_location, verify=verify, **limits)
+        reader = api.open(path, **limits)
     except NotSafeckptError as exc:
         raise NotSafeckptError(f"{exc}. A checkpoint saved without SafeckptCheckpointIO (by "
                                "torch.save) is read only once converted; pass the converted "
                                "file as ckpt_path") from exc
+    with reader:
+        checkpoint = reader.load(framework="torch", map_location=map_location,
+                                 verify=reader.has_checksums if verify is None else verify)
     if type(checkpoint) is not dict:
         raise SafeckptError(f"{path!r}: holds a {type(checkpoint).__name__}, not a Lightning "
                             "checkpoint (a dict)")
@@ -260,7 +280,7 @@ def _plan(checkpoint: Dict[str, Any]) -> Any:
     of its first unstorable value, told in Lightning's terms."""
     checkpoint = {key: _plain(value, 0) for key, value in checkpoint.items()}
     try:
-        return api.plan(checkpoint, root="checkpoint")
+        return _checked_plan(checkpoint, "checkpoint")
     except SafeckptError as exc:
         key, name = _culprit(checkpoint)
         if key is None:
@@ -299,9 +319,42 @@ def _culprit(checkpoint: Dict[str, Any]) -> Tuple[Optional[str], Any]:
 
 
 def _fails(value: Any) -> bool:
-    """Whether :func:`safeckpt.save` refuses ``value``."""
+    """Whether :func:`_checked_plan` refuses ``value``."""
     try:
-        api.plan(value)
+        _checked_plan(value, "obj")
     except SafeckptError:
         return True
     return False
+
+
+def _checked_plan(value: Any, root: str) -> Any:
+    """:func:`safeckpt.api.plan` of ``value``, a numpy array in it refused: the file does not
+    record whether a tensor was numpy's or torch's, and the plugin loads torch tensors."""
+    path = _numpy_array_in(value, (), 0)
+    if path is not None:
+        raise InvalidValueError(
+            f"{fmt.path_of(root, path)}: a numpy array would load back as a torch tensor (a "
+            "safeckpt file does not record whether a tensor was numpy's or torch's); save "
+            "torch.from_numpy(value) to get a tensor back, or value.tolist() for plain numbers")
+    return api.plan(value, root=root)
+
+
+def _numpy_array_in(value: Any, path: Tuple[Any, ...], level: int) -> Optional[Tuple[Any, ...]]:
+    """The path of the first numpy array in ``value`` (numpy scalars load back as they were),
+    or None; containers are walked as :func:`safeckpt.tree.flatten` walks them, to the same
+    depth (it refuses deeper nesting itself)."""
+    if isinstance(value, np.ndarray):
+        return path
+    if level > fmt.MAX_DEPTH:
+        return None
+    if type(value) is dict or type(value) is collections.OrderedDict:
+        items: Any = value.items()
+    elif type(value) is list or type(value) is tuple:
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _numpy_array_in(item, path + (key,), level + 1)
+        if found is not None:
+            return found
+    return None

@@ -9,6 +9,7 @@ import pathlib
 import pickle
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -136,18 +137,20 @@ def write_checkpoint(tmp_path):
     return checkpoint.last_model_path
 
 
-def test_resume_is_bit_identical_without_pickle(tmp_path, backend, no_pickle):
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_resume_is_bit_identical_without_pickle(tmp_path, backend, no_pickle, suffix):
     full = Regressor()
     trainer(tmp_path / "full", 4).fit(full, datamodule=Data())
 
     first, data, counter = Regressor(), Data(), Counter()
     data.token = "first run"
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    checkpoint.FILE_EXTENSION = suffix
     trainer(tmp_path, 2, checkpoint, counter).fit(first, datamodule=data)
     path = checkpoint.last_model_path
-    assert path.endswith("last.ckpt")
-    with open(path, "rb") as f:
-        assert f.read(len(fmt.MAGIC)) == fmt.MAGIC  # our format under Lightning's name
+    assert path.endswith("last" + suffix)
+    with open(path, "rb") as f:  # .ckpt: our format under Lightning's name; else safetensors
+        assert (f.read(len(fmt.MAGIC)) == fmt.MAGIC) == (suffix == ".ckpt")
 
     # lr=1.0 is never used: the optimizer's state in the file sets the learning rate
     second, data2, counter2 = Regressor(lr=1.0), Data(), Counter()
@@ -207,6 +210,66 @@ def test_load_from_checkpoint_without_pickle(tmp_path, no_pickle):
                                 weights_only=True).hparams.lr == 0.25
     with pytest.raises(ValueError, match="hparams_file"):
         load_from_checkpoint(Regressor, path, hparams_file=tmp_path / "hparams.json")
+
+
+def test_safetensors_names_load_back_and_checksums_are_checked_where_they_exist(tmp_path):
+    io = SafeckptCheckpointIO()
+    checkpoint = {"state_dict": {"w": torch.full((64,), 7.0)}, "epoch": 1, "Data": {"token": 2},
+                  "pytorch-lightning_version": pl.__version__,
+                  "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}},
+                                        "param_groups": [{"params": [0], "betas": (0.9, 0.99)}]}]}
+    io.save_checkpoint(checkpoint, tmp_path / "a.safetensors")
+    back = io.load_checkpoint(tmp_path / "a.safetensors")  # it holds no checksums: none checked
+    assert back["epoch"] == 1 and back["optimizer_states"] == checkpoint["optimizer_states"]
+    assert torch.equal(back["state_dict"]["w"], checkpoint["state_dict"]["w"])
+    assert load_from_checkpoint(Data, tmp_path / "a.safetensors").token == 2
+    with pytest.raises(safeckpt.ChecksumError, match="no checksums"):
+        SafeckptCheckpointIO(verify=True).load_checkpoint(tmp_path / "a.safetensors")
+
+    io.save_checkpoint(checkpoint, tmp_path / "a.ckpt")  # a .sckpt file: checked by default
+    data = bytearray((tmp_path / "a.ckpt").read_bytes())
+    at = data.index(torch.full((64,), 7.0).numpy().tobytes())
+    data[at + 5] ^= 1
+    (tmp_path / "a.ckpt").write_bytes(data)
+    for load in (io.load_checkpoint, lambda path: load_from_checkpoint(Data, path)):
+        with pytest.raises(safeckpt.ChecksumError, match="w"):
+            load(tmp_path / "a.ckpt")
+    assert SafeckptCheckpointIO(verify=False).load_checkpoint(tmp_path / "a.ckpt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("checkpoint, words", [
+    ({"hyper_parameters": {"lr": np.float64(0.1), "mean": np.array([0.5, 0.25])}},
+     ["checkpoint['hyper_parameters']['mean']: a numpy array", "torch.from_numpy(value)",
+      "value.tolist()", "save_hyperparameters(ignore=['mean'])"]),
+    ({"hyper_parameters": {"scale": np.array(1.5)}},
+     ["checkpoint['hyper_parameters']['scale']: a numpy array", "torch.from_numpy"]),
+    ({"callbacks": {"Stats": {"history": [1, np.zeros(2, np.int16)]}}},
+     ["checkpoint['callbacks']['Stats']['history'][1]: a numpy array",
+      "of the callback 'Stats'"]),
+    ({"state_dict": {"w": torch.zeros(1)}, "extra": {"table": np.ones((2, 2))}},
+     ["checkpoint['extra']['table']: a numpy array", "on_save_checkpoint()"]),
+])
+def test_numpy_arrays_are_refused_as_they_would_load_back_as_tensors(tmp_path, checkpoint, words):
+    io = SafeckptCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, tmp_path / "a.ckpt")
+    with pytest.raises(safeckpt.InvalidValueError) as info:
+        io.save_checkpoint(checkpoint, tmp_path / "a.ckpt")
+    for word in words + ["would load back as a torch tensor", "Nothing was written"]:
+        assert word in str(info.value)
+    assert io.load_checkpoint(tmp_path / "a.ckpt") == {"epoch": 1}  # the old file is intact
+
+
+def test_numpy_scalars_keep_their_type_and_parameters_come_back_as_tensors(tmp_path):
+    io = SafeckptCheckpointIO()
+    weight = torch.nn.Parameter(torch.ones(2))
+    io.save_checkpoint({"hyper_parameters": {"lr": np.float32(0.5), "n": np.int64(3)},
+                        "ema": {"weight": weight}}, tmp_path / "a.ckpt")
+    back = io.load_checkpoint(tmp_path / "a.ckpt")
+    assert back["hyper_parameters"] == {"lr": 0.5, "n": 3}
+    assert [type(v) for v in back["hyper_parameters"].values()] == [np.float32, np.int64]
+    # as README says: a Parameter comes back as a plain tensor (same values, no requires_grad)
+    assert type(back["ema"]["weight"]) is torch.Tensor and not back["ema"]["weight"].requires_grad
+    assert torch.equal(back["ema"]["weight"], weight.detach())
 
 
 def test_hyper_parameters_attribute_dicts_are_saved_as_dicts(tmp_path):
