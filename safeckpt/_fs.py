@@ -1,5 +1,5 @@
-"""File-system helpers every writer shares: new files that never overwrite in place [W2], [W3],
-their temporary names, full writes, and a small thread fan-out.
+"""File-system helpers: new files that never overwrite in place [W2], [W3], their temporary names,
+full writes, a small thread fan-out, and opening an untrusted path that must be a regular file.
 
 Example:
     >>> import os, tempfile
@@ -20,7 +20,9 @@ import os
 import re
 import secrets
 import stat
-from typing import Callable, Iterable, Iterator, List, TypeVar, Union
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Tuple, TypeVar, Union
+
+from .errors import HeaderError
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -28,6 +30,9 @@ _R = TypeVar("_R")
 MAX_WORKERS = 8  # threads of a fan-out: more gains nothing on one disk and costs memory
 # ".NAME.<12 hex digits>.tmp": the temporary file of an atomic save of NAME, in the same directory.
 TEMP_NAME = re.compile(r"\A\.(?P<base>.+)\.[0-9a-f]{12}\.tmp\Z", re.DOTALL)
+# Opening a file to read: O_NONBLOCK so that a FIFO given as the path does not block open() until
+# a writer comes (regular files ignore the flag); O_CLOEXEC so no child process inherits it.
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def temp_name(path: str) -> str:
@@ -121,6 +126,37 @@ def new_file(path: str, atomic: bool) -> Iterator[int]:
         raise
     if atomic:
         fsync_directory(directory)
+
+
+def open_regular(path: str, where: str, hint: str) -> Tuple[BinaryIO, int]:
+    """``(file, size)``: the file at ``path`` opened for reading, refused at once unless it is a
+    regular file (a FIFO is not waited on); the caller closes the file.
+
+    Parameters:
+        path: the path to open.
+        where: how messages name the file (e.g. its ``repr``).
+        hint: the end of the message for a file that is not regular (a rule, the way out).
+
+    Raises:
+        IsADirectoryError: a directory.
+        HeaderError: a FIFO, socket or device ("<where>: not a regular file (a FIFO or a
+            device)<hint>").
+        OSError: from the file system (a missing file, no permission).
+
+    Example:
+        >>> file, size = open_regular("m.safetensors.index.json", "the index", "")  # doctest: +SKIP
+    """
+    file = os.fdopen(os.open(path, READ_FLAGS), "rb")
+    try:
+        info = os.fstat(file.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(info.st_mode):
+            raise HeaderError(f"{where}: not a regular file (a FIFO or a device){hint}")
+        return file, info.st_size
+    except BaseException:
+        file.close()
+        raise
 
 
 def fan_out(function: Callable[[_T], _R], jobs: Iterable[_T]) -> List[_R]:

@@ -25,7 +25,6 @@ import numpy as np
 
 from . import format as fmt
 from . import safetensors_shards as _hf
-from . import safetensors_writer
 from . import shard as _shard
 from . import tree as _tree
 from . import writer as _writer
@@ -47,8 +46,8 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
             - a .sckpt shard index (FORMAT.md section 9);
             - a Hugging Face index ``*.safetensors.index.json`` (section 10), or the name its
               sharded save was given (``model.safetensors``, when only its index is there);
-            - a directory holding one checkpoint: its only .sckpt file or Hugging Face index
-              (shards are not counted), else its only .safetensors file.
+            - a directory holding one checkpoint: its only .sckpt file, Hugging Face index or
+              .safetensors file (shards are not counted).
         mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
             memory (network filesystems, or a file that may shrink while open).
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
@@ -94,17 +93,17 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
 
 
 def _checkpoint_in(directory: str) -> str:
-    """The checkpoint in ``directory``: its only .sckpt checkpoint or Hugging Face index, else its
-    only .safetensors file that is not named as a shard.
+    """The one checkpoint in ``directory``: a .sckpt checkpoint, a Hugging Face index or a
+    .safetensors file, shards not counted. Which of several is meant is never guessed: an index
+    beside a plain .safetensors file may be a stale save, or the newer one.
 
     Raises:
         ValueError: several of them (named: open one by its path).
         IsADirectoryError: none (said so when only shards are there: a save did not finish [S9]).
     """
     entries = sorted(os.listdir(directory))
-    found = sorted(_shard.checkpoints_in(entries) + _hf.indexes_in(entries))
-    if not found:
-        found = _hf.singles_in(entries)
+    found = sorted(_shard.checkpoints_in(entries) + _hf.indexes_in(entries)
+                   + _hf.singles_in(entries))
     if len(found) == 1:
         return os.path.join(directory, found[0])
     if found:
@@ -202,9 +201,10 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata 
         tensors: names (non-empty str) to numpy arrays or scalars of a dtype in FORMAT.md sect. 4.
         path: a str, bytes or path-like. The name chooses the format, as in
             :func:`safeckpt.convert`: ``*.safetensors`` writes a safetensors file (no checksums,
-            ``align`` unused; see :mod:`safeckpt.safetensors_writer`), any other name a .sckpt
-            file; names of formats safeckpt reads but never writes (``.pt``, ``.bin``, ``.npz``,
-            ``.index.json``, ...) are refused.
+            ``align`` unused; see :mod:`safeckpt.safetensors_writer`) and then removes the index
+            and shards of an earlier sharded save to that name (FORMAT.md [HF7]), any other name
+            a .sckpt file; names of formats safeckpt reads but never writes (``.pt``, ``.bin``,
+            ``.npz``, ``.index.json``, ...) are refused.
         metadata: a dict with str keys of msgpack primitives (None, bool, int, float, str,
             bytes, lists and dicts of them).
         align: tensor alignment, a power of two from 8 to 1 MiB (4096 suits O_DIRECT).
@@ -337,15 +337,16 @@ def plan(obj: Any, *, metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT,
 
 def save_plan(plan: _writer.Plan, path: PathLike, *, atomic: bool = True) -> None:
     """Write ``plan`` to ``path`` as a new file [W2], [W3]: a ``*.safetensors`` name gets a
-    safetensors file (:mod:`safeckpt.safetensors_writer`), any other a .sckpt file; names of
-    formats safeckpt never writes are refused [W5].
+    safetensors file (:func:`safeckpt.safetensors_shards.save_single`, which then removes an
+    earlier sharded save's index and shards [HF7]), any other a .sckpt file; names of formats
+    safeckpt never writes are refused [W5].
 
     Example:
         >>> save_plan(plan({"w": np.zeros(2)}), "w.safetensors")  # doctest: +SKIP
     """
     path, kind = output_format(path, sharded=plan.shards is not None)
-    if kind == "safetensors":
-        safetensors_writer.save_file(dict(zip(plan.names, plan.arrays)), path,
-                                     metadata=plan.metadata, tree=plan.tree, atomic=atomic)
+    if kind == "safetensors":  # and an earlier sharded save's index and shards go [HF7]
+        _hf.save_single(dict(zip(plan.names, plan.arrays)), path, metadata=plan.metadata,
+                        tree=plan.tree, atomic=atomic)
         return
     _writer.write_plan(plan, path, atomic=atomic)

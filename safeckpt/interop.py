@@ -44,7 +44,6 @@ import io
 import itertools
 import os
 import re
-import stat
 import zipfile
 import zlib
 from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Dict, Iterable,
@@ -52,16 +51,15 @@ from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Dict
 
 import numpy as np
 
-from . import api
+from . import _fs, api
 from . import format as fmt
-from . import safetensors_writer
 from . import tree as _tree
 from . import filekind
 from . import writer as _writer
 from .dtypes import code_of
 from .filekind import OUTPUTS, kind_of
 from .reader import TensorMap
-from .safetensors_shards import TOTAL_SIZE_KEY
+from .safetensors_shards import TOTAL_SIZE_KEY, save_single
 from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, PickleRequiredError,
                      SafeckptError, TruncatedFileError, UnsupportedDtypeError)
 
@@ -151,17 +149,11 @@ def _reader_source(reader: TensorMap) -> Source:
     return Source(tensors, dict(reader.metadata), reader.stored_tree)
 
 
-def _open_regular(path: str, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:
-    """``(file, size)``: ``path`` opened for reading, refused at once unless a regular file (a FIFO
-    is not waited on)."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    file = stack.enter_context(os.fdopen(os.open(path, flags), "rb"))
-    info = os.fstat(file.fileno())
-    if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    if not stat.S_ISREG(info.st_mode):
-        raise HeaderError(f"{path!r}: not a regular file (a FIFO or a device); convert reads files")
-    return file, info.st_size
+def _open_source(path: str, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:
+    """``(file, size)`` of a source file, closed with ``stack``: a regular file only (a FIFO is
+    not waited on; see :func:`safeckpt._fs.open_regular`)."""
+    file, size = _fs.open_regular(path, repr(path), "; convert reads files")
+    return stack.enter_context(file), size
 
 
 def _printable(text: str) -> str:
@@ -233,7 +225,7 @@ def _npy_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
 def _npy_source(path: str, stack: contextlib.ExitStack) -> Source:
     """One array, mapped: its size must be exactly what the header says."""
     where = repr(path)
-    file, size = _open_regular(path, stack)
+    file, size = _open_source(path, stack)
     header, shape, dtype, fortran = _npy_header(file, where)
     nbytes = _npy_bytes(shape, dtype)
     if header + nbytes > size:
@@ -300,7 +292,7 @@ def _npz_source(path: str, stack: contextlib.ExitStack, max_expansion: int) -> S
     reaches it. Claims (the zip directory's, the headers') must agree and stay within
     ``max_expansion`` x the file's size before anything is allocated for them."""
     where = repr(path)
-    file, size = _open_regular(path, stack)
+    file, size = _open_source(path, stack)
     if file.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a member, or an empty archive
         raise HeaderError(f"{where}: not an .npz archive (a zip of .npy files)")
     archive, members = _zip_archive(file, where, (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
@@ -383,7 +375,7 @@ def _torch_source(path: str, stack: contextlib.ExitStack, max_expansion: int, ma
     """What ``torch.load(weights_only=True)`` makes of a torch file (never full pickle), within
     the bounds of :func:`_check_shared` and ``max_expansion``."""
     where = repr(path)
-    file, size = _open_regular(path, stack)
+    file, size = _open_source(path, stack)
     kind = _torch_kind(file, where)
     try:
         import torch
@@ -546,5 +538,5 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             plan = _writer.Plan(tensors, source.metadata, align, checksum, tree=source.tree)
             api.save_plan(plan, dst, atomic=True)
         else:
-            safetensors_writer.save_file(tensors, dst, metadata=source.metadata, tree=source.tree)
+            save_single(tensors, dst, metadata=source.metadata, tree=source.tree)
         return Converted(len(source.tensors), source.nbytes)

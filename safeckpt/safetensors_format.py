@@ -72,6 +72,7 @@ LENGTH_SIZE = 8  # the u64 header length [ST1]
 METADATA_KEY = "__metadata__"
 SAFECKPT_KEY = "__safeckpt__"  # our lossless extras in the metadata [ST9]
 TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+HEADER_WHERE = "the safetensors header [ST2]"  # how the JSON hooks name a header in messages
 _LIMIT = 1 << 63  # dims, offsets and byte sizes stay below it, as in our format [T3, T4]
 _JSON_SPACE = " \t\n\r"  # JSON's whitespace (RFC 8259)
 # Bad values are quoted in messages within a few dozen characters, however large or deep they are.
@@ -104,14 +105,24 @@ def looks_like(prefix: bytes) -> bool:
     return len(prefix) > LENGTH_SIZE and body[:1] == b"{" and not prefix.startswith(fmt.MAGIC[:4])
 
 
-def unique_object(pairs: Sequence[Tuple[Any, Any]]) -> Dict[Any, Any]:
-    """json object_pairs_hook: a dict, refusing a key given twice [ST2]."""
-    return fmt.unique_pairs(pairs, "JSON key in the safetensors header [ST2]")
+def unique_object(pairs: Sequence[Tuple[Any, Any]], where: str = HEADER_WHERE) -> Dict[Any, Any]:
+    """json object_pairs_hook: a dict, refusing a key given twice [ST2]; ``where`` names the JSON
+    text in the message (``functools.partial(unique_object, where="the index [HF1]")``).
+
+    Raises:
+        HeaderError: "duplicate JSON key in <where>: <key>".
+    """
+    return fmt.unique_pairs(pairs, f"JSON key in {where}")
 
 
-def refuse_constant(name: str) -> NoReturn:
-    """json parse_constant: NaN and Infinity are not JSON [ST2]."""
-    raise HeaderError(f"JSON constant {name} is not allowed in a safetensors header [ST2]")
+def refuse_constant(name: str, where: str = HEADER_WHERE) -> NoReturn:
+    """json parse_constant: NaN and Infinity are not JSON [ST2]; ``where`` as for
+    :func:`unique_object`.
+
+    Raises:
+        HeaderError: always, "JSON constant <name> is not allowed in <where>".
+    """
+    raise HeaderError(f"JSON constant {name} is not allowed in {where}")
 
 
 def _check_str(value: str, what: str) -> None:

@@ -1,5 +1,5 @@
 """Hugging Face sharded safetensors: ``model.safetensors.index.json`` and the .safetensors shards it
-names (docs/FORMAT.md section 10, rules [HF1]-[HF6], cited in messages).
+names (docs/FORMAT.md section 10, rules [HF1]-[HF7], cited in messages).
 
 Reading: :func:`safeckpt.open` of an index, or of the model's directory, returns a
 :class:`SafetensorsShards`: a :class:`safeckpt.ShardedReader` (the same lazy interface) over
@@ -9,7 +9,8 @@ are read). ``load``, ``load_file`` and ``safeckpt.torch.load_model`` take it as 
 Writing: ``save_file(tensors, "out/model.safetensors", max_shard_size="5GB")`` (and ``save``,
 ``convert``) writes what transformers' ``save_pretrained`` writes: ``model-00001-of-0000N
 .safetensors`` ... and the index ``model.safetensors.index.json``, or one ``model.safetensors``
-when everything fits in one shard.
+when everything fits in one shard. Every save to a name removes the files of an earlier save to it
+that a reader would take for the new one (shards, index, or single file) [HF6], [HF7].
 
 Example:
     >>> import numpy as np, safeckpt, tempfile, os
@@ -28,12 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
-import stat
-from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Set,
-                    Tuple, Union)
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Set, Union
 
 from . import _fs
 from . import format as fmt
@@ -43,8 +43,9 @@ from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, Sa
                      ShardError, quote)
 from .filekind import INDEX_SUFFIX, PathLike, output_format
 from .reader import Reader
-from .safetensors_format import decode_extras
-from .shard import MAX_FILE_NAME, MAX_SHARDS, ShardedReader, parse_size, remove_stale_shards, split
+from .safetensors_format import decode_extras, refuse_constant, unique_object
+from .shard import (MAX_SHARDS, ShardedReader, parse_size, plain_file_name, remove_stale_shards,
+                    split)
 from .writer import warn_beyond_reader_defaults
 
 SUFFIX = ".safetensors"
@@ -52,6 +53,7 @@ TOTAL_SIZE_KEY = "total_size"  # the index's metadata: the bytes of all tensors,
 FORMAT_KEY = "format"  # a shard's metadata: transformers refuses a file whose "format" it does not know
 DEFAULT_FORMAT = "pt"  # what transformers' save_pretrained writes: it loads into a PyTorch model
 _SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors\Z", re.IGNORECASE)
+_WHERE = "the index [HF1]"  # how JSON errors name an index
 
 
 class Index(NamedTuple):
@@ -104,41 +106,25 @@ def shards_in(entries: Iterable[str]) -> List[str]:
 
 def _read_bounded(path: str, where: str, max_size: int) -> bytes:
     """The bytes of the regular file at ``path``, refused before reading if over ``max_size``."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    with open(os.open(path, flags), "rb") as f:  # O_NONBLOCK: a FIFO is refused, not waited on
-        info = os.fstat(f.fileno())
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(info.st_mode):
-            raise HeaderError(f"{where}: the index is not a regular file (a FIFO or a device) [HF1]")
-        if info.st_size > max_size:
-            raise LimitError(f"{where}: the index is {info.st_size} bytes, more than "
+    file, size = _fs.open_regular(path, where, " [HF1]")
+    with file:
+        if size > max_size:
+            raise LimitError(f"{where}: the index is {size} bytes, more than "
                              f"max_header_size={max_size}; pass max_header_size=... if you trust "
                              "this file [HF1]")
-        raw = f.read(info.st_size + 1)  # read(n) allocates n bytes first: never max_size
-        if len(raw) > info.st_size:  # the file grew since fstat: the rest, up to the limit
-            raw += f.read(max_size + 1 - len(raw))
+        raw = file.read(size + 1)  # read(n) allocates n bytes first: never max_size
+        if len(raw) > size:  # the file grew since fstat: the rest, up to the limit
+            raw += file.read(max_size + 1 - len(raw))
     if len(raw) > max_size:
         raise LimitError(f"{where}: the index is larger than max_header_size={max_size}; pass "
                          "max_header_size=... if you trust this file [HF1]")
     return raw
 
 
-def _unique_object(pairs: Sequence[Tuple[Any, Any]]) -> Dict[Any, Any]:
-    """json object_pairs_hook: a dict, refusing a key given twice [HF1]."""
-    return fmt.unique_pairs(pairs, "JSON key in the index [HF1]")
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    """json parse_constant: NaN and Infinity are not JSON [HF1]."""
-    raise HeaderError(f"JSON constant {name} is not allowed in an index [HF1]")
-
-
 def _shard_file(name: object, tensor: str, where: str) -> str:
     """A shard's file name from the weight_map: a plain ``*.safetensors`` name in the index's own
     directory [HF2], so the index never makes a reader open a file elsewhere."""
-    if (type(name) is not str or not name or name.startswith(".") or any(c in name for c in "/\\\0")
-            or len(name.encode("utf-8", "replace")) > MAX_FILE_NAME):
+    if type(name) is not str or not plain_file_name(name):  # the type test is for mypy
         raise HeaderError(f"{where}: weight_map[{quote(tensor)}]: shard file {quote(name)} must be a "
                           "plain file name in the index's directory [HF2]")
     if not name.lower().endswith(SUFFIX):
@@ -169,8 +155,9 @@ def read_index(path: str, *, max_header_size: int = fmt.MAX_HEADER_SIZE,
     raw = _read_bounded(path, where, max_header_size)
     try:
         with fmt.collector_paused():
-            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object,
-                               parse_constant=_refuse_constant)
+            index = json.loads(raw.decode("utf-8"),
+                               object_pairs_hook=functools.partial(unique_object, where=_WHERE),
+                               parse_constant=functools.partial(refuse_constant, where=_WHERE))
     except HeaderError as exc:
         raise HeaderError(f"{where}: {exc}") from None
     except RecursionError:
@@ -216,6 +203,7 @@ class SafetensorsShards(ShardedReader):
     """
 
     format = "safetensors"
+    shard_rule = "[HF4]"
 
     def __init__(self, path: str, *, mmap: bool = True, **limits: Any) -> None:
         where = self.where = repr(path)
@@ -293,15 +281,10 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
     names, arrays = list(names), list(arrays)
     counts = split([array.nbytes for array in arrays], limit)
     directory = os.path.dirname(os.path.abspath(path))
-    stem = os.path.basename(path)[:-len(SUFFIX)]
-    index = index_of(path)
     given_format = metadata.get(FORMAT_KEY)
     if len(counts) <= 1:
         metadata.setdefault(FORMAT_KEY, DEFAULT_FORMAT)
-        safetensors_writer.write(safetensors_writer.plan(dict(zip(names, arrays)), metadata, tree),
-                                 path, atomic=atomic)
-        _remove_file(index)
-        remove_stale_shards(directory, stem, SUFFIX, ())
+        save_single(dict(zip(names, arrays)), path, metadata=metadata, tree=tree, atomic=atomic)
         return
     if len(counts) > MAX_SHARDS:
         raise ValueError(f"max_shard_size={max_shard_size!r} makes {len(counts)} shards, more than "
@@ -324,10 +307,48 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
         safetensors_writer.write(plans[j], os.path.join(directory, files[j]), atomic=atomic)
 
     _fs.fan_out(write, range(len(plans)))  # every shard before the index
-    with _fs.new_file(index, atomic) as fd:
+    with _fs.new_file(index_of(path), atomic) as fd:
         _fs.pwrite_all(fd, text.encode("ascii"), 0)
-    remove_stale_shards(directory, stem, SUFFIX, files)
-    _remove_file(path)  # transformers loads a model.safetensors before it looks for an index
+    _remove_earlier(path, files)
+
+
+def save_single(tensors: Mapping[str, Any], path: PathLike, *,
+                metadata: Optional[Mapping[str, Any]] = None, tree: Any = fmt.NO_TREE,
+                atomic: bool = True) -> None:
+    """Write one .safetensors file (:func:`safeckpt.safetensors_writer.save_file`); then, for a
+    ``<stem>.safetensors`` name, delete what an earlier sharded save to that name left: its index
+    ``<stem>.safetensors.index.json``, then its shards ``<stem>-0000j-of-0000k.safetensors``
+    [HF7]. Left there, they would shadow or stand beside this file: a directory holding an
+    index and a plain file is refused as two checkpoints, and other tools may load the old index.
+
+    Every save of a safetensors file goes through here (``save_file``, ``save``, ``convert``,
+    one shard's worth of a sharded save). A crash between the write and the deletions leaves both;
+    the directory is then refused naming them, and each still opens by its own path.
+
+    Raises:
+        As :func:`safeckpt.safetensors_writer.save_file`.
+
+    Example:
+        >>> save_single({"w": np.zeros(2)}, "out/model.safetensors")  # doctest: +SKIP
+    """
+    path, kind = output_format(path)
+    safetensors_writer.save_file(tensors, path, metadata=metadata, tree=tree, atomic=atomic)
+    if kind == "safetensors":
+        _remove_earlier(path, ())
+
+
+def _remove_earlier(path: str, files: Sequence[str]) -> None:
+    """Delete the files of earlier saves to ``path`` (``<stem>.safetensors``) that a reader would
+    take for the save that just wrote ``files`` (its shards; none for one plain file) [HF6], [HF7]:
+    the index (for a plain file: first, so that an index never names shards already gone), the
+    stem's other shards, and the plain file (for shards: transformers loads a ``model.safetensors``
+    before it looks for an index)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not files:
+        _remove_file(index_of(path))
+    remove_stale_shards(directory, os.path.basename(path)[:-len(SUFFIX)], SUFFIX, files)
+    if files:
+        _remove_file(path)
 
 
 def _remove_file(path: str) -> None:

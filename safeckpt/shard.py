@@ -186,6 +186,21 @@ def shards_in(entries: Iterable[str]) -> List[str]:
     return [e for e in entries if _SHARD_NAME.search(e)]
 
 
+def plain_file_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name in an index's own directory [S3], [HF2]: a non-empty
+    str of at most :data:`MAX_FILE_NAME` UTF-8 bytes, holding no ``/``, ``\\`` or NUL and not
+    starting with ``.``; so an index never makes a reader open a file elsewhere (``../x``,
+    ``/etc/passwd``, ``C:\\x``) or a hidden one.
+
+    Example:
+        >>> plain_file_name("model-00001-of-00002.sckpt"), plain_file_name("../x.sckpt")
+        (True, False)
+    """
+    return (type(name) is str and bool(name) and not name.startswith(".")
+            and not any(c in name for c in "/\\\0")
+            and len(name.encode("utf-8", "replace")) <= MAX_FILE_NAME)
+
+
 def check_shards(shards: Dict[str, Any], where: str, max_tensors: int = fmt.MAX_TENSORS
                  ) -> Dict[str, Any]:
     """Check an index's ``shards`` map [S2]-[S5]; return it with the start of each shard.
@@ -216,9 +231,7 @@ def check_shards(shards: Dict[str, Any], where: str, max_tensors: int = fmt.MAX_
                           f"{len(shards['save_id'])} [S2]")
     for j, name in enumerate(files, 1):
         expected = f"-{j:05d}-of-{k:05d}{SUFFIX}"
-        if (type(name) is not str or not name or name.startswith(".") or "/" in name
-                or "\\" in name or "\0" in name or len(name.encode("utf-8", "replace")) > MAX_FILE_NAME
-                or not name.endswith(expected) or len(name) == len(expected)):
+        if not plain_file_name(name) or not name.endswith(expected) or len(name) == len(expected):
             raise HeaderError(f"{where}: shard file name {quote(name)} is not a plain file name in the "
                               f"index's directory ending in {expected!r} [S3]")
     if len(names) > max_tensors:
@@ -301,8 +314,7 @@ class _ShardFile(Reader):
                 self._pins -= 1
 
     def _reopen(self) -> int:
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-        fd = os.open(cast(str, self.path), flags)  # a shard is opened by its path
+        fd = os.open(cast(str, self.path), _fs.READ_FLAGS)  # a shard is opened by its path
         try:
             same = self._identity_of(fd) == self._identity
         except BaseException:
@@ -357,6 +369,7 @@ class ShardedReader(TensorMap):
     """
 
     format = "sckpt"  # what the shards are: "sckpt", or "safetensors" (Hugging Face shards)
+    shard_rule = "[S7]"  # the rule messages about a shard cite
     version: Optional[Tuple[int, int]]  # the index's (major, minor); None for a Hugging Face index
 
     def __init__(self, index: Reader, *, mmap: bool = True, **limits: Any) -> None:
@@ -399,9 +412,14 @@ class ShardedReader(TensorMap):
         open_shards = _OpenShards(MAX_OPEN_SHARDS)
         try:
             for j, file in enumerate(self.shards):
-                # every rule of the shard's own format
-                reader = (Reader(file, mmap=True, **limits) if mmap else
-                          _ShardFile(file, open_shards, **limits))
+                try:  # every rule of the shard's own format
+                    reader = (Reader(file, mmap=True, **limits) if mmap else
+                              _ShardFile(file, open_shards, **limits))
+                except OSError as exc:  # missing, a directory, unreadable: the OS's error, and
+                    if exc.errno is None:  # which index names the file
+                        raise
+                    raise OSError(exc.errno, f"{exc.strerror} (a shard that the index {self.where} "
+                                  f"names {self.shard_rule})", file) from exc
                 readers.append(reader)
                 part = check(reader, j)
                 self._where_is.extend((j, i) for i in range(len(part)))

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 import safeckpt
-from safeckpt import interop
-from safeckpt import safetensors_format as sft
+from safeckpt import _fs, interop
 from safeckpt import safetensors_writer
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -100,6 +99,36 @@ def test_a_sharded_index_is_checked(tmp_path):
     with pytest.raises(FileNotFoundError):
         safeckpt.convert(index, tmp_path / "x.sckpt")
     assert not (tmp_path / "x.sckpt").exists()
+
+
+def test_sources_and_indexes_open_only_regular_files(tmp_path, monkeypatch):
+    """An .npy/.npz/torch source and a Hugging Face index open through one helper,
+    ``_fs.open_regular``: a FIFO is refused at once (never waited on), a directory is
+    IsADirectoryError, and the file's size comes with it."""
+    fifo = tmp_path / "a.npy"
+    os.mkfifo(fifo)
+    with pytest.raises(safeckpt.HeaderError, match=r"a\.npy'.*not a regular file.*convert reads"):
+        safeckpt.convert(fifo, tmp_path / "out.sckpt")
+    (tmp_path / "d.pt").mkdir()
+    with pytest.raises(IsADirectoryError):
+        safeckpt.convert(tmp_path / "d.pt", tmp_path / "out.sckpt")
+    with pytest.raises(safeckpt.HeaderError, match=r"a\.npy'.*not a regular file.* \[Q\]"):
+        _fs.open_regular(str(fifo), repr(str(fifo)), " [Q]")
+    np.save(tmp_path / "b.npy", np.arange(3))
+    file, size = _fs.open_regular(str(tmp_path / "b.npy"), "b", "")
+    with file:
+        assert size == os.path.getsize(tmp_path / "b.npy") and file.read(6) == b"\x93NUMPY"
+    opened = []
+
+    def spy(path, *args):
+        opened.append(os.path.basename(path))
+        return real(path, *args)
+
+    real = _fs.open_regular
+    monkeypatch.setattr(_fs, "open_regular", spy)
+    safeckpt.convert(tmp_path / "b.npy", tmp_path / "b.sckpt")
+    safeckpt.convert(write_sharded(tmp_path, TENSORS), tmp_path / "c.sckpt")
+    assert opened == ["b.npy", "model.safetensors.index.json"]
 
 
 def test_npz_and_npy_convert_without_pickle(tmp_path):

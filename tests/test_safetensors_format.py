@@ -298,3 +298,20 @@ def test_any_json_value_anywhere_in_the_header_gives_a_safeckpt_error_or_loads(t
                     f[name]
         except safeckpt.SafeckptError:
             pass
+
+
+def test_json_hooks_name_where_they_are():
+    """One pair of strict-JSON hooks for safetensors headers [ST2] and Hugging Face indexes [HF1]:
+    ``where`` says which in the message."""
+    with pytest.raises(safeckpt.HeaderError, match=r"duplicate JSON key in the safetensors header "
+                       r"\[ST2\]: 'a'"):
+        sft.unique_object([("a", 1), ("a", 2)])
+    with pytest.raises(safeckpt.HeaderError, match=r"duplicate JSON key in the index \[HF1\]: 'a'"):
+        sft.unique_object([("a", 1), ("b", 2), ("a", 3)], where="the index [HF1]")
+    assert sft.unique_object([("a", 1), ("b", 2)], where="the index [HF1]") == {"a": 1, "b": 2}
+    with pytest.raises(safeckpt.HeaderError, match=r"JSON constant NaN is not allowed in the "
+                       r"safetensors header \[ST2\]"):
+        sft.refuse_constant("NaN")
+    with pytest.raises(safeckpt.HeaderError, match=r"JSON constant -Infinity is not allowed in the "
+                       r"index \[HF1\]"):
+        sft.refuse_constant("-Infinity", where="the index [HF1]")

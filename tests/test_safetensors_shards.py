@@ -1,8 +1,10 @@
-"""Hugging Face sharded safetensors (safeckpt/safetensors_shards.py, FORMAT.md section 10 [HF1]-[HF6]):
-open and load in place, lazily; write what transformers and huggingface_hub write; both backends."""
+"""Hugging Face sharded safetensors (safeckpt/safetensors_shards.py, FORMAT.md section 10,
+[HF1]-[HF7]): open and load in place, lazily; write what transformers and huggingface_hub write;
+both backends."""
 
 import json
 import os
+import re
 import stat
 
 import numpy as np
@@ -104,6 +106,22 @@ def test_every_shard_is_checked_when_the_index_is_opened(tmp_path):
         safeckpt.open(index)
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_HF4_a_missing_shard_or_a_directory_names_the_index_and_the_shard(tmp_path, mmap):
+    """[HF4]: a shard that is not there, or a directory under its name, is the OS's error (its
+    type, errno and file name kept: the shard), whose message also names the index."""
+    index = write_hf(tmp_path, TENSORS)
+    os.unlink(tmp_path / FILES[2])
+    words = rf"index {re.escape(repr(str(index)))} names \[HF4\]\): '.*{FILES[2]}'"
+    with pytest.raises(FileNotFoundError, match=words) as info:
+        safeckpt.open(index, mmap=mmap)
+    assert info.value.filename == str(tmp_path / FILES[2])
+    (tmp_path / FILES[2]).mkdir()
+    with pytest.raises(IsADirectoryError, match=words) as info:
+        safeckpt.open(tmp_path, mmap=mmap)
+    assert info.value.filename == str(tmp_path / FILES[2])
+
+
 def test_torch_loads_a_huggingface_hub_save_in_place(tmp_path):
     torch = pytest.importorskip("torch")
     hub = pytest.importorskip("huggingface_hub")
@@ -138,6 +156,10 @@ def test_torch_loads_a_huggingface_hub_save_in_place(tmp_path):
     ('{"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}}', safeckpt.HeaderError,
      "not a \\*.safetensors file"),
     ('{"weight_map": {"": "x.safetensors"}}', safeckpt.HeaderError, "tensor name ''"),
+    ('{"weight_map": {"a": "x.safetensors", "a": "x.safetensors"}}', safeckpt.HeaderError,
+     r"duplicate JSON key in the index \[HF1\]: 'a'"),
+    ('{"metadata": {"n": NaN}, "weight_map": {"a": "x.safetensors"}}', safeckpt.HeaderError,
+     r"JSON constant NaN is not allowed in the index \[HF1\]"),
     ('{"metadata": [], "weight_map": {"a": "x.safetensors"}}', safeckpt.HeaderError, "'metadata'"),
     ('{"metadata": {"x": 18446744073709551616}, "weight_map": {"a": "x.safetensors"}}',
      safeckpt.HeaderError, r"metadata\['x'\]"),
@@ -187,9 +209,6 @@ def test_a_lone_surrogate_in_an_index_is_a_named_mismatch(tmp_path):
 
 def test_a_directory_holding_several_checkpoints_names_them(tmp_path):
     write_hf(tmp_path, TENSORS)
-    safeckpt.save_file({"a": np.zeros(2)}, tmp_path / "x.safetensors")  # an index wins over singles
-    with safeckpt.open(tmp_path) as f:
-        assert f.keys() == list(TENSORS)
     safeckpt.save_file({"a": np.zeros(2)}, tmp_path / "ours.sckpt")
     with pytest.raises(ValueError, match=r"several checkpoints \(model\.safetensors\.index\.json, "
                        r"ours\.sckpt\)"):
@@ -197,6 +216,29 @@ def test_a_directory_holding_several_checkpoints_names_them(tmp_path):
     os.unlink(tmp_path / "ours.sckpt")
     (tmp_path / "other.safetensors.index.json").write_text("{}")
     with pytest.raises(ValueError, match="model.safetensors.index.json, other.safetensors.index.json"):
+        safeckpt.open(tmp_path)
+
+
+@pytest.mark.parametrize("index_name", ["model.safetensors.index.json",
+                                        "Model.safetensors.index.json"])
+def test_an_index_beside_a_plain_safetensors_file_is_not_guessed(tmp_path, index_name):
+    """A directory holding an index and a .safetensors file that is not one of its shards (another
+    tool's save, a save interrupted before it removed the other, a name that differs in case) is
+    refused naming both: safeckpt would open one, transformers may load the other."""
+    write_hf(tmp_path, TENSORS)
+    os.replace(tmp_path / "model.safetensors.index.json", tmp_path / index_name)
+    newer = {"w": np.ones(3, np.float32)}
+    safetensors_numpy.save_file(newer, str(tmp_path / "model.safetensors"))
+    names = ", ".join(sorted([index_name, "model.safetensors"]))
+    with pytest.raises(ValueError, match=rf"several checkpoints \({re.escape(names)}\); open one"):
+        safeckpt.open(tmp_path)
+    with safeckpt.open(tmp_path / "model.safetensors") as f:  # each opens by its own path
+        assert same(f.load_all(), newer)
+    with safeckpt.open(tmp_path / index_name) as f:
+        assert f.keys() == list(TENSORS)
+    safetensors_numpy.save_file(newer, str(tmp_path / "x.safetensors"))
+    os.unlink(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"several checkpoints \({re.escape(index_name)}, x"):
         safeckpt.open(tmp_path)
 
 
@@ -315,6 +357,35 @@ def test_stale_files_of_an_earlier_save_are_removed(tmp_path):
     safeckpt.save_file({"w": np.zeros(2)}, path, max_shard_size=900)
     assert os.listdir(tmp_path) == ["model.safetensors"]
     assert safeckpt.load_file(tmp_path).keys() == {"w"}
+
+
+@pytest.mark.parametrize("how", ["save_file", "save", "torch", "convert", "one shard"])
+def test_HF7_a_plain_save_removes_an_earlier_sharded_save(tmp_path, how):
+    """[HF7]: every save to model.safetensors, sharded or not, removes the index and shards that
+    an earlier sharded save to that name left: a reader of the directory (and of the name, which
+    opens the index when no plain file is there) would otherwise take them for this checkpoint."""
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "model.safetensors"
+    safeckpt.save_file(TENSORS, path, max_shard_size=900)
+    safetensors_numpy.save_file({"x": np.zeros(1)}, str(out / "model-00002-of-00009.safetensors"))
+    safetensors_numpy.save_file({"x": np.zeros(1)}, str(out / "other-00001-of-00002.safetensors"))
+    newer = {"w": np.ones(3, np.float32)}
+    if how == "save_file":
+        safeckpt.save_file(newer, path)
+    elif how == "save":
+        safeckpt.save(newer, path)
+    elif how == "torch":
+        torch = pytest.importorskip("torch")
+        pytest.importorskip("safeckpt.torch").save({"w": torch.ones(3)}, path)
+    elif how == "convert":
+        safeckpt.save_file(newer, tmp_path / "src.sckpt")
+        safeckpt.convert(tmp_path / "src.sckpt", path)
+    else:
+        safeckpt.save_file(newer, path, max_shard_size="5GB")
+    assert sorted(os.listdir(out)) == ["model.safetensors", "other-00001-of-00002.safetensors"]
+    with safeckpt.open(out / "model.safetensors") as f:
+        assert same(f.load_all(), newer)
 
 
 def test_shards_are_written_before_the_index(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -244,11 +245,30 @@ def test_S6_tree_checked_against_the_index_names(tmp_path):
 
 # -- shards that do not match their index [S7] ----------------------------------------------------
 
-def test_S7_missing_shard_is_an_os_error(tmp_path):
+@pytest.mark.parametrize("mmap", [True, False])
+def test_S7_missing_shard_is_an_os_error(tmp_path, mmap):
+    """[S7]: a missing shard, or a directory in its place, is the OS's error (type, errno and the
+    shard as its file name kept) whose message names the index too."""
     path = saved(tmp_path)
     os.unlink(tmp_path / OK_FILES[1])
-    with pytest.raises(FileNotFoundError, match="m-00002-of-00003"):
-        safeckpt.open(path)
+    words = rf"index {re.escape(repr(str(path)))} names \[S7\]\): '.*{OK_FILES[1]}'"
+    with pytest.raises(FileNotFoundError, match=words) as info:
+        safeckpt.open(path, mmap=mmap)
+    assert info.value.filename == str(tmp_path / OK_FILES[1])
+    (tmp_path / OK_FILES[1]).mkdir()
+    with pytest.raises(IsADirectoryError, match=words) as info:
+        safeckpt.open(tmp_path, mmap=mmap)
+    assert info.value.filename == str(tmp_path / OK_FILES[1])
+
+
+@pytest.mark.parametrize("name, plain", [
+    ("m-00001-of-00002.sckpt", True), ("model.safetensors", True), ("é" * 127, True),
+    ("", False), (".hidden", False), ("../x", False), ("a/b", False), ("C:\\x", False),
+    ("a\0b", False), ("é" * 128, False), ("x" * 256, False), (3, False), (None, False),
+])
+def test_S3_plain_file_name(name, plain):
+    """[S3] (and [HF2], which uses it): a plain file name in the index's own directory."""
+    assert shard.plain_file_name(name) is plain
 
 
 def test_S7_shard_of_another_save(tmp_path):
