@@ -315,6 +315,11 @@ class _Restore:
         self.calls: List[Callable[[], object]] = []
         self.modules: List[Callable[[], object]] = []
         self.writes: List[Callable[[], object]] = []
+        # A torch state_dict() is built anew on each call: below one, only tensors and arrays
+        # are written (in place); ``copy`` is the one being walked (its path and _COPIES' words),
+        # ``futile`` each (copy, entry) that a restore would have to rebind or fill.
+        self.copy: Optional[Tuple[_Path, Tuple[str, str, str]]] = None
+        self.futile: List[Tuple[_Path, Tuple[str, str, str], _Path]] = []
 
     def name(self, path: _Path) -> str:
         """``['model']['w']``: the path as it reads after the file's name in a message."""
@@ -350,22 +355,37 @@ class _Restore:
                                     "(for jax arrays use safeckpt.jax.load(..., target=...))"))
         return target
 
+    def rebind(self, path: _Path, current: Any, new: Any, write: Callable[[], object]) -> None:
+        """Plan ``write``, which puts ``new`` where ``current`` is (or fills the empty
+        container ``current`` with ``new``'s items); below a torch state_dict() it would change
+        that copy only: a problem, unless nothing changes."""
+        if self.copy is None:
+            self.writes.append(write)
+        elif not _tree.same(new, current):
+            self.futile.append((*self.copy, path))
+
     def dict(self, target: Dict[Any, Any], value: Any, path: _Path) -> None:
         """Plan a dict's restore, key by key (an empty one takes the file's whole)."""
         if not isinstance(value, dict):
             self.mismatched.append((path, f"file has {_kind(value)}, target has a dict"))
             return
+        outer, made = self.copy, _made_by(target)
+        if outer is None and made is not None:
+            self.copy = (path, made)
         if not target:  # an empty dict receives whatever the file holds there
-            self.writes.append(lambda: target.update(value))
-            return
-        for key, current in target.items():
-            if key not in value:
-                self.missing.append(path + (key,))
-                continue
-            new = self.walk(current, value[key], path + (key,))
-            if new is not current:
-                self.writes.append(functools.partial(target.__setitem__, key, new))
-        self.unexpected.extend(path + (key,) for key in value if key not in target)
+            if value:
+                self.rebind(path, target, value, lambda: target.update(value))
+        else:
+            for key, current in target.items():
+                if key not in value:
+                    self.missing.append(path + (key,))
+                    continue
+                new = self.walk(current, value[key], path + (key,))
+                if new is not current:
+                    self.rebind(path + (key,), current, new,
+                                functools.partial(target.__setitem__, key, new))
+            self.unexpected.extend(path + (key,) for key in value if key not in target)
+        self.copy = outer
 
     def sequence(self, target: Union[List[Any], Tuple[Any, ...]], value: Any, path: _Path
                  ) -> Any:
@@ -374,7 +394,8 @@ class _Restore:
             self.mismatched.append((path, f"file has {_kind(value)}, target has {_kind(target)}"))
             return target
         if not target and isinstance(target, list):  # an empty list receives the file's items
-            self.writes.append(lambda: target.extend(value))
+            if value:
+                self.rebind(path, target, value, lambda: target.extend(value))
             return target
         if len(value) != len(target):
             self.mismatched.append((path, f"file has {len(value)} items, target has {len(target)}"))
@@ -386,7 +407,8 @@ class _Restore:
         if isinstance(target, list):
             for i, item in enumerate(new):
                 if item is not target[i]:
-                    self.writes.append(functools.partial(target.__setitem__, i, item))
+                    self.rebind(path + (i,), target[i], item,
+                                functools.partial(target.__setitem__, i, item))
             return target
         return target._make(new) if hasattr(target, "_make") else type(target)(new)
 
@@ -433,7 +455,7 @@ class _Restore:
                                     f"{_article(type(target).__name__)}"))
             return
         if _is_torch_module(target):
-            state = torch_convert.to_torch(value, self.map_location)
+            state = self.torch_state(value, path)
             report = _sck_torch.check_state(target, state)
             self.missing.extend(path + (key,) for key in report.missing)
             self.unexpected.extend(path + (key,) for key in report.unexpected)
@@ -454,7 +476,7 @@ class _Restore:
             self.unexpected.extend(path + (key,) for key in unexpected)
             value = {key: item for key, item in value.items() if key not in unexpected}
         if "torch" in sys.modules:
-            value = torch_convert.to_torch(value, self.map_location)
+            value = self.torch_state(value, path)
 
         torch = sys.modules.get("torch")
         out_of_memory = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
@@ -471,8 +493,18 @@ class _Restore:
                     f"refused the saved state: {type(exc).__name__}: {exc}") from exc
         self.calls.append(call)
 
+    def torch_state(self, value: Any, path: _Path) -> Any:
+        """``value`` with torch tensors for its arrays, moved as ``map_location`` says; an error
+        names the target and the tensor below it (``['optimizer']: ... 'state.0.exp_avg'``)."""
+        try:
+            return torch_convert.to_torch(value, self.map_location)
+        except InvalidValueError as exc:
+            raise InvalidValueError(f"{self.where}{self.name(path)}: {exc}") from exc
+
     def finish(self) -> None:
         """Raise (strict) or warn about every problem found, then make the writes."""
+        if self.futile:
+            self.refuse_copies()
         lines = []
         for words, paths in (("in the target, not in the file", self.missing),
                              ("in the file, not in the target", self.unexpected)):
@@ -493,6 +525,43 @@ class _Restore:
         for write in self.calls + self.modules + self.writes:
             write()
 
+    def refuse_copies(self) -> None:
+        """Raise for the torch state_dict() copies that a restore would change beyond their
+        tensors, naming the entries."""
+        by_copy: Dict[_Path, List[_Path]] = {}
+        words: Dict[_Path, Tuple[str, str, str]] = {}
+        for root, said, path in self.futile:
+            by_copy.setdefault(root, []).append(path)
+            words[root] = said
+        lines = [f"{self.where} cannot be restored into the target; nothing was restored:"]
+        for root, paths in by_copy.items():
+            made, owner, example = words[root]
+            shown = ", ".join(self.name(p) for p in paths[:_LISTED])
+            more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
+            lines.append(
+                f"  {self.name(root) or 'the target'} is {made}, a dict that torch builds anew "
+                f"on each call: only its tensors can be restored in place, and {shown}{more} "
+                f"would change in that dict only, not in the {owner}; pass the {owner} itself "
+                f"({example}), whose load_state_dict() takes the state")
+        raise InvalidValueError("\n".join(lines))
+
+
+# The torch state_dict() copies that a restore refuses to change beyond their tensors, told by
+# their marks: what made it, its owner, how to pass the owner instead.
+_COPIES = (
+    (lambda d: isinstance(d, collections.OrderedDict) and hasattr(d, "_metadata"),
+     ("a module's state_dict()", "module", "model=model, or {'model': model}")),
+    (lambda d: "state" in d and "param_groups" in d,
+     ("an optimizer's state_dict()", "optimizer", "optimizer=opt, or {'optimizer': opt}")),
+    (lambda d: "last_epoch" in d and "_last_lr" in d,
+     ("an LR scheduler's state_dict()", "scheduler", "scheduler=sched, or {'scheduler': sched}")),
+)
+
+
+def _made_by(target: Dict[Any, Any]) -> Optional[Tuple[str, str, str]]:
+    """The words of _COPIES for a dict that a torch ``state_dict()`` made, else None."""
+    return next((words for is_copy, words in _COPIES if is_copy(target)), None)
+
 
 def restore_into(target: Any, state: Any, *, strict: bool = True, where: str = "state",
                  map_location: Any = None) -> Any:
@@ -503,9 +572,15 @@ def restore_into(target: Any, state: Any, *, strict: bool = True, where: str = "
 
     - numpy arrays and torch tensors are overwritten in place (``np.copyto``, ``Tensor.copy_``),
       so references to them stay valid; the file's must have the same shape and dtype. A
-      ``model.state_dict()`` (or an optimizer's) given as a dict is restored this way: the
-      module's own tensors receive the values (``data_ptr()`` unchanged), and no entry holding
-      a tensor is ever replaced; a tensor on the meta device is refused (no memory);
+      ``model.state_dict()`` given as a dict is restored this way: the module's own tensors
+      receive the values (``data_ptr()`` unchanged), and no entry holding a tensor is ever
+      replaced; a tensor on the meta device is refused (no memory);
+    - a dict made by a torch ``state_dict()`` (a module's: an OrderedDict with ``_metadata``; an
+      optimizer's: ``state`` and ``param_groups``; an LR scheduler's: ``last_epoch`` and
+      ``_last_lr``) is a copy built anew on each call: below it only tensors and arrays are
+      written. A restore that would change any other value there (an optimizer's ``lr``, the
+      ``state`` of an optimizer that never stepped) is refused before anything is written, with
+      an ``InvalidValueError`` that says to pass the module, optimizer or scheduler itself;
     - an object with ``load_state_dict()`` gets its state (a torch module is checked key by key,
       see :func:`safeckpt.torch.load_state`); its own refusals raise ``StateMismatchError``;
     - dicts and lists are walked key by key: a key of the target missing from the file, or of
@@ -521,7 +596,9 @@ def restore_into(target: Any, state: Any, *, strict: bool = True, where: str = "
         StateMismatchError: with ``strict``, one error listing every missing and unexpected key
             and every shape, dtype or kind that differs; nothing is written. Without ``strict``
             the matching part is restored and a ``RuntimeWarning`` lists the rest.
-        InvalidValueError: ``target`` cannot change in place (a number, a str, None, a tuple).
+        InvalidValueError: ``target`` cannot change in place (a number, a str, None, a tuple),
+            or a torch ``state_dict()`` in it would change beyond its tensors; nothing is
+            written.
 
     Example:
         >>> sd = model.state_dict()                                          # doctest: +SKIP
@@ -612,12 +689,16 @@ def load_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
     always (raises on a file saved with ``checksum=False``), ``False`` never. ``map_location``
     moves tensors restored into torch objects, as ``torch.load`` takes it (a device, a dict,
     or a function ``(storage, location)``; see :func:`safeckpt.torch.load`). A target given as
-    a plain state dict (``model=model.state_dict()``) is written in place, never rebound.
+    a plain state dict (``model=model.state_dict()``) is written in place, never rebound; an
+    optimizer's or scheduler's ``state_dict()`` (a copy whose ``lr`` and other values would
+    change in the copy only) is refused: pass the object itself.
 
     Raises:
         HeaderError: not a file of :func:`save_checkpoint` (a plain file, a file of
             :class:`CheckpointManager`: the message says what to use), or one that breaks [C1-C3].
         StateMismatchError: the file does not fit a target; nothing was written.
+        InvalidValueError: a target that cannot be restored in place (see
+            :func:`restore_into`); nothing was written.
 
     Example:
         >>> info = safeckpt.load_checkpoint("ckpt.sckpt", model=model, optimizer=opt)  # doctest: +SKIP
@@ -926,6 +1007,8 @@ class CheckpointManager:
         Raises:
             StateMismatchError: the checkpoint does not fit ``state_or_model``; nothing was
                 written (an older checkpoint is not tried: it would not fit either).
+            InvalidValueError: a target that cannot be restored in place (e.g. an optimizer's
+                ``state_dict()``: pass the optimizer; see :func:`restore_into`).
             SafeckptError, OSError: with ``step``, that file's problem.
 
         Example:

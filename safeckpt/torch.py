@@ -21,11 +21,13 @@ Example:
 from __future__ import annotations
 
 import collections
+import math
 import warnings
 from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, NamedTuple, Optional, Sequence,
                     Tuple, Union)
 
 from . import api, torch_convert
+from . import tree as _tree
 from .api import Prefix
 from .errors import InvalidValueError, StateMismatchError, plural, quote
 from .filekind import PathLike
@@ -218,18 +220,23 @@ def _cast_problem(got: Any, dtype: Any, values: bool) -> Optional[str]:
     """Why ``cast=True`` does not cast tensor ``got`` to ``dtype``; None if it does.
 
     A cast stays within a kind or goes up (bool < int < float < complex: torch's ``can_cast``,
-    numpy's ``same_kind``), as a value of the kind below is one of the kind above: float to int
-    (the fraction), complex to real (the imaginary part) and int to bool are refused. Narrowing
-    floats round as torch's ``copy_`` does (float32 to bfloat16, the reason to cast); narrowing
-    ints would wrap, so with ``values`` the tensor's values are checked to fit.
+    numpy's ``same_kind``): float to int (the fraction), complex to real (the imaginary part) and
+    int to bool are refused. With ``values`` the tensor's values are checked too, so that no
+    value changes but by rounding a float: narrowing ints must fit (they would wrap), ints
+    going to a float must be exact there (int64 2**53+1 is not, in float64), and a float (or
+    complex) narrowed must not overflow (float64 1e10 would be inf in float16). Floats narrowed
+    round, as torch's ``copy_`` rounds them (float32 to bfloat16, the reason to cast).
     """
     import torch  # only a load into a torch model reaches here: torch is imported already
     if not torch.can_cast(got.dtype, dtype):
         return (f"{_dtype(got.dtype)} to {_dtype(dtype)} goes down the kinds bool < int < float < "
                 "complex and would change values; convert it yourself if that is meant")
-    if (not values or not got.numel() or got.dtype.is_floating_point or got.dtype.is_complex
-            or dtype.is_floating_point or dtype.is_complex or got.dtype == torch.bool):
+    if not values or not got.numel() or got.dtype == torch.bool:
         return None
+    if got.dtype.is_floating_point or got.dtype.is_complex:
+        return _overflow(torch, got, dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        return _inexact(torch, got, dtype)
     wide, narrow = torch.iinfo(got.dtype), torch.iinfo(dtype)
     if narrow.min <= wide.min and wide.max <= narrow.max:
         return None
@@ -238,6 +245,60 @@ def _cast_problem(got: Any, dtype: Any, values: bool) -> Optional[str]:
     if narrow.min <= low and high <= narrow.max:
         return None
     return f"its values {low}..{high} do not fit {_dtype(dtype)}"
+
+
+def _overflow(torch: Any, got: Any, dtype: Any) -> Optional[str]:
+    """Why float (or complex) ``got`` cast to the float (or complex) ``dtype`` would lose a
+    finite value: one at or beyond the largest finite value plus half a step, which becomes inf
+    (or nan, or the largest value: float8 dtypes without inf, by torch version); None if none
+    is. Values are compared in float64, which holds every value of the narrower floats."""
+    info = torch.finfo(dtype)
+    largest = info.max
+    if largest >= torch.finfo(got.dtype).max:
+        return None
+    digits = round(1 - math.log2(info.eps))  # 24 for float32
+    limit = largest + 2.0 ** (math.floor(math.log2(largest)) - digits)  # rounds up past largest
+    source = torch.view_as_real(got.detach()) if got.dtype.is_complex else got.detach()
+    if source.element_size() > 1:  # aminmax (one pass, no copy) lacks float8
+        low, high = (float(x) for x in torch.aminmax(source))
+        if math.isfinite(low) and math.isfinite(high) and max(-low, high) < limit:
+            return None
+    wide = source.reshape(-1).double()
+    bad = torch.isfinite(wide) & (wide.abs() >= limit)
+    count = int(bad.sum())
+    if not count:
+        return None  # inf or nan in the tensor, which stay inf or nan
+    more = f" (and {plural(count - 1, 'more value')})" if count > 1 else ""
+    return (f"its value {float(wide[int(bad.nonzero()[0])])!r}{more} overflows "
+            f"{_dtype(dtype)}, whose largest finite value is {largest:g}")
+
+
+def _inexact(torch: Any, got: Any, dtype: Any) -> Optional[str]:
+    """Why int ``got`` cast to the float (or complex) ``dtype`` would change a value (a float
+    holds every int up to 2**digits, then fewer, then none); None if none would change."""
+    info, ints = torch.finfo(dtype), torch.iinfo(got.dtype)
+    exact_up_to = 2 ** round(1 - math.log2(info.eps))  # 2**24 for float32
+    if max(-ints.min, ints.max) <= exact_up_to:
+        return None
+    array = got.detach().cpu().numpy().reshape(-1)  # numpy: torch lacks ops for some uints
+    if max(-int(array.min()), int(array.max())) <= exact_up_to:
+        return None
+    cast = got.detach().reshape(-1).to(dtype)
+    if dtype.is_complex:
+        cast = cast.real
+    wide = cast.cpu().double()  # exact: float64 holds every value of a narrower float
+    # inf, nan (float8) or rounded up past the int's largest value: no way back to the int
+    bad = ~torch.isfinite(wide) | (wide >= float(ints.max) + 1)
+    back = torch.where(bad, torch.zeros_like(wide), wide).to(got.dtype).numpy()
+    wrong = bad.numpy() | (back != array)
+    count = int(wrong.sum())
+    if not count:
+        return None
+    first = int(wrong.argmax())
+    more = f" (and {plural(count - 1, 'more value')})" if count > 1 else ""
+    return (f"its value {int(array[first])}{more} would become {float(wide[first])!r} in "
+            f"{_dtype(dtype)}, which holds every int up to {exact_up_to} exactly and only some "
+            "beyond")
 
 
 def _dtype(dtype: Any) -> str:
@@ -295,11 +356,44 @@ def _plan(model: Target, state: Any, base: Prefix, strip: Optional[str], add: Op
         mismatched.append((key, _desc(got), _desc(want)))
         if note:
             notes[key] = note
+    for keys in _torn_ties(expected, ties, renamed, {key for key, _, _ in mismatched}):
+        for key in keys:
+            mismatched.append((key, _desc(renamed[key]), _desc(expected[key])))
+            notes[key] = (f"tied in the model to {_keys([k for k in keys if k != key])}, whose "
+                          "values here differ: one tensor cannot hold both; load into an "
+                          "untied model, or leave all but one of them out")
     hint = ""
     if missing or unexpected or mismatched:
         hint = _hint(expected, ties, state, (base, strip, add, cast), len(renamed) - len(unexpected))
     return _Plan(expected, ties, renamed, LoadReport(missing, unexpected, mismatched, casts, hint),
                  notes)
+
+
+def _torn_ties(expected: Dict[Any, Any], ties: Dict[Any, tuple], state: Dict[Any, Any],
+               mismatched: set) -> List[List[Any]]:
+    """The keys of each tie group of the model (one tensor in several places) to which ``state``
+    gives tensors of different values (a file of an untied model): loading one would drop the
+    other, whichever way (copy or assign). Keys already ``mismatched`` are left out."""
+    groups: Dict[tuple, List[Any]] = {}
+    for key, want in expected.items():
+        if (key in state and key not in mismatched and torch_convert.is_tensor(want)
+                and torch_convert.is_tensor(state[key])):
+            groups.setdefault(ties[key], []).append(key)
+    return [keys for keys in groups.values()
+            if any(not _same_values(state[keys[0]], state[key]) for key in keys[1:])]
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether tensors ``a`` and ``b`` hold the same bits (equal shapes and dtypes)."""
+    import torch  # only a load into a torch model reaches here: torch is imported already
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or a.is_meta or b.is_meta:
+        return False  # a meta tensor has no values to compare
+    if a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    bits = [t.detach().reshape(-1).view(torch.uint8) for t in (a, b.to(a.device))]
+    return torch.equal(*bits)
 
 
 # -- hints: which options would make a state fit -----------------------------------------------
@@ -415,50 +509,8 @@ def check_state(model: Target, state: Dict[Any, Any], *, prefix: Prefix = None,
         >>> safeckpt.torch.check_state(model, {"weight": w}).missing  # doctest: +SKIP
         ['bias']
     """
-    return _plan(model, _at(state, prefix, "state"), prefix, strip_prefix, add_prefix, cast,
-                 "state").report
-
-
-def _child(node: Any, key: Any) -> Any:
-    if isinstance(node, dict):
-        return node.get(key, _MISSING)
-    if isinstance(node, (list, tuple)) and type(key) is int and 0 <= key < len(node):
-        return node[key]
-    return _MISSING
-
-
-def _at(state: Any, prefix: Prefix, where: str) -> Any:
-    """The part of a nested ``state`` at ``prefix``, found as :func:`safeckpt.load` finds it in
-    a file: a dotted str (a dict key may hold dots: the longest that matches wins) or a tuple
-    of exact keys.
-
-    Raises:
-        KeyError: nothing is at ``prefix``.
-    """
-    node = state
-    if prefix is None:
-        return node
-    if not isinstance(prefix, str):
-        for key in prefix:
-            node = _child(node, key)
-            if node is _MISSING:
-                raise KeyError(f"{where} has nothing at {quote(tuple(prefix))}")
-        return node
-    rest = prefix
-    while rest:
-        end, child = len(rest), _MISSING
-        while end >= 0:  # all of rest, then up to each dot from the right: the longest key first
-            text = rest[:end]
-            child = _child(node, text)
-            if child is _MISSING and text.isascii() and text.isdigit():
-                child = _child(node, int(text))
-            if child is not _MISSING:
-                break
-            end = rest.rfind(".", 0, end)
-        if child is _MISSING:
-            raise KeyError(f"{where} has nothing at {quote(prefix)}")
-        node, rest = child, rest[end + 1:]
-    return node
+    return _plan(model, _tree.find_in(state, prefix, where="state"), prefix, strip_prefix,
+                 add_prefix, cast, "state").report
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -477,14 +529,21 @@ def load_state(model: Target, state: Dict[Any, Any], *, strict: bool = True,
             :class:`LoadReport`; a load that would load nothing still raises, and tensors left
             out only for their dtype (torch's ``load_state_dict`` would cast them) are named in
             a ``RuntimeWarning`` that says ``cast=True``.
-        prefix: the part of a nested ``state`` to load: ``"state.model"`` or a tuple of keys.
+        prefix: the part of a nested ``state`` to load, found as :func:`safeckpt.load` finds it
+            in a file: ``"state.model"`` (``"runs.-1"``: the int key -1) or a tuple of keys.
         strip_prefix: taken off the state's keys that start with it (``"_orig_mod."`` of
             ``torch.compile``, ``"module."`` of DDP); other keys stay as they are.
         add_prefix: put in front of every key of the state (after ``strip_prefix``).
         cast: cast tensors whose dtype differs from the model's to the model's, as torch's
-            ``load_state_dict`` does, each listed in ``report.cast``: within a kind or up (bool
-            < int < float < complex), floats rounded; ints narrowed only when their values fit.
-            Without it such a tensor is a mismatch (the message says to pass ``cast=True``).
+            ``load_state_dict`` does, each listed in ``report.cast``. Allowed: within a kind or
+            up (bool < int < float < complex), where no value changes but a float's rounding
+            (float32 to bfloat16 rounds, as torch does). Refused, naming the key and a value:
+            float to int, complex to real, int to bool; ints narrowed to a dtype that their
+            values do not fit; ints to a float that does not hold them exactly (int64 2**53+1
+            to float64); floats (or complex) narrowed where a finite value overflows (float64
+            1e10 would be inf in float16; a float8 without inf gives nan or its largest value).
+            Without ``cast`` such a tensor is a mismatch (the message says to pass
+            ``cast=True``).
         assign: put the state's tensors in the module in place of its own, as torch's
             ``load_state_dict(assign=True)`` does (no copy: a load from a file keeps views of
             its mapping), on the device of the tensor replaced, ``requires_grad`` kept, tied
@@ -500,6 +559,8 @@ def load_state(model: Target, state: Dict[Any, Any], *, strict: bool = True,
             unexpected and mismatched keys, with the options that would fit (``prefix=``,
             ``strip_prefix=``, ``cast=True``) when there are such; even without it, when nothing
             at all would be loaded, or when a meta tensor of the model would be left without data.
+            Keys tied in the model (one tensor) to which ``state`` gives different values are
+            mismatches, whether copied or assigned (neither would keep both).
         InvalidValueError: ``assign=True`` with a dict (its entries are copied into, never
             replaced), or a ``strip_prefix``/``add_prefix`` that is not a non-empty str.
         KeyError: nothing at ``prefix``.
@@ -508,8 +569,9 @@ def load_state(model: Target, state: Dict[Any, Any], *, strict: bool = True,
         >>> report = safeckpt.torch.load_state(model, state, strict=False)  # doctest: +SKIP
         >>> safeckpt.torch.load_state(model, ddp_state, strip_prefix="module.")  # doctest: +SKIP
     """
-    return _load(model, _at(state, prefix, where), prefix, strict, strip_prefix, add_prefix, cast,
-                 assign, where + (f" at {prefix!r}" if prefix is not None else ""))
+    at = where + (f" at {prefix!r}" if prefix is not None else "")
+    return _load(model, _tree.find_in(state, prefix, where=where), prefix, strict, strip_prefix,
+                 add_prefix, cast, assign, at)
 
 
 def _load(model: Target, state: Any, base: Prefix, strict: bool, strip: Optional[str],

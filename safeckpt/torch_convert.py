@@ -537,8 +537,11 @@ def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
     ``map_location`` says (the arrays count as saved from the CPU: a function is called with
     location ``"cpu"``, see :func:`load_tensors`); an array that appears twice becomes one tensor.
 
+    Messages name each tensor by its dotted path below ``obj`` (``"state.0.exp_avg"``).
+
     Raises:
-        InvalidValueError: a ``map_location`` that torch cannot use here.
+        InvalidValueError: a ``map_location`` that torch cannot use here, or a function's result
+            that torch.load would not take, naming the tensor.
         UnsupportedDtypeError: an array of a dtype torch does not have.
 
     Example:
@@ -549,11 +552,12 @@ def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
     device = None if callable(checked) else _targets({0: None}, checked, ["tensor"])[0]
     done: Dict[int, Tuple[np.ndarray, Any]] = {}
 
-    def convert(array: np.ndarray) -> Any:
+    def convert(array: np.ndarray, path: Sequence[Any]) -> Any:
         if id(array) not in done:  # the array is kept in ``done``, so its id stays its own
-            tensor = from_numpy(array)
+            where = ".".join(map(str, path)) or "tensor"
+            tensor = from_numpy(array, where)
             if callable(checked):
-                tensor = _mapped(tensor, checked, "cpu", None, "tensor")
+                tensor = _mapped(tensor, checked, "cpu", None, where)
             elif device is not None and device.type != "cpu":
                 tensor = tensor.to(device)
             done[id(array)] = (array, tensor)
@@ -565,28 +569,31 @@ _CONTAINERS = (dict, collections.OrderedDict, list, tuple)
 _END = object()
 
 
-def _map_arrays(obj: Any, convert: Callable[[np.ndarray], Any]) -> Any:
-    """A copy of a tree's containers with ``convert(array)`` for each numpy array, no recursion."""
-    def leaf(value: Any) -> Any:
-        return convert(value) if type(value) is np.ndarray else value
+def _map_arrays(obj: Any, convert: Callable[[np.ndarray, Sequence[Any]], Any]) -> Any:
+    """A copy of a tree's containers with ``convert(array, path)`` for each numpy array (``path``:
+    the keys and indices that reach it), without recursion."""
+    def leaf(value: Any, path: Tuple[Any, ...], key: Any) -> Any:  # the path built for arrays only
+        return convert(value, (*path, key)) if type(value) is np.ndarray else value
 
-    def values(container: Any) -> Any:
-        return iter(container.values() if isinstance(container, dict) else container)
+    def items(container: Any) -> Any:
+        return iter(container.items() if isinstance(container, dict) else enumerate(container))
 
     if type(obj) not in _CONTAINERS:
-        return leaf(obj)
-    stack = [[obj, values(obj), []]]  # frames: container, its values, the converted ones
+        return convert(obj, ()) if type(obj) is np.ndarray else obj
+    # frames: container, its (key, value) pairs, the converted values, the path to it
+    stack: List[List[Any]] = [[obj, items(obj), [], ()]]
     while True:
         frame = stack[-1]
-        child = next(frame[1], _END)
-        if child is not _END:
+        pair: Any = next(frame[1], _END)
+        if pair is not _END:
+            key, child = pair
             if type(child) in _CONTAINERS:
-                stack.append([child, values(child), []])
+                stack.append([child, items(child), [], (*frame[3], key)])
             else:
-                frame[2].append(leaf(child))
+                frame[2].append(leaf(child, frame[3], key))
             continue
         stack.pop()
-        container, _, out = frame
+        container, _, out, _ = frame
         value = type(container)(zip(container.keys(), out) if isinstance(container, dict) else out)
         if not stack:
             return value

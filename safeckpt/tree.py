@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import itertools
 import re
-from typing import (Any, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
+from typing import (Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
                     Union)
 
 import numpy as np
@@ -388,22 +388,73 @@ def find(reader: TreeReader, prefix: Union[None, str, Sequence[Any]]) -> Any:
     Raises:
         KeyError: nothing is at ``prefix``.
     """
-    node = reader.skeleton
+    def child(node: Any, key: Any) -> Any:
+        if not _is_container(node):
+            return _MISSING
+        return view(reader, node)._child(key) if node[0] in (DICT, ODICT) else _item(node, key)
+
+    def is_sequence(node: Any) -> bool:
+        return _is_container(node) and node[0] in (LIST, TUPLE)
+
+    return _walk(reader.skeleton, prefix, child, is_sequence, f"{reader.where} has nothing at",
+                 " in its tree")
+
+
+def find_in(obj: Any, prefix: Union[None, str, Sequence[Any]], *, where: str = "obj") -> Any:
+    """The part of a nested Python value (dicts, lists, tuples) at ``prefix``, found as
+    :func:`find` finds it in a file's tree, so that a prefix means the same thing in a state in
+    memory as in a file: a dotted str (the longest dict key wins; ``"runs.-1"`` is the int key
+    -1 of ``runs``; a list takes only indices ``0..len-1`` there) or a tuple of exact keys (a
+    list's negative index counts from its end; ``True`` is not the key ``1``).
+
+    Raises:
+        KeyError: nothing is at ``prefix``, naming ``where``.
+
+    Example:
+        >>> find_in({"runs": {-1: {"w": 1}}}, "runs.-1")
+        {'w': 1}
+        >>> find_in({"a": [[5], [6]]}, ("a", -1, 0))
+        6
+    """
+    return _walk(obj, prefix, _value_child, lambda node: isinstance(node, (list, tuple)),
+                 f"{where} has nothing at", "")
+
+
+def _value_child(node: Any, key: Any) -> Any:
+    """The child at ``key`` of a dict (a key of the same type only), list or tuple; _MISSING."""
+    if isinstance(node, dict):
+        child = node.get(key, _MISSING)
+        if child is not _MISSING and type(key) is not str:
+            # 1, 1.0 and True are one dict key; a file's tree tells them apart: so does this
+            child = next((node[k] for k in node if type(k) is type(key) and k == key), _MISSING)
+        return child
+    if isinstance(node, (list, tuple)) and type(key) is int and -len(node) <= key < len(node):
+        return node[key]
+    return _MISSING
+
+
+def _walk(root: Any, prefix: Union[None, str, Sequence[Any]], child: Callable[[Any, Any], Any],
+          is_sequence: Callable[[Any], bool], missing: str, tail: str) -> Any:
+    """The node at ``prefix`` below ``root``, with ``child(node, key)`` (_MISSING if none) and
+    ``is_sequence(node)``: one walk for a file's skeleton and for a value in memory.
+
+    Raises:
+        KeyError: ``"<missing> <prefix><tail>"``.
+    """
+    node = root
     if prefix is None:
         return node
     if isinstance(prefix, str):
         rest = prefix
         while rest:
-            child, rest = _step_str(reader, node, rest)
-            if child is _MISSING:
-                raise KeyError(f"{reader.where} has nothing at {quote(prefix)} in its tree")
-            node = child
+            node, rest = _step_str(node, rest, child, is_sequence)
+            if node is _MISSING:
+                raise KeyError(f"{missing} {quote(prefix)}{tail}")
         return node
     for key in prefix:
-        child = view(reader, node)._child(key) if _is_container(node) else _MISSING
-        if child is _MISSING:
-            raise KeyError(f"{reader.where} has nothing at {quote(tuple(prefix))} in its tree")
-        node = child
+        node = child(node, key)
+        if node is _MISSING:
+            raise KeyError(f"{missing} {quote(tuple(prefix))}{tail}")
     return node
 
 
@@ -421,25 +472,24 @@ def _item(node: List[Any], key: Any) -> Any:
 _INT_TEXT = re.compile(r"0|-?[1-9][0-9]{0,19}")  # str() of an int key (int64 and uint64 range)
 
 
-def _step_str(reader: TreeReader, node: Any, rest: str) -> Tuple[Any, str]:
-    """One step of a dotted prefix: the child and what is left of the prefix. A dict key may hold
-    dots: the longest key that ``rest`` starts with (then a dot) wins, a str key over an equal int."""
-    if not _is_container(node):
-        return _MISSING, rest
-    if node[0] in (LIST, TUPLE):
+def _step_str(node: Any, rest: str, child: Callable[[Any, Any], Any],
+              is_sequence: Callable[[Any], bool]) -> Tuple[Any, str]:
+    """One step of a dotted prefix: the child and what is left of the prefix. In a list or tuple
+    the step is an index ``0..len-1``; a dict key may hold dots: the longest key that ``rest``
+    starts with (then a dot) wins, a str key over an equal int."""
+    if is_sequence(node):
         head, _, tail = rest.partition(".")
-        if not (head.isascii() and head.isdigit() and len(head) <= 20) or int(head) >= len(node) - 1:
+        if not (head.isascii() and head.isdigit() and len(head) <= 20):
             return _MISSING, rest
-        return node[1 + int(head)], tail
-    subtree = view(reader, node)
+        return child(node, int(head)), tail
     end = len(rest)
     while end >= 0:  # all of rest, then up to each dot from the right: the longest key first
         text = rest[:end]
-        child = subtree._child(text)
-        if child is _MISSING and _INT_TEXT.fullmatch(text):
-            child = subtree._child(int(text))
-        if child is not _MISSING:
-            return child, rest[end + 1:]
+        found = child(node, text)
+        if found is _MISSING and _INT_TEXT.fullmatch(text):
+            found = child(node, int(text))
+        if found is not _MISSING:
+            return found, rest[end + 1:]
         end = rest.rfind(".", 0, end)
     return _MISSING, rest
 

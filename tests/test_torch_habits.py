@@ -138,6 +138,26 @@ def test_a_checkpoint_suggests_the_prefix_of_its_model(tmp_path):
         st.load_model(net(1), saved, prefix="run")
 
 
+def test_a_prefix_means_the_same_in_a_state_as_in_a_file(tmp_path):
+    """load_state and check_state find a prefix in a state in memory as load_model finds it in
+    the file of that state: "runs.-1" is the int key -1; a list's -1 only in a tuple."""
+    source = torch.nn.Linear(3, 2)
+    state = {"runs": {-1: source.state_dict()}, "list": [source.state_dict()]}
+    path = tmp_path / "runs.sckpt"
+    safeckpt.save(state, path)
+    for prefix in ("runs.-1", ("runs", -1), ("list", -1), "list.0"):
+        for load in (lambda model: st.load_state(model, state, prefix=prefix),
+                     lambda model: st.load_model(model, path, prefix=prefix)):
+            model = torch.nn.Linear(3, 2)
+            assert load(model) == ([], [], []), prefix
+            assert torch.equal(model.weight, source.weight)
+        assert st.check_state(torch.nn.Linear(3, 2), state, prefix=prefix) == ([], [], [])
+    for load in (lambda: st.load_state(torch.nn.Linear(3, 2), state, prefix="list.-1"),
+                 lambda: st.load_model(torch.nn.Linear(3, 2), path, prefix="list.-1")):
+        with pytest.raises(KeyError, match="nothing at 'list.-1'"):
+            load()
+
+
 def test_load_report_keeps_its_tuple_and_grows_attributes(tmp_path):
     report = st.check_state(net(), {"body.weight": torch.zeros(4, 4), "x": torch.zeros(1)})
     missing, unexpected, mismatched = report
@@ -214,6 +234,54 @@ def test_casts_that_change_values_are_refused(tmp_path):
         assert torch.equal(model.i, before)
 
 
+def test_casts_that_overflow_or_are_inexact_are_refused(tmp_path):
+    """cast=True refuses, as it refuses ints narrowed below their values, a float narrowed where
+    a finite value would become inf or nan, and an int cast to a float that does not hold it
+    exactly; rounding a float is a cast, inf and nan stay what they are."""
+    model = torch.nn.Module()
+    for name, dtype in (("h", torch.float16), ("b", torch.bfloat16), ("f", torch.float32),
+                        ("d", torch.float64), ("e", torch.float8_e4m3fn), ("c", torch.complex64)):
+        model.register_buffer(name, torch.zeros(3, dtype=dtype))
+    fits = {"h": torch.tensor([65519, float("inf"), float("nan")], dtype=torch.float64),
+            "b": torch.tensor([1.1, -3e38, 1e-3]),  # rounded
+            "f": torch.tensor([2**24, -2**24, 3]),
+            "d": torch.tensor([2**53, -2**53, 2**60]),  # 2**60 is a float64 too
+            "e": torch.tensor([448.0, -448.0, 0.1]),
+            "c": torch.tensor([1e30, 2.0, 3.0], dtype=torch.float64)}
+    report = st.load_state(model, fits, cast=True)
+    assert [key for key, _, _ in report.cast] == ["h", "b", "f", "d", "e", "c"]
+    for key, value in fits.items():
+        assert same(getattr(model, key), value.to(getattr(model, key).dtype)), key
+    largest_int64 = torch.iinfo(torch.int64).max
+    for key, value, words in [
+            ("h", torch.tensor([1.0, 1e10, 2.0], dtype=torch.float64), r"its value "
+             r"10000000000.0 overflows float16, whose largest finite value is 65504"),
+            ("h", torch.tensor([65520.0, 65519.0, 7e4], dtype=torch.float64),  # 65519 rounds
+             r"its value 65520.0 \(and 1 more value\) overflows float16"),
+            ("b", torch.tensor([torch.finfo(torch.float32).max, 0, 0]), "its value "
+             r"3.4028234663852886e\+38 overflows bfloat16"),
+            ("e", torch.tensor([1000.0, 0, 0]), "its value 1000.0 overflows float8_e4m3fn, "
+             "whose largest finite value is 448"),  # nan, or 448 (saturated), by torch version
+            ("c", torch.tensor([0, 1e300j, 0], dtype=torch.complex128), r"its value 1e\+300 "
+             "overflows complex64"),
+            ("f", torch.tensor([2**24 + 1, 2**24 + 3, 1]), r"its value 16777217 \(and 1 more "
+             r"value\) would become 16777216.0 in float32, which holds every int up to 16777216 "
+             "exactly"),
+            ("d", torch.tensor([2**53 + 1, 0, 0]), "its value 9007199254740993 would become "
+             "9007199254740992.0 in float64"),
+            ("d", torch.tensor([largest_int64, 0, 0]), f"its value {largest_int64} would become "
+             r"9.223372036854776e\+18"),
+            ("h", torch.tensor([1, 70000, 2], dtype=torch.int32), "its value 70000 would "
+             "become inf in float16"),
+            ("h", torch.tensor([2049, 1, 2]), "its value 2049 would become 2048.0"),
+            ("f", torch.tensor([2**64 - 1, 0, 0], dtype=torch.uint64), "its value "
+             r"18446744073709551615 would become 1.8446744073709552e\+19 in float32")]:
+        before = getattr(model, key).clone()
+        with pytest.raises(safeckpt.StateMismatchError, match=f"{key}: .*not cast: {words}"):
+            st.load_state(model, {key: value}, cast=True, strict=False)
+        assert same(getattr(model, key), before)
+
+
 # -- assign=True -------------------------------------------------------------------------------
 
 def test_assign_takes_the_files_tensors_without_a_copy(tmp_path):
@@ -257,6 +325,42 @@ def test_assign_keeps_an_untied_model_untied(tmp_path):
     with torch.no_grad():
         model.head.weight += 1
     assert torch.equal(model.embed.weight, source.embed.weight)
+
+
+def test_tied_keys_given_different_values_are_a_mismatch(tmp_path):
+    """A file of the untied model holds different values for keys that the model ties (one
+    tensor): copy and assign alike raise under strict and, with strict=False, report both keys
+    and leave the tied tensor as it was (neither value dropped in silence); equal values load."""
+    source = net(tied=False)
+    with torch.no_grad():
+        source.head.weight.fill_(7)
+    path = tmp_path / "untied.sckpt"
+    st.save_model(source, path)
+    for assign in (False, True):
+        model = net(1)
+        before = values(model)
+        with pytest.raises(safeckpt.StateMismatchError, match=r"embed.weight: .*tied in the model "
+                           "to head.weight, whose values here differ"):
+            st.load_model(model, path, assign=assign)
+        assert equal(values(model), before)
+        report = st.load_model(model, path, assign=assign, strict=False)
+        assert sorted(key for key, _, _ in report.mismatched) == ["embed.weight", "head.weight"]
+        assert model.head.weight is model.embed.weight
+        assert torch.equal(model.embed.weight, before["embed.weight"])
+        assert torch.equal(model.body.weight, source.body.weight)  # the rest is loaded
+    tied_state = net(1).state_dict()  # one tensor's memory under both keys
+    with pytest.raises(safeckpt.StateMismatchError, match="head.weight: .*tied in the model"):
+        st.load_model(tied_state, path)
+    report = st.check_state(net(1), st.load(path))
+    assert sorted(key for key, _, _ in report.mismatched) == ["embed.weight", "head.weight"]
+    with torch.no_grad():
+        source.head.weight.copy_(source.embed.weight)  # equal values, two tensors in the file
+    st.save_model(source, path)
+    for assign in (False, True):
+        model = net(1)
+        assert st.load_model(model, path, assign=assign) == ([], [], [])
+        assert model.head.weight is model.embed.weight
+        assert torch.equal(model.embed.weight, source.embed.weight)
 
 
 # -- map_location functions and int devices ----------------------------------------------------
@@ -331,6 +435,34 @@ def test_map_location_function_in_checkpoint_restores(tmp_path):
         assert locations and set(locations) == {"cpu"}
         assert equal(values(target), values(model))
         assert same(target_opt.state_dict(), opt.state_dict())
+
+
+def test_a_map_location_function_error_in_a_restore_names_the_tensor(tmp_path):
+    """A map_location function that returns what torch.load would not take, in a restore: the
+    message names the target and the tensor's key below it, not a generic 'tensor'."""
+    model = net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.tensor([1])).sum().backward()
+    opt.step()
+    path = tmp_path / "c.sckpt"
+    safeckpt.save_checkpoint(path, model=model, optimizer=opt, step=1)
+    manager = safeckpt.CheckpointManager(tmp_path / "m")
+    manager.save(1, {"model": model, "optimizer": opt})
+    bad = lambda storage, location: 5  # noqa: E731
+    target = net(1)
+    for restore, where in [
+            (lambda: safeckpt.load_checkpoint(path, model=target, map_location=bad),
+             r"\['model'\]"),
+            (lambda: manager.restore({"model": target}, map_location=bad),
+             r"\['state'\]\['model'\]")]:
+        with pytest.raises(safeckpt.InvalidValueError, match=where + r": map_location\('cpu'\) "
+                           r"for tensor 'count' returned int"):
+            restore()
+    with pytest.raises(safeckpt.InvalidValueError, match=r"\['optimizer'\]: map_location\('cpu'\) "
+                       r"for tensor 'state.0.(step|exp_avg)' returned int"):
+        safeckpt.load_checkpoint(path, optimizer=torch.optim.Adam(target.parameters()),
+                                 map_location=bad)
+    assert equal(values(target), values(net(1)))
 
 
 def test_int_map_location_is_an_accelerator_device(tmp_path):
@@ -426,3 +558,66 @@ def test_every_restore_path_copies_into_a_state_dict(tmp_path, how):
         for i, param in enumerate(model.parameters()):
             assert torch.equal(opt.state[param]["momentum_buffer"],
                                source_opt.state_dict()["state"][i]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("how", ["load_checkpoint", "restore"])
+def test_an_optimizers_state_dict_is_refused_before_anything_is_written(tmp_path, how):
+    """An optimizer's state_dict() is a copy built on each call: its lr, or the state of an
+    optimizer that never stepped, would change in the copy only. Refused before anything is
+    written (the model's state dict beside it included), saying to pass the optimizer."""
+    source = net()
+    source_opt = torch.optim.Adam(source.parameters(), lr=0.5)
+    source(torch.tensor([1, 2])).sum().backward()
+    source_opt.step()
+    path = tmp_path / "c.sckpt"
+    manager = safeckpt.CheckpointManager(tmp_path / "m")
+    if how == "load_checkpoint":
+        safeckpt.save_checkpoint(path, model=source, optimizer=source_opt, step=1)
+
+        def restore(model_state, optimizer):
+            return safeckpt.load_checkpoint(path, model=model_state, optimizer=optimizer)
+    else:
+        manager.save(1, {"model": source, "optimizer": source_opt})
+
+        def restore(model_state, optimizer):
+            return manager.restore({"model": model_state, "optimizer": optimizer})
+    model = net(1)
+    fresh = torch.optim.Adam(model.parameters(), lr=0.1)  # never stepped: no state yet
+    before = values(model)
+    with pytest.raises(safeckpt.InvalidValueError, match=r"\['optimizer'\] is an optimizer's "
+                       r"state_dict\(\), a dict that torch builds anew on each call: only its "
+                       r"tensors can be restored in place, and \['optimizer'\]\['state'\], "
+                       r"\['optimizer'\]\['param_groups'\]\[0\]\['lr'\] would change in that "
+                       r"dict only, not in the optimizer; pass the optimizer itself"):
+        restore(model.state_dict(), fresh.state_dict())
+    assert equal(values(model), before) and fresh.param_groups[0]["lr"] == 0.1 and not fresh.state
+    model(torch.tensor([3])).sum().backward()
+    stepped = torch.optim.Adam(model.parameters(), lr=0.1)
+    stepped.step()  # its state tensors could be written in place; its lr could not
+    moments = [s["exp_avg"].clone() for s in stepped.state.values()]
+    before = values(model)
+    with pytest.raises(safeckpt.InvalidValueError, match=r"\['optimizer'\]\['param_groups'\]"
+                       r"\[0\]\['lr'\] would change"):
+        restore(model.state_dict(), stepped.state_dict())
+    assert equal(values(model), before) and stepped.param_groups[0]["lr"] == 0.1
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(stepped.state.values(), moments))
+    restore(model.state_dict(), stepped)  # the optimizer itself
+    assert stepped.param_groups[0]["lr"] == 0.5 and equal(values(model), values(source))
+    assert same(stepped.state_dict(), source_opt.state_dict())
+
+
+def test_a_schedulers_state_dict_is_refused_too(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
+    opt.step()
+    scheduler.step()
+    path = tmp_path / "c.sckpt"
+    safeckpt.save_checkpoint(path, model=model, optimizer=opt, scheduler=scheduler, step=1)
+    target = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), 1)
+    with pytest.raises(safeckpt.InvalidValueError, match=r"\['scheduler'\] is an LR scheduler's "
+                       r"state_dict\(\).*\['scheduler'\]\['last_epoch'\].*pass the scheduler"):
+        safeckpt.load_checkpoint(path, scheduler=target.state_dict())
+    assert target.last_epoch == 0
+    safeckpt.load_checkpoint(path, scheduler=target)
+    assert target.last_epoch == 1

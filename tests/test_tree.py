@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import safeckpt
-from safeckpt import _backend
+from safeckpt import _backend, tree
 from safeckpt import format as fmt
 from safeckpt.dtypes import DTYPE_BY_CODE
 from safeckpt.api import save_tree_bytes as save_bytes
@@ -199,6 +199,31 @@ def test_prefix_keys_of_both_types(tmp_path):
     for bad in ("03", "-0", "+3", "7.a.c"):
         with pytest.raises(KeyError):
             safeckpt.load(path, prefix=bad)
+
+
+def test_find_in_finds_what_a_prefix_finds_in_a_file(tmp_path):
+    """tree.find_in (a prefix in a state in memory, as safeckpt.torch.load_state takes one)
+    finds what the same prefix finds in the saved file, or raises KeyError where that does."""
+    obj = {"runs": {-1: {"w": W}, 0: [W + 1, (W + 2,)], "0": "str"}, "a.b": {"c": 1},
+           "a": {"b": 2}, "l": [W, W + 1], 1: "one"}
+    path = tmp_path / "f.sckpt"
+    safeckpt.save(obj, path)
+    found = 0
+    for prefix in [None, "runs.-1", "runs.-1.w", ("runs", -1), "runs.0", ("runs", 0),
+                   ("runs", 0, -1, 0), ("runs", 0, -3), "runs.0.1", "a.b", "a.b.c", "l.1", "l.-1",
+                   ("l", -1), ("l", -2), ("l", -3), "l.2", "l.01", "1", (1,), (True,), (1.0,),
+                   ("1",), "runs.-2", "x", ()]:
+        try:
+            expected = safeckpt.load(path, prefix=prefix)
+        except KeyError:
+            with pytest.raises(KeyError):
+                tree.find_in(obj, prefix)
+            continue
+        assert same(tree.find_in(obj, prefix), expected), prefix
+        found += 1
+    assert found == 16
+    with pytest.raises(KeyError, match=r"^\"state has nothing at 'runs.-2'\"$"):
+        tree.find_in(obj, "runs.-2", where="state")
 
 
 class ReadSpy:
