@@ -257,12 +257,7 @@ def save(obj: Any, path: PathLike, *, metadata: Metadata = None, align: int = fm
             torch tensors, numpy scalars, None, bool, int (int64 and uint64 range), float, str and
             bytes. A tensor that appears twice (the same memory, e.g. tied weights) is stored once.
         path: a str or path-like.
-        metadata, align, checksum, atomic: as for :func:`safeckpt.save_file`.
-        max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
-            such as ``"500MB"`` or ``"2GiB"``). A .sckpt name gets shards plus an index at
-            ``path`` (FORMAT.md section 9); ``*.safetensors`` gets Hugging Face shards
-            (``model-00001-of-00002.safetensors`` ...) and ``model.safetensors.index.json``, as
-            transformers writes them (section 10). What fits in one shard is one file at ``path``.
+        metadata, align, checksum, atomic, max_shard_size: as for :func:`safeckpt.save_file`.
 
     Raises:
         InvalidValueError: a value safeckpt does not store; the message names its path

@@ -413,9 +413,9 @@ def test_map_location_function_is_called_as_torch_load_calls_it(tmp_path):
         st.load(path, device=keep)
 
 
-def test_map_location_function_in_checkpoint_restores(tmp_path):
-    """load_checkpoint and CheckpointManager.restore take a map_location function too (it moves
-    the state given to torch objects, e.g. an optimizer's)."""
+def _saved_checkpoints(tmp_path):
+    """A model and its Adam state after one step, saved by save_checkpoint (to the returned path)
+    and by a CheckpointManager (step 1)."""
     model = net()
     opt = torch.optim.Adam(model.parameters())
     model(torch.tensor([1])).sum().backward()
@@ -424,6 +424,13 @@ def test_map_location_function_in_checkpoint_restores(tmp_path):
     safeckpt.save_checkpoint(path, model=model, optimizer=opt, step=1)
     manager = safeckpt.CheckpointManager(tmp_path / "m")
     manager.save(1, {"model": model, "optimizer": opt})
+    return model, opt, path, manager
+
+
+def test_map_location_function_in_checkpoint_restores(tmp_path):
+    """load_checkpoint and CheckpointManager.restore take a map_location function too (it moves
+    the state given to torch objects, e.g. an optimizer's)."""
+    model, opt, path, manager = _saved_checkpoints(tmp_path)
     for restore in (lambda m, o, f: safeckpt.load_checkpoint(path, model=m, optimizer=o,
                                                              map_location=f),
                     lambda m, o, f: manager.restore({"model": m, "optimizer": o},
@@ -440,14 +447,7 @@ def test_map_location_function_in_checkpoint_restores(tmp_path):
 def test_a_map_location_function_error_in_a_restore_names_the_tensor(tmp_path):
     """A map_location function that returns what torch.load would not take, in a restore: the
     message names the target and the tensor's key below it, not a generic 'tensor'."""
-    model = net()
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.tensor([1])).sum().backward()
-    opt.step()
-    path = tmp_path / "c.sckpt"
-    safeckpt.save_checkpoint(path, model=model, optimizer=opt, step=1)
-    manager = safeckpt.CheckpointManager(tmp_path / "m")
-    manager.save(1, {"model": model, "optimizer": opt})
+    model, opt, path, manager = _saved_checkpoints(tmp_path)
     bad = lambda storage, location: 5  # noqa: E731
     target = net(1)
     for restore, where in [
