@@ -6,7 +6,7 @@
  * Every constant here mirrors safeckpt/format.py, safeckpt/dtypes.py or safeckpt/errors.py, and
  * tests/test_native.py checks that they agree. compat.h says what the core needs of the platform;
  * the sources: validate.c (pure validation), crc32c.c (pure CRC32C), parallel.c (work in pieces
- * on threads, parallel CRC32C), io.c (mmap, pread, pwrite).
+ * on threads, parallel CRC32C), io.c (mmap, pread, pwrite), compare.c (exact byte comparison).
  *
  * Conventions: every public name starts with sck_ / SCK_. Functions return an int: SCK_OK (0) or a
  * negative enum sck_code; results go through out-pointers, which are zeroed before being filled.
@@ -215,6 +215,17 @@ int sck_pread_many(int fd, uint64_t n, const uint64_t *offsets, const uint64_t *
 int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
                       const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
                       uint64_t *end, uint64_t *bad_index, int *err);
+
+/* ---- Byte comparison (compare.c) --------------------------------------------------------- */
+
+#define SCK_COMPARE_THREAD_MIN (16u << 20) /* a comparison this large is shared by threads */
+
+/* *equal = 1 when a[0..len) and b[0..len) hold the same bytes, else 0: exact (memcmp), for
+ * incremental checkpoints [X7]. From SCK_COMPARE_THREAD_MIN bytes, up to nthreads threads (<= 0:
+ * min(online CPUs, SCK_MAX_THREADS)) compare pieces of at most SCK_READ_PIECE bytes, and the
+ * first piece that differs stops the others. len > 0 with a NULL buffer, or len past SIZE_MAX:
+ * SCK_E_ARG (and *equal = 0). */
+int sck_bytes_equal(const void *a, const void *b, uint64_t len, int nthreads, int *equal);
 
 #ifdef __cplusplus
 }

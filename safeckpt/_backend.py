@@ -10,6 +10,11 @@ the C core and fails at import if it is not built. Both backends export the same
 ``crc32c_ranges(buffer, offsets, lengths) -> numpy uint32 array``
     The CRC32C of each range ``buffer[offsets[i]:offsets[i] + lengths[i]]`` (uint64 arrays); the
     C core splits large inputs across threads. Raises ``ValueError`` for a range outside.
+``bytes_equal(a, b) -> bool``
+    True when two C-contiguous bytes-like objects (numpy arrays of any dtype, memoryviews, bytes)
+    hold exactly the same bytes; different byte lengths are unequal. The C core runs memcmp with
+    the GIL released, split over threads from 16 MiB; the fallback compares numpy chunks of 1 MiB.
+    The module-level :func:`bytes_equal` calls the backend in force.
 ``parse_prefix(prefix, file_size, max_header_size) -> (code, fields)``
     Checks [P1]-[P7] in order on the first ``min(32, file_size)`` bytes of a file. ``fields`` is
     ``(major, minor, flags, header_len, align, header_crc)``, or ``None`` when ``code != 0``.
@@ -87,3 +92,24 @@ def use(name: str) -> str:
         raise ValueError(f"unknown backend {name!r}: use 'c' or 'python'")
     backend, NAME = chosen, chosen.NAME
     return previous
+
+
+def bytes_equal(a: object, b: object) -> bool:
+    """True when ``a`` and ``b`` hold exactly the same bytes (the backend in force compares).
+
+    Exact, never a checksum: incremental checkpoints refer to an earlier file's bytes only when
+    this says they are equal (FORMAT.md [X7]). Buffers of different byte lengths are unequal;
+    the dtypes of numpy arrays play no part (``-0.0`` and ``0.0`` differ, a NaN equals itself).
+
+    Parameters:
+        a, b: C-contiguous bytes-like objects: numpy arrays, memoryviews, bytes, bytearrays.
+
+    Raises:
+        BufferError, ValueError: an argument is not a C-contiguous buffer.
+
+    Example:
+        >>> import numpy as np
+        >>> bytes_equal(np.zeros(4, np.float32), bytes(16))
+        True
+    """
+    return bool(backend.bytes_equal(a, b))

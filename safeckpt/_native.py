@@ -74,6 +74,26 @@ def crc32c_ranges(buffer: Buffer, offsets: Ints, lengths: Ints) -> np.ndarray:
     return crcs
 
 
+def bytes_equal(a: Buffer, b: Buffer) -> bool:
+    """True when two C-contiguous bytes-like objects hold exactly the same bytes.
+
+    memcmp in C with the GIL released; from 16 MiB, threads share the comparison. Buffers of
+    different byte lengths are unequal; the dtypes of numpy arrays play no part (bytes compared).
+
+    Raises:
+        BufferError, ValueError: an argument is not a C-contiguous buffer.
+    """
+    x = _from_buffer(a)
+    y = _from_buffer(b)
+    if len(x) != len(y):
+        return False
+    equal = _new("int *")
+    code = lib.sck_bytes_equal(x, y, len(x), 0, equal)
+    if code:
+        raise error_for(code, "bytes_equal", f" of {len(x)} bytes")
+    return bool(equal[0])
+
+
 def parse_prefix(prefix: Buffer, file_size: int, max_header_size: int
                  ) -> tuple[int, tuple[int, int, int, int, int, int] | None]:
     """Check [P1]-[P7] on the first ``min(32, file_size)`` bytes of a file.

@@ -43,8 +43,8 @@ from .format import (
 )
 
 __all__ = [
-    "NAME", "Mapping", "advise", "check_padding", "crc32c", "map_file", "parse_prefix",
-    "read_into", "validate_table", "write_tensors",
+    "NAME", "Mapping", "advise", "bytes_equal", "check_padding", "crc32c", "map_file",
+    "parse_prefix", "read_into", "validate_table", "write_tensors",
 ]
 
 NAME = "python"
@@ -54,6 +54,7 @@ Ints = Union[Sequence[int], np.ndarray]  # non-negative ints (offsets, lengths):
 
 WRITE_CHUNK = 8 << 20  # bytes written (and checksummed) per pwrite: bounds memory and latency
 PAD_CHUNK = 1 << 20  # bytes of padding read per pread: bounds memory whatever a table claims
+COMPARE_CHUNK = 1 << 20  # bytes compared per numpy call: bounds the temporary (1/8 of this)
 _U64 = np.dtype("<u8")
 _DIM_LIMIT = 1 << 63  # [T3] every dimension is below 2**63; [T4] so is the byte size
 _SCREEN_LOG2 = 62.0  # screen: a product whose float log2 is below this is exactly below 2**63
@@ -397,6 +398,31 @@ def _byte_view(buf: Buffer, writable: bool) -> memoryview:
     if writable and view.readonly:
         raise ValueError("destination buffer is read-only")
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
+
+
+def bytes_equal(a: Buffer, b: Buffer) -> bool:
+    """True when two C-contiguous bytes-like objects hold exactly the same bytes.
+
+    Compared in chunks of COMPARE_CHUNK bytes, as 8-byte words (the tail byte by byte), so the
+    temporaries stay small and the first chunk that differs ends the comparison. Buffers of
+    different byte lengths are unequal; the dtypes of numpy arrays play no part.
+
+    Raises:
+        BufferError, ValueError: an argument is not a C-contiguous buffer.
+    """
+    x = _byte_view(a, False)
+    y = _byte_view(b, False)
+    n = x.nbytes
+    if n != y.nbytes:
+        return False
+    words = n // 8
+    xw = np.frombuffer(x, np.uint64, words)  # an unaligned view is fine: numpy copes
+    yw = np.frombuffer(y, np.uint64, words)
+    step = COMPARE_CHUNK // 8
+    for start in range(0, words, step):
+        if not np.array_equal(xw[start:start + step], yw[start:start + step]):
+            return False
+    return bytes(x[words * 8:]) == bytes(y[words * 8:])
 
 
 def check_padding(source: Mapping | Buffer | int, n: int, offsets: Buffer, nbytes: Buffer,

@@ -154,6 +154,102 @@ def test_crc32c_ranges_refuse_a_range_outside_the_buffer(backend, offset, length
 
 
 # ---------------------------------------------------------------------------------------------
+# bytes_equal: exact comparison for incremental checkpoints [X7]
+
+
+def flip_bit(data, position, bit):
+    """A copy of the uint8 array ``data`` with one bit of one byte flipped."""
+    other = data.copy()
+    other[position] ^= np.uint8(1 << bit)
+    return other
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    (b"", b"", True),
+    (b"", bytearray(), True),
+    (b"a", b"a", True),
+    (b"a", b"b", False),
+    (b"abc", b"abcd", False),  # different lengths, equal prefix
+    (b"abcd", b"abc", False),
+    (bytes(16), np.zeros(4, np.float32), True),  # bytes compared, whatever the type
+    (np.zeros((3, 5), np.int16), np.zeros(15, np.uint16), True),
+    (np.zeros(4, np.float32), np.zeros(4, np.float64), False),  # 16 bytes against 32
+    (np.array([0.0], np.float32), np.array([-0.0], np.float32), False),  # == says equal
+    (np.array([np.nan], np.float64), np.array([np.nan], np.float64), True),  # == says unequal
+    (memoryview(bytes(range(40)))[3:], bytes(range(3, 40)), True),  # unaligned
+    (memoryview(bytes(range(40)))[3:], bytes(range(3, 39)) + b"\x00", False),
+])
+def test_bytes_equal_cases(backend, a, b, expected):
+    assert backend.bytes_equal(a, b) is expected
+    assert backend.bytes_equal(b, a) is expected
+
+
+def test_bytes_equal_same_and_overlapping_buffers(backend):
+    data = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)
+    assert backend.bytes_equal(data, data)
+    assert backend.bytes_equal(data[:1000], data[:1000].copy())
+    assert not backend.bytes_equal(data[:1000], data[1:1001])
+
+
+def test_bytes_equal_rejects_non_contiguous(backend):
+    with pytest.raises((ValueError, BufferError)):
+        backend.bytes_equal(np.zeros((4, 4), np.float32)[:, ::2], bytes(32))
+    with pytest.raises((ValueError, BufferError)):
+        backend.bytes_equal(bytes(32), np.zeros((4, 4), np.float32)[:, ::2])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.one_of(st.integers(0, 100), st.integers(0, 3 << 20)),
+       seed=st.integers(0, 2**32 - 1), where=st.floats(0, 1, exclude_max=True),
+       bit=st.integers(0, 7), start=st.integers(0, 7), extra=st.integers(1, 9))
+def test_bytes_equal_property(size, seed, where, bit, start, extra):
+    """Equal bytes compare equal; one bit flipped anywhere, or a length changed, do not; the
+    start of the buffers (alignment) plays no part. Both backends, past several 1 MiB chunks."""
+    raw = np.random.default_rng(seed).integers(0, 256, size + start, dtype=np.uint8)
+    data = raw[start:]
+    copy = data.copy()
+    longer = np.concatenate([data, np.zeros(extra, np.uint8)])
+    for backend in ALL:
+        assert backend.bytes_equal(data, copy)
+        assert not backend.bytes_equal(data, longer)
+        assert not backend.bytes_equal(longer[:size - 1] if size else longer, data)
+        if size:
+            flipped = flip_bit(copy, int(where * size), bit)
+            assert not backend.bytes_equal(data, flipped)
+            assert not backend.bytes_equal(flipped, data)
+
+
+def test_bytes_equal_large_split_across_threads():
+    """From 16 MiB the C core compares 8 MiB pieces on several threads: a bit flipped in any
+    piece, at a piece's edges, or in the last byte is found; equal buffers compare equal."""
+    size = (40 << 20) + 5
+    data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
+    copy = data.copy()
+    piece = 8 << 20
+    positions = [0, 1, piece - 1, piece, 3 * piece + 17, 5 * piece - 1, 5 * piece, size - 1]
+    for backend in ALL:
+        assert backend.bytes_equal(data, copy)
+        for position in positions:
+            copy[position] ^= 0x80
+            assert not backend.bytes_equal(data, copy), (backend.NAME, position)
+            copy[position] ^= 0x80
+        assert not backend.bytes_equal(data, copy[:-1])
+
+
+def test_bytes_equal_follows_the_backend_in_force():
+    from safeckpt import _backend
+    previous = _backend.NAME
+    try:
+        for module in ALL:
+            _backend.use(module.NAME)
+            assert _backend.backend is module
+            assert _backend.bytes_equal(np.zeros(3, np.int32), bytes(12)) is True
+            assert _backend.bytes_equal(np.zeros(3, np.int32), bytes(11) + b"\x01") is False
+    finally:
+        _backend.use(previous)
+
+
+# ---------------------------------------------------------------------------------------------
 # parse_prefix [P1]-[P7]
 
 
@@ -778,7 +874,7 @@ def test_write_tensors_bad_align(tmp_path):
 
 def test_backends_same_interface():
     names = ["NAME", "crc32c", "parse_prefix", "validate_table", "check_padding", "map_file",
-             "advise", "read_into", "write_tensors"]
+             "advise", "read_into", "write_tensors", "bytes_equal"]
     for backend in ALL:
         assert all(hasattr(backend, name) for name in names)
     assert _pybackend.NAME == "python"

@@ -10,8 +10,9 @@
  * (in memory and through a file descriptor); every tensor's bytes against the formula that made
  * them (expect_element, the same as make_fixtures.py's) and its CRC32C [T10]; mmap and the
  * parallel pread; the CRC32C test vectors of RFC 3720 B.4; hostile prefixes and tables giving the
- * right error code and tensor index; and C writer round trips, which must reproduce each fixture's
- * data section byte for byte. Prints one line per failure and a summary; exits 1 on any failure.
+ * right error code and tensor index; C writer round trips, which must reproduce each fixture's
+ * data section byte for byte; and the exact byte comparison, on one thread and on several.
+ * Prints one line per failure and a summary; exits 1 on any failure.
  */
 #define _POSIX_C_SOURCE 200809L
 #define _FILE_OFFSET_BITS 64
@@ -645,6 +646,47 @@ static void test_big_round_trip(void)
     free(scratch);
 }
 
+/* ---- Exact byte comparison: one piece on the calling thread, many pieces on threads -------- */
+
+static void test_bytes_equal(void)
+{
+    const uint64_t big = (uint64_t)SCK_COMPARE_THREAD_MIN + 3 * (uint64_t)SCK_READ_PIECE + 5;
+    const uint64_t positions[] = {0, 1, SCK_READ_PIECE - 1, SCK_READ_PIECE,
+                                  2 * (uint64_t)SCK_READ_PIECE + 77, big - 1};
+    static const int threads[] = {1, 3, 0};
+    uint8_t *a = malloc((size_t)big), *b = malloc((size_t)big);
+    int equal = -1;
+
+    CHECK(a && b, "set-up");
+    for (uint64_t i = 0; i < big; i++)
+        a[i] = b[i] = (uint8_t)((i * 2654435761u) >> 11);
+    CHECK_CODE(sck_bytes_equal(NULL, NULL, 0, 0, &equal), SCK_OK, "empty, NULL");
+    CHECK_EQ(equal, 1, "empty buffers are equal");
+    CHECK_CODE(sck_bytes_equal(a, NULL, 1, 0, &equal), SCK_E_ARG, "NULL with a length");
+    CHECK_EQ(equal, 0, "*equal zeroed on error");
+    CHECK_CODE(sck_bytes_equal(a, b, 1, 0, NULL), SCK_E_ARG, "NULL out-pointer");
+    CHECK_CODE(sck_bytes_equal(a, a + 1, 100, 0, &equal), SCK_OK, "shifted");
+    CHECK_EQ(equal, 0, "a buffer against itself shifted by one");
+    CHECK_CODE(sck_bytes_equal(a, a, big, 0, &equal), SCK_OK, "same buffer");
+    CHECK_EQ(equal, 1, "a buffer against itself");
+    for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
+        CHECK_CODE(sck_bytes_equal(a, b, big, threads[t], &equal), SCK_OK, "big equal");
+        CHECK(equal == 1, "big equal buffers, %d threads", threads[t]);
+        for (size_t p = 0; p < sizeof positions / sizeof positions[0]; p++) {
+            b[positions[p]] ^= 0x10;
+            CHECK_CODE(sck_bytes_equal(a, b, big, threads[t], &equal), SCK_OK, "big unequal");
+            CHECK(equal == 0, "bit flipped at %llu, %d threads",
+                  (unsigned long long)positions[p], threads[t]);
+            CHECK_CODE(sck_bytes_equal(a, b, positions[p], threads[t], &equal), SCK_OK, "prefix");
+            CHECK(equal == 1, "the %llu bytes before the flipped bit, %d threads",
+                  (unsigned long long)positions[p], threads[t]);
+            b[positions[p]] ^= 0x10;
+        }
+    }
+    free(a);
+    free(b);
+}
+
 int main(int argc, char **argv)
 {
     static const char *const names[] = {"mixed", "align256_nocrc", "empty"};
@@ -669,6 +711,7 @@ int main(int argc, char **argv)
     }
     CHECK(mixed_seen, "mixed.sckpt tested");
     test_big_round_trip();
+    test_bytes_equal();
     printf("test_core: %ld checks, %ld failed (CRC32C in %s, %s-endian)\n", checks, failures,
            sck_crc32c_hw_available() ? "hardware" : "tables",
            le_load((const uint8_t *)&(uint32_t){1}, 1) ? "little" : "big");
