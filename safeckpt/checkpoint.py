@@ -1,4 +1,5 @@
-"""Training checkpoints: ``save_checkpoint``/``load_checkpoint`` and ``CheckpointManager``.
+"""Training checkpoints: ``save_checkpoint``/``load_checkpoint``, and the file rules and helpers
+that :class:`safeckpt.manager.CheckpointManager` builds on.
 
 A checkpoint is one ordinary nested .sckpt file (FORMAT.md section 8) holding the model's and the
 optimizer's state, counters and the random number generators' state, so that training resumes
@@ -36,12 +37,9 @@ Example:
 from __future__ import annotations
 
 import collections
-import errno
 import functools
-import math
 import os
 import random
-import re
 import sys
 import types
 import warnings
@@ -50,16 +48,14 @@ from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional, S
 
 import numpy as np
 
-from . import _fs, api, torch_convert
+from . import api, torch_convert
 from . import torch as _sck_torch
 from . import tree as _tree
 from . import writer as _writer
-from .errors import HeaderError, InvalidValueError, SafeckptError, StateMismatchError
-from .reader import Reader
+from .errors import HeaderError, InvalidValueError, StateMismatchError
 from .tree import Subtree
 
 FORMAT = "safeckpt.checkpoint/1"  # metadata["format"] of every checkpoint file
-_NAME = re.compile(r"\Astep-(\d{10,20})\.sckpt\Z")  # CheckpointManager's file names
 
 Metrics = Dict[str, Union[int, float]]  # {"loss": 0.1}: a checkpoint's metrics [C1]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -77,14 +73,6 @@ class CheckpointInfo(NamedTuple):
     metrics: Metrics
     extra: Any
     state: Any
-
-
-class Checkpoint(NamedTuple):
-    """A complete checkpoint in a :class:`CheckpointManager`'s directory."""
-
-    step: int
-    path: str
-    metrics: Metrics
 
 
 # -- random number generators ----------------------------------------------------------------------
@@ -252,12 +240,12 @@ def _as_byte_tensor(value: Any) -> Any:
 
 # -- state in and out ------------------------------------------------------------------------------
 
-def _state_of(obj: Any, depth: int = 0) -> Any:
+def state_of(obj: Any, depth: int = 0) -> Any:
     """``obj`` with every object that has ``state_dict()`` replaced by its state (through dicts)."""
     if callable(getattr(obj, "state_dict", None)) and not isinstance(obj, dict):
         return obj.state_dict()
     if type(obj) in (dict, collections.OrderedDict) and depth < 64:
-        return type(obj)((k, _state_of(v, depth + 1)) for k, v in obj.items())
+        return type(obj)((k, state_of(v, depth + 1)) for k, v in obj.items())
     return obj
 
 
@@ -610,7 +598,7 @@ def restore_into(target: Any, state: Any, *, strict: bool = True, where: str = "
     return target
 
 
-def _plain_metrics(metrics: object) -> Metrics:
+def plain_metrics(metrics: object) -> Metrics:
     """Metrics as a dict of str -> int/float (numpy and 0-d torch values converted)."""
     if metrics is None:
         return {}
@@ -658,17 +646,22 @@ def save_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
     """
     _check_count("step", step)
     _check_count("epoch", epoch)
-    metrics = _plain_metrics(metrics)
-    state = {"model": _state_of(model), "optimizer": _state_of(optimizer),
-             "scheduler": _state_of(scheduler), "step": step, "epoch": epoch,
-             "rng": capture_rng() if rng else None, "extra": _state_of(extra), "metrics": metrics}
+    metrics = plain_metrics(metrics)
+    state = {"model": state_of(model), "optimizer": state_of(optimizer),
+             "scheduler": state_of(scheduler), "step": step, "epoch": epoch,
+             "rng": capture_rng() if rng else None, "extra": state_of(extra), "metrics": metrics}
     _save(state, path, step, metrics, checksum, atomic, root="checkpoint")
+
+
+def metadata_of(step: int | None, metrics: Metrics) -> dict[str, Any]:
+    """The [C1] metadata of a checkpoint of ``step`` with ``metrics``."""
+    return {"format": FORMAT, "step": step, "metrics": metrics}
 
 
 def _save(state: dict[str, Any], path: PathLike, step: int | None, metrics: Metrics,
           checksum: bool, atomic: bool, root: str) -> None:
     """Write a checkpoint's tree with its [C1] metadata."""
-    meta = {"format": FORMAT, "step": step, "metrics": metrics}
+    meta = metadata_of(step, metrics)
     tree, names, arrays = _tree.flatten(state, root=root)
     plan = _writer.Plan(dict(zip(names, arrays)), meta, 64, checksum, tree=tree)
     api.save_plan(plan, path, atomic=atomic)
@@ -705,7 +698,7 @@ def load_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
         >>> start_step = info.step + 1                                                  # doctest: +SKIP
     """
     fresh = ("optimizer",) if optimizer is not None and not isinstance(optimizer, dict) else ()
-    state = _load_file(path, _SAVED, fresh, verify, limits)
+    state = load_checkpoint_file(path, _SAVED, fresh, verify, limits)
     where = repr(os.fspath(path))
     restore = _Restore(where, strict, map_location)
     for key, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
@@ -724,7 +717,7 @@ def load_checkpoint(path: PathLike, *, model: Any = None, optimizer: Any = None,
 
 
 _SAVED = ("model", "optimizer", "scheduler", "step", "epoch", "rng", "extra", "metrics")  # [C2]
-_MANAGED = ("state", "step", "metrics", "rng")  # [C2]
+MANAGED = ("state", "step", "metrics", "rng")  # [C2]
 
 
 def _check_counter(value: object, where: str, rule: str) -> None:
@@ -743,7 +736,7 @@ def _check_metrics(metrics: object, where: str, rule: str) -> None:
                               f"[{rule}]")
 
 
-def _check_metadata(meta: dict[str, Any], where: str, step: int | None = None) -> None:
+def check_metadata(meta: dict[str, Any], where: str, step: int | None = None) -> None:
     """[C1]: raise HeaderError unless ``meta`` is a checkpoint's (of ``step``, if given)."""
     if meta.get("format") != FORMAT:
         raise HeaderError(f"{where} is not a checkpoint: its metadata has no format {FORMAT!r}; "
@@ -756,13 +749,13 @@ def _check_metadata(meta: dict[str, Any], where: str, step: int | None = None) -
 
 
 def _check_layout(keys: Iterable[Any], where: str, layout: Tuple[str, ...]) -> None:
-    """[C2]: the top-level keys of a checkpoint of ``layout`` (_SAVED or _MANAGED)."""
+    """[C2]: the top-level keys of a checkpoint of ``layout`` (_SAVED or MANAGED)."""
     keys = set(keys)
     if layout is _SAVED and "state" in keys and "model" not in keys:
         raise HeaderError(f"{where} was written by CheckpointManager.save, not save_checkpoint; "
                           "restore it with CheckpointManager(directory).restore(state, step=...) "
                           "[C2]")
-    if layout is _MANAGED and "model" in keys and "state" not in keys:
+    if layout is MANAGED and "model" in keys and "state" not in keys:
         raise HeaderError(f"{where} was written by save_checkpoint, not CheckpointManager.save; "
                           "load it with safeckpt.load_checkpoint(path, model=..., optimizer=...) "
                           "[C2]")
@@ -773,9 +766,9 @@ def _check_layout(keys: Iterable[Any], where: str, layout: Tuple[str, ...]) -> N
                           f"{', '.join(map(repr, missing))} [C2]")
 
 
-def _load_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str],
-               verify: bool | None, limits: dict[str, Any], step: int | None = None
-               ) -> dict[str, Any]:
+def load_checkpoint_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str],
+                         verify: bool | None, limits: dict[str, Any], step: int | None = None
+                         ) -> dict[str, Any]:
     """The checked content of a checkpoint file of ``layout`` [C1-C3] (of ``step``, if given).
 
     Top-level entries named in ``fresh_keys`` are read into fresh memory. An optimizer keeps the
@@ -785,9 +778,9 @@ def _load_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str
     into ordinary memory; the rest stays zero-copy (a model copies it anyway).
     """
     where = repr(os.fspath(path))
-    with Reader(path, **limits) as mapped:
+    with api.open(path, **limits) as mapped:  # one file, shards, or a file with references
         meta = mapped.metadata
-        _check_metadata(meta, where, step)
+        check_metadata(meta, where, step)
         top = mapped.tree
         if not isinstance(top, Subtree) or top.kind not in (dict, collections.OrderedDict):
             kind = f"a {top.kind.__name__}" if isinstance(top, Subtree) else _kind(top)
@@ -798,7 +791,7 @@ def _load_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str
         if not fresh_keys:
             state = mapped.load(verify=verify)
         else:
-            with Reader(path, mmap=False, **limits) as unmapped:
+            with api.open(path, mmap=False, **limits) as unmapped:
                 state = {key: (unmapped if key in fresh_keys else mapped).load((key,), verify=verify)
                          for key in top.keys()}
     _check_counter(state["step"], f"{where}['step']", "C2")
@@ -812,234 +805,3 @@ def _load_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str
     _check_metrics(state["metrics"], f"{where}['metrics']", "C2")
     check_rng(state["rng"], f"{where}['rng']")
     return state
-
-
-# -- the manager -----------------------------------------------------------------------------------
-
-class CheckpointManager:
-    """Numbered, atomic checkpoints in a directory, with retention and crash recovery.
-
-    Files are named ``step-<step, 10+ digits>.sckpt``. Each save is atomic; the writer's temporary
-    files (``.step-….sckpt.<hex>.tmp``) left by a crashed save are removed when the manager is
-    created and never taken for checkpoints. A file that does not open (damaged) is skipped, and
-    never deleted by retention. Use one manager per directory at a time.
-
-    Parameters:
-        directory: created if missing.
-        keep_last: keep this many newest checkpoints (at least 1).
-        keep_best: also keep this many best by ``metric`` (``mode`` ``"min"`` or ``"max"``).
-        rng: save and restore the random generators' state with every checkpoint.
-
-    Example:
-        >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
-        >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"val_loss": 0.3})   # doctest: +SKIP
-        >>> manager.restore({"model": model, "optimizer": opt})                               # doctest: +SKIP
-    """
-
-    def __init__(self, directory: PathLike, *, keep_last: int = 3, keep_best: int = 0,
-                 metric: str | None = None, mode: str = "min", rng: bool = True,
-                 checksum: bool = True) -> None:
-        if type(keep_last) is not int or keep_last < 1:
-            raise ValueError(f"keep_last={keep_last!r} must be an int >= 1 (the newest is always kept)")
-        if type(keep_best) is not int or keep_best < 0:
-            raise ValueError(f"keep_best={keep_best!r} must be an int >= 0")
-        if keep_best and not isinstance(metric, str):
-            raise ValueError(f"keep_best={keep_best} needs metric='name of a metric', not {metric!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
-        self.directory = os.fspath(directory)
-        self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
-        self.rng, self.checksum = rng, checksum
-        # file name -> ((size, mtime_ns), Checkpoint or None)
-        self._cache: Dict[str, Tuple[Tuple[int, int], Optional[Checkpoint]]] = {}
-        os.makedirs(self.directory, exist_ok=True)
-        self.cleanup()
-
-    def path(self, step: int) -> str:
-        """The file of checkpoint ``step``."""
-        _check_count("step", step)
-        if step is None:
-            raise InvalidValueError("step must be a non-negative int")
-        return os.path.join(self.directory, f"step-{step:010d}.sckpt")
-
-    def cleanup(self) -> list[str]:
-        """Remove temporary files left by crashed saves; return their names."""
-        removed = []
-        for name in os.listdir(self.directory):
-            temp = _fs.TEMP_NAME.match(name)  # an atomic save's temporary file
-            if temp and _NAME.match(temp['base']):
-                try:
-                    os.unlink(os.path.join(self.directory, name))
-                    removed.append(name)
-                except FileNotFoundError:
-                    pass
-        return removed
-
-    def save(self, step: int, state: Any, metrics: Metrics | None = None, *,
-             overwrite: bool = False) -> Checkpoint:
-        """Save ``state`` (a dict of arrays, values and objects with ``state_dict()``, or such an
-        object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`.
-
-        A save is never lost in silence: a step whose file exists is refused unless
-        ``overwrite=True``, and a step that retention would delete at once (older than the
-        ``keep_last`` newest and not among the ``keep_best`` best, e.g. training restarted from
-        step 0 in a directory that holds step 30) is refused before anything is written.
-
-        Raises:
-            FileExistsError: checkpoint ``step`` exists (or a damaged file of that name does).
-            InvalidValueError: retention would delete it at once; the message names what it keeps.
-
-        Example:
-            >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"loss": 0.3})  # doctest: +SKIP
-        """
-        path = self.path(step)
-        metrics = _plain_metrics(metrics)
-        if not overwrite and os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
-                                  "overwrite=True to replace it", path)
-        records = [r for r in self.all() if r.step != step] + [Checkpoint(step, path, metrics)]
-        records.sort(key=lambda r: r.step)
-        if step not in self._kept(records):
-            kept = [r.step for r in records[-self.keep_last:]]
-            best = (f" and keep_best={self.keep_best} by {self.metric!r} keeps "
-                    f"{[r.step for r in self._ranked(records)[:self.keep_best]]}"
-                    if self.keep_best else "")
-            raise InvalidValueError(
-                f"checkpoint step {step} would be deleted at once by retention: "
-                f"keep_last={self.keep_last} keeps steps {kept}{best}; nothing was saved. To go "
-                "on, restore the newest (manager.restore(state)); to start over, use another "
-                "directory")
-        tree = {"state": _state_of(state), "step": step, "metrics": metrics,
-                "rng": capture_rng() if self.rng else None}
-        _save(tree, path, step, metrics, self.checksum, True, root="checkpoint")
-        self._retain()
-        return Checkpoint(step, path, metrics)
-
-    def _record(self, name: str) -> Checkpoint | None:
-        """The Checkpoint of a file name, from its header (cached); None if it does not open or
-        its metadata is not a checkpoint's of that step [C1]."""
-        match = _NAME.match(name)
-        if not match:
-            return None
-        path = os.path.join(self.directory, name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_size, st.st_mtime_ns)
-        cached = self._cache.get(name)
-        if cached and cached[0] == key:
-            return cached[1]
-        record = None
-        try:
-            with Reader(path) as reader:
-                meta = reader.metadata
-            _check_metadata(meta, repr(path), int(match.group(1)))
-            record = Checkpoint(meta["step"], path, meta.get("metrics", {}))
-        except (SafeckptError, OSError):
-            record = None
-        self._cache[name] = (key, record)
-        return record
-
-    def all(self) -> list[Checkpoint]:
-        """Every complete checkpoint, oldest first."""
-        records = (self._record(name) for name in os.listdir(self.directory))
-        return sorted((r for r in records if r is not None), key=lambda r: r.step)
-
-    def latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint, or None."""
-        records = self.all()
-        return records[-1] if records else None
-
-    def _ranked(self, records: list[Checkpoint]) -> list[Checkpoint]:
-        """The records that have ``metric``, best first (newest first on a tie)."""
-        metric = self.metric
-        if metric is None:
-            return []
-        scored = [r for r in records if type(r.metrics.get(metric)) in (int, float)
-                  and not math.isnan(r.metrics[metric])]
-        sign = 1 if self.mode == "min" else -1
-        return sorted(scored, key=lambda r: (sign * r.metrics[metric], -r.step))
-
-    def best(self) -> Checkpoint | None:
-        """The checkpoint with the best ``metric`` (newest on a tie), or None."""
-        if self.metric is None:
-            raise ValueError("best() needs CheckpointManager(..., metric='name')")
-        ranked = self._ranked(self.all())
-        return ranked[0] if ranked else None
-
-    def _kept(self, records: list[Checkpoint]) -> set[int]:
-        """The steps that retention keeps of ``records`` (sorted by step)."""
-        keep = {r.step for r in records[-self.keep_last:]}
-        if self.keep_best:
-            keep |= {r.step for r in self._ranked(records)[:self.keep_best]}
-        return keep
-
-    def _retain(self) -> None:
-        """Delete the complete checkpoints that retention does not keep."""
-        records = self.all()
-        keep = self._kept(records)
-        for record in records:
-            if record.step not in keep:
-                try:
-                    os.unlink(record.path)
-                except FileNotFoundError:
-                    pass
-                self._cache.pop(os.path.basename(record.path), None)
-
-    def load(self, step: int | None = None, *, verify: bool | None = None
-             ) -> CheckpointInfo | None:
-        """Load checkpoint ``step`` (default: the newest that loads and passes its checks, as
-        :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
-        or None when there is none."""
-        return self._load(None, step, verify, True, None)
-
-    def restore(self, state_or_model: Any, step: int | None = None, *, verify: bool | None = None,
-                strict: bool = True, map_location: Any = None) -> CheckpointInfo | None:
-        """Resume in one call: load checkpoint ``step`` (default: the newest complete one) into
-        ``state_or_model`` in place (see :func:`restore_into`) and restore the random generators.
-
-        With ``step=None``, a newest file that does not open, fails verification or breaks
-        [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
-        the one before it. ``verify`` and ``map_location`` as for :func:`load_checkpoint`.
-        Returns a :class:`CheckpointInfo`, or None when there is no checkpoint (start fresh).
-
-        Raises:
-            StateMismatchError: the checkpoint does not fit ``state_or_model``; nothing was
-                written (an older checkpoint is not tried: it would not fit either).
-            InvalidValueError: a target that cannot be restored in place (e.g. an optimizer's
-                ``state_dict()``: pass the optimizer; see :func:`restore_into`).
-            SafeckptError, OSError: with ``step``, that file's problem.
-
-        Example:
-            >>> info = manager.restore({"model": model, "optimizer": opt})     # doctest: +SKIP
-            >>> start = info.step + 1 if info else 0                            # doctest: +SKIP
-        """
-        return self._load(state_or_model, step, verify, strict, map_location)
-
-    def _candidates(self) -> list[tuple[int, str]]:
-        """``(step, path)`` of every file named like a checkpoint, newest first."""
-        found = sorted(((int(m.group(1)), m.group(0)) for m in map(_NAME.match,
-                        os.listdir(self.directory)) if m), reverse=True)
-        return [(step, os.path.join(self.directory, name)) for step, name in found]
-
-    def _load(self, target: Any, step: int | None, verify: bool | None, strict: bool,
-              map_location: Any) -> CheckpointInfo | None:
-        """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
-        candidates = self._candidates() if step is None else [(step, self.path(step))]
-        for number, path in candidates:
-            try:
-                tree = _load_file(path, _MANAGED, (), verify, {}, step=number)
-            except (SafeckptError, OSError) as exc:
-                if step is not None:
-                    raise
-                warnings.warn(f"skipping checkpoint {path!r}: {exc}", RuntimeWarning, stacklevel=3)
-                continue
-            state = tree["state"]
-            if target is not None:
-                state = restore_into(target, state, strict=strict, map_location=map_location,
-                                     where=f"{path!r}['state']")
-                if self.rng:
-                    restore_rng(tree["rng"])
-            return CheckpointInfo(path, tree["step"], None, tree["metrics"], None, state)
-        return None

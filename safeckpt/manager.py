@@ -1,0 +1,444 @@
+"""``CheckpointManager``: numbered, atomic checkpoints in a directory, with retention and crash
+recovery.
+
+Each checkpoint is a file of :mod:`safeckpt.checkpoint` ([C1]-[C3]) named
+``step-<step, 10 to 20 digits>.sckpt`` (with ``max_shard_size``, a shard index of that name and its
+shards ``step-…-0000j-of-0000k.sckpt``, FORMAT.md section 9). Saves are atomic, so a crash leaves
+the previous checkpoint or the new one; retention runs after the new file is renamed into place.
+
+Example:
+    >>> manager = safeckpt.CheckpointManager("ckpts", keep_last=3)          # doctest: +SKIP
+    >>> state = {"model": model, "optimizer": optimizer}                     # doctest: +SKIP
+    >>> info = manager.restore(state)         # the newest complete checkpoint, or None
+    >>> start = info.step + 1 if info else 0
+    >>> for step in range(start, steps):
+    ...     train_one_step()
+    ...     manager.save(step, state, metrics={"loss": loss})
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import re
+import threading
+import warnings
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _fs, api
+from . import shard as _shard
+from . import tree as _tree
+from . import writer as _writer
+from .checkpoint import (MANAGED, CheckpointInfo, Metrics, PathLike, capture_rng, check_metadata,
+                         load_checkpoint_file, metadata_of, plain_metrics, restore_into,
+                         restore_rng, state_of)
+from .errors import InvalidValueError, SafeckptError
+from .reader import Reader
+
+NAME = re.compile(r"\Astep-(\d{10,20})\.sckpt\Z")  # a checkpoint (or a sharded one's index)
+SHARD = re.compile(r"\A(step-\d{10,20})-\d{5}-of-\d{5}\.sckpt\Z")  # a sharded checkpoint's shard
+_MAX_STEP = 10 ** 20 - 1  # the most digits a name holds (and below 2**64 - 1, [C1])
+_ALIGN = 64
+
+
+class Checkpoint(NamedTuple):
+    """A complete checkpoint in a :class:`CheckpointManager`'s directory."""
+
+    step: int
+    path: str
+    metrics: Metrics
+
+
+class _Entry(NamedTuple):
+    """What the manager reads from a checkpoint's header (cached by size and mtime)."""
+
+    checkpoint: Checkpoint
+    shards: Tuple[str, ...]  # its shards' file names (a sharded checkpoint), else ()
+
+
+def as_step(value: Any) -> int:
+    """A step as an int: an int, a numpy integer, or a 0-d integer numpy array or torch tensor.
+
+    Raises:
+        InvalidValueError: a bool, a float, a negative number or anything else; the message
+            names the value.
+
+    Example:
+        >>> as_step(np.int64(7)), as_step(10)
+        (7, 10)
+    """
+    number: Any = None
+    if type(value) is int:
+        number = value
+    elif isinstance(value, np.integer):
+        number = int(value)
+    elif (isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")) \
+            and getattr(value, "ndim", None) == 0:
+        dtype = str(value.dtype)  # "int64", "torch.int64", "uint8", "bool", "float32"...
+        if "int" in dtype and not dtype.endswith("bool"):
+            number = int(value.item())
+    if number is None:
+        kind = type(value).__name__ + (f" of {value.dtype}" if hasattr(value, "dtype") else "")
+        raise InvalidValueError(f"step={value!r} must be an int (a Python int, a numpy integer, "
+                                f"or a 0-d integer numpy array or torch tensor), not {kind}")
+    if not 0 <= number <= _MAX_STEP:
+        raise InvalidValueError(f"step={number} must be between 0 and {_MAX_STEP}")
+    return number
+
+
+class CheckpointManager:
+    """Numbered, atomic checkpoints in a directory, with retention and crash recovery.
+
+    Files are named ``step-<step, 10+ digits>.sckpt``. Each save is atomic; the writer's temporary
+    files (``.step-….sckpt.<hex>.tmp``) and the shards of a sharded save that did not finish,
+    left by a crash, are removed when the manager is created and never taken for checkpoints. A
+    file that does not open (damaged) is skipped, and never deleted by retention. Use one manager
+    per directory at a time.
+
+    Parameters:
+        directory: created if missing.
+        keep_last: keep this many newest checkpoints (at least 1).
+        keep_best: also keep this many best by ``metric`` (``mode`` ``"min"`` or ``"max"``).
+        keep_period: also keep, forever, every checkpoint whose step is a multiple of this.
+        save_interval_steps: :meth:`save` writes only steps that are a multiple of this (others
+            return None, unless ``force=True``); :meth:`should_save` says which.
+        max_shard_size: write each checkpoint as shards of at most this many tensor bytes (an
+            int, or a str such as ``"2GB"``), FORMAT.md section 9; one that fits is one file.
+        rng: save and restore the random generators' state with every checkpoint.
+        checksum: store a CRC32C of every tensor (checked at restore).
+
+    Example:
+        >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
+        >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"val_loss": 0.3})   # doctest: +SKIP
+        >>> manager.restore({"model": model, "optimizer": opt})                               # doctest: +SKIP
+    """
+
+    def __init__(self, directory: PathLike, *, keep_last: int = 3, keep_best: int = 0,
+                 metric: str | None = None, mode: str = "min", keep_period: int | None = None,
+                 save_interval_steps: int | None = None,
+                 max_shard_size: Union[None, int, str] = None, rng: bool = True,
+                 checksum: bool = True) -> None:
+        if type(keep_last) is not int or keep_last < 1:
+            raise ValueError(f"keep_last={keep_last!r} must be an int >= 1 (the newest is always kept)")
+        if type(keep_best) is not int or keep_best < 0:
+            raise ValueError(f"keep_best={keep_best!r} must be an int >= 0")
+        if keep_best and not isinstance(metric, str):
+            raise ValueError(f"keep_best={keep_best} needs metric='name of a metric', not {metric!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
+        for name, value in (("keep_period", keep_period),
+                            ("save_interval_steps", save_interval_steps)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
+        if max_shard_size is not None:
+            _shard.parse_size(max_shard_size)  # a bad size is refused now, not at the first save
+        self.directory = os.fspath(directory)
+        self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
+        self.keep_period, self.save_interval_steps = keep_period, save_interval_steps
+        self.max_shard_size = max_shard_size
+        self.rng, self.checksum = rng, checksum
+        self._lock = threading.RLock()  # the directory's files and _cache
+        # file name -> ((size, mtime_ns), _Entry or None)
+        self._cache: Dict[str, Tuple[Tuple[int, int], Optional[_Entry]]] = {}
+        os.makedirs(self.directory, exist_ok=True)
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        options = [f"keep_last={self.keep_last}"]
+        if self.keep_best:
+            options.append(f"keep_best={self.keep_best}, metric={self.metric!r}, mode={self.mode!r}")
+        for name in ("keep_period", "save_interval_steps", "max_shard_size"):
+            if getattr(self, name) is not None:
+                options.append(f"{name}={getattr(self, name)!r}")
+        if not self.rng:
+            options.append("rng=False")
+        if not self.checksum:
+            options.append("checksum=False")
+        return f"CheckpointManager({self.directory!r}, {', '.join(options)})"
+
+    # -- names -------------------------------------------------------------------------------------
+
+    def path(self, step: Any) -> str:
+        """The file of checkpoint ``step``."""
+        return os.path.join(self.directory, f"step-{as_step(step):010d}.sckpt")
+
+    def cleanup(self) -> list[str]:
+        """Remove what crashed saves left: temporary files, and shards whose index is missing
+        (a sharded save stopped before its index [S9]); return their names."""
+        removed = []
+        entries = os.listdir(self.directory)
+        indexes = {name[:-len(".sckpt")] for name in entries if NAME.match(name)}
+        for name in entries:
+            temp = _fs.TEMP_NAME.match(name)  # an atomic save's temporary file
+            shard = SHARD.match(name)
+            if ((temp and (NAME.match(temp['base']) or SHARD.match(temp['base'])))
+                    or (shard and shard.group(1) not in indexes)):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                    removed.append(name)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    # -- the interval ------------------------------------------------------------------------------
+
+    def should_save(self, step: Any) -> bool:
+        """Whether :meth:`save` would write ``step``: it is a multiple of ``save_interval_steps``
+        (any step without one) and has no checkpoint yet.
+
+        Example:
+            >>> if manager.should_save(step):                                   # doctest: +SKIP
+            ...     manager.save(step, state)
+        """
+        step = as_step(step)
+        if self.save_interval_steps is not None and step % self.save_interval_steps:
+            return False
+        return not os.path.lexists(self.path(step))
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save(self, step: Any, state: Any, metrics: Metrics | None = None, *,
+             overwrite: bool = False, force: bool = False) -> Checkpoint | None:
+        """Save ``state`` (a dict of arrays, values and objects with ``state_dict()``, or such an
+        object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`, or
+        None when ``step`` is not a multiple of ``save_interval_steps`` (nothing is written; pass
+        ``force=True`` to save it anyway).
+
+        A save is never lost in silence: a step whose file exists is refused unless
+        ``overwrite=True``, and a step that retention would delete at once (older than the
+        ``keep_last`` newest, not among the ``keep_best`` best and not a multiple of
+        ``keep_period``, e.g. training restarted from step 0 in a directory that holds step 30)
+        is refused before anything is written.
+
+        Raises:
+            FileExistsError: checkpoint ``step`` exists (or a damaged file of that name does).
+            InvalidValueError: retention would delete it at once (the message names what it
+                keeps); a step that is not a non-negative int (numpy and 0-d torch integers
+                are taken).
+
+        Example:
+            >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"loss": 0.3})  # doctest: +SKIP
+        """
+        step = as_step(step)
+        if not force and self.save_interval_steps is not None and step % self.save_interval_steps:
+            return None
+        path = self.path(step)
+        metrics = plain_metrics(metrics)
+        with self._lock:
+            self._check_new(step, path, metrics, overwrite)
+        tree = {"state": state_of(state), "step": step, "metrics": metrics,
+                "rng": capture_rng() if self.rng else None}
+        skeleton, names, arrays = _tree.flatten(tree, root="checkpoint")
+        self._write(step, path, metrics, skeleton, names, arrays)
+        return Checkpoint(step, path, metrics)
+
+    def _check_new(self, step: int, path: str, metrics: Metrics, overwrite: bool) -> None:
+        """Refuse a save of ``step`` that would replace a checkpoint (unless ``overwrite``) or
+        that retention would delete at once."""
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
+                                  "overwrite=True to replace it", path)
+        records = [r for r in self.all() if r.step != step] + [Checkpoint(step, path, metrics)]
+        records.sort(key=lambda r: r.step)
+        if step not in self._kept(records):
+            kept = [r.step for r in records[-self.keep_last:]]
+            best = (f" and keep_best={self.keep_best} by {self.metric!r} keeps "
+                    f"{[r.step for r in self._ranked(records)[:self.keep_best]]}"
+                    if self.keep_best else "")
+            period = (f" and keep_period={self.keep_period} keeps its multiples"
+                      if self.keep_period else "")
+            raise InvalidValueError(
+                f"checkpoint step {step} would be deleted at once by retention: "
+                f"keep_last={self.keep_last} keeps steps {kept}{best}{period}; nothing was saved. "
+                "To go on, restore the newest (manager.restore(state)); to start over, use "
+                "another directory")
+
+    def _write(self, step: int, path: str, metrics: Metrics, skeleton: Any, names: List[str],
+               arrays: List[Any]) -> None:
+        """Write checkpoint ``step`` (atomically, [W2]), then apply retention."""
+        meta = metadata_of(step, metrics)
+        if self.max_shard_size is not None:
+            api.save_sharded(skeleton, names, arrays, path, metadata=meta, align=_ALIGN,
+                             checksum=self.checksum, atomic=True,
+                             max_shard_size=self.max_shard_size)
+        else:
+            plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, self.checksum,
+                                tree=skeleton)
+            api.save_plan(plan, path)
+        with self._lock:
+            self._retain()
+
+    # -- the checkpoints in the directory ----------------------------------------------------------
+
+    def _entry(self, name: str) -> _Entry | None:
+        """The _Entry of a file name, from its header (cached); None if it does not open or
+        its metadata is not a checkpoint's of that step [C1]."""
+        match = NAME.match(name)
+        if not match:
+            return None
+        path = os.path.join(self.directory, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(name)
+        if cached and cached[0] == key:
+            return cached[1]
+        entry = None
+        try:
+            with Reader(path, allow_index=True) as reader:
+                meta = reader.metadata
+                shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
+            check_metadata(meta, repr(path), int(match.group(1)))
+            entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards)
+        except (SafeckptError, OSError):
+            entry = None
+        self._cache[name] = (key, entry)
+        return entry
+
+    def _entries(self) -> list[_Entry]:
+        """The _Entry of every complete checkpoint, oldest first."""
+        with self._lock:
+            entries = (self._entry(name) for name in os.listdir(self.directory))
+            return sorted((e for e in entries if e is not None), key=lambda e: e.checkpoint.step)
+
+    def all(self) -> list[Checkpoint]:
+        """Every complete checkpoint, oldest first."""
+        return [entry.checkpoint for entry in self._entries()]
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+        records = self.all()
+        return records[-1] if records else None
+
+    def _ranked(self, records: list[Checkpoint]) -> list[Checkpoint]:
+        """The records that have ``metric``, best first (newest first on a tie)."""
+        metric = self.metric
+        if metric is None:
+            return []
+        scored = [r for r in records if type(r.metrics.get(metric)) in (int, float)
+                  and not math.isnan(r.metrics[metric])]
+        sign = 1 if self.mode == "min" else -1
+        return sorted(scored, key=lambda r: (sign * r.metrics[metric], -r.step))
+
+    def best(self) -> Checkpoint | None:
+        """The checkpoint with the best ``metric`` (newest on a tie), or None."""
+        if self.metric is None:
+            raise ValueError("best() needs CheckpointManager(..., metric='name')")
+        ranked = self._ranked(self.all())
+        return ranked[0] if ranked else None
+
+    def _kept(self, records: list[Checkpoint]) -> set[int]:
+        """The steps that retention keeps of ``records`` (sorted by step)."""
+        keep = {r.step for r in records[-self.keep_last:]}
+        if self.keep_best:
+            keep |= {r.step for r in self._ranked(records)[:self.keep_best]}
+        if self.keep_period:
+            keep |= {r.step for r in records if r.step % self.keep_period == 0}
+        return keep
+
+    # -- deleting ----------------------------------------------------------------------------------
+
+    def _remove(self, entry: _Entry) -> None:
+        """Delete a checkpoint: its file (or index) first, so that it is no longer taken for
+        one, then its shards (a crash between leaves shards that :meth:`cleanup` removes)."""
+        name = os.path.basename(entry.checkpoint.path)
+        for file in (name, *entry.shards):
+            try:
+                os.unlink(os.path.join(self.directory, file))
+            except FileNotFoundError:
+                pass
+        self._cache.pop(name, None)
+
+    def _retain(self) -> None:
+        """Delete the complete checkpoints that retention does not keep."""
+        entries = self._entries()
+        keep = self._kept([entry.checkpoint for entry in entries])
+        for entry in entries:
+            if entry.checkpoint.step not in keep:
+                self._remove(entry)
+
+    def delete(self, step: Any) -> None:
+        """Delete checkpoint ``step`` (and its shards).
+
+        Raises:
+            FileNotFoundError: there is no checkpoint ``step``.
+
+        Example:
+            >>> manager.delete(20)                                              # doctest: +SKIP
+        """
+        path = self.path(step)
+        with self._lock:
+            entry = self._entry(os.path.basename(path))
+            if entry is None:
+                if not os.path.lexists(path):
+                    raise FileNotFoundError(errno.ENOENT, f"there is no checkpoint step "
+                                            f"{as_step(step)}", path)
+                os.unlink(path)  # a damaged file of that name: the user asked for it to go
+                return
+            self._remove(entry)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def load(self, step: Any = None, *, verify: bool | None = None) -> CheckpointInfo | None:
+        """Load checkpoint ``step`` (default: the newest that loads and passes its checks, as
+        :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
+        or None when there is none."""
+        return self._load(None, step, verify, True, None)
+
+    def restore(self, state_or_model: Any, step: Any = None, *, verify: bool | None = None,
+                strict: bool = True, map_location: Any = None) -> CheckpointInfo | None:
+        """Resume in one call: load checkpoint ``step`` (default: the newest complete one) into
+        ``state_or_model`` in place (see :func:`safeckpt.checkpoint.restore_into`) and restore
+        the random generators.
+
+        With ``step=None``, a newest file that does not open, fails verification or breaks
+        [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
+        the one before it. ``verify`` and ``map_location`` as for
+        :func:`safeckpt.load_checkpoint`. Returns a :class:`~safeckpt.checkpoint.CheckpointInfo`,
+        or None when there is no checkpoint (start fresh).
+
+        Raises:
+            StateMismatchError: the checkpoint does not fit ``state_or_model``; nothing was
+                written (an older checkpoint is not tried: it would not fit either).
+            InvalidValueError: a target that cannot be restored in place (e.g. an optimizer's
+                ``state_dict()``: pass the optimizer; see :func:`restore_into`).
+            SafeckptError, OSError: with ``step``, that file's problem.
+
+        Example:
+            >>> info = manager.restore({"model": model, "optimizer": opt})     # doctest: +SKIP
+            >>> start = info.step + 1 if info else 0                            # doctest: +SKIP
+        """
+        return self._load(state_or_model, step, verify, strict, map_location)
+
+    def _candidates(self) -> list[tuple[int, str]]:
+        """``(step, path)`` of every file named like a checkpoint, newest first."""
+        found = sorted(((int(m.group(1)), m.group(0)) for m in map(NAME.match,
+                        os.listdir(self.directory)) if m), reverse=True)
+        return [(step, os.path.join(self.directory, name)) for step, name in found]
+
+    def _load(self, target: Any, step: Any, verify: bool | None, strict: bool,
+              map_location: Any) -> CheckpointInfo | None:
+        """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
+        candidates = (self._candidates() if step is None
+                      else [(as_step(step), self.path(step))])
+        for number, path in candidates:
+            try:
+                tree = load_checkpoint_file(path, MANAGED, (), verify, {}, step=number)
+            except (SafeckptError, OSError) as exc:
+                if step is not None:
+                    raise
+                warnings.warn(f"skipping checkpoint {path!r}: {exc}", RuntimeWarning, stacklevel=3)
+                continue
+            state = tree["state"]
+            if target is not None:
+                state = restore_into(target, state, strict=strict, map_location=map_location,
+                                     where=f"{path!r}['state']")
+                if self.rng:
+                    restore_rng(tree["rng"])
+            return CheckpointInfo(path, tree["step"], None, tree["metrics"], None, state)
+        return None
