@@ -29,6 +29,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from . import _fs, api
+from . import async_save as _async
 from . import shard as _shard
 from . import tree as _tree
 from . import writer as _writer
@@ -37,6 +38,7 @@ from .checkpoint import (MANAGED, CheckpointInfo, Metrics, PathLike, capture_rng
                          restore_rng, state_of)
 from .errors import InvalidValueError, SafeckptError
 from .reader import Reader
+from .snapshot import Snapshot
 
 NAME = re.compile(r"\Astep-(\d{10,20})\.sckpt\Z")  # a checkpoint (or a sharded one's index)
 SHARD = re.compile(r"\A(step-\d{10,20})-\d{5}-of-\d{5}\.sckpt\Z")  # a sharded checkpoint's shard
@@ -109,6 +111,13 @@ class CheckpointManager:
             int, or a str such as ``"2GB"``), FORMAT.md section 9; one that fits is one file.
         rng: save and restore the random generators' state with every checkpoint.
         checksum: store a CRC32C of every tensor (checked at restore).
+        async_save: :meth:`save` copies the state into reused host buffers and returns; a
+            background thread writes the checkpoint and applies retention
+            (:class:`safeckpt.AsyncSaver`). An error there is raised by the next :meth:`save`,
+            :meth:`wait`, :meth:`close`, :meth:`load` or :meth:`restore`; :meth:`close` (or the
+            end of a ``with`` block, or of the interpreter) writes what is pending.
+        max_in_flight: with ``async_save``, how many saves may be pending at once (each holds a
+            copy of the state in host memory); one more waits for the oldest.
 
     Example:
         >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
@@ -120,7 +129,7 @@ class CheckpointManager:
                  metric: str | None = None, mode: str = "min", keep_period: int | None = None,
                  save_interval_steps: int | None = None,
                  max_shard_size: Union[None, int, str] = None, rng: bool = True,
-                 checksum: bool = True) -> None:
+                 checksum: bool = True, async_save: bool = False, max_in_flight: int = 1) -> None:
         if type(keep_last) is not int or keep_last < 1:
             raise ValueError(f"keep_last={keep_last!r} must be an int >= 1 (the newest is always kept)")
         if type(keep_best) is not int or keep_best < 0:
@@ -140,7 +149,11 @@ class CheckpointManager:
         self.keep_period, self.save_interval_steps = keep_period, save_interval_steps
         self.max_shard_size = max_shard_size
         self.rng, self.checksum = rng, checksum
-        self._lock = threading.RLock()  # the directory's files and _cache
+        self.async_save = bool(async_save)
+        self._saver = _async.AsyncSaver(max_in_flight=max_in_flight) if async_save else None
+        self._closed = False
+        self._lock = threading.RLock()  # the directory's files, _cache and _pending
+        self._pending: Dict[int, Checkpoint] = {}  # async saves not yet written, by step
         # file name -> ((size, mtime_ns), _Entry or None)
         self._cache: Dict[str, Tuple[Tuple[int, int], Optional[_Entry]]] = {}
         os.makedirs(self.directory, exist_ok=True)
@@ -157,7 +170,36 @@ class CheckpointManager:
             options.append("rng=False")
         if not self.checksum:
             options.append("checksum=False")
-        return f"CheckpointManager({self.directory!r}, {', '.join(options)})"
+        if self._saver is not None:
+            options.append(f"async_save=True, max_in_flight={self._saver.max_in_flight}")
+        state = " (closed)" if self._closed else (f" ({len(self._pending)} saves pending)"
+                                                  if self._pending else "")
+        return f"CheckpointManager({self.directory!r}, {', '.join(options)}){state}"
+
+    # -- async saves: waiting, closing -------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Wait until every pending save is written and retention has run (at once without
+        ``async_save``).
+
+        Raises:
+            Exception: the error of a background save not yet raised (each is raised once).
+        """
+        if self._saver is not None:
+            self._saver.wait()
+
+    def close(self) -> None:
+        """Write the pending saves (as :meth:`wait`) and refuse further saves; loading and
+        restoring still work."""
+        self._closed = True
+        if self._saver is not None:
+            self._saver.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- names -------------------------------------------------------------------------------------
 
@@ -196,7 +238,7 @@ class CheckpointManager:
         step = as_step(step)
         if self.save_interval_steps is not None and step % self.save_interval_steps:
             return False
-        return not os.path.lexists(self.path(step))
+        return not os.path.lexists(self.path(step)) and step not in self._pending
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -205,7 +247,9 @@ class CheckpointManager:
         """Save ``state`` (a dict of arrays, values and objects with ``state_dict()``, or such an
         object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`, or
         None when ``step`` is not a multiple of ``save_interval_steps`` (nothing is written; pass
-        ``force=True`` to save it anyway).
+        ``force=True`` to save it anyway). With ``async_save``, the state is copied before this
+        returns (it may change at once) and written in the background: the checkpoint is on disk
+        after :meth:`wait`.
 
         A save is never lost in silence: a step whose file exists is refused unless
         ``overwrite=True``, and a step that retention would delete at once (older than the
@@ -218,30 +262,61 @@ class CheckpointManager:
             InvalidValueError: retention would delete it at once (the message names what it
                 keeps); a step that is not a non-negative int (numpy and 0-d torch integers
                 are taken).
+            ValueError: the manager is closed.
+            Exception: with ``async_save``, the error of an earlier background save (this
+                one is then not taken).
 
         Example:
             >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"loss": 0.3})  # doctest: +SKIP
         """
         step = as_step(step)
+        if self._closed:
+            raise ValueError(f"{self!r} is closed; make a new CheckpointManager to save again")
         if not force and self.save_interval_steps is not None and step % self.save_interval_steps:
             return None
         path = self.path(step)
         metrics = plain_metrics(metrics)
+        if overwrite:
+            self.wait()  # what it replaces is checked on disk, not while a save is pending
         with self._lock:
             self._check_new(step, path, metrics, overwrite)
         tree = {"state": state_of(state), "step": step, "metrics": metrics,
                 "rng": capture_rng() if self.rng else None}
-        skeleton, names, arrays = _tree.flatten(tree, root="checkpoint")
-        self._write(step, path, metrics, skeleton, names, arrays)
-        return Checkpoint(step, path, metrics)
+        record = Checkpoint(step, path, metrics)
+        if self._saver is None:
+            self._write(step, path, metrics, *_tree.flatten(tree, root="checkpoint"))
+            return record
+
+        def check(snapshot: Snapshot) -> None:  # in this thread: refuse what cannot be written
+            snapshot.plan(metadata=metadata_of(step, metrics), align=_ALIGN,
+                          checksum=self.checksum)
+
+        def job(snapshot: Snapshot) -> None:  # in the background, in the order of the saves
+            try:
+                self._write(step, path, metrics, snapshot.tree, snapshot.names, snapshot.arrays)
+            finally:
+                with self._lock:
+                    self._pending.pop(step, None)
+
+        with self._lock:
+            self._pending[step] = record
+        try:
+            self._saver.submit(tree, job, check=check, root="checkpoint",
+                               what=f"checkpoint step {step} ({path!r})")
+        except BaseException:
+            with self._lock:
+                self._pending.pop(step, None)
+            raise
+        return record
 
     def _check_new(self, step: int, path: str, metrics: Metrics, overwrite: bool) -> None:
         """Refuse a save of ``step`` that would replace a checkpoint (unless ``overwrite``) or
         that retention would delete at once."""
-        if not overwrite and os.path.lexists(path):
+        if not overwrite and (os.path.lexists(path) or step in self._pending):
             raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
                                   "overwrite=True to replace it", path)
-        records = [r for r in self.all() if r.step != step] + [Checkpoint(step, path, metrics)]
+        records = [r for r in self.all() + list(self._pending.values()) if r.step != step]
+        records.append(Checkpoint(step, path, metrics))
         records.sort(key=lambda r: r.step)
         if step not in self._kept(records):
             kept = [r.step for r in records[-self.keep_last:]]
@@ -372,6 +447,7 @@ class CheckpointManager:
             >>> manager.delete(20)                                              # doctest: +SKIP
         """
         path = self.path(step)
+        self.wait()
         with self._lock:
             entry = self._entry(os.path.basename(path))
             if entry is None:
@@ -424,6 +500,7 @@ class CheckpointManager:
     def _load(self, target: Any, step: Any, verify: bool | None, strict: bool,
               map_location: Any) -> CheckpointInfo | None:
         """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
+        self.wait()  # what was saved, not what was on disk before
         candidates = (self._candidates() if step is None
                       else [(as_step(step), self.path(step))])
         for number, path in candidates:
