@@ -96,7 +96,7 @@ class AsyncSaver:
         ...     for step in range(steps):
         ...         train_step()
         ...         if step % 1000 == 0:
-        ...             saver.save({"model": model.state_dict(), "step": step}, f"ckpt/{step}.sckpt")
+        ...             saver.save({"model": model.state_dict(), "step": step}, f"{step}.sckpt")
     """
 
     def __init__(self, *, max_in_flight: int = 1) -> None:
@@ -144,7 +144,7 @@ class AsyncSaver:
                 raises for ``obj``, ``metadata`` or ``path``.
 
         Example:
-            >>> saver.save({"model": model.state_dict()}, "ckpt.sckpt", metadata={"step": 10})  # doctest: +SKIP
+            >>> saver.save(state, "ckpt.sckpt", metadata={"step": 10})   # doctest: +SKIP
         """
         text, _ = output_format(path, sharded=max_shard_size is not None)
         shard_size = None if max_shard_size is None else _shard.parse_size(max_shard_size)
@@ -215,7 +215,8 @@ class AsyncSaver:
             Exception: the oldest error of a background save not yet reported (each is raised once).
         """
         if threading.current_thread() is self._worker:
-            raise RuntimeError("AsyncSaver.wait() called from one of its own jobs would never return")
+            raise RuntimeError("AsyncSaver.wait() called from one of its own jobs would never "
+                               "return")
         with self._cond:
             while self._in_flight:
                 self._cond.wait()

@@ -1,9 +1,9 @@
 """Consistent snapshots of a state into reused host buffers, for saves that write in the background.
 
-A :class:`Snapshotter` flattens a state (:func:`safeckpt.tree.flatten`) and copies every tensor into
-a host buffer it keeps: the next snapshot of a tensor with the same name, dtype and shape reuses that
-buffer, so a training loop that saves the same state again and again allocates no tensor memory
-after its first save. The copy is taken before :meth:`Snapshotter.take` returns, so the training
+A :class:`Snapshotter` flattens a state (:func:`safeckpt.tree.flatten`) and copies every tensor
+into a host buffer it keeps: the next snapshot of a tensor with the same name, dtype and shape
+reuses that buffer, so a training loop that saves the same state again and again allocates no
+tensor memory after its first save. The copy is taken before :meth:`Snapshotter.take` returns, so the training
 loop may update its tensors in place at once; what is written is the state as it was.
 
 CUDA tensors go to pinned (page-locked) buffers by ``copy_(non_blocking=True)`` on the current
@@ -131,7 +131,7 @@ class Snapshotter:
         tree, names, arrays = _tree.flatten(obj, root=root)
         old, self._buffers = self._buffers, {}
         copies: List[np.ndarray] = []
-        devices: Dict[Any, Any] = {}  # CUDA device -> torch, for the event recorded after its copies
+        devices: Dict[Any, Any] = {}  # CUDA device -> torch: an event is recorded after its copies
         sources: List[Any] = []
         for name, array in zip(names, arrays):
             source = array.source if type(array) is _writer.LazyArray else None
