@@ -32,10 +32,12 @@ extern "C" {
 #define SCK_MAGIC_TEXT_MANGLED_SIZE 7
 #define SCK_PREFIX_SIZE 32 /* magic 8, major 2, minor 2, flags 4, header_len 8, align 4, crc 4 */
 #define SCK_VERSION_MAJOR 1
-#define SCK_VERSION_MINOR 3 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtypes 17, 18 */
+#define SCK_VERSION_MINOR 4 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtypes 17, 18,
+                             1.4 save_id and references (11) */
 #define SCK_FLAG_TENSOR_CRC 0x1u
 #define SCK_FLAG_SHARD_INDEX 0x2u /* the file is a shard index [S1] */
-#define SCK_KNOWN_FLAGS (SCK_FLAG_TENSOR_CRC | SCK_FLAG_SHARD_INDEX)
+#define SCK_FLAG_REFS 0x4u        /* some tensors are in other files [X2] */
+#define SCK_KNOWN_FLAGS (SCK_FLAG_TENSOR_CRC | SCK_FLAG_SHARD_INDEX | SCK_FLAG_REFS)
 #define SCK_ALIGN_MIN 8
 #define SCK_ALIGN_MAX (1u << 20) /* 1 MiB: bounds any padding run */
 #define SCK_ALIGN_DEFAULT 64

@@ -24,11 +24,12 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import format as fmt
+from . import refs as _refs
 from . import safetensors_shards as _hf
 from . import shard as _shard
 from . import tree as _tree
 from . import writer as _writer
-from .errors import InvalidValueError
+from .errors import InvalidValueError, RefError
 from .filekind import PathLike, kind_of, output_format
 from .reader import Reader, TensorMap
 
@@ -54,8 +55,9 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
             for files you trust.
 
     Returns:
-        A :class:`Reader`, or a :class:`safeckpt.ShardedReader` (the same interface) over the
-        shards of an index.
+        A :class:`Reader`, or (the same interface) a :class:`safeckpt.ShardedReader` over the
+        shards of an index, or a :class:`safeckpt.refs.LinkedReader` over a file with references
+        and the files it refers to (FORMAT.md section 11, each checked [X5]).
 
     Raises:
         SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
@@ -82,10 +84,12 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
         path = _hf.index_of(path)
     if kind_of(path) == "index":
         return _hf.SafetensorsShards(path, mmap=mmap, **limits)
-    reader = Reader(path, mmap=mmap, allow_index=True, **limits)
-    if reader.shard_index is None:
+    reader = Reader(path, mmap=mmap, allow_index=True, allow_refs=True, **limits)
+    if reader.shard_index is None and reader.refs is None:
         return reader
     try:
+        if reader.refs is not None:  # some tensors are in other files of the directory [X5]
+            return _refs.LinkedReader(reader, mmap=mmap, **limits)
         return _shard.ShardedReader(reader, mmap=mmap, **limits)
     except BaseException:
         reader.close()
@@ -340,8 +344,52 @@ def save_plan(plan: _writer.Plan, path: PathLike, *, atomic: bool = True) -> Non
         >>> save_plan(plan({"w": np.zeros(2)}), "w.safetensors")  # doctest: +SKIP
     """
     path, kind = output_format(path, sharded=plan.shards is not None)
+    if plan.refs is not None and kind != "sckpt":
+        raise InvalidValueError(f"{path!r}: references to other files are a .sckpt feature "
+                                "(FORMAT.md section 11); save to a .sckpt name [X2]")
     if kind == "safetensors":  # and an earlier sharded save's index and shards go [HF7]
         _hf.save_single(dict(zip(plan.names, plan.arrays)), path, metadata=plan.metadata,
                         tree=plan.tree, atomic=atomic)
         return
     _writer.write_plan(plan, path, atomic=atomic)
+
+
+def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: Any) -> None:
+    """Write a self-contained copy of the checkpoint ``src`` to ``dst``: every reference replaced
+    by the bytes it points at, each checked against its CRC32C first (FORMAT.md [X6], [X8]).
+
+    The copy has the same tensors, tree and metadata, no references, and a new save id when
+    ``src`` had one (so later checkpoints may refer to it). ``dst`` may be ``src`` itself (the
+    way to make a checkpoint independent of the files it refers to, so that they can be deleted),
+    but never a file that another checkpoint in its directory refers to: replacing it would
+    break that one [X8]. Any checkpoint :func:`open` reads may be given (a sharded one too); a
+    ``*.safetensors`` ``dst`` gets a safetensors file.
+
+    Parameters:
+        src, dst: str or path-like.
+        atomic: as for :func:`save_file`.
+        limits: reader limits for ``src``, as for :func:`open`.
+
+    Raises:
+        RefError: another checkpoint beside ``dst`` refers to it (they are named), or a file
+            that ``src`` refers to is not the one it was saved against [X5].
+        ChecksumError: bytes of ``src`` (its own or referenced) do not match their CRC32C.
+
+    Example:
+        >>> safeckpt.consolidate("ckpt/step-0000000030.sckpt", "step30-full.sckpt")  # doctest: +SKIP
+    """
+    src, dst = os.fsdecode(src), os.fsdecode(dst)
+    with open(src, **limits) as reader:
+        if os.path.lexists(dst):  # [X8]: never replace a file that a checkpoint refers to
+            referring = _refs.referrers(dst)
+            if referring:
+                raise RefError(f"{dst!r} is referred to by {', '.join(referring)} in its "
+                               "directory: replacing it would break them [X8]; consolidate or "
+                               "delete those first, or write the copy to another path")
+        arrays = reader.load_all(verify=True if reader.has_checksums else None)  # [X6]
+        align = getattr(reader, "align", 0)  # a .sckpt file's; safetensors has none (1)
+        plan = _writer.Plan(arrays, reader.metadata,
+                            align if align >= fmt.ALIGN_MIN else fmt.ALIGN_DEFAULT, True,
+                            tree=reader.stored_tree,
+                            save_id=None if reader.save_id is None else fmt.new_save_id())
+        save_plan(plan, dst, atomic=atomic)

@@ -153,6 +153,11 @@ class ShardError(SafeckptError):
     """A shard does not match its index: another save's shard, a wrong size or names [S7]."""
 
 
+class RefError(SafeckptError):
+    """A file that a checkpoint refers to is not the one it names: another save of it, a wrong
+    size, or no tensor of the same dtype, shape and checksum at the offset given [X5]."""
+
+
 class ReaderClosedError(SafeckptError):
     """A reader was used after ``close()``."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import secrets
 import struct
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
@@ -19,10 +20,12 @@ MAGIC_TEXT_MANGLED = b"\x89SCK\n\x1a\n"  # what a CR LF -> LF conversion makes o
 PREFIX_SIZE = 32  # magic 8, major 2, minor 2, flags 4, header_len 8, align 4, header_crc 4
 PREFIX_STRUCT = struct.Struct("<8sHHIQII")
 VERSION_MAJOR = 1
-VERSION_MINOR = 3  # 1.1 "tree" (section 8), 1.2 shard indexes (9), 1.3 dtype codes 17, 18 (4)
+VERSION_MINOR = 4  # 1.1 "tree" (section 8), 1.2 shard indexes (9), 1.3 dtype codes 17, 18 (4),
+# 1.4 save_id and references (11)
 FLAG_TENSOR_CRC = 0x1  # the header has a crc32c column
 FLAG_SHARD_INDEX = 0x2  # the file is a shard index [S1]: "must understand", so 1.1 readers refuse it
-KNOWN_FLAGS = FLAG_TENSOR_CRC | FLAG_SHARD_INDEX
+FLAG_REFS = 0x4  # some tensors are in other files [X2]: 1.3 readers refuse the file, not skip them
+KNOWN_FLAGS = FLAG_TENSOR_CRC | FLAG_SHARD_INDEX | FLAG_REFS
 ALIGN_MIN = 8  # natural alignment of every dtype's numpy alignment
 ALIGN_MAX = 1 << 20  # 1 MiB: beyond any page, O_DIRECT or GPU-direct need; bounds padding
 ALIGN_DEFAULT = 64  # a cache line, and what AVX-512 loads like
@@ -37,8 +40,18 @@ MAX_DEPTH = 64  # nesting of maps and arrays in the header
 # may hold only the keys of its own minor version and older ones [H8].
 COLUMN_KEYS = ("dtypes", "ndims", "shape", "offsets", "nbytes")
 KEY_MINOR = {"names": 0, **{key: 0 for key in COLUMN_KEYS}, "crc32c": 0, "metadata": 0, "tree": 1,
-             "shards": 2}
+             "shards": 2, "save_id": 4, "refs": 4}
 HEADER_KEYS = frozenset(KEY_MINOR)
+
+SAVE_ID_SIZE = 16  # random bytes per save: two saves never share one [X1], [S7]
+MAX_FILE_NAME = 255  # bytes: the longest file name of ext4, XFS, APFS and NTFS [S3], [X3]
+MAX_REF_FILES = 99_999  # files one checkpoint may refer to [X3], as many as shards [S2]
+REF_SUFFIX = ".sckpt"  # a referenced file is a .sckpt file [X3]
+# The schema of the "refs" map [X3], in the order a writer writes it: the files, then one column
+# per reference (the tensor table's own columns, with "file" before them).
+REFS_KEYS = {"files": list, "save_ids": list, "header_crcs": list, "sizes": list, "names": list,
+             "file": bytes, **{key: bytes for key in COLUMN_KEYS}, "crc32c": bytes}
+_U32_MAX, _I63_MAX = (1 << 32) - 1, (1 << 63) - 1
 
 
 class _NoTree:
@@ -54,6 +67,50 @@ _INT_MAX = (1 << 64) - 1
 _T = TypeVar("_T")
 
 
+class Location(NamedTuple):
+    """Where a tensor's bytes are, for a reference to them (FORMAT.md section 11): the file that
+    stores them (a plain name in the checkpoint's directory), that file's save id, header CRC and
+    size, and the tensor's offset, byte length and CRC32C in it.
+
+    Example:
+        >>> Location("step-10.sckpt", bytes(16), 0x1234, 4224, 128, 4096, 0xABCD).file
+        'step-10.sckpt'
+    """
+
+    file: str
+    save_id: bytes
+    header_crc: int
+    size: int
+    offset: int
+    nbytes: int
+    crc32c: int
+
+
+def new_save_id() -> bytes:
+    """A fresh random save id [X1]: 16 bytes, new for every save.
+
+    Example:
+        >>> len(new_save_id())
+        16
+    """
+    return secrets.token_bytes(SAVE_ID_SIZE)
+
+
+def plain_file_name(name: object) -> bool:
+    r"""Whether ``name`` is a plain file name in a checkpoint's own directory [S3], [HF2], [X3]: a
+    non-empty str of at most :data:`MAX_FILE_NAME` UTF-8 bytes, holding no ``/``, ``\`` or NUL
+    and not starting with ``.``; so a header never makes a reader open a file elsewhere (``../x``,
+    ``/etc/passwd``, ``C:\x``) or a hidden one.
+
+    Example:
+        >>> plain_file_name("model-00001-of-00002.sckpt"), plain_file_name("../x.sckpt")
+        (True, False)
+    """
+    return (type(name) is str and bool(name) and not name.startswith(".")
+            and not any(c in name for c in "/\\\0")
+            and len(name.encode("utf-8", "replace")) <= MAX_FILE_NAME)
+
+
 def align_up(value: int, align: int) -> int:
     """Round ``value`` up to a multiple of ``align`` (a power of two)."""
     return (value + align - 1) & ~(align - 1)
@@ -67,13 +124,15 @@ def encode_prefix(flags: int, header_len: int, align: int, header_crc: int, mino
 
 def encode_header(names: list[str], columns: dict[str, bytes], crcs: bytes | None,
                   metadata: dict[str, Any] | None, tree: Any = NO_TREE,
-                  shards: dict[str, Any] | None = None) -> bytes:
+                  shards: dict[str, Any] | None = None, save_id: bytes | None = None,
+                  refs: dict[str, Any] | None = None) -> bytes:
     """Return the msgpack header [H1-H8].
 
     ``columns`` maps each of ``COLUMN_KEYS`` to its bytes; ``crcs`` is the ``crc32c`` column or
     ``None``; ``metadata`` a checked dict or ``None``; ``tree`` an encoded skeleton (section 8,
     see :mod:`safeckpt.tree`) or ``NO_TREE``; ``shards`` the ``shards`` map of a shard index
-    (section 9) or ``None``.
+    (section 9) or ``None``; ``save_id`` 16 bytes or ``None`` and ``refs`` the ``refs`` map
+    (section 11) or ``None``.
     """
     header: dict[str, Any] = {"names": names}
     for key in COLUMN_KEYS:
@@ -86,6 +145,10 @@ def encode_header(names: list[str], columns: dict[str, bytes], crcs: bytes | Non
         header["tree"] = tree
     if shards is not None:
         header["shards"] = shards
+    if save_id is not None:
+        header["save_id"] = save_id
+    if refs is not None:
+        header["refs"] = refs
     return msgpack.packb(header, use_bin_type=True)
 
 
@@ -257,6 +320,23 @@ class Header(NamedTuple):
     metadata: dict[str, Any]  # checked [H7]
     tree: Any  # the raw "tree" value (section 8), or NO_TREE
     shards: Optional[dict[Any, Any]]  # the raw "shards" map of a shard index [S1], or None
+    save_id: Optional[bytes]  # 16 bytes [X1], or None
+    refs: Optional["Refs"]  # the references, checked [X2, X3] and their names [X4], or None
+
+
+class Refs(NamedTuple):
+    """The ``refs`` map of a header (FORMAT.md section 11), checked [X2, X3] with its names [X4]:
+    the referenced files, then the columns of the references, not yet checked [T1-T5] (the
+    reader does that, and [X4]'s bounds)."""
+
+    files: list[str]  # plain names ending in .sckpt, each once [X3]
+    save_ids: list[bytes]  # 16 bytes each
+    header_crcs: list[int]  # u32 each
+    sizes: list[int]  # 32 .. 2**63-1 each
+    names: list[str]  # each reference's name in the referring checkpoint
+    file: bytes  # u32 per reference: its file's index in ``files``
+    columns: dict[str, bytes]  # each of COLUMN_KEYS -> its bytes (offsets in the file that holds it)
+    crcs: bytes  # the crc32c column
 
 
 def decode_header(data: bytes, minor: int, flags: int, *, max_tensors: int = MAX_TENSORS,
@@ -264,9 +344,10 @@ def decode_header(data: bytes, minor: int, flags: int, *, max_tensors: int = MAX
     """Decode and check the msgpack header [H1-H8]; return a :class:`Header`.
 
     The checks run in the order of FORMAT.md section 2: the map and its keys [H1-H3, H8], the
-    names [H4-H6], the columns and the crc32c column [H4], the metadata [H7], then the tree and
-    the shards of a later minor version. :func:`safeckpt.tree.check_tree` validates the tree
-    against the tensor table, :mod:`safeckpt.shard` the shards [S2-S6].
+    names [H4-H6], the columns and the crc32c column [H4], the metadata [H7], then the tree, the
+    save id and references [X1-X3], and the shards of later minor versions.
+    :func:`safeckpt.tree.check_tree` validates the tree against the tensor table,
+    :mod:`safeckpt.shard` the shards [S2-S6], :class:`safeckpt.Reader` the references' table [X4].
 
     Raises:
         HeaderError: malformed msgpack or a schema violation.
@@ -284,8 +365,10 @@ def decode_header(data: bytes, minor: int, flags: int, *, max_tensors: int = MAX
     crcs = _decode_crcs(header, flags, len(positions))
     metadata = _decode_metadata(header, max_depth)
     tree = header.get("tree", NO_TREE) if minor >= KEY_MINOR["tree"] else NO_TREE  # section 8
+    save_id = _decode_save_id(header, minor)
+    refs = _decode_refs(header, minor, flags, positions, max_tensors)
     shards = _decode_shards(header, minor, flags, len(positions), max_depth)
-    return Header(positions, columns, crcs, metadata, tree, shards)
+    return Header(positions, columns, crcs, metadata, tree, shards, save_id, refs)
 
 
 def _unpack(data: bytes, max_depth: int) -> dict[Any, Any]:
@@ -392,3 +475,101 @@ def _decode_shards(header: dict[str, Any], minor: int, flags: int, count: int, m
     elif shards is not None:
         raise HeaderError("header has a 'shards' key but not the SHARD_INDEX flag [S1]")
     return shards
+
+
+def _decode_save_id(header: dict[str, Any], minor: int) -> bytes | None:
+    """``save_id``: a bin of exactly 16 bytes [X1] (a file older than 1.4 holding one is refused
+    by [H8]); None when absent."""
+    save_id = header.get("save_id") if minor >= KEY_MINOR["save_id"] else None
+    if save_id is not None and (type(save_id) is not bytes or len(save_id) != SAVE_ID_SIZE):
+        raise HeaderError(f"header 'save_id' must be bin of {SAVE_ID_SIZE} bytes, not "
+                          f"{quote(save_id)} [X1]")
+    return save_id
+
+
+def _decode_refs(header: dict[str, Any], minor: int, flags: int, positions: dict[str, int],
+                 max_tensors: int) -> Refs | None:
+    """The ``refs`` map: present exactly with the REFS flag, never with SHARD_INDEX [X2], of the
+    schema :data:`REFS_KEYS` [X3], with its names [X4]; None without the flag."""
+    refs = header.get("refs") if minor >= KEY_MINOR["refs"] else None
+    if not flags & FLAG_REFS:
+        if refs is not None:
+            raise HeaderError("header has a 'refs' key but not the REFS flag [X2]")
+        return None
+    if flags & FLAG_SHARD_INDEX or minor < KEY_MINOR["refs"] or type(refs) is not dict:
+        raise HeaderError("a file with the REFS flag needs minor version 4 or later, a 'refs' map "
+                          "and no SHARD_INDEX flag [X2]")
+    if set(refs) != set(REFS_KEYS):
+        missing = sorted(set(REFS_KEYS) - set(refs))
+        unknown = sorted(quote(key) for key in set(refs) - set(REFS_KEYS))
+        raise HeaderError(f"'refs' must have exactly the keys {list(REFS_KEYS)} (missing "
+                          f"{missing}, unknown [{', '.join(unknown)}]) [X3]")
+    for key, kind in REFS_KEYS.items():
+        if type(refs[key]) is not kind:
+            raise HeaderError(f"refs[{key!r}] must be {'an array' if kind is list else 'bin'}, "
+                              f"not {type(refs[key]).__name__} [X3]")
+    files, save_ids, crcs, sizes = (refs[key] for key in ("files", "save_ids", "header_crcs",
+                                                            "sizes"))
+    k = len(files)
+    if not 1 <= k <= MAX_REF_FILES or not len(save_ids) == len(crcs) == len(sizes) == k:
+        raise HeaderError(f"refs 'files', 'save_ids', 'header_crcs' and 'sizes' must have one "
+                          f"length from 1 to {MAX_REF_FILES}, not {len(files)}, {len(save_ids)}, "
+                          f"{len(crcs)} and {len(sizes)} [X3]")
+    for j, (name, save_id, crc, size) in enumerate(zip(files, save_ids, crcs, sizes)):
+        if not plain_file_name(name) or not name.endswith(REF_SUFFIX):
+            raise HeaderError(f"refs file {j} {quote(name)} is not a plain file name in the "
+                              f"file's own directory ending in {REF_SUFFIX!r} [X3]")
+        if type(save_id) is not bytes or len(save_id) != SAVE_ID_SIZE:
+            raise HeaderError(f"refs file {quote(name)}: save_id {quote(save_id)} is not bin of "
+                              f"{SAVE_ID_SIZE} bytes [X3]")
+        if type(crc) is not int or not 0 <= crc <= _U32_MAX:
+            raise HeaderError(f"refs file {quote(name)}: header_crc {quote(crc)} is not a u32 [X3]")
+        if type(size) is not int or not PREFIX_SIZE <= size <= _I63_MAX:
+            raise HeaderError(f"refs file {quote(name)}: size {quote(size)} is not an int in "
+                              "32..2**63-1 [X3]")
+    if len(set(files)) != k:
+        raise HeaderError(f"refs file {quote(_first_repeated(files))} is named twice [X3]")
+    names = _ref_names(refs["names"], positions, max_tensors)
+    m = len(names)
+    widths = {"file": 4, "dtypes": 1, "ndims": 1, "offsets": 8, "nbytes": 8, "crc32c": 4}
+    for key, width in widths.items():
+        if len(refs[key]) != width * m:
+            raise HeaderError(f"refs[{key!r}] must be bin of {width * m} bytes for "
+                              f"{plural(m, 'reference')}, not {len(refs[key])} [X3]")
+    dims = sum(refs["ndims"])
+    if len(refs["shape"]) != 8 * dims:
+        raise HeaderError(f"refs['shape'] must be bin of {8 * dims} bytes (8 per dimension), not "
+                          f"{len(refs['shape'])} [X3]")
+    used = bytearray(k)
+    for r, j in enumerate(struct.unpack(f"<{m}I", refs["file"])):
+        if j >= k:
+            raise HeaderError(f"reference {quote(names[r])}: file {j} is not below the "
+                              f"{plural(k, 'file')} of refs['files'] [X3]")
+        used[j] = 1
+    if not all(used):
+        raise HeaderError(f"refs file {quote(files[used.index(0)])} holds no reference [X3]")
+    return Refs(files, save_ids, crcs, sizes, names, refs["file"],
+                {key: refs[key] for key in COLUMN_KEYS}, refs["crc32c"])
+
+
+def _ref_names(names: list[Any], positions: dict[str, int], max_tensors: int) -> list[str]:
+    """The references' names: at least one [X3]; with the file's own tensors' names, non-empty
+    str given once [H5] and at most ``max_tensors`` of them [H6], as [X4] says."""
+    if not names:
+        raise HeaderError("refs['names'] is empty: a file with the REFS flag refers to at least "
+                          "one tensor [X3]")
+    if len(positions) + len(names) > max_tensors:
+        raise LimitError(
+            f"file has {plural(len(positions), 'tensor')} and {plural(len(names), 'reference')}, "
+            f"more than max_tensors={max_tensors}; pass max_tensors=... if you trust this file "
+            "[H6, X4]")
+    if set(map(type, names)) - {str}:
+        name = next(x for x in names if type(x) is not str)
+        raise HeaderError(f"reference name {quote(name)} is not a non-empty str [H5, X4]")
+    if "" in names:
+        raise HeaderError("reference name '' is not a non-empty str [H5, X4]")
+    if len(set(names)) != len(names) or not positions.keys().isdisjoint(names):
+        name = _first_repeated([*positions, *names])
+        raise HeaderError(f"tensor {quote(name)}: the name appears twice (own tensors and "
+                          "references together) [H5, X4]")
+    return names

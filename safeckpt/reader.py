@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
+import math
 import operator
 import os
 import shlex
@@ -31,8 +32,10 @@ from . import _backend, dtypes
 from . import format as fmt
 from . import safetensors_format as _safetensors
 from . import tree as _tree
-from .dtypes import DTYPE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM, is_little_endian, to_little_endian
-from .errors import ChecksumError, Code, ReaderClosedError, ShardError, error_for, plural, quote
+from .dtypes import (DTYPE_BY_CODE, ITEMSIZE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM,
+                     is_little_endian, to_little_endian)
+from .errors import (ChecksumError, Code, LayoutError, ReaderClosedError, RefError, ShardError,
+                     error_for, plural, quote)
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
 # into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
@@ -102,6 +105,7 @@ class TensorMap:
     path: Optional[str] = None
     metadata: Dict[str, Any]
     size: int
+    save_id: Optional[bytes] = None  # the file's save_id [X1], for a file that has one
     _names: Optional[List[str]] = None
     _stored_tree: Any = fmt.NO_TREE
     _flat_skeleton: Optional[list] = None
@@ -165,6 +169,26 @@ class TensorMap:
     def shard_of(self, name: str) -> Optional[str]:
         """The path of the file that holds ``name``."""
         raise NotImplementedError
+
+    def location(self, name: str) -> Optional[fmt.Location]:
+        """Where the bytes of ``name`` are, for a later checkpoint to refer to them (FORMAT.md
+        section 11), or None when they cannot be referred to: the file that holds them has no
+        ``save_id`` or no checksums (shards and safetensors files never have both).
+
+        Raises:
+            KeyError: no tensor ``name``.
+        """
+        self.info(name)
+        return None
+
+    def raw_bytes(self, name: str, *, verify: Optional[bool] = None) -> np.ndarray:
+        """The stored bytes of ``name`` (little-endian, C order) as a 1-d uint8 array, to compare
+        with a new tensor's bytes [X7]. ``verify=True`` checks its CRC32C first; else the array
+        is loaded as ``reader[name]`` loads it."""
+        if verify:
+            self.verify([name])
+        array = to_little_endian(np.ascontiguousarray(self[name]))
+        return array.reshape(-1).view(np.uint8)
 
     def load_all(self, *, verify: Optional[bool] = None) -> Dict[str, np.ndarray]:
         """Every tensor as ``{name: array}``."""
@@ -295,6 +319,107 @@ class TensorTable:
         return TensorInfo(name, self.dtype(i), self.shape(i), self.nbytes[i], self.offsets[i], crc)
 
 
+class References:
+    """The references of a file to tensors of other files (FORMAT.md section 11), checked
+    [X1]-[X4] when the file is opened; what :class:`safeckpt.refs.LinkedReader` resolves.
+
+    ``files``, ``save_ids``, ``header_crcs``, ``sizes``: the referenced files; ``names``: the
+    references' names in the checkpoint; ``file``: each reference's index in ``files``;
+    ``table``: their dtypes, shapes, offsets (in the file that holds each), byte lengths and
+    CRC32Cs, as a :class:`TensorTable`; ``tree``: the file's tree over its own tensors, then the
+    references [R1]-[R6], or ``format.NO_TREE``.
+    """
+
+    tree: Any = fmt.NO_TREE
+
+    def __init__(self, refs: fmt.Refs, where: str, max_ndim: int) -> None:
+        self.files, self.save_ids = refs.files, refs.save_ids
+        self.header_crcs, self.sizes, self.names = refs.header_crcs, refs.sizes, refs.names
+        self.file = _column(refs.file, "I")
+        columns = refs.columns
+        _check_references(refs, where, max_ndim)
+        self.table = TensorTable(dict(zip(refs.names, range(len(refs.names)))), columns["dtypes"],
+                                 columns["ndims"], _column(columns["shape"], "Q"),
+                                 _column(columns["offsets"], "Q"), _column(columns["nbytes"], "Q"),
+                                 _column(refs.crcs, "I"))
+
+    def location(self, r: int) -> fmt.Location:
+        """Where reference ``r``'s bytes are, as its entry says."""
+        j, table = self.file[r], self.table
+        crcs = cast(Sequence[int], table.crcs)  # a reference always has one [X3]
+        return fmt.Location(self.files[j], self.save_ids[j], self.header_crcs[j], self.sizes[j],
+                            table.offsets[r], table.nbytes[r], crcs[r])
+
+    def summary(self) -> List[Tuple[str, int, int]]:
+        """``(file, references into it, their bytes)`` for each file, in the order of ``files``."""
+        counts, nbytes = [0] * len(self.files), [0] * len(self.files)
+        for j, size in zip(self.file, self.table.nbytes):
+            counts[j] += 1
+            nbytes[j] += size
+        return list(zip(self.files, counts, nbytes))
+
+
+def _check_references(refs: fmt.Refs, where: str, max_ndim: int) -> None:
+    """[X4]: each reference's dtype, dimensions and byte length [T1]-[T5], each within the size of
+    its file; the error of the rule, naming the reference.
+
+    All references are screened at once with numpy; those the screen flags are checked exactly,
+    in order, so the first real failure is the one reported (as the backends check a table).
+    """
+    columns = refs.columns
+    file = np.frombuffer(refs.file, "<u4")
+    codes = np.frombuffer(columns["dtypes"], np.uint8)
+    ndims = np.frombuffer(columns["ndims"], np.uint8)
+    dims = np.frombuffer(columns["shape"], "<u8")  # 8 bytes per dimension [X3]
+    nbytes = np.frombuffer(columns["nbytes"], "<u8")
+    ends = np.cumsum(ndims, dtype=np.int64)
+    starts = ends - ndims
+    flagged = (codes >= len(ITEMSIZE_BY_CODE)) | (ndims > max_ndim)  # [T1], [T2]
+    big = np.concatenate(([0], np.cumsum(dims >= np.uint64(_DIM_LIMIT), dtype=np.int64)))
+    flagged |= big[ends] != big[starts]  # [T3]
+    # [T4] screened in floating point with a wide margin, then [T5] exact in uint64 where it passed
+    itemsizes = np.array(ITEMSIZE_BY_CODE, np.uint64)[np.minimum(codes, len(ITEMSIZE_BY_CODE) - 1)]
+    log_sum = np.concatenate(([0.0], np.cumsum(np.log2(np.maximum(dims, 1).astype(np.float64)))))
+    flagged |= log_sum[ends] - log_sum[starts] + np.log2(itemsizes.astype(np.float64)) >= 61.0
+    products = np.multiply.reduceat(np.append(dims, np.uint64(1)), starts) if len(codes) else dims
+    products[ndims == 0] = 1
+    with np.errstate(over="ignore"):
+        flagged |= products * itemsizes != nbytes
+    for r in np.flatnonzero(flagged).tolist():
+        code = _entry_rule(int(codes[r]), dims[starts[r]:ends[r]].tolist(), int(nbytes[r]), max_ndim)
+        if code:
+            raise error_for(code, f"{where}, reference {quote(refs.names[r])}", _table_detail(
+                code, r, columns, max_ndim, lambda: refs.sizes[file[r]]))
+    room = np.array(refs.sizes, np.int64)[file] - nbytes.astype(np.int64)  # nbytes < 2**63 now
+    offsets = np.frombuffer(columns["offsets"], "<u8")
+    past = np.flatnonzero((room < 0) | (offsets > np.maximum(room, 0).astype(np.uint64)))
+    if len(past):
+        r = int(past[0])
+        j = int(file[r])
+        raise LayoutError(f"{where}, reference {quote(refs.names[r])}: offset {int(offsets[r])} and "
+                          f"nbytes {int(nbytes[r])} run past the end of {quote(refs.files[j])}, "
+                          f"{refs.sizes[j]} bytes [X4]")
+
+
+_DIM_LIMIT = 1 << 63  # [T3] every dimension, [T4] every byte size is below 2**63
+
+
+def _entry_rule(code: int, dims: List[int], nbytes: int, max_ndim: int) -> Code:
+    """The first of [T1]-[T5] that a table entry breaks, in exact integers; OK if none."""
+    if code >= len(ITEMSIZE_BY_CODE):
+        return Code.DTYPE
+    if len(dims) > max_ndim:
+        return Code.NDIM
+    if any(dim >= _DIM_LIMIT for dim in dims):
+        return Code.DIM
+    itemsize = ITEMSIZE_BY_CODE[code]
+    if math.prod(dim for dim in dims if dim) * itemsize >= _DIM_LIMIT:
+        return Code.TOO_LARGE
+    if nbytes != math.prod(dims) * itemsize:
+        return Code.NBYTES
+    return Code.OK
+
+
 class Reader(TensorMap):
     """A validated .sckpt file, opened for reading; made by :func:`safeckpt.open`.
 
@@ -303,11 +428,15 @@ class Reader(TensorMap):
 
     ``source`` is a path or the bytes of a file; ``name`` replaces it in messages. A shard index
     (FORMAT.md section 9) is refused unless ``allow_index``: :func:`safeckpt.open` opens one so,
-    then reads its shards with a :class:`safeckpt.ShardedReader`.
+    then reads its shards with a :class:`safeckpt.ShardedReader`. Likewise a file with references
+    to other files (section 11) is refused unless ``allow_refs``: this reader then checks them
+    [X1]-[X4] but holds only the file's own tensors (:attr:`refs` has the others);
+    :func:`safeckpt.open` reads them all with a :class:`safeckpt.refs.LinkedReader`.
     """
 
     format = "sckpt"  # or "safetensors": what the file is, found from its first bytes
     shard_index: Optional[Dict[str, Any]] = None  # an index's "shards" map [S2], else None
+    refs: Optional["References"] = None  # the references to other files [X1]-[X4], else None
     table: TensorTable
     version: Optional[Tuple[int, int]]  # (major, minor); None for safetensors
     flags: int
@@ -319,7 +448,7 @@ class Reader(TensorMap):
                  mmap: bool = True, name: Optional[str] = None,
                  max_header_size: int = fmt.MAX_HEADER_SIZE, max_tensors: int = fmt.MAX_TENSORS,
                  max_ndim: int = fmt.MAX_NDIM, max_depth: int = fmt.MAX_DEPTH,
-                 allow_index: bool = False) -> None:
+                 allow_index: bool = False, allow_refs: bool = False) -> None:
         self._be = _backend.backend
         self._lock = threading.Lock()  # guards _fd against close() while another thread reads
         self._fd: Optional[int] = None
@@ -359,6 +488,11 @@ class Reader(TensorMap):
             self.close()
             raise ShardError(f"{self.where} is a shard index, not a file of tensors; open it with "
                              "safeckpt.open(), which reads its shards [S1]")
+        if self.refs is not None and not allow_refs:  # some tensors are in other files
+            self.close()
+            raise RefError(f"{self.where} refers to tensors in other files of its directory "
+                           f"({', '.join(self.refs.files[:3])}{', ...' if len(self.refs.files) > 3 else ''}); "
+                           "open it by its path with safeckpt.open(), which reads them [X5]")
 
     def _read(self, offset: int, length: int) -> Union[bytes, memoryview]:
         """The bytes at [offset, offset+length), which the caller has bounds-checked."""
@@ -384,11 +518,15 @@ class Reader(TensorMap):
             return self._open_safetensors(size, max_header_size, max_tensors, max_ndim,
                                           max_depth)
         minor, flags, header_len = self._check_prefix(prefix, size, max_header_size)
-        index, columns, crcs, self.metadata, tree, self.shard_index = fmt.decode_header(
-            self._check_header(header_len), minor, flags, max_tensors=max_tensors,
-            max_depth=max_depth)
+        header = fmt.decode_header(self._check_header(header_len), minor, flags,
+                                   max_tensors=max_tensors, max_depth=max_depth)
+        index, columns, crcs, self.metadata, tree, self.shard_index, self.save_id, refs = header
         names = list(index)
         self._check_table(names, columns, fmt.PREFIX_SIZE + header_len, size, max_ndim)
+        if refs is not None:  # the tree points at own tensors and references alike
+            self.refs = References(refs, self.where, min(max_ndim, NUMPY_MAX_NDIM))
+            self.refs.tree = _tree.check_tree(tree, names + refs.names, max_depth, self.where)
+            tree = fmt.NO_TREE  # this reader holds the own tensors only, as a flat file
         # A shard index's tree points into the tensors of its shards: safeckpt.shard checks it [S6]
         self._stored_tree = tree if self.shard_index is not None else _tree.check_tree(
             tree, names, max_depth, self.where)
@@ -555,6 +693,68 @@ class Reader(TensorMap):
         """
         self._position(name)
         return self.path
+
+    def location(self, name: str) -> Optional[fmt.Location]:
+        """Where the bytes of ``name`` are (this file, its save id, header CRC and size, the
+        tensor's offset, length and CRC32C), for a later checkpoint to refer to them (FORMAT.md
+        section 11); None when this file cannot be referred to: no ``save_id``, no checksums, or
+        not a .sckpt file opened by its path.
+
+        Raises:
+            KeyError: no tensor ``name``.
+
+        Example:
+            >>> safeckpt.open("step-10.sckpt").location("w").file        # doctest: +SKIP
+            'step-10.sckpt'
+        """
+        return self.location_at(self._position(name))
+
+    def location_at(self, i: int) -> Optional[fmt.Location]:
+        """:meth:`location` of tensor ``i``."""
+        crcs, path = self.table.crcs, self.path
+        if self.save_id is None or crcs is None or path is None or self.header_crc is None:
+            return None
+        return fmt.Location(os.path.basename(path), self.save_id, self.header_crc, self.size,
+                            self.table.offsets[i], self.table.nbytes[i], crcs[i])
+
+    def raw_bytes(self, name: str, *, verify: Optional[bool] = None) -> np.ndarray:
+        """The stored bytes of ``name`` (little-endian, C order) as a read-only 1-d uint8 array:
+        a view of the mapping (no copy), or read with pread (``mmap=False``); to compare with a
+        new tensor's bytes before referring to them [X7]. ``verify`` as for :meth:`verifies`.
+
+        Raises:
+            KeyError: no tensor ``name``.
+            ChecksumError: the bytes read do not match their CRC32C [T10].
+
+        Example:
+            >>> bytes(Reader(safeckpt.save_bytes({"a": np.int16([1, 2])})).raw_bytes("a"))
+            b'\\x01\\x00\\x02\\x00'
+        """
+        return self.raw_bytes_at(self._position(name), verify)
+
+    def raw_bytes_at(self, i: int, verify: Optional[bool] = None) -> np.ndarray:
+        """:meth:`raw_bytes` of tensor ``i``."""
+        self.check_open()
+        check = self.verifies(verify)
+        offset, size = self.table.offsets[i], self.table.nbytes[i]
+        if self._buffer is not None:
+            out = np.frombuffer(self._buffer, np.uint8, size, offset)
+            if check:
+                self.check_crc(i, self._be.crc32c(out))
+        else:
+            out = np.empty(size, np.uint8)
+            if size:
+                crcs = self.pread_into([offset], [size], [out], [check])
+                if check:
+                    self.check_crc(i, int(crcs[0]))
+        out.flags.writeable = False
+        return out
+
+    def references(self) -> List[Tuple[str, int, int]]:
+        """``(file, tensors, bytes)`` for each file this one refers to (FORMAT.md section 11), in
+        the order of its ``refs``; empty for a file without references."""
+        self.check_open()
+        return [] if self.refs is None else self.refs.summary()
 
     def load_all(self, *, verify: Optional[bool] = None) -> Dict[str, np.ndarray]:
         """Every tensor as ``{name: array}``; with ``mmap=False`` read in parallel.

@@ -35,13 +35,12 @@ from . import tree as _tree
 from . import writer as _writer
 from .errors import HeaderError, LimitError, ShardError, plural, quote
 from .filekind import PathLike, output_format
+from .format import SAVE_ID_SIZE, plain_file_name
 from .reader import Reader, TensorInfo, TensorMap, TensorSlice
 from .safetensors_format import LENGTH_SIZE
 
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
 MAX_OPEN_SHARDS = 32  # mmap=False: shards a reader keeps open; others reopen when read (not 1 fd each)
-MAX_FILE_NAME = 255  # bytes: the longest file name of ext4, XFS, APFS and NTFS [S3]
-SAVE_ID_SIZE = 16  # random bytes per save: two saves never share one [S7]
 SHARD_KEY = "safeckpt.shard"  # the one metadata key of a shard [S7]
 SUFFIX = ".sckpt"
 SHARDS_KEYS = {"files": list, "counts": list, "sizes": list, "header_crcs": list, "names": list,
@@ -184,21 +183,6 @@ def checkpoints_in(entries: Iterable[str]) -> List[str]:
 def shards_in(entries: Iterable[str]) -> List[str]:
     """The entries named as .sckpt shards (``-0000j-of-0000k.sckpt``)."""
     return [e for e in entries if _SHARD_NAME.search(e)]
-
-
-def plain_file_name(name: object) -> bool:
-    """Whether ``name`` is a plain file name in an index's own directory [S3], [HF2]: a non-empty
-    str of at most :data:`MAX_FILE_NAME` UTF-8 bytes, holding no ``/``, ``\\`` or NUL and not
-    starting with ``.``; so an index never makes a reader open a file elsewhere (``../x``,
-    ``/etc/passwd``, ``C:\\x``) or a hidden one.
-
-    Example:
-        >>> plain_file_name("model-00001-of-00002.sckpt"), plain_file_name("../x.sckpt")
-        (True, False)
-    """
-    return (type(name) is str and bool(name) and not name.startswith(".")
-            and not any(c in name for c in "/\\\0")
-            and len(name.encode("utf-8", "replace")) <= MAX_FILE_NAME)
 
 
 def check_shards(shards: Dict[str, Any], where: str, max_tensors: int = fmt.MAX_TENSORS
@@ -370,6 +354,7 @@ class ShardedReader(TensorMap):
 
     format = "sckpt"  # what the shards are: "sckpt", or "safetensors" (Hugging Face shards)
     shard_rule = "[S7]"  # the rule messages about a shard cite
+    named_by = "a shard that the index {where} names"  # who names a file that does not open
     version: Optional[Tuple[int, int]]  # the index's (major, minor); None for a Hugging Face index
 
     def __init__(self, index: Reader, *, mmap: bool = True, **limits: Any) -> None:
@@ -418,8 +403,9 @@ class ShardedReader(TensorMap):
                 except OSError as exc:  # missing, a directory, unreadable: the OS's error, and
                     if exc.errno is None:  # which index names the file
                         raise
-                    raise OSError(exc.errno, f"{exc.strerror} (a shard that the index {self.where} "
-                                  f"names {self.shard_rule})", file) from exc
+                    named_by = self.named_by.format(where=self.where)
+                    raise OSError(exc.errno, f"{exc.strerror} ({named_by} {self.shard_rule})",
+                                  file) from exc
                 readers.append(reader)
                 part = check(reader, j)
                 self._where_is.extend((j, i) for i in range(len(part)))

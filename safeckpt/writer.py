@@ -39,7 +39,8 @@ class LazyArray:
 
     ``dtype`` and ``shape`` describe the array that ``load()`` returns; the writer calls ``load()``
     once, writes the result and drops it, so only one such copy is held at a time (at most
-    ``_MAX_HELD_COPIES`` bytes of them).
+    ``_MAX_HELD_COPIES`` bytes of them). ``source`` is what ``load()`` copies from (a GPU tensor),
+    for a caller that copies it itself (:mod:`safeckpt.snapshot`, into a pinned buffer).
 
     Example:
         >>> lazy = LazyArray(np.float32, (2, 3), lambda: np.zeros((2, 3), np.float32))
@@ -47,10 +48,12 @@ class LazyArray:
         (24, 2)
     """
 
-    __slots__ = ("dtype", "shape", "load")
+    __slots__ = ("dtype", "shape", "load", "source")
 
-    def __init__(self, dtype: Any, shape: Sequence[int], load: Callable[[], np.ndarray]) -> None:
+    def __init__(self, dtype: Any, shape: Sequence[int], load: Callable[[], np.ndarray],
+                 source: Any = None) -> None:
         self.dtype, self.shape, self.load = np.dtype(dtype), tuple(shape), load
+        self.source = source
 
     @property
     def ndim(self) -> int:
@@ -69,6 +72,14 @@ class Plan:
     version 1.1, else 1.0 (the lowest version that holds what is written). ``shards`` makes the
     plan a shard index (FORMAT.md section 9: no tensors, flag ``SHARD_INDEX``, version 1.2).
 
+    ``save_id`` (16 bytes, :func:`safeckpt.format.new_save_id`) lets later checkpoints refer to
+    this file; ``refs`` maps names of ``tensors`` to the :class:`safeckpt.format.Location` of
+    equal bytes in another file (FORMAT.md section 11, version 1.4: the caller compared them
+    [X7]). Those tensors are written as references, not as bytes: the file's own tensors come
+    first, then the references, and the tree's indices are renumbered to match (a file without a
+    tree gets one, so it loads back in the order given). ``names``, ``arrays`` and ``nbytes``
+    are then the own tensors; ``ref_names`` the references.
+
     Example:
         >>> plan = Plan({"w": np.zeros(3, np.float32)}, {"step": 1}, 64, True)
         >>> plan.header_end, plan.offsets, plan.file_size    # the tensor starts at a multiple of 64
@@ -77,7 +88,9 @@ class Plan:
 
     def __init__(self, tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]],
                  align: int, checksum: bool, tree: Any = fmt.NO_TREE,
-                 shards: Optional[Dict[str, Any]] = None) -> None:
+                 shards: Optional[Dict[str, Any]] = None,
+                 refs: Optional[Mapping[str, fmt.Location]] = None,
+                 save_id: Optional[bytes] = None) -> None:
         if not isinstance(tensors, collections.abc.Mapping):
             raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                     f"not {type(tensors).__name__}")
@@ -91,63 +104,88 @@ class Plan:
         if shards is not None:  # [S1]: no tensors, no other flag
             self.minor, self.checksum = fmt.KEY_MINOR["shards"], False
         self.metadata = fmt.check_metadata(metadata)
-        self.names: List[str] = list(tensors)
-        self.columns = self._table(tensors)
+        self.save_id = _checked_save_id(save_id)
+        self.refs: Optional[Dict[str, Any]] = None  # the "refs" map of the header
+        self.ref_names: List[str] = []
+        own = tensors
+        if refs:
+            own, self.tree = self._references(tensors, refs, tree, shards)
+            tree = self.tree
+        self.names: List[str] = list(own)
+        self.columns, self.arrays, self.nbytes, self.direct = _columns(own)
         # dtype codes added by a later minor version (FORMAT.md section 5) raise the file's minor
         self.minor = max(self.minor, minor_of(self.columns["dtypes"]), _scalar_minor(tree))
+        if self.refs is not None or save_id is not None:
+            self.minor = max(self.minor, fmt.KEY_MINOR["refs"])
         self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
         if shards is not None:
             self.flags = fmt.FLAG_SHARD_INDEX
+        if self.refs is not None:
+            self.flags |= fmt.FLAG_REFS
         empty_crcs = bytes(4 * len(self.nbytes)) if self.checksum else None
         # Every column has a fixed width, so the header's length is known before offsets and CRCs.
         try:
             self.header_len = len(fmt.encode_header(self.names, self.columns, empty_crcs,
-                                                    self.metadata, tree, shards))
+                                                    self.metadata, tree, shards, self.save_id,
+                                                    self.refs))
         except UnicodeEncodeError as exc:
             rule = "[H5]" if exc.object in tensors else "[H7]"
             raise unicode_error(exc, tensors, rule) from None
         self.header_end = fmt.PREFIX_SIZE + self.header_len
         self._layout()
 
-    def _table(self, tensors: Mapping[str, Any]) -> Dict[str, bytes]:
-        """Check each tensor [H5], [T2] and build the table's columns (FORMAT.md section 6);
-        sets ``arrays``, ``nbytes`` and ``direct``."""
-        self.arrays: List[Any] = []
-        codes, ndims, dims, nbytes = [], [], [], []
-        code_by_dtype, arrays = CODE_BY_DTYPE, self.arrays  # locals: this loop is per tensor
-        # every array can be written as it is (C-contiguous, little-endian): never on a big-endian
-        # host, where each goes through le_bytes (which passes little-endian ones through)
-        direct = not dtypes.BIG_ENDIAN_HOST
-        for name, value in tensors.items():
-            if type(name) is not str or not name:
-                raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
-            if type(value) is not np.ndarray and type(value) is not LazyArray:
-                if isinstance(value, np.generic):
-                    value = np.asarray(value)
-                elif not isinstance(value, (np.ndarray, LazyArray)):
-                    raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
-                                            f"{type(value).__name__} is not a numpy array")
-            code = code_by_dtype.get(value.dtype)  # None for big-endian (or unsupported) dtypes
-            if code is None or type(value) is not np.ndarray or not value.flags.c_contiguous:
-                direct = False
-            codes.append(code_of(value.dtype, name) if code is None else code)
-            ndim = value.ndim
-            if ndim > fmt.MAX_NDIM:
-                raise LimitError(f"tensor {name!r}: {ndim} dimensions, more than readers "
-                                 f"accept by default ({fmt.MAX_NDIM}) [T2]")
-            arrays.append(value)
-            ndims.append(ndim)
-            dims.extend(value.shape)
-            nbytes.append(value.nbytes)
-        self.nbytes: List[int] = nbytes
-        self.direct = direct
-        return {
-            "dtypes": bytes(codes),
-            "ndims": bytes(ndims),
-            "shape": np.array(dims, "<u8").tobytes(),
-            "offsets": bytes(8 * len(nbytes)),
-            "nbytes": np.array(nbytes, "<u8").tobytes(),
-        }
+    def _references(self, tensors: Mapping[str, Any], refs: Mapping[str, fmt.Location], tree: Any,
+                    shards: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Any]:
+        """Set ``refs`` (the header's map [X3]) and ``ref_names`` for the tensors in ``refs``;
+        return the own tensors and the tree renumbered for the new order (own, then references).
+
+        Raises:
+            InvalidValueError: a name of ``refs`` not in ``tensors``, a location that is not
+                valid [X3] or whose byte length is not the tensor's [X4], two locations in one
+                file with another save id, header CRC or size, no checksums, or a shard index.
+        """
+        if not self.checksum or shards is not None:
+            raise InvalidValueError("references need checksum=True and a file of tensors (not a "
+                                    "shard index) [X5]")
+        unknown = next((name for name in refs if name not in tensors), None)
+        if unknown is not None:
+            raise InvalidValueError(f"refs names {quote(unknown)}, which is not one of the tensors")
+        own = {name: value for name, value in tensors.items() if name not in refs}
+        referred = {name: value for name, value in tensors.items() if name in refs}
+        columns, _, nbytes, _ = _columns(referred)
+        files: Dict[str, int] = {}
+        first: List[fmt.Location] = []  # the first location in each file
+        first_name: List[str] = []  # and the tensor that has it
+        at: List[int] = []
+        for name, size in zip(referred, nbytes):
+            loc = _checked_location(name, refs[name], size)
+            j = files.setdefault(loc.file, len(files))
+            if j == len(first):
+                first.append(loc)
+                first_name.append(name)
+            elif loc[1:4] != first[j][1:4]:
+                raise InvalidValueError(f"refs[{quote(name)}] and refs[{quote(first_name[j])}] "
+                                        f"give the file {quote(loc.file)} another save id, "
+                                        "header CRC or size: two saves of one file [X5]")
+            at.append(j)
+        locations = [refs[name] for name in referred]
+        columns["offsets"] = np.array([loc.offset for loc in locations], "<u8").tobytes()
+        self.ref_names = list(referred)
+        self.refs = {"files": list(files), "save_ids": [loc.save_id for loc in first],
+                     "header_crcs": [loc.header_crc for loc in first],
+                     "sizes": [loc.size for loc in first], "names": self.ref_names,
+                     "file": np.array(at, "<u4").tobytes(), **columns,
+                     "crc32c": np.array([loc.crc32c for loc in locations], "<u4").tobytes()}
+        order = {name: i for i, name in enumerate([*own, *referred])}  # new index by name
+        new_index = [order[name] for name in tensors]
+        if new_index == sorted(new_index):  # the references are last already: nothing moves
+            return own, tree
+        if tree is fmt.NO_TREE:  # a flat file keeps its order through a tree [R1]
+            flat: List[Any] = ["dict"]
+            for name, i in zip(tensors, new_index):
+                flat += [name, ["tensor", i]]
+            return own, flat
+        return own, _renumbered(tree, new_index)
 
     def _layout(self) -> None:
         """Place the tensors [T6]: sets ``offsets``, ``file_size`` and the offsets column.
@@ -179,11 +217,103 @@ class Plan:
         """The final prefix and header, once the tensors' CRCs are known."""
         crc_column = np.array(crcs, "<u4").tobytes() if self.checksum else None
         header = fmt.encode_header(self.names, self.columns, crc_column, self.metadata, self.tree,
-                                   self.shards)
+                                   self.shards, self.save_id, self.refs)
         if len(header) != self.header_len:
             raise RuntimeError("safeckpt bug: the header changed length between encodings")
         header_crc = _backend.backend.crc32c(header)
         return fmt.encode_prefix(self.flags, len(header), self.align, header_crc, self.minor) + header
+
+
+def _columns(tensors: Mapping[str, Any]) -> Tuple[Dict[str, bytes], List[Any], List[int], bool]:
+    """Check each tensor [H5], [T2] and build the table's columns (FORMAT.md section 3), offsets
+    zero; returns ``(columns, arrays, nbytes, direct)``, ``direct`` when every array can be
+    written as it is (C-contiguous, little-endian)."""
+    arrays: List[Any] = []
+    codes, ndims, dims, nbytes = [], [], [], []
+    code_by_dtype = CODE_BY_DTYPE  # a local: this loop is per tensor
+    # never direct on a big-endian host, where each array goes through le_bytes (which passes
+    # little-endian ones through)
+    direct = not dtypes.BIG_ENDIAN_HOST
+    for name, value in tensors.items():
+        if type(name) is not str or not name:
+            raise InvalidValueError(f"key {name!r}: tensor names must be non-empty str [H5]")
+        if type(value) is not np.ndarray and type(value) is not LazyArray:
+            if isinstance(value, np.generic):
+                value = np.asarray(value)
+            elif not isinstance(value, (np.ndarray, LazyArray)):
+                raise InvalidValueError(f"tensor {name!r}: a {type(value).__module__}."
+                                        f"{type(value).__name__} is not a numpy array")
+        code = code_by_dtype.get(value.dtype)  # None for big-endian (or unsupported) dtypes
+        if code is None or type(value) is not np.ndarray or not value.flags.c_contiguous:
+            direct = False
+        codes.append(code_of(value.dtype, name) if code is None else code)
+        ndim = value.ndim
+        if ndim > fmt.MAX_NDIM:
+            raise LimitError(f"tensor {name!r}: {ndim} dimensions, more than readers "
+                             f"accept by default ({fmt.MAX_NDIM}) [T2]")
+        arrays.append(value)
+        ndims.append(ndim)
+        dims.extend(value.shape)
+        nbytes.append(value.nbytes)
+    columns = {
+        "dtypes": bytes(codes),
+        "ndims": bytes(ndims),
+        "shape": np.array(dims, "<u8").tobytes(),
+        "offsets": bytes(8 * len(nbytes)),
+        "nbytes": np.array(nbytes, "<u8").tobytes(),
+    }
+    return columns, arrays, nbytes, direct
+
+
+def _checked_save_id(save_id: Optional[bytes]) -> Optional[bytes]:
+    """``save_id`` if it is None or 16 bytes [X1]."""
+    if save_id is not None and (type(save_id) is not bytes or len(save_id) != fmt.SAVE_ID_SIZE):
+        raise InvalidValueError(f"save_id must be {fmt.SAVE_ID_SIZE} bytes (see "
+                                f"safeckpt.format.new_save_id()), not {quote(save_id)} [X1]")
+    return save_id
+
+
+def _checked_location(name: str, loc: Any, nbytes: int) -> fmt.Location:
+    """``loc`` as a :class:`safeckpt.format.Location` that a reader accepts [X3], [X4] for tensor
+    ``name`` of ``nbytes`` bytes; InvalidValueError naming the tensor otherwise."""
+    problem = None
+    if not isinstance(loc, fmt.Location):
+        problem = f"is a {type(loc).__name__}, not a safeckpt.format.Location"
+    elif not fmt.plain_file_name(loc.file) or not loc.file.endswith(fmt.REF_SUFFIX):
+        problem = f"names {quote(loc.file)}, not a plain .sckpt file name in the directory [X3]"
+    elif type(loc.save_id) is not bytes or len(loc.save_id) != fmt.SAVE_ID_SIZE:
+        problem = f"has save_id {quote(loc.save_id)}, not {fmt.SAVE_ID_SIZE} bytes [X3]"
+    elif not all(type(v) is int for v in loc[2:]):
+        problem = "has a header_crc, size, offset, nbytes or crc32c that is not an int"
+    elif not (0 <= loc.header_crc < 1 << 32 and 0 <= loc.crc32c < 1 << 32
+              and fmt.PREFIX_SIZE <= loc.size < 1 << 63):
+        problem = "has a header_crc or crc32c that is not a u32, or a size out of 32..2**63-1 [X3]"
+    elif loc.nbytes != nbytes:
+        problem = f"is {loc.nbytes} bytes long, the tensor {nbytes} [X4]"
+    elif not 0 <= loc.offset <= loc.size - nbytes:
+        problem = f"has offset {loc.offset}, outside the file of {loc.size} bytes [X4]"
+    if problem:
+        raise InvalidValueError(f"refs[{quote(name)}] {problem}")
+    return loc
+
+
+def _renumbered(tree: Any, new_index: Sequence[int]) -> Any:
+    """A copy of the encoded ``tree`` whose ``tensor`` and ``ref`` nodes [R3] point at
+    ``new_index[i]`` instead of ``i``; without recursion."""
+    if type(tree) is not list:
+        return tree
+    root = list(tree)
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node[0] in ("tensor", "ref"):
+            node[1] = new_index[node[1]]
+        elif node[0] != "scalar":
+            for k in range(1, len(node)):
+                if type(node[k]) is list:
+                    node[k] = list(node[k])
+                    stack.append(node[k])
+    return root
 
 
 def _scalar_minor(tree: Any) -> int:

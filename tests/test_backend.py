@@ -290,7 +290,7 @@ def test_P3_major(backend, major):
     assert parse(backend, prefix(major=major, flags=2)) == (Code.VERSION, None)
 
 
-@pytest.mark.parametrize("flags", [4, 0x80000000, 0xFFFFFFFF])
+@pytest.mark.parametrize("flags", [8, 0x80000000, 0xFFFFFFFF])
 def test_P4_flags(backend, flags):
     assert parse(backend, prefix(flags=flags, header_len=U64)) == (Code.FLAGS, None)
 

@@ -116,7 +116,7 @@ def test_P3_other_major_version(tmp_path):
 
 
 def test_P4_unknown_flag_bits(tmp_path):
-    refuse(forge({"w": W}, flags=0x5), tmp_path, safeckpt.UnsupportedVersionError, "flag")
+    refuse(forge({"w": W}, flags=0x9), tmp_path, safeckpt.UnsupportedVersionError, "flag")
     refuse(forge({"w": W}, flags=1 << 31), tmp_path, safeckpt.UnsupportedVersionError, "flag")
 
 

@@ -52,6 +52,7 @@ def test_constants_match_format_py():
     assert lib.SCK_VERSION_MINOR == format.VERSION_MINOR
     assert lib.SCK_FLAG_TENSOR_CRC == format.FLAG_TENSOR_CRC
     assert lib.SCK_FLAG_SHARD_INDEX == format.FLAG_SHARD_INDEX
+    assert lib.SCK_FLAG_REFS == format.FLAG_REFS
     assert lib.SCK_KNOWN_FLAGS == format.KNOWN_FLAGS
     assert lib.SCK_ALIGN_MIN == format.ALIGN_MIN
     assert lib.SCK_ALIGN_MAX == format.ALIGN_MAX
@@ -213,7 +214,7 @@ def test_P3_minor_version_accepted():
     assert parse(prefix(minor=0xFFFF))[0] == Code.OK
 
 
-@pytest.mark.parametrize("flags", [4, 0x80000000, 0xFFFFFFFF])
+@pytest.mark.parametrize("flags", [8, 0x80000000, 0xFFFFFFFF])
 def test_P4_unknown_flags_refused(flags):
     assert parse(prefix(flags=flags)) == (Code.FLAGS, None)
 
