@@ -28,7 +28,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _fs, api
+from . import _backend, _fs, api
+from . import format as fmt
 from . import async_save as _async
 from . import shard as _shard
 from . import tree as _tree
@@ -36,6 +37,7 @@ from . import writer as _writer
 from .checkpoint import (MANAGED, CheckpointInfo, Metrics, PathLike, capture_rng, check_metadata,
                          load_checkpoint_file, metadata_of, plain_metrics, restore_into,
                          restore_rng, state_of)
+from .dtypes import little_endian, to_little_endian
 from .errors import InvalidValueError, SafeckptError
 from .reader import Reader
 from .snapshot import Snapshot
@@ -59,6 +61,7 @@ class _Entry(NamedTuple):
 
     checkpoint: Checkpoint
     shards: Tuple[str, ...]  # its shards' file names (a sharded checkpoint), else ()
+    refs: Tuple[str, ...]  # the files it refers to (FORMAT.md section 11), else ()
 
 
 def as_step(value: Any) -> int:
@@ -118,6 +121,12 @@ class CheckpointManager:
             end of a ``with`` block, or of the interpreter) writes what is pending.
         max_in_flight: with ``async_save``, how many saves may be pending at once (each holds a
             copy of the state in host memory); one more waits for the oldest.
+        incremental: a tensor whose bytes equal (compared byte for byte) those of the same name,
+            dtype and shape in the newest checkpoint is not written again: the new file refers
+            to the file that stores them (FORMAT.md section 11). Retention keeps every file a
+            kept checkpoint refers to, and deletes it once none does [X8]; :meth:`delete` and
+            ``save(overwrite=True)`` refuse a step that a kept checkpoint refers to. Needs
+            ``checksum=True``; not with ``max_shard_size``.
 
     Example:
         >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
@@ -129,7 +138,8 @@ class CheckpointManager:
                  metric: str | None = None, mode: str = "min", keep_period: int | None = None,
                  save_interval_steps: int | None = None,
                  max_shard_size: Union[None, int, str] = None, rng: bool = True,
-                 checksum: bool = True, async_save: bool = False, max_in_flight: int = 1) -> None:
+                 checksum: bool = True, async_save: bool = False, max_in_flight: int = 1,
+                 incremental: bool = False) -> None:
         if type(keep_last) is not int or keep_last < 1:
             raise ValueError(f"keep_last={keep_last!r} must be an int >= 1 (the newest is always kept)")
         if type(keep_best) is not int or keep_best < 0:
@@ -144,12 +154,15 @@ class CheckpointManager:
                 raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
         if max_shard_size is not None:
             _shard.parse_size(max_shard_size)  # a bad size is refused now, not at the first save
+        if incremental and (not checksum or max_shard_size is not None):
+            raise ValueError("incremental=True needs checksum=True (a reference holds the CRC32C "
+                             "of its bytes) and no max_shard_size (shards cannot be referred to)")
         self.directory = os.fspath(directory)
         self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
         self.keep_period, self.save_interval_steps = keep_period, save_interval_steps
         self.max_shard_size = max_shard_size
         self.rng, self.checksum = rng, checksum
-        self.async_save = bool(async_save)
+        self.async_save, self.incremental = bool(async_save), bool(incremental)
         self._saver = _async.AsyncSaver(max_in_flight=max_in_flight) if async_save else None
         self._closed = False
         self._lock = threading.RLock()  # the directory's files, _cache and _pending
@@ -172,6 +185,8 @@ class CheckpointManager:
             options.append("checksum=False")
         if self._saver is not None:
             options.append(f"async_save=True, max_in_flight={self._saver.max_in_flight}")
+        if self.incremental:
+            options.append("incremental=True")
         state = " (closed)" if self._closed else (f" ({len(self._pending)} saves pending)"
                                                   if self._pending else "")
         return f"CheckpointManager({self.directory!r}, {', '.join(options)}){state}"
@@ -315,6 +330,8 @@ class CheckpointManager:
         if not overwrite and (os.path.lexists(path) or step in self._pending):
             raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
                                   "overwrite=True to replace it", path)
+        if overwrite:
+            self._refuse_referenced(step, "overwrite")
         records = [r for r in self.all() + list(self._pending.values()) if r.step != step]
         records.append(Checkpoint(step, path, metrics))
         records.sort(key=lambda r: r.step)
@@ -339,12 +356,50 @@ class CheckpointManager:
             api.save_sharded(skeleton, names, arrays, path, metadata=meta, align=_ALIGN,
                              checksum=self.checksum, atomic=True,
                              max_shard_size=self.max_shard_size)
-        else:
+        elif not self.incremental:
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, self.checksum,
                                 tree=skeleton)
             api.save_plan(plan, path)
+        else:
+            refs = self._references(step, names, arrays)
+            plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, True, tree=skeleton,
+                                refs=refs or None, save_id=fmt.new_save_id())
+            api.save_plan(plan, path)
         with self._lock:
             self._retain()
+
+    def _references(self, step: int, names: List[str], arrays: List[Any]
+                    ) -> Dict[str, fmt.Location]:
+        """The tensors of a new checkpoint whose bytes equal, byte for byte, those of the same
+        name, dtype and shape in the newest other checkpoint, each with where those bytes are
+        stored (the file that holds them, never a reference to a reference) [X7]. A GPU tensor
+        compared and found changed is kept in ``arrays`` as its host copy, written as it is."""
+        with self._lock:
+            previous = [e for e in self._complete() if e.checkpoint.step != step and not e.shards]
+        if not previous:
+            return {}
+        refs: Dict[str, fmt.Location] = {}
+        try:
+            reader = api.open(previous[-1].checkpoint.path)
+        except (SafeckptError, OSError):  # damaged since: refer to nothing, write everything
+            return {}
+        with reader:
+            for i, (name, array) in enumerate(zip(names, arrays)):
+                if name not in reader:
+                    continue
+                info = reader.info(name)
+                if (info.dtype != little_endian(array.dtype) or tuple(info.shape) != array.shape
+                        or info.nbytes != array.nbytes):
+                    continue
+                location = reader.location(name)
+                if location is None:  # not a file of an incremental save: no save_id
+                    continue
+                if type(array) is _writer.LazyArray:
+                    arrays[i] = array = array.load()
+                new = to_little_endian(np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
+                if _backend.bytes_equal(new, reader.raw_bytes(name, verify=False)):
+                    refs[name] = location
+        return refs
 
     # -- the checkpoints in the directory ----------------------------------------------------------
 
@@ -365,25 +420,36 @@ class CheckpointManager:
             return cached[1]
         entry = None
         try:
-            with Reader(path, allow_index=True) as reader:
+            with Reader(path, allow_index=True, allow_refs=True) as reader:  # the header only
                 meta = reader.metadata
                 shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
+                refs = tuple(reader.refs.files) if reader.refs is not None else ()
             check_metadata(meta, repr(path), int(match.group(1)))
-            entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards)
+            entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards, refs)
         except (SafeckptError, OSError):
             entry = None
         self._cache[name] = (key, entry)
         return entry
 
-    def _entries(self) -> list[_Entry]:
-        """The _Entry of every complete checkpoint, oldest first."""
+    def _entries(self) -> Tuple[list[_Entry], set[str]]:
+        """The _Entry of every file whose header is a checkpoint's, oldest first, and the names
+        in the directory."""
         with self._lock:
-            entries = (self._entry(name) for name in os.listdir(self.directory))
-            return sorted((e for e in entries if e is not None), key=lambda e: e.checkpoint.step)
+            names = set(os.listdir(self.directory))
+            entries = (self._entry(name) for name in names)
+            return (sorted((e for e in entries if e is not None), key=lambda e: e.checkpoint.step),
+                    names)
+
+    def _complete(self) -> list[_Entry]:
+        """The _Entry of every complete checkpoint: those of :meth:`_entries` whose referenced
+        files are all there (one that retention keeps only for the bytes a kept checkpoint
+        refers to may have lost its own references: it is no longer a checkpoint)."""
+        entries, names = self._entries()
+        return [e for e in entries if names.issuperset(e.refs)]
 
     def all(self) -> list[Checkpoint]:
         """Every complete checkpoint, oldest first."""
-        return [entry.checkpoint for entry in self._entries()]
+        return [entry.checkpoint for entry in self._complete()]
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or None."""
@@ -430,18 +496,38 @@ class CheckpointManager:
         self._cache.pop(name, None)
 
     def _retain(self) -> None:
-        """Delete the complete checkpoints that retention does not keep."""
-        entries = self._entries()
-        keep = self._kept([entry.checkpoint for entry in entries])
+        """Delete the checkpoints that retention does not keep and that no kept checkpoint
+        refers to [X8]."""
+        entries, names = self._entries()
+        keep = self._kept([e.checkpoint for e in entries if names.issuperset(e.refs)])
+        needed = {file for e in entries if e.checkpoint.step in keep for file in e.refs}
         for entry in entries:
-            if entry.checkpoint.step not in keep:
+            if (entry.checkpoint.step not in keep
+                    and os.path.basename(entry.checkpoint.path) not in needed):
                 self._remove(entry)
+
+    def _refuse_referenced(self, step: int, action: str) -> None:
+        """Raise InvalidValueError if a kept checkpoint other than ``step`` refers to the file of
+        checkpoint ``step`` [X8]."""
+        entries = self._complete()
+        keep = self._kept([e.checkpoint for e in entries])
+        name = os.path.basename(self.path(step))
+        referring = [e.checkpoint.step for e in entries
+                     if e.checkpoint.step in keep and e.checkpoint.step != step and name in e.refs]
+        if referring:
+            raise InvalidValueError(
+                f"cannot {action} checkpoint step {step}: the kept checkpoints of steps "
+                f"{referring} refer to tensors stored in its file [X8]; delete them first, or "
+                "make each a self-contained copy elsewhere with safeckpt.consolidate(path, "
+                "new_path)")
 
     def delete(self, step: Any) -> None:
         """Delete checkpoint ``step`` (and its shards).
 
         Raises:
             FileNotFoundError: there is no checkpoint ``step``.
+            InvalidValueError: a kept checkpoint refers to tensors stored in its file (see
+                ``incremental``); the message names them.
 
         Example:
             >>> manager.delete(20)                                              # doctest: +SKIP
@@ -449,6 +535,7 @@ class CheckpointManager:
         path = self.path(step)
         self.wait()
         with self._lock:
+            self._refuse_referenced(as_step(step), "delete")
             entry = self._entry(os.path.basename(path))
             if entry is None:
                 if not os.path.lexists(path):
@@ -457,6 +544,7 @@ class CheckpointManager:
                 os.unlink(path)  # a damaged file of that name: the user asked for it to go
                 return
             self._remove(entry)
+            self._retain()  # a file only this checkpoint referred to goes now
 
     # -- loading -----------------------------------------------------------------------------------
 

@@ -188,6 +188,133 @@ def test_an_async_error_is_raised_by_the_next_call_never_lost(tmp_path, monkeypa
     assert steps_of(manager) == [1, 3]
 
 
+# -- incremental saves -----------------------------------------------------------------------------
+
+def lora_state(step, base=None):
+    """A frozen base (the same bytes at every step) and a small adapter that changes."""
+    if base is None:
+        base = {"w": np.arange(20_000, dtype=np.float32).reshape(100, 200),
+                "emb": np.linspace(-1, 1, 5_000), "zero": np.zeros(64)}
+    return {"base": base, "lora": np.full((8, 200), step, np.float32), "step": step}
+
+
+def referred(manager, step):
+    with safeckpt.open(manager.path(step)) as f:
+        return sorted(f.references())
+
+
+@pytest.mark.usefixtures("backend")
+def test_incremental_saves_refer_to_the_file_that_stores_unchanged_bytes(tmp_path):
+    manager = safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, rng=False)
+    state = lora_state(10)
+    manager.save(10, state)
+    assert referred(manager, 10) == []  # nothing to refer to yet: a full save
+    state["lora"][:] = state["step"] = 20
+    manager.save(20, state)
+    base_bytes = sum(a.nbytes for a in state["base"].values())
+    assert referred(manager, 20) == [("step-0000000010.sckpt", 3, base_bytes)]
+    assert os.path.getsize(manager.path(20)) < os.path.getsize(manager.path(10)) - base_bytes + 1000
+    state["lora"][:] = state["step"] = 30
+    state["base"]["zero"][0] = -0.0  # a different bit pattern, though == 0.0: written again
+    manager.save(30, state)
+    assert referred(manager, 30) == [("step-0000000010.sckpt", 2, base_bytes - 512)]  # not 20
+    assert steps_of(manager) == [10, 20, 30]  # 10 holds bytes that 20 and 30 refer to [X8]
+    for step in (10, 20, 30):
+        info = manager.load(step, verify=True)
+        assert (info.state["lora"] == step).all() and info.state["step"] == step
+        assert (info.state["base"]["w"] == state["base"]["w"]).all()
+    assert np.signbit(manager.load(30).state["base"]["zero"][0])
+    with pytest.raises(safeckpt.InvalidValueError, match=r"cannot delete checkpoint step 10: the "
+                       r"kept checkpoints of steps \[20, 30\] refer to .*safeckpt.consolidate"):
+        manager.delete(10)
+    with pytest.raises(safeckpt.InvalidValueError, match=r"cannot overwrite checkpoint step 10"):
+        manager.save(10, state, overwrite=True)
+    assert steps_of(manager) == [10, 20, 30]
+    state["base"]["w"] += 1  # the whole base changes: step 40 stores it, 50 refers to 40
+    state["lora"][:] = state["step"] = 40
+    manager.save(40, state)
+    assert referred(manager, 40) == [("step-0000000010.sckpt", 1, 40_000),  # emb
+                                     ("step-0000000030.sckpt", 1, 512)]  # zero, as saved at 30
+    state["lora"][:] = state["step"] = 50
+    manager.save(50, state)
+    assert referred(manager, 50) == [("step-0000000010.sckpt", 1, 40_000),
+                                     ("step-0000000030.sckpt", 1, 512),
+                                     ("step-0000000040.sckpt", 1, 80_000)]
+    assert steps_of(manager) == [10, 30, 40, 50]  # 20 went: nothing kept refers to it
+    state["base"]["emb"] *= 2
+    state["base"]["zero"][0] = 1.0
+    state["lora"][:] = state["step"] = 60
+    manager.save(60, state)
+    assert referred(manager, 60) == [("step-0000000040.sckpt", 1, 80_000)]
+    assert steps_of(manager) == [10, 30, 40, 50, 60]  # 50 refers to 10 and 30, and is kept
+    with pytest.raises(safeckpt.InvalidValueError, match=r"steps \[50, 60\] refer"):
+        manager.delete(40)
+    manager.delete(50)
+    assert steps_of(manager) == [10, 30, 40, 60]  # 40 is kept, and refers to 10 and 30
+    state["lora"][:] = state["step"] = 70
+    manager.save(70, state)  # refers to 40 (w) and 60: 40 stays for its bytes, 10 and 30 go
+    assert sorted(os.listdir(tmp_path)) == ["step-0000000040.sckpt", "step-0000000060.sckpt",
+                                            "step-0000000070.sckpt"]
+    assert steps_of(manager) == [60, 70]  # 40 has lost what it referred to: not a checkpoint
+    with pytest.raises(FileNotFoundError, match="step-0000000010.sckpt"):
+        manager.load(40)
+    info = manager.load(70, verify=True)
+    assert (info.state["base"]["w"] == state["base"]["w"]).all() and info.state["step"] == 70
+    assert (info.state["base"]["emb"] == state["base"]["emb"]).all()
+
+
+def test_incremental_refers_only_where_the_bytes_compare_equal(tmp_path, monkeypatch):
+    manager = safeckpt.CheckpointManager(tmp_path, incremental=True, rng=False)
+    state = lora_state(1)
+    manager.save(1, state)
+    compared = []
+
+    def never_equal(a, b):  # as if every tensor had changed, whatever its CRC
+        compared.append(a.nbytes)
+        return False
+
+    monkeypatch.setattr(manager_module._backend, "bytes_equal", never_equal)
+    manager.save(2, state)
+    assert referred(manager, 2) == [] and sorted(compared) == [512, 6400, 40_000, 80_000]
+    monkeypatch.undo()
+    changed = {"base": {"w": state["base"]["w"].astype(np.int32),  # same bytes, other dtype
+                        "emb": state["base"]["emb"].reshape(50, 100),  # same bytes, other shape
+                        "zero": state["base"]["zero"]}, "lora": state["lora"], "step": 3}
+    manager.save(3, changed)
+    assert referred(manager, 3) == [("step-0000000002.sckpt", 2, 512 + 6400)]
+    info = manager.load(3, verify=True)
+    assert info.state["base"]["w"].dtype == np.int32 and info.state["base"]["emb"].shape == (50, 100)
+    plain = safeckpt.CheckpointManager(tmp_path / "plain", rng=False)
+    plain.save(1, state)  # no save_id: an incremental manager cannot refer to it
+    again = safeckpt.CheckpointManager(tmp_path / "plain", incremental=True, rng=False)
+    again.save(2, state)
+    assert referred(again, 2) == [] and again.load(2, verify=True).step == 2
+    again.save(3, state)
+    assert [r[0] for r in referred(again, 3)] == ["step-0000000002.sckpt"]
+    for bad in (dict(checksum=False), dict(max_shard_size="1GB")):
+        with pytest.raises(ValueError, match="incremental=True needs checksum=True"):
+            safeckpt.CheckpointManager(tmp_path, incremental=True, **bad)
+
+
+def test_incremental_async_saves_compare_the_snapshot(tmp_path):
+    state = lora_state(0)
+    with safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, async_save=True,
+                                    rng=False) as manager:
+        for step in range(4):
+            state["lora"][:] = step
+            state["step"] = step
+            manager.save(step, state)
+            state["lora"][:] = -1  # in place, at once: the snapshot keeps the saved values
+            state["base"]["emb"][0] += 0.0  # untouched bytes
+        assert "incremental=True" in repr(manager)
+    assert [r[0] for r in referred(manager, 3)] == ["step-0000000000.sckpt"]
+    assert steps_of(manager) == [0, 2, 3]
+    for step in (0, 2, 3):
+        info = manager.load(step, verify=True)
+        assert (info.state["lora"] == step).all()
+        assert (info.state["base"]["emb"] == np.linspace(-1, 1, 5_000)).all()
+
+
 # -- crash recovery --------------------------------------------------------------------------------
 
 CRASH_CHILD = r"""
@@ -244,3 +371,29 @@ def crash_loop(tmp_path, options, kills=20):
 def test_crash_recovery_under_sigkill_with_async_saves(tmp_path):
     for manager in crash_loop(tmp_path, {"async_save": True}):
         assert len(manager.all()) <= 3  # keep_last, plus one if killed before retention ran
+
+
+@pytest.mark.parametrize("options", [{"incremental": True, "rng": False},
+                                     {"incremental": True, "async_save": True, "rng": False}])
+def test_crash_recovery_under_sigkill_with_incremental_saves_and_retention(tmp_path, options):
+    """As above, each save referring to the first one (the frozen tensor never changes) while
+    retention deletes the others: every kill leaves the newest checkpoint whole and referring to
+    the first. Without async saves, the directory holds only the kept checkpoints, the first and
+    at most one that retention had not yet deleted (every child's first save returns after its
+    retention ran); with them, a child may be killed before its first retention, so what kills
+    left is counted once a save finishes."""
+    for manager in crash_loop(tmp_path, options):
+        first = manager.all()[0]
+        files = sorted(os.listdir(tmp_path))
+        assert files[0] == os.path.basename(first.path)
+        assert len(files) <= 4 or options.get("async_save")
+        newest = manager.latest()
+        if newest.step != first.step:
+            with safeckpt.open(newest.path) as f:
+                assert f.references() == [(os.path.basename(first.path), 1, 480_000)]
+    step = manager.latest().step + 1
+    with safeckpt.CheckpointManager(tmp_path, keep_last=2, **options) as manager:
+        manager.save(step, {"frozen": np.arange(60_000, dtype=np.int64),
+                            "w": np.full(50_000, step, np.int64), "step": step})
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(manager.path(s))
+                                            for s in (first.step, step - 1, step)]
