@@ -103,6 +103,11 @@ class CheckpointManager:
     file that does not open (damaged) is skipped, and never deleted by retention. Use one manager
     per directory at a time.
 
+    Retention keeps the ``keep_last`` newest checkpoints, the ``keep_best`` best, every multiple
+    of ``keep_period``, and (``incremental``) every file one of those refers to; it runs after
+    each save's file is renamed into place, so a crash at any moment leaves every kept
+    checkpoint whole.
+
     Parameters:
         directory: created if missing.
         keep_last: keep this many newest checkpoints (at least 1).
@@ -132,6 +137,10 @@ class CheckpointManager:
         >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
         >>> manager.save(10, {"model": model, "optimizer": opt}, metrics={"val_loss": 0.3})   # doctest: +SKIP
         >>> manager.restore({"model": model, "optimizer": opt})                               # doctest: +SKIP
+        >>> with CheckpointManager("lora", async_save=True, incremental=True) as manager:     # doctest: +SKIP
+        ...     for step in range(steps):
+        ...         train_one_step()
+        ...         manager.save(step, state)  # returns at once; only changed tensors written
     """
 
     def __init__(self, directory: PathLike, *, keep_last: int = 3, keep_best: int = 0,
@@ -266,8 +275,8 @@ class CheckpointManager:
         returns (it may change at once) and written in the background: the checkpoint is on disk
         after :meth:`wait`.
 
-        A save is never lost in silence: a step whose file exists is refused unless
-        ``overwrite=True``, and a step that retention would delete at once (older than the
+        A save is never lost in silence: a step whose file exists (or is pending) is refused
+        unless ``overwrite=True``, and a step that retention would delete at once (older than the
         ``keep_last`` newest, not among the ``keep_best`` best and not a multiple of
         ``keep_period``, e.g. training restarted from step 0 in a directory that holds step 30)
         is refused before anything is written.
@@ -275,8 +284,9 @@ class CheckpointManager:
         Raises:
             FileExistsError: checkpoint ``step`` exists (or a damaged file of that name does).
             InvalidValueError: retention would delete it at once (the message names what it
-                keeps); a step that is not a non-negative int (numpy and 0-d torch integers
-                are taken).
+                keeps); ``overwrite=True`` of a step that a kept checkpoint refers to
+                (``incremental``); a step that is not a non-negative int (numpy and 0-d torch
+                integers are taken).
             ValueError: the manager is closed.
             Exception: with ``async_save``, the error of an earlier background save (this
                 one is then not taken).
@@ -551,14 +561,14 @@ class CheckpointManager:
     def load(self, step: Any = None, *, verify: bool | None = None) -> CheckpointInfo | None:
         """Load checkpoint ``step`` (default: the newest that loads and passes its checks, as
         :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
-        or None when there is none."""
+        or None when there is none. Pending async saves are written first (as :meth:`wait`)."""
         return self._load(None, step, verify, True, None)
 
     def restore(self, state_or_model: Any, step: Any = None, *, verify: bool | None = None,
                 strict: bool = True, map_location: Any = None) -> CheckpointInfo | None:
         """Resume in one call: load checkpoint ``step`` (default: the newest complete one) into
         ``state_or_model`` in place (see :func:`safeckpt.checkpoint.restore_into`) and restore
-        the random generators.
+        the random generators. Pending async saves are written first (as :meth:`wait`).
 
         With ``step=None``, a newest file that does not open, fails verification or breaks
         [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for

@@ -315,6 +315,26 @@ def test_incremental_async_saves_compare_the_snapshot(tmp_path):
         assert (info.state["base"]["emb"] == np.linspace(-1, 1, 5_000)).all()
 
 
+def test_incremental_compares_a_gpu_tensor_through_one_host_copy(tmp_path):
+    """A sync incremental save gets GPU tensors as LazyArrays (tree.flatten): each compared is
+    copied to host once, and a changed one is then written from that copy, not fetched again.
+    (No GPU here: the LazyArrays are made by hand.)"""
+    manager = safeckpt.CheckpointManager(tmp_path, incremental=True, rng=False)
+    manager.save(1, {"same": np.arange(10.0), "changed": np.ones(4)})
+    with safeckpt.open(manager.path(1)) as f:
+        names = f.keys()
+    loads = []
+
+    def lazy(array):
+        return safeckpt.writer.LazyArray(array.dtype, array.shape,
+                                         lambda: loads.append(array.nbytes) or array.copy())
+
+    arrays = [lazy(np.arange(10.0) if "same" in name else np.zeros(4)) for name in names]
+    refs = manager._references(2, names, arrays)
+    assert sorted(loads) == [32, 80] and [n for n in refs if "same" in n] == list(refs)
+    assert all(type(a) is np.ndarray for a in arrays) and len(refs) == 1
+
+
 # -- crash recovery --------------------------------------------------------------------------------
 
 CRASH_CHILD = r"""
