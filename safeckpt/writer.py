@@ -429,6 +429,9 @@ def write_plan(plan: Plan, path: str, *, atomic: bool = True) -> None:
     Example:
         >>> write_plan(Plan({"w": np.zeros(2)}, None, 64, True), "w.sckpt")  # doctest: +SKIP
     """
+    if plan.refs is not None and os.path.basename(path) in plan.refs["files"]:
+        raise InvalidValueError(f"{path!r}: the plan refers to tensors in the file it would "
+                                "replace; a file never refers to itself [X5], [X8]")
     plan.warn_beyond_reader_defaults()
     with _fs.new_file(path, atomic) as fd:
         _write(fd, plan)

@@ -90,3 +90,42 @@ def forge(tensors=(), *, align=64, metadata=None, checksum=True, major=1, minor=
     if len(body) < pos:
         body.extend(bytes(pos - len(body)))
     return bytes(body) + tail
+
+
+def u32s(values):
+    return b"".join(struct.pack("<I", v) for v in values)
+
+
+def table_of(data):
+    """``{name: (offset, nbytes, crc32c, dtype code, shape)}`` of a forged file's own tensors,
+    read from its header as FORMAT.md section 3 lays it out."""
+    header_len = struct.unpack_from("<Q", data, 16)[0]
+    header = msgpack.unpackb(data[32:32 + header_len], raw=False)
+    n = len(header["names"])
+    offsets = struct.unpack(f"<{n}Q", header["offsets"])
+    nbytes = struct.unpack(f"<{n}Q", header["nbytes"])
+    crcs = struct.unpack(f"<{n}I", header["crc32c"]) if "crc32c" in header else (None,) * n
+    dims = iter(struct.unpack(f"<{len(header['shape']) // 8}Q", header["shape"]))
+    shapes = [tuple(next(dims) for _ in range(k)) for k in header["ndims"]]
+    return {name: (offsets[i], nbytes[i], crcs[i], header["dtypes"][i], shapes[i])
+            for i, name in enumerate(header["names"])}
+
+
+def refs_map(files, refs):
+    """The ``refs`` header map (FORMAT.md section 11) of references ``refs``: ``(name, file,
+    (offset, nbytes, crc32c, dtype code, shape))`` with ``file`` an index into ``files``, a list
+    of ``(file name, save_id, file bytes)`` (the file's header_crc and size read from its bytes)."""
+    return {
+        "files": [name for name, _, _ in files],
+        "save_ids": [save_id for _, save_id, _ in files],
+        "header_crcs": [struct.unpack_from("<I", data, 28)[0] for _, _, data in files],
+        "sizes": [len(data) for _, _, data in files],
+        "names": [name for name, _, _ in refs],
+        "file": u32s(j for _, j, _ in refs),
+        "dtypes": bytes(entry[3] for _, _, entry in refs),
+        "ndims": bytes(len(entry[4]) for _, _, entry in refs),
+        "shape": u64s(d for _, _, entry in refs for d in entry[4]),
+        "offsets": u64s(entry[0] for _, _, entry in refs),
+        "nbytes": u64s(entry[1] for _, _, entry in refs),
+        "crc32c": u32s(entry[2] for _, _, entry in refs),
+    }
