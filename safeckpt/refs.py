@@ -58,6 +58,7 @@ class LinkedReader(ShardedReader):
 
     shard_rule = "[X5]"
     named_by = "a file that {where} refers to"
+    replaced = (RefError, "[X5]")  # mmap=False: a file reopened must be the one it was
 
     def __init__(self, reader: Reader, *, mmap: bool = True, **limits: Any) -> None:
         refs = reader.refs

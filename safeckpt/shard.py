@@ -25,7 +25,7 @@ import re
 import secrets
 import threading
 from typing import (Any, Callable, cast, Dict, Iterable, List, Mapping, Optional, Sequence, Set,
-                    Tuple, Union)
+                    Tuple, Type, Union)
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from . import _fs
 from . import format as fmt
 from . import tree as _tree
 from . import writer as _writer
-from .errors import HeaderError, LimitError, ShardError, plural, quote
+from .errors import HeaderError, LimitError, SafeckptError, ShardError, plural, quote
 from .filekind import PathLike, output_format
 from .format import SAVE_ID_SIZE, plain_file_name
 from .reader import Reader, TensorInfo, TensorMap, TensorSlice
@@ -268,13 +268,16 @@ class _OpenShards:
 
 class _ShardFile(Reader):
     """A shard read with ``pread`` (``mmap=False``) whose descriptor :class:`_OpenShards` may
-    close between reads; it reopens by path, and must then be the file it was or it raises
-    ShardError [S7]: the same device, inode, size and modification time, and the same prefix and
+    close between reads; it reopens by path, and must then be the file it was or it raises the
+    error of ``replaced`` (ShardError [S7]; RefError [X5] for a file referred to): the same device, inode, size and modification time, and the same prefix and
     header bytes (a file system reuses a freed inode at once, so a later save's shard of the same
     size can have the first three; its header differs, as it holds that save's id)."""
 
-    def __init__(self, path: str, open_shards: _OpenShards, **limits: Any) -> None:
+    def __init__(self, path: str, open_shards: _OpenShards,
+                 replaced: Tuple[Type[SafeckptError], str] = (ShardError, "[S7]"),
+                 **limits: Any) -> None:
         super().__init__(path, mmap=False, **limits)
+        self._replaced = replaced  # what a changed file raises, and the rule it cites
         if self.format == "safetensors":  # a Hugging Face shard: its u64 length, then the header [ST1]
             self._head_size = LENGTH_SIZE + int.from_bytes(self._read(0, LENGTH_SIZE), "little")
         else:
@@ -306,8 +309,9 @@ class _ShardFile(Reader):
             raise
         if not same:
             os.close(fd)
-            raise ShardError(f"shard {self.where} was replaced or changed since the checkpoint "
-                             "was opened (another save?); open the checkpoint again [S7]")
+            error, rule = self._replaced
+            raise error(f"{self.where} was replaced or changed since the checkpoint was opened "
+                        f"(another save?); open the checkpoint again {rule}")
         return fd
 
     def _identity_of(self, fd: int) -> Tuple[int, int, int, int, bytes]:
@@ -355,6 +359,7 @@ class ShardedReader(TensorMap):
     format = "sckpt"  # what the shards are: "sckpt", or "safetensors" (Hugging Face shards)
     shard_rule = "[S7]"  # the rule messages about a shard cite
     named_by = "a shard that the index {where} names"  # who names a file that does not open
+    replaced: Tuple[Type[SafeckptError], str] = (ShardError, "[S7]")  # a shard changed on reopen
     version: Optional[Tuple[int, int]]  # the index's (major, minor); None for a Hugging Face index
 
     def __init__(self, index: Reader, *, mmap: bool = True, **limits: Any) -> None:
@@ -399,7 +404,7 @@ class ShardedReader(TensorMap):
             for j, file in enumerate(self.shards):
                 try:  # every rule of the shard's own format
                     reader = (Reader(file, mmap=True, **limits) if mmap else
-                              _ShardFile(file, open_shards, **limits))
+                              _ShardFile(file, open_shards, self.replaced, **limits))
                 except OSError as exc:  # missing, a directory, unreadable: the OS's error, and
                     if exc.errno is None:  # which index names the file
                         raise

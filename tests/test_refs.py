@@ -599,3 +599,21 @@ def test_header_keys_are_known_to_the_format():
     target = target_bytes()
     assert list(fmt.REFS_KEYS) == list(refs_map([("a.sckpt", SID_A, target)],
                                                 [("w", 0, table_of(target)["w"])]))
+
+
+def test_X5_a_file_replaced_while_open_with_pread(tmp_path, monkeypatch):
+    """mmap=False keeps few descriptors open: a file closed for room and reopened must be the
+    same file [X5]."""
+    monkeypatch.setattr(safeckpt.shard, "MAX_OPEN_SHARDS", 1)
+    a, c = target_bytes(), target_bytes({"v": B}, save_id=SID_B[::-1])
+    (tmp_path / "a.sckpt").write_bytes(a)
+    (tmp_path / "c.sckpt").write_bytes(c)
+    refs = [("w", 0, table_of(a)["w"]), ("v", 1, table_of(c)["v"])]
+    data = referring_bytes(a, refs, files=[("a.sckpt", SID_A, a), ("c.sckpt", SID_B[::-1], c)])
+    (tmp_path / "b.sckpt").write_bytes(data)
+    with safeckpt.open(tmp_path / "b.sckpt", mmap=False) as f:
+        assert np.array_equal(f["v"], B)  # closes a.sckpt's descriptor for room
+        os.unlink(tmp_path / "a.sckpt")
+        (tmp_path / "a.sckpt").write_bytes(target_bytes(save_id=bytes(16)))
+        with pytest.raises(RefError, match=r"a\.sckpt.*replaced.*\[X5\]"):
+            f["w"]
