@@ -269,9 +269,10 @@ class _OpenShards:
 class _ShardFile(Reader):
     """A shard read with ``pread`` (``mmap=False``) whose descriptor :class:`_OpenShards` may
     close between reads; it reopens by path, and must then be the file it was or it raises the
-    error of ``replaced`` (ShardError [S7]; RefError [X5] for a file referred to): the same device, inode, size and modification time, and the same prefix and
-    header bytes (a file system reuses a freed inode at once, so a later save's shard of the same
-    size can have the first three; its header differs, as it holds that save's id)."""
+    error of ``replaced`` (ShardError [S7]; RefError [X5] for a file referred to): the same
+    device, inode, size and modification time, and the same prefix and header bytes (a file
+    system reuses a freed inode at once, so a later save's shard of the same size can have the
+    first three; its header differs, as it holds that save's id).""" 
 
     def __init__(self, path: str, open_shards: _OpenShards,
                  replaced: Tuple[Type[SafeckptError], str] = (ShardError, "[S7]"),
