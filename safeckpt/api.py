@@ -376,7 +376,7 @@ def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: 
         ChecksumError: bytes of ``src`` (its own or referenced) do not match their CRC32C.
 
     Example:
-        >>> safeckpt.consolidate("ckpt/step-0000000030.sckpt", "step30-full.sckpt")  # doctest: +SKIP
+        >>> safeckpt.consolidate("ckpt/step-0000000030.sckpt", "full.sckpt")  # doctest: +SKIP
     """
     src, dst = os.fsdecode(src), os.fsdecode(dst)
     with open(src, **limits) as reader:

@@ -335,7 +335,7 @@ class Refs(NamedTuple):
     sizes: list[int]  # 32 .. 2**63-1 each
     names: list[str]  # each reference's name in the referring checkpoint
     file: bytes  # u32 per reference: its file's index in ``files``
-    columns: dict[str, bytes]  # each of COLUMN_KEYS -> its bytes (offsets in the file that holds it)
+    columns: dict[str, bytes]  # each of COLUMN_KEYS -> its bytes (offsets: in the file holding it)
     crcs: bytes  # the crc32c column
 
 

@@ -386,7 +386,8 @@ def _check_references(refs: fmt.Refs, where: str, max_ndim: int) -> None:
     with np.errstate(over="ignore"):
         flagged |= products * itemsizes != nbytes
     for r in np.flatnonzero(flagged).tolist():
-        code = _entry_rule(int(codes[r]), dims[starts[r]:ends[r]].tolist(), int(nbytes[r]), max_ndim)
+        code = _entry_rule(int(codes[r]), dims[starts[r]:ends[r]].tolist(), int(nbytes[r]),
+                           max_ndim)
         if code:
             raise error_for(code, f"{where}, reference {quote(refs.names[r])}", _table_detail(
                 code, r, columns, max_ndim, lambda: refs.sizes[file[r]]))
@@ -396,9 +397,9 @@ def _check_references(refs: fmt.Refs, where: str, max_ndim: int) -> None:
     if len(past):
         r = int(past[0])
         j = int(file[r])
-        raise LayoutError(f"{where}, reference {quote(refs.names[r])}: offset {int(offsets[r])} and "
-                          f"nbytes {int(nbytes[r])} run past the end of {quote(refs.files[j])}, "
-                          f"{refs.sizes[j]} bytes [X4]")
+        raise LayoutError(f"{where}, reference {quote(refs.names[r])}: offset {int(offsets[r])} "
+                          f"and nbytes {int(nbytes[r])} run past the end of "
+                          f"{quote(refs.files[j])}, {refs.sizes[j]} bytes [X4]")
 
 
 _DIM_LIMIT = 1 << 63  # [T3] every dimension, [T4] every byte size is below 2**63
@@ -490,9 +491,10 @@ class Reader(TensorMap):
                              "safeckpt.open(), which reads its shards [S1]")
         if self.refs is not None and not allow_refs:  # some tensors are in other files
             self.close()
+            files = self.refs.files
             raise RefError(f"{self.where} refers to tensors in other files of its directory "
-                           f"({', '.join(self.refs.files[:3])}{', ...' if len(self.refs.files) > 3 else ''}); "
-                           "open it by its path with safeckpt.open(), which reads them [X5]")
+                           f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); open "
+                           "it by its path with safeckpt.open(), which reads them [X5]")
 
     def _read(self, offset: int, length: int) -> Union[bytes, memoryview]:
         """The bytes at [offset, offset+length), which the caller has bounds-checked."""

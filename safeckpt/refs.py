@@ -132,12 +132,14 @@ class LinkedReader(ShardedReader):
             if (table.codes[i], table.shape(i), table.nbytes[i], crcs[i]) == (
                     refs.table.codes[r], entry.shape, nbytes, entry.crc32c):
                 return i
-        found = (f"; it has {quote(target.names[candidates[0]])} there: {table.dtype(candidates[0])} "
-                 f"{table.shape(candidates[0])}, crc32c {crcs[candidates[0]]:#010x}"
-                 if candidates else "")
+        found = ""
+        if candidates:
+            i = candidates[0]
+            found = (f"; it has {quote(target.names[i])} there: {table.dtype(i)} "
+                     f"{table.shape(i)}, crc32c {crcs[i]:#010x}")
         raise RefError(f"{self.where}, reference {quote(name)}: {target.where} stores no "
-                       f"{entry.dtype} {entry.shape} tensor of crc32c {entry.crc32c:#010x} at offset "
-                       f"{offset}{found} [X5]")
+                       f"{entry.dtype} {entry.shape} tensor of crc32c {entry.crc32c:#010x} at "
+                       f"offset {offset}{found} [X5]")
 
     def _empty_at(self, target: Reader) -> Dict[Tuple[int, int, Tuple[int, ...]], List[int]]:
         """``target``'s empty tensors by (offset, dtype code, shape), built once per file."""
