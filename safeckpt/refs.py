@@ -20,8 +20,8 @@ Example:
     >>> safeckpt.api.save_plan(writer.Plan(new, None, 64, True, refs=where),
     ...                        os.path.join(d, "step-2.sckpt"))
     >>> with safeckpt.open(os.path.join(d, "step-2.sckpt")) as f:
-    ...     os.path.basename(f.shard_of("base")), f["lora"][0], f.references()
-    ('step-1.sckpt', 1.0, [('step-1.sckpt', 1, 4000)])
+    ...     os.path.basename(f.shard_of("base")), f["lora"].tolist(), f.references()
+    ('step-1.sckpt', [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [('step-1.sckpt', 1, 4000)])
 """
 
 from __future__ import annotations
