@@ -22,6 +22,7 @@ from .errors import (
     NotSafeckptError,
     PickleRequiredError,
     ReaderClosedError,
+    RefError,
     SafeckptError,
     ShardError,
     StateMismatchError,
@@ -29,15 +30,18 @@ from .errors import (
     UnsupportedDtypeError,
     UnsupportedVersionError,
 )
-from .api import load, load_bytes, load_file, open, save, save_bytes, save_file
+from .api import consolidate, load, load_bytes, load_file, open, save, save_bytes, save_file
 from .reader import Reader, TensorInfo, TensorSlice
 from .tree import Subtree
 from .shard import ShardedReader
-from .checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
+from .refs import LinkedReader
+from .checkpoint import load_checkpoint, save_checkpoint
+from .manager import CheckpointManager
 from . import torch  # the public torch module; torch itself is imported only when it is used
 from . import jax  # likewise: jax is imported only when it is used
 from .interop import convert
 from .safetensors_compat import safe_open
+from .async_save import AsyncSaver
 
 from . import _version
 
@@ -51,5 +55,6 @@ __all__ = [
     "ShardError", "ShardedReader", "StateMismatchError", "Subtree", "load", "save", "torch",
     "CheckpointManager", "load_checkpoint", "save_checkpoint",
     "PickleRequiredError", "convert", "jax",
-    "safe_open",
+    "safe_open", "AsyncSaver",
+    "RefError", "LinkedReader", "consolidate",
 ]

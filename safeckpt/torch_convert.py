@@ -171,7 +171,7 @@ def export(tensor: torch.Tensor, where: str) -> Tuple[Union[np.ndarray, LazyArra
     if tensor.device.type == "cpu":
         return _host_array(tensor, where), None, identity
     np_dtype = _tables()[0][tensor.dtype][0]
-    return (LazyArray(np_dtype, tuple(tensor.shape), lambda: _host_array(tensor, where)),
+    return (LazyArray(np_dtype, tuple(tensor.shape), lambda: _host_array(tensor, where), tensor),
             str(tensor.device), identity)
 
 
