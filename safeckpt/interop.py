@@ -110,10 +110,12 @@ class Source:
 
 @contextlib.contextmanager
 def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANSION,
-                **limits: Any) -> Iterator[Source]:
+                verify: bool = False, **limits: Any) -> Iterator[Source]:
     """Open any supported source as a :class:`Source`; files stay open inside the ``with``.
 
-    ``max_expansion``: see :func:`convert`; ``limits``: the reader's (``max_header_size``, ...).
+    ``max_expansion``: see :func:`convert`; ``verify``: check each tensor of a .sckpt source
+    against its CRC32C as it is read (convert's copies, [T10], [X6]); ``limits``: the reader's
+    (``max_header_size``, ...).
 
     Raises:
         SafeckptError: a subclass naming the file and the problem (PickleRequiredError for a file
@@ -130,7 +132,7 @@ def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANS
         elif kind == "torch":
             yield _torch_source(path, stack, max_expansion, limits.get("max_depth", fmt.MAX_DEPTH))
         else:
-            yield _reader_source(stack.enter_context(_open(path, **limits)))
+            yield _reader_source(stack.enter_context(_open(path, **limits)), verify)
 
 
 def _open(path: str, **limits: Any) -> TensorMap:
@@ -139,14 +141,21 @@ def _open(path: str, **limits: Any) -> TensorMap:
     return api.open(path, **limits)
 
 
-def _reader_source(reader: TensorMap) -> Source:
-    """A reader's tensors (a file's or shards'), each read when the writer reaches it."""
+def _reader_source(reader: TensorMap, verify: bool) -> Source:
+    """A reader's tensors (a file's, shards' or one with references), each read when the writer
+    reaches it; with ``verify``, checked against its CRC32C first when the file has them."""
     tensors: Tensors = {}
-    for name in reader.keys():
+    check = True if verify and reader.has_checksums else None
+    for i, name in enumerate(reader.keys()):
         info = reader.info(name)
         tensors[name] = _writer.LazyArray(info.dtype, info.shape,
-                                          functools.partial(reader.__getitem__, name))
+                                          functools.partial(_load_one, reader, i, check))
     return Source(tensors, dict(reader.metadata), reader.stored_tree)
+
+
+def _load_one(reader: TensorMap, i: int, verify: bool | None) -> np.ndarray:
+    """Tensor ``i`` of ``reader``, its CRC32C checked as ``verify`` says."""
+    return reader.load_indices([i], verify)[0]
 
 
 def _open_source(path: str, stack: contextlib.ExitStack) -> tuple[BinaryIO, int]:
@@ -492,7 +501,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
     Parameters:
         src: a .sckpt, .safetensors, sharded ``*.index.json``, .npz, .npy or torch file, or a
-            directory holding one checkpoint (as :func:`safeckpt.open` takes it).
+            directory holding one checkpoint (as :func:`safeckpt.open` takes it). Each tensor
+            of a source with checksums is checked against its CRC32C as it is copied; a .sckpt
+            with references (FORMAT.md section 11) gives a self-contained copy.
         dst: a path ending in ``.sckpt`` or ``.safetensors``; written atomically.
         align, checksum: for a .sckpt destination, as :func:`safeckpt.save_file`.
         progress: called as ``progress(done_bytes, total_bytes)`` as tensors are written.
@@ -510,9 +521,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
     Raises:
         ValueError: ``dst`` has no known extension.
-        SafeckptError: a bad source (the subclass names the file and tensor), a source that needs
-            pickle (:class:`PickleRequiredError`), or a value the destination cannot hold (e.g.
-            complex128 in safetensors: :class:`UnsupportedDtypeError`).
+        SafeckptError: a bad source (the subclass names the file and tensor; corrupt bytes:
+            :class:`ChecksumError`), a source that needs pickle (:class:`PickleRequiredError`), or
+            a value the destination cannot hold (e.g. complex128 in safetensors:
+            :class:`UnsupportedDtypeError`).
         ImportError: a torch source without torch installed.
 
     Example:
@@ -525,7 +537,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     out = next((kind for suffix, kind in OUTPUTS.items() if dst.lower().endswith(suffix)), None)
     if out is None:
         raise ValueError(f"{dst!r}: unknown output format; name it *.sckpt or *.safetensors")
-    with read_source(src, max_expansion=max_expansion, **limits) as source:
+    with read_source(src, max_expansion=max_expansion, verify=True, **limits) as source:
         tensors = _counting(source.tensors, progress)
         if max_shard_size is not None:
             metadata = source.metadata
