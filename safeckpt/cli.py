@@ -1,13 +1,21 @@
-"""The ``safeckpt`` command: ``inspect``, ``verify``, ``convert`` and ``diff``.
+"""The ``safeckpt`` command: ``inspect``, ``verify``, ``convert``, ``consolidate`` and ``diff``.
+
+A checkpoint may refer to tensors stored in other files of its directory (an incremental
+checkpoint, FORMAT.md section 11): ``inspect`` lists those files and which file holds each tensor,
+``verify`` checks each of them [X5] and the referred bytes [X6] and says what it checked where,
+and ``convert`` or ``consolidate`` writes a self-contained copy. Neither replaces a file that
+another checkpoint refers to [X8].
 
 Exit codes (stable; scripts may test them):
 
 ====  ==============================================================================
 0     success; ``diff``: the files hold the same tensors, bit for bit, and metadata
 1     ``diff``: the files differ
-2     usage: a bad option or argument, an unknown output extension (never a file's fault)
+2     usage: a bad option or argument, an unknown output extension, an output that another
+      checkpoint refers to (never a file's fault)
 3     bad file: not a checkpoint, malformed, truncated, over a limit, needs pickle
-4     checksum mismatch: a tensor's or the header's CRC32C (``verify``)
+4     checksum mismatch: a tensor's or the header's CRC32C (``verify``; ``convert`` and
+      ``consolidate`` check the bytes they copy too)
 5     not found: a file or a shard that does not exist
 6     other OS error: permission denied, a directory, a full disk, out of memory
 7     a needed optional package is missing (torch, to read a .pt file)
@@ -26,6 +34,7 @@ Example:
     $ safeckpt verify *.sckpt && echo intact
     $ safeckpt convert model.safetensors model.sckpt
     $ safeckpt convert model.sckpt hf/model.safetensors --max-shard-size 5GB
+    $ safeckpt consolidate ckpt/step-0000000030.sckpt      # copy in what it refers to, in place
     $ safeckpt diff before.sckpt after.sckpt --max-header-size 200000000
 """
 
@@ -36,6 +45,7 @@ import base64
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import traceback
@@ -47,6 +57,7 @@ from ._version import __version__
 from . import api
 from . import interop as _convert
 from . import format as fmt
+from . import refs as _refs
 from . import shard as _shard
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE
@@ -152,6 +163,21 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
 def _open_checkpoint(path: str, args: argparse.Namespace) -> TensorMap:
     """``safeckpt.open(path)`` with the limits given (a .pt or .npz: the error says to convert)."""
     return api.open(path, **_limits(args))
+
+
+def _file_of(reader: TensorMap) -> Callable[[str], str] | None:
+    """For a checkpoint held in several files (shards, or references into other files of its
+    directory): the plain name of the file that holds a tensor. None for a single file."""
+    if not getattr(reader, "shards", None):
+        return None
+    return lambda name: os.path.basename(reader.shard_of(name) or "")
+
+
+def _references(reader: TensorMap) -> list[tuple[str, int, int]]:
+    """``(file, tensors, bytes)`` for each other file that the checkpoint refers to (FORMAT.md
+    section 11), in the order of its ``refs``; empty for a self-contained checkpoint."""
+    references = getattr(reader, "references", None)
+    return references() if references is not None else []
 
 
 # -- inspect ----------------------------------------------------------------------------------------
@@ -384,9 +410,18 @@ def _json_description(reader: TensorMap, path: str, names: Sequence[str],
                       infos: Sequence[TensorInfo], skeleton: Any) -> _Lazy:
     """What ``inspect --json`` writes, as a lazy JSON object."""
     version = getattr(reader, "version", None)
+    save_id = getattr(reader, "save_id", None)
+    file_of = _file_of(reader)
+    own = os.path.basename(path)
     tensors = (_object([("name", i.name), ("dtype", str(i.dtype)), ("shape", _Lazy(i.shape)),
-                        ("nbytes", i.nbytes), ("offset", i.offset), ("crc32c", i.crc32c)])
+                        ("nbytes", i.nbytes), ("offset", i.offset), ("crc32c", i.crc32c),
+                        ("file", own if file_of is None else file_of(i.name))])
                for i in infos)
+    refs: Any = getattr(reader, "refs", None)  # a .sckpt reader's references, for their ids
+    files = (_object([("file", file), ("tensors", count), ("nbytes", nbytes),
+                      ("save_id", refs.save_ids[j].hex()), ("header_crc", refs.header_crcs[j]),
+                      ("size", refs.sizes[j])])
+             for j, (file, count, nbytes) in enumerate(_references(reader)))
     return _object([
         ("path", path),
         ("format", getattr(reader, "format", "sckpt")),
@@ -394,9 +429,11 @@ def _json_description(reader: TensorMap, path: str, names: Sequence[str],
         ("file_size", getattr(reader, "size", None)),
         ("align", getattr(reader, "align", None)),
         ("checksums", reader.has_checksums),
+        ("save_id", None if save_id is None else save_id.hex()),
         ("tensor_count", len(infos)),
         ("tensor_bytes", sum(i.nbytes for i in infos)),
         ("tensors", _Lazy(tensors)),
+        ("references", _Lazy(files)),
         ("metadata", _jsonable(reader.metadata)),
         ("tree", None if skeleton is fmt.NO_TREE else _json_tree(skeleton, names)),
     ])
@@ -425,21 +462,33 @@ def _inspect_text(reader: TensorMap, path: str, names: Sequence[str],
     _say(out, f"{path}: {getattr(reader, 'format', 'sckpt')}{version}, "
               f"{_human(reader.size)}, {count}, {_human(total)} of tensor data, "
               f"{'checksums' if reader.has_checksums else 'no checksums'}")
+    save_id = getattr(reader, "save_id", None)
+    if save_id is not None:
+        _say(out, f"save id: {save_id.hex()}")
+    file_of = _file_of(reader)  # a column "file" (the offset is in that file) for several files
 
-    def row(i: TensorInfo) -> tuple[str, str, str, str, str]:
-        return (_escape(i.name), str(i.dtype), "(" + ", ".join(map(str, i.shape)) + ")",
-                str(i.nbytes), str(i.offset))
-    header = ("name", "dtype", "shape", "bytes", "offset")
+    def row(i: TensorInfo) -> list[str]:
+        cells = [_escape(i.name), str(i.dtype), "(" + ", ".join(map(str, i.shape)) + ")",
+                 str(i.nbytes), str(i.offset)]
+        return cells if file_of is None else [*cells, _escape(file_of(i.name))]
+    header = ["name", "dtype", "shape", "bytes", "offset"] + ([] if file_of is None else ["file"])
     widths = list(map(len, header))
     for info in infos:  # a first pass for the widths: the rows are made again as they are printed
         widths = [max(w, len(cell)) for w, cell in zip(widths, row(info))]
     for k, cells in enumerate(itertools.chain([header], map(row, infos))):
-        _say(out, "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]),
-                             cells[2].ljust(widths[2]), cells[3].rjust(widths[3]),
-                             cells[4].rjust(widths[4])]).rstrip())
+        _say(out, "  ".join(cell.rjust(w) if c in (3, 4) else cell.ljust(w)
+                            for c, (cell, w) in enumerate(zip(cells, widths))).rstrip())
         if k == 0:
             _say(out, "  ".join("-" * w for w in widths))
     _say(out, f"total: {count}, {total} bytes")
+    references = _references(reader)
+    if references:
+        _say(out, f"refers to {plural(len(references), 'other file')} for "
+                  f"{plural(sum(n for _, n, _ in references), 'tensor')} "
+                  f"({_human(sum(b for _, _, b in references))}); 'safeckpt consolidate' copies "
+                  "them in:")
+        for file, n, nbytes in references:
+            _say(out, f"  {_escape(file)}: {plural(n, 'tensor')}, {nbytes} bytes")
     if reader.metadata:
         _say(out, "metadata:")
         for key, value in reader.metadata.items():
@@ -452,19 +501,38 @@ def _inspect_text(reader: TensorMap, path: str, names: Sequence[str],
 
 # -- verify -----------------------------------------------------------------------------------------
 
-def _verify_one(path: str, args: argparse.Namespace) -> tuple[str, bool]:
-    """Check one file; return its line and whether it held checksums."""
-    with _open_checkpoint(path, args) as reader:
+def _verify_one(path: str, args: argparse.Namespace) -> tuple[list[str], bool]:
+    """Check one file (and every file it refers to, [X5], [X6]); return its lines and whether it
+    held checksums."""
+    with _open_checkpoint(path, args) as reader:  # opening checks the files referred to [X5]
         count = plural(len(reader), "tensor")
         for name in reader.keys():  # each array as a load makes it (a view: nothing is read)
             reader[name]  # noqa: B018 - raises if the table cannot be loaded
         if reader.has_checksums:
-            reader.verify()
-            return f"{path}: OK, {count}, every structural check and checksum passed", True
+            reader.verify()  # each tensor's bytes in the file that holds them [X6]
+            line = f"{path}: OK, {count}, every structural check and checksum passed"
+            if not _references(reader):
+                return [line], True
+            return [line + "; bytes checked in each file:", *_checked_per_file(reader, path)], True
         why = ("safetensors files hold no checksums" if getattr(reader, "format", "")
                == "safetensors" else "saved without checksums")
-    return (f"{path}: no checksums to verify; structure OK ({count}; {why}); the tensor data is "
-            "unverified"), False
+    return [f"{path}: no checksums to verify; structure OK ({count}; {why}); the tensor data is "
+            "unverified"], False
+
+
+def _checked_per_file(reader: TensorMap, path: str) -> list[str]:
+    """verify's line per file of a checkpoint with references: its tensors and bytes there."""
+    own = os.path.basename(path)
+    file_of = _file_of(reader) or (lambda name: own)
+    found: dict[str, list[int]] = {}  # file -> [tensors, bytes]; the file itself comes first
+    for name in reader.keys():
+        counts = found.setdefault(file_of(name), [0, 0])
+        counts[0] += 1
+        counts[1] += reader.info(name).nbytes
+    return [f"  {_escape(file)}: {plural(n, 'tensor')}, {nbytes} bytes "
+            + ("(its own)" if file == own else
+               "(referred to: its save id, size, header CRC and entries match)")
+            for file, (n, nbytes) in found.items()]
 
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
@@ -472,13 +540,14 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     first, unverified = None, False
     for path in args.files:
         try:
-            line, checked = _verify_one(path, args)
+            lines, checked = _verify_one(path, args)
         except Exception as exc:  # report it and go on to the next file
             code = _report(exc, args)
             first = code if first is None else first
             continue
         unverified |= not checked
-        _say(out, line)
+        for line in lines:
+            _say(out, line)
     if first is not None:
         return first
     return EXIT_NO_CHECKSUMS if unverified else EXIT_OK
@@ -545,12 +614,45 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
         enabled = False
     else:
         enabled = sys.stderr.isatty()
+    _refuse_referred(args.dst)
     result = _convert.convert(args.src, args.dst, align=args.align,
                               checksum=not args.no_checksum, progress=_progress_bar(enabled),
                               max_shard_size=args.max_shard_size, **_limits(args))
     if not args.quiet:
         _say(out, f"{args.src} -> {args.dst}: {plural(result.tensors, 'tensor')}, "
                   f"{_human(result.nbytes)}")
+    return EXIT_OK
+
+
+def _refuse_referred(dst: str) -> None:
+    """A usage error when ``dst`` is a file that another checkpoint in its directory refers to:
+    replacing it would break that checkpoint [X8]."""
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        referring = _refs.referrers(dst)
+        if referring:
+            one = len(referring) == 1
+            raise _Usage(f"{dst}: {', '.join(map(_escape, referring))} "
+                         f"{'refers' if one else 'refer'} to it, and replacing it would break "
+                         f"{'that checkpoint' if one else 'them'} [X8]; write to another path, "
+                         f"or consolidate or delete {'it' if one else 'them'} first")
+
+
+def cmd_consolidate(args: argparse.Namespace, out: TextIO) -> int:
+    """Copy into ``args.src`` (or into a copy, ``args.dst``) every tensor it refers to."""
+    dst = args.src if args.dst is None else args.dst
+    in_place = os.path.abspath(dst) == os.path.abspath(args.src)
+    with _open_checkpoint(args.src, args) as reader:  # the files referred to, checked [X5]
+        references = _references(reader)
+    if in_place and not references:
+        _say(out, f"{args.src}: self-contained already (it refers to no other file); left as it is")
+        return EXIT_OK
+    _refuse_referred(dst)
+    api.consolidate(args.src, dst, **_limits(args))  # every byte checked against its CRC32C [X6]
+    copied = (f"{plural(sum(n for _, n, _ in references), 'tensor')} "
+              f"({sum(b for _, _, b in references)} bytes) copied in from "
+              + ", ".join(_escape(file) for file, _, _ in references)) if references else \
+        "a copy (it referred to no other file)"
+    _say(out, f"{args.src}{'' if in_place else ' -> ' + dst}: self-contained, {copied}")
     return EXIT_OK
 
 
@@ -726,10 +828,11 @@ def _expansion_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``safeckpt`` command's parser, with its four subcommands."""
+    """The ``safeckpt`` command's parser, with its five subcommands."""
     common = _common_options()
-    parser = _Parser(prog="safeckpt", parents=[common], description="Inspect, verify, convert "
-                     "and compare checkpoints (.sckpt, .safetensors, .npz, .npy, torch .pt/.bin).",
+    parser = _Parser(prog="safeckpt", parents=[common], description="Inspect, verify, convert, "
+                     "consolidate and compare checkpoints (.sckpt, .safetensors, .npz, .npy, "
+                     "torch .pt/.bin).",
                      epilog="exit codes: 0 ok, 1 diff found differences, 2 usage, 3 bad file, "
                      "4 checksum mismatch, 5 not found, 6 other OS error, 7 missing package, "
                      "8 verify: no checksums to verify (structure OK), 70 a bug in safeckpt "
@@ -750,7 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", parents=[common], help="convert by extension: .sckpt, "
                        ".safetensors, *.safetensors.index.json, .npz, .npy, .pt/.pth/.bin/.ckpt "
-                       "-> .sckpt or .safetensors")
+                       "-> .sckpt or .safetensors (always self-contained: a checkpoint's "
+                       "references are copied in)")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--align", type=_alignment, default=fmt.ALIGN_DEFAULT, help="tensor "
@@ -765,6 +869,13 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     _expansion_option(p)
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("consolidate", parents=[common], help="make a checkpoint with references "
+                       "self-contained: copy in every tensor it refers to in other files, each "
+                       "checked against its checksum (in place, or to DST)")
+    p.add_argument("src")
+    p.add_argument("dst", nargs="?", help="write the copy here instead (.sckpt or .safetensors)")
+    p.set_defaults(run=cmd_consolidate)
 
     p = sub.add_parser("diff", parents=[common], help="missing/extra tensors, dtype and shape "
                        "changes, max abs difference; exit 1 if the files differ")

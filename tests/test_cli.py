@@ -411,6 +411,7 @@ def test_each_tensor_is_looked_up_a_constant_number_of_times(files, monkeypatch)
     tensors = {f"t{i}": np.full(2, i, np.float32) for i in range(n)}
     safeckpt.save({"model": tensors, "tied": tensors["t0"]}, files / "n1.sckpt")
     safeckpt.save({"model": tensors}, files / "n2.sckpt")
+    _save_linked(files, tensors)  # step-2.sckpt refers to step-1.sckpt for n + 1 tensors
     calls = collections.Counter()
     real_open = safeckpt.api.open
 
@@ -450,8 +451,206 @@ def test_each_tensor_is_looked_up_a_constant_number_of_times(files, monkeypatch)
 
     monkeypatch.setattr(safeckpt.api, "open", lambda path, **kw: Counting(real_open(path, **kw)))
     for argv in (["inspect", "n1.sckpt"], ["inspect", "--json", "n1.sckpt"], ["verify", "n1.sckpt"],
-                 ["diff", "n1.sckpt", "n2.sckpt"], ["convert", "-q", "n1.sckpt", "n3.sckpt"]):
+                 ["diff", "n1.sckpt", "n2.sckpt"], ["convert", "-q", "n1.sckpt", "n3.sckpt"],
+                 ["inspect", "step-2.sckpt"], ["inspect", "--json", "step-2.sckpt"],
+                 ["verify", "step-2.sckpt"], ["consolidate", "step-2.sckpt", "n4.sckpt"]):
         calls.clear()
-        cli.main([argv[0], *(str(files / a) if a.endswith(".sckpt") else a for a in argv[1:])])
+        code = cli.main([argv[0], *(str(files / a) if a.endswith(".sckpt") else a
+                                    for a in argv[1:])])
+        assert code in (cli.EXIT_OK, cli.EXIT_DIFFERENT), argv
         assert calls[("keys",)] <= 2, argv
         assert max((count for key, count in calls.items() if len(key) > 1), default=0) <= 2, argv
+
+
+# -- references: a checkpoint whose tensors are partly in other files (FORMAT.md section 11) -------
+
+BASE = np.arange(1000, dtype=np.float32)  # 4000 bytes, unchanged from step 1 to step 2
+
+
+def _save_linked(directory, tensors=None):
+    """step-1.sckpt (a save id, checksums) and step-2.sckpt, which stores only its new 'lora' and
+    refers to step 1 for 'base' (the bytes are equal: [X7])."""
+    from safeckpt import format as fmt, writer
+    step1 = {"base": BASE, "lora": np.zeros(8, np.float32), **(tensors or {})}
+    safeckpt.api.save_plan(writer.Plan(step1, None, 64, True, save_id=fmt.new_save_id()),
+                           str(directory / "step-1.sckpt"))
+    with safeckpt.open(directory / "step-1.sckpt") as prev:
+        where = {name: prev.location(name) for name in step1 if name != "lora"}
+    step2 = {**step1, "lora": np.ones(8, np.float32)}
+    safeckpt.api.save_plan(writer.Plan(step2, None, 64, True, refs=where,
+                                       save_id=fmt.new_save_id()), str(directory / "step-2.sckpt"))
+    return step2
+
+
+def _save_id(path):
+    with safeckpt.open(path) as reader:
+        return reader.save_id.hex()
+
+
+def test_inspect_shows_what_a_checkpoint_refers_to_and_the_file_of_each_tensor(files, call):
+    _save_linked(files)
+    r = call("inspect", "step-2.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1] == f"save id: {_save_id(files / 'step-2.sckpt')}"
+    assert lines[2].split() == ["name", "dtype", "shape", "bytes", "offset", "file"]
+    assert lines[4].split()[::5] == ["lora", "step-2.sckpt"]  # its own tensors, then references
+    assert lines[5].split()[0] == "base" and lines[5].split()[-1] == "step-1.sckpt"
+    assert "refers to 1 other file for 1 tensor (3.9 KiB); 'safeckpt consolidate' copies them " \
+        "in:\n  step-1.sckpt: 1 tensor, 4000 bytes\n" in r.stdout
+    r = call("inspect", "step-1.sckpt")  # a file without references: no column, no list
+    assert "file" not in r.stdout.splitlines()[2] and "refers to" not in r.stdout
+
+    desc = json.loads(call("inspect", "--json", "step-2.sckpt").stdout)
+    assert desc["version"] == "1.4" and desc["save_id"] == _save_id(files / "step-2.sckpt")
+    assert [(t["name"], t["file"]) for t in desc["tensors"]] == [("lora", "step-2.sckpt"),
+                                                                 ("base", "step-1.sckpt")]
+    with safeckpt.open(files / "step-1.sckpt") as step1:
+        assert desc["tensors"][1]["offset"] == step1.info("base").offset  # in the file holding it
+        assert desc["references"] == [{"file": "step-1.sckpt", "tensors": 1, "nbytes": 4000,
+                                       "save_id": step1.save_id.hex(),
+                                       "header_crc": step1.header_crc, "size": step1.size}]
+    desc = json.loads(call("inspect", "--json", "a.sckpt").stdout)
+    assert desc["references"] == [] and desc["save_id"] is None
+    assert desc["tensors"][0]["file"] == "a.sckpt"
+
+
+def test_verify_checks_every_reference_and_says_which_bytes_of_which_file(files, call):
+    _save_linked(files)
+    r = call("verify", "step-2.sckpt", "a.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    assert r.stdout.splitlines() == [
+        "step-2.sckpt: OK, 2 tensors, every structural check and checksum passed; bytes checked "
+        "in each file:",
+        "  step-2.sckpt: 1 tensor, 32 bytes (its own)",
+        "  step-1.sckpt: 1 tensor, 4000 bytes (referred to: its save id, size, header CRC and "
+        "entries match)",
+        "a.sckpt: OK, 1 tensor, every structural check and checksum passed"]
+
+
+def _flip_base(directory):
+    """Flip one bit of 'base' in step-1.sckpt (its table, and so its header CRC, unchanged)."""
+    with safeckpt.open(directory / "step-1.sckpt") as step1:
+        offset = step1.info("base").offset
+    data = bytearray((directory / "step-1.sckpt").read_bytes())
+    data[offset + 5] ^= 1
+    (directory / "step-1.sckpt").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, code, words", [
+    ("missing", cli.EXIT_NOT_FOUND, ["step-1.sckpt: No such file", "'step-2.sckpt' refers to",
+                                     "[X5]"]),
+    ("saved again", cli.EXIT_BAD_FILE, ["refers to", "step-1.sckpt", "not the file the "
+                                        "checkpoint was saved against", "[X5]"]),
+    ("a directory", cli.EXIT_OS_ERROR, ["step-1.sckpt: Is a directory", "[X5]"]),
+    ("bit flipped", cli.EXIT_CHECKSUM, ["step-1.sckpt", "'base'", "checksum mismatch"]),
+])
+def test_a_broken_reference_fails_verify_inspect_and_convert_with_its_exit_code(
+        files, call, damage, code, words):
+    _save_linked(files)
+    path = files / "step-1.sckpt"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "saved again":  # the same tensors, bytes and size: another save id [X5]
+        from safeckpt import format as fmt, writer
+        with safeckpt.open(path) as reader:
+            same = reader.load_all(verify=True)
+        safeckpt.api.save_plan(writer.Plan(same, None, 64, True, save_id=fmt.new_save_id()),
+                               str(path))
+    elif damage == "a directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        _flip_base(files)
+    commands = [("verify", "step-2.sckpt"), ("convert", "step-2.sckpt", "out.sckpt"),
+                ("consolidate", "step-2.sckpt", "out.sckpt")]
+    if damage != "bit flipped":  # opening checks [X5]; only reading the bytes finds a flip [X6]
+        commands.append(("inspect", "step-2.sckpt"))
+    for args in commands:
+        r = call(*args)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        assert all(word in r.stderr for word in words), (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and ": OK" not in r.stdout
+        assert not (files / "out.sckpt").exists()
+
+
+def test_convert_writes_a_self_contained_copy_that_outlives_the_files_referred_to(files, call):
+    tensors = _save_linked(files)
+    for out in ("full.sckpt", "full.safetensors"):
+        r = call("convert", "step-2.sckpt", out)
+        assert r.returncode == cli.EXIT_OK and ": 2 tensors, " in r.stdout, r.stderr
+    (files / "step-1.sckpt").unlink()
+    assert call("verify", "step-2.sckpt").returncode == cli.EXIT_NOT_FOUND
+    for out in ("full.sckpt", "full.safetensors"):
+        assert "refers to" not in call("inspect", out).stdout
+        back = safeckpt.load_file(files / out)
+        assert back.keys() == tensors.keys()
+        assert all(np.array_equal(back[k], v) for k, v in tensors.items())
+    assert call("verify", "full.sckpt").returncode == cli.EXIT_OK
+
+
+def test_convert_of_a_file_with_checksums_refuses_corrupt_bytes_instead_of_new_checksums(files,
+                                                                                         call):
+    data = bytearray((files / "b.sckpt").read_bytes())
+    data[-1] ^= 1  # a byte of 'extra': before, convert wrote it with a new, matching CRC32C
+    (files / "bad.sckpt").write_bytes(bytes(data))
+    for out in ("o.sckpt", "o.safetensors"):
+        r = call("convert", "bad.sckpt", out)
+        assert r.returncode == cli.EXIT_CHECKSUM and "'extra'" in r.stderr, r.stderr
+        assert not (files / out).exists()
+    r = call("diff", "bad.sckpt", "b.sckpt")  # diff still shows what differs
+    assert r.returncode == cli.EXIT_DIFFERENT and "~ extra: max abs diff" in r.stdout
+
+
+def test_consolidate_copies_in_what_a_checkpoint_refers_to_in_place_or_to_a_copy(files, call):
+    tensors = _save_linked(files)
+    r = call("consolidate", "step-2.sckpt", "copy.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    assert r.stdout == ("step-2.sckpt -> copy.sckpt: self-contained, 1 tensor (4000 bytes) copied "
+                        "in from step-1.sckpt\n")
+    assert "refers to" in call("inspect", "step-2.sckpt").stdout  # the source is left as it is
+    old_id = _save_id(files / "step-2.sckpt")
+    r = call("consolidate", "step-2.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    assert r.stdout == "step-2.sckpt: self-contained, 1 tensor (4000 bytes) copied in from " \
+        "step-1.sckpt\n"
+    assert _save_id(files / "step-2.sckpt") != old_id  # a new save: later ones may refer to it
+    (files / "step-1.sckpt").unlink()  # nothing needs it now
+    for name in ("step-2.sckpt", "copy.sckpt"):
+        assert call("verify", name).stdout.count("\n") == 1
+        back = safeckpt.load_file(files / name)
+        assert all(np.array_equal(back[k], v) for k, v in tensors.items())
+    before = (files / "a.sckpt").stat()
+    r = call("consolidate", "a.sckpt")  # nothing to copy in: the file is not rewritten
+    assert r.returncode == cli.EXIT_OK and "self-contained already" in r.stdout
+    assert (files / "a.sckpt").stat().st_mtime_ns == before.st_mtime_ns
+
+
+@pytest.mark.parametrize("args", [("consolidate", "step-2.sckpt"),
+                                  ("consolidate", "step-2.sckpt", "step-1.sckpt"),
+                                  ("convert", "a.sckpt", "step-1.sckpt"),
+                                  ("convert", "step-3.sckpt", "step-2.sckpt")])
+def test_a_file_that_a_checkpoint_refers_to_is_never_replaced(files, call, args):
+    from safeckpt import format as fmt, writer
+    tensors = _save_linked(files)
+    with safeckpt.open(files / "step-2.sckpt") as step2:  # step 3 refers to both [X7]
+        where = {name: step2.location(name) for name in tensors}
+    safeckpt.api.save_plan(writer.Plan(tensors, None, 64, True, refs=where,
+                                       save_id=fmt.new_save_id()), str(files / "step-3.sckpt"))
+    target = args[-1] if args[-1] != "step-2.sckpt" or args[0] == "convert" else "step-2.sckpt"
+    referring = "step-3.sckpt" if target == "step-2.sckpt" else "step-2.sckpt, step-3.sckpt"
+    before = {name: (files / name).read_bytes() for name in ("step-1.sckpt", "step-2.sckpt")}
+    r = call(*args)
+    assert r.returncode == cli.EXIT_USAGE, (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"safeckpt: error: {target}: {referring} refer")
+    assert "replacing it would break" in r.stderr and "[X8]" in r.stderr
+    assert {name: (files / name).read_bytes() for name in before} == before
+    assert call("verify", "step-2.sckpt", "step-3.sckpt").returncode == cli.EXIT_OK
+
+
+def test_the_refusal_to_replace_a_file_names_the_way_out(files, call):
+    _save_linked(files)
+    r = call("convert", "a.sckpt", "step-1.sckpt")
+    assert r.stderr == ("safeckpt: error: step-1.sckpt: step-2.sckpt refers to it, and replacing "
+                        "it would break that checkpoint [X8]; write to another path, or "
+                        "consolidate or delete it first\n")
