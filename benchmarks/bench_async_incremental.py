@@ -1,14 +1,15 @@
 """Async and incremental checkpoints (issue 13) against a memory copy and the peers, side by side.
 
-One process; the cases of each table alternate run by run (one untimed warm-up round first, so
-that steady-state buffers exist and files are in the page cache) and each figure is the median of
-``--runs`` runs; ratios are to the table's first row.
+One process; the cases of each table alternate run by run, in an order rotated each run (one
+untimed warm-up round first, so that steady-state buffers exist and files are in the page cache),
+and each figure is the median of ``--runs`` runs; ratios are to the table's first row.
 
 1. GPT-2 small sized model (148 float32 tensors, 124M parameters) + its Adam state after one step
    (1.5 GB in all), as ``{"model": model, "optimizer": optimizer}``: the time a save blocks the
    training loop, and the time until the file is complete. Every save starts with the previous one
    finished. Rows: a plain copy of the state into preallocated tensors (the floor: what a snapshot
-   must at least do), a clone (fresh memory), ``CheckpointManager(..., async_save=True).save``,
+   must at least do; torch's copy_ uses its intra-op threads), the same with numpy.copyto (one
+   thread), a clone (fresh memory), ``CheckpointManager(..., async_save=True).save``,
    ``AsyncSaver.save`` of the state dicts to one file, the blocking ``CheckpointManager.save``,
    ``torch.save`` of the state dicts, and
    ``torch.distributed.checkpoint.async_save`` (a gloo process group of world size 1 on
@@ -48,6 +49,7 @@ import threading
 import time
 import warnings
 
+import numpy
 import torch
 
 import safeckpt
@@ -116,6 +118,12 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+def rotated(cases, run):
+    """The cases starting at a different one each run, so none always follows the same one."""
+    start = run % len(cases)
+    return cases[start:] + cases[:start]
+
+
 def proc_status(key):
     with open("/proc/self/status") as f:
         return int(re.search(key + r":\s+(\d+) kB", f.read()).group(1)) * 1024
@@ -161,18 +169,19 @@ def manager(directory, **options):
         return None
 
 
-def print_table(title, columns, rows, runs):
-    """rows: [(name, [list of seconds per column] or None)]; ratios to the first row's first column."""
+def print_table(title, columns, rows):
+    """rows: [(name, [seconds of each run, per column] or None)]; each cell is the median and its
+    ratio to the first row's median in the same column."""
     print(f"\n{title}")
-    print(f"  {'':<56}" + "".join(f"{c:>16}" for c in columns) + f"{'x first':>9}")
-    base = statistics.median(rows[0][1][0])
+    print(f"  {'':<58}" + "".join(f"{c:>22}" for c in columns))
+    base = [statistics.median(s) for s in rows[0][1]]
     for name, series in rows:
         if series is None or not series[0]:
-            print(f"  {name:<56}" + f"{'n/a':>16}" * len(columns))
+            print(f"  {name:<58}" + f"{'n/a':>22}" * len(columns))
             continue
-        medians = [statistics.median(s) if s else float("nan") for s in series]
-        print(f"  {name:<56}" + "".join(f"{m * 1e3:13.1f} ms" for m in medians)
-              + f"{medians[0] / base:8.2f}x")
+        medians = [statistics.median(s) for s in series]
+        print(f"  {name:<58}" + "".join(f"{m * 1e3:11.1f} ms  x{m / b:5.2f}"
+                                        for m, b in zip(medians, base)))
 
 
 def free_port():
@@ -221,6 +230,15 @@ class Saves:
         def copy():
             for dst, src in zip(buffers, tensors_of(self.dicts())):
                 dst.copy_(src)
+        return copy, None
+
+    def make_copy_numpy(self):
+        arrays = [t.numpy() for t in tensors_of(self.dicts())]
+        buffers = [a.copy() for a in arrays]
+
+        def copy():
+            for dst, src in zip(buffers, tensors_of(self.dicts())):
+                numpy.copyto(dst, src.numpy())
         return copy, None
 
     def make_clone(self):
@@ -278,6 +296,7 @@ def gloo_group():
 
 CASES = [  # (row, Saves method, its arguments)
     ("copy_ into preallocated tensors (the floor)", "make_copy", ()),
+    ("numpy.copyto into preallocated arrays (one thread)", "make_copy_numpy", ()),
     ("clone (fresh memory)", "make_clone", ()),
     ("safeckpt CheckpointManager(async_save=True).save", "make_manager",
      ("async", {"async_save": True})),
@@ -300,7 +319,7 @@ def bench_blocking(args, saves):
     cases = [(name, make_case(saves, method, arguments)) for name, method, arguments in CASES]
     times = {name: ([], []) for name, _ in cases}
     for run in range(args.runs + 1):  # round 0: warm-up, untimed
-        for name, case in cases:
+        for name, case in rotated(cases, run):
             if case is None:
                 continue
             save, complete = case
@@ -316,8 +335,7 @@ def bench_blocking(args, saves):
     print_table(f"1. Time a save blocks the training loop: GPT-2 small + Adam "
                 f"({saves.total / GB:.2f} GB), median of {args.runs}",
                 ["blocks loop", "file complete"],
-                [(name, None if case is None else list(times[name])) for name, case in cases],
-                args.runs)
+                [(name, None if case is None else list(times[name])) for name, case in cases])
 
 
 def twice(save, complete):
@@ -334,18 +352,18 @@ def bench_memory(saves):
     """Part 2: peak and held RSS of two saves from a fresh saver, case by case."""
     print(f"\n2. Extra memory of two saves in a row from a fresh saver (state "
           f"{saves.total / GB:.2f} GB)")
-    print(f"  {'':<56}{'peak extra':>14}{'x state':>9}{'held after':>14}")
+    print(f"  {'':<58}{'peak extra':>14}{'x state':>9}{'held after':>14}")
     libc = ctypes.CDLL("libc.so.6")
     for name, method, arguments in CASES:
-        if method == "make_copy":
+        if method.startswith("make_copy"):
             continue
         libc.malloc_trim(0)
         case = make_case(saves, method, arguments)
         if case is None:
-            print(f"  {name:<56}{'n/a':>14}")
+            print(f"  {name:<58}{'n/a':>14}")
             continue
         peak, held = peak_extra(twice(*case))
-        print(f"  {name:<56}{peak / GB:11.2f} GB{peak / saves.total:8.2f}x{held / GB:11.2f} GB")
+        print(f"  {name:<58}{peak / GB:11.2f} GB{peak / saves.total:8.2f}x{held / GB:11.2f} GB")
         del case
         saves.close()
 
@@ -375,7 +393,7 @@ def bench_lora(args, root):
     for run in range(args.runs + 1):  # round 0 (untimed) writes each manager's first, full file
         train_step(optimizer)
         step += 1
-        for key, m in managers.items():
+        for key, m in rotated(list(managers.items()), run):
             if m is None:
                 continue
             before = written()
@@ -402,7 +420,7 @@ def bench_lora(args, root):
         else:
             print(f"    {names[key]:<58} n/a")
     print_table(f"  save, median of {args.runs}", ["blocks loop", "file complete"],
-                [(names[k], list(saves[k]) if managers[k] else None) for k in managers], args.runs)
+                [(names[k], list(saves[k]) if managers[k] else None) for k in managers])
     for m in managers.values():
         if m is not None and hasattr(m, "wait"):
             m.wait()
@@ -410,7 +428,7 @@ def bench_lora(args, root):
     loads = {(k, c): [] for k in ("full", "incremental") for c in ("warm", "cold")}
     for run in range(args.runs + 1):
         for cache in ("warm", "cold"):
-            for key in ("full", "incremental"):
+            for key in rotated(["full", "incremental"], run):
                 m = managers[key]
                 if m is None:
                     continue
@@ -421,11 +439,9 @@ def bench_lora(args, root):
                     loads[(key, cache)].append(seconds)
     print_table(f"  restore(model, optimizer) of the newest checkpoint, median of {args.runs}",
                 ["warm cache", "cold (evicted)"],
-                [(names[k], [loads[(k, "warm")], loads[(k, "cold")]] if managers[k] else None)
-                 for k in ("full", "incremental")], args.runs)
-    print("  (x first compares the warm column; cold ratio: "
-          + (f"{statistics.median(loads[('incremental', 'cold')]) / statistics.median(loads[('full', 'cold')]):.2f}x)"
-             if loads[("incremental", "cold")] else "n/a)"))
+                [(f"{k} checkpoint", [loads[(k, "warm")], loads[(k, "cold")]] if managers[k]
+                  else None)
+                 for k in ("full", "incremental")])
     for m in managers.values():
         if m is not None and hasattr(m, "close"):
             m.close()
