@@ -68,6 +68,7 @@ class LinkedReader(ShardedReader):
         self._index_reader = reader  # closed with the referenced files on an error
         if refs is None or reader.path is None:
             raise RefError(f"{self.where} is not a file with references opened by its path [X2]")
+        self._inode = _inode(reader.path)  # [X5]: no file refers to itself, by any name
         self.refs: References = refs
         members: List[List[int]] = [[] for _ in refs.files]  # the references into each file
         for r, j in enumerate(refs.file):
@@ -100,7 +101,8 @@ class LinkedReader(ShardedReader):
         elif not target.has_checksums:
             problem = "has no checksums (no TENSOR_CRC flag)"
         elif (refs.files[j] == os.path.basename(str(reader.path))
-              or reader.save_id is not None and target.save_id == reader.save_id):
+              or reader.save_id is not None and target.save_id == reader.save_id
+              or _inode(str(target.path)) == self._inode):  # a hard link or symlink to it
             problem = "is the referring file itself"
         elif target.size != refs.sizes[j]:
             problem = f"is {target.size} bytes, not {refs.sizes[j]}"
@@ -221,6 +223,13 @@ class LinkedReader(ShardedReader):
             return f"<safeckpt.LinkedReader {self.where} (closed)>"
         return (f"<safeckpt.LinkedReader {self.where} ({plural(len(self.keys()), 'tensor')}, "
                 f"{len(self.refs.names)} in {plural(len(self.refs.files), 'other file')})>")
+
+
+def _inode(path: str) -> Tuple[int, int]:
+    """The device and inode of the file at ``path`` (a link followed): the same pair is the same
+    file, whatever its name."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def referrers(path: str) -> List[str]:

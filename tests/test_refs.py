@@ -372,6 +372,19 @@ def test_X5_empty_tensors_are_found_by_dtype_and_shape(tmp_path):
     refuse(write_pair(tmp_path, target, referring_bytes(target, wrong)), RefError, "stores no")
 
 
+@pytest.mark.parametrize("link", ["hard link", "symlink"])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_X5_the_file_itself_under_another_name(tmp_path, link, mmap):
+    """A file without a save_id that refers to a.sckpt, where a.sckpt is that very file (a hard
+    link or a symlink): the same device and inode is the referring file itself [X5]."""
+    target = target_bytes()
+    b = tmp_path / "b.sckpt"
+    b.write_bytes(forge({"own": OWN}, minor=4, flags=CRC_REFS, extra={"refs": refs_map(
+        [("a.sckpt", SID_A, target)], [("w", 0, table_of(target)["w"])])}))
+    (os.link if link == "hard link" else os.symlink)(b, tmp_path / "a.sckpt")
+    refuse(b, RefError, "a.sckpt", "is the referring file itself", "[X5]", mmap=mmap)
+
+
 def test_X5_no_chains(tmp_path):
     """A reference points at bytes the file stores itself: never at one of its references, and
     the references of a file referred to are never followed."""
