@@ -125,7 +125,8 @@ class CheckpointManager:
             :meth:`wait`, :meth:`close`, :meth:`load` or :meth:`restore`; :meth:`close` (or the
             end of a ``with`` block, or of the interpreter) writes what is pending.
         max_in_flight: with ``async_save``, how many saves may be pending at once (each holds a
-            copy of the state in host memory); one more waits for the oldest.
+            copy of the state in host memory); one more waits for the oldest. An int >= 1,
+            checked also without ``async_save`` (where it has no effect).
         incremental: a tensor whose bytes equal (compared byte for byte) those of the same name,
             dtype and shape in the newest checkpoint is not written again: the new file refers
             to the file that stores them (FORMAT.md section 11). Retention keeps every file a
@@ -161,6 +162,9 @@ class CheckpointManager:
                             ("save_interval_steps", save_interval_steps)):
             if value is not None and (type(value) is not int or value < 1):
                 raise ValueError(f"{name}={value!r} must be an int >= 1 or None")
+        if type(max_in_flight) is not int or max_in_flight < 1:  # also when async_save=False
+            raise ValueError(f"max_in_flight={max_in_flight!r} must be an int >= 1 (it counts "
+                             "the async saves pending at once)")
         if max_shard_size is not None:
             _shard.parse_size(max_shard_size)  # a bad size is refused now, not at the first save
         if incremental and (not checksum or max_shard_size is not None):

@@ -164,6 +164,14 @@ def test_async_save_checks_retention_and_values_before_it_returns(tmp_path):
     assert steps_of(manager) == [20, 30] and manager.load(30).state["w"].tolist() == [0, 0]
 
 
+def test_max_in_flight_is_checked_with_or_without_async_save(tmp_path):
+    for bad in (0, -1, 1.0, True, "2", None):
+        for async_save in (False, True):
+            with pytest.raises(ValueError, match=f"max_in_flight={bad!r} must be an int >= 1"):
+                safeckpt.CheckpointManager(tmp_path, async_save=async_save, max_in_flight=bad)
+    assert safeckpt.CheckpointManager(tmp_path, max_in_flight=2).save(1, {}).step == 1
+
+
 def test_an_async_error_is_raised_by_the_next_call_never_lost(tmp_path, monkeypatch):
     manager = safeckpt.CheckpointManager(tmp_path, async_save=True)
     real = safeckpt.api.save_plan
