@@ -113,8 +113,9 @@ class CheckpointManager:
         keep_last: keep this many newest checkpoints (at least 1).
         keep_best: also keep this many best by ``metric`` (``mode`` ``"min"`` or ``"max"``).
         keep_period: also keep, forever, every checkpoint whose step is a multiple of this.
-        save_interval_steps: :meth:`save` writes only steps that are a multiple of this (others
-            return None, unless ``force=True``); :meth:`should_save` says which.
+        save_interval_steps: :meth:`save` writes only steps that are a multiple of this, and the
+            first checkpoint whatever its step (others return None, unless ``force=True``);
+            :meth:`should_save` says which.
         max_shard_size: write each checkpoint as shards of at most this many tensor bytes (an
             int, or a str such as ``"2GB"``), FORMAT.md section 9; one that fits is one file.
         rng: save and restore the random generators' state with every checkpoint.
@@ -256,17 +257,30 @@ class CheckpointManager:
     # -- the interval ------------------------------------------------------------------------------
 
     def should_save(self, step: Any) -> bool:
-        """Whether :meth:`save` would write ``step``: it is a multiple of ``save_interval_steps``
-        (any step without one) and has no checkpoint yet.
+        """Whether :meth:`save` would write ``step`` (without ``force``): a step newer than the
+        newest checkpoint (written or pending) that is a multiple of ``save_interval_steps`` (any
+        step without one), or the first checkpoint, whatever its step, as orbax does. A step at
+        or before the newest is False: it exists, or retention would delete it at once.
 
         Example:
             >>> if manager.should_save(step):                                   # doctest: +SKIP
             ...     manager.save(step, state)
         """
         step = as_step(step)
-        if self.save_interval_steps is not None and step % self.save_interval_steps:
+        newest = self._newest()
+        if newest is not None and (step <= newest or self._off_interval(step)):
             return False
-        return not os.path.lexists(self.path(step)) and step not in self._pending
+        return not os.path.lexists(self.path(step))  # a damaged file of that name: refused
+
+    def _newest(self) -> int | None:
+        """The newest step written (complete) or pending, or None."""
+        with self._lock:
+            records = self.all()
+            return max([*self._pending, *(r.step for r in records[-1:])], default=None)
+
+    def _off_interval(self, step: int) -> bool:
+        """Whether ``step`` is not a multiple of ``save_interval_steps``."""
+        return self.save_interval_steps is not None and step % self.save_interval_steps != 0
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -274,10 +288,12 @@ class CheckpointManager:
              overwrite: bool = False, force: bool = False) -> Checkpoint | None:
         """Save ``state`` (a dict of arrays, values and objects with ``state_dict()``, or such an
         object) as checkpoint ``step``, then apply retention; return its :class:`Checkpoint`, or
-        None when ``step`` is not a multiple of ``save_interval_steps`` (nothing is written; pass
-        ``force=True`` to save it anyway). With ``async_save``, the state is copied before this
-        returns (it may change at once) and written in the background: the checkpoint is on disk
-        after :meth:`wait`.
+        None when ``step`` is not a multiple of ``save_interval_steps`` and is not the first
+        checkpoint (nothing is written; pass ``force=True`` to save it anyway). Where orbax's
+        ``save`` returns a bool (False for a step it skips), this returns the Checkpoint or
+        None, and raises for a step it refuses (below). With ``async_save``, the state is copied
+        before this returns (it may change at once) and written in the background: the
+        checkpoint is on disk after :meth:`wait`.
 
         A save is never lost in silence: a step whose file exists (or is pending) is refused
         unless ``overwrite=True``, and a step that retention would delete at once (older than the
@@ -301,8 +317,8 @@ class CheckpointManager:
         step = as_step(step)
         if self._closed:
             raise ValueError(f"{self!r} is closed; make a new CheckpointManager to save again")
-        if not force and self.save_interval_steps is not None and step % self.save_interval_steps:
-            return None
+        if not force and self._off_interval(step) and self._newest() is not None:
+            return None  # not the first checkpoint either (as should_save says)
         path = self.path(step)
         metrics = plain_metrics(metrics)
         if overwrite:

@@ -53,6 +53,27 @@ def test_save_interval_steps_and_should_save(tmp_path):
         safeckpt.CheckpointManager(tmp_path, save_interval_steps=1.5)
 
 
+def test_should_save_is_true_exactly_when_save_writes(tmp_path):
+    """As orbax: the first checkpoint whatever the interval, never a step <= the newest (saved,
+    or one that retention would refuse); then should_save(s) tells whether save(s) writes."""
+    manager = safeckpt.CheckpointManager(tmp_path, keep_last=2, save_interval_steps=10, rng=False)
+    assert manager.should_save(5) and manager.save(5, {"w": np.zeros(1)}).step == 5
+    assert [manager.should_save(s) for s in (5, 7, 10, 11)] == [False, False, True, False]
+    for step in (10, 3, 20, 15, 30, 20, 10, 25, 40, 41, 50):
+        expected = manager.should_save(step)
+        try:
+            written = manager.save(step, {"w": np.full(1, step)}) is not None
+        except (FileExistsError, safeckpt.InvalidValueError):
+            written = False
+        assert written == expected, step
+    assert steps_of(manager) == [40, 50]
+    assert not manager.should_save(10) and not manager.should_save(40)  # retention / saved
+    assert manager.save(41, {}, force=True).step == 41  # force writes any new step
+    empty = safeckpt.CheckpointManager(tmp_path / "empty", save_interval_steps=10)
+    (tmp_path / "empty" / "step-0000000003.sckpt").write_bytes(b"damaged")
+    assert not empty.should_save(3) and empty.should_save(4)  # no checkpoint yet: the first
+
+
 def test_delete_removes_a_checkpoint_and_refuses_a_missing_one(tmp_path):
     manager = safeckpt.CheckpointManager(tmp_path, keep_last=5)
     for step in (1, 2, 3):
