@@ -56,12 +56,17 @@ class Checkpoint(NamedTuple):
     metrics: Metrics
 
 
+Identity = Tuple[int, int, Optional[bytes]]  # a file's size, header_crc and save_id [X5]
+
+
 class _Entry(NamedTuple):
-    """What the manager reads from a checkpoint's header (cached by size and mtime)."""
+    """What the manager reads from a checkpoint's header (cached by size, mtime and inode)."""
 
     checkpoint: Checkpoint
     shards: Tuple[str, ...]  # its shards' file names (a sharded checkpoint), else ()
     refs: Tuple[str, ...]  # the files it refers to (FORMAT.md section 11), else ()
+    ref_ids: Tuple[Identity, ...]  # the Identity of each of those it was saved against
+    identity: Identity  # its own
 
 
 def as_step(value: Any) -> int:
@@ -132,7 +137,7 @@ class CheckpointManager:
             dtype and shape in the newest checkpoint is not written again: the new file refers
             to the file that stores them (FORMAT.md section 11). Retention keeps every file a
             kept checkpoint refers to, and deletes it once none does [X8]; :meth:`delete` and
-            ``save(overwrite=True)`` refuse a step that a kept checkpoint refers to. Needs
+            ``save(overwrite=True)`` refuse a step that another listed checkpoint refers to. Needs
             ``checksum=True``; not with ``max_shard_size``.
 
     Example:
@@ -181,8 +186,8 @@ class CheckpointManager:
         self._closed = False
         self._lock = threading.RLock()  # the directory's files, _cache and _pending
         self._pending: Dict[int, Checkpoint] = {}  # async saves not yet written, by step
-        # file name -> ((size, mtime_ns), _Entry or None)
-        self._cache: Dict[str, Tuple[Tuple[int, int], Optional[_Entry]]] = {}
+        # file name -> ((size, mtime_ns, inode), _Entry or None)
+        self._cache: Dict[str, Tuple[Tuple[int, int, int], Optional[_Entry]]] = {}
         os.makedirs(self.directory, exist_ok=True)
         self.cleanup()
 
@@ -304,7 +309,7 @@ class CheckpointManager:
         Raises:
             FileExistsError: checkpoint ``step`` exists (or a damaged file of that name does).
             InvalidValueError: retention would delete it at once (the message names what it
-                keeps); ``overwrite=True`` of a step that a kept checkpoint refers to
+                keeps); ``overwrite=True`` of a step that another listed checkpoint refers to
                 (``incremental``); a step that is not a non-negative int (numpy and 0-d torch
                 integers are taken).
             ValueError: the manager is closed.
@@ -444,7 +449,7 @@ class CheckpointManager:
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        key = (st.st_size, st.st_mtime_ns)
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
         cached = self._cache.get(name)
         if cached and cached[0] == key:
             return cached[1]
@@ -453,29 +458,35 @@ class CheckpointManager:
             with Reader(path, allow_index=True, allow_refs=True) as reader:  # the header only
                 meta = reader.metadata
                 shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
-                refs = tuple(reader.refs.files) if reader.refs is not None else ()
+                refs = reader.refs
+                identity = (reader.size, reader.header_crc, reader.save_id)
             check_metadata(meta, repr(path), int(match.group(1)))
-            entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards, refs)
+            entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards,
+                           tuple(refs.files) if refs else (),
+                           tuple(zip(refs.sizes, refs.header_crcs, refs.save_ids)) if refs else (),
+                           identity)
         except (SafeckptError, OSError):
             entry = None
         self._cache[name] = (key, entry)
         return entry
 
-    def _entries(self) -> Tuple[list[_Entry], set[str]]:
-        """The _Entry of every file whose header is a checkpoint's, oldest first, and the names
-        in the directory."""
+    def _entries(self) -> list[_Entry]:
+        """The _Entry of every file whose header is a checkpoint's, oldest first."""
         with self._lock:
-            names = set(os.listdir(self.directory))
-            entries = (self._entry(name) for name in names)
-            return (sorted((e for e in entries if e is not None), key=lambda e: e.checkpoint.step),
-                    names)
+            entries = (self._entry(name) for name in os.listdir(self.directory))
+            return sorted((e for e in entries if e is not None), key=lambda e: e.checkpoint.step)
 
-    def _complete(self) -> list[_Entry]:
-        """The _Entry of every complete checkpoint: those of :meth:`_entries` whose referenced
-        files are all there (one that retention keeps only for the bytes a kept checkpoint
-        refers to may have lost its own references: it is no longer a checkpoint)."""
-        entries, names = self._entries()
-        return [e for e in entries if names.issuperset(e.refs)]
+    def _complete(self, entries: Optional[list[_Entry]] = None) -> list[_Entry]:
+        """The _Entry of every complete checkpoint: those of ``entries`` (default
+        :meth:`_entries`) whose referenced files are all there and are the saves they were saved
+        against: same size, header_crc and save_id [X5]. One that retention keeps only for the
+        bytes a kept checkpoint refers to may have lost its own references, and a referenced
+        file may have been replaced: it is then no longer a checkpoint."""
+        if entries is None:
+            entries = self._entries()
+        identity = {os.path.basename(e.checkpoint.path): e.identity for e in entries}
+        return [e for e in entries
+                if all(identity.get(file) == ref for file, ref in zip(e.refs, e.ref_ids))]
 
     def all(self) -> list[Checkpoint]:
         """Every complete checkpoint, oldest first."""
@@ -528,8 +539,8 @@ class CheckpointManager:
     def _retain(self) -> None:
         """Delete the checkpoints that retention does not keep and that no kept checkpoint
         refers to [X8]."""
-        entries, names = self._entries()
-        keep = self._kept([e.checkpoint for e in entries if names.issuperset(e.refs)])
+        entries = self._entries()
+        keep = self._kept([e.checkpoint for e in self._complete(entries)])
         needed = {file for e in entries if e.checkpoint.step in keep for file in e.refs}
         for entry in entries:
             if (entry.checkpoint.step not in keep
@@ -537,16 +548,15 @@ class CheckpointManager:
                 self._remove(entry)
 
     def _refuse_referenced(self, step: int, action: str) -> None:
-        """Raise InvalidValueError if a kept checkpoint other than ``step`` refers to the file of
-        checkpoint ``step`` [X8]."""
-        entries = self._complete()
-        keep = self._kept([e.checkpoint for e in entries])
+        """Raise InvalidValueError if a checkpoint other than ``step`` that :meth:`all` lists
+        (kept by retention, or only for its bytes) refers to the file of checkpoint ``step``
+        [X8]."""
         name = os.path.basename(self.path(step))
-        referring = [e.checkpoint.step for e in entries
-                     if e.checkpoint.step in keep and e.checkpoint.step != step and name in e.refs]
+        referring = [e.checkpoint.step for e in self._complete()
+                     if e.checkpoint.step != step and name in e.refs]
         if referring:
             raise InvalidValueError(
-                f"cannot {action} checkpoint step {step}: the kept checkpoints of steps "
+                f"cannot {action} checkpoint step {step}: the checkpoints of steps "
                 f"{referring} refer to tensors stored in its file [X8]; delete them first, or "
                 "make each a self-contained copy elsewhere with safeckpt.consolidate(path, "
                 "new_path)")
@@ -556,8 +566,8 @@ class CheckpointManager:
 
         Raises:
             FileNotFoundError: there is no checkpoint ``step``.
-            InvalidValueError: a kept checkpoint refers to tensors stored in its file (see
-                ``incremental``); the message names them.
+            InvalidValueError: another checkpoint that :meth:`all` lists refers to tensors
+                stored in its file (see ``incremental``); the message names them.
 
         Example:
             >>> manager.delete(20)                                              # doctest: +SKIP

@@ -254,7 +254,7 @@ def test_incremental_saves_refer_to_the_file_that_stores_unchanged_bytes(tmp_pat
         assert (info.state["base"]["w"] == state["base"]["w"]).all()
     assert np.signbit(manager.load(30).state["base"]["zero"][0])
     with pytest.raises(safeckpt.InvalidValueError, match=r"cannot delete checkpoint step 10: the "
-                       r"kept checkpoints of steps \[20, 30\] refer to .*safeckpt.consolidate"):
+                       r"checkpoints of steps \[20, 30\] refer to .*safeckpt.consolidate"):
         manager.delete(10)
     with pytest.raises(safeckpt.InvalidValueError, match=r"cannot overwrite checkpoint step 10"):
         manager.save(10, state, overwrite=True)
@@ -290,6 +290,43 @@ def test_incremental_saves_refer_to_the_file_that_stores_unchanged_bytes(tmp_pat
     info = manager.load(70, verify=True)
     assert (info.state["base"]["w"] == state["base"]["w"]).all() and info.state["step"] == 70
     assert (info.state["base"]["emb"] == state["base"]["emb"]).all()
+
+
+def test_incremental_refuses_to_break_any_listed_checkpoint(tmp_path):
+    """Step 3, kept only because step 5 refers to its bytes, refers to step 2: step 2 is not
+    overwritten or deleted while all() lists step 3 [X8]."""
+    manager = safeckpt.CheckpointManager(tmp_path, keep_last=1, keep_period=2, incremental=True,
+                                         rng=False)
+    a, b3, a5 = (np.full(1000, v, np.float32) for v in (1, 3, 5))
+    manager.save(2, {"a": a, "b": np.full(1000, 2, np.float32)})
+    manager.save(3, {"a": a, "b": b3})  # a: in step 2
+    manager.save(5, {"a": a5, "b": b3})  # b: in step 3
+    assert steps_of(manager) == [2, 3, 5]
+    for action, call in [("overwrite", lambda: manager.save(2, {"a": a5, "b": a5}, overwrite=True)),
+                         ("delete", lambda: manager.delete(2))]:
+        with pytest.raises(safeckpt.InvalidValueError, match=rf"cannot {action} checkpoint step 2: "
+                           r"the checkpoints of steps \[3\] refer to"):
+            call()
+    assert steps_of(manager) == [2, 3, 5]
+    for step in (2, 3, 5):
+        assert manager.load(step, verify=True).step == step
+
+
+def test_a_checkpoint_whose_referenced_file_was_replaced_is_not_listed(tmp_path):
+    """all() checks each reference's size, header CRC and save id against the file there now:
+    a checkpoint that no longer loads is neither listed nor counted by retention [X5]."""
+    manager = safeckpt.CheckpointManager(tmp_path / "run", keep_last=2, incremental=True, rng=False)
+    for step in (1, 2, 3):
+        manager.save(step, lora_state(step))
+    assert steps_of(manager) == [1, 2, 3] and referred(manager, 3)[0][0] == "step-0000000001.sckpt"
+    other = safeckpt.CheckpointManager(tmp_path / "other", incremental=True, rng=False)
+    other.save(1, lora_state(1))  # the same step and tensors, another save
+    os.replace(other.path(1), manager.path(1))
+    assert steps_of(manager) == [1] and manager.latest().step == 1
+    manager.save(4, lora_state(4))  # retention counts 1 and 4; 2 and 3 no longer load: they go
+    assert steps_of(manager) == [1, 4]
+    assert sorted(os.listdir(tmp_path / "run")) == ["step-0000000001.sckpt", "step-0000000004.sckpt"]
+    assert manager.load(4, verify=True).state["base"]["w"][1, 0] == 200
 
 
 def test_incremental_refers_only_where_the_bytes_compare_equal(tmp_path, monkeypatch):
