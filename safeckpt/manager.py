@@ -56,7 +56,7 @@ class Checkpoint(NamedTuple):
     metrics: Metrics
 
 
-Identity = Tuple[int, int, Optional[bytes]]  # a file's size, header_crc and save_id [X5]
+Identity = Tuple[int, Optional[int], Optional[bytes]]  # a file's size, header_crc, save_id [X5]
 
 
 class _Entry(NamedTuple):
