@@ -43,6 +43,7 @@ CDEF = """
 #define SCK_WRITE_CHUNK ...
 #define SCK_CRC_THREAD_MIN ...
 #define SCK_COMPARE_THREAD_MIN ...
+#define SCK_COPY_THREAD_MIN ...
 
 extern const unsigned char sck_magic[8];
 
@@ -107,6 +108,8 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
                       const uint64_t *lens, uint64_t align, int want_crc, uint32_t *crcs,
                       uint64_t *end, uint64_t *bad_index, int *err);
 int sck_bytes_equal(const void *a, const void *b, uint64_t len, int nthreads, int *equal);
+int sck_copy_many(uint64_t n, void *const *dsts, const void *const *srcs, const uint64_t *lens,
+                  int nthreads, uint64_t *bad_index);
 """
 
 SOURCES = sorted(glob.glob("csrc/*.c"))

@@ -229,6 +229,21 @@ int sck_write_tensors(int fd, uint64_t pos, uint64_t n, const void *const *srcs,
  * SCK_E_ARG (and *equal = 0). */
 int sck_bytes_equal(const void *a, const void *b, uint64_t len, int nthreads, int *equal);
 
+/* ---- Copies (copy.c) --------------------------------------------------------------------- */
+
+#define SCK_COPY_THREAD_MIN (16u << 20) /* copies this large in all are shared by threads */
+
+/* memcpy(dsts[i], srcs[i], lens[i]) for each i < n: the snapshot of a state before an async save
+ * returns. From SCK_COPY_THREAD_MIN bytes in all, up to nthreads threads (<= 0: min(online CPUs,
+ * SCK_MAX_THREADS)) copy pieces of at most SCK_READ_PIECE bytes (on the calling thread alone if
+ * the piece table cannot be allocated). Every range is checked before any byte is copied: a NULL
+ * buffer with a length, a length past SIZE_MAX, lengths summing past 2**64 - 1, or a destination
+ * that overlaps its own source give SCK_E_ARG with *bad_index = the range (0 on success); a
+ * destination that is its source (the same start) is left as it is. Ranges of different i must
+ * not overlap one another (not checked: the caller's buffers are distinct). */
+int sck_copy_many(uint64_t n, void *const *dsts, const void *const *srcs, const uint64_t *lens,
+                  int nthreads, uint64_t *bad_index);
+
 #ifdef __cplusplus
 }
 #endif

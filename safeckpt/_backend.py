@@ -15,6 +15,13 @@ the C core and fails at import if it is not built. Both backends export the same
     hold exactly the same bytes; different byte lengths are unequal. The C core runs memcmp with
     the GIL released, split over threads from 16 MiB; the fallback compares numpy chunks of 1 MiB.
     The module-level :func:`bytes_equal` calls the backend in force.
+``copy_into(dst, src)``, ``copy_many(dsts, srcs)``
+    Copy the bytes of C-contiguous ``src`` into the writable C-contiguous ``dst`` of the same byte
+    length (``copy_many``: each pair, all checked before any is copied); a destination that
+    overlaps its source is refused (``ValueError``), one that is its source is left as it is.
+    The C core runs memcpy with the GIL released, split over threads from 16 MiB in all; the
+    fallback uses ``numpy.copyto`` on byte views. The module-level :func:`copy_into` and
+    :func:`copy_many` call the backend in force.
 ``parse_prefix(prefix, file_size, max_header_size) -> (code, fields)``
     Checks [P1]-[P7] in order on the first ``min(32, file_size)`` bytes of a file. ``fields`` is
     ``(major, minor, flags, header_len, align, header_crc)``, or ``None`` when ``code != 0``.
@@ -46,6 +53,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Sequence
 
 backend: ModuleType  # the chosen one: _native or _pybackend
 _choice = os.environ.get("SAFECKPT_BACKEND", "").strip().lower()
@@ -113,3 +121,40 @@ def bytes_equal(a: object, b: object) -> bool:
         True
     """
     return bool(backend.bytes_equal(a, b))
+
+
+def copy_into(dst: object, src: object) -> None:
+    """Copy the bytes of ``src`` into ``dst`` (the backend in force copies; threads share a large
+    copy in the C core).
+
+    Parameters:
+        dst: a writable C-contiguous bytes-like object (a numpy array of any dtype, a bytearray).
+        src: a C-contiguous bytes-like object of the same byte length; dtypes play no part.
+
+    Raises:
+        ValueError: the byte lengths differ, or ``dst`` overlaps ``src``; BufferError,
+            ValueError: a buffer is not C-contiguous, or ``dst`` is read-only.
+
+    Example:
+        >>> import numpy as np
+        >>> dst = np.zeros(2, np.float32); copy_into(dst, np.ones(2, np.float32)); dst.tolist()
+        [1.0, 1.0]
+    """
+    backend.copy_into(dst, src)
+
+
+def copy_many(dsts: Sequence[object], srcs: Sequence[object]) -> None:
+    """:func:`copy_into` for each pair ``(dsts[i], srcs[i])`` in one call: every pair is checked
+    before any byte is copied, and the C core shares all the copies among its threads (many small
+    tensors cost one call, not one each).
+
+    Raises:
+        ValueError: the lists differ in length; else as :func:`copy_into`, naming the pair.
+
+    Example:
+        >>> import numpy as np
+        >>> a, b = np.zeros(2, np.int8), np.zeros(3, np.int8)
+        >>> copy_many([a, b], [np.ones(2, np.int8), bytes([7, 8, 9])]); b.tolist()
+        [7, 8, 9]
+    """
+    backend.copy_many(dsts, srcs)

@@ -43,8 +43,8 @@ from .format import (
 )
 
 __all__ = [
-    "NAME", "Mapping", "advise", "bytes_equal", "check_padding", "crc32c", "map_file",
-    "parse_prefix", "read_into", "validate_table", "write_tensors",
+    "NAME", "Mapping", "advise", "bytes_equal", "check_padding", "copy_into", "copy_many",
+    "crc32c", "map_file", "parse_prefix", "read_into", "validate_table", "write_tensors",
 ]
 
 NAME = "python"
@@ -423,6 +423,41 @@ def bytes_equal(a: Buffer, b: Buffer) -> bool:
         if not np.array_equal(xw[start:start + step], yw[start:start + step]):
             return False
     return bytes(x[words * 8:]) == bytes(y[words * 8:])
+
+
+def copy_many(dsts: Sequence[Buffer], srcs: Sequence[Buffer]) -> None:
+    """Copy the bytes of each ``srcs[i]`` into ``dsts[i]`` (C-contiguous, the same byte length),
+    with ``numpy.copyto`` on byte views. Every pair is checked before any byte is copied; a
+    destination that is its source (the same memory) is left as it is.
+
+    Raises:
+        ValueError: the lists or a pair's byte lengths differ, a destination overlaps its source,
+            a buffer is not C-contiguous, or a destination is read-only.
+    """
+    n = len(dsts)
+    if len(srcs) != n:
+        raise ValueError(f"copy_many: {n} destinations, {len(srcs)} sources")
+    pairs = []
+    for i, (d, s) in enumerate(zip(dsts, srcs)):
+        dst = np.frombuffer(_byte_view(d, True), np.uint8)
+        src = np.frombuffer(_byte_view(s, False), np.uint8)
+        if dst.nbytes != src.nbytes:
+            raise ValueError(f"copy_many: destination {i} has {dst.nbytes} bytes, its source "
+                             f"{src.nbytes}")
+        if dst.nbytes and dst.ctypes.data == src.ctypes.data:
+            continue  # copied onto itself: left as it is, as the C core does
+        if np.may_share_memory(dst, src):  # exact for two contiguous byte ranges
+            raise ValueError(f"copy_many: destination {i} ({dst.nbytes} bytes) overlaps its "
+                             "source")
+        pairs.append((dst, src))
+    for dst, src in pairs:
+        np.copyto(dst, src)
+
+
+def copy_into(dst: Buffer, src: Buffer) -> None:
+    """Copy the bytes of ``src`` into ``dst`` (C-contiguous, the same byte length) with
+    ``numpy.copyto``. Raises as :func:`copy_many`."""
+    copy_many((dst,), (src,))
 
 
 def check_padding(source: Mapping | Buffer | int, n: int, offsets: Buffer, nbytes: Buffer,

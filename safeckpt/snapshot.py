@@ -11,8 +11,10 @@ stream of their device, and one CUDA event per device is recorded after the last
 :meth:`Snapshot.wait` waits for those events and must be called before the buffers are read (work
 queued later on that stream runs after the copies; other streams must wait for it, as torch
 requires for any tensor shared between streams). Tensors on other non-CPU devices are copied
-synchronously. numpy arrays, torch CPU tensors and jax arrays are copied with one memcpy each
-(a big-endian array is stored little-endian in its buffer).
+synchronously. numpy arrays, torch CPU tensors and jax arrays of 64 KiB or more are copied in
+one call for them all (:func:`safeckpt._backend.copy_many`: memcpy with the GIL released, shared
+by the C core's threads); smaller and strided ones are copied by numpy, and a big-endian one is
+stored little-endian in its buffer.
 
 Example:
     >>> import numpy as np
@@ -32,10 +34,18 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from . import _backend
 from . import format as fmt
 from . import tree as _tree
 from . import writer as _writer
 from .dtypes import is_little_endian
+
+
+# Host arrays from this size are copied by one _backend.copy_many call for them all (threads
+# share the bytes); smaller ones by numpy.copyto, which costs less per array (about 0.5 us) than
+# passing a pair of buffers to C (about 1 us): 10,000 arrays of 256 bytes take 4 ms by numpy and
+# 15 ms through copy_many; a 1.5 GB state of 592 arrays (GPT-2 + Adam) takes 1.5x longer by numpy.
+_BATCH_MIN = 64 << 10
 
 
 class _Buffer(NamedTuple):
@@ -133,6 +143,8 @@ class Snapshotter:
         copies: List[np.ndarray] = []
         devices: Dict[Any, Any] = {}  # CUDA device -> torch: an event is recorded after its copies
         sources: List[Any] = []
+        dsts: List[np.ndarray] = []  # large host arrays, copied byte for byte in one call
+        srcs: List[np.ndarray] = []
         for name, array in zip(names, arrays):
             source = array.source if type(array) is _writer.LazyArray else None
             kind = ("host" if source is None
@@ -145,12 +157,18 @@ class Snapshotter:
             self._buffers[name] = buffer
             copies.append(buffer.array)
             if source is None:
-                np.copyto(buffer.array, array, casting="equiv")
+                if (array.nbytes >= _BATCH_MIN and isinstance(array, np.ndarray)
+                        and dtype is array.dtype and array.flags.c_contiguous):
+                    dsts.append(buffer.array)
+                    srcs.append(array)
+                else:  # small (cheaper by numpy), strided, or big-endian bytes to swap
+                    np.copyto(buffer.array, array, casting="equiv")
             elif buffer.array.nbytes:
                 buffer.tensor.copy_(source, non_blocking=kind == "pinned")
                 if kind == "pinned":
                     devices[source.device] = sys.modules["torch"]
                     sources.append(source)
+        _backend.copy_many(dsts, srcs)
         events = []
         for device, torch in devices.items():
             event = self._events.get(device)

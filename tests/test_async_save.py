@@ -122,6 +122,48 @@ def test_sharded_save(backend, tmp_path):
         np.testing.assert_array_equal(back["model"][name], value)
 
 
+def test_large_host_arrays_are_copied_in_one_call(backend, monkeypatch):
+    """Host arrays (numpy, torch CPU) of _BATCH_MIN bytes or more go to the backend in one
+    copy_many call per snapshot (threads share the bytes in C); smaller, strided and big-endian
+    ones are copied by numpy. Every copy is exact, and in-place updates after take() returns do
+    not reach the snapshot."""
+    calls = []
+    real = snapshot._backend.copy_many
+
+    def counting(dsts, srcs):
+        calls.append(sorted(a.nbytes for a in srcs))
+        real(dsts, srcs)
+
+    monkeypatch.setattr(snapshot._backend, "copy_many", counting)
+    n = snapshot._BATCH_MIN // 4  # float32 elements in _BATCH_MIN bytes
+    rng = np.random.default_rng(5)
+    state = {"a": rng.standard_normal(n).astype(np.float32),
+             "below": rng.standard_normal(n - 1).astype(np.float32),
+             "t": torch.randn(3, n),
+             "bf": torch.randn(2 * n).to(torch.bfloat16),
+             "strided": rng.standard_normal((n, 2)).astype(np.float32)[:, 0],
+             "be": np.arange(n, dtype=">i4"),
+             "t_strided": torch.randn(n, 2).t(),
+             "empty": np.zeros((0, n), np.float32), "step": 3}
+    expected = safeckpt.load_bytes(api.save_tree_bytes(state))
+    snapshotter = Snapshotter()
+    snap = snapshotter.take(state)
+    snap.wait()
+    assert calls == [[4 * n, 4 * n, 12 * n]]
+    for value in state.values():
+        if isinstance(value, np.ndarray):
+            value += 1
+        elif isinstance(value, torch.Tensor):
+            value.add_(1)
+    got = dict(zip(snap.names, snap.arrays))
+    assert sorted(got) == sorted(expected) and all(got[k].dtype.byteorder != ">" for k in got)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+    again = snapshotter.take(state)
+    assert calls[1] == calls[0] and all(a is b for a, b in zip(snap.arrays, again.arrays))
+    np.testing.assert_array_equal(again.arrays[snap.names.index("a")], state["a"])
+
+
 # -- steady state: no allocation ------------------------------------------------------------------
 
 def test_snapshotter_reuses_its_buffers():

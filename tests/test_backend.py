@@ -250,6 +250,133 @@ def test_bytes_equal_follows_the_backend_in_force():
 
 
 # ---------------------------------------------------------------------------------------------
+# copy_into / copy_many: the snapshot of an async save
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (bytearray(), b""),
+    lambda: (bytearray(1), b"\x07"),
+    lambda: (np.zeros(4, np.float32), np.arange(4, dtype=np.float32)),
+    lambda: (np.zeros(4, np.float32), bytes(range(16))),  # bytes copied, whatever the types
+    lambda: (np.zeros((3, 5), np.int16), np.arange(15, dtype=np.uint16)),
+    lambda: (np.zeros(2, ml_dtypes.bfloat16), np.array([1.5, -2], ml_dtypes.bfloat16)),
+    lambda: (memoryview(bytearray(40))[3:], memoryview(bytes(range(40)))[1:38]),  # unaligned
+])
+def test_copy_into_cases(backend, make):
+    dst, src = make()
+    raw = lambda x: x.tobytes() if isinstance(x, np.ndarray) else bytes(x)  # noqa: E731
+    backend.copy_into(dst, src)
+    assert raw(dst) == raw(src)
+
+
+def test_copy_into_refuses_and_copies_nothing(backend):
+    dst = np.zeros(8, np.uint8)
+    with pytest.raises(ValueError, match="destination 0 has 8 bytes, its source 7"):
+        backend.copy_into(dst, bytes(range(1, 8)))
+    with pytest.raises((ValueError, BufferError)):
+        backend.copy_into(bytearray(32), np.ones((4, 4), np.float32)[:, ::2])  # not contiguous
+    with pytest.raises((ValueError, BufferError)):
+        backend.copy_into(np.ones((4, 4), np.float32)[:, ::2], bytes(32))
+    with pytest.raises((ValueError, BufferError)):
+        backend.copy_into(bytes(8), dst)  # read-only destination
+    frozen = np.zeros(8, np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):
+        backend.copy_into(frozen, np.ones(8, np.uint8))
+    assert not dst.any() and not frozen.any()
+
+
+def test_copy_into_overlap_refused_and_self_copy_left_alone(backend):
+    """memcpy of overlapping ranges is undefined: refused, naming the pair; ranges that touch
+    are copied; a buffer copied onto itself is left as it is."""
+    data = np.arange(100, dtype=np.uint8)
+    for dst, src in [(data[10:60], data[:50]), (data[:50], data[49:99]), (data[1:], data[:-1])]:
+        with pytest.raises(ValueError, match="destination 0 .*overlaps its source"):
+            backend.copy_into(dst, src)
+    assert np.array_equal(data, np.arange(100, dtype=np.uint8))
+    backend.copy_into(data, data)
+    backend.copy_into(data[:50], data[:50].view(np.int16))  # the same bytes, another view
+    assert np.array_equal(data, np.arange(100, dtype=np.uint8))
+    backend.copy_into(data[50:], data[:50])
+    assert np.array_equal(data[50:], np.arange(50, dtype=np.uint8))
+
+
+def test_copy_many_checks_every_pair_before_copying(backend):
+    a, b, c = np.zeros(4, np.uint8), np.zeros(4, np.uint8), np.zeros(6, np.uint8)
+    with pytest.raises(ValueError, match="2 destinations, 3 sources"):
+        backend.copy_many([a, b], [b"1234", b"5678", b"9"])
+    with pytest.raises(ValueError, match="destination 2 has 6 bytes, its source 5"):
+        backend.copy_many([a, b, c], [b"1234", b"5678", b"12345"])
+    with pytest.raises(ValueError, match="destination 1 .*overlaps its source"):
+        backend.copy_many([a, c[1:5]], [b"1234", c[:4]])
+    assert not a.any() and not b.any() and not c.any()
+    backend.copy_many([], [])
+    backend.copy_many([a, bytearray(0), c], [b"1234", b"", bytes(range(6))])
+    assert a.tobytes() == b"1234" and c.tobytes() == bytes(range(6))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.one_of(st.integers(0, 100), st.integers(0, 3 << 20)), max_size=6),
+       seed=st.integers(0, 2**32 - 1), starts=st.lists(st.integers(0, 7), min_size=12,
+                                                       max_size=12))
+def test_copy_many_property(sizes, seed, starts):
+    """Any lengths, at any start (alignment), one pair or many: both backends copy the exact
+    bytes and touch nothing around them."""
+    rng = np.random.default_rng(seed)
+    for backend in ALL:
+        srcs, dsts, frames = [], [], []
+        for k, size in enumerate(sizes):
+            src = rng.integers(0, 256, size + starts[k], dtype=np.uint8)[starts[k]:]
+            frame = np.full(size + 16, 0xA5, np.uint8)
+            frames.append(frame)
+            srcs.append(src)
+            dsts.append(frame[starts[k + 6]:starts[k + 6] + size])
+        backend.copy_many(dsts, srcs)
+        for src, dst, frame, k in zip(srcs, dsts, frames, range(len(sizes))):
+            assert np.array_equal(dst, src)
+            outside = np.concatenate([frame[:starts[k + 6]], frame[starts[k + 6] + len(src):]])
+            assert (outside == 0xA5).all()
+        if sizes:
+            single = np.zeros(sizes[0], np.uint8)
+            backend.copy_into(single, srcs[0])
+            assert np.array_equal(single, srcs[0])
+
+
+def test_copy_many_large_split_across_threads():
+    """From 16 MiB in all the C core copies 8 MiB pieces on several threads: every byte of
+    ranges across pieces, and of small ranges beside them, lands where it belongs."""
+    rng = np.random.default_rng(3)
+    sizes = [(40 << 20) + 5, 1, 0, (8 << 20) + 1, 3000, 17 << 20]
+    srcs = [rng.integers(0, 256, size, dtype=np.uint8) for size in sizes]
+    for backend in ALL:
+        dsts = [np.zeros(size, np.uint8) for size in sizes]
+        backend.copy_many(dsts, srcs)
+        assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs)), backend.NAME
+        one = np.zeros(sizes[0], np.uint8)
+        backend.copy_into(one, srcs[0])
+        assert np.array_equal(one, srcs[0]), backend.NAME
+
+
+def test_copy_follows_the_backend_in_force(monkeypatch):
+    from safeckpt import _backend
+    previous = _backend.NAME
+    try:
+        for module in ALL:
+            _backend.use(module.NAME)
+            calls = []
+            monkeypatch.setattr(module, "copy_many", lambda d, s: calls.append((d, s)))
+            _backend.copy_many([bytearray(1)], [b"x"])
+            assert len(calls) == 1
+            monkeypatch.undo()
+            dst = np.zeros(3, np.int32)
+            _backend.copy_into(dst, np.arange(3, dtype=np.int32))
+            _backend.copy_many([dst], [bytes(12)])
+            assert dst.tolist() == [0, 0, 0]
+    finally:
+        _backend.use(previous)
+
+
+# ---------------------------------------------------------------------------------------------
 # parse_prefix [P1]-[P7]
 
 
@@ -874,7 +1001,7 @@ def test_write_tensors_bad_align(tmp_path):
 
 def test_backends_same_interface():
     names = ["NAME", "crc32c", "parse_prefix", "validate_table", "check_padding", "map_file",
-             "advise", "read_into", "write_tensors", "bytes_equal"]
+             "advise", "read_into", "write_tensors", "bytes_equal", "copy_into", "copy_many"]
     for backend in ALL:
         assert all(hasattr(backend, name) for name in names)
     assert _pybackend.NAME == "python"

@@ -687,6 +687,82 @@ static void test_bytes_equal(void)
     free(b);
 }
 
+/* ---- Copies: checked before any byte moves, many ranges on one thread or shared by threads -- */
+
+static void test_copy_many(void)
+{
+    /* ranges of every kind: empty, a byte, across piece edges, past the thread threshold */
+    const uint64_t lens[] = {0, 1, 7, SCK_READ_PIECE - 1, SCK_READ_PIECE + 1, 0,
+                             (uint64_t)SCK_COPY_THREAD_MIN + 2 * (uint64_t)SCK_READ_PIECE + 3,
+                             4096};
+    enum { N = sizeof lens / sizeof lens[0] };
+    static const int threads[] = {1, 3, 0};
+    uint64_t total = 0, at[N], bad = 99;
+    void *dsts[N];
+    const void *srcs[N];
+    uint8_t *src, *dst;
+
+    for (size_t i = 0; i < N; i++) {
+        at[i] = total;
+        total += lens[i] + 3; /* 3 bytes between ranges stay untouched */
+    }
+    src = malloc((size_t)total);
+    dst = malloc((size_t)total);
+    CHECK(src && dst, "set-up");
+    for (uint64_t i = 0; i < total; i++)
+        src[i] = (uint8_t)((i * 2654435761u) >> 13);
+    for (size_t i = 0; i < N; i++) {
+        dsts[i] = dst + at[i];
+        srcs[i] = src + at[i];
+    }
+    for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
+        int same = 1, gaps = 1;
+        memset(dst, 0xA5, (size_t)total);
+        CHECK_CODE(sck_copy_many(N, dsts, srcs, lens, threads[t], &bad), SCK_OK, "copy");
+        CHECK_EQ(bad, 0, "bad_index zeroed on success");
+        for (size_t i = 0; i < N; i++) {
+            same &= memcmp(dst + at[i], src + at[i], (size_t)lens[i]) == 0;
+            for (uint64_t g = at[i] + lens[i]; g < at[i] + lens[i] + 3; g++)
+                gaps &= dst[g] == 0xA5;
+        }
+        CHECK(same, "every range copied, %d threads", threads[t]);
+        CHECK(gaps, "nothing written between ranges, %d threads", threads[t]);
+    }
+    CHECK_CODE(sck_copy_many(0, NULL, NULL, NULL, 0, &bad), SCK_OK, "no ranges");
+    CHECK_CODE(sck_copy_many(1, dsts, srcs, lens, 0, NULL), SCK_E_ARG, "NULL bad_index");
+    {
+        /* a bad range anywhere: SCK_E_ARG naming it, and no byte of any range copied */
+        uint8_t scratch[32];
+        void *to[4] = {dst, NULL, src + 200, scratch + 10};
+        const void *from[4] = {src, src + 300, src + 200, scratch}; /* 2: a range onto itself */
+        uint64_t len4[4] = {64, 64, 64, 11}, zeros = 0;
+        for (int i = 0; i < 32; i++)
+            scratch[i] = (uint8_t)i;
+        memset(dst, 0, 512);
+        CHECK_CODE(sck_copy_many(4, to, from, len4, 0, &bad), SCK_E_ARG, "NULL with a length");
+        CHECK_EQ(bad, 1, "the NULL destination named");
+        to[1] = dst + 100;
+        CHECK_CODE(sck_copy_many(4, to, from, len4, 0, &bad), SCK_E_ARG, "overlapping its source");
+        CHECK_EQ(bad, 3, "the range one byte into its source named");
+        for (int i = 0; i < 512; i++)
+            zeros += dst[i] == 0;
+        CHECK_EQ(zeros, 512, "nothing copied before the refusal");
+        len4[3] = 10; /* scratch + 10 from scratch, 10 bytes: they touch, they do not overlap */
+        CHECK_CODE(sck_copy_many(4, to, from, len4, 0, &bad), SCK_OK, "adjacent, and onto itself");
+        CHECK(memcmp(dst, src, 64) == 0 && memcmp(dst + 100, src + 300, 64) == 0, "copied");
+        CHECK(memcmp(scratch + 10, scratch, 10) == 0 && scratch[20] == 20, "the adjacent copy");
+    }
+    {
+        void *to[2] = {dst, dst + 8};
+        const void *from[2] = {src, src + 8};
+        uint64_t huge[2] = {8, UINT64_MAX}; /* no buffer has it: refused before any byte moves */
+        CHECK_CODE(sck_copy_many(2, to, from, huge, 0, &bad), SCK_E_ARG, "a length past memory");
+        CHECK_EQ(bad, 1, "the huge range named");
+    }
+    free(src);
+    free(dst);
+}
+
 int main(int argc, char **argv)
 {
     static const char *const names[] = {"mixed", "align256_nocrc", "empty"};
@@ -712,6 +788,7 @@ int main(int argc, char **argv)
     CHECK(mixed_seen, "mixed.sckpt tested");
     test_big_round_trip();
     test_bytes_equal();
+    test_copy_many();
     printf("test_core: %ld checks, %ld failed (CRC32C in %s, %s-endian)\n", checks, failures,
            sck_crc32c_hw_available() ? "hardware" : "tables",
            le_load((const uint8_t *)&(uint32_t){1}, 1) ? "little" : "big");
