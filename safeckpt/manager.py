@@ -67,6 +67,7 @@ class _Entry(NamedTuple):
     refs: Tuple[str, ...]  # the files it refers to (FORMAT.md section 11), else ()
     ref_ids: Tuple[Identity, ...]  # the Identity of each of those it was saved against
     identity: Identity  # its own
+    nbytes: int  # the bytes of the tensors it stores itself
 
 
 def as_step(value: Any) -> int:
@@ -137,8 +138,14 @@ class CheckpointManager:
             dtype and shape in the newest checkpoint is not written again: the new file refers
             to the file that stores them (FORMAT.md section 11). Retention keeps every file a
             kept checkpoint refers to, and deletes it once none does [X8]; :meth:`delete` and
-            ``save(overwrite=True)`` refuse a step that another listed checkpoint refers to. Needs
-            ``checksum=True``; not with ``max_shard_size``.
+            ``save(overwrite=True)`` refuse a step that another listed checkpoint refers to. A
+            file kept only for its bytes stays listed while its own references are there, so
+            :meth:`all` may list more than retention keeps; to bound that, a save refers to a
+            file that retention would not keep on its own after this save only when the bytes
+            it refers to there are at least half of that file's tensor bytes, and otherwise
+            writes those tensors again (a frozen base stays referred to, written once; a few
+            unchanged bytes never keep a whole old file). Needs ``checksum=True``; not with
+            ``max_shard_size``.
 
     Example:
         >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
@@ -396,21 +403,24 @@ class CheckpointManager:
                                 tree=skeleton)
             api.save_plan(plan, path)
         else:
-            refs = self._references(step, names, arrays)
+            refs = self._references(step, names, arrays, metrics)
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, True, tree=skeleton,
                                 refs=refs or None, save_id=fmt.new_save_id())
             api.save_plan(plan, path)
         with self._lock:
             self._retain()
 
-    def _references(self, step: int, names: List[str], arrays: List[Any]
-                    ) -> Dict[str, fmt.Location]:
+    def _references(self, step: int, names: List[str], arrays: List[Any],
+                    metrics: Metrics | None = None) -> Dict[str, fmt.Location]:
         """The tensors of a new checkpoint whose bytes equal, byte for byte, those of the same
         name, dtype and shape in the newest other checkpoint, each with where those bytes are
-        stored (the file that holds them, never a reference to a reference) [X7]. A GPU tensor
+        stored (the file that holds them, never a reference to a reference) [X7]; less those
+        into a file that only they would keep (see :meth:`_worth_keeping`). A GPU tensor
         compared and found changed is kept in ``arrays`` as its host copy, written as it is."""
         with self._lock:
-            previous = [e for e in self._complete() if e.checkpoint.step != step and not e.shards]
+            entries = self._entries()
+            previous = [e for e in self._complete(entries)
+                        if e.checkpoint.step != step and not e.shards]
         if not previous:
             return {}
         refs: Dict[str, fmt.Location] = {}
@@ -434,7 +444,25 @@ class CheckpointManager:
                 new = to_little_endian(np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
                 if _backend.bytes_equal(new, reader.raw_bytes(name, verify=False)):
                     refs[name] = location
-        return refs
+        return self._worth_keeping(step, metrics or {}, entries, refs)
+
+    def _worth_keeping(self, step: int, metrics: Metrics, entries: list[_Entry],
+                       refs: Dict[str, fmt.Location]) -> Dict[str, fmt.Location]:
+        """``refs`` less the references into a file that retention would not keep on its own
+        once checkpoint ``step`` is saved, when they cover less than half of the bytes that file
+        stores: those tensors are written again, so that the file can go once older checkpoints
+        stop referring to it (a few unchanged bytes never keep a whole file)."""
+        records = sorted([*(e.checkpoint for e in self._complete(entries)
+                            if e.checkpoint.step != step),
+                          Checkpoint(step, self.path(step), metrics)], key=lambda r: r.step)
+        kept = {os.path.basename(self.path(s)) for s in self._kept(records)}
+        stored = {os.path.basename(e.checkpoint.path): e.nbytes for e in entries}
+        referred: Dict[str, int] = {}
+        for location in refs.values():
+            referred[location.file] = referred.get(location.file, 0) + location.nbytes
+        dropped = {file for file, nbytes in referred.items()
+                   if file not in kept and 2 * nbytes < stored.get(file, 0)}
+        return {name: where for name, where in refs.items() if where.file not in dropped}
 
     # -- the checkpoints in the directory ----------------------------------------------------------
 
@@ -460,11 +488,12 @@ class CheckpointManager:
                 shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
                 refs = reader.refs
                 identity = (reader.size, reader.header_crc, reader.save_id)
+                nbytes = sum(reader.table.nbytes)
             check_metadata(meta, repr(path), int(match.group(1)))
             entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards,
                            tuple(refs.files) if refs else (),
                            tuple(zip(refs.sizes, refs.header_crcs, refs.save_ids)) if refs else (),
-                           identity)
+                           identity, nbytes)
         except (SafeckptError, OSError):
             entry = None
         self._cache[name] = (key, entry)
@@ -489,7 +518,9 @@ class CheckpointManager:
                 if all(identity.get(file) == ref for file, ref in zip(e.refs, e.ref_ids))]
 
     def all(self) -> list[Checkpoint]:
-        """Every complete checkpoint, oldest first."""
+        """Every complete checkpoint, oldest first: those retention keeps and, with
+        ``incremental``, those kept only for the bytes a kept checkpoint refers to, as long as
+        the files they refer to are there, unchanged."""
         return [entry.checkpoint for entry in self._complete()]
 
     def latest(self) -> Checkpoint | None:

@@ -261,35 +261,75 @@ def test_incremental_saves_refer_to_the_file_that_stores_unchanged_bytes(tmp_pat
     assert steps_of(manager) == [10, 20, 30]
     state["base"]["w"] += 1  # the whole base changes: step 40 stores it, 50 refers to 40
     state["lora"][:] = state["step"] = 40
-    manager.save(40, state)
-    assert referred(manager, 40) == [("step-0000000010.sckpt", 1, 40_000),  # emb
-                                     ("step-0000000030.sckpt", 1, 512)]  # zero, as saved at 30
+    manager.save(40, state)  # 10 is not kept on its own now, and emb is a third of its bytes:
+    assert referred(manager, 40) == [("step-0000000030.sckpt", 1, 512)]  # emb written again
     state["lora"][:] = state["step"] = 50
-    manager.save(50, state)
-    assert referred(manager, 50) == [("step-0000000010.sckpt", 1, 40_000),
-                                     ("step-0000000030.sckpt", 1, 512),
-                                     ("step-0000000040.sckpt", 1, 80_000)]
-    assert steps_of(manager) == [10, 30, 40, 50]  # 20 went: nothing kept refers to it
+    manager.save(50, state)  # zero, 512 of 30's 6920 bytes, is written again too
+    assert referred(manager, 50) == [("step-0000000040.sckpt", 2, 120_000)]
+    assert sorted(os.listdir(tmp_path)) == ["step-0000000030.sckpt", "step-0000000040.sckpt",
+                                            "step-0000000050.sckpt"]
+    assert steps_of(manager) == [40, 50]  # 30 stays for its bytes, but 10 went: not listed
+    with pytest.raises(FileNotFoundError, match="step-0000000010.sckpt"):
+        manager.load(30)
+    with pytest.raises(safeckpt.InvalidValueError, match=r"steps \[40\] refer"):
+        manager.delete(30)
     state["base"]["emb"] *= 2
     state["base"]["zero"][0] = 1.0
     state["lora"][:] = state["step"] = 60
-    manager.save(60, state)
+    manager.save(60, state)  # w, most of 40's bytes: referred to although 40 is not kept
     assert referred(manager, 60) == [("step-0000000040.sckpt", 1, 80_000)]
-    assert steps_of(manager) == [10, 30, 40, 50, 60]  # 50 refers to 10 and 30, and is kept
+    assert sorted(os.listdir(tmp_path)) == ["step-0000000040.sckpt", "step-0000000050.sckpt",
+                                            "step-0000000060.sckpt"]  # nothing kept needs 30
+    assert steps_of(manager) == [50, 60]  # 40 stays for its bytes, but has lost 30: not listed
+    with pytest.raises(FileNotFoundError, match="step-0000000030.sckpt"):
+        manager.load(40)
     with pytest.raises(safeckpt.InvalidValueError, match=r"steps \[50, 60\] refer"):
         manager.delete(40)
     manager.delete(50)
-    assert steps_of(manager) == [10, 30, 40, 60]  # 40 is kept, and refers to 10 and 30
+    assert steps_of(manager) == [60]
     state["lora"][:] = state["step"] = 70
-    manager.save(70, state)  # refers to 40 (w) and 60: 40 stays for its bytes, 10 and 30 go
+    manager.save(70, state)  # refers to 40 (w) and 60
+    assert referred(manager, 70) == [("step-0000000040.sckpt", 1, 80_000),
+                                     ("step-0000000060.sckpt", 2, 40_512)]
     assert sorted(os.listdir(tmp_path)) == ["step-0000000040.sckpt", "step-0000000060.sckpt",
                                             "step-0000000070.sckpt"]
-    assert steps_of(manager) == [60, 70]  # 40 has lost what it referred to: not a checkpoint
-    with pytest.raises(FileNotFoundError, match="step-0000000010.sckpt"):
-        manager.load(40)
+    assert steps_of(manager) == [60, 70]
     info = manager.load(70, verify=True)
     assert (info.state["base"]["w"] == state["base"]["w"]).all() and info.state["step"] == 70
     assert (info.state["base"]["emb"] == state["base"]["emb"]).all()
+
+
+def test_a_few_unchanged_bytes_do_not_keep_an_old_file(tmp_path):
+    """Full training with incremental=True: everything changes but a 16-byte buffer and an empty
+    tensor. Once retention would not keep the first file on its own, the next save writes them
+    again rather than keep a whole file for them: never more than keep_last + 1 files."""
+    manager = safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, rng=False)
+    rng = np.random.default_rng(0)
+    for step in range(6):
+        manager.save(step, {"w": rng.standard_normal(50_000).astype(np.float32),
+                            "mask": np.ones(4, np.float32), "empty": np.zeros(0, np.float32)})
+        assert len(os.listdir(tmp_path)) <= 3 and len(manager.all()) <= 3, step
+        assert step < 3 or not os.path.exists(manager.path(0)), step
+    assert steps_of(manager) == [4, 5] and referred(manager, 5) == [("step-0000000004.sckpt", 2, 16)]
+    for step in (4, 5):
+        assert manager.load(step, verify=True).state["mask"].tolist() == [1, 1, 1, 1]
+
+
+def test_a_frozen_base_stays_referred_and_is_written_once(tmp_path):
+    """LoRA-like: the base is most of the first file's bytes, so every save refers to it there,
+    however old that file is; retention keeps it, and the checkpoint, for those bytes."""
+    manager = safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, rng=False)
+    state = lora_state(0)
+    base_bytes = sum(a.nbytes for a in state["base"].values())
+    for step in range(6):
+        state["lora"][:] = state["step"] = step
+        manager.save(step, state)
+        if step:
+            assert referred(manager, step) == [("step-0000000000.sckpt", 3, base_bytes)]
+    assert steps_of(manager) == [0, 4, 5]  # 0 is listed: kept for the bytes 4 and 5 refer to
+    sizes = [os.path.getsize(os.path.join(tmp_path, name)) for name in sorted(os.listdir(tmp_path))]
+    assert sizes[0] > base_bytes and max(sizes[1:]) < 10_000
+    assert (manager.load(5, verify=True).state["base"]["w"] == state["base"]["w"]).all()
 
 
 def test_incremental_refuses_to_break_any_listed_checkpoint(tmp_path):
