@@ -9,7 +9,7 @@ the previous checkpoint or the new one; retention runs after the new file is ren
 Example:
     >>> manager = safeckpt.CheckpointManager("ckpts", keep_last=3)          # doctest: +SKIP
     >>> state = {"model": model, "optimizer": optimizer}                     # doctest: +SKIP
-    >>> info = manager.restore(state)         # the newest complete checkpoint, or None
+    >>> info = manager.restore(state)         # the newest that loads; None: no checkpoint yet
     >>> start = info.step + 1 if info else 0
     >>> for step in range(start, steps):
     ...     train_one_step()
@@ -46,6 +46,7 @@ NAME = re.compile(r"\Astep-(\d{10,20})\.sckpt\Z")  # a checkpoint (or a sharded 
 SHARD = re.compile(r"\A(step-\d{10,20})-\d{5}-of-\d{5}\.sckpt\Z")  # a sharded checkpoint's shard
 _MAX_STEP = 10 ** 20 - 1  # the most digits a name holds (and below 2**64 - 1, [C1])
 _ALIGN = 64
+_SHOWN = 10  # the failed files a "no checkpoint loads" error lists
 
 
 class Checkpoint(NamedTuple):
@@ -144,8 +145,9 @@ class CheckpointManager:
             file that retention would not keep on its own after this save only when the bytes
             it refers to there are at least half of that file's tensor bytes, and otherwise
             writes those tensors again (a frozen base stays referred to, written once; a few
-            unchanged bytes never keep a whole old file). Needs ``checksum=True``; not with
-            ``max_shard_size``.
+            unchanged bytes never keep a whole old file). A damaged byte in a file that every
+            checkpoint refers to damages them all: :meth:`restore` then raises, naming it.
+            Needs ``checksum=True``; not with ``max_shard_size``.
 
     Example:
         >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
@@ -622,7 +624,8 @@ class CheckpointManager:
     def load(self, step: Any = None, *, verify: bool | None = None) -> CheckpointInfo | None:
         """Load checkpoint ``step`` (default: the newest that loads and passes its checks, as
         :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
-        or None when there is none. Pending async saves are written first (as :meth:`wait`)."""
+        or None when there is no checkpoint file. Pending async saves are written first (as
+        :meth:`wait`). Raises as :meth:`restore`."""
         return self._load(None, step, verify, True, None)
 
     def restore(self, state_or_model: Any, step: Any = None, *, verify: bool | None = None,
@@ -635,9 +638,14 @@ class CheckpointManager:
         [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
         the one before it. ``verify`` and ``map_location`` as for
         :func:`safeckpt.load_checkpoint`. Returns a :class:`~safeckpt.checkpoint.CheckpointInfo`,
-        or None when there is no checkpoint (start fresh).
+        or None when there is no checkpoint file at all (start fresh).
 
         Raises:
+            SafeckptError, OSError: with ``step=None``, when there are checkpoint files but
+                none loads: the newest one's error type (chained to it), listing each file and
+                its error and naming a file they all refer to and failed on (with
+                ``incremental``, a damaged byte in a file every checkpoint refers to); nothing
+                was restored.
             StateMismatchError: the checkpoint does not fit ``state_or_model``; nothing was
                 written (an older checkpoint is not tried: it would not fit either).
             InvalidValueError: a target that cannot be restored in place (e.g. an optimizer's
@@ -662,6 +670,7 @@ class CheckpointManager:
         self.wait()  # what was saved, not what was on disk before
         candidates = (self._candidates() if step is None
                       else [(as_step(step), self.path(step))])
+        failed: List[Tuple[str, Exception]] = []
         for number, path in candidates:
             try:
                 tree = load_checkpoint_file(path, MANAGED, (), verify, {}, step=number)
@@ -669,6 +678,7 @@ class CheckpointManager:
                 if step is not None:
                     raise
                 warnings.warn(f"skipping checkpoint {path!r}: {exc}", RuntimeWarning, stacklevel=3)
+                failed.append((path, exc))
                 continue
             state = tree["state"]
             if target is not None:
@@ -677,4 +687,35 @@ class CheckpointManager:
                 if self.rng:
                     restore_rng(tree["rng"])
             return CheckpointInfo(path, tree["step"], None, tree["metrics"], None, state)
+        if failed:
+            raise self._none_loads(failed) from failed[0][1]
         return None
+
+    def _none_loads(self, failed: List[Tuple[str, Exception]]) -> Exception:
+        """The error for a directory whose checkpoint files all failed to load (``failed``:
+        each path and its error, newest first): of the newest one's type, listing every file
+        and its error, and naming a file they all refer to (or are) and failed on: with
+        ``incremental``, one damaged byte of a file every checkpoint refers to damages them all."""
+        shown = [f"{os.path.basename(path)}: {exc}" for path, exc in failed[:_SHOWN]]
+        if len(failed) > _SHOWN:
+            shown.append(f"and {len(failed) - _SHOWN} more")
+        referred: Dict[str, int] = {}  # each file the failed ones refer to: by how many
+        for path, _ in failed:
+            entry = self._entry(os.path.basename(path))
+            for file in entry.refs if entry else ():
+                referred[file] = referred.get(file, 0) + 1
+
+        def names(exc: Exception, path: str) -> bool:  # the error is about that file
+            return getattr(exc, "filename", None) == path or path in str(exc)
+
+        culprits = [file for file in sorted(referred, key=lambda f: -referred[f])
+                    if all(names(exc, os.path.join(self.directory, file)) for _, exc in failed)]
+        cause = (f"; each failed on {culprits[0]!r}, which the others refer to: a damaged or "
+                 "missing file that every checkpoint refers to loses them all" if culprits else "")
+        message = (f"no checkpoint in {self.directory!r} loads ({len(failed)} files, newest first: "
+                   f"{'; '.join(shown)}){cause}. Restore a copy of the damaged file, or move the "
+                   "files away to start fresh")
+        first = failed[0][1]
+        if isinstance(first, OSError) and first.errno is not None:
+            return type(first)(first.errno, message, first.filename)
+        return type(first)(message)

@@ -310,7 +310,8 @@ def test_a_few_unchanged_bytes_do_not_keep_an_old_file(tmp_path):
                             "mask": np.ones(4, np.float32), "empty": np.zeros(0, np.float32)})
         assert len(os.listdir(tmp_path)) <= 3 and len(manager.all()) <= 3, step
         assert step < 3 or not os.path.exists(manager.path(0)), step
-    assert steps_of(manager) == [4, 5] and referred(manager, 5) == [("step-0000000004.sckpt", 2, 16)]
+    assert steps_of(manager) == [4, 5]
+    assert referred(manager, 5) == [("step-0000000004.sckpt", 2, 16)]
     for step in (4, 5):
         assert manager.load(step, verify=True).state["mask"].tolist() == [1, 1, 1, 1]
 
@@ -365,8 +366,43 @@ def test_a_checkpoint_whose_referenced_file_was_replaced_is_not_listed(tmp_path)
     assert steps_of(manager) == [1] and manager.latest().step == 1
     manager.save(4, lora_state(4))  # retention counts 1 and 4; 2 and 3 no longer load: they go
     assert steps_of(manager) == [1, 4]
-    assert sorted(os.listdir(tmp_path / "run")) == ["step-0000000001.sckpt", "step-0000000004.sckpt"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["step-0000000001.sckpt",
+                                                    "step-0000000004.sckpt"]
     assert manager.load(4, verify=True).state["base"]["w"][1, 0] == 200
+
+
+def test_restore_raises_when_every_checkpoint_fails_on_a_shared_file(tmp_path):
+    """One bit flipped in the base that every checkpoint refers to: each is skipped with a
+    warning, then load and restore raise, naming each file and the one they all failed on,
+    instead of returning None (which reads as "start from scratch")."""
+    manager = safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, rng=False)
+    for step in range(3):
+        manager.save(step, lora_state(step))
+    with safeckpt.open(manager.path(0)) as f:
+        offset = f.info("state.base.w").offset
+    with open(manager.path(0), "r+b") as f:
+        f.seek(offset + 400)
+        byte = f.read(1)[0]
+        f.seek(offset + 400)
+        f.write(bytes([byte ^ 1]))
+    target = lora_state(-1, {"w": np.zeros((100, 200), np.float32), "emb": np.zeros(5_000),
+                             "zero": np.ones(64)})
+    for call in (manager.load, lambda: manager.restore(target)):
+        with pytest.warns(RuntimeWarning, match="skipping checkpoint") as caught, \
+                pytest.raises(safeckpt.ChecksumError) as info:
+            call()
+        assert len(caught) == 3
+        message = str(info.value)
+        assert all(os.path.basename(manager.path(s)) in message for s in range(3)), message
+        assert "each failed on 'step-0000000000.sckpt'" in message, message
+        assert isinstance(info.value.__cause__, safeckpt.ChecksumError)
+    assert (target["base"]["w"] == 0).all() and (target["lora"] == -1).all()  # untouched
+    garbage = safeckpt.CheckpointManager(tmp_path / "garbage")
+    assert garbage.load() is None  # no checkpoint file at all: start fresh
+    (tmp_path / "garbage" / "step-0000000001.sckpt").write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning), pytest.raises(safeckpt.SafeckptError,
+                                                     match="no checkpoint .* loads"):
+        garbage.restore({})
 
 
 def test_incremental_refers_only_where_the_bytes_compare_equal(tmp_path, monkeypatch):
