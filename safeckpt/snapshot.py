@@ -44,7 +44,8 @@ from .dtypes import is_little_endian
 # Host arrays from this size are copied by one _backend.copy_many call for them all (threads
 # share the bytes); smaller ones by numpy.copyto, which costs less per array (about 0.5 us) than
 # passing a pair of buffers to C (about 1 us): 10,000 arrays of 256 bytes take 4 ms by numpy and
-# 15 ms through copy_many; a 1.5 GB state of 592 arrays (GPT-2 + Adam) takes 1.5x longer by numpy.
+# 15 ms through copy_many; a 1.5 GB state of 592 arrays (GPT-2 + Adam) takes 1.4-1.5x longer by
+# numpy (one thread) than through copy_many (2 threads on a 2-CPU machine).
 _BATCH_MIN = 64 << 10
 
 
