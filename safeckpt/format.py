@@ -9,7 +9,8 @@ import contextlib
 import gc
 import secrets
 import struct
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
+from typing import (Any, Callable, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence,
+                    TypeVar)
 
 import msgpack
 
@@ -487,6 +488,27 @@ def _decode_save_id(header: dict[str, Any], minor: int) -> bytes | None:
     return save_id
 
 
+
+def check_map_keys(value: Dict[str, Any], keys: Mapping[str, type], what: str, rule: str,
+                   where: str = "") -> None:
+    """Raise HeaderError unless the header map ``value`` (the ``what`` key, e.g. ``'refs'``) has
+    exactly ``keys``, each holding a value of its type (``list``: an array, ``bytes``: a bin).
+
+    Example:
+        >>> check_map_keys({"files": []}, {"files": list}, "shards", "S2")
+    """
+    at = f"{where}: " if where else ""
+    if set(value) != set(keys):
+        missing = sorted(set(keys) - set(value))
+        unknown = sorted(quote(key) for key in set(value) - set(keys))
+        raise HeaderError(f"{at}{what!r} must have exactly the keys {list(keys)} (missing "
+                          f"{missing}, unknown [{', '.join(unknown)}]) [{rule}]")
+    for key, kind in keys.items():
+        if type(value[key]) is not kind:
+            raise HeaderError(f"{at}{what}[{key!r}] must be "
+                              f"{'an array' if kind is list else 'bin'}, not "
+                              f"{type(value[key]).__name__} [{rule}]")
+
 def _decode_refs(header: dict[str, Any], minor: int, flags: int, positions: dict[str, int],
                  max_tensors: int) -> Refs | None:
     """The ``refs`` map: present exactly with the REFS flag, never with SHARD_INDEX [X2], of the
@@ -499,15 +521,7 @@ def _decode_refs(header: dict[str, Any], minor: int, flags: int, positions: dict
     if flags & FLAG_SHARD_INDEX or minor < KEY_MINOR["refs"] or type(refs) is not dict:
         raise HeaderError("a file with the REFS flag needs minor version 4 or later, a 'refs' map "
                           "and no SHARD_INDEX flag [X2]")
-    if set(refs) != set(REFS_KEYS):
-        missing = sorted(set(REFS_KEYS) - set(refs))
-        unknown = sorted(quote(key) for key in set(refs) - set(REFS_KEYS))
-        raise HeaderError(f"'refs' must have exactly the keys {list(REFS_KEYS)} (missing "
-                          f"{missing}, unknown [{', '.join(unknown)}]) [X3]")
-    for key, kind in REFS_KEYS.items():
-        if type(refs[key]) is not kind:
-            raise HeaderError(f"refs[{key!r}] must be {'an array' if kind is list else 'bin'}, "
-                              f"not {type(refs[key]).__name__} [X3]")
+    check_map_keys(refs, REFS_KEYS, "refs", "X3")
     files, save_ids, crcs, sizes = (refs[key] for key in ("files", "save_ids", "header_crcs",
                                                             "sizes"))
     k = len(files)

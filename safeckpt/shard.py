@@ -194,15 +194,7 @@ def check_shards(shards: Dict[str, Any], where: str, max_tensors: int = fmt.MAX_
             file name, counts that do not add up, a duplicate name, an out-of-range size or CRC.
         LimitError: more names than ``max_tensors``.
     """
-    keys = set(shards)
-    if keys != set(SHARDS_KEYS):
-        missing, unknown = sorted(set(SHARDS_KEYS) - keys), sorted(keys - set(SHARDS_KEYS), key=repr)
-        raise HeaderError(f"{where}: 'shards' must have exactly the keys {sorted(SHARDS_KEYS)} "
-                          f"(missing {missing}, unknown {unknown}) [S2]")
-    for key, kind in SHARDS_KEYS.items():
-        if type(shards[key]) is not kind:
-            raise HeaderError(f"{where}: shards[{key!r}] must be {'an array' if kind is list else 'bin'}"
-                              f", not {type(shards[key]).__name__} [S2]")
+    fmt.check_map_keys(shards, SHARDS_KEYS, "shards", "S2", where)
     files, counts, sizes, crcs, names = (shards[key] for key in
                                          ("files", "counts", "sizes", "header_crcs", "names"))
     k = len(files)
