@@ -30,7 +30,7 @@ import collections
 import itertools
 import re
 from typing import (Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple,
-                    Union)
+                    Union, cast)
 
 import numpy as np
 
@@ -74,6 +74,34 @@ class TreeReader(Protocol):
 def _describe(root: str, path: Sequence[Key]) -> str:
     """``state['model'][0]``: the Python expression that reaches a value, for messages."""
     return fmt.path_of(root, path)
+
+
+class _Where:
+    """The path of a value, spelled out (by :func:`_describe`) only when a message uses it.
+
+    Passed as ``where`` to the framework adapters and :func:`code_of`, which use it only in
+    f-strings (``{where}``, ``{where!r}``): a save of many tensors builds no path string unless
+    something fails, and the message reads exactly as with the string.
+    """
+
+    __slots__ = ("_root", "_path")
+
+    def __init__(self, root: str, path: Tuple[Key, ...]) -> None:
+        self._root, self._path = root, path
+
+    def __str__(self) -> str:
+        return _describe(self._root, self._path)
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _where(root: str, path: Tuple[Key, ...]) -> str:
+    """A :class:`_Where` typed as the str it stands for (the adapters only format it)."""
+    return cast(str, _Where(root, path))
 
 
 def flatten(obj: Any, *, root: str = "obj", max_depth: int = fmt.MAX_DEPTH
@@ -166,12 +194,12 @@ def _tensor_node(value: Any, root: str, path: Tuple[Key, ...], names: List[str],
         identity = ("numpy", array.__array_interface__["data"][0], array.shape, array.strides,
                     array.dtype.str) if array.nbytes else None
     elif jax_convert.is_array(value):
-        array, identity = jax_convert.export(value, _describe(root, path))
+        array, identity = jax_convert.export(value, _where(root, path))
     else:
-        array, device, identity = torch_convert.export(value, _describe(root, path))
+        array, device, identity = torch_convert.export(value, _where(root, path))
     if identity is not None and identity in shared:
         return [REF, shared[identity]]
-    code_of(array.dtype, _describe(root, path))
+    code_of(array.dtype, _where(root, path))
     index = len(names)
     if identity is not None:
         shared[identity] = index

@@ -146,6 +146,18 @@ def test_R6_cycles_and_depth_are_refused_at_save(tmp_path):
         safeckpt.save([deep], tmp_path / "x.sckpt")
 
 
+def test_flatten_spells_paths_out_only_for_a_message(monkeypatch):
+    # a save of many tensors builds no path string; a failing one names its path exactly
+    calls = []
+    real = fmt.path_of
+    monkeypatch.setattr(fmt, "path_of", lambda root, keys: calls.append(keys) or real(root, keys))
+    tree.flatten({"model": {f"w{i}": np.ones(2, np.float32) for i in range(50)}, "step": 3})
+    assert calls == []
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"""tensor "obj\['a'\]\[0\]": """):
+        tree.flatten({"a": [np.array(["x"])]})
+    assert calls == [("a", 0)]
+
+
 def test_R7_names(tmp_path):
     obj = {"model": collections.OrderedDict([("layers.0.weight", W), ("b", W[0])]),
            "a.b": W + 1, "a": {"b": W + 2}, 1: W + 3, "1": W + 4, "l": [W + 5, (W + 6,)]}
