@@ -1,6 +1,7 @@
 """Async and incremental checkpoints (issue 13) against a memory copy and the peers, side by side.
 
-One process; the cases of each table alternate run by run, in an order rotated each run (one
+One process; the cases of each table alternate run by run, in an order shuffled each run by a
+seeded random.Random, so that no case always follows the same neighbour (one
 untimed warm-up round first, so that steady-state buffers exist and files are in the page cache),
 and each figure is the median of ``--runs`` runs; ratios are to the table's first row.
 
@@ -38,6 +39,7 @@ import ctypes
 import gc
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -118,10 +120,15 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def rotated(cases, run):
-    """The cases starting at a different one each run, so none always follows the same one."""
-    start = run % len(cases)
-    return cases[start:] + cases[:start]
+_ORDER = random.Random(13)  # seeded: the same orders every time the script runs
+
+
+def shuffled(cases):
+    """The cases in a new random order at each call (seeded), so no case always follows the same
+    neighbour, as it would with a rotation."""
+    order = list(cases)
+    _ORDER.shuffle(order)
+    return order
 
 
 def proc_status(key):
@@ -319,7 +326,7 @@ def bench_blocking(args, saves):
     cases = [(name, make_case(saves, method, arguments)) for name, method, arguments in CASES]
     times = {name: ([], []) for name, _ in cases}
     for run in range(args.runs + 1):  # round 0: warm-up, untimed
-        for name, case in rotated(cases, run):
+        for name, case in shuffled(cases):
             if case is None:
                 continue
             save, complete = case
@@ -393,7 +400,7 @@ def bench_lora(args, root):
     for run in range(args.runs + 1):  # round 0 (untimed) writes each manager's first, full file
         train_step(optimizer)
         step += 1
-        for key, m in rotated(list(managers.items()), run):
+        for key, m in shuffled(list(managers.items())):
             if m is None:
                 continue
             before = written()
@@ -428,7 +435,7 @@ def bench_lora(args, root):
     loads = {(k, c): [] for k in ("full", "incremental") for c in ("warm", "cold")}
     for run in range(args.runs + 1):
         for cache in ("warm", "cold"):
-            for key in rotated(["full", "incremental"], run):
+            for key in shuffled(["full", "incremental"]):
                 m = managers[key]
                 if m is None:
                     continue

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from . import _backend, _fs, api
+from . import refs as _refs
 from . import format as fmt
 from . import async_save as _async
 from . import shard as _shard
@@ -69,6 +70,25 @@ class _Entry(NamedTuple):
     ref_ids: Tuple[Identity, ...]  # the Identity of each of those it was saved against
     identity: Identity  # its own
     nbytes: int  # the bytes of the tensors it stores itself
+
+
+Stamp = Tuple[int, int, int, int]  # a file's st_dev, st_ino, st_size, st_mtime_ns
+
+
+def _stamp(path: str) -> Stamp:
+    """What says that ``path`` is still the file it was: device, inode, size, mtime."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Held(NamedTuple):
+    """The open reader of the newest file this manager wrote (incremental), kept for the next
+    save to compare with, and the :func:`_stamp` of every file it reads (the referenced files,
+    then the file itself), taken when it was opened."""
+
+    path: str
+    reader: Any  # a Reader, or a LinkedReader over a file with references
+    stamps: Tuple[Tuple[str, Stamp], ...]
 
 
 def as_step(value: Any) -> int:
@@ -197,6 +217,7 @@ class CheckpointManager:
         self._pending: Dict[int, Checkpoint] = {}  # async saves not yet written, by step
         # file name -> ((size, mtime_ns, inode), _Entry or None)
         self._cache: Dict[str, Tuple[Tuple[int, int, int], Optional[_Entry]]] = {}
+        self._held: Optional[_Held] = None  # incremental: the reader of the last file written
         os.makedirs(self.directory, exist_ok=True)
         self.cleanup()
 
@@ -235,8 +256,12 @@ class CheckpointManager:
         """Write the pending saves (as :meth:`wait`) and refuse further saves; loading and
         restoring still work."""
         self._closed = True
-        if self._saver is not None:
-            self._saver.close()
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            with self._lock:
+                self._release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -337,6 +362,8 @@ class CheckpointManager:
         metrics = plain_metrics(metrics)
         if overwrite:
             self.wait()  # what it replaces is checked on disk, not while a save is pending
+            with self._lock:
+                self._release()  # the file it holds open may be the one replaced
         with self._lock:
             self._check_new(step, path, metrics, overwrite)
         tree = {"state": state_of(state), "step": step, "metrics": metrics,
@@ -409,6 +436,8 @@ class CheckpointManager:
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, True, tree=skeleton,
                                 refs=refs or None, save_id=fmt.new_save_id())
             api.save_plan(plan, path)
+            with self._lock:
+                self._hold(path)
         with self._lock:
             self._retain()
 
@@ -426,9 +455,8 @@ class CheckpointManager:
         if not previous:
             return {}
         refs: Dict[str, fmt.Location] = {}
-        try:
-            reader = api.open(previous[-1].checkpoint.path)
-        except (SafeckptError, OSError):  # damaged since: refer to nothing, write everything
+        reader = self._take(previous[-1].checkpoint.path)
+        if reader is None:  # damaged since: refer to nothing, write everything
             return {}
         with reader:
             for i, (name, array) in enumerate(zip(names, arrays)):
@@ -447,6 +475,65 @@ class CheckpointManager:
                 if _backend.bytes_equal(new, reader.raw_bytes(name, verify=False)):
                     refs[name] = location
         return self._worth_keeping(step, metrics or {}, entries, refs)
+
+    def _take(self, path: str) -> Any:
+        """An open reader of ``path``: the one kept since this manager wrote it, when every file
+        it reads is still the file it opened (same :func:`_stamp`: a file replaced or changed
+        since is opened again and checked [X5]), else a new one; None if it does not open. The
+        caller closes it."""
+        with self._lock:
+            held, self._held = self._held, None
+        if held is not None:
+            try:
+                if held.path == path and all(_stamp(p) == stamp for p, stamp in held.stamps):
+                    return held.reader
+            except OSError:
+                pass
+            held.reader.close()
+        try:
+            return api.open(path)
+        except (SafeckptError, OSError):
+            return None
+
+    def _hold(self, path: str) -> None:
+        """Open the file just written at ``path``, cache its :class:`_Entry` (retention needs no
+        other read of its header) and keep the reader for the next save (:meth:`_take`); a
+        file that does not open, or that changed while it was opened, is not kept."""
+        self._release()
+        name = os.path.basename(path)
+        match = NAME.match(name)
+        try:
+            before = os.stat(path)
+            reader = Reader(path, allow_refs=True)
+        except (SafeckptError, OSError):
+            return
+        held: Any = reader
+        paths = [path]
+        try:
+            entry = self._entry_of(reader, path, int(match.group(1))) if match else None
+            if reader.refs is not None:
+                held = _refs.LinkedReader(reader)
+                paths = list(held.shards)  # the referenced files, then this one
+        except (SafeckptError, OSError):
+            reader.close()
+            return
+        try:
+            stamps = tuple((p, _stamp(p)) for p in paths)
+        except OSError:
+            held.close()
+            return
+        if stamps[-1][1] != (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns):
+            held.close()  # replaced or changed while it was opened
+            return
+        if entry is not None:
+            self._cache[name] = ((before.st_size, before.st_mtime_ns, before.st_ino), entry)
+        self._held = _Held(path, held, stamps)
+
+    def _release(self) -> None:
+        """Close the reader kept for the next save, if any (close, overwrite, delete)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.reader.close()
 
     def _worth_keeping(self, step: int, metrics: Metrics, entries: list[_Entry],
                        refs: Dict[str, fmt.Location]) -> Dict[str, fmt.Location]:
@@ -486,20 +573,24 @@ class CheckpointManager:
         entry = None
         try:
             with Reader(path, allow_index=True, allow_refs=True) as reader:  # the header only
-                meta = reader.metadata
-                shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
-                refs = reader.refs
-                identity = (reader.size, reader.header_crc, reader.save_id)
-                nbytes = sum(reader.table.nbytes)
-            check_metadata(meta, repr(path), int(match.group(1)))
-            entry = _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards,
-                           tuple(refs.files) if refs else (),
-                           tuple(zip(refs.sizes, refs.header_crcs, refs.save_ids)) if refs else (),
-                           identity, nbytes)
+                entry = self._entry_of(reader, path, int(match.group(1)))
         except (SafeckptError, OSError):
             entry = None
         self._cache[name] = (key, entry)
         return entry
+
+    @staticmethod
+    def _entry_of(reader: Reader, path: str, step: int) -> _Entry:
+        """The _Entry of an open file's header; SafeckptError if its metadata is not a
+        checkpoint's of ``step`` [C1]."""
+        meta = reader.metadata
+        shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
+        refs = reader.refs
+        check_metadata(meta, repr(path), step)
+        return _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards,
+                      tuple(refs.files) if refs else (),
+                      tuple(zip(refs.sizes, refs.header_crcs, refs.save_ids)) if refs else (),
+                      (reader.size, reader.header_crc, reader.save_id), sum(reader.table.nbytes))
 
     def _entries(self) -> list[_Entry]:
         """The _Entry of every file whose header is a checkpoint's, oldest first."""
@@ -562,6 +653,8 @@ class CheckpointManager:
         """Delete a checkpoint: its file (or index) first, so that it is no longer taken for
         one, then its shards (a crash between leaves shards that :meth:`cleanup` removes)."""
         name = os.path.basename(entry.checkpoint.path)
+        if self._held is not None and self._held.path == entry.checkpoint.path:
+            self._release()
         for file in (name, *entry.shards):
             try:
                 os.unlink(os.path.join(self.directory, file))

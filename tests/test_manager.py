@@ -438,6 +438,44 @@ def test_incremental_refers_only_where_the_bytes_compare_equal(tmp_path, monkeyp
             safeckpt.CheckpointManager(tmp_path, incremental=True, **bad)
 
 
+def test_incremental_keeps_the_reader_of_the_file_it_wrote(tmp_path, monkeypatch):
+    # the previous file is not reopened while it is the file it was; retention reads no header
+    manager = safeckpt.CheckpointManager(tmp_path, incremental=True, rng=False)
+    state = lora_state(1)
+    manager.save(1, state)
+    manager.save(2, state)
+    opened = []
+    real_open, real_reader = manager_module.api.open, manager_module.Reader
+
+    def spy(kind, real):
+        def make(path, **options):
+            reader = real(path, **options)
+            opened.append((kind, os.path.basename(path), reader))
+            return reader
+        return make
+
+    monkeypatch.setattr(manager_module.api, "open", spy("open", real_open))
+    monkeypatch.setattr(manager_module, "Reader", spy("header", real_reader))
+    manager.save(3, state)
+    assert [(kind, name) for kind, name, _ in opened] == [("header", "step-0000000003.sckpt")]
+    path = manager.path(3)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))  # the file changed: reopened
+    del opened[:]
+    manager.save(4, state)
+    assert ("open", "step-0000000003.sckpt") in [(kind, name) for kind, name, _ in opened]
+    held = opened[-1][2]
+    assert opened[-1][1] == "step-0000000004.sckpt" and not held.closed
+    manager.delete(4)
+    assert held.closed
+    manager.save(5, state)
+    held = opened[-1][2]
+    assert opened[-1][1] == "step-0000000005.sckpt" and not held.closed
+    manager.close()
+    assert held.closed and all(reader.closed for _, _, reader in opened)
+    assert manager.load(5, verify=True).step == 5
+
+
 def test_incremental_async_saves_compare_the_snapshot(tmp_path):
     state = lora_state(0)
     with safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, async_save=True,
