@@ -18,7 +18,8 @@ the C core and fails at import if it is not built. Both backends export the same
 ``copy_into(dst, src)``, ``copy_many(dsts, srcs)``
     Copy the bytes of C-contiguous ``src`` into the writable C-contiguous ``dst`` of the same byte
     length (``copy_many``: each pair, all checked before any is copied); a destination that
-    overlaps its source is refused (``ValueError``), one that is its source is left as it is.
+    overlaps its source is refused (``ValueError``), one that is its source is left as it is;
+    different pairs must not overlap (not checked: the C core copies them on threads at once).
     The C core runs memcpy with the GIL released, split over threads from 16 MiB in all; the
     fallback uses ``numpy.copyto`` on byte views. The module-level :func:`copy_into` and
     :func:`copy_many` call the backend in force.

@@ -99,7 +99,9 @@ def copy_many(dsts: Sequence[Buffer], srcs: Sequence[Buffer]) -> None:
 
     One C call for all: memcpy with the GIL released; from 16 MiB in all, threads share the
     copies in pieces of 8 MiB. Every pair is checked before any byte is copied; a destination
-    that is its source (the same memory) is left as it is.
+    that is its source (the same memory) is left as it is. The pairs MUST NOT overlap one another
+    (not checked: threads copy them at once, so such a copy would race; the snapshot's
+    destinations are its own buffers).
 
     Raises:
         ValueError: the lists or a pair's byte lengths differ, or a destination overlaps its

@@ -428,7 +428,8 @@ def bytes_equal(a: Buffer, b: Buffer) -> bool:
 def copy_many(dsts: Sequence[Buffer], srcs: Sequence[Buffer]) -> None:
     """Copy the bytes of each ``srcs[i]`` into ``dsts[i]`` (C-contiguous, the same byte length),
     with ``numpy.copyto`` on byte views. Every pair is checked before any byte is copied; a
-    destination that is its source (the same memory) is left as it is.
+    destination that is its source (the same memory) is left as it is. The pairs must not overlap
+    one another, as for the C core's (not checked).
 
     Raises:
         ValueError: the lists or a pair's byte lengths differ, a destination overlaps its source,

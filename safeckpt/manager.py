@@ -142,7 +142,8 @@ class CheckpointManager:
         keep_period: also keep, forever, every checkpoint whose step is a multiple of this.
         save_interval_steps: :meth:`save` writes only steps that are a multiple of this, and the
             first checkpoint whatever its step (others return None, unless ``force=True``);
-            :meth:`should_save` says which.
+            :meth:`should_save` says which. Once a checkpoint is saved or found (until a
+            :meth:`delete`), an off-interval step is answered without a look at the directory.
         max_shard_size: write each checkpoint as shards of at most this many tensor bytes (an
             int, or a str such as ``"2GB"``), FORMAT.md section 9; one that fits is one file.
         rng: save and restore the random generators' state with every checkpoint.
@@ -215,6 +216,8 @@ class CheckpointManager:
         self._closed = False
         self._lock = threading.RLock()  # the directory's files, _cache and _pending
         self._pending: Dict[int, Checkpoint] = {}  # async saves not yet written, by step
+        self._handles: Dict[int, _async.SaveHandle] = {}  # their handles (see _pending_now)
+        self._seen_any = False  # a checkpoint was saved or found: save_interval_steps applies
         # file name -> ((size, mtime_ns, inode), _Entry or None)
         self._cache: Dict[str, Tuple[Tuple[int, int, int], Optional[_Entry]]] = {}
         self._held: Optional[_Held] = None  # incremental: the reader of the last file written
@@ -236,8 +239,8 @@ class CheckpointManager:
             options.append(f"async_save=True, max_in_flight={self._saver.max_in_flight}")
         if self.incremental:
             options.append("incremental=True")
-        state = " (closed)" if self._closed else (f" ({len(self._pending)} saves pending)"
-                                                  if self._pending else "")
+        pending = len(self._pending_now())
+        state = " (closed)" if self._closed else (f" ({pending} saves pending)" if pending else "")
         return f"CheckpointManager({self.directory!r}, {', '.join(options)}){state}"
 
     # -- async saves: waiting, closing -------------------------------------------------------------
@@ -277,20 +280,31 @@ class CheckpointManager:
 
     def cleanup(self) -> list[str]:
         """Remove what crashed saves left: temporary files, and shards whose index is missing
-        (a sharded save stopped before its index [S9]); return their names."""
+        (a sharded save stopped before its index [S9]); return their names. The files of a
+        pending async save are left alone: they are not a crash's.
+
+        Example:
+            >>> manager.cleanup()                                               # doctest: +SKIP
+            ['.step-0000000020.sckpt.3f9a1c.tmp']
+        """
         removed = []
         entries = os.listdir(self.directory)
         indexes = {name[:-len(".sckpt")] for name in entries if NAME.match(name)}
+        with self._lock:
+            pending = {os.path.basename(r.path)[:-len(".sckpt")]
+                       for r in self._pending_now().values()}
         for name in entries:
             temp = _fs.TEMP_NAME.match(name)  # an atomic save's temporary file
-            shard = SHARD.match(name)
-            if ((temp and (NAME.match(temp['base']) or SHARD.match(temp['base'])))
-                    or (shard and shard.group(1) not in indexes)):
-                try:
-                    os.unlink(os.path.join(self.directory, name))
-                    removed.append(name)
-                except FileNotFoundError:
-                    pass
+            shard = SHARD.match(temp['base'] if temp else name)
+            index = NAME.match(temp['base']) if temp else None
+            stem = shard.group(1) if shard else index.group(0)[:-len(".sckpt")] if index else None
+            if stem is None or stem in pending or (not temp and stem in indexes):
+                continue  # not a leftover, a pending save's, or a shard whose index is there
+            try:
+                os.unlink(os.path.join(self.directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
         return removed
 
     # -- the interval ------------------------------------------------------------------------------
@@ -306,6 +320,8 @@ class CheckpointManager:
             ...     manager.save(step, state)
         """
         step = as_step(step)
+        if self._off_interval(step) and self._seen():
+            return False  # without a look at the directory: this is asked at every step
         newest = self._newest()
         if newest is not None and (step <= newest or self._off_interval(step)):
             return False
@@ -315,7 +331,24 @@ class CheckpointManager:
         """The newest step written (complete) or pending, or None."""
         with self._lock:
             records = self.all()
-            return max([*self._pending, *(r.step for r in records[-1:])], default=None)
+            return max([*self._pending_now(), *(r.step for r in records[-1:])], default=None)
+
+    def _seen(self) -> bool:
+        """Whether a checkpoint exists or is pending (remembered once seen, until a delete), so
+        that an off-interval step costs no listing of the directory."""
+        if not self._seen_any:
+            self._seen_any = self._newest() is not None
+        return self._seen_any
+
+    def _pending_now(self) -> Dict[int, Checkpoint]:
+        """The pending async saves, less those whose background save ended without running the
+        manager's job (its snapshot's copies failed: the error is the saver's to raise)."""
+        with self._lock:
+            for step, handle in list(self._handles.items()):
+                if handle.done():
+                    del self._handles[step]
+                    self._pending.pop(step, None)
+            return self._pending
 
     def _off_interval(self, step: int) -> bool:
         """Whether ``step`` is not a multiple of ``save_interval_steps``."""
@@ -356,7 +389,7 @@ class CheckpointManager:
         step = as_step(step)
         if self._closed:
             raise ValueError(f"{self!r} is closed; make a new CheckpointManager to save again")
-        if not force and self._off_interval(step) and self._newest() is not None:
+        if not force and self._off_interval(step) and self._seen():
             return None  # not the first checkpoint either (as should_save says)
         path = self.path(step)
         metrics = plain_metrics(metrics)
@@ -371,6 +404,7 @@ class CheckpointManager:
         record = Checkpoint(step, path, metrics)
         if self._saver is None:
             self._write(step, path, metrics, *_tree.flatten(tree, root="checkpoint"))
+            self._seen_any = True
             return record
 
         def check(snapshot: Snapshot) -> None:  # in this thread: refuse what cannot be written
@@ -383,27 +417,32 @@ class CheckpointManager:
             finally:
                 with self._lock:
                     self._pending.pop(step, None)
+                    self._handles.pop(step, None)
 
         with self._lock:
             self._pending[step] = record
         try:
-            self._saver.submit(tree, job, check=check, root="checkpoint",
-                               what=f"checkpoint step {step} ({path!r})")
+            handle = self._saver.submit(tree, job, check=check, root="checkpoint",
+                                        what=f"checkpoint step {step} ({path!r})")
         except BaseException:
             with self._lock:
                 self._pending.pop(step, None)
             raise
+        with self._lock:
+            if step in self._pending:  # not yet written (else the job removed it)
+                self._handles[step] = handle
+        self._seen_any = True
         return record
 
     def _check_new(self, step: int, path: str, metrics: Metrics, overwrite: bool) -> None:
         """Refuse a save of ``step`` that would replace a checkpoint (unless ``overwrite``) or
         that retention would delete at once."""
-        if not overwrite and (os.path.lexists(path) or step in self._pending):
+        if not overwrite and (os.path.lexists(path) or step in self._pending_now()):
             raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
                                   "overwrite=True to replace it", path)
         if overwrite:
             self._refuse_referenced(step, "overwrite")
-        records = [r for r in self.all() + list(self._pending.values()) if r.step != step]
+        records = [r for r in self.all() + list(self._pending_now().values()) if r.step != step]
         records.append(Checkpoint(step, path, metrics))
         records.sort(key=lambda r: r.step)
         if step not in self._kept(records):
@@ -711,6 +750,7 @@ class CheckpointManager:
                 return
             self._remove(entry)
             self._retain()  # a file only this checkpoint referred to goes now
+            self._seen_any = False  # it may have been the last one: look again when asked
 
     # -- loading -----------------------------------------------------------------------------------
 

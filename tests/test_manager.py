@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -600,3 +601,82 @@ def test_crash_recovery_under_sigkill_with_incremental_saves_and_retention(tmp_p
                             "w": np.full(50_000, step, np.int64), "step": step})
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(manager.path(s))
                                             for s in (first.step, step - 1, step)]
+
+
+# -- review 2: pending saves that fail early, cleanup beside them, the cost of the interval ------
+
+def test_a_save_whose_snapshot_failed_is_not_left_pending(tmp_path, monkeypatch):
+    """A background save that fails before the manager's job runs (the snapshot's device copies,
+    where a CUDA error surfaces) is reported once and leaves no step pending: that step can be
+    saved again, and should_save and repr say nothing is pending."""
+    from safeckpt import snapshot
+    manager = safeckpt.CheckpointManager(tmp_path, async_save=True, keep_last=2)
+
+    def failed_copies(self):
+        raise RuntimeError("device copy failed (simulated)")
+
+    monkeypatch.setattr(snapshot.Snapshot, "wait", failed_copies)
+    manager.save(1, {"w": np.ones(4)})
+    with pytest.raises(RuntimeError, match="device copy failed"):
+        manager.wait()
+    monkeypatch.undo()
+    assert "pending" not in repr(manager)
+    assert manager.should_save(1)
+    manager.save(1, {"w": np.ones(4)})
+    manager.close()
+    assert steps_of(manager) == [1]
+
+
+def test_cleanup_leaves_the_files_of_a_pending_save(tmp_path, monkeypatch):
+    """cleanup() while an async save is pending keeps that save's temporary file and shards (they
+    are not a crash's leftovers), and still removes a real leftover."""
+    from safeckpt import async_save
+    for shards in (None, 64 << 10):
+        directory = tmp_path / f"shards{shards}"
+        manager = safeckpt.CheckpointManager(directory, async_save=True, max_shard_size=shards)
+        leftover = directory / ".step-0000000009.sckpt.0123456789ab.tmp"
+        gate = threading.Event()
+        real_work = async_save.AsyncSaver._work
+
+        def held_work(self):
+            gate.wait(30)  # bounded: the test releases it after its cleanup() calls
+            real_work(self)
+
+        monkeypatch.setattr(async_save.AsyncSaver, "_work", held_work)
+        manager.save(1, {f"w{i}": np.full(1 << 14, i, np.float32) for i in range(8)})
+        # the files the save will write, made now as if it were half done
+        made = [directory / ".step-0000000001.sckpt.ba9876543210.tmp"]
+        if shards:
+            made.append(directory / "step-0000000001-00001-of-00008.sckpt")
+        for path in made + [leftover]:
+            path.write_bytes(b"x")
+        removed = manager.cleanup()
+        assert removed == [leftover.name]
+        assert all(path.exists() for path in made)
+        gate.set()
+        manager.wait()
+        monkeypatch.undo()
+        for path in made:
+            path.unlink(missing_ok=True)
+        manager.close()
+        assert manager.load(1, verify=True).step == 1
+
+
+def test_an_off_interval_step_costs_no_look_at_the_directory(tmp_path, monkeypatch):
+    """With save_interval_steps, should_save and save of an off-interval step (asked at every
+    training step) do not list the directory once a checkpoint is known; after delete() of the
+    last one, the next step is the first checkpoint again."""
+    manager = safeckpt.CheckpointManager(tmp_path, save_interval_steps=10)
+    assert manager.save(3, {"w": np.zeros(2)}).step == 3  # the first, whatever its step
+    looks = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda *a: looks.append(a) or real_listdir(*a))
+    for step in range(4, 10):
+        assert manager.should_save(step) is False
+        assert manager.save(step, {"w": np.zeros(2)}) is None
+    assert looks == []
+    monkeypatch.undo()
+    fresh = safeckpt.CheckpointManager(tmp_path, save_interval_steps=10)  # finds step 3 once
+    assert fresh.save(4, {"w": np.zeros(2)}) is None
+    fresh.delete(3)
+    assert fresh.should_save(5) and fresh.save(5, {"w": np.zeros(2)}).step == 5
