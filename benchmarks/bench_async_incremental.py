@@ -55,7 +55,7 @@ import numpy
 import torch
 
 import safeckpt
-from cases import gpt2_shapes
+from cases import gpt2_module
 
 warnings.filterwarnings("ignore")  # DCP's experimental-API and single-rank warnings
 
@@ -63,26 +63,6 @@ GB = 1e9
 
 
 # -- state --------------------------------------------------------------------------------------
-
-def build_model(rank=0):
-    """A module with GPT-2 small's parameter names and shapes (no forward: only its state matters);
-    with ``rank``, the base is frozen and each attention projection gets lora_A/lora_B adapters."""
-    root = torch.nn.Module()
-    for name, shape in gpt2_shapes().items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, torch.nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, torch.nn.Parameter(torch.randn(shape) * 0.02,
-                                                           requires_grad=not rank))
-        if rank and leaf == "weight" and path[-1] in ("c_attn", "c_proj") and path[-2] == "attn":
-            n_in, n_out = shape  # GPT-2's Conv1D weights are (in, out)
-            module.register_parameter("lora_A", torch.nn.Parameter(torch.randn(n_in, rank) * 0.01))
-            module.register_parameter("lora_B", torch.nn.Parameter(torch.zeros(rank, n_out)))
-    return root
-
 
 def train_step(optimizer):
     """One Adam step with random gradients: every trained tensor and its Adam state change."""
@@ -379,7 +359,7 @@ def bench_memory(saves):
 
 def bench_lora(args, root):
     torch.manual_seed(1)
-    model = build_model(rank=args.rank)
+    model = gpt2_module(lora_rank=args.rank)
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(adapters, lr=1e-3)
     train_step(optimizer)
@@ -470,7 +450,7 @@ def main():
     try:
         if args.part in ("all", "async") or args.memory_child:
             torch.manual_seed(0)
-            model = build_model()
+            model = gpt2_module()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             train_step(optimizer)
             close_group = gloo_group()

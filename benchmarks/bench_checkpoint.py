@@ -30,36 +30,7 @@ import time
 import torch
 
 import safeckpt
-
-
-def gpt2_small_shapes(layers=12, dim=768, vocab=50257, context=1024):
-    shapes = {"wte.weight": (vocab, dim), "wpe.weight": (context, dim)}
-    for i in range(layers):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (dim,), p + "ln_1.bias": (dim,),
-            p + "attn.c_attn.weight": (dim, 3 * dim), p + "attn.c_attn.bias": (3 * dim,),
-            p + "attn.c_proj.weight": (dim, dim), p + "attn.c_proj.bias": (dim,),
-            p + "ln_2.weight": (dim,), p + "ln_2.bias": (dim,),
-            p + "mlp.c_fc.weight": (dim, 4 * dim), p + "mlp.c_fc.bias": (4 * dim,),
-            p + "mlp.c_proj.weight": (4 * dim, dim), p + "mlp.c_proj.bias": (dim,),
-        })
-    shapes.update({"ln_f.weight": (dim,), "ln_f.bias": (dim,)})
-    return shapes
-
-
-def build_model():
-    """A module with GPT-2 small's parameter names and shapes (no forward: only its state matters)."""
-    root = torch.nn.Module()
-    for name, shape in gpt2_small_shapes().items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, torch.nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(leaf, torch.nn.Parameter(torch.randn(shape) * 0.02))
-    return root
+from cases import gpt2_module
 
 
 def timed(fn):
@@ -74,7 +45,7 @@ def main():
     parser.add_argument("--dir", default=tempfile.gettempdir())
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model()
+    model = gpt2_module()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.randn_like(p)

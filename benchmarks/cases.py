@@ -32,6 +32,30 @@ def gpt2_shapes():
     return shapes
 
 
+def gpt2_module(lora_rank=0):
+    """A torch module with GPT-2 small's parameter names and shapes (no forward: only its state
+    matters); with ``lora_rank``, the base is frozen and each attention projection gets trainable
+    ``lora_A``/``lora_B`` adapters (GPT-2's Conv1D weights are (in, out))."""
+    import torch
+
+    root = torch.nn.Module()
+    for name, shape in gpt2_shapes().items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.randn(shape) * 0.02,
+                                                           requires_grad=not lora_rank))
+        if lora_rank and leaf == "weight" and path[-2:] in (["attn", "c_attn"], ["attn", "c_proj"]):
+            n_in, n_out = shape
+            module.register_parameter("lora_A",
+                                      torch.nn.Parameter(torch.randn(n_in, lora_rank) * 0.01))
+            module.register_parameter("lora_B", torch.nn.Parameter(torch.zeros(lora_rank, n_out)))
+    return root
+
+
 def tiny_shapes(count=20_000):
     """``count`` float32 tensors of 8 to 64 elements: a header-bound file."""
     rng = np.random.default_rng(1)
