@@ -1,7 +1,8 @@
 """The .sckpt write path: a :class:`Plan` checks and lays out a save, :func:`write_plan` writes it.
 
 Tensor bytes go from each array's own buffer to the file (no whole-file buffer); only an array
-that is not C-contiguous or not little-endian is copied, a batch at a time. The public functions
+that is not C-contiguous or not little-endian is copied, a batch at a time. :func:`stream_plan`
+writes the same file to a stream, in order (a remote object, FORMAT.md [R7]). The public functions
 (``save_file``, ``save``, ``save_bytes``) are in :mod:`safeckpt.api`.
 
 Example:
@@ -18,7 +19,8 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, BinaryIO, Callable, Container, Dict, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 
@@ -26,12 +28,15 @@ from . import _backend, _fs, dtypes
 from . import format as fmt
 from .dtypes import (CODE_BY_DTYPE, MINOR_BY_CODE, code_of, is_little_endian, minor_of,
                      to_little_endian)
-from .errors import InvalidValueError, LimitError, plural, quote
+from .errors import ChecksumError, InvalidValueError, LimitError, plural, quote
 
 # A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
 # arrays) reach this size, so extra memory during a save stays bounded.
 _MAX_HELD_COPIES = 64 << 20
 _MAX_BATCH = 4096  # tensors per backend call: amortises the call without huge pointer arrays
+# [R7]: the most bytes handed to a stream's write() at once. fsspec's buffered files copy each
+# write into their buffer before they upload a part: a whole tensor in one write would double it.
+PIECE = 8 << 20
 
 
 class LazyArray:
@@ -41,6 +46,9 @@ class LazyArray:
     once, writes the result and drops it, so only one such copy is held at a time (at most
     ``_MAX_HELD_COPIES`` bytes of them). ``source`` is what ``load()`` copies from (a GPU tensor),
     for a caller that copies it itself (:mod:`safeckpt.snapshot`, into a pinned buffer).
+    ``crc32c``, when known (a source file's table holds it), is the CRC32C of the bytes ``load()``
+    returns: a save streamed to a remote object then loads the array once, not twice, and checks
+    the bytes it writes against it (:func:`stream_plan`).
 
     Example:
         >>> lazy = LazyArray(np.float32, (2, 3), lambda: np.zeros((2, 3), np.float32))
@@ -48,12 +56,12 @@ class LazyArray:
         (24, 2)
     """
 
-    __slots__ = ("dtype", "shape", "load", "source")
+    __slots__ = ("dtype", "shape", "load", "source", "crc32c")
 
     def __init__(self, dtype: Any, shape: Sequence[int], load: Callable[[], np.ndarray],
-                 source: Any = None) -> None:
+                 source: Any = None, crc32c: Optional[int] = None) -> None:
         self.dtype, self.shape, self.load = np.dtype(dtype), tuple(shape), load
-        self.source = source
+        self.source, self.crc32c = source, crc32c
 
     @property
     def ndim(self) -> int:
@@ -448,10 +456,106 @@ def plan_bytes(plan: Plan) -> bytes:
     out = bytearray(plan.file_size)
     crcs: List[int] = []
     for array, offset, size in zip(plan.arrays, plan.offsets, plan.nbytes):
-        data = le_bytes(array)[0].reshape(-1).view(np.uint8)
+        data = _flat_bytes(array)
         out[offset:offset + size] = data.data
         if plan.checksum:
             crcs.append(_backend.backend.crc32c(data))
     head = plan.prefix_and_header(crcs)
     out[:len(head)] = head
     return bytes(out)
+
+
+def stream_plan(plan: Plan, out: BinaryIO) -> None:
+    """Write the file that ``plan`` describes to the stream ``out``, in order: prefix and header,
+    then each tensor and its zero padding, in pieces of at most :data:`PIECE` bytes [R7].
+
+    The header holds every tensor's CRC32C, so with checksums a first pass computes them: each
+    array is read twice, and a :class:`LazyArray` loaded twice unless its ``crc32c`` is known.
+    The second pass computes each CRC again, from the very bytes it hands to ``out``, and raises
+    if it differs: an array changed during the save (a training thread wrote to it) must never
+    give a file whose checksums do not match. Memory beyond the arrays: one piece, and the copy of
+    one array that is not C-contiguous and little-endian (or one loaded :class:`LazyArray`).
+
+    Parameters:
+        plan: what to write.
+        out: a buffered binary stream, written from its start: a remote object's upload
+            (:meth:`safeckpt.remote.RemotePath.open_write`, which discards it if this raises).
+
+    Raises:
+        ChecksumError: a tensor's bytes changed between the two passes, or do not match the
+            ``crc32c`` its :class:`LazyArray` gave; the tensor and both CRCs are named, and the
+            stream holds an incomplete file (the caller discards it).
+
+    Warns:
+        UserWarning: the header or the tensor count is over the readers' default limit [W4].
+
+    Example:
+        >>> import io
+        >>> out = io.BytesIO()
+        >>> stream_plan(Plan({"w": np.ones(3, np.float32)}, None, 64, True), out)
+        >>> out.getvalue() == plan_bytes(Plan({"w": np.ones(3, np.float32)}, None, 64, True))
+        True
+    """
+    plan.warn_beyond_reader_defaults()
+    crcs = [_first_crc(array) for array in plan.arrays] if plan.checksum else []
+    _write_pieces(out, memoryview(plan.prefix_and_header(crcs)))
+    pos = plan.header_end
+    for i, (array, offset) in enumerate(zip(plan.arrays, plan.offsets)):
+        out.write(bytes(offset - pos))  # the padding before it, less than align [W1], [T9]
+        crc = stream_array(out, array, plan.checksum)
+        if plan.checksum and crc != crcs[i]:
+            given = type(array) is LazyArray and array.crc32c is not None
+            raise ChecksumError(
+                f"tensor {quote(plan.names[i])}: its bytes "
+                + ("do not match the CRC32C its source gave" if given else
+                   "changed while it was saved (another thread or device wrote to the array?)")
+                + f": CRC32C {crcs[i]:#010x} in the header, {crc:#010x} as written; the file is "
+                "incomplete and not published [R7]; save again once the array no longer changes")
+        pos = offset + plan.nbytes[i]
+    if pos != plan.file_size:
+        raise RuntimeError(f"safeckpt bug: streamed {pos} bytes, planned {plan.file_size}")
+
+
+def stream_array(out: BinaryIO, array: Any, checksum: bool = False) -> Optional[int]:
+    """Write ``array``'s bytes (little-endian, C order; a :class:`LazyArray` is loaded) to ``out``
+    in pieces of at most :data:`PIECE` bytes [R7]; return their CRC32C when ``checksum``.
+
+    With ``checksum`` each piece is copied first, and the copy is checksummed and written: bytes
+    that change while they are written cannot differ from the CRC returned.
+
+    Example:
+        >>> import io
+        >>> stream_array(io.BytesIO(), np.zeros(4, np.uint8), checksum=True) == 0x48674BC7
+        True
+    """
+    data = _flat_bytes(array)
+    if not checksum:
+        _write_pieces(out, data.data)
+        return None
+    crc32c, crc = _backend.backend.crc32c, 0
+    staging = np.empty(min(PIECE, data.nbytes), np.uint8)
+    for start in range(0, data.nbytes, PIECE):
+        piece = staging[:min(PIECE, data.nbytes - start)]
+        piece[:] = data[start:start + PIECE]
+        crc = crc32c(piece, crc)
+        out.write(piece.data)
+    return crc
+
+
+def _first_crc(array: Any) -> int:
+    """The CRC32C of an array's bytes, for the header a stream writes first [R7]: a
+    :class:`LazyArray`'s own ``crc32c`` when it knows it (not loaded), else computed."""
+    if type(array) is LazyArray and array.crc32c is not None:
+        return int(array.crc32c)
+    return int(_backend.backend.crc32c(_flat_bytes(array)))
+
+
+def _flat_bytes(array: Any) -> np.ndarray:
+    """The bytes of :func:`le_bytes` as a flat uint8 array."""
+    return le_bytes(array)[0].reshape(-1).view(np.uint8)
+
+
+def _write_pieces(out: BinaryIO, view: memoryview) -> None:
+    """``out.write(view)`` in pieces of at most :data:`PIECE` bytes [R7]."""
+    for start in range(0, view.nbytes, PIECE):
+        out.write(view[start:start + PIECE])
