@@ -162,6 +162,17 @@ class ReaderClosedError(SafeckptError):
     """A reader was used after ``close()``."""
 
 
+class RemoteError(SafeckptError, OSError):
+    """Remote storage (an fsspec URL or filesystem) failed or misbehaved: an error status, a
+    timeout, a lost connection, a response of the wrong length [R2]; the message names the URL
+    and the byte range. A missing object is a FileNotFoundError, as a missing local file is."""
+
+
+class ObjectChangedError(RemoteError):
+    """A remote object changed while it was read: its prefix and header differ from those read
+    when it was opened [R4]; nothing of that load is returned."""
+
+
 class Code(enum.IntEnum):
     """Error codes returned by both backends; mirrored by ``enum sck_code`` in csrc/sck.h."""
 
