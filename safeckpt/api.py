@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections.abc
 import errno
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -32,16 +32,21 @@ from . import writer as _writer
 from .errors import InvalidValueError, RefError
 from .filekind import PathLike, kind_of, output_format
 from .reader import Reader, TensorMap
+from .remote import RemoteFile, RemotePath, resolve
 
 Metadata = Optional[Mapping[str, Any]]
 Prefix = Union[None, str, Sequence[Any]]
 
 
-def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # noqa: A001 - safeckpt.open
+def open(path: Union[PathLike, RemotePath], *, mmap: bool = True,  # noqa: A001 - safeckpt.open
+         storage_options: Optional[Dict[str, Any]] = None, fs: Any = None,
+         **limits: Any) -> TensorMap:
     """Open and validate a checkpoint (one file, or shards and their index); use as a context manager.
 
     Parameters:
-        path: a str or path-like:
+        path: a str or path-like, or a URL that fsspec opens (``s3://bucket/ckpt.sckpt``,
+            ``gs://``, ``http(s)://``, ``memory://``; ``file://`` is a local path), or a path
+            inside ``fs``; what it names:
 
             - a .sckpt or .safetensors file (told apart by their first bytes);
             - a .sckpt shard index (FORMAT.md section 9);
@@ -50,7 +55,11 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
             - a directory holding one checkpoint: its only .sckpt file, Hugging Face index or
               .safetensors file (shards are not counted).
         mmap: map the file (zero-copy arrays) or, if False, read tensors with pread into fresh
-            memory (network filesystems, or a file that may shrink while open).
+            memory (network filesystems, or a file that may shrink while open). A remote file is
+            never mapped: its tensors are fetched by ranged requests into fresh memory, checked
+            as FORMAT.md section 12 says.
+        storage_options: for a URL, passed to fsspec (credentials, endpoint, ...).
+        fs: an fsspec filesystem object; ``path`` is then a path inside it.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
             for files you trust.
 
@@ -63,28 +72,43 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
         SafeckptError: a subclass naming the problem and the tensor; OSError for I/O.
         ValueError: a directory holding several checkpoints (they are named; open one).
         IsADirectoryError: a directory holding none (or only shards: a save did not finish).
+        RemoteError: the remote storage failed or misbehaved (the URL and range named).
+        InvalidValueError: ``storage_options`` or ``fs`` with a local path.
 
     Example:
         >>> with safeckpt.open("model.sckpt") as f:          # doctest: +SKIP
         ...     w = f["layers.0.weight"]
+        >>> with safeckpt.open("s3://bucket/model.sckpt") as f:   # doctest: +SKIP
+        ...     w = f["layers.0.weight"]                    # ranged requests for its bytes only
         >>> with safeckpt.open("Llama-3-8B/") as f:          # doctest: +SKIP
         ...     f.shard_of("lm_head.weight")
         'Llama-3-8B/model-00004-of-00004.safetensors'
     """
-    try:
-        path = os.fsdecode(path)
-    except TypeError:
-        raise TypeError(f"a path is a str, bytes or os.PathLike object, not "
-                        f"{type(path).__name__}; to load a checkpoint held in memory, use "
-                        "safeckpt.load_bytes(data)") from None
-    if os.path.isdir(path):
-        path = _checkpoint_in(path)
-    elif (path.lower().endswith(_hf.SUFFIX) and not os.path.lexists(path)
-          and os.path.isfile(_hf.index_of(path))):  # a sharded save to this name wrote an index
-        path = _hf.index_of(path)
-    if kind_of(path) == "index":
-        return _hf.SafetensorsShards(path, mmap=mmap, **limits)
-    reader = Reader(path, mmap=mmap, allow_index=True, allow_refs=True, **limits)
+    if not isinstance(path, RemotePath):
+        try:
+            path = os.fsdecode(path)
+        except TypeError:
+            raise TypeError(f"a path is a str, bytes or os.PathLike object, not "
+                            f"{type(path).__name__}; to load a checkpoint held in memory, use "
+                            "safeckpt.load_bytes(data)") from None
+    where = resolve(path, storage_options=storage_options, fs=fs)
+    source: Union[str, RemoteFile]
+    if isinstance(where, RemotePath):
+        found = _remote_source(where)
+        if isinstance(found, RemotePath):  # a Hugging Face index
+            return _hf.SafetensorsShards(found, mmap=mmap, **limits)
+        source = found
+    else:
+        path = where
+        if os.path.isdir(path):
+            path = _checkpoint_in(path)
+        elif (path.lower().endswith(_hf.SUFFIX) and not os.path.lexists(path)
+              and os.path.isfile(_hf.index_of(path))):  # a sharded save to this name wrote an index
+            path = _hf.index_of(path)
+        if kind_of(path) == "index":
+            return _hf.SafetensorsShards(path, mmap=mmap, **limits)
+        source = path
+    reader = Reader(source, mmap=mmap, allow_index=True, allow_refs=True, **limits)
     if reader.shard_index is None and reader.refs is None:
         return reader
     try:
@@ -96,43 +120,75 @@ def open(path: PathLike, *, mmap: bool = True, **limits: Any) -> TensorMap:  # n
         raise
 
 
-def _checkpoint_in(directory: str) -> str:
-    """The one checkpoint in ``directory``: a .sckpt checkpoint, a Hugging Face index or a
-    .safetensors file, shards not counted. Which of several is meant is never guessed: an index
-    beside a plain .safetensors file may be a stale save, or the newer one.
+def _remote_source(rp: RemotePath) -> Union[RemoteFile, RemotePath]:
+    """What :func:`open` reads for a remote path: the object opened (one metadata request
+    [RS1]), or the RemotePath of a Hugging Face index; a directory gives its one checkpoint
+    (:func:`_checkpoint_in`), and ``model.safetensors`` that is not there its index, as locally.
+    ``*.commit`` objects (FORMAT.md [RS8]) are not checkpoints: their names end otherwise."""
+    if kind_of(rp.name) != "index":
+        try:
+            return RemoteFile(rp)
+        except IsADirectoryError:
+            rp = _checkpoint_in(rp)
+        except FileNotFoundError:
+            index = rp.parent.join(_hf.index_of(rp.name))
+            if not (rp.name.lower().endswith(_hf.SUFFIX) and index.exists()):
+                raise
+            rp = index
+    return rp if kind_of(rp.name) == "index" else RemoteFile(rp)
+
+
+_Dir = TypeVar("_Dir", str, RemotePath)
+
+
+def _checkpoint_in(directory: _Dir) -> _Dir:
+    """The one checkpoint in ``directory`` (local, or remote: listed afresh): a .sckpt
+    checkpoint, a Hugging Face index or a .safetensors file, shards not counted. Which of several
+    is meant is never guessed: an index beside a plain .safetensors file may be a stale save, or
+    the newer one.
 
     Raises:
         ValueError: several of them (named: open one by its path).
         IsADirectoryError: none (said so when only shards are there: a save did not finish [S9]).
     """
-    entries = sorted(os.listdir(directory))
+    if isinstance(directory, RemotePath):
+        entries, where = directory.listdir(), directory.url
+    else:
+        entries, where = sorted(os.listdir(directory)), directory
     found = sorted(_shard.checkpoints_in(entries) + _hf.indexes_in(entries)
                    + _hf.singles_in(entries))
     if len(found) == 1:
+        if isinstance(directory, RemotePath):
+            return directory.join(found[0])
         return os.path.join(directory, found[0])
     if found:
-        raise ValueError(f"{directory!r} holds several checkpoints ({', '.join(found)}); open one "
+        raise ValueError(f"{where!r} holds several checkpoints ({', '.join(found)}); open one "
                          "of them by its path")
     shards = _shard.shards_in(entries) + _hf.shards_in(entries)
     detail = (f": only shards ({shards[0]}, ...) and no index, so a save did not finish [S9]"
               if shards else "")
     raise IsADirectoryError(errno.EISDIR, "a directory with no .sckpt, .safetensors or "
-                            f"*.safetensors.index.json checkpoint in it{detail}", directory)
+                            f"*.safetensors.index.json checkpoint in it{detail}", where)
 
 
-def load_file(path: PathLike, *, mmap: bool = True, verify: Optional[bool] = None,
-              **limits: int) -> Dict[str, np.ndarray]:
+def load_file(path: Union[PathLike, RemotePath], *, mmap: bool = True,
+              verify: Optional[bool] = None, storage_options: Optional[Dict[str, Any]] = None,
+              fs: Any = None, **limits: int) -> Dict[str, np.ndarray]:
     """Load every tensor of a .sckpt file as ``{name: np.ndarray}``.
 
     With ``mmap=True`` (default) the arrays view a private copy-on-write mapping of the file:
     no copy, writable, and the file itself never changes. ``verify``: ``None`` (auto) checks the
     CRC32C of every tensor read into fresh memory (``mmap=False``) and leaves a mapped load lazy;
-    ``True`` checks every tensor (reading every page); ``False`` none. Limits as for :func:`open`.
+    ``True`` checks every tensor (reading every page); ``False`` none. ``path`` may be a URL
+    (``storage_options``) or a path inside ``fs``, as for :func:`open`: the tensors are fetched
+    by parallel ranged requests, neighbours coalesced, each checked as it arrives. Limits as for
+    :func:`open`.
 
     Example:
         >>> tensors = safeckpt.load_file("model.sckpt")    # doctest: +SKIP
+        >>> tensors = safeckpt.load_file("s3://bucket/model.safetensors")  # doctest: +SKIP
     """
-    with open(path, mmap=mmap, **limits) as reader:
+    with open(path, mmap=mmap, storage_options=storage_options, fs=fs, **limits) as reader:
         return reader.load_all(verify=verify)
 
 
@@ -152,13 +208,16 @@ def load_bytes(data: Union[bytes, bytearray, memoryview], *, verify: Optional[bo
         return reader.load_all(verify=verify)
 
 
-def load(path: PathLike, *, prefix: Prefix = None, framework: Optional[str] = None,
-         map_location: Any = None, device: Any = None, mmap: bool = True,
-         verify: Optional[bool] = None, **limits: int) -> Any:
+def load(path: Union[PathLike, RemotePath], *, prefix: Prefix = None,
+         framework: Optional[str] = None, map_location: Any = None, device: Any = None,
+         mmap: bool = True, verify: Optional[bool] = None,
+         storage_options: Optional[Dict[str, Any]] = None, fs: Any = None,
+         **limits: int) -> Any:
     """Load what :func:`save` saved (or any .sckpt file: a flat one loads as a dict by name).
 
     Parameters:
-        path: a str or path-like.
+        path: a str or path-like, or a URL, or a path inside ``fs`` (see :func:`open`): only the
+            tensors loaded are fetched, by ranged requests.
         prefix: load only the subtree there: ``"model"``, ``"optimizer.state.0"``, or a tuple of
             exact keys such as ``("state", 0)``. Other tensors are not read.
         framework: ``None``/``"numpy"`` for numpy arrays, ``"torch"`` for torch tensors,
@@ -171,6 +230,7 @@ def load(path: PathLike, *, prefix: Prefix = None, framework: Optional[str] = No
         mmap: zero-copy views of a private mapping (default) or fresh memory read with pread.
         verify: check the CRC32C of the tensors loaded: ``None`` (auto) for those read into fresh
             memory (``mmap=False``; a mapped load stays lazy), ``True`` for all, ``False`` none.
+        storage_options, fs: for a URL or a path inside an fsspec filesystem, as for :func:`open`.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
 
     Returns:
@@ -188,7 +248,7 @@ def load(path: PathLike, *, prefix: Prefix = None, framework: Optional[str] = No
         if framework != "torch" or map_location is not None:
             raise ValueError("device= needs framework='torch' and no map_location=")
         map_location = device
-    with open(path, mmap=mmap, **limits) as reader:
+    with open(path, mmap=mmap, storage_options=storage_options, fs=fs, **limits) as reader:
         return _tree.materialize(reader, _tree.find(reader, prefix), framework=framework,
                                  map_location=map_location, verify=verify)
 

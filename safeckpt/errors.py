@@ -164,13 +164,18 @@ class ReaderClosedError(SafeckptError):
 
 class RemoteError(SafeckptError, OSError):
     """Remote storage (an fsspec URL or filesystem) failed or misbehaved: an error status, a
-    timeout, a lost connection, a response of the wrong length [R2]; the message names the URL
+    timeout, a lost connection, a response of the wrong length [RS2]; the message names the URL
     and the byte range. A missing object is a FileNotFoundError, as a missing local file is."""
+
+
+class CommitError(SafeckptError):
+    """A checkpoint's commit object is malformed, or the data objects it names are not the ones
+    it describes (missing, another size or header_crc) [RS8]."""
 
 
 class ObjectChangedError(RemoteError):
     """A remote object changed while it was read: its prefix and header differ from those read
-    when it was opened [R4]; nothing of that load is returned."""
+    when it was opened [RS4]; nothing of that load is returned."""
 
 
 class Code(enum.IntEnum):

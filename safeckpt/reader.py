@@ -34,14 +34,16 @@ from . import safetensors_format as _safetensors
 from . import tree as _tree
 from .dtypes import (DTYPE_BY_CODE, ITEMSIZE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM,
                      is_little_endian, to_little_endian)
-from .errors import (ChecksumError, Code, LayoutError, ReaderClosedError, RefError, ShardError,
-                     error_for, plural, quote)
+from .errors import (ChecksumError, Code, LayoutError, ObjectChangedError, ReaderClosedError,
+                     RefError, ShardError, error_for, plural, quote)
+from .remote import RemoteFile
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
 # into shared blocks of up to _BLOCK_MAX bytes (a 20,000-tensor file: a few reads, not 20,000).
 _SHARED_MAX = 1 << 20
 _BLOCK_MAX = 64 << 20
 _VERIFY_BATCH = 64 << 20  # verify() reads (mmap=False) and checks at most this much at a time
+_REMOTE_HEAD = 64 << 10  # [RS1] the first ranged request of a remote file: prefix and header
 
 _Self = TypeVar("_Self", bound="TensorMap")
 TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape nbytes offset crc32c")
@@ -427,7 +429,9 @@ class Reader(TensorMap):
     Arrays from a memory-mapped reader view the mapping (no copy); the mapping lives as long as
     any of them, so ``close()`` never invalidates an array already handed out.
 
-    ``source`` is a path or the bytes of a file; ``name`` replaces it in messages. A shard index
+    ``source`` is a path, the bytes of a file, or a :class:`safeckpt.remote.RemoteFile` (an
+    object read by ranged requests, FORMAT.md section 12: arrays are fresh memory, as with
+    ``mmap=False``; :attr:`remote` is it); ``name`` replaces it in messages. A shard index
     (FORMAT.md section 9) is refused unless ``allow_index``: :func:`safeckpt.open` opens one so,
     then reads its shards with a :class:`safeckpt.ShardedReader`. Likewise a file with references
     to other files (section 11) is refused unless ``allow_refs``: this reader then checks them
@@ -443,9 +447,14 @@ class Reader(TensorMap):
     flags: int
     align: int
     header_crc: Optional[int]
+    remote: Optional[RemoteFile] = None  # the remote object read, else None
     _fd_users = 0  # reads in flight on _fd (see pread_into)
+    _head = b""  # remote: the bytes at the start of the object read when it was opened [RS1]
+    _header_end = 0  # remote: where the prefix and header end, compared again [RS4]
+    _ends: Any = None  # remote: each tensor's end offset (numpy), for the padding after it [RS3]
 
-    def __init__(self, source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview], *,
+    def __init__(self, source: Union[str, "os.PathLike[str]", bytes, bytearray, memoryview,
+                                     RemoteFile], *,
                  mmap: bool = True, name: Optional[str] = None,
                  max_header_size: int = fmt.MAX_HEADER_SIZE, max_tensors: int = fmt.MAX_TENSORS,
                  max_ndim: int = fmt.MAX_NDIM, max_depth: int = fmt.MAX_DEPTH,
@@ -461,6 +470,10 @@ class Reader(TensorMap):
             self.where = name or "<bytes>"
             self._buffer = memoryview(source).cast("B")
             size = self._buffer.nbytes
+        elif isinstance(source, RemoteFile):
+            self.remote, self.path = source, source.where
+            self.where = name or repr(source.where)
+            size = source.size
         else:
             self.path = os.fspath(source)
             self.where = name or repr(self.path)
@@ -500,6 +513,8 @@ class Reader(TensorMap):
         """The bytes at [offset, offset+length), which the caller has bounds-checked."""
         if self._buffer is not None:
             return self._buffer[offset:offset + length]
+        if self.remote is not None:
+            return self._read_head(offset + length)[offset:offset + length]
         if not length:  # e.g. the prefix of an empty file, a FIFO or a device (size 0): no pread
             return b""
         fd = cast(int, self._fd)  # no buffer: the file is open for pread
@@ -510,6 +525,18 @@ class Reader(TensorMap):
                 raise error_for(Code.TRUNCATED, self.where, " (the file shrank while being read)")
             data += more
         return data
+
+    def _read_head(self, end: int) -> bytes:
+        """The first ``end`` bytes (at least) of a remote object, read while it is opened [RS1]:
+        one ranged request for the first 64 KiB, and for a longer header one more through the
+        first tensor's offset (``end`` rounded up to the alignment, once the prefix gave it)."""
+        remote, head = cast(RemoteFile, self.remote), self._head
+        if end > len(head):
+            align = getattr(self, "align", 1)  # set by _check_prefix; safetensors has none
+            stop = min(remote.size, max(-(-end // align) * align, _REMOTE_HEAD))
+            head += remote.read(len(head), stop - len(head))
+            self._head = head
+        return head
 
     def _open(self, size: int, max_header_size: int, max_tensors: int, max_ndim: int,
               max_depth: int) -> None:
@@ -524,7 +551,8 @@ class Reader(TensorMap):
                                    max_tensors=max_tensors, max_depth=max_depth)
         index, columns, crcs, self.metadata, tree, self.shard_index, self.save_id, refs = header
         names = list(index)
-        self._check_table(names, columns, fmt.PREFIX_SIZE + header_len, size, max_ndim)
+        self._header_end = fmt.PREFIX_SIZE + header_len
+        self._check_table(names, columns, self._header_end, size, max_ndim)
         if refs is not None:  # the tree points at own tensors and references alike
             self.refs = References(refs, self.where, min(max_ndim, NUMPY_MAX_NDIM))
             self.refs.tree = _tree.check_tree(tree, names + refs.names, max_depth, self.where)
@@ -582,6 +610,11 @@ class Reader(TensorMap):
                                       min(max_ndim, NUMPY_MAX_NDIM))
         if code:
             self._raise_table(code, bad, names, columns, max_ndim)
+        if self.remote is not None:  # [RS3]: the padding before tensor 0 now, the rest as read
+            first = int.from_bytes(columns["offsets"][:8], "little") if n else header_end
+            if any(self._read(header_end, first - header_end)):
+                self._raise_table(Code.PADDING, 0, names, columns, max_ndim)
+            return
         if self._mapping is not None:
             source = self._mapping
         else:
@@ -601,6 +634,8 @@ class Reader(TensorMap):
     def _size_hint(self) -> int:
         if self._buffer is not None:
             return len(self._buffer)
+        if self.remote is not None:
+            return self.remote.size
         return os.fstat(cast(int, self._fd)).st_size  # no buffer: the file is open for pread
 
     def _open_safetensors(self, size: int, max_header_size: int, max_tensors: int, max_ndim: int,
@@ -610,6 +645,9 @@ class Reader(TensorMap):
                                    max_header_size=max_header_size, max_tensors=max_tensors,
                                    max_ndim=max_ndim, max_depth=max_depth)
         self.format, self.version, self.align = "safetensors", None, 1
+        if self.remote is not None:  # [RS4] compares the length and the JSON header again
+            self._header_end = (_safetensors.LENGTH_SIZE
+                                + int.from_bytes(self._head[:_safetensors.LENGTH_SIZE], "little"))
         self.flags, self.header_crc, self.shard_index = 0, None, None
         self.metadata = table.metadata
         self._stored_tree = _tree.check_tree(table.tree, table.names, max_depth, self.where)
@@ -627,7 +665,11 @@ class Reader(TensorMap):
 
         A close() in another thread waits for no one: it marks the reader closed, and the last
         read in flight closes the descriptor, so no read ever lands on a reused descriptor number.
+
+        A remote object is read by :meth:`RemoteFile.read_into` instead (see :meth:`_read_remote`).
         """
+        if self.remote is not None:
+            return self._read_remote(offsets, lengths, dests, checksum)
         with self._lock:
             if self._fd is None or self._names is None:
                 raise ReaderClosedError(f"{self.where}: the reader is closed")
@@ -642,13 +684,68 @@ class Reader(TensorMap):
                     os.close(self._fd)
                     self._fd = None
 
+    def _read_remote(self, offsets: Sequence[int], lengths: Sequence[int], dests: Sequence[Any],
+                     checksum: Union[bool, Sequence[bool]]) -> Any:
+        """:meth:`pread_into` for a remote object, with the checks of FORMAT.md section 12: the
+        padding inside and right after each range that ends a tensor [RS3], and, for a file without
+        checksums, its prefix and header read again and compared with those read at open [RS4]."""
+        names, remote = self.check_open(), cast(RemoteFile, self.remote)
+        ends = self._ends
+        if ends is None:
+            ends = self._ends = (np.asarray(self.table.offsets, np.int64)
+                                 + np.asarray(self.table.nbytes, np.int64))
+        starts = np.asarray(offsets, np.int64)
+        stops = starts + np.asarray(lengths, np.int64)
+        # the padding after a range that ends tensor j runs to the next multiple of align [T6]
+        at = np.minimum(np.searchsorted(ends, stops), max(len(ends) - 1, 0))
+        ends_tensor = (ends[at] == stops) if len(ends) else np.zeros(len(stops), bool)
+        pads = np.where(ends_tensor, np.minimum(-(-stops // self.align) * self.align, self.size)
+                        - stops, 0).tolist()
+        where = [self.where if not pad else f"{self.where}, tensor {quote(names[j + 1])}"
+                 for pad, j in zip(pads, at.tolist())]
+        crcs = remote.read_into(offsets, lengths, dests, checksum, pads, where)
+        for start, stop, dest in zip(starts.tolist(), stops.tolist(), dests):
+            first, last = np.searchsorted(ends, [start, stop], side="right").tolist()
+            for j in range(first, last):  # tensors that end inside the range: their padding
+                end = int(ends[j])
+                pad_end = min(-(-end // self.align) * self.align, stop)
+                if end < pad_end and _bytes(dest)[end - start:pad_end - start].any():
+                    raise error_for(Code.PADDING, f"{self.where}, tensor {quote(names[j + 1])}",
+                                    f" (in bytes {end}-{pad_end - 1}) [RS3]")
+        if self.table.crcs is None:
+            self.check_unchanged()
+        return crcs
+
+    def check_unchanged(self) -> None:
+        """For a remote object: read its prefix and header again and compare them byte for byte
+        with those read when it was opened [RS4]. A load of a file without checksums runs it
+        itself, and so does :meth:`read_ranges` (bytes inside tensors, which no CRC32C covers).
+        Nothing to do for a local file or bytes.
+
+        Raises:
+            ObjectChangedError: they differ: the object was replaced since it was opened.
+            RemoteError: the storage failed.
+        """
+        self.check_open()
+        if self.remote is None:
+            return
+        again = self.remote.read(0, self._header_end)
+        if again != self._head[:self._header_end]:
+            raise ObjectChangedError(
+                f"{self.where}: the object changed since it was opened (its prefix and header "
+                "differ from those read then) [RS4]; nothing of this load is returned: open it "
+                "again")
+
     def read_ranges(self, offsets: Sequence[int], lengths: Sequence[int],
                     dests: Sequence[np.ndarray]) -> None:
         """Copy the file's bytes at ``offsets`` into the uint8 arrays ``dests`` (ranges inside
-        checked tensors): from the mapping, or by one parallel pread with ``mmap=False``."""
+        checked tensors): from the mapping, or by one parallel pread with ``mmap=False``, or by
+        ranged requests for a remote object (then :meth:`check_unchanged`)."""
         self.check_open()
         if self._buffer is None:
             self.pread_into(offsets, lengths, dests)
+            if self.remote is not None and self.table.crcs is not None:
+                self.check_unchanged()  # [RS4]: parts of tensors, which no CRC32C covers
             return
         for offset, length, dest in zip(offsets, lengths, dests):
             dest[:length] = np.frombuffer(self._buffer, np.uint8, length, offset)
@@ -774,13 +871,14 @@ class Reader(TensorMap):
         ``None`` (the default, "auto"): yes when the tensor's bytes are copied into memory anyway
         (``mmap=False``, or a reader of bytes) and the file has checksums, where the check costs
         little next to the read; no for a mapped file, whose pages stay unread until touched.
-        ``True``: always (every page of a mapped tensor is read); ``False``: never.
+        ``True``: always (every page of a mapped tensor is read); ``False``: never. A remote
+        reader checks whenever the file has checksums, whatever ``verify`` says [RS4].
 
         Raises:
             ChecksumError: ``verify=True`` and the file holds no checksums.
         """
-        if verify is None:
-            return self.table.crcs is not None and self._mapping is None
+        if verify is None or (self.remote is not None and self.table.crcs is not None):
+            return self.table.crcs is not None and self._mapping is None  # remote: always [RS4]
         if verify and self.table.crcs is None:
             self._no_checksums()
         return bool(verify)
@@ -889,8 +987,10 @@ class Reader(TensorMap):
         """
         crcs = self.table.crcs
         if crcs is not None and computed != crcs[i]:
+            changed = ("; the object may also have changed since it was opened [RS4]"
+                       if self.remote is not None else "")
             raise error_for(Code.CRC, f"{self.where}, tensor {quote(self.check_open()[i])}",
-                            f" (stored {crcs[i]:#010x}, computed {computed:#010x})")
+                            f" (stored {crcs[i]:#010x}, computed {computed:#010x}){changed}")
 
     def close(self) -> None:
         """Release the file. Arrays already handed out stay valid; using the reader raises.
@@ -927,6 +1027,13 @@ def _table_detail(code: int, index: int, columns: Dict[str, Any], max_ndim: int,
     if code == Code.TRAILING:
         return f" (file size {file_size()})"
     return ""
+
+
+def _bytes(buffer: Any) -> np.ndarray:
+    """A C-contiguous buffer (a numpy array of any dtype, a bytearray) as a 1-d uint8 array."""
+    if isinstance(buffer, np.ndarray):
+        return buffer.reshape(-1).view(np.uint8)
+    return np.frombuffer(buffer, np.uint8)
 
 
 def _in_host_order(arrays: List[np.ndarray]) -> List[np.ndarray]:
@@ -1051,7 +1158,7 @@ class TensorSlice:
         out = np.empty((stop - start,) + self.shape[1:], self.dtype)
         row_bytes = out.nbytes // max(stop - start, 1)
         if out.nbytes:
-            reader.pread_into([reader.table.offsets[i] + start * row_bytes], [out.nbytes], [out])
+            reader.read_ranges([reader.table.offsets[i] + start * row_bytes], [out.nbytes], [out])
         return _in_host_order([out])[0]
 
     def __repr__(self) -> str:

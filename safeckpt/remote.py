@@ -1,5 +1,5 @@
 """Remote storage through fsspec: URLs (``s3://``, ``gs://``, ``http(s)://``, ``memory://``) and
-fsspec filesystem objects, read with exact ranged requests (FORMAT.md section 12, [R1]-[R7]).
+fsspec filesystem objects, read with exact ranged requests (FORMAT.md section 12, [RS1]-[RS7]).
 
 Every fsspec call of safeckpt goes through this module, so that one place turns the storage's
 errors into :class:`safeckpt.RemoteError` (naming the URL and the byte range) and keeps a missing
@@ -11,8 +11,8 @@ local code (mmap, pread, rename) unchanged.
   path (a str) or a :class:`RemotePath`; :func:`is_url` tells a remote URL from a path, cheaply.
 - :class:`RemotePath` is an object (or a directory) in a filesystem: listing, size, removal,
   small whole reads and writes, and streamed writes that never leave a partial object visible.
-- :class:`RemoteFile` is one object opened for ranged reads: exact lengths [R2], padding checked
-  [R3], CRC32C as the bytes arrive [R4], bounded memory [R5], neighbours coalesced [R6].
+- :class:`RemoteFile` is one object opened for ranged reads: exact lengths [RS2], padding checked
+  [RS3], CRC32C as the bytes arrive [RS4], bounded memory [RS5], neighbours coalesced [RS6].
 
 Example:
     >>> resolve("model.sckpt"), is_url("s3://bucket/model.sckpt")
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import threading
-from typing import (Any, BinaryIO, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union,
+from typing import (Any, BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union,
                     cast)
 
 import numpy as np
@@ -43,9 +44,9 @@ _FILE = "file://"
 INSTALL_HINT = ("pip install 'safeckpt[remote]' (fsspec), and the filesystem's own package: "
                 "s3fs for s3://, gcsfs for gs://, adlfs for az://, aiohttp for http(s)://")
 
-CHUNK_SIZE = 16 << 20  # [R5] the longest single ranged request; longer ranges are cut in chunks
-MAX_GAP = 1 << 20  # [R6] ranges this close are fetched in one request (the gap is read and dropped)
-MAX_IN_FLIGHT = 64 << 20  # [R5] response bytes held at once, at most (one batch of requests)
+CHUNK_SIZE = 16 << 20  # [RS5] the longest single ranged request; longer ranges are cut in chunks
+MAX_GAP = 1 << 20  # [RS6] ranges this close are fetched in one request (the gap is read and dropped)
+MAX_IN_FLIGHT = 64 << 20  # [RS5] response bytes held at once, at most (one batch of requests)
 
 
 def is_url(path: object) -> bool:
@@ -220,11 +221,20 @@ class RemotePath(NamedTuple):
         Raises:
             FileNotFoundError: no such directory; RemoteError: the storage failed.
         """
+        return sorted(self.sizes())
+
+    def sizes(self) -> Dict[str, int]:
+        """``{base name: size}`` of the objects in this directory (subdirectories left out), from
+        one fresh listing: :meth:`listdir` with each object's size.
+
+        Raises:
+            FileNotFoundError: no such directory; RemoteError: the storage failed.
+        """
         with _storage(self.url, "listing"):
             self._fresh()
             entries = self.fs.ls(self.path, detail=True)
-        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
-                      if entry.get("type") == "file")
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
+                for entry in entries if entry.get("type") == "file"}
 
     def size(self) -> int:
         """The object's size in bytes (one metadata request, fsspec's ``info``).
@@ -265,7 +275,7 @@ class RemotePath(NamedTuple):
         Raises:
             LimitError: the object is larger than ``limit`` (it is not read).
             FileNotFoundError: no such object; RemoteError: the storage failed, or the object
-                changed size while read [R2].
+                changed size while read [RS2].
         """
         size = self.size()
         if size > limit:
@@ -292,9 +302,11 @@ class RemotePath(NamedTuple):
     @contextlib.contextmanager
     def open_write(self) -> Iterator[BinaryIO]:
         """A file to stream the object into; it becomes visible only when the block ends without
-        an exception [R7].
+        an exception [RS7].
 
-        The file is opened with fsspec's ``autocommit=False``: nothing is visible before the
+        fsspec's memory filesystem makes a file visible (replacing the object) as soon as it is
+        opened, so there the stream is gathered in memory and stored whole at the end. Elsewhere
+        the file is opened with fsspec's ``autocommit=False``: nothing is visible before the
         ``commit()`` that follows a clean close (s3fs: the multipart upload is completed then).
         On an exception the file's ``discard()`` throws the upload away (s3fs: the multipart
         upload is aborted); a filesystem that ignores ``autocommit`` (fsspec's memory one makes
@@ -307,6 +319,12 @@ class RemotePath(NamedTuple):
             >>> with resolve("memory://x.bin").open_write() as out:    # doctest: +SKIP
             ...     out.write(b"data")
         """
+        from fsspec.implementations.memory import MemoryFileSystem  # fs is fsspec's: loaded
+        if isinstance(self.fs, MemoryFileSystem):  # its objects are in memory anyway
+            gathered = io.BytesIO()
+            yield gathered
+            self.write_small(gathered.getvalue())
+            return
         with _storage(self.url, "opening for writing"):
             out = self.fs.open(self.path, "wb", autocommit=False)
         try:
@@ -325,8 +343,8 @@ def _abandon(out: Any, rp: RemotePath) -> None:
     doing so are dropped (the first error is the one raised).
 
     A file that took ``autocommit=False`` (it says so: ``out.autocommit`` is False) made nothing
-    visible: its ``discard()`` drops the upload. Any other file may have been visible from its
-    opening (fsspec's memory filesystem commits at open): it is closed and the object removed.
+    visible: its ``discard()`` drops the upload. A file of a filesystem that ignores autocommit
+    may be visible already: it is closed and the object removed.
     """
     with contextlib.suppress(Exception):
         if getattr(out, "autocommit", True) is not False:
@@ -342,11 +360,11 @@ def _abandon(out: Any, rp: RemotePath) -> None:
 
 
 def _check_length(url: str, start: int, length: int, data: Any) -> None:
-    """[R2]: a ranged response must be exactly the length asked for."""
+    """[RS2]: a ranged response must be exactly the length asked for."""
     got = len(data)
     if got != length:
         raise RemoteError(f"{url}: asked for bytes {start}-{start + length - 1} ({length} bytes), "
-                          f"got {got} bytes [R2]; the object changed or the server misbehaves "
+                          f"got {got} bytes [RS2]; the object changed or the server misbehaves "
                           "(a short or long answer is never used)")
 
 
@@ -366,7 +384,7 @@ def _byte_view(dest: Any, length: int) -> memoryview:
 
 class _Range(NamedTuple):
     """One range of a read_into call: ``[start, end)`` goes into ``view``, then ``pad`` bytes
-    that must be zero [R3]."""
+    that must be zero [RS3]."""
 
     k: int  # its index in the call
     start: int
@@ -376,7 +394,7 @@ class _Range(NamedTuple):
 
 
 class RemoteFile:
-    """One remote object opened for ranged reads ([R1]-[R6]); a :class:`safeckpt.Reader` reads
+    """One remote object opened for ranged reads ([RS1]-[RS6]); a :class:`safeckpt.Reader` reads
     through it (``Reader(RemoteFile(rp))``).
 
     The size is read once (one metadata request) when it is made. ``requests`` and
@@ -384,10 +402,10 @@ class RemoteFile:
 
     Parameters:
         rp: the object.
-        chunk_size: the longest single request [R5]; a longer range is cut in chunks, each
+        chunk_size: the longest single request [RS5]; a longer range is cut in chunks, each
             written straight into its destination.
-        max_gap: ranges at most this far apart are fetched in one request [R6].
-        max_in_flight: response bytes held at once, at most [R5]: requests go out in batches
+        max_gap: ranges at most this far apart are fetched in one request [RS6].
+        max_in_flight: response bytes held at once, at most [RS5]: requests go out in batches
             (concurrently on async filesystems: s3fs, http) of at most this many bytes.
 
     Raises:
@@ -420,7 +438,7 @@ class RemoteFile:
         return f"<safeckpt.remote.RemoteFile {self.where} ({self.size} bytes)>"
 
     def read(self, offset: int, length: int) -> bytes:
-        """The ``length`` bytes at ``offset``, by one exact ranged request [R2] (none for 0).
+        """The ``length`` bytes at ``offset``, by one exact ranged request [RS2] (none for 0).
 
         Raises:
             ValueError: the range is not inside the object.
@@ -437,16 +455,16 @@ class RemoteFile:
         """Read ``lengths[i]`` bytes at ``offsets[i]`` into ``dests[i]``, for each ``i``: the
         contract of the backends' ``read_into``, over ranged requests.
 
-        Ranges at most ``max_gap`` apart share one request [R6]; a request is at most
-        ``chunk_size`` bytes [R5], and batches of them (concurrent on async filesystems) hold at
-        most ``max_in_flight`` bytes; each response is checked for its exact length [R2], then
+        Ranges at most ``max_gap`` apart share one request [RS6]; a request is at most
+        ``chunk_size`` bytes [RS5], and batches of them (concurrent on async filesystems) hold at
+        most ``max_in_flight`` bytes; each response is checked for its exact length [RS2], then
         copied straight into the destinations and checksummed as it arrives.
 
         Parameters:
             dests: writable C-contiguous buffers (numpy arrays of any dtype) of at least
                 ``lengths[i]`` bytes.
             checksum: ``False``, ``True``, or one flag per range.
-            zero_after: for each range, how many bytes after it must be zero (padding [R3]);
+            zero_after: for each range, how many bytes after it must be zero (padding [RS3]);
                 they are fetched with it and checked, never copied.
             padding_where: for each range, what a padding error names (default: the URL).
 
@@ -456,7 +474,7 @@ class RemoteFile:
 
         Raises:
             LayoutError: a padding byte is not zero [T9].
-            RemoteError: the storage failed, or a response had the wrong length [R2].
+            RemoteError: the storage failed, or a response had the wrong length [RS2].
             FileNotFoundError: the object is gone.
             ValueError: the lists differ in length, a range is outside the object, or a
                 destination is unusable.
@@ -491,13 +509,13 @@ class RemoteFile:
                     lo, hi = max(start, r.end), min(end, r.end + r.pad)
                     if lo < hi and np.frombuffer(data, np.uint8, hi - lo, lo - start).any():
                         where = self.where if padding_where is None else padding_where[r.k]
-                        raise error_for(Code.PADDING, where, f" (in bytes {lo}-{hi - 1}) [R3]")
+                        raise error_for(Code.PADDING, where, f" (in bytes {lo}-{hi - 1}) [RS3]")
         return crcs if any(want) else None
 
     def _requests(self, ranges: List[_Range]) -> List[Tuple[int, int, List[_Range]]]:
         """The requests for ``ranges`` (sorted by start): ``(start, end, members)``. Ranges at
-        most ``max_gap`` apart join one span [R6]; a span is cut in requests of at most
-        ``chunk_size`` bytes [R5]; ``members`` are the ranges each request may touch."""
+        most ``max_gap`` apart join one span [RS6]; a span is cut in requests of at most
+        ``chunk_size`` bytes [RS5]; ``members`` are the ranges each request may touch."""
         spans: List[Tuple[int, int, List[_Range]]] = []
         for r in ranges:
             end = r.end + r.pad
@@ -516,7 +534,7 @@ class RemoteFile:
 
     def _batches(self, requests: List[Tuple[int, int, List[_Range]]]
                  ) -> Iterator[List[Tuple[int, int, List[_Range]]]]:
-        """The requests in batches of at most ``max_in_flight`` bytes (at least one each) [R5]."""
+        """The requests in batches of at most ``max_in_flight`` bytes (at least one each) [RS5]."""
         batch: List[Tuple[int, int, List[_Range]]] = []
         held = 0
         for request in requests:
@@ -531,7 +549,7 @@ class RemoteFile:
 
     def _fetch(self, spans: List[Tuple[int, int]]) -> List[bytes]:
         """The bytes of each ``(start, end)``, by fsspec's ``cat_ranges`` (concurrent requests on
-        async filesystems), each checked for its exact length [R2]."""
+        async filesystems), each checked for its exact length [RS2]."""
         rp = self.rp
         what = (f"read of bytes {spans[0][0]}-{spans[0][1] - 1}" if len(spans) == 1 else
                 f"read of {len(spans)} ranges within bytes {spans[0][0]}-{spans[-1][1] - 1}")
