@@ -99,15 +99,15 @@ def open(path: Union[PathLike, RemotePath], *, mmap: bool = True,  # noqa: A001 
             return _hf.SafetensorsShards(found, mmap=mmap, **limits)
         source = found
     else:
-        path = where
-        if os.path.isdir(path):
-            path = _checkpoint_in(path)
-        elif (path.lower().endswith(_hf.SUFFIX) and not os.path.lexists(path)
-              and os.path.isfile(_hf.index_of(path))):  # a sharded save to this name wrote an index
-            path = _hf.index_of(path)
-        if kind_of(path) == "index":
-            return _hf.SafetensorsShards(path, mmap=mmap, **limits)
-        source = path
+        local = where
+        if os.path.isdir(local):
+            local = _checkpoint_in(local)
+        elif (local.lower().endswith(_hf.SUFFIX) and not os.path.lexists(local)
+              and os.path.isfile(_hf.index_of(local))):  # a sharded save to this name wrote an index
+            local = _hf.index_of(local)
+        if kind_of(local) == "index":
+            return _hf.SafetensorsShards(local, mmap=mmap, **limits)
+        source = local
     reader = Reader(source, mmap=mmap, allow_index=True, allow_refs=True, **limits)
     if reader.shard_index is None and reader.refs is None:
         return reader
