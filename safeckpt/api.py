@@ -253,9 +253,10 @@ def load(path: Union[PathLike, RemotePath], *, prefix: Prefix = None,
                                  map_location=map_location, verify=verify)
 
 
-def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata = None,
-              align: int = fmt.ALIGN_DEFAULT, checksum: bool = True, atomic: bool = True,
-              max_shard_size: Union[None, int, str] = None) -> None:
+def save_file(tensors: Mapping[str, Any], path: Union[PathLike, RemotePath], *,
+              metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT, checksum: bool = True,
+              atomic: bool = True, max_shard_size: Union[None, int, str] = None,
+              storage_options: Optional[Dict[str, Any]] = None, fs: Any = None) -> None:
     """Save a flat ``{name: np.ndarray}`` dict to a .sckpt file (or .safetensors, by its name).
 
     Every save writes a new file and never into the one at ``path`` (FORMAT.md [W3]): arrays that
@@ -268,7 +269,11 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata 
             ``align`` unused; see :mod:`safeckpt.safetensors_writer`) and then removes the index
             and shards of an earlier sharded save to that name (FORMAT.md [HF7]), any other name
             a .sckpt file; names of formats safeckpt reads but never writes (``.pt``, ``.bin``,
-            ``.npz``, ``.index.json``, ...) are refused.
+            ``.npz``, ``.index.json``, ...) are refused. Or a URL that fsspec writes
+            (``s3://bucket/ckpt.sckpt``, ``gs://``, ``az://``, ``memory://``; ``file://`` is a
+            local path), or a path inside ``fs``: the file is streamed, never whole in memory,
+            and becomes visible only once complete (FORMAT.md [RS7]). ``http(s)://`` is refused
+            (read-only).
         metadata: a dict with str keys of msgpack primitives (None, bool, int, float, str,
             bytes, lists and dicts of them).
         align: tensor alignment, a power of two from 8 to 1 MiB (4096 suits O_DIRECT).
@@ -277,21 +282,30 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata 
             fsync the directory, so a crash leaves the old file or the new one, never a mix
             [W2]. ``False`` skips the fsyncs and the second copy on disk: the old file is
             unlinked, then the new one is written at ``path``; an error removes the partial file
-            (the old one is gone), a crash may leave one (readers refuse it).
+            (the old one is gone), a crash may leave one (readers refuse it). A remote object has
+            no rename: whatever ``atomic`` says, it is written as one stream (S3: a multipart
+            upload) that becomes visible only when complete and is discarded on an error, so the
+            old object stays until the new one replaces it whole [RS7].
         max_shard_size: split into shards of at most this many tensor bytes (an int, or a str
             such as ``"500MB"`` or ``"2GiB"``). A .sckpt name gets shards plus an index at
             ``path`` (FORMAT.md section 9); ``*.safetensors`` gets Hugging Face shards
             (``model-00001-of-00002.safetensors`` ...) and ``model.safetensors.index.json``, as
             transformers writes them (section 10). What fits in one shard is one file at ``path``.
+            Remote shards are written first, then the index, as locally [S9].
+        storage_options: for a URL, passed to fsspec (credentials, endpoint, ...).
+        fs: an fsspec filesystem object; ``path`` is then a path inside it.
 
     Raises:
         InvalidValueError: a key is not a str, a value is not an array, metadata has a value
             msgpack cannot hold, or ``path`` names a format safeckpt does not write; the message
-            names it.
+            names it. Also ``storage_options`` or ``fs`` with a local path, and an
+            ``http(s)://`` URL.
         UnsupportedDtypeError: an array's dtype cannot be stored.
         LimitError: more dimensions or deeper metadata than readers accept by default [W4].
         OSError: from the file system (a missing directory is named as such); no partial file
-            is left behind.
+            is left behind. RemoteError (an OSError): the remote storage failed (the URL named);
+            the upload is discarded.
+        ChecksumError: streaming to a URL, an array changed while it was saved [RS7].
 
     Warns:
         UserWarning: the header or the tensor count is over the readers' default limit [W4];
@@ -300,28 +314,34 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *, metadata: Metadata 
     Example:
         >>> safeckpt.save_file({"w": np.zeros((2, 3))}, "w.sckpt", metadata={"step": 10})  # doctest: +SKIP
         >>> safeckpt.save_file(weights, "out/model.safetensors", max_shard_size="5GB")  # doctest: +SKIP
+        >>> safeckpt.save_file(weights, "s3://bucket/run1/model.sckpt")  # doctest: +SKIP
     """
     if not isinstance(tensors, collections.abc.Mapping):
         raise InvalidValueError(f"tensors must be a dict of name -> numpy array, "
                                 f"not {type(tensors).__name__}")
+    target = _destination(path, storage_options, fs)
     if max_shard_size is not None:
-        save_sharded(fmt.NO_TREE, list(tensors), list(tensors.values()), path, metadata=metadata,
-                     align=align, checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
+        save_sharded(fmt.NO_TREE, list(tensors), list(tensors.values()), target,
+                     metadata=metadata, align=align, checksum=checksum, atomic=atomic,
+                     max_shard_size=max_shard_size)
         return
-    save_plan(_writer.Plan(tensors, metadata, align, checksum), path, atomic=atomic)
+    save_plan(_writer.Plan(tensors, metadata, align, checksum), target, atomic=atomic)
 
 
-def save(obj: Any, path: PathLike, *, metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT,
-         checksum: bool = True, atomic: bool = True,
-         max_shard_size: Union[None, int, str] = None) -> None:
+def save(obj: Any, path: Union[PathLike, RemotePath], *, metadata: Metadata = None,
+         align: int = fmt.ALIGN_DEFAULT, checksum: bool = True, atomic: bool = True,
+         max_shard_size: Union[None, int, str] = None,
+         storage_options: Optional[Dict[str, Any]] = None, fs: Any = None) -> None:
     """Save a nested object (a state dict, an optimizer state, a whole training state) to a file.
 
     Parameters:
         obj: dicts (str or int keys, order kept), OrderedDicts, lists and tuples of numpy arrays,
             torch tensors, numpy scalars, None, bool, int (int64 and uint64 range), float, str and
             bytes. A tensor that appears twice (the same memory, e.g. tied weights) is stored once.
-        path: a str or path-like.
-        metadata, align, checksum, atomic, max_shard_size: as for :func:`safeckpt.save_file`.
+        path: a str or path-like, or a URL (``s3://...``) or a path inside ``fs``, as for
+            :func:`safeckpt.save_file`.
+        metadata, align, checksum, atomic, max_shard_size, storage_options, fs: as for
+            :func:`safeckpt.save_file`.
 
     Raises:
         InvalidValueError: a value safeckpt does not store; the message names its path
@@ -331,31 +351,58 @@ def save(obj: Any, path: PathLike, *, metadata: Metadata = None, align: int = fm
     Example:
         >>> safeckpt.save({"model": model.state_dict(), "step": 10}, "ckpt.sckpt")  # doctest: +SKIP
     """
+    target = _destination(path, storage_options, fs)
     if max_shard_size is not None:
-        save_sharded(*_tree.flatten(obj), path, metadata=metadata, align=align, checksum=checksum,
-                     atomic=atomic, max_shard_size=max_shard_size)
+        save_sharded(*_tree.flatten(obj), target, metadata=metadata, align=align,
+                     checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
         return
-    save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), path, atomic=atomic)
+    save_plan(plan(obj, metadata=metadata, align=align, checksum=checksum), target, atomic=atomic)
 
 
-def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: PathLike, *,
-                 metadata: Metadata, align: int, checksum: bool, atomic: bool,
-                 max_shard_size: Union[int, str]) -> None:
+def _destination(path: Any, storage_options: Optional[Dict[str, Any]], fs: Any
+                 ) -> Union[str, RemotePath]:
+    """Where a save goes: a local path (a str, for the local code) or a remote object
+    (:func:`safeckpt.remote.resolve`), never an ``http(s)://`` one (read-only).
+
+    Raises:
+        TypeError: ``path`` is no path (the message points at ``save_bytes``).
+        InvalidValueError: ``storage_options`` or ``fs`` with a local path; an http(s) URL.
+    """
+    if not isinstance(path, (str, bytes, os.PathLike, RemotePath)):
+        output_format(path)  # raises the TypeError that says what to use instead
+    target = resolve(path, storage_options=storage_options, fs=fs)
+    if isinstance(target, RemotePath):
+        protocols = target.fs.protocol
+        if {"http", "https"} & set([protocols] if isinstance(protocols, str) else protocols):
+            raise InvalidValueError(f"{target.url}: safeckpt saves nothing over HTTP (fsspec's "
+                                    "http filesystem has no object write that is visible only "
+                                    "once complete); save to an object store (s3://, gs://, "
+                                    "az://) or a local path, and serve that over HTTP")
+    return target
+
+
+def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
+                 path: Union[PathLike, RemotePath], *, metadata: Metadata, align: int,
+                 checksum: bool, atomic: bool, max_shard_size: Union[int, str],
+                 storage_options: Optional[Dict[str, Any]] = None, fs: Any = None) -> None:
     """Write a flattened object in shards of at most ``max_shard_size`` tensor bytes, the format
     chosen by the name: ``*.safetensors`` writes Hugging Face shards and their
     ``*.safetensors.index.json`` (:func:`safeckpt.safetensors_shards.save_sharded`; ``align``
     and ``checksum`` unused), any other name .sckpt shards and an index at ``path``
     (:func:`safeckpt.shard.save_sharded`). What fits in one shard is one ordinary file at ``path``.
+    ``path`` may be remote, as for :func:`save_file`: shards first, the index last [S9], then
+    the shards of an earlier save that the index does not name are removed.
 
     Example:
         >>> save_sharded(*_tree.flatten({"w": np.zeros(2)}), "out/model.safetensors", metadata=None,
         ...              align=64, checksum=True, atomic=True, max_shard_size="5GB")  # doctest: +SKIP
     """
-    if output_format(path)[1] == "safetensors":
-        _hf.save_sharded(tree, names, arrays, path, metadata=metadata, atomic=atomic,
+    target = _destination(path, storage_options, fs)
+    if _writer.destination_format(target)[1] == "safetensors":
+        _hf.save_sharded(tree, names, arrays, target, metadata=metadata, atomic=atomic,
                          max_shard_size=max_shard_size)
         return
-    _shard.save_sharded(tree, names, arrays, path, metadata=metadata, align=align,
+    _shard.save_sharded(tree, names, arrays, target, metadata=metadata, align=align,
                         checksum=checksum, atomic=atomic, max_shard_size=max_shard_size)
 
 
@@ -394,24 +441,28 @@ def plan(obj: Any, *, metadata: Metadata = None, align: int = fmt.ALIGN_DEFAULT,
     return _writer.Plan(dict(zip(names, arrays)), metadata, align, checksum, tree=tree)
 
 
-def save_plan(plan: _writer.Plan, path: PathLike, *, atomic: bool = True) -> None:
+def save_plan(plan: _writer.Plan, path: Union[PathLike, RemotePath], *, atomic: bool = True,
+              storage_options: Optional[Dict[str, Any]] = None, fs: Any = None) -> None:
     """Write ``plan`` to ``path`` as a new file [W2], [W3]: a ``*.safetensors`` name gets a
     safetensors file (:func:`safeckpt.safetensors_shards.save_single`, which then removes an
     earlier sharded save's index and shards [HF7]), any other a .sckpt file; names of formats
-    safeckpt never writes are refused [W5].
+    safeckpt never writes are refused [W5]. ``path``, ``storage_options`` and ``fs`` as for
+    :func:`save_file`: a remote object is streamed [RS7].
 
     Example:
         >>> save_plan(plan({"w": np.zeros(2)}), "w.safetensors")  # doctest: +SKIP
     """
-    path, kind = output_format(path, sharded=plan.shards is not None)
+    target, kind = _writer.destination_format(_destination(path, storage_options, fs),
+                                              sharded=plan.shards is not None)
     if plan.refs is not None and kind != "sckpt":
-        raise InvalidValueError(f"{path!r}: references to other files are a .sckpt feature "
+        where = target.url if isinstance(target, RemotePath) else repr(target)
+        raise InvalidValueError(f"{where}: references to other files are a .sckpt feature "
                                 "(FORMAT.md section 11); save to a .sckpt name [X2]")
     if kind == "safetensors":  # and an earlier sharded save's index and shards go [HF7]
-        _hf.save_single(dict(zip(plan.names, plan.arrays)), path, metadata=plan.metadata,
+        _hf.save_single(dict(zip(plan.names, plan.arrays)), target, metadata=plan.metadata,
                         tree=plan.tree, atomic=atomic)
         return
-    _writer.write_plan(plan, path, atomic=atomic)
+    _writer.write_plan(plan, target, atomic=atomic)
 
 
 def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: Any) -> None:

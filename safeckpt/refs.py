@@ -53,7 +53,10 @@ class LinkedReader(ShardedReader):
     references of a referenced file are never followed (there are no chains [X5]).
 
     ``path``, ``version``, ``metadata``, ``size``, ``align``, ``save_id`` and ``header_crc`` are
-    those of the file itself; ``shards`` lists the referenced files, then the file itself.
+    those of the file itself; ``shards`` lists the referenced files, then the file itself. A
+    remote file's referenced files are the objects beside it (``shards`` holds their URLs), read
+    as it is [RS1]; a file is the referring one itself when it has its URL (a remote object has
+    no inode), every other check of [X5] as for local files.
     """
 
     shard_rule = "[X5]"
@@ -66,9 +69,10 @@ class LinkedReader(ShardedReader):
         self.metadata, self.size, self.align = reader.metadata, reader.size, reader.align
         self.save_id, self.header_crc = reader.save_id, reader.header_crc
         self._index_reader = reader  # closed with the referenced files on an error
+        self._remote = reader.remote
         if refs is None or reader.path is None:
             raise RefError(f"{self.where} is not a file with references opened by its path [X2]")
-        self._inode = _inode(reader.path)  # [X5]: no file refers to itself, by any name
+        self._identity = _identity(reader)  # [X5]: no file refers to itself, by any name
         self.refs: References = refs
         members: List[List[int]] = [[] for _ in refs.files]  # the references into each file
         for r, j in enumerate(refs.file):
@@ -102,7 +106,7 @@ class LinkedReader(ShardedReader):
             problem = "has no checksums (no TENSOR_CRC flag)"
         elif (refs.files[j] == os.path.basename(str(reader.path))
               or reader.save_id is not None and target.save_id == reader.save_id
-              or _inode(str(target.path)) == self._inode):  # a hard link or symlink to it
+              or _identity(target) == self._identity):  # a hard link or symlink to it
             problem = "is the referring file itself"
         elif target.size != refs.sizes[j]:
             problem = f"is {target.size} bytes, not {refs.sizes[j]}"
@@ -225,10 +229,12 @@ class LinkedReader(ShardedReader):
                 f"{len(self.refs.names)} in {plural(len(self.refs.files), 'other file')})>")
 
 
-def _inode(path: str) -> Tuple[int, int]:
-    """The device and inode of the file at ``path`` (a link followed): the same pair is the same
-    file, whatever its name."""
-    st = os.stat(path)
+def _identity(reader: Reader) -> Tuple[Any, ...]:
+    """What makes the file of ``reader`` that file, whatever its name: the device and inode of a
+    local file (a link followed), the URL of a remote object (which has no other name)."""
+    if reader.remote is not None:
+        return ("url", reader.remote.where)
+    st = os.stat(str(reader.path))
     return st.st_dev, st.st_ino
 
 

@@ -12,6 +12,10 @@ Writing: ``save_file(tensors, "out/model.safetensors", max_shard_size="5GB")`` (
 when everything fits in one shard. Every save to a name removes the files of an earlier save to it
 that a reader would take for the new one (shards, index, or single file) [HF6], [HF7].
 
+Remote (FORMAT.md section 12): a remote index (a :class:`safeckpt.remote.RemotePath`; its size
+checked before it is fetched [HF1]) gives a reader whose shards are the objects beside it; a save
+to a remote path streams each shard [RS7] and writes the index last [S9].
+
 Example:
     >>> import numpy as np, safeckpt, tempfile, os
     >>> folder = tempfile.mkdtemp()
@@ -27,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -41,12 +44,13 @@ from . import safetensors_writer
 from . import tree as _tree
 from .errors import (HeaderError, InvalidValueError, LayoutError, LimitError, SafeckptError,
                      ShardError, quote)
-from .filekind import INDEX_SUFFIX, PathLike, output_format
+from .filekind import INDEX_SUFFIX, PathLike
 from .reader import Reader
+from .remote import RemoteFile, RemotePath
 from .safetensors_format import decode_extras, refuse_constant, unique_object
-from .shard import (MAX_SHARDS, ShardedReader, parse_size, plain_file_name, remove_stale_shards,
-                    split)
-from .writer import warn_beyond_reader_defaults
+from .shard import (MAX_SHARDS, ShardedReader, Target, base_name, parse_size, plain_file_name,
+                    remove_file, remove_stale_shards, sibling, split)
+from .writer import destination_format, warn_beyond_reader_defaults
 
 SUFFIX = ".safetensors"
 TOTAL_SIZE_KEY = "total_size"  # the index's metadata: the bytes of all tensors, as transformers writes
@@ -70,19 +74,22 @@ class Index(NamedTuple):
 
 # -- names ---------------------------------------------------------------------------------------
 
-def index_of(path: str) -> str:
+def index_of(path: Target) -> Target:
     """The index a sharded save to ``path`` writes: ``model.safetensors`` -> its ``.index.json``."""
+    if isinstance(path, RemotePath):
+        return sibling(path, path.name + INDEX_SUFFIX)
     return path + INDEX_SUFFIX
 
 
-def shard_files(path: PathLike, k: int) -> List[str]:
+def shard_files(path: Union[PathLike, RemotePath], k: int) -> List[str]:
     """The file names of ``k`` shards of a save to ``path``, as transformers names them.
 
     Example:
         >>> shard_files("out/model.safetensors", 2)
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
-    stem = os.path.basename(os.fsdecode(path))[:-len(SUFFIX)]
+    name = path.name if isinstance(path, RemotePath) else os.path.basename(os.fsdecode(path))
+    stem = name[:-len(SUFFIX)]
     return [f"{stem}-{j:05d}-of-{k:05d}{SUFFIX}" for j in range(1, k + 1)]
 
 
@@ -104,8 +111,15 @@ def shards_in(entries: Iterable[str]) -> List[str]:
 
 # -- read ----------------------------------------------------------------------------------------
 
-def _read_bounded(path: str, where: str, max_size: int) -> bytes:
-    """The bytes of the regular file at ``path``, refused before reading if over ``max_size``."""
+def _read_bounded(path: Union[str, RemoteFile], where: str, max_size: int) -> bytes:
+    """The bytes of the regular file (or remote object) at ``path``, refused before reading if
+    over ``max_size``."""
+    if isinstance(path, RemoteFile):  # its size is known (one metadata request): no GET yet
+        if path.size > max_size:
+            raise LimitError(f"{where}: the index is {path.size} bytes, more than "
+                             f"max_header_size={max_size}; pass max_header_size=... if you trust "
+                             "this file [HF1]")
+        return path.read(0, path.size)  # exactly that many bytes [RS2]
     file, size = _fs.open_regular(path, where, " [HF1]")
     with file:
         if size > max_size:
@@ -134,10 +148,11 @@ def _shard_file(name: object, tensor: str, where: str) -> str:
     return name
 
 
-def read_index(path: str, *, max_header_size: int = fmt.MAX_HEADER_SIZE,
+def read_index(path: Union[str, RemoteFile], *, max_header_size: int = fmt.MAX_HEADER_SIZE,
                max_tensors: int = fmt.MAX_TENSORS, max_depth: int = fmt.MAX_DEPTH,
                **_other_limits: Any) -> Index:
-    """Read and check a Hugging Face index [HF1]-[HF3], an untrusted file; open no shard.
+    """Read and check a Hugging Face index [HF1]-[HF3], an untrusted file (a local path, or a
+    remote object: its size is checked before it is fetched); open no shard.
 
     Raises:
         LimitError: the file is over ``max_header_size``, names more than ``max_tensors``
@@ -151,7 +166,7 @@ def read_index(path: str, *, max_header_size: int = fmt.MAX_HEADER_SIZE,
         >>> read_index("model.safetensors.index.json").files   # doctest: +SKIP
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
     """
-    where = repr(path)
+    where = repr(path.where if isinstance(path, RemoteFile) else path)
     raw = _read_bounded(path, where, max_header_size)
     try:
         with fmt.collector_paused():
@@ -199,16 +214,22 @@ class SafetensorsShards(ShardedReader):
     [HF5]. Safetensors files hold no checksums: ``verify`` raises, naming the shard.
 
     With ``mmap=False`` a shard closed for room and reopened must be the file it was (device,
-    inode, size, modification time and header), as for .sckpt shards [S7].
+    inode, size, modification time and header), as for .sckpt shards [S7]. ``path`` may be a
+    remote index (a :class:`safeckpt.remote.RemotePath`): the shards are then the objects beside
+    it, each read by ranged requests ([RS1]; :attr:`path` is the index's URL).
     """
 
     format = "safetensors"
     shard_rule = "[HF4]"
 
-    def __init__(self, path: str, *, mmap: bool = True, **limits: Any) -> None:
-        where = self.where = repr(path)
-        self.path, self.version = path, None
-        index = read_index(path, **limits)
+    def __init__(self, path: Union[str, RemotePath], *, mmap: bool = True, **limits: Any) -> None:
+        source: Union[str, RemoteFile] = path if isinstance(path, str) else RemoteFile(path)
+        if isinstance(source, RemoteFile):  # its size now (one metadata request), no GET yet
+            self._remote = source
+        self.path = path if isinstance(path, str) else path.url
+        where = self.where = repr(self.path)
+        self.version = None
+        index = read_index(source, **limits)
         self.size = index.size
         self.metadata = metadata = index.metadata
 
@@ -246,9 +267,9 @@ class SafetensorsShards(ShardedReader):
 
 # -- write ---------------------------------------------------------------------------------------
 
-def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: PathLike, *,
-                 metadata: Optional[Mapping[str, Any]], atomic: bool,
-                 max_shard_size: Union[int, str]) -> None:
+def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
+                 path: Union[PathLike, RemotePath], *, metadata: Optional[Mapping[str, Any]],
+                 atomic: bool, max_shard_size: Union[int, str]) -> None:
     """Write ``names``/``arrays`` as Hugging Face shards and their index [HF6].
 
     Tensors fill shards in order, a new one started when the next tensor would bring its tensor
@@ -258,8 +279,9 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
     {"total_size": <tensor bytes>, ...}, "weight_map": {name: file}}``, the rest of ``metadata``
     and the ``tree`` kept as the single-file writer keeps them [ST9]. Every file is planned and
     checked before any is written; shards are written first, the index last (each atomically
-    when ``atomic``); then files of earlier saves to ``path`` that would be taken for this one
-    (other shards, and the single file or the index that this save did not write) are removed.
+    when ``atomic``; each visible only once whole when ``path`` is a remote object [RS7]); then
+    files of earlier saves to ``path`` that would be taken for this one (other shards, and the
+    single file or the index that this save did not write) are removed.
 
     Raises:
         InvalidValueError: ``path`` is not a ``*.safetensors`` name, or ``metadata`` has the key
@@ -268,28 +290,28 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
         IsADirectoryError: ``path`` is a directory.
     """
     limit = parse_size(max_shard_size)
-    path, kind = output_format(path)
+    target, kind = destination_format(path)  # a str or a RemotePath
     if kind != "safetensors":
-        raise InvalidValueError(f"{path!r}: Hugging Face shards are saved to a *.safetensors name "
+        where = target.url if isinstance(target, RemotePath) else repr(target)
+        raise InvalidValueError(f"{where}: Hugging Face shards are saved to a *.safetensors name "
                                 "(e.g. 'model.safetensors') [HF6]")
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "cannot save over a directory", path)
+    if isinstance(target, str) and os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, "cannot save over a directory", target)
     metadata = dict(fmt.check_metadata(metadata))
     if TOTAL_SIZE_KEY in metadata:
         raise InvalidValueError(f"metadata key {TOTAL_SIZE_KEY!r} is the index's own (the bytes of "
                                 "all tensors, as Hugging Face writes it) [HF6]; rename it")
     names, arrays = list(names), list(arrays)
     counts = split([array.nbytes for array in arrays], limit)
-    directory = os.path.dirname(os.path.abspath(path))
     given_format = metadata.get(FORMAT_KEY)
     if len(counts) <= 1:
         metadata.setdefault(FORMAT_KEY, DEFAULT_FORMAT)
-        save_single(dict(zip(names, arrays)), path, metadata=metadata, tree=tree, atomic=atomic)
+        save_single(dict(zip(names, arrays)), target, metadata=metadata, tree=tree, atomic=atomic)
         return
     if len(counts) > MAX_SHARDS:
         raise ValueError(f"max_shard_size={max_shard_size!r} makes {len(counts)} shards, more than "
                          f"{MAX_SHARDS}; raise max_shard_size [S8]")
-    files = shard_files(path, len(counts))
+    files = shard_files(target, len(counts))
     shard_metadata = {FORMAT_KEY: given_format if type(given_format) is str else DEFAULT_FORMAT}
     plans, weight_map, start = [], {}, 0
     for file, count in zip(files, counts):
@@ -304,15 +326,19 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
     warn_beyond_reader_defaults(len(text), len(names), "[HF1]", "[HF2]")
 
     def write(j: int) -> None:
-        safetensors_writer.write(plans[j], os.path.join(directory, files[j]), atomic=atomic)
+        safetensors_writer.write(plans[j], sibling(target, files[j]), atomic=atomic)
 
     _fs.fan_out(write, range(len(plans)))  # every shard before the index
-    with _fs.new_file(index_of(path), atomic) as fd:
-        _fs.pwrite_all(fd, text.encode("ascii"), 0)
-    _remove_earlier(path, files)
+    index = index_of(target)
+    if isinstance(index, RemotePath):  # one small object, visible whole [RS7]
+        index.write_small(text.encode("ascii"))
+    else:
+        with _fs.new_file(index, atomic) as fd:
+            _fs.pwrite_all(fd, text.encode("ascii"), 0)
+    _remove_earlier(target, files)
 
 
-def save_single(tensors: Mapping[str, Any], path: PathLike, *,
+def save_single(tensors: Mapping[str, Any], path: Union[PathLike, RemotePath], *,
                 metadata: Optional[Mapping[str, Any]] = None, tree: Any = fmt.NO_TREE,
                 atomic: bool = True) -> None:
     """Write one .safetensors file (:func:`safeckpt.safetensors_writer.save_file`); then, for a
@@ -331,27 +357,20 @@ def save_single(tensors: Mapping[str, Any], path: PathLike, *,
     Example:
         >>> save_single({"w": np.zeros(2)}, "out/model.safetensors")  # doctest: +SKIP
     """
-    path, kind = output_format(path)
-    safetensors_writer.save_file(tensors, path, metadata=metadata, tree=tree, atomic=atomic)
+    target, kind = destination_format(path)  # a str or a RemotePath
+    safetensors_writer.save_file(tensors, target, metadata=metadata, tree=tree, atomic=atomic)
     if kind == "safetensors":
-        _remove_earlier(path, ())
+        _remove_earlier(target, ())
 
 
-def _remove_earlier(path: str, files: Sequence[str]) -> None:
+def _remove_earlier(path: Target, files: Sequence[str]) -> None:
     """Delete the files of earlier saves to ``path`` (``<stem>.safetensors``) that a reader would
     take for the save that just wrote ``files`` (its shards; none for one plain file) [HF6], [HF7]:
     the index (for a plain file: first, so that an index never names shards already gone), the
     stem's other shards, and the plain file (for shards: transformers loads a ``model.safetensors``
     before it looks for an index)."""
-    directory = os.path.dirname(os.path.abspath(path))
     if not files:
-        _remove_file(index_of(path))
-    remove_stale_shards(directory, os.path.basename(path)[:-len(SUFFIX)], SUFFIX, files)
+        remove_file(index_of(path))
+    remove_stale_shards(path, base_name(path)[:-len(SUFFIX)], SUFFIX, files)
     if files:
-        _remove_file(path)
-
-
-def _remove_file(path: str) -> None:
-    """Delete the file at ``path`` (an earlier save's), if there is one."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        remove_file(path)

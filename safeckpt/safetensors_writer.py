@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import collections.abc
 import json
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import msgpack
 import numpy as np
@@ -23,9 +23,11 @@ from . import _fs
 from . import format as fmt
 from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, little_endian
 from .errors import InvalidValueError, LimitError, UnsupportedDtypeError
-from .filekind import PathLike, output_format
+from .filekind import PathLike
+from .remote import RemotePath
 from .safetensors_format import DTYPE_NAMES, LENGTH_SIZE, METADATA_KEY, SAFECKPT_KEY
-from .writer import LazyArray, le_bytes, unicode_error, warn_beyond_reader_defaults
+from .writer import (LazyArray, destination_format, stream_array, unicode_error,
+                     warn_beyond_reader_defaults)
 
 
 def encode_metadata(metadata: Optional[Mapping[str, Any]],
@@ -126,7 +128,7 @@ def plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = Non
     return Planned(len(raw).to_bytes(LENGTH_SIZE, "little") + raw, arrays)
 
 
-def save_file(tensors: Mapping[str, Any], path: PathLike, *,
+def save_file(tensors: Mapping[str, Any], path: Union[PathLike, RemotePath], *,
               metadata: Optional[Mapping[str, Any]] = None, tree: Any = fmt.NO_TREE,
               atomic: bool = True, progress: Optional[Callable[[int], None]] = None) -> None:
     """Write ``{name: array}`` as a .safetensors file that any safetensors reader loads.
@@ -137,7 +139,8 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *,
         tensors: names to numpy arrays (or :class:`safeckpt.writer.LazyArray`); every dtype of
             FORMAT.md section 4 except complex128.
         path: a str, bytes or path-like; not a ``*.sckpt`` name, nor one of a format that
-            safeckpt does not write (``.pt``, ``.npz``, ...).
+            safeckpt does not write (``.pt``, ``.npz``, ...). Or a remote object
+            (:class:`safeckpt.remote.RemotePath`), streamed and visible only once whole [RS7].
         metadata: our metadata (any msgpack primitives); see the module docstring for the mapping.
         tree: an encoded skeleton (FORMAT.md section 8) to keep in ``__safeckpt__`` [ST9].
         atomic: as for :func:`safeckpt.save_file` [W2].
@@ -153,28 +156,38 @@ def save_file(tensors: Mapping[str, Any], path: PathLike, *,
     Example:
         >>> save_file({"w": np.zeros(2)}, "w.safetensors", metadata={"step": 3})  # doctest: +SKIP
     """
-    path, kind = output_format(path)
+    target, kind = destination_format(path)
     if kind == "sckpt":
-        raise InvalidValueError(f"{path!r}: a .sckpt name for a safetensors file; name it "
+        where = target.url if isinstance(target, RemotePath) else repr(target)
+        raise InvalidValueError(f"{where}: a .sckpt name for a safetensors file; name it "
                                 "*.safetensors (safeckpt.save_file writes .sckpt files)")
-    write(plan(tensors, metadata, tree), path, atomic=atomic, progress=progress)
+    write(plan(tensors, metadata, tree), target, atomic=atomic, progress=progress)
 
 
-def write(planned: Planned, path: str, *, atomic: bool = True,
+def write(planned: Planned, path: Union[str, RemotePath], *, atomic: bool = True,
           progress: Optional[Callable[[int], None]] = None) -> None:
-    """Write a :func:`plan` to ``path`` as a new file [W2], [W3] (the name is the caller's to
-    check); ``atomic`` and ``progress`` as for :func:`save_file`.
+    """Write a :func:`plan` to ``path`` as a new file [W2], [W3], or as a stream into a remote
+    object [RS7] (the name is the caller's to check); ``atomic`` and ``progress`` as for
+    :func:`save_file`.
 
     Warns:
         UserWarning: the header or the tensor count is over the readers' default limit [W4].
     """
     head, arrays = planned
     warn_beyond_reader_defaults(len(head) - LENGTH_SIZE, len(arrays), "[ST1]", "[ST3]")
+    if isinstance(path, RemotePath):
+        with path.open_write() as out:
+            _stream(planned, out, progress)
+        return
     with _fs.new_file(path, atomic) as fd, open(fd, "wb", closefd=False) as f:
-        f.write(head)
-        for array in arrays:
-            data = le_bytes(array)[0]
-            if data.nbytes:
-                f.write(data.reshape(-1).view(np.uint8).data)
-            if progress is not None:
-                progress(data.nbytes)
+        _stream(planned, f, progress)
+
+
+def _stream(planned: Planned, out: BinaryIO, progress: Optional[Callable[[int], None]]) -> None:
+    """Write the file in order to ``out``: its header, then each array in pieces of at most
+    :data:`safeckpt.writer.PIECE` bytes (no checksums: one pass)."""
+    stream_array(out, np.frombuffer(planned.head, np.uint8))
+    for array in planned.arrays:
+        stream_array(out, array)
+        if progress is not None:
+            progress(array.nbytes)

@@ -2,7 +2,9 @@
 
 ``save(obj, "model.sckpt", max_shard_size="2GB")`` writes ``model-00001-of-0000N.sckpt`` … and the
 index ``model.sckpt``; ``open("model.sckpt")`` (or ``open`` of the directory) returns one lazy
-:class:`ShardedReader` over all shards, with the interface of :class:`safeckpt.Reader`.
+:class:`ShardedReader` over all shards, with the interface of :class:`safeckpt.Reader`. Remote
+checkpoints (FORMAT.md section 12) are saved and read alike: the shards beside their index in the
+same remote directory, each written as a stream [RS7], each read with ranged requests [RS1].
 
 Example:
     >>> import numpy as np, safeckpt, tempfile, os
@@ -19,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import re
@@ -34,9 +37,10 @@ from . import format as fmt
 from . import tree as _tree
 from . import writer as _writer
 from .errors import HeaderError, LimitError, SafeckptError, ShardError, plural, quote
-from .filekind import PathLike, output_format
+from .filekind import PathLike
 from .format import SAVE_ID_SIZE, plain_file_name
 from .reader import Reader, TensorInfo, TensorMap, TensorSlice
+from .remote import RemoteFile, RemotePath
 from .safetensors_format import LENGTH_SIZE
 
 MAX_SHARDS = 99_999  # five digits in "-00001-of-00003" [S2], as Hugging Face names its shards
@@ -51,6 +55,35 @@ _U32_MAX, _I63_MAX = (1 << 32) - 1, (1 << 63) - 1
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*\Z", re.IGNORECASE)
+Target = Union[str, RemotePath]  # where a save goes: a local path, or a remote object
+
+
+# -- files beside a save's target, local or remote ---------------------------------------------
+
+def sibling(path: Target, name: str) -> Target:
+    """The file ``name`` in the directory of ``path`` (a shard beside its index).
+
+    Example:
+        >>> sibling("/ckpt/m.sckpt", "m-00001-of-00002.sckpt")
+        '/ckpt/m-00001-of-00002.sckpt'
+    """
+    if isinstance(path, RemotePath):
+        return path.parent.join(name)
+    return os.path.join(os.path.dirname(os.path.abspath(path)), name)
+
+
+def base_name(path: Target) -> str:
+    """The file name of ``path``, without its directory."""
+    return path.name if isinstance(path, RemotePath) else os.path.basename(path)
+
+
+def remove_file(path: Target) -> None:
+    """Delete the file or object at ``path`` (an earlier save's); nothing there is fine."""
+    if isinstance(path, RemotePath):
+        path.remove()
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 # -- save ------------------------------------------------------------------------------------------
@@ -98,34 +131,37 @@ def split(nbytes: Iterable[int], limit: int) -> List[int]:
     return counts
 
 
-def shard_files(path: PathLike, k: int) -> List[str]:
+def shard_files(path: Union[PathLike, RemotePath], k: int) -> List[str]:
     """The file names of ``k`` shards of the index at ``path``: ``stem-0000j-of-0000k.sckpt``."""
-    base = os.path.basename(os.fsdecode(path))
+    base = path.name if isinstance(path, RemotePath) else os.path.basename(os.fsdecode(path))
     stem = base[:-len(SUFFIX)] if base.endswith(SUFFIX) and len(base) > len(SUFFIX) else base
     return [f"{stem}-{j:05d}-of-{k:05d}{SUFFIX}" for j in range(1, k + 1)]
 
 
-def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: PathLike, *,
-                 metadata: Optional[Mapping[str, Any]], align: int, checksum: bool, atomic: bool,
+def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
+                 path: Union[PathLike, RemotePath], *, metadata: Optional[Mapping[str, Any]],
+                 align: int, checksum: bool, atomic: bool,
                  max_shard_size: Union[int, str]) -> None:
     """Write shards, then the index (FORMAT.md [S8], [S9]); used by ``save`` and ``save_file``.
 
     Every shard plan is checked before anything is written; shards are written in parallel
-    (each atomically when ``atomic``), the index last. One shard's worth is one ordinary file.
+    (each atomically when ``atomic``; each a stream that becomes visible whole when ``path`` is
+    remote [RS7]), the index last. One shard's worth is one ordinary file.
     """
     limit = parse_size(max_shard_size)
-    path = output_format(path, sharded=True)[0]  # a str; the name checked before any shard [W5]
+    # a str or a RemotePath; the name checked before any shard [W5]
+    target = _writer.destination_format(path, sharded=True)[0]
     arrays = list(arrays)
     counts = split([array.nbytes for array in arrays], limit)
     if len(counts) <= 1:
         _writer.write_plan(_writer.Plan(dict(zip(names, arrays)), metadata, align, checksum,
-                                        tree=tree), path, atomic=atomic)
-        _remove_stale(path, ())
+                                        tree=tree), target, atomic=atomic)
+        _remove_stale(target, ())
         return
     if len(counts) > MAX_SHARDS:
         raise ValueError(f"max_shard_size={max_shard_size!r} makes {len(counts)} shards, more than "
                          f"{MAX_SHARDS}; raise max_shard_size [S8]")
-    files = shard_files(path, len(counts))
+    files = shard_files(target, len(counts))
     save_id = secrets.token_bytes(SAVE_ID_SIZE)
     plans: List[_writer.Plan] = []
     start = 0
@@ -135,40 +171,35 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any], path: P
         plans.append(_writer.Plan(part, shard_meta, align, checksum))
         start += count
     checked_metadata = fmt.check_metadata(metadata)
-    directory = os.path.dirname(os.path.abspath(path))
 
-    def write(j: int) -> Tuple[int, int]:
-        shard_path = os.path.join(directory, files[j])
-        _writer.write_plan(plans[j], shard_path, atomic=atomic)
-        with open(shard_path, "rb") as f:  # the prefix as written: its header_crc binds the shard
-            prefix = f.read(fmt.PREFIX_SIZE)
-        return os.path.getsize(shard_path), int.from_bytes(prefix[28:32], "little")
+    def write(j: int) -> int:  # the header_crc of the shard as written binds it [S5]
+        return _writer.write_plan(plans[j], sibling(target, files[j]), atomic=atomic)
 
-    written = _fs.fan_out(write, range(len(plans)))  # [S9]: every shard before the index
-    shards = {"files": files, "counts": counts, "sizes": [size for size, _ in written],
-              "header_crcs": [crc for _, crc in written], "names": list(names), "save_id": save_id}
+    crcs = _fs.fan_out(write, range(len(plans)))  # [S9]: every shard before the index
+    shards = {"files": files, "counts": counts, "sizes": [plan.file_size for plan in plans],
+              "header_crcs": crcs, "names": list(names), "save_id": save_id}
     _writer.write_plan(_writer.Plan({}, checked_metadata, align, False, tree=tree, shards=shards),
-                       path, atomic=atomic)
-    _remove_stale(path, files)
+                       target, atomic=atomic)
+    _remove_stale(target, files)
 
 
-def _remove_stale(path: str, keep: Iterable[str]) -> None:
+def _remove_stale(path: Target, keep: Iterable[str]) -> None:
     """Delete shards of earlier saves to ``path`` that the new index does not name [S9]."""
     stem = shard_files(path, 1)[0][:-len("-00001-of-00001.sckpt")]
-    remove_stale_shards(os.path.dirname(os.path.abspath(path)), stem, SUFFIX, keep)
+    remove_stale_shards(path, stem, SUFFIX, keep)
 
 
-def remove_stale_shards(directory: str, stem: str, suffix: str, keep: Iterable[str]) -> None:
-    """Delete the files ``stem-0000j-of-0000k<suffix>`` in ``directory`` that are not in ``keep``:
-    the shards of earlier saves that a new index (or a single file) replaces [S9]."""
+def remove_stale_shards(path: Target, stem: str, suffix: str, keep: Iterable[str]) -> None:
+    """Delete the files ``stem-0000j-of-0000k<suffix>`` beside ``path`` that are not in ``keep``:
+    the shards of earlier saves that a new index (or a single file) replaces [S9]. A remote
+    directory is listed and its objects removed alike."""
     pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}" + re.escape(suffix) + r"\Z")
     kept = set(keep)
-    for entry in os.listdir(directory):
+    entries = (path.parent.listdir() if isinstance(path, RemotePath) else
+               os.listdir(os.path.dirname(os.path.abspath(path))))
+    for entry in entries:
         if pattern.match(entry) and entry not in kept:
-            try:
-                os.unlink(os.path.join(directory, entry))
-            except FileNotFoundError:
-                pass
+            remove_file(sibling(path, entry))
 
 
 # -- open ------------------------------------------------------------------------------------------
@@ -336,13 +367,17 @@ class ShardedReader(TensorMap):
     """The shards of an index as one lazy reader; made by :func:`safeckpt.open`.
 
     Same interface as :class:`safeckpt.Reader`: ``keys()``, ``reader[name]``, ``info``,
-    ``get_slice``, ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``, ``close``,
-    and ``shard_of(name)``, the path of the shard that holds a tensor (``shards`` lists them all).
-    Every shard is opened and checked [S7] when the reader is made; tensors are read when asked
-    for, and ``load_all``, ``load`` and ``verify`` work on the shards in parallel threads (the C
-    core reads and checksums without the GIL). Open descriptors are bounded whatever the number
-    of shards: a mapped shard keeps none, and with ``mmap=False`` at most ``MAX_OPEN_SHARDS`` stay
-    open (a shard closed for room reopens when read, and must be the same file [S7]).
+    ``get_slice``, ``load_all``, ``tree``, ``load(prefix)``, ``verify``, ``metadata``,
+    ``header_crc`` (the index's), ``close``, and ``shard_of(name)``, the path of the shard that
+    holds a tensor (``shards`` lists them all). Every shard is opened and checked [S7] when the
+    reader is made; tensors are read when asked for, and ``load_all``, ``load`` and ``verify``
+    work on the shards in parallel threads (the C core reads and checksums without the GIL).
+    Open descriptors are bounded whatever the number of shards: a mapped shard keeps none, and
+    with ``mmap=False`` at most ``MAX_OPEN_SHARDS`` stay open (a shard closed for room reopens
+    when read, and must be the same file [S7]). The shards of a remote index are the objects
+    beside it (``shards`` holds their URLs), each read through a
+    :class:`safeckpt.remote.RemoteFile` with the index's options [RS1]; they hold no descriptor,
+    and are opened in parallel threads.
 
     This class reads a .sckpt shard index (FORMAT.md section 9);
     :class:`safeckpt.safetensors_shards.SafetensorsShards` reads a Hugging Face index of
@@ -358,8 +393,9 @@ class ShardedReader(TensorMap):
     def __init__(self, index: Reader, *, mmap: bool = True, **limits: Any) -> None:
         where = self.where = index.where
         self.path, self.version, self.metadata = index.path, index.version, index.metadata
-        self.size = index.size
+        self.size, self.header_crc = index.size, index.header_crc
         self._index_reader = index
+        self._remote = index.remote
         if index.shard_index is None or index.path is None:
             raise ShardError(f"{where} is not a shard index opened by its path [S1]; open a "
                              "checkpoint with safeckpt.open()")
@@ -385,27 +421,51 @@ class ShardedReader(TensorMap):
         """Open the shards ``files`` (names in the directory of :attr:`path`) under ``limits``, each
         checked by ``check(reader, j)``, which returns the names it holds in its own order; return
         all the names, shard after shard (the caller then sets ``_names``). On an error every
-        shard opened so far is closed."""
-        directory = os.path.dirname(os.path.abspath(cast(str, self.path)))
-        self.shards = [os.path.join(directory, name) for name in files]
+        shard opened so far is closed. Remote shards (beside :attr:`_remote`) are opened in
+        parallel threads (each is a request or two away), then checked in order."""
+        remote = self._remote
+        if remote is None:
+            directory = os.path.dirname(os.path.abspath(cast(str, self.path)))
+            self.shards = [os.path.join(directory, name) for name in files]
+        else:
+            objects = [remote.rp.parent.join(name) for name in files]
+            self.shards = [rp.url for rp in objects]
         readers: List[Reader] = []  # a reader per shard
         self._readers = readers
         self._where_is = []
         names: List[str] = []
         open_shards = _OpenShards(MAX_OPEN_SHARDS)
+
+        def open_one(j: int) -> Reader:
+            try:  # every rule of the shard's own format
+                if remote is not None:  # [RS1], with the options the index was read with
+                    return Reader(RemoteFile(objects[j], chunk_size=remote.chunk_size,
+                                             max_gap=remote.max_gap,
+                                             max_in_flight=remote.max_in_flight), **limits)
+                return (Reader(self.shards[j], mmap=True, **limits) if mmap else
+                        _ShardFile(self.shards[j], open_shards, self.replaced, **limits))
+            except OSError as exc:  # missing, a directory, unreadable: the OS's error, and
+                if exc.errno is None:  # which index names the file
+                    raise
+                named_by = self.named_by.format(where=self.where)
+                raise OSError(exc.errno, f"{exc.strerror} ({named_by} {self.shard_rule})",
+                              self.shards[j]) from exc
+
         try:
-            for j, file in enumerate(self.shards):
-                try:  # every rule of the shard's own format
-                    reader = (Reader(file, mmap=True, **limits) if mmap else
-                              _ShardFile(file, open_shards, self.replaced, **limits))
-                except OSError as exc:  # missing, a directory, unreadable: the OS's error, and
-                    if exc.errno is None:  # which index names the file
-                        raise
-                    named_by = self.named_by.format(where=self.where)
-                    raise OSError(exc.errno, f"{exc.strerror} ({named_by} {self.shard_rule})",
-                                  file) from exc
-                readers.append(reader)
-                part = check(reader, j)
+            if remote is not None:
+                opened: List[Optional[Reader]] = [None] * len(files)
+
+                def fetch(j: int) -> None:
+                    opened[j] = open_one(j)
+
+                try:
+                    _fs.fan_out(fetch, range(len(files)))
+                finally:  # those opened, to be closed on an error
+                    readers.extend(reader for reader in opened if reader is not None)
+            for j in range(len(files)):
+                if remote is None:
+                    readers.append(open_one(j))
+                part = check(readers[j], j)
                 self._where_is.extend((j, i) for i in range(len(part)))
                 names.extend(part)
         except BaseException:
@@ -533,6 +593,8 @@ class ShardedReader(TensorMap):
 
     _readers: Sequence[Reader] = ()  # until __init__ opens the shards (close() may come first)
     _index_reader: Optional[Reader] = None  # the .sckpt index, open with the shards
+    _remote: Optional[RemoteFile] = None  # a remote index (or referring file): how it was read
+    header_crc: Optional[int] = None  # the index's (None for a Hugging Face index)
     _where_is: List[Tuple[int, int]]  # (shard, position in it) per tensor
     _position_of: Dict[str, int]  # name -> position in names
     shards: List[str] = []  # the shards' paths, in order

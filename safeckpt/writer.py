@@ -2,7 +2,7 @@
 
 Tensor bytes go from each array's own buffer to the file (no whole-file buffer); only an array
 that is not C-contiguous or not little-endian is copied, a batch at a time. :func:`stream_plan`
-writes the same file to a stream, in order (a remote object, FORMAT.md [R7]). The public functions
+writes the same file to a stream, in order (a remote object, FORMAT.md [RS7]). The public functions
 (``save_file``, ``save``, ``save_bytes``) are in :mod:`safeckpt.api`.
 
 Example:
@@ -19,8 +19,9 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import (Any, BinaryIO, Callable, Container, Dict, List, Mapping, Optional, Sequence,
-                    Tuple)
+from typing import (Any, BinaryIO, Callable, Container, ContextManager, Dict, List, Mapping,
+                    Optional, Protocol, Sequence, Tuple, TypeVar, Union,
+                    runtime_checkable)
 
 import numpy as np
 
@@ -29,12 +30,13 @@ from . import format as fmt
 from .dtypes import (CODE_BY_DTYPE, MINOR_BY_CODE, code_of, is_little_endian, minor_of,
                      to_little_endian)
 from .errors import ChecksumError, InvalidValueError, LimitError, plural, quote
+from .filekind import PathLike, output_format
 
 # A batch handed to the backend is written once the copies it holds (non-contiguous or big-endian
 # arrays) reach this size, so extra memory during a save stays bounded.
 _MAX_HELD_COPIES = 64 << 20
 _MAX_BATCH = 4096  # tensors per backend call: amortises the call without huge pointer arrays
-# [R7]: the most bytes handed to a stream's write() at once. fsspec's buffered files copy each
+# [RS7]: the most bytes handed to a stream's write() at once. fsspec's buffered files copy each
 # write into their buffer before they upload a part: a whole tensor in one write would double it.
 PIECE = 8 << 20
 
@@ -397,8 +399,9 @@ def le_bytes(array: Any) -> Tuple[np.ndarray, bool]:
     return np.ascontiguousarray(array), True
 
 
-def _write(fd: int, plan: Plan) -> None:
-    """Write ``plan``'s tensors, then its prefix and header, to the new file ``fd``.
+def _write(fd: int, plan: Plan) -> int:
+    """Write ``plan``'s tensors, then its prefix and header, to the new file ``fd``; return the
+    header's CRC32C.
 
     The arrays go to the backend in batches; a batch is written once the copies it holds reach
     ``_MAX_HELD_COPIES`` bytes, so the memory a save needs beyond its arrays stays bounded.
@@ -425,24 +428,71 @@ def _write(fd: int, plan: Plan) -> None:
         crcs.extend(batch_crcs or ())
     if pos != plan.file_size:
         raise RuntimeError(f"safeckpt bug: wrote {pos} bytes, planned {plan.file_size}")
-    _fs.pwrite_all(fd, plan.prefix_and_header(crcs), 0)
+    head = plan.prefix_and_header(crcs)
+    _fs.pwrite_all(fd, head, 0)
+    return _header_crc(head)
 
 
-def write_plan(plan: Plan, path: str, *, atomic: bool = True) -> None:
-    """Write ``plan`` to ``path`` as a new .sckpt file [W2], [W3]: see :func:`safeckpt._fs.new_file`.
+@runtime_checkable
+class Destination(Protocol):
+    """A remote object that a save streams into: :class:`safeckpt.remote.RemotePath` (a module
+    of this layer, which the writer does not import)."""
 
-    ``path`` is written whatever its name; :func:`safeckpt.api.save_plan` checks the name and
-    writes ``*.safetensors`` names as safetensors files.
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def open_write(self) -> ContextManager[BinaryIO]: ...
+
+
+_D = TypeVar("_D", bound=Destination)
+
+
+def write_plan(plan: Plan, path: Union[str, "os.PathLike[str]", Destination], *,
+               atomic: bool = True) -> int:
+    """Write ``plan`` to ``path`` as a new .sckpt file and return its header's CRC32C (prefix
+    bytes 28-31, which a shard index records [S5]).
+
+    A local path gets a new file [W2], [W3] (see :func:`safeckpt._fs.new_file`); a remote object
+    a stream (:func:`stream_plan`) that becomes visible only once complete [RS7], whatever
+    ``atomic`` says. ``path`` is written whatever its name; :func:`safeckpt.api.save_plan` checks
+    the name and writes ``*.safetensors`` names as safetensors files.
 
     Example:
         >>> write_plan(Plan({"w": np.zeros(2)}, None, 64, True), "w.sckpt")  # doctest: +SKIP
     """
-    if plan.refs is not None and os.path.basename(path) in plan.refs["files"]:
-        raise InvalidValueError(f"{path!r}: the plan refers to tensors in the file it would "
+    name = path.name if isinstance(path, Destination) else os.path.basename(path)
+    if plan.refs is not None and name in plan.refs["files"]:
+        where = path.url if isinstance(path, Destination) else repr(os.fspath(path))
+        raise InvalidValueError(f"{where}: the plan refers to tensors in the file it would "
                                 "replace; a file never refers to itself [X5], [X8]")
+    if isinstance(path, Destination):
+        with path.open_write() as out:
+            return stream_plan(plan, out)
     plan.warn_beyond_reader_defaults()
-    with _fs.new_file(path, atomic) as fd:
-        _write(fd, plan)
+    with _fs.new_file(os.fspath(path), atomic) as fd:
+        return _write(fd, plan)
+
+
+def destination_format(path: Union[PathLike, _D], *, sharded: bool = False
+                       ) -> Tuple[Union[str, _D], Optional[str]]:
+    """:func:`safeckpt.filekind.output_format` (the name checked [W5], the format it says) for a
+    local path, given as a str, or a remote object, kept as it is (its URL checked).
+
+    Example:
+        >>> destination_format(b"out/w.safetensors")
+        ('out/w.safetensors', 'safetensors')
+    """
+    if isinstance(path, Destination):
+        return path, output_format(path.url, sharded=sharded)[1]
+    return output_format(path, sharded=sharded)
+
+
+def _header_crc(head: bytes) -> int:
+    """The header CRC32C in a prefix [P6]."""
+    return int(fmt.PREFIX_STRUCT.unpack_from(head)[-1])
 
 
 def plan_bytes(plan: Plan) -> bytes:
@@ -465,9 +515,9 @@ def plan_bytes(plan: Plan) -> bytes:
     return bytes(out)
 
 
-def stream_plan(plan: Plan, out: BinaryIO) -> None:
+def stream_plan(plan: Plan, out: BinaryIO) -> int:
     """Write the file that ``plan`` describes to the stream ``out``, in order: prefix and header,
-    then each tensor and its zero padding, in pieces of at most :data:`PIECE` bytes [R7].
+    then each tensor and its zero padding, in pieces of at most :data:`PIECE` bytes [RS7].
 
     The header holds every tensor's CRC32C, so with checksums a first pass computes them: each
     array is read twice, and a :class:`LazyArray` loaded twice unless its ``crc32c`` is known.
@@ -481,6 +531,9 @@ def stream_plan(plan: Plan, out: BinaryIO) -> None:
         out: a buffered binary stream, written from its start: a remote object's upload
             (:meth:`safeckpt.remote.RemotePath.open_write`, which discards it if this raises).
 
+    Returns:
+        The header's CRC32C (prefix bytes 28-31, which a shard index records [S5]).
+
     Raises:
         ChecksumError: a tensor's bytes changed between the two passes, or do not match the
             ``crc32c`` its :class:`LazyArray` gave; the tensor and both CRCs are named, and the
@@ -492,13 +545,14 @@ def stream_plan(plan: Plan, out: BinaryIO) -> None:
     Example:
         >>> import io
         >>> out = io.BytesIO()
-        >>> stream_plan(Plan({"w": np.ones(3, np.float32)}, None, 64, True), out)
+        >>> crc = stream_plan(Plan({"w": np.ones(3, np.float32)}, None, 64, True), out)
         >>> out.getvalue() == plan_bytes(Plan({"w": np.ones(3, np.float32)}, None, 64, True))
         True
     """
     plan.warn_beyond_reader_defaults()
     crcs = [_first_crc(array) for array in plan.arrays] if plan.checksum else []
-    _write_pieces(out, memoryview(plan.prefix_and_header(crcs)))
+    head = plan.prefix_and_header(crcs)
+    _write_pieces(out, memoryview(head))
     pos = plan.header_end
     for i, (array, offset) in enumerate(zip(plan.arrays, plan.offsets)):
         out.write(bytes(offset - pos))  # the padding before it, less than align [W1], [T9]
@@ -510,15 +564,16 @@ def stream_plan(plan: Plan, out: BinaryIO) -> None:
                 + ("do not match the CRC32C its source gave" if given else
                    "changed while it was saved (another thread or device wrote to the array?)")
                 + f": CRC32C {crcs[i]:#010x} in the header, {crc:#010x} as written; the file is "
-                "incomplete and not published [R7]; save again once the array no longer changes")
+                "incomplete and not published [RS7]; save again once the array no longer changes")
         pos = offset + plan.nbytes[i]
     if pos != plan.file_size:
         raise RuntimeError(f"safeckpt bug: streamed {pos} bytes, planned {plan.file_size}")
+    return _header_crc(head)
 
 
 def stream_array(out: BinaryIO, array: Any, checksum: bool = False) -> Optional[int]:
     """Write ``array``'s bytes (little-endian, C order; a :class:`LazyArray` is loaded) to ``out``
-    in pieces of at most :data:`PIECE` bytes [R7]; return their CRC32C when ``checksum``.
+    in pieces of at most :data:`PIECE` bytes [RS7]; return their CRC32C when ``checksum``.
 
     With ``checksum`` each piece is copied first, and the copy is checksummed and written: bytes
     that change while they are written cannot differ from the CRC returned.
@@ -543,7 +598,7 @@ def stream_array(out: BinaryIO, array: Any, checksum: bool = False) -> Optional[
 
 
 def _first_crc(array: Any) -> int:
-    """The CRC32C of an array's bytes, for the header a stream writes first [R7]: a
+    """The CRC32C of an array's bytes, for the header a stream writes first [RS7]: a
     :class:`LazyArray`'s own ``crc32c`` when it knows it (not loaded), else computed."""
     if type(array) is LazyArray and array.crc32c is not None:
         return int(array.crc32c)
@@ -556,6 +611,6 @@ def _flat_bytes(array: Any) -> np.ndarray:
 
 
 def _write_pieces(out: BinaryIO, view: memoryview) -> None:
-    """``out.write(view)`` in pieces of at most :data:`PIECE` bytes [R7]."""
+    """``out.write(view)`` in pieces of at most :data:`PIECE` bytes [RS7]."""
     for start in range(0, view.nbytes, PIECE):
         out.write(view[start:start + PIECE])
