@@ -572,3 +572,30 @@ def test_http_one_tensor_and_all(http_server, tmp_path):
     same_tensors(safeckpt.load_file(http_server.url("m.safetensors"), storage_options=options),
                  tensors)
     assert http_server.traffic.by_method["GET"] == 3  # head, all the tensors, the header again
+
+
+# -- over S3 (moto's server on 127.0.0.1, reached through s3fs and botocore) ------------------------
+
+def test_s3_reads(s3, tmp_path):
+    """Open, one tensor, everything and a directory on a real S3-compatible server: the
+    server's own counts of GETs and bytes [RS1], [RS3], [RS6]."""
+    tensors = dict(TENSORS, big=np.arange(1 << 18, dtype=np.float32))
+    data = safeckpt.save_bytes(tensors, align=ALIGN)
+    s3.fs.pipe_file(f"{s3.name}/d/m.sckpt", data)
+    s3.traffic.reset()
+    with safeckpt.open(s3.url("d/m.sckpt"), storage_options=s3.storage_options) as f:
+        assert s3.traffic.by_method["GET"] == 1 and s3.traffic.bytes_by_method["GET"] == HEAD
+        start, end = padding_after(data, "b")
+        assert np.array_equal(f["b"], tensors["b"])
+        assert s3.traffic.by_method["GET"] == 2
+        assert s3.traffic.bytes_by_method["GET"] == HEAD + end - f.info("b").offset
+        same_tensors(f.load_all(), tensors)
+        assert s3.traffic.by_method["GET"] == 3
+    with safeckpt.open(s3.url("d"), storage_options=s3.storage_options) as f:  # the directory
+        assert f.path == s3.url("d/m.sckpt")
+    path = tmp_path / "m.safetensors"
+    safeckpt.save_file(tensors, path)
+    s3.fs.pipe_file(f"{s3.name}/m.safetensors", path.read_bytes())
+    same_tensors(safeckpt.load_file(f"{s3.name}/m.safetensors", fs=s3.fs), tensors)
+    with pytest.raises(FileNotFoundError):
+        safeckpt.open(s3.url("nope.sckpt"), storage_options=s3.storage_options)
