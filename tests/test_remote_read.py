@@ -423,6 +423,20 @@ def test_remote_directory(mem):
         safeckpt.open(mem.url("nope.sckpt"))
 
 
+@pytest.mark.parametrize("name", ["m.sckpt", "model.safetensors"])
+def test_remote_sharded_checkpoint(mem, name):
+    """open() sends a remote shard index (.sckpt or Hugging Face) to the sharded readers, found by
+    its name, by the name its save was given, or as its directory's one checkpoint."""
+    tensors = {f"w{i}": np.full(1000, i, np.float32) for i in range(6)}
+    safeckpt.save_file(tensors, mem.url(f"d/{name}"), max_shard_size=8000)
+    index = name if name.endswith(".sckpt") else name + ".index.json"
+    for url in (mem.url(f"d/{name}"), mem.url("d"), mem.url(f"d/{index}")):
+        with safeckpt.open(url) as f:
+            assert isinstance(f, safeckpt.ShardedReader)
+            assert f.shard_of("w5").endswith("-00003-of-00003" + name[name.index("."):])
+            same_tensors(f.load_all(), tensors)
+
+
 def test_fs_and_storage_options(mem):
     need("fsspec")
     data = safeckpt.save_bytes(TENSORS)
