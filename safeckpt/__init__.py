@@ -15,14 +15,17 @@ shows the layers below them.
 from ._backend import NAME as backend
 from .errors import (
     ChecksumError,
+    CommitError,
     HeaderError,
     InvalidValueError,
     LayoutError,
     LimitError,
     NotSafeckptError,
+    ObjectChangedError,
     PickleRequiredError,
     ReaderClosedError,
     RefError,
+    RemoteError,
     SafeckptError,
     ShardError,
     StateMismatchError,
@@ -57,4 +60,5 @@ __all__ = [
     "PickleRequiredError", "convert", "jax",
     "safe_open", "AsyncSaver",
     "RefError", "LinkedReader", "consolidate",
+    "RemoteError", "ObjectChangedError", "CommitError",
 ]
