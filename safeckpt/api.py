@@ -465,7 +465,9 @@ def save_plan(plan: _writer.Plan, path: Union[PathLike, RemotePath], *, atomic: 
     _writer.write_plan(plan, target, atomic=atomic)
 
 
-def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: Any) -> None:
+def consolidate(src: Union[PathLike, RemotePath], dst: Union[PathLike, RemotePath], *,
+                atomic: bool = True, storage_options: Optional[Dict[str, Any]] = None,
+                fs: Any = None, **limits: Any) -> None:
     """Write a self-contained copy of the checkpoint ``src`` to ``dst``: every reference replaced
     by the bytes it points at, each checked against its CRC32C first (FORMAT.md [X6], [X8]).
 
@@ -477,8 +479,9 @@ def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: 
     ``*.safetensors`` ``dst`` gets a safetensors file.
 
     Parameters:
-        src, dst: str or path-like.
-        atomic: as for :func:`save_file`.
+        src, dst: str or path-like, or URLs (or paths inside ``fs``), as for :func:`open` and
+            :func:`save_file`.
+        atomic, storage_options, fs: as for :func:`save_file` (the options serve both paths).
         limits: reader limits for ``src``, as for :func:`open`.
 
     Raises:
@@ -489,12 +492,14 @@ def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: 
     Example:
         >>> safeckpt.consolidate("ckpt/step-0000000030.sckpt", "full.sckpt")  # doctest: +SKIP
     """
-    src, dst = os.fsdecode(src), os.fsdecode(dst)
-    with open(src, **limits) as reader:
-        if os.path.lexists(dst):  # [X8]: never replace a file that a checkpoint refers to
-            referring = _refs.referrers(dst)
+    target = _destination(dst, storage_options, fs)
+    with open(src, storage_options=storage_options, fs=fs, **limits) as reader:
+        exists = target.exists() if isinstance(target, RemotePath) else os.path.lexists(target)
+        if exists:  # [X8]: never replace a file that a checkpoint refers to
+            referring = _refs.referrers(target)
             if referring:
-                raise RefError(f"{dst!r} is referred to by {', '.join(referring)} in its "
+                where = target.url if isinstance(target, RemotePath) else repr(target)
+                raise RefError(f"{where} is referred to by {', '.join(referring)} in its "
                                "directory: replacing it would break them [X8]; consolidate or "
                                "delete those first, or write the copy to another path")
         arrays = reader.load_all(verify=True if reader.has_checksums else None)  # [X6]
@@ -503,4 +508,4 @@ def consolidate(src: PathLike, dst: PathLike, *, atomic: bool = True, **limits: 
                             align if align >= fmt.ALIGN_MIN else fmt.ALIGN_DEFAULT, True,
                             tree=reader.stored_tree,
                             save_id=None if reader.save_id is None else fmt.new_save_id())
-        save_plan(plan, dst, atomic=atomic)
+        save_plan(plan, target, atomic=atomic)

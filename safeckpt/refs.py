@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 
 from . import _fs
 from . import format as fmt
-from .errors import RefError, SafeckptError, plural, quote
+from .errors import RefError, RemoteError, SafeckptError, plural, quote
 from .reader import Reader, References, TensorInfo, TensorSlice
-from .shard import ShardedReader, checkpoints_in
+from .remote import RemoteFile, RemotePath
+from .shard import ShardedReader, checkpoints_in, sibling
 
 
 class LinkedReader(ShardedReader):
@@ -238,24 +239,36 @@ def _identity(reader: Reader) -> Tuple[Any, ...]:
     return st.st_dev, st.st_ino
 
 
-def referrers(path: str) -> List[str]:
-    """The .sckpt checkpoints beside ``path`` whose references point into it ([X8]: those must
-    not outlive it), by their file names; files that do not open as checkpoints are skipped.
+def referrers(path: Union[str, RemotePath]) -> List[str]:
+    """The .sckpt checkpoints beside ``path`` (a local path, or a remote object: its directory
+    listed afresh) whose references point into it ([X8]: those must not outlive it), by their
+    file names; files that do not open as checkpoints are skipped.
+
+    Raises:
+        RemoteError: the remote storage failed (a file it could not read is never taken for
+            one that refers to nothing).
 
     Example:
         >>> referrers("ckpt/step-0000000010.sckpt")            # doctest: +SKIP
         ['step-0000000020.sckpt', 'step-0000000030.sckpt']
     """
-    directory, name = os.path.split(os.path.abspath(path))
+    if isinstance(path, RemotePath):
+        entries, name = path.parent.listdir(), path.name
+    else:
+        directory, name = os.path.split(os.path.abspath(path))
+        entries = sorted(os.listdir(directory))
     found = []
-    for entry in checkpoints_in(sorted(os.listdir(directory))):
+    for entry in checkpoints_in(entries):
         if entry == name:
             continue
+        other = sibling(path, entry)
         try:
-            with Reader(os.path.join(directory, entry), allow_refs=True,
-                        allow_index=True) as reader:
+            with Reader(RemoteFile(other) if isinstance(other, RemotePath) else other,
+                        allow_refs=True, allow_index=True) as reader:
                 if reader.refs is not None and name in reader.refs.files:
                     found.append(entry)
+        except RemoteError:
+            raise
         except (SafeckptError, OSError):
             continue
     return found

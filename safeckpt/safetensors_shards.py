@@ -74,11 +74,14 @@ class Index(NamedTuple):
 
 # -- names ---------------------------------------------------------------------------------------
 
-def index_of(path: Target) -> Target:
+def index_of(path: str) -> str:
     """The index a sharded save to ``path`` writes: ``model.safetensors`` -> its ``.index.json``."""
-    if isinstance(path, RemotePath):
-        return sibling(path, path.name + INDEX_SUFFIX)
     return path + INDEX_SUFFIX
+
+
+def _index_beside(path: Target) -> Target:
+    """:func:`index_of` a local path or a remote object."""
+    return sibling(path, index_of(path.name)) if isinstance(path, RemotePath) else index_of(path)
 
 
 def shard_files(path: Union[PathLike, RemotePath], k: int) -> List[str]:
@@ -329,7 +332,7 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
         safetensors_writer.write(plans[j], sibling(target, files[j]), atomic=atomic)
 
     _fs.fan_out(write, range(len(plans)))  # every shard before the index
-    index = index_of(target)
+    index = _index_beside(target)
     if isinstance(index, RemotePath):  # one small object, visible whole [RS7]
         index.write_small(text.encode("ascii"))
     else:
@@ -370,7 +373,7 @@ def _remove_earlier(path: Target, files: Sequence[str]) -> None:
     stem's other shards, and the plain file (for shards: transformers loads a ``model.safetensors``
     before it looks for an index)."""
     if not files:
-        remove_file(index_of(path))
+        remove_file(_index_beside(path))
     remove_stale_shards(path, base_name(path)[:-len(SUFFIX)], SUFFIX, files)
     if files:
         remove_file(path)
