@@ -32,7 +32,7 @@ from . import writer as _writer
 from .errors import InvalidValueError, RefError
 from .filekind import PathLike, kind_of, output_format
 from .reader import Reader, TensorMap
-from .remote import RemoteFile, RemotePath, resolve
+from .remote import RemoteFile, RemotePath, is_url, resolve
 
 Metadata = Optional[Mapping[str, Any]]
 Prefix = Union[None, str, Sequence[Any]]
@@ -481,7 +481,8 @@ def consolidate(src: Union[PathLike, RemotePath], dst: Union[PathLike, RemotePat
     Parameters:
         src, dst: str or path-like, or URLs (or paths inside ``fs``), as for :func:`open` and
             :func:`save_file`.
-        atomic, storage_options, fs: as for :func:`save_file` (the options serve both paths).
+        atomic, fs: as for :func:`save_file` (with ``fs``, both paths are inside it).
+        storage_options: for whichever of ``src`` and ``dst`` is a URL (both, if both are).
         limits: reader limits for ``src``, as for :func:`open`.
 
     Raises:
@@ -492,8 +493,10 @@ def consolidate(src: Union[PathLike, RemotePath], dst: Union[PathLike, RemotePat
     Example:
         >>> safeckpt.consolidate("ckpt/step-0000000030.sckpt", "full.sckpt")  # doctest: +SKIP
     """
-    target = _destination(dst, storage_options, fs)
-    with open(src, storage_options=storage_options, fs=fs, **limits) as reader:
+    src_url = is_url(src)  # the options go to the URLs; with neither, resolve(dst) refuses them
+    target = _destination(dst, storage_options if is_url(dst) or not src_url else None, fs)
+    with open(src, storage_options=storage_options if src_url else None, fs=fs,
+              **limits) as reader:
         exists = target.exists() if isinstance(target, RemotePath) else os.path.lexists(target)
         if exists:  # [X8]: never replace a file that a checkpoint refers to
             referring = _refs.referrers(target)
