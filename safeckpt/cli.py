@@ -20,6 +20,8 @@ Exit codes (stable; scripts may test them):
 6     other OS error: permission denied, a directory, a full disk, out of memory
 7     a needed optional package is missing (torch, to read a .pt file)
 8     ``verify``: the structure is sound but a file holds no checksums, so its data is unverified
+9     remote storage failed: an error status, a timeout, a lost connection, a response of the
+      wrong length, an object that changed while it was read (a missing object is 5)
 70    a bug in safeckpt (an unexpected exception; ``--traceback`` shows where): please report it
 ====  ==============================================================================
 
@@ -29,8 +31,17 @@ traceback. Everything printed that comes from a file (names, keys, values, messa
 them) is escaped as :func:`repr` escapes it, so a file cannot send control sequences to the
 terminal.
 
+Every FILE, SRC and DST may be an fsspec URL (``s3://``, ``gs://``, ``az://``, ``http(s)://``;
+FORMAT.md section 12; ``pip install 'safeckpt[remote]'`` and the filesystem's package, e.g.
+s3fs): a remote file is read with ranged requests, never downloaded whole. ``--storage-option
+KEY=VALUE`` (repeatable) passes options to the URLs' filesystem; a VALUE that parses as JSON is
+that value (``anon=true``, ``client_kwargs={"region_name": "eu-west-1"}``), any other is a
+string (quote one that looks like JSON: ``key='"1234"'``). An S3-compatible server: ``--storage-option endpoint_url=http://127.0.0.1:9000``
+(s3fs's own option; credentials come from the environment, or ``key=...`` and ``secret=...``).
+
 Example:
     $ safeckpt inspect model.sckpt --json | jq '.tensors[0]'
+    $ safeckpt inspect s3://bucket/model.sckpt --storage-option endpoint_url=http://127.0.0.1:9000
     $ safeckpt verify *.sckpt && echo intact
     $ safeckpt convert model.safetensors model.sckpt
     $ safeckpt convert model.sckpt hf/model.safetensors --max-shard-size 5GB
@@ -58,10 +69,11 @@ from . import api
 from . import interop as _convert
 from . import format as fmt
 from . import refs as _refs
+from . import remote as _remote
 from . import shard as _shard
 from . import tree as _tree
 from .dtypes import DTYPE_BY_CODE
-from .errors import ChecksumError, SafeckptError, plural, quote
+from .errors import ChecksumError, RemoteError, SafeckptError, plural, quote
 from .reader import TensorInfo, TensorMap
 from .writer import LazyArray
 
@@ -74,6 +86,7 @@ EXIT_NOT_FOUND = 5
 EXIT_OS_ERROR = 6
 EXIT_MISSING_PACKAGE = 7
 EXIT_NO_CHECKSUMS = 8
+EXIT_REMOTE = 9
 EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h: an internal error
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a conversion takes well under a second: no bar
@@ -89,7 +102,10 @@ LIMITS = {"max_header_size": ("BYTES", "largest header"), "max_tensors": ("N", "
           "max_ndim": ("N", "most dimensions of a tensor"), "max_depth": ("N", "deepest nesting")}
 # convert and diff also take max_expansion: how many times its size a .npz or torch file may expand
 EXPANSION = "max_expansion"
-_LIMIT_WORD = re.compile(r"(?<![\w'\"])(" + "|".join([*LIMITS, EXPANSION]) + r")\b")  # not quoted
+# The library's keyword arguments that messages name, as the CLI's flags (not when quoted)
+_FLAGS = {**{name: "--" + name.replace("_", "-") for name in [*LIMITS, EXPANSION]},
+          "storage_options": "--storage-option"}
+_FLAG_WORD = re.compile(r"(?<![\w'\"])(" + "|".join(_FLAGS) + r")\b")
 
 
 class _Usage(Exception):
@@ -124,6 +140,8 @@ def _exit_code(exc: BaseException) -> int:
     """The exit code for an exception that ends a command (EXIT_BUG for one we did not expect)."""
     if isinstance(exc, ChecksumError):
         return EXIT_CHECKSUM
+    if isinstance(exc, RemoteError):  # a SafeckptError and an OSError: the storage, not the file
+        return EXIT_REMOTE
     if isinstance(exc, SafeckptError):
         return EXIT_BAD_FILE
     if isinstance(exc, FileNotFoundError):
@@ -138,12 +156,13 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def _message(exc: BaseException) -> str:
-    """The message of an exception, the library's limit advice spelled as the CLI's flags."""
+    """The message of an exception, the keyword arguments its advice names (limits,
+    storage_options) spelled as the CLI's flags."""
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, MemoryError):
         return f"out of memory: {exc}" if str(exc) else "out of memory"
-    return _LIMIT_WORD.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+    return _FLAG_WORD.sub(lambda m: _FLAGS[m.group(1)], str(exc))
 
 
 def _report(exc: BaseException, args: argparse.Namespace) -> int:
@@ -161,8 +180,9 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
 
 
 def _open_checkpoint(path: str, args: argparse.Namespace) -> TensorMap:
-    """``safeckpt.open(path)`` with the limits given (a .pt or .npz: the error says to convert)."""
-    return api.open(path, **_limits(args))
+    """``safeckpt.open(path)`` with the limits (and, for a URL, the storage options) given (a .pt
+    or .npz: the error says to convert)."""
+    return api.open(path, **_limits(args), **_storage(args, path))
 
 
 def _file_of(reader: TensorMap) -> Callable[[str], str] | None:
@@ -614,14 +634,24 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
         enabled = False
     else:
         enabled = sys.stderr.isatty()
+    _refuse_http(args.dst)
     _refuse_referred(args.dst)
     result = _convert.convert(args.src, args.dst, align=args.align,
                               checksum=not args.no_checksum, progress=_progress_bar(enabled),
-                              max_shard_size=args.max_shard_size, **_limits(args))
+                              max_shard_size=args.max_shard_size, **_limits(args),
+                              **_storage(args, args.src, args.dst))
     if not args.quiet:
         _say(out, f"{args.src} -> {args.dst}: {plural(result.tensors, 'tensor')}, "
                   f"{_human(result.nbytes)}")
     return EXIT_OK
+
+
+def _refuse_http(dst: str) -> None:
+    """A usage error for an output on http(s)://: HTTP has no atomic object write, so safeckpt
+    only reads there (FORMAT.md [RS7])."""
+    if dst.lower().startswith(("http://", "https://")):
+        raise _Usage(f"{dst}: HTTP is read-only for safeckpt (it has no atomic object write); "
+                     "write to a local path or to an object store (s3://, gs://, az://)")
 
 
 def _refuse_referred(dst: str) -> None:
@@ -640,14 +670,17 @@ def _refuse_referred(dst: str) -> None:
 def cmd_consolidate(args: argparse.Namespace, out: TextIO) -> int:
     """Copy into ``args.src`` (or into a copy, ``args.dst``) every tensor it refers to."""
     dst = args.src if args.dst is None else args.dst
-    in_place = os.path.abspath(dst) == os.path.abspath(args.src)
+    in_place = dst == args.src if _remote.is_url(dst) or _remote.is_url(args.src) else (
+        os.path.abspath(dst) == os.path.abspath(args.src))
     with _open_checkpoint(args.src, args) as reader:  # the files referred to, checked [X5]
         references = _references(reader)
     if in_place and not references:
         _say(out, f"{args.src}: self-contained already (it refers to no other file); left as it is")
         return EXIT_OK
+    _refuse_http(dst)
     _refuse_referred(dst)
-    api.consolidate(args.src, dst, **_limits(args))  # every byte checked against its CRC32C [X6]
+    # every byte checked against its CRC32C [X6]
+    api.consolidate(args.src, dst, **_limits(args), **_storage(args, args.src, dst))
     copied = (f"{plural(sum(n for _, n, _ in references), 'tensor')} "
               f"({sum(b for _, _, b in references)} bytes) copied in from "
               + ", ".join(_escape(file) for file, _, _ in references)) if references else \
@@ -691,8 +724,8 @@ def cmd_diff(args: argparse.Namespace, out: TextIO) -> int:
         differences += 1
         _say(out, line)
 
-    with _convert.read_source(args.a, **_limits(args)) as a, \
-            _convert.read_source(args.b, **_limits(args)) as b:
+    with _convert.read_source(args.a, **_limits(args), **_storage(args, args.a)) as a, \
+            _convert.read_source(args.b, **_limits(args), **_storage(args, args.b)) as b:
         ta, tb = a.tensors, b.tensors
         for name in ta:
             if name not in tb:
@@ -760,6 +793,52 @@ def _tree_of(source: _convert.Source) -> Any:
 
 # -- main -------------------------------------------------------------------------------------------
 
+def _storage_option(text: str) -> tuple[str, Any]:
+    """argparse type: ``KEY=VALUE`` for the URLs' filesystem; VALUE is parsed as JSON when it is
+    JSON (``true``, ``3``, ``{"region_name": "eu-west-1"}``), else kept as the string.
+
+    Example:
+        >>> _storage_option("anon=true"), _storage_option("endpoint_url=http://127.0.0.1:9000")
+        (('anon', True), ('endpoint_url', 'http://127.0.0.1:9000'))
+    """
+    key, equals, value = text.partition("=")
+    if not equals or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. "
+                                         "endpoint_url=http://127.0.0.1:9000)")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--storage-option`` pairs as a dict (None when none was given).
+
+    Raises:
+        _Usage: a key given twice, or options while no path on the command line is a URL.
+    """
+    pairs = getattr(args, "storage_option", None)
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in options:
+            raise _Usage(f"--storage-option {key}=... is given twice; give each key once")
+        options[key] = value
+    paths = [getattr(args, name, None) for name in ("file", "src", "dst", "a", "b")]
+    if not any(map(_remote.is_url, paths + list(getattr(args, "files", None) or []))):
+        raise _Usage("--storage-option is for URLs (s3://, gs://, http(s)://, ...), and no path "
+                     "given is one; remove it, or give a URL")
+    return options
+
+
+def _storage(args: argparse.Namespace, *paths: str | None) -> dict[str, Any]:
+    """``{"storage_options": ...}`` when --storage-option was given and one of ``paths`` is a
+    URL, else ``{}``: keyword arguments for the library call that reads or writes them."""
+    options = _storage_options(args)
+    return {"storage_options": options} if options and any(map(_remote.is_url, paths)) else {}
+
+
 def _limits(args: argparse.Namespace) -> dict[str, Any]:
     """The reader limits given on the command line, as keyword arguments (and max_expansion,
     which only convert and diff take)."""
@@ -817,6 +896,15 @@ def _common_options() -> _Parser:
                             help=f"{what} to accept (default {defaults[name]})")
     common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                         help="on an internal error (exit 70), print the traceback to report")
+    common.add_argument("--storage-option", type=_storage_option, action="append",
+                        metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                        help="an option of the filesystem of the paths that are URLs (s3://, "
+                        "gs://, http(s)://), for fsspec; repeatable. VALUE is JSON when it parses "
+                        "as JSON (anon=true, client_kwargs='{\"region_name\": \"eu-west-1\"}'), "
+                        "else a string (quote one that looks like JSON: key='\"1234\"'). "
+                        "An S3-compatible server: endpoint_url=http://HOST:PORT; "
+                        "credentials: the environment (AWS_ACCESS_KEY_ID, ...) or key=... and "
+                        "secret=...")
     return common
 
 
@@ -835,8 +923,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "torch .pt/.bin).",
                      epilog="exit codes: 0 ok, 1 diff found differences, 2 usage, 3 bad file, "
                      "4 checksum mismatch, 5 not found, 6 other OS error, 7 missing package, "
-                     "8 verify: no checksums to verify (structure OK), 70 a bug in safeckpt "
-                     "(please report it)")
+                     "8 verify: no checksums to verify (structure OK), 9 remote storage failed "
+                     "(an error status, a timeout, a lost connection, a wrong-length response, "
+                     "an object changed while read), 70 a bug in safeckpt (please report it). "
+                     "Paths may be URLs (s3://bucket/model.sckpt, https://...; pip install "
+                     "'safeckpt[remote]' and s3fs for s3://): read with ranged requests; "
+                     "e.g. safeckpt inspect s3://bucket/model.sckpt --storage-option "
+                     "endpoint_url=http://127.0.0.1:9000")
     parser.add_argument("--version", action="version", version=f"safeckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -893,6 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
+        _storage_options(args)  # its usage errors before any file is read
         return args.run(args, sys.stdout)
     except KeyboardInterrupt:
         sys.stderr.write("safeckpt: interrupted\n")

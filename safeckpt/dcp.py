@@ -31,6 +31,15 @@ it, and DCP calls ``finish`` only after all ranks wrote. A crash before leaves n
 ``SafeckptReader`` refuses the directory; data files of an earlier save to the same directory are
 replaced one by one, so save each checkpoint to its own directory to keep the previous one.
 
+Remote storage (FORMAT.md section 12): both classes take an fsspec URL (``s3://bucket/run/step-100``,
+``memory://``...) with ``storage_options``, or a path inside an fsspec filesystem given as ``fs``.
+Each rank's file is one streamed upload, visible only once whole [RS7]; ``metadata.sckpt`` is
+written last, as locally, and a save first removes the metadata of an earlier save to the same
+place, so that a crash midway leaves no metadata naming a mix of old and new data files. A load
+fetches only what DCP asks for: the header of each data file it needs, and of each stored chunk
+the bytes that its read items cover (a resharded load reads a part of a chunk), with one
+coalesced, parallel fetch per file [RS5] [RS6].
+
 Example:
     >>> import torch.distributed.checkpoint as dcp                          # doctest: +SKIP
     >>> from safeckpt.dcp import SafeckptWriter, SafeckptReader             # doctest: +SKIP
@@ -47,8 +56,10 @@ import math
 import os
 import re
 import uuid
-from typing import Any, Dict, Iterable, List, NoReturn, Optional, Set, Tuple, Union
+from typing import (Any, Dict, Iterable, Iterator, List, NoReturn, Optional, Set, Tuple, Union,
+                    cast)
 
+import numpy as np
 import torch
 # torch's private module: DefaultLoadPlanner.load_bytes puts a value into a nested state dict
 # with it, and torch has no public function that does (SafeckptReader._load_value does the same)
@@ -76,10 +87,11 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import api, torch_convert, tree
+from . import api, remote, torch_convert, tree
 from . import format as fmt
 from .errors import HeaderError, InvalidValueError, LimitError, SafeckptError, quote
 from .filekind import PathLike
+from .reader import TensorMap
 
 METADATA_FILE = "metadata.sckpt"  # written last: its presence marks a complete save
 DATA_FILE = "data-{:05d}.sckpt"  # one per rank (per plan)
@@ -454,31 +466,85 @@ def _item_key(index: MetadataIndex, taken: Set[str]) -> str:
     return key
 
 
+class _Directory:
+    """A checkpoint's directory: a local path, or a place on remote storage (FORMAT.md section 12).
+
+    ``path`` is what the user gave (DCP's ``checkpoint_id``); ``place`` is what
+    :func:`safeckpt.remote.resolve` makes of it: a local path, or a :class:`~safeckpt.remote.RemotePath`.
+    """
+
+    def __init__(self, path: PathLike, storage_options: Optional[Dict[str, Any]],
+                 fs: Any) -> None:
+        self.path = os.fsdecode(path)
+        self.place = remote.resolve(self.path, storage_options=storage_options, fs=fs)
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.place, remote.RemotePath)
+
+    def file(self, name: str) -> Union[str, remote.RemotePath]:
+        """The file ``name`` of the directory, for :func:`safeckpt.open` and :func:`safeckpt.save`
+        (a remote object is read with ranged requests [RS1], written as one stream [RS7])."""
+        place = self.place
+        return place.join(name) if isinstance(place, remote.RemotePath) else os.path.join(place, name)
+
+    def where(self, name: str) -> str:
+        """The file ``name`` for messages: a quoted local path, or the URL."""
+        file = self.file(name)
+        return file.url if isinstance(file, remote.RemotePath) else repr(file)
+
+    def make(self) -> None:
+        """Create a local directory (object stores have none)."""
+        if isinstance(self.place, str):
+            os.makedirs(self.place, exist_ok=True)
+
+    def size(self, name: str) -> int:
+        """The size of the file ``name`` in bytes (OSError, e.g. FileNotFoundError, if missing)."""
+        file = self.file(name)
+        return file.size() if isinstance(file, remote.RemotePath) else os.stat(file).st_size
+
+
 class SafeckptWriter(StorageWriter):
     """A DCP ``StorageWriter`` that writes .sckpt files and no pickle.
 
     Parameters:
-        path: the checkpoint's directory (created if needed); ``dcp.save(checkpoint_id=...)``
-            may change it.
-        checksum: store a CRC32C per tensor (checked by ``SafeckptReader(verify=True)``).
-        sync_files: write each file atomically with fsync (a crash leaves old or new files).
+        path: the checkpoint's directory (created if needed), or an fsspec URL
+            (``s3://bucket/run/step-100``); ``dcp.save(checkpoint_id=...)`` may change it.
+        checksum: store a CRC32C per tensor (checked by ``SafeckptReader(verify=True)``, and by
+            every remote read [RS4]).
+        sync_files: write each local file atomically with fsync (a crash leaves old or new
+            files). Remote objects are always whole or absent [RS7].
         align: tensor alignment in the files.
+        storage_options: for a URL, the fsspec filesystem's options (``{"endpoint_url": ...}``).
+        fs: an fsspec filesystem; ``path`` is then a path inside it.
+
+    Raises:
+        InvalidValueError: ``storage_options`` or ``fs`` with a local path.
+        ImportError: a URL without fsspec (or without the filesystem's package, e.g. s3fs).
 
     Example:
         >>> dcp.save({"model": model.state_dict()}, storage_writer=SafeckptWriter("ckpt"))  # doctest: +SKIP
+        >>> writer = SafeckptWriter("s3://bucket/run/step-100", storage_options={"anon": False})  # doctest: +SKIP
     """
 
     def __init__(self, path: PathLike, *, checksum: bool = True,
-                 sync_files: bool = True, align: int = fmt.ALIGN_DEFAULT) -> None:
+                 sync_files: bool = True, align: int = fmt.ALIGN_DEFAULT,
+                 storage_options: Optional[Dict[str, Any]] = None, fs: Any = None) -> None:
         super().__init__()
-        self.path = os.fsdecode(path)
+        self.storage_options, self.fs = storage_options, fs
+        self.directory = _Directory(path, storage_options, fs)
         self.checksum, self.sync_files, self.align = checksum, sync_files, align
         self.save_id = uuid.uuid4().hex
         self.rank: Optional[int] = None
 
+    @property
+    def path(self) -> str:
+        """The checkpoint's directory or URL, as given."""
+        return self.directory.path
+
     def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
         if checkpoint_id:
-            self.path = os.fsdecode(checkpoint_id)
+            self.directory = _Directory(checkpoint_id, self.storage_options, self.fs)
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -486,10 +552,16 @@ class SafeckptWriter(StorageWriter):
         self.rank = kwargs.get("rank")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        os.makedirs(self.path, exist_ok=True)
+        self.directory.make()
         return plan
 
     def prepare_global_plan(self, plans: List[SavePlan]) -> List[SavePlan]:
+        # The coordinator, before any rank writes: an earlier save's metadata in a remote
+        # directory goes first, so that it never names a mix of its data files and this save's
+        # (as [RS8] removes a commit object before an overwrite).
+        metadata = self.directory.file(METADATA_FILE)
+        if isinstance(metadata, remote.RemotePath):
+            metadata.remove()
         return [dataclasses.replace(plan, storage_data=DATA_FILE.format(i))
                 for i, plan in enumerate(plans)]
 
@@ -511,7 +583,7 @@ class SafeckptWriter(StorageWriter):
             values[key] = value
             results.append(WriteResult(index=item.index, size_in_bytes=size,
                                        storage_data=Location(file, key)))
-        api.save(values, os.path.join(self.path, file), checksum=self.checksum, align=self.align,
+        api.save(values, self.directory.file(file), checksum=self.checksum, align=self.align,
                  atomic=self.sync_files)
         future = Future()
         future.set_result(results)
@@ -534,7 +606,7 @@ class SafeckptWriter(StorageWriter):
             storage.update({result.index: result.storage_data for result in rank_results})
         metadata = dataclasses.replace(metadata, storage_data=storage, version=DCP_VERSION,
                                        storage_meta=self.storage_meta())
-        api.save(encode_metadata(metadata), os.path.join(self.path, METADATA_FILE),
+        api.save(encode_metadata(metadata), self.directory.file(METADATA_FILE),
                  atomic=self.sync_files)
 
     def storage_meta(self) -> StorageMeta:
@@ -559,38 +631,135 @@ def _narrow(tensor: torch.Tensor, offsets: List[int], lengths: List[int]) -> tor
     return tensor
 
 
+_BATCH_BYTES = 64 << 20  # a read_data batch: the bytes fetched (and held) at a time, as [RS5]
+
+
+@dataclasses.dataclass
+class _Part:
+    """What one read item takes from a stored chunk (the tensor at tree ``node``, of numpy
+    ``dtype``): the item's ``offsets`` and ``lengths`` in it, and the bytes fetched for it: the
+    whole chunk (``span`` None) or ``span``, ``(start, end, byte strides)`` in the chunk."""
+
+    item: ReadItem
+    node: Any
+    dtype: np.dtype
+    offsets: List[int]
+    lengths: List[int]
+    span: Optional[Tuple[int, int, List[int]]]
+    fetched: int
+
+
+def _span(offsets: List[int], lengths: List[int], shape: Tuple[int, ...],
+          itemsize: int) -> Tuple[int, int, List[int]]:
+    """The bytes of a C-contiguous chunk of ``shape`` that hold its part at ``offsets`` of
+    ``lengths`` (not empty): ``(start, end, byte strides)``, from the part's first element to
+    its last, so exactly its bytes when it is a block of whole rows."""
+    strides, step = [], itemsize
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    strides.reverse()
+    start = sum(o * s for o, s in zip(offsets, strides))
+    end = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides)) + itemsize
+    return start, end, strides
+
+
+def _batches(parts: List[_Part]) -> Iterator[List[_Part]]:
+    """``parts`` in order, in runs that fetch at most _BATCH_BYTES (a larger part alone)."""
+    batch: List[_Part] = []
+    size = 0
+    for part in parts:
+        if batch and size + part.fetched > _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(part)
+        size += part.fetched
+    if batch:
+        yield batch
+
+
+def _fetch(reader: TensorMap, parts: List[_Part], verify: Optional[bool]) -> List[torch.Tensor]:
+    """The tensor of each part: whole chunks in one load (checked as ``verify`` says, and always
+    when remote [RS4]), then narrowed; spans in one ``read_ranges`` per file, which then fetches
+    a remote file's header again and compares it with the one read at open [RS4]."""
+    whole = [part for part in parts if part.span is None]
+    loaded = iter(tree.materialize(reader, [tree.LIST, *(part.node for part in whole)],
+                                   framework="torch", verify=verify) if whole else ())
+    reads: Dict[int, Tuple[Any, List[int], List[int], List[np.ndarray]]] = {}
+    arrays: Dict[int, np.ndarray] = {}
+    for k, part in enumerate(parts):
+        if part.span is None or not math.prod(part.lengths):
+            continue
+        file_reader, j = reader.locate(part.node[1])
+        start, end, strides = part.span
+        dest = np.empty(end - start, np.uint8)
+        arrays[k] = np.ndarray(part.lengths, part.dtype, dest, 0, strides)
+        read = reads.setdefault(id(file_reader), (file_reader, [], [], []))
+        read[1].append(file_reader.entry(j).offset + start)
+        read[2].append(end - start)
+        read[3].append(dest)
+    for file_reader, offsets, lengths, dests in reads.values():
+        file_reader.read_ranges(offsets, lengths, dests)  # then the header again, when remote
+    names = reader.names
+    return [_narrow(next(loaded), part.offsets, part.lengths) if part.span is None else
+            torch_convert.from_numpy(arrays.get(k, np.empty(part.lengths, part.dtype)),
+                                     names[part.node[1]])
+            for k, part in enumerate(parts)]
+
+
 class SafeckptReader(StorageReader):
     """A DCP ``StorageReader`` for checkpoints of :class:`SafeckptWriter`; never unpickles.
 
     Every file is validated as any .sckpt file is, and the metadata field by field
     (:func:`decode_metadata`), and against the sizes of the data files, before DCP plans the load.
     Data files are read in parallel threads; with ``mmap=True`` a rank reads only the pages of the
-    chunks it needs.
+    chunks it needs. A remote checkpoint is read with ranged requests: each data file's header,
+    then, in one coalesced fetch per file, the stored chunks that the read items need, or only
+    the bytes of a chunk that they cover when a resharded load needs a part of it.
 
     Parameters:
-        path: the checkpoint's directory.
-        mmap: map the data files (default) or read each item into fresh memory.
+        path: the checkpoint's directory, or an fsspec URL (``s3://bucket/run/step-100``).
+        mmap: map the local data files (default) or read each item into fresh memory. Remote
+            reads are always into fresh memory.
         verify: check the CRC32C of the tensors read: ``None`` (default) when they are read into
-            fresh memory anyway (``mmap=False``), ``True`` always, ``False`` never.
+            fresh memory anyway (``mmap=False``), ``True`` always, ``False`` never. A remote
+            read checks every whole chunk it fetches [RS4]; the part of a chunk that a resharded
+            load fetches cannot be checked, so the data file's header is fetched again after it
+            and compared with the one read at open (``ObjectChangedError``); pass ``verify=True``
+            to fetch whole chunks instead and check each.
+        storage_options: for a URL, the fsspec filesystem's options (``{"endpoint_url": ...}``).
+        fs: an fsspec filesystem; ``path`` is then a path inside it.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``.
+
+    Raises:
+        InvalidValueError: ``storage_options`` or ``fs`` with a local path.
+        ImportError: a URL without fsspec (or without the filesystem's package, e.g. s3fs).
 
     Example:
         >>> dcp.load(state, storage_reader=SafeckptReader("ckpt"))    # doctest: +SKIP
+        >>> dcp.load(state, storage_reader=SafeckptReader("s3://bucket/run/step-100"))  # doctest: +SKIP
     """
 
-    def __init__(self, path: PathLike, *, mmap: bool = True,
-                 verify: Optional[bool] = None, **limits: int) -> None:
+    def __init__(self, path: PathLike, *, mmap: bool = True, verify: Optional[bool] = None,
+                 storage_options: Optional[Dict[str, Any]] = None, fs: Any = None,
+                 **limits: int) -> None:
         super().__init__()
-        self.path = os.fsdecode(path)
+        self.storage_options, self.fs = storage_options, fs
+        self.directory = _Directory(path, storage_options, fs)
         self.mmap, self.verify = mmap, verify
         self.limits: Dict[str, Any] = limits
         self.storage_data: Dict[MetadataIndex, Location] = {}
         self.load_id = uuid.uuid4().hex
 
+    @property
+    def path(self) -> str:
+        """The checkpoint's directory or URL, as given."""
+        return self.directory.path
+
     def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
         self.storage_data = {}
         if checkpoint_id:
-            self.path = os.fsdecode(checkpoint_id)
+            self.directory = _Directory(checkpoint_id, self.storage_options, self.fs)
         self.load_id = uuid.uuid4().hex
 
     def read_metadata(self) -> Metadata:
@@ -599,17 +768,17 @@ class SafeckptReader(StorageReader):
         Raises:
             HeaderError, LimitError: as :func:`decode_metadata` says, or a data file smaller than
                 the tensor chunks the metadata stores in it.
-            OSError: a missing file.
+            OSError: a missing file; RemoteError: remote storage failed.
         """
-        path = os.path.join(self.path, METADATA_FILE)
-        with api.open(path, **self.limits) as reader:
+        where = self.directory.where(METADATA_FILE)
+        with api.open(self.directory.file(METADATA_FILE), **self.limits) as reader:
             if reader.keys():
                 raise HeaderError(f"{reader.where}: DCP metadata holds no tensors, this file has "
                                   f"{len(reader)}")
             value = reader.load()
-        metadata = decode_metadata(value, repr(path), self.limits.get("max_ndim", fmt.MAX_NDIM),
+        metadata = decode_metadata(value, where, self.limits.get("max_ndim", fmt.MAX_NDIM),
                                    self.limits.get("max_depth", fmt.MAX_DEPTH))
-        self._check_data_files(metadata, repr(path))
+        self._check_data_files(metadata, where)
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -631,7 +800,7 @@ class SafeckptReader(StorageReader):
                 per_file[location.file] = (per_file.get(location.file, 0)
                                            + nbytes[index.fqn, tuple(index.offset)])
         for file, stored in per_file.items():
-            size = os.stat(os.path.join(self.path, file)).st_size
+            size = self.directory.size(file)
             if stored > size:
                 raise HeaderError(f"{where}: data file {file!r} is {size} bytes, but the DCP "
                                   f"metadata stores {stored} bytes of tensor chunks in it")
@@ -667,38 +836,58 @@ class SafeckptReader(StorageReader):
         return future
 
     def _read_file(self, file: str, items: List[ReadItem], planner: LoadPlanner) -> None:
-        with api.open(os.path.join(self.path, file), mmap=self.mmap, **self.limits) as reader:
+        """Read ``items`` from one data file: plain values, then the tensor parts in batches of
+        about _BATCH_BYTES, each batch one fetch (coalesced and parallel when remote)."""
+        with api.open(self.directory.file(file), mmap=self.mmap, **self.limits) as reader:
             root = tree.find(reader, None)  # the file's top-level dict, indexed once
             nodes = (dict(zip(root[1::2], root[2::2]))
                      if type(root) is list and root[:1] in ([tree.DICT], [tree.ODICT]) else {})
+            whole = not self.directory.is_remote or self.verify is True
+            dtypes = torch_convert.dtype_by_name()
+            parts: List[_Part] = []
             for item in items:
                 location = self.storage_data[item.storage_index]
                 node = nodes.get(location.key, nodes)  # nodes itself: no such key
                 if node is nodes:
                     raise HeaderError(f"{reader.where}: has no item {quote(location.key)}, which "
                                       f"the DCP metadata says holds {quote(item.storage_index.fqn)}")
-                value = tree.materialize(reader, node, framework="torch", verify=self.verify)
                 if item.type == LoadItemType.BYTE_IO:
-                    self._load_value(planner, item, value)
-                    continue
-                entry = self.state_dict_metadata[item.storage_index.fqn]
-                chunk = self._chunks.get((item.storage_index.fqn, tuple(item.storage_index.offset)))
-                if (not isinstance(value, torch.Tensor) or chunk is None
-                        or value.shape != chunk.sizes or value.dtype != entry.properties.dtype):
-                    raise HeaderError(
-                        f"{reader.where}: {location.key!r} is not the {entry.properties.dtype} "
-                        f"chunk of shape {None if chunk is None else list(chunk.sizes)} that the DCP "
-                        "metadata describes")
-                if any(o + n > s for o, n, s in zip(item.storage_offsets, item.lengths,
-                                                      value.shape)):
-                    raise HeaderError(f"{reader.where}: read of {location.key!r} past its shape")
-                tensor = _narrow(value, item.storage_offsets, item.lengths)
-                target = planner.resolve_tensor(item).detach()
-                if target.size() != tensor.size():
-                    raise HeaderError(f"{item.storage_index.fqn!r}: stored chunk {list(tensor.size())}"
-                                      f" does not fit the target {list(target.size())}")
-                target.copy_(tensor)
-                planner.commit_tensor(item, target)
+                    self._load_value(planner, item, tree.materialize(
+                        reader, node, framework="torch", verify=self.verify))
+                else:
+                    parts.append(self._part(reader, item, location.key, node, dtypes, whole))
+            for batch in _batches(parts):
+                for part, tensor in zip(batch, _fetch(reader, batch, self.verify)):
+                    target = planner.resolve_tensor(part.item).detach()
+                    if target.size() != tensor.size():
+                        raise HeaderError(f"{part.item.storage_index.fqn!r}: stored chunk "
+                                          f"{list(tensor.size())} does not fit the target "
+                                          f"{list(target.size())}")
+                    target.copy_(tensor)
+                    planner.commit_tensor(part.item, target)
+
+    def _part(self, reader: TensorMap, item: ReadItem, key: str, node: Any,
+              dtypes: Dict[str, torch.dtype], whole: bool) -> _Part:
+        """What ``item`` reads of the tensor at ``node``, checked against the metadata's chunk
+        before anything is fetched; ``whole``: fetch the whole chunk even for a part of it."""
+        fqn = item.storage_index.fqn
+        entry = self.state_dict_metadata[fqn]
+        chunk = self._chunks.get((fqn, tuple(item.storage_index.offset)))
+        index = node[1] if type(node) is list and node[0] in (tree.TENSOR, tree.REF) else None
+        info = None if index is None else reader.info(reader.names[index])
+        if (info is None or chunk is None or info.shape != tuple(chunk.sizes)
+                or dtypes.get(info.dtype.name) != entry.properties.dtype):
+            raise HeaderError(
+                f"{reader.where}: {key!r} is not the {entry.properties.dtype} chunk of shape "
+                f"{None if chunk is None else list(chunk.sizes)} that the DCP metadata describes")
+        offsets, lengths = list(item.storage_offsets), list(item.lengths)
+        if any(o + n > s for o, n, s in zip(offsets, lengths, info.shape)):
+            raise HeaderError(f"{reader.where}: read of {key!r} past its shape")
+        if whole or (not any(offsets) and tuple(lengths) == info.shape):
+            return _Part(item, node, info.dtype, offsets, lengths, None, info.nbytes)
+        span = _span(offsets, lengths, info.shape, info.dtype.itemsize) if math.prod(lengths) \
+            else (0, 0, [])
+        return _Part(item, node, info.dtype, offsets, lengths, span, span[1] - span[0])
 
     @staticmethod
     def _load_value(planner: LoadPlanner, item: ReadItem, value: Any) -> None:
@@ -721,5 +910,14 @@ class SafeckptReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return isinstance(checkpoint_id, (str, bytes, os.PathLike)) and os.path.isfile(
-            os.path.join(os.fsdecode(checkpoint_id), METADATA_FILE))
+        """Whether ``checkpoint_id`` is a directory or URL (default storage options) that holds
+        a complete checkpoint: its metadata.sckpt exists. A storage failure counts as no."""
+        if not isinstance(checkpoint_id, (str, bytes, os.PathLike)):
+            return False
+        path = os.fsdecode(checkpoint_id)
+        if not remote.is_url(path):
+            return os.path.isfile(os.path.join(path, METADATA_FILE))
+        try:
+            return cast(remote.RemotePath, remote.resolve(path)).join(METADATA_FILE).exists()
+        except (ImportError, OSError, SafeckptError):
+            return False
