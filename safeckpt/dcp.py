@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import io
 import math
 import os
@@ -498,10 +499,21 @@ class _Directory:
         if isinstance(self.place, str):
             os.makedirs(self.place, exist_ok=True)
 
-    def size(self, name: str) -> int:
-        """The size of the file ``name`` in bytes (OSError, e.g. FileNotFoundError, if missing)."""
-        file = self.file(name)
-        return file.size() if isinstance(file, remote.RemotePath) else os.stat(file).st_size
+    def sizes(self, names: Iterable[str]) -> Dict[str, int]:
+        """The size in bytes of each file of ``names``: remote, from one listing of the
+        directory (not a request per file).
+
+        Raises:
+            FileNotFoundError: a file is missing; OSError, RemoteError: as the storage says.
+        """
+        place = self.place
+        if isinstance(place, str):
+            return {name: os.stat(os.path.join(place, name)).st_size for name in names}
+        listed = place.sizes()
+        for name in names:
+            if name not in listed:
+                raise FileNotFoundError(errno.ENOENT, "no such object", place.join(name).url)
+        return listed
 
 
 class SafeckptWriter(StorageWriter):
@@ -799,8 +811,9 @@ class SafeckptReader(StorageReader):
             if index.offset is not None:
                 per_file[location.file] = (per_file.get(location.file, 0)
                                            + nbytes[index.fqn, tuple(index.offset)])
+        sizes = self.directory.sizes(per_file)
         for file, stored in per_file.items():
-            size = self.directory.size(file)
+            size = sizes[file]
             if stored > size:
                 raise HeaderError(f"{where}: data file {file!r} is {size} bytes, but the DCP "
                                   f"metadata stores {stored} bytes of tensor chunks in it")

@@ -145,12 +145,16 @@ def test_a_failed_save_leaves_no_metadata_and_removes_an_earlier_one(mem):
 
 
 def test_data_file_smaller_than_the_metadata_says_refused(mem):
-    """The data files' sizes come from the storage (one metadata request each) before DCP plans."""
+    """The data files' sizes come from one listing of the directory, before DCP plans."""
     fs, path = mem
     dcp.save(big_state(), storage_writer=SafeckptWriter(path, fs=fs))
     fs.pipe_file(f"{path}/{DATA_FILE.format(0)}", safeckpt.save_bytes({"x": np.zeros(1)}))
     with pytest.raises(safeckpt.HeaderError, match=r"'data-00000.sckpt' is \d+ bytes"):
         SafeckptReader(path, fs=fs).read_metadata()
+    fs.rm(f"{path}/{DATA_FILE.format(0)}")
+    with pytest.raises(FileNotFoundError, match="no such object") as info:
+        SafeckptReader(path, fs=fs).read_metadata()
+    assert info.value.filename.endswith(f"ckpt/{DATA_FILE.format(0)}")
 
 
 # -- what a load fetches --------------------------------------------------------------------------
