@@ -1,7 +1,8 @@
 """Hostile remote storage (issue 14, FORMAT.md section 12): servers that send fewer or more bytes than
-asked, change the object between requests, fail, hang or ignore Range; each must end in a named
-SafeckptError subclass (RemoteError, ObjectChangedError, ChecksumError) within a bounded time, and
-a load either returns every tensor or raises.
+asked [RS2], change the object between requests [RS4], fail, hang or ignore Range; each must end
+in a named error (RemoteError, ObjectChangedError, ChecksumError; FileNotFoundError for an object
+that is gone) within a bounded time, and a load either returns every tensor of one version of the
+object or raises, never a mix.
 
 The servers are tests/servers.py's (HTTP on 127.0.0.1, and moto's S3 server); the first tests here
 check that the servers themselves answer as they say, so that a hostile test cannot pass against
@@ -13,9 +14,23 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
+import safeckpt
 import servers
+from safeckpt.errors import (ChecksumError, ObjectChangedError, RemoteError, SafeckptError)
+
+from conftest import need
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("backend")]
+
+HEAD = 64 << 10  # [RS1] the first ranged request of an open
+CLIENT_TIMEOUT = 2.0  # seconds the client waits for a hanging server (fsspec http, aiohttp)
+# a hang must end well before this; 15x the client's timeout, and under servers.HANG_LIMIT, so a
+# hang ended by the server giving up (not by the client's timeout) fails the test
+HANG_BOUND = 30.0
+assert HANG_BOUND < servers.HANG_LIMIT
 
 
 def get(server, name, headers=None, method="GET"):
@@ -144,3 +159,254 @@ def test_s3_fixture(s3):
     s3.server.misbehave("status", status=403, times=1)
     with pytest.raises(PermissionError):
         fs.cat_file(path, start=2, end=5)
+
+
+# -- the model and its two versions ----------------------------------------------------------------
+
+def state(version):
+    """Version 0 or 1 of a small model: the same names, shapes and dtypes, other values. The
+    file is over 64 KiB, so that opening asks for a strict range [RS1]."""
+    v = version
+    return {
+        "emb": (np.arange(40_000, dtype=np.float32) + v).reshape(400, 100),  # 160,000 bytes
+        "ln": np.linspace(0, 1, 100, dtype=np.float32) * (v + 1),
+        "w": ((np.arange(30_000) + v) % 251).astype(np.int16),  # 60,000 bytes
+        "step": np.array(7 + v, np.int64),
+    }
+
+
+FORMATS = ["sckpt", "nocrc", "safetensors"]  # with CRC32Cs; checksum=False; Hugging Face's
+
+
+def file_bytes(fmt, version, grown=False):
+    """The bytes of version ``version`` of the model in format ``fmt``; ``grown``: one tensor more
+    (another size). Each version's header differs (CRCs, or metadata for the formats without)."""
+    tensors = dict(state(version), **({"extra": np.ones(5000, np.float64)} if grown else {}))
+    if fmt == "safetensors":
+        need("safetensors")
+        import safetensors.numpy
+
+        return safetensors.numpy.save(tensors, metadata={"version": str(version)})
+    return safeckpt.save_bytes(tensors, metadata={"version": version},
+                               checksum=fmt == "sckpt")
+
+
+def same(got, want):
+    """Whether ``got`` holds exactly the tensors of ``want`` (names, dtypes, values)."""
+    return sorted(got) == sorted(want) and all(
+        got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+
+
+LOADS = {  # how a test loads everything: one call, a reader's load_all, tensor by tensor
+    "load_file": lambda url, options: safeckpt.load_file(url, storage_options=options),
+    "load_all": lambda url, options: _with_reader(url, options, lambda f: f.load_all()),
+    "each": lambda url, options: _with_reader(url, options, lambda f: {k: f[k] for k in f.keys()}),
+}
+
+
+def _with_reader(url, options, read):
+    with safeckpt.open(url, storage_options=options) as f:
+        return read(f)
+
+
+@pytest.fixture(params=FORMATS)
+def fmt(request):
+    return request.param
+
+
+@pytest.fixture
+def served(http_server, request):
+    """Version 0 of the model on the HTTP server, as ``m.<fmt>`` (the test's ``fmt``, else
+    "sckpt"): (server, name, options)."""
+    fmt = request.getfixturevalue("fmt") if "fmt" in request.fixturenames else "sckpt"
+    name = "m.safetensors" if fmt == "safetensors" else "m.sckpt"
+    http_server.objects[name] = file_bytes(fmt, 0)
+    return http_server, name, servers.http_options(CLIENT_TIMEOUT * 30)
+
+
+# -- [RS2]: answers of the wrong length --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["short", "cut", "long", "full"])
+@pytest.mark.parametrize("stage", ["open", "one", "all"])
+def test_wrong_length(served, fmt, mode, stage):
+    """Fewer bytes (with an honest or a lying Content-Length), more bytes, or the whole object for
+    a range: RemoteError naming the URL and the range, at open or at a load; the reader still
+    loads everything right once the server behaves (nothing of the bad answer was kept)."""
+    server, name, options = served
+    url = server.url(name)
+    if stage == "open":
+        server.misbehave(mode, by=7)
+        with pytest.raises(RemoteError) as info:
+            safeckpt.open(url, storage_options=options)
+        asked = f"bytes 0-{HEAD - 1}"
+    else:
+        with safeckpt.open(url, storage_options=options) as f:
+            server.misbehave(mode, by=7)
+            with pytest.raises(RemoteError) as info:
+                f["w"] if stage == "one" else f.load_all()
+            first = f.info("w" if stage == "one" else next(iter(f.keys()), None)).offset
+            asked = f"bytes {min(first, f.info('w').offset)}-"
+            server.behave()
+            assert same(f.load_all(), state(0))
+    assert server.faults.applied >= 1
+    message = str(info.value)
+    assert url in message and asked in message, message
+    assert ("[RS2]" in message) != (mode == "cut"), message  # cut: the client's own error
+
+
+# -- failures of the storage -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [403, 404, 500, 503])
+@pytest.mark.parametrize("stage", ["open", "one", "all"])
+def test_error_status(served, status, stage):
+    """An error status on a ranged GET: RemoteError naming the URL, the range and the status; a
+    404 (the object is gone) is FileNotFoundError naming the URL, as for a missing local file."""
+    server, name, options = served
+    url = server.url(name)
+    error = FileNotFoundError if status == 404 else RemoteError
+    if stage == "open":
+        server.misbehave("status", status=status)
+        with pytest.raises(error) as info:
+            safeckpt.open(url, storage_options=options)
+    else:
+        with safeckpt.open(url, storage_options=options) as f:
+            server.misbehave("status", status=status)
+            with pytest.raises(error) as info:
+                f["w"] if stage == "one" else f.load_all()
+    message = str(info.value)
+    assert url in message, message
+    if status != 404:
+        assert str(status) in message and "bytes " in message, message
+        assert not isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("stage", ["open", "one", "all"])
+def test_hang_ends_with_the_client_timeout(served, stage):
+    """A server that takes the request and never answers: the client's timeout (storage_options)
+    ends it with RemoteError, long before the server would give up."""
+    server, name, _ = served
+    url, options = server.url(name), servers.http_options(CLIENT_TIMEOUT)
+    started = time.monotonic()
+    if stage == "open":
+        server.misbehave("hang")
+        with pytest.raises(RemoteError) as info:
+            safeckpt.open(url, storage_options=options)
+    else:
+        with safeckpt.open(url, storage_options=options) as f:
+            server.misbehave("hang")
+            started = time.monotonic()
+            with pytest.raises(RemoteError) as info:
+                f["w"] if stage == "one" else f.load_all()
+    assert time.monotonic() - started < HANG_BOUND
+    assert server.faults.applied >= 1
+    assert url in str(info.value) and "Timeout" in str(info.value), str(info.value)
+
+
+# -- [RS4]: another object between requests ----------------------------------------------------------
+
+@pytest.mark.parametrize("load", ["one", "all", "slice"])
+def test_replaced_after_open(served, fmt, load):
+    """The object replaced between open and a load: with CRC32Cs, ChecksumError naming the tensor
+    and saying that the object may have changed; without (checksum=False, .safetensors), the header
+    read again after the load differs: ObjectChangedError. Opened again, the new version loads."""
+    server, name, options = served
+    url = server.url(name)
+    with safeckpt.open(url, storage_options=options) as f:
+        server.objects[name] = file_bytes(fmt, 1)
+        expected = ChecksumError if fmt == "sckpt" and load != "slice" else ObjectChangedError
+        with pytest.raises(expected) as info:
+            if load == "one":
+                f["w"]
+            elif load == "all":
+                f.load_all()
+            else:
+                f.get_slice("emb")[10:20]
+    message = str(info.value)
+    assert url in message and "changed" in message and "[RS4]" in message, message
+    if expected is ChecksumError:
+        assert "tensor 'w'" in message or load == "all", message
+    assert same(LOADS["load_file"](url, options), state(1))
+
+
+@pytest.mark.parametrize("grown", [False, True], ids=["same-size", "grown"])
+@pytest.mark.parametrize("load", sorted(LOADS))
+def test_replaced_at_any_request(served, fmt, load, grown):
+    """The object replaced before each GET in turn, during a whole load: every outcome is one
+    version whole (the replacement came before the open read anything, or was never seen) or a
+    named error, never a mix; once the open has read the header, every replacement is caught."""
+    server, name, options = served
+    url, old, new = server.url(name), state(0), dict(state(1))
+    replacement = file_bytes(fmt, 1, grown)
+    if grown:
+        new["extra"] = np.ones(5000, np.float64)
+    server.traffic.reset()
+    assert same(LOADS[load](url, options), old)
+    gets = server.traffic.by_method["GET"]
+    assert gets >= 2  # the open's, then the tensors'
+    for after in range(gets + 1):
+        server.objects[name] = file_bytes(fmt, 0)
+        server.replace_after(name, replacement, after)
+        try:
+            got = LOADS[load](url, options)
+        except SafeckptError as exc:
+            assert url in str(exc), (after, exc)
+            assert after > 0 or grown, (after, exc)  # replaced before the open read: consistent
+        else:
+            assert same(got, new if after == 0 else old), after
+            assert after in (0, gets), after  # replaced after the header was read: always caught
+        server.behave()
+
+
+# -- S3 (moto) ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def on_s3(s3, request):
+    """Version 0 of the model in the test's bucket (the test's ``fmt``, else "sckpt"):
+    (bucket, url)."""
+    fmt = request.getfixturevalue("fmt") if "fmt" in request.fixturenames else "sckpt"
+    url = s3.url("m.safetensors" if fmt == "safetensors" else "m.sckpt")
+    s3.fs.pipe_file(url, file_bytes(fmt, 0))
+    return s3, url
+
+
+def test_s3_replaced_after_open(on_s3, fmt):
+    """[RS4] on S3: an object overwritten between open and load (a new save to the same key)."""
+    s3, url = on_s3
+    with safeckpt.open(url, storage_options=s3.storage_options) as f:
+        s3.fs.pipe_file(url, file_bytes(fmt, 1))
+        with pytest.raises(ChecksumError if fmt == "sckpt" else ObjectChangedError,
+                           match=r"changed.*\[RS4\]"):
+            f.load_all()
+    assert same(safeckpt.load_file(url, storage_options=s3.storage_options), state(1))
+
+
+def test_s3_deleted_after_open(on_s3):
+    s3, url = on_s3
+    with safeckpt.open(url, storage_options=s3.storage_options) as f:
+        s3.fs.rm_file(url)
+        with pytest.raises(FileNotFoundError, match=url.split("://")[1]):
+            f.load_all()
+
+
+@pytest.mark.parametrize("mode", ["short", "long"])
+def test_s3_wrong_length(on_s3, mode):
+    """[RS2] on S3: s3fs hands over what it got; safeckpt refuses it."""
+    s3, url = on_s3
+    with safeckpt.open(url, storage_options=s3.storage_options) as f:
+        s3.server.misbehave(mode, by=3)
+        with pytest.raises(RemoteError, match=r"\[RS2\]"):
+            f.load_all()
+        s3.server.behave()
+        assert same(f.load_all(), state(0))
+
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_s3_error_status(on_s3, status):
+    """An error status on every GET (botocore and s3fs retry a 500 a bounded number of times):
+    RemoteError naming the URL and the range."""
+    s3, url = on_s3
+    with safeckpt.open(url, storage_options=s3.storage_options) as f:
+        s3.server.misbehave("status", status=status)
+        with pytest.raises(RemoteError) as info:
+            f["w"]
+    assert url in str(info.value) and "bytes " in str(info.value), str(info.value)
