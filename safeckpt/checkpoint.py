@@ -53,6 +53,8 @@ from . import torch as _sck_torch
 from . import tree as _tree
 from . import writer as _writer
 from .errors import HeaderError, InvalidValueError, StateMismatchError
+from .reader import TensorMap
+from .remote import RemotePath
 from .tree import Subtree
 
 FORMAT = "safeckpt.checkpoint/1"  # metadata["format"] of every checkpoint file
@@ -726,7 +728,7 @@ def _check_counter(value: object, where: str, rule: str) -> None:
         raise HeaderError(f"{where}: {_shown(value)} is not None or an int >= 0 [{rule}]")
 
 
-def _check_metrics(metrics: object, where: str, rule: str) -> None:
+def check_metrics(metrics: object, where: str, rule: str) -> None:
     """A file's metrics: a map of str to int or float [C1, C2]."""
     if not isinstance(metrics, dict):
         raise HeaderError(f"{where}: {_shown(metrics)} is not a map of str to numbers [{rule}]")
@@ -742,7 +744,7 @@ def check_metadata(meta: dict[str, Any], where: str, step: int | None = None) ->
         raise HeaderError(f"{where} is not a checkpoint: its metadata has no format {FORMAT!r}; "
                           "load it with safeckpt.load [C1]")
     _check_counter(meta.get("step"), f"{where}: metadata['step']", "C1")
-    _check_metrics(meta.get("metrics", {}), f"{where}: metadata['metrics']", "C1")
+    check_metrics(meta.get("metrics", {}), f"{where}: metadata['metrics']", "C1")
     if step is not None and meta.get("step") != step:
         raise HeaderError(f"{where}: metadata['step'] is {_shown(meta.get('step'))}, but the file "
                           f"is named for step {step} [C2]")
@@ -766,10 +768,13 @@ def _check_layout(keys: Iterable[Any], where: str, layout: Tuple[str, ...]) -> N
                           f"{', '.join(map(repr, missing))} [C2]")
 
 
-def load_checkpoint_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Sequence[str],
-                         verify: bool | None, limits: dict[str, Any], step: int | None = None
-                         ) -> dict[str, Any]:
+def load_checkpoint_file(path: Union[PathLike, RemotePath], layout: Tuple[str, ...],
+                         fresh_keys: Sequence[str], verify: bool | None, limits: dict[str, Any],
+                         step: int | None = None,
+                         check: Optional[Callable[[TensorMap], None]] = None) -> dict[str, Any]:
     """The checked content of a checkpoint file of ``layout`` [C1-C3] (of ``step``, if given).
+    ``path`` may be a :class:`~safeckpt.remote.RemotePath`. ``check``, if given, is called with
+    the opened file before anything of it is loaded, and raises to refuse it.
 
     Top-level entries named in ``fresh_keys`` are read into fresh memory. An optimizer keeps the
     tensors it is given and overwrites them at its next step. Views of the file's private
@@ -777,8 +782,10 @@ def load_checkpoint_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Se
     reading the same bytes once with pread (benchmarks/bench_checkpoint.py), so its state is read
     into ordinary memory; the rest stays zero-copy (a model copies it anyway).
     """
-    where = repr(os.fspath(path))
+    where = repr(path.url if isinstance(path, RemotePath) else os.fspath(path))
     with api.open(path, **limits) as mapped:  # one file, shards, or a file with references
+        if check is not None:
+            check(mapped)
         meta = mapped.metadata
         check_metadata(meta, where, step)
         top = mapped.tree
@@ -802,6 +809,6 @@ def load_checkpoint_file(path: PathLike, layout: Tuple[str, ...], fresh_keys: Se
     if state["step"] != meta.get("step"):
         raise HeaderError(f"{where}['step'] is {state['step']}, but its metadata says "
                           f"{meta.get('step')} [C2]")
-    _check_metrics(state["metrics"], f"{where}['metrics']", "C2")
+    check_metrics(state["metrics"], f"{where}['metrics']", "C2")
     check_rng(state["rng"], f"{where}['rng']")
     return state

@@ -6,6 +6,11 @@ Each checkpoint is a file of :mod:`safeckpt.checkpoint` ([C1]-[C3]) named
 shards ``step-…-0000j-of-0000k.sckpt``, FORMAT.md section 9). Saves are atomic, so a crash leaves
 the previous checkpoint or the new one; retention runs after the new file is renamed into place.
 
+The directory may be remote (an fsspec URL or filesystem, FORMAT.md section 12). Object stores
+have no rename: there a checkpoint is complete once its commit object ``step-….sckpt.commit``,
+written after its data, is there [RS8]. Where checkpoints live is one small object, a
+:class:`_LocalDir` or a :class:`_RemoteDir`; the manager above it is the same for both.
+
 Example:
     >>> manager = safeckpt.CheckpointManager("ckpts", keep_last=3)          # doctest: +SKIP
     >>> state = {"model": model, "optimizer": optimizer}                     # doctest: +SKIP
@@ -19,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import math
 import os
 import re
@@ -32,19 +39,26 @@ from . import _backend, _fs, api
 from . import refs as _refs
 from . import format as fmt
 from . import async_save as _async
+from . import remote as _remote
 from . import shard as _shard
 from . import tree as _tree
 from . import writer as _writer
 from .checkpoint import (MANAGED, CheckpointInfo, Metrics, PathLike, capture_rng, check_metadata,
-                         load_checkpoint_file, metadata_of, plain_metrics, restore_into,
-                         restore_rng, state_of)
+                         check_metrics, load_checkpoint_file, metadata_of, plain_metrics,
+                         restore_into, restore_rng, state_of)
 from .dtypes import little_endian, to_little_endian
-from .errors import InvalidValueError, SafeckptError
+from .errors import CommitError, HeaderError, InvalidValueError, LimitError, SafeckptError, quote
 from .reader import Reader
+from .safetensors_format import unique_object
 from .snapshot import Snapshot
 
 NAME = re.compile(r"\Astep-(\d{10,20})\.sckpt\Z")  # a checkpoint (or a sharded one's index)
 SHARD = re.compile(r"\A(step-\d{10,20})-\d{5}-of-\d{5}\.sckpt\Z")  # a sharded checkpoint's shard
+COMMIT = re.compile(r"\Astep-(\d{10,20})\.sckpt\.commit\Z")  # a remote checkpoint's commit [RS8]
+COMMIT_SUFFIX = ".commit"  # the commit object of "step-….sckpt" is "step-….sckpt.commit" [RS8]
+COMMIT_VERSION = 1  # its "safeckpt_commit"
+COMMIT_KEYS = frozenset(("safeckpt_commit", "step", "metrics", "files"))
+MAX_COMMIT_SIZE = 64 << 10  # [RS8]: ~900 files' names, sizes and CRCs; refused unread above it
 _MAX_STEP = 10 ** 20 - 1  # the most digits a name holds (and below 2**64 - 1, [C1])
 _ALIGN = 64
 _SHOWN = 10  # the failed files a "no checkpoint loads" error lists
@@ -121,6 +135,329 @@ def as_step(value: Any) -> int:
     return number
 
 
+def _name(step: int) -> str:
+    """The file name of checkpoint ``step`` (a checked step)."""
+    return f"step-{step:010d}.sckpt"
+
+
+def _entry_of(reader: Reader, path: str, step: int) -> _Entry:
+    """The _Entry of an open file's header; SafeckptError if its metadata is not a checkpoint's
+    of ``step`` [C1]."""
+    meta = reader.metadata
+    shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
+    refs = reader.refs
+    check_metadata(meta, repr(path), step)
+    return _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards,
+                  tuple(refs.files) if refs else (),
+                  tuple(zip(refs.sizes, refs.header_crcs, refs.save_ids)) if refs else (),
+                  (reader.size, reader.header_crc, reader.save_id), sum(reader.table.nbytes))
+
+
+Files = Dict[str, Tuple[int, int]]  # a commit object's files: name -> (size, header_crc) [RS8]
+
+
+def parse_commit(data: bytes, where: str, name: str, step: int) -> Tuple[Metrics, Files]:
+    """The metrics and files of ``data``, the commit object of checkpoint file ``name`` (of
+    ``step``), checked [RS8]; ``where`` names the object in messages.
+
+    Raises:
+        CommitError: not UTF-8 JSON, a key twice, not the schema of [RS8], another step, or a
+            file that is not that checkpoint's own; the message says which.
+
+    Example:
+        >>> parse_commit(b'{"safeckpt_commit": 1, "step": 7, "metrics": {}, "files": '
+        ...              b'{"step-0000000007.sckpt": {"size": 96, "header_crc": 5}}}',
+        ...              "step-0000000007.sckpt.commit", "step-0000000007.sckpt", 7)
+        ({}, {'step-0000000007.sckpt': (96, 5)})
+    """
+    def refuse(problem: str) -> CommitError:
+        return CommitError(f"{where} is not a valid commit object: {problem} [RS8]; checkpoint "
+                           f"step {step} is not taken for one (delete it, or restore the object)")
+
+    try:
+        value = json.loads(data.decode("utf-8"),
+                           object_pairs_hook=functools.partial(unique_object, where=where))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # HeaderError: a key twice
+        raise refuse(f"not UTF-8 JSON ({exc})") from exc
+    if not isinstance(value, dict) or set(value) != COMMIT_KEYS:
+        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise refuse(f"it must be an object with exactly the keys {sorted(COMMIT_KEYS)}, not "
+                     f"{quote(keys)}")
+    if type(value["safeckpt_commit"]) is not int or value["safeckpt_commit"] != COMMIT_VERSION:
+        raise refuse(f"safeckpt_commit is {quote(value['safeckpt_commit'])}; this safeckpt reads "
+                     f"{COMMIT_VERSION} (a newer safeckpt wrote it?)")
+    if type(value["step"]) is not int or value["step"] != step:
+        raise refuse(f"it says step {quote(value['step'])}, but is named for step {step}")
+    try:
+        check_metrics(value["metrics"], f"{where}: metrics", "RS8")
+    except HeaderError as exc:
+        raise refuse(str(exc)) from exc
+    files, stem = value["files"], name[:-len(".sckpt")]
+    if not isinstance(files, dict) or name not in files:
+        raise refuse(f"'files' must be an object naming {name!r}, not {quote(files)}")
+    out: Files = {}
+    for file, entry in files.items():
+        shard = SHARD.match(file)
+        if file != name and not (shard and shard.group(1) == stem):
+            raise refuse(f"'files' names {quote(file)}, which is not {name!r} or one of its "
+                         "shards")
+        if (not isinstance(entry, dict) or set(entry) != {"size", "header_crc"}
+                or type(entry["size"]) is not int or not 32 <= entry["size"] < 1 << 63
+                or type(entry["header_crc"]) is not int or not 0 <= entry["header_crc"] < 1 << 32):
+            raise refuse(f"files[{file!r}] must be {{\"size\": an int in 32 .. 2**63-1, "
+                         f"\"header_crc\": an int in 0 .. 2**32-1}}, not {quote(entry)}")
+        out[file] = (entry["size"], entry["header_crc"])
+    return value["metrics"], out
+
+
+class _LocalDir:
+    """Where a manager's checkpoints live: a local directory. A save is complete once renamed
+    into place [W2]; listing reads each checkpoint file's header, cached by size, mtime and
+    inode."""
+
+    def __init__(self, directory: str) -> None:
+        self.where = directory
+        # file name -> ((size, mtime_ns, inode), _Entry or None)
+        self._cache: Dict[str, Tuple[Tuple[int, int, int], Optional[_Entry]]] = {}
+        os.makedirs(directory, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        """The path of file ``name``."""
+        return os.path.join(self.where, name)
+
+    target = path  # what the save functions write to
+
+    def exists(self, name: str) -> bool:
+        """Whether anything is at file ``name`` (a damaged file too)."""
+        return os.path.lexists(self.path(name))
+
+    def remove(self, name: str) -> bool:
+        """Remove file ``name``; False if it was not there."""
+        self._cache.pop(name, None)
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def commit(self, step: int, metrics: Metrics, name: str) -> None:
+        """Nothing: the rename that ended the save made it complete [W2]."""
+
+    def uncommit(self, name: str) -> None:
+        """Nothing: a local checkpoint is its file."""
+
+    def entry(self, name: str) -> _Entry | None:
+        """The _Entry of a file name, from its header (cached); None if it does not open or
+        its metadata is not a checkpoint's of that step [C1]."""
+        match = NAME.match(name)
+        if not match:
+            return None
+        path = self.path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = self._cache.get(name)
+        if cached and cached[0] == key:
+            return cached[1]
+        entry = None
+        try:
+            with Reader(path, allow_index=True, allow_refs=True) as reader:  # the header only
+                entry = _entry_of(reader, path, int(match.group(1)))
+        except (SafeckptError, OSError):
+            entry = None
+        self._cache[name] = (key, entry)
+        return entry
+
+    def remember(self, name: str, st: os.stat_result, entry: _Entry) -> None:
+        """Cache the _Entry of file ``name`` read when it had the stat ``st``."""
+        self._cache[name] = ((st.st_size, st.st_mtime_ns, st.st_ino), entry)
+
+    def entries(self) -> List[_Entry]:
+        """The _Entry of every file whose header is a checkpoint's."""
+        return [e for e in map(self.entry, os.listdir(self.where)) if e is not None]
+
+    def candidates(self) -> List[Tuple[int, str]]:
+        """``(step, file name)`` of every file named like a checkpoint (a damaged one too)."""
+        return [(int(m.group(1)), m.group(0)) for m in map(NAME.match, os.listdir(self.where))
+                if m]
+
+    def cleanup(self, pending: set[str]) -> List[str]:
+        """Remove temporary files and shards whose index is missing (a sharded save stopped
+        before its index [S9]), less those of the checkpoint stems in ``pending``; return their
+        names."""
+        names = os.listdir(self.where)
+        indexes = {name[:-len(".sckpt")] for name in names if NAME.match(name)}
+        removed = []
+        for name in names:
+            temp = _fs.TEMP_NAME.match(name)  # an atomic save's temporary file
+            shard = SHARD.match(temp['base'] if temp else name)
+            index = NAME.match(temp['base']) if temp else None
+            stem = shard.group(1) if shard else index.group(0)[:-len(".sckpt")] if index else None
+            if stem is None or stem in pending or (not temp and stem in indexes):
+                continue  # not a leftover, a pending save's, or a shard whose index is there
+            if self.remove(name):
+                removed.append(name)
+        return removed
+
+    def load(self, step: int, name: str, verify: bool | None) -> Dict[str, Any]:
+        """The checked content of checkpoint file ``name`` of ``step`` [C1-C3]."""
+        return load_checkpoint_file(self.path(name), MANAGED, (), verify, {}, step=step)
+
+
+class _RemoteDir:
+    """Where a manager's checkpoints live: a remote directory (fsspec, FORMAT.md section 12).
+    Object stores have no rename, so a checkpoint is complete once its commit object, written
+    after its data, is there; listing reads the commit objects only, never the data [RS8]."""
+
+    def __init__(self, rp: _remote.RemotePath) -> None:
+        self.rp = rp
+        self.where = rp.url
+
+    def path(self, name: str) -> str:
+        """The URL of object ``name``."""
+        return self.rp.join(name).url
+
+    def target(self, name: str) -> _remote.RemotePath:
+        """Object ``name``, for the save functions to write to."""
+        return self.rp.join(name)
+
+    def sizes(self) -> Dict[str, int]:
+        """The name and size of each of the directory's objects, from one fresh listing; none
+        when it does not exist yet (an object store has directories only while objects are
+        under them)."""
+        try:
+            return self.rp.sizes()
+        except FileNotFoundError:
+            return {}
+
+    def exists(self, name: str) -> bool:
+        """Whether object ``name`` or its commit object is there."""
+        return self.rp.join(name).exists() or self.rp.join(name + COMMIT_SUFFIX).exists()
+
+    def remove(self, name: str) -> bool:
+        """Remove object ``name`` (not there is fine)."""
+        self.rp.join(name).remove()
+        return True
+
+    def commit(self, step: int, metrics: Metrics, name: str) -> None:
+        """Write the commit object of checkpoint file ``name``, after its data [RS8]: the size
+        and header_crc of that file and of each of its shards, as the storage holds them (read
+        back from its prefix and header).
+
+        Raises:
+            LimitError: the commit object would be over MAX_COMMIT_SIZE (about 900 shards:
+                raise max_shard_size); the data written stays uncommitted.
+        """
+        with Reader(_remote.RemoteFile(self.rp.join(name)), allow_index=True) as reader:
+            files = {name: {"size": reader.size, "header_crc": reader.header_crc}}
+            shards = reader.shard_index  # a sharded checkpoint's: its shards as they were written
+            if shards:
+                files.update({file: {"size": size, "header_crc": crc} for file, size, crc
+                              in zip(shards["files"], shards["sizes"], shards["header_crcs"])})
+        data = json.dumps({"safeckpt_commit": COMMIT_VERSION, "step": step, "metrics": metrics,
+                           "files": files}).encode()
+        if len(data) > MAX_COMMIT_SIZE:
+            raise LimitError(f"{self.path(name)}: the commit object of its {len(files)} files "
+                             f"would be {len(data)} bytes, over the {MAX_COMMIT_SIZE} a reader "
+                             "takes [RS8]; pass a larger max_shard_size (fewer shards)")
+        self.rp.join(name + COMMIT_SUFFIX).write_small(data)
+
+    def uncommit(self, name: str) -> None:
+        """Remove the commit object of checkpoint file ``name``: it is no longer a checkpoint
+        (done before its data is deleted or replaced) [RS8]."""
+        self.rp.join(name + COMMIT_SUFFIX).remove()
+
+    def _commit_of(self, name: str, step: int) -> Tuple[Metrics, Files]:
+        """The checked commit object of checkpoint file ``name`` [RS8].
+
+        Raises:
+            FileNotFoundError: there is none; LimitError: it is over MAX_COMMIT_SIZE (not
+                read); CommitError: it breaks [RS8]; RemoteError: the storage failed.
+        """
+        commit = self.rp.join(name + COMMIT_SUFFIX)
+        return parse_commit(commit.read_small(MAX_COMMIT_SIZE), commit.url, name, step)
+
+    def _check_sizes(self, files: Files, sizes: Dict[str, int]) -> None:
+        """Raise CommitError unless every file is in ``sizes`` (the listing) with the size its
+        commit object says [RS8]."""
+        for file, (size, _) in files.items():
+            if sizes.get(file) != size:
+                found = "missing" if file not in sizes else f"{sizes[file]} bytes"
+                raise CommitError(f"{self.path(file)} is {found}, but its commit object says "
+                                  f"{size} bytes [RS8]: not the save that was committed")
+
+    def entry(self, name: str, sizes: Optional[Dict[str, int]] = None) -> _Entry | None:
+        """The _Entry of checkpoint file ``name`` from its commit object; None if there is
+        none, it breaks [RS8], or a file it names is missing or of another size than in
+        ``sizes`` (default: a fresh listing)."""
+        match = NAME.match(name)
+        if not match:
+            return None
+        step = int(match.group(1))
+        try:
+            metrics, files = self._commit_of(name, step)
+            self._check_sizes(files, self.sizes() if sizes is None else sizes)
+        except (SafeckptError, OSError):
+            return None
+        shards = tuple(sorted(file for file in files if file != name))
+        return _Entry(Checkpoint(step, self.path(name), metrics), shards, (), (),
+                      (*files[name], None), 0)
+
+    def entries(self) -> List[_Entry]:
+        """The _Entry of every committed checkpoint [RS8], from one listing and the commit
+        objects."""
+        sizes = self.sizes()
+        found = (self.entry(name, sizes) for _, name in self.candidates(sizes))
+        return [e for e in found if e is not None]
+
+    def candidates(self, sizes: Optional[Dict[str, int]] = None) -> List[Tuple[int, str]]:
+        """``(step, checkpoint file name)`` of every commit object (a broken one too) in
+        ``sizes`` (default: a fresh listing)."""
+        return [(int(m.group(1)), m.group(0)[:-len(COMMIT_SUFFIX)])
+                for m in map(COMMIT.match, self.sizes() if sizes is None else sizes) if m]
+
+    def cleanup(self, pending: set[str]) -> List[str]:
+        """Remove the data objects of unfinished saves, those of a step without a commit
+        object [RS8], less those of the checkpoint stems in ``pending``; return their names."""
+        names = list(self.sizes())
+        committed = {name[:-len(".sckpt.commit")] for name in names if COMMIT.match(name)}
+        removed = []
+        for name in names:
+            data, shard = NAME.match(name), SHARD.match(name)
+            stem = name[:-len(".sckpt")] if data else shard.group(1) if shard else None
+            if stem is None or stem in committed or stem in pending:
+                continue  # not data, committed, or a pending save's
+            self.remove(name)
+            removed.append(name)
+        return removed
+
+    def load(self, step: int, name: str, verify: bool | None) -> Dict[str, Any]:
+        """The checked content of checkpoint file ``name`` of ``step`` [C1-C3], refused unless
+        its commit object is valid and the file opened is the one it names: the same size and
+        header_crc [RS8] (its shards are checked by the index [S7]).
+
+        Raises:
+            CommitError: a broken commit object, or another file than the one committed.
+            LimitError, FileNotFoundError, RemoteError, SafeckptError: as the commit object's
+                or the file's reading.
+        """
+        _, files = self._commit_of(name, step)
+        self._check_sizes(files, self.sizes())
+        size, crc = files[name]
+
+        def check(opened: Any) -> None:  # before anything is loaded
+            if (opened.size, opened.header_crc) != (size, crc):
+                raise CommitError(
+                    f"{self.path(name)} has {opened.size} bytes and header_crc "
+                    f"{opened.header_crc:#010x}, but its commit object says {size} and "
+                    f"{crc:#010x} [RS8]: not the save that was committed (replaced since?)")
+
+        return load_checkpoint_file(self.target(name), MANAGED, (), verify, {}, step=step,
+                                    check=check)
+
+
 class CheckpointManager:
     """Numbered, atomic checkpoints in a directory, with retention and crash recovery.
 
@@ -136,7 +473,13 @@ class CheckpointManager:
     checkpoint whole.
 
     Parameters:
-        directory: created if missing.
+        directory: created if missing; or a remote directory: an fsspec URL (``s3://bucket/run``,
+            ``gs://``, ``memory://``), or a path inside ``fs``. There a checkpoint is complete
+            once its commit object ``step-….sckpt.commit`` is written, after its data; only
+            committed checkpoints are listed and restored, and :meth:`cleanup` removes the data
+            of saves that were not committed (FORMAT.md [RS8]).
+        storage_options: with a URL, passed to fsspec (credentials, endpoint).
+        fs: an fsspec filesystem object (then ``directory`` is a path inside it).
         keep_last: keep this many newest checkpoints (at least 1).
         keep_best: also keep this many best by ``metric`` (``mode`` ``"min"`` or ``"max"``).
         keep_period: also keep, forever, every checkpoint whose step is a multiple of this.
@@ -168,7 +511,7 @@ class CheckpointManager:
             writes those tensors again (a frozen base stays referred to, written once; a few
             unchanged bytes never keep a whole old file). A damaged byte in a file that every
             checkpoint refers to damages them all: :meth:`restore` then raises, naming it.
-            Needs ``checksum=True``; not with ``max_shard_size``.
+            Needs ``checksum=True``; not with ``max_shard_size``, nor in a remote directory.
 
     Example:
         >>> manager = CheckpointManager("ckpts", keep_last=2, keep_best=1, metric="val_loss")  # doctest: +SKIP
@@ -185,7 +528,8 @@ class CheckpointManager:
                  save_interval_steps: int | None = None,
                  max_shard_size: Union[None, int, str] = None, rng: bool = True,
                  checksum: bool = True, async_save: bool = False, max_in_flight: int = 1,
-                 incremental: bool = False) -> None:
+                 incremental: bool = False, storage_options: Optional[dict] = None,
+                 fs: Any = None) -> None:
         if type(keep_last) is not int or keep_last < 1:
             raise ValueError(f"keep_last={keep_last!r} must be an int >= 1 (the newest is always kept)")
         if type(keep_best) is not int or keep_best < 0:
@@ -206,7 +550,15 @@ class CheckpointManager:
         if incremental and (not checksum or max_shard_size is not None):
             raise ValueError("incremental=True needs checksum=True (a reference holds the CRC32C "
                              "of its bytes) and no max_shard_size (shards cannot be referred to)")
-        self.directory = os.fspath(directory)
+        where = _remote.resolve(directory, storage_options=storage_options, fs=fs)
+        if incremental and not isinstance(where, str):
+            raise InvalidValueError(
+                f"incremental=True is not available in a remote directory ({where.url}): the "
+                "byte-for-byte comparison of each save with the previous checkpoint [X7] would "
+                "read all of it back at every save; save full checkpoints there, or incremental "
+                "ones to a local directory")
+        self._dir = _LocalDir(where) if isinstance(where, str) else _RemoteDir(where)
+        self.directory = self._dir.where
         self.keep_last, self.keep_best, self.metric, self.mode = keep_last, keep_best, metric, mode
         self.keep_period, self.save_interval_steps = keep_period, save_interval_steps
         self.max_shard_size = max_shard_size
@@ -214,14 +566,11 @@ class CheckpointManager:
         self.async_save, self.incremental = bool(async_save), bool(incremental)
         self._saver = _async.AsyncSaver(max_in_flight=max_in_flight) if async_save else None
         self._closed = False
-        self._lock = threading.RLock()  # the directory's files, _cache and _pending
+        self._lock = threading.RLock()  # the directory's files, its entry cache and _pending
         self._pending: Dict[int, Checkpoint] = {}  # async saves not yet written, by step
         self._handles: Dict[int, _async.SaveHandle] = {}  # their handles (see _pending_now)
         self._seen_any = False  # a checkpoint was saved or found: save_interval_steps applies
-        # file name -> ((size, mtime_ns, inode), _Entry or None)
-        self._cache: Dict[str, Tuple[Tuple[int, int, int], Optional[_Entry]]] = {}
         self._held: Optional[_Held] = None  # incremental: the reader of the last file written
-        os.makedirs(self.directory, exist_ok=True)
         self.cleanup()
 
     def __repr__(self) -> str:
@@ -275,37 +624,22 @@ class CheckpointManager:
     # -- names -------------------------------------------------------------------------------------
 
     def path(self, step: Any) -> str:
-        """The file of checkpoint ``step``."""
-        return os.path.join(self.directory, f"step-{as_step(step):010d}.sckpt")
+        """The file (in a remote directory, the URL) of checkpoint ``step``."""
+        return self._dir.path(_name(as_step(step)))
 
     def cleanup(self) -> list[str]:
         """Remove what crashed saves left: temporary files, and shards whose index is missing
-        (a sharded save stopped before its index [S9]); return their names. The files of a
+        (a sharded save stopped before its index [S9]); in a remote directory, the data objects
+        of every step without a commit object [RS8]. Return their names. The files of a
         pending async save are left alone: they are not a crash's.
 
         Example:
             >>> manager.cleanup()                                               # doctest: +SKIP
             ['.step-0000000020.sckpt.3f9a1c.tmp']
         """
-        removed = []
-        entries = os.listdir(self.directory)
-        indexes = {name[:-len(".sckpt")] for name in entries if NAME.match(name)}
-        with self._lock:
-            pending = {os.path.basename(r.path)[:-len(".sckpt")]
-                       for r in self._pending_now().values()}
-        for name in entries:
-            temp = _fs.TEMP_NAME.match(name)  # an atomic save's temporary file
-            shard = SHARD.match(temp['base'] if temp else name)
-            index = NAME.match(temp['base']) if temp else None
-            stem = shard.group(1) if shard else index.group(0)[:-len(".sckpt")] if index else None
-            if stem is None or stem in pending or (not temp and stem in indexes):
-                continue  # not a leftover, a pending save's, or a shard whose index is there
-            try:
-                os.unlink(os.path.join(self.directory, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
-        return removed
+        with self._lock:  # a save pending now stays pending until this ends: its job's end
+            pending = {_name(step)[:-len(".sckpt")] for step in self._pending_now()}
+            return self._dir.cleanup(pending)
 
     # -- the interval ------------------------------------------------------------------------------
 
@@ -325,7 +659,7 @@ class CheckpointManager:
         newest = self._newest()
         if newest is not None and (step <= newest or self._off_interval(step)):
             return False
-        return not os.path.lexists(self.path(step))  # a damaged file of that name: refused
+        return not self._dir.exists(_name(step))  # a damaged file of that name: refused
 
     def _newest(self) -> int | None:
         """The newest step written (complete) or pending, or None."""
@@ -391,19 +725,19 @@ class CheckpointManager:
             raise ValueError(f"{self!r} is closed; make a new CheckpointManager to save again")
         if not force and self._off_interval(step) and self._seen():
             return None  # not the first checkpoint either (as should_save says)
-        path = self.path(step)
+        name, path = _name(step), self.path(step)
         metrics = plain_metrics(metrics)
         if overwrite:
             self.wait()  # what it replaces is checked on disk, not while a save is pending
             with self._lock:
                 self._release()  # the file it holds open may be the one replaced
         with self._lock:
-            self._check_new(step, path, metrics, overwrite)
+            self._check_new(step, name, metrics, overwrite)
         tree = {"state": state_of(state), "step": step, "metrics": metrics,
                 "rng": capture_rng() if self.rng else None}
         record = Checkpoint(step, path, metrics)
         if self._saver is None:
-            self._write(step, path, metrics, *_tree.flatten(tree, root="checkpoint"))
+            self._write(step, metrics, overwrite, *_tree.flatten(tree, root="checkpoint"))
             self._seen_any = True
             return record
 
@@ -413,7 +747,8 @@ class CheckpointManager:
 
         def job(snapshot: Snapshot) -> None:  # in the background, in the order of the saves
             try:
-                self._write(step, path, metrics, snapshot.tree, snapshot.names, snapshot.arrays)
+                self._write(step, metrics, overwrite, snapshot.tree, snapshot.names,
+                            snapshot.arrays)
             finally:
                 with self._lock:
                     self._pending.pop(step, None)
@@ -434,10 +769,11 @@ class CheckpointManager:
         self._seen_any = True
         return record
 
-    def _check_new(self, step: int, path: str, metrics: Metrics, overwrite: bool) -> None:
-        """Refuse a save of ``step`` that would replace a checkpoint (unless ``overwrite``) or
-        that retention would delete at once."""
-        if not overwrite and (os.path.lexists(path) or step in self._pending_now()):
+    def _check_new(self, step: int, name: str, metrics: Metrics, overwrite: bool) -> None:
+        """Refuse a save of ``step`` (file ``name``) that would replace a checkpoint (unless
+        ``overwrite``) or that retention would delete at once."""
+        path = self._dir.path(name)
+        if not overwrite and (self._dir.exists(name) or step in self._pending_now()):
             raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
                                   "overwrite=True to replace it", path)
         if overwrite:
@@ -458,25 +794,31 @@ class CheckpointManager:
                 "To go on, restore the newest (manager.restore(state)); to start over, use "
                 "another directory")
 
-    def _write(self, step: int, path: str, metrics: Metrics, skeleton: Any, names: List[str],
-               arrays: List[Any]) -> None:
-        """Write checkpoint ``step`` (atomically, [W2]), then apply retention."""
+    def _write(self, step: int, metrics: Metrics, overwrite: bool, skeleton: Any,
+               names: List[str], arrays: List[Any]) -> None:
+        """Write checkpoint ``step`` (atomically, [W2]; remote: its data, then its commit object
+        [RS8]), then apply retention."""
         meta = metadata_of(step, metrics)
+        name = _name(step)
+        path, target = self._dir.path(name), self._dir.target(name)
+        if overwrite:
+            self._dir.uncommit(name)  # no longer listed before any of its data is replaced
         if self.max_shard_size is not None:
-            api.save_sharded(skeleton, names, arrays, path, metadata=meta, align=_ALIGN,
+            api.save_sharded(skeleton, names, arrays, target, metadata=meta, align=_ALIGN,
                              checksum=self.checksum, atomic=True,
                              max_shard_size=self.max_shard_size)
         elif not self.incremental:
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, self.checksum,
                                 tree=skeleton)
-            api.save_plan(plan, path)
-        else:
+            api.save_plan(plan, target)
+        else:  # a local directory (refused remote)
             refs = self._references(step, names, arrays, metrics)
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, True, tree=skeleton,
                                 refs=refs or None, save_id=fmt.new_save_id())
             api.save_plan(plan, path)
             with self._lock:
                 self._hold(path)
+        self._dir.commit(step, metrics, name)  # last [RS8]
         with self._lock:
             self._retain()
 
@@ -549,7 +891,7 @@ class CheckpointManager:
         held: Any = reader
         paths = [path]
         try:
-            entry = self._entry_of(reader, path, int(match.group(1))) if match else None
+            entry = _entry_of(reader, path, int(match.group(1))) if match else None
             if reader.refs is not None:
                 held = _refs.LinkedReader(reader)
                 paths = list(held.shards)  # the referenced files, then this one
@@ -564,8 +906,8 @@ class CheckpointManager:
         if stamps[-1][1] != (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns):
             held.close()  # replaced or changed while it was opened
             return
-        if entry is not None:
-            self._cache[name] = ((before.st_size, before.st_mtime_ns, before.st_ino), entry)
+        if entry is not None and isinstance(self._dir, _LocalDir):  # incremental: always local
+            self._dir.remember(name, before, entry)
         self._held = _Held(path, held, stamps)
 
     def _release(self) -> None:
@@ -594,48 +936,11 @@ class CheckpointManager:
 
     # -- the checkpoints in the directory ----------------------------------------------------------
 
-    def _entry(self, name: str) -> _Entry | None:
-        """The _Entry of a file name, from its header (cached); None if it does not open or
-        its metadata is not a checkpoint's of that step [C1]."""
-        match = NAME.match(name)
-        if not match:
-            return None
-        path = os.path.join(self.directory, name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_size, st.st_mtime_ns, st.st_ino)
-        cached = self._cache.get(name)
-        if cached and cached[0] == key:
-            return cached[1]
-        entry = None
-        try:
-            with Reader(path, allow_index=True, allow_refs=True) as reader:  # the header only
-                entry = self._entry_of(reader, path, int(match.group(1)))
-        except (SafeckptError, OSError):
-            entry = None
-        self._cache[name] = (key, entry)
-        return entry
-
-    @staticmethod
-    def _entry_of(reader: Reader, path: str, step: int) -> _Entry:
-        """The _Entry of an open file's header; SafeckptError if its metadata is not a
-        checkpoint's of ``step`` [C1]."""
-        meta = reader.metadata
-        shards = tuple(reader.shard_index["files"]) if reader.shard_index else ()
-        refs = reader.refs
-        check_metadata(meta, repr(path), step)
-        return _Entry(Checkpoint(meta["step"], path, meta.get("metrics", {})), shards,
-                      tuple(refs.files) if refs else (),
-                      tuple(zip(refs.sizes, refs.header_crcs, refs.save_ids)) if refs else (),
-                      (reader.size, reader.header_crc, reader.save_id), sum(reader.table.nbytes))
-
     def _entries(self) -> list[_Entry]:
-        """The _Entry of every file whose header is a checkpoint's, oldest first."""
+        """The _Entry of every checkpoint whose header (remote: commit object) is a
+        checkpoint's, oldest first."""
         with self._lock:
-            entries = (self._entry(name) for name in os.listdir(self.directory))
-            return sorted((e for e in entries if e is not None), key=lambda e: e.checkpoint.step)
+            return sorted(self._dir.entries(), key=lambda e: e.checkpoint.step)
 
     def _complete(self, entries: Optional[list[_Entry]] = None) -> list[_Entry]:
         """The _Entry of every complete checkpoint: those of ``entries`` (default
@@ -689,17 +994,15 @@ class CheckpointManager:
     # -- deleting ----------------------------------------------------------------------------------
 
     def _remove(self, entry: _Entry) -> None:
-        """Delete a checkpoint: its file (or index) first, so that it is no longer taken for
-        one, then its shards (a crash between leaves shards that :meth:`cleanup` removes)."""
+        """Delete a checkpoint: its commit object (remote) or its file (or index) first, so that
+        it is no longer taken for one, then its data (a crash between leaves files that
+        :meth:`cleanup` removes)."""
         name = os.path.basename(entry.checkpoint.path)
         if self._held is not None and self._held.path == entry.checkpoint.path:
             self._release()
+        self._dir.uncommit(name)  # remote: first, so that it is no longer listed [RS8]
         for file in (name, *entry.shards):
-            try:
-                os.unlink(os.path.join(self.directory, file))
-            except FileNotFoundError:
-                pass
-        self._cache.pop(name, None)
+            self._dir.remove(file)
 
     def _retain(self) -> None:
         """Delete the checkpoints that retention does not keep and that no kept checkpoint
@@ -737,16 +1040,17 @@ class CheckpointManager:
         Example:
             >>> manager.delete(20)                                              # doctest: +SKIP
         """
-        path = self.path(step)
+        name, path = _name(as_step(step)), self.path(step)
         self.wait()
         with self._lock:
             self._refuse_referenced(as_step(step), "delete")
-            entry = self._entry(os.path.basename(path))
+            entry = self._dir.entry(name)
             if entry is None:
-                if not os.path.lexists(path):
+                if not self._dir.exists(name):
                     raise FileNotFoundError(errno.ENOENT, f"there is no checkpoint step "
                                             f"{as_step(step)}", path)
-                os.unlink(path)  # a damaged file of that name: the user asked for it to go
+                self._dir.uncommit(name)  # a damaged checkpoint: the user asked for it to go
+                self._dir.remove(name)
                 return
             self._remove(entry)
             self._retain()  # a file only this checkpoint referred to goes now
@@ -792,21 +1096,21 @@ class CheckpointManager:
         return self._load(state_or_model, step, verify, strict, map_location)
 
     def _candidates(self) -> list[tuple[int, str]]:
-        """``(step, path)`` of every file named like a checkpoint, newest first."""
-        found = sorted(((int(m.group(1)), m.group(0)) for m in map(NAME.match,
-                        os.listdir(self.directory)) if m), reverse=True)
-        return [(step, os.path.join(self.directory, name)) for step, name in found]
+        """``(step, file name)`` of every file named like a checkpoint (remote: of every commit
+        object), newest first."""
+        return sorted(self._dir.candidates(), reverse=True)
 
     def _load(self, target: Any, step: Any, verify: bool | None, strict: bool,
               map_location: Any) -> CheckpointInfo | None:
         """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
         self.wait()  # what was saved, not what was on disk before
         candidates = (self._candidates() if step is None
-                      else [(as_step(step), self.path(step))])
+                      else [(as_step(step), _name(as_step(step)))])
         failed: List[Tuple[str, Exception]] = []
-        for number, path in candidates:
+        for number, name in candidates:
+            path = self._dir.path(name)
             try:
-                tree = load_checkpoint_file(path, MANAGED, (), verify, {}, step=number)
+                tree = self._dir.load(number, name, verify)
             except (SafeckptError, OSError) as exc:
                 if step is not None:
                     raise
@@ -834,7 +1138,7 @@ class CheckpointManager:
             shown.append(f"and {len(failed) - _SHOWN} more")
         referred: Dict[str, int] = {}  # each file the failed ones refer to: by how many
         for path, _ in failed:
-            entry = self._entry(os.path.basename(path))
+            entry = self._dir.entry(os.path.basename(path))
             for file in entry.refs if entry else ():
                 referred[file] = referred.get(file, 0) + 1
 
@@ -842,7 +1146,7 @@ class CheckpointManager:
             return getattr(exc, "filename", None) == path or path in str(exc)
 
         culprits = [file for file in sorted(referred, key=lambda f: -referred[f])
-                    if all(names(exc, os.path.join(self.directory, file)) for _, exc in failed)]
+                    if all(names(exc, self._dir.path(file)) for _, exc in failed)]
         cause = (f"; each failed on {culprits[0]!r}, which the others refer to: a damaged or "
                  "missing file that every checkpoint refers to loses them all" if culprits else "")
         message = (f"no checkpoint in {self.directory!r} loads ({len(failed)} files, newest first: "
