@@ -51,7 +51,7 @@ from typing import (IO, TYPE_CHECKING, Any, BinaryIO, Callable, Collection, Dict
 
 import numpy as np
 
-from . import _fs, api
+from . import _fs, api, remote
 from . import format as fmt
 from . import tree as _tree
 from . import filekind
@@ -60,8 +60,9 @@ from .dtypes import code_of
 from .filekind import OUTPUTS, kind_of
 from .reader import TensorMap
 from .safetensors_shards import TOTAL_SIZE_KEY, save_single
-from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, PickleRequiredError,
-                     SafeckptError, TruncatedFileError, UnsupportedDtypeError)
+from .errors import (TRUNCATED_HINT, HeaderError, InvalidValueError, LayoutError, LimitError,
+                     PickleRequiredError, SafeckptError, TruncatedFileError,
+                     UnsupportedDtypeError)
 
 if TYPE_CHECKING:
     import types
@@ -110,12 +111,15 @@ class Source:
 
 @contextlib.contextmanager
 def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANSION,
-                verify: bool = False, **limits: Any) -> Iterator[Source]:
+                verify: bool = False, storage_options: dict[str, Any] | None = None,
+                **limits: Any) -> Iterator[Source]:
     """Open any supported source as a :class:`Source`; files stay open inside the ``with``.
 
     ``max_expansion``: see :func:`convert`; ``verify``: check each tensor of a .sckpt source
-    against its CRC32C as it is read (convert's copies, [T10], [X6]); ``limits``: the reader's
-    (``max_header_size``, ...).
+    against its CRC32C as it is read (convert's copies, [T10], [X6]); ``storage_options``: for a
+    URL (a .sckpt or .safetensors file, or shards and their index, read with ranged requests,
+    FORMAT.md section 12; .npz, .npy and torch files are read from local paths only);
+    ``limits``: the reader's (``max_header_size``, ...).
 
     Raises:
         SafeckptError: a subclass naming the file and the problem (PickleRequiredError for a file
@@ -124,6 +128,9 @@ def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANS
     """
     path = os.fspath(path)
     kind = kind_of(path)
+    if kind in ("npz", "npy", "torch") and remote.is_url(path):
+        raise InvalidValueError(f"{path!r}: convert reads .npz, .npy and torch files from a local "
+                                "path only; download it first (or convert it where it is)")
     with contextlib.ExitStack() as stack:
         if kind == "npz":
             yield _npz_source(path, stack, max_expansion)
@@ -132,13 +139,8 @@ def read_source(path: str | os.PathLike[str], *, max_expansion: int = MAX_EXPANS
         elif kind == "torch":
             yield _torch_source(path, stack, max_expansion, limits.get("max_depth", fmt.MAX_DEPTH))
         else:
-            yield _reader_source(stack.enter_context(_open(path, **limits)), verify)
-
-
-def _open(path: str, **limits: Any) -> TensorMap:
-    """:func:`safeckpt.open` of a .sckpt or .safetensors file, or of shards and their index, with
-    the reader's limits."""
-    return api.open(path, **limits)
+            yield _reader_source(stack.enter_context(
+                api.open(path, storage_options=storage_options, **limits)), verify)
 
 
 def _reader_source(reader: TensorMap, verify: bool) -> Source:
@@ -496,7 +498,7 @@ def _counting(tensors: Tensors, progress: Progress | None) -> Tensors:
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             align: int = fmt.ALIGN_DEFAULT, checksum: bool = True, progress: Progress | None = None,
             max_expansion: int = MAX_EXPANSION, max_shard_size: int | str | None = None,
-            **limits: Any) -> Converted:
+            storage_options: dict[str, Any] | None = None, **limits: Any) -> Converted:
     """Convert ``src`` to ``dst``, each format chosen by the file name (see the module docstring).
 
     Parameters:
@@ -514,6 +516,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             ``"5GB"``), as :func:`safeckpt.save_file`: for ``model.safetensors``, Hugging Face
             shards and ``model.safetensors.index.json`` (a ``total_size`` in the source's
             metadata is the source files' own: the index gets the new one).
+        storage_options: for ``src`` and ``dst`` that are URLs (``s3://bucket/model.sckpt``,
+            FORMAT.md section 12), passed to fsspec; at least one of them must be a URL. A
+            remote ``dst`` is streamed and visible only once whole [RS7]; ``http(s)://`` is
+            read-only.
         limits: reader limits for .sckpt/.safetensors sources (``max_header_size``, ...).
 
     Returns:
@@ -537,18 +543,24 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     out = next((kind for suffix, kind in OUTPUTS.items() if dst.lower().endswith(suffix)), None)
     if out is None:
         raise ValueError(f"{dst!r}: unknown output format; name it *.sckpt or *.safetensors")
-    with read_source(src, max_expansion=max_expansion, verify=True, **limits) as source:
+    src_url, dst_url = remote.is_url(src), remote.is_url(dst)
+    if storage_options is not None and not (src_url or dst_url):
+        raise InvalidValueError(f"{os.fspath(src)!r} and {dst!r} are local paths: "
+                                "storage_options= is for URLs (s3://, gs://, ...); remove it")
+    target = remote.resolve(dst, storage_options=storage_options if dst_url else None)
+    with read_source(src, max_expansion=max_expansion, verify=True,
+                     storage_options=storage_options if src_url else None, **limits) as source:
         tensors = _counting(source.tensors, progress)
         if max_shard_size is not None:
             metadata = source.metadata
             if out == "safetensors":
                 metadata = {k: v for k, v in metadata.items() if k != TOTAL_SIZE_KEY}
-            api.save_sharded(source.tree, list(tensors), list(tensors.values()), dst,
+            api.save_sharded(source.tree, list(tensors), list(tensors.values()), target,
                              metadata=metadata, align=align, checksum=checksum, atomic=True,
                              max_shard_size=max_shard_size)
         elif out == "sckpt":
             plan = _writer.Plan(tensors, source.metadata, align, checksum, tree=source.tree)
-            api.save_plan(plan, dst, atomic=True)
+            api.save_plan(plan, target, atomic=True)
         else:
-            save_single(tensors, dst, metadata=source.metadata, tree=source.tree)
+            save_single(tensors, target, metadata=source.metadata, tree=source.tree)
         return Converted(len(source.tensors), source.nbytes)
