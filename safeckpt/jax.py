@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -94,14 +94,15 @@ def save(tree: Any, path: PathLike, **options: Any) -> None:
 
 
 def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, mmap: bool = True,
-         verify: Optional[bool] = None, **limits: int) -> Any:
+         verify: Optional[bool] = None, storage_options: Optional[Dict[str, Any]] = None,
+         fs: Any = None, **limits: int) -> Any:
     """Load a pytree saved by :func:`save` (or any file) with jax arrays.
 
     Parameters:
         target: a pytree of the expected shape (e.g. freshly initialised params, or an optax
             state): the loaded arrays are put into it, its classes kept; every key, shape and
             dtype is checked first.
-        prefix, mmap, verify, limits: as :func:`safeckpt.load` (``verify=None`` checks the
+        prefix, mmap, verify, storage_options, fs, limits: as :func:`safeckpt.load` (``verify=None`` checks the
             CRC32C of tensors read into fresh memory, ``mmap=False``; a mapped load stays lazy).
 
     Raises:
@@ -112,7 +113,8 @@ def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, mmap: boo
     Example:
         >>> params = safeckpt.jax.load("ckpt.sckpt", prefix="params", target=params)  # doctest: +SKIP
     """
-    state = api.load(path, prefix=prefix, framework="jax", mmap=mmap, verify=verify, **limits)
+    state = api.load(path, prefix=prefix, framework="jax", mmap=mmap, verify=verify,
+                     storage_options=storage_options, fs=fs, **limits)
     if target is None:
         return state
     return restore(target, state)

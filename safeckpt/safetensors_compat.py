@@ -106,7 +106,10 @@ class safe_open:  # noqa: N801 - the name of safetensors' class, so that only th
             int (device N of the accelerator), a ``torch.device``; ``"cpu"`` for the others.
         backend: ``"mmap"`` (default: tensors view a private mapping of the file, zero-copy) or
             ``"pread"`` (read into fresh memory, a .sckpt tensor's CRC32C checked as it is read;
-            ``get_slice(...)[a:b]`` reads only those rows).
+            ``get_slice(...)[a:b]`` reads only those rows). A URL is always read by ranged
+            requests into fresh memory (FORMAT.md section 12).
+        storage_options, fs: for a URL (``s3://bucket/model.safetensors``) or a path inside an
+            fsspec filesystem, as :func:`safeckpt.open` takes them.
         limits: ``max_header_size``, ``max_tensors``, ``max_ndim``, ``max_depth``; raise them only
             for files you trust.
 
@@ -120,14 +123,16 @@ class safe_open:  # noqa: N801 - the name of safetensors' class, so that only th
     """
 
     def __init__(self, filename: PathLike, framework: str, device: Any = "cpu", *,
-                 backend: str = "mmap", **limits: int) -> None:
+                 backend: str = "mmap", storage_options: Optional[Dict[str, Any]] = None,
+                 fs: Any = None, **limits: int) -> None:
         self._framework = _framework(framework)
         self._device = _device(self._framework, device)
         if type(backend) is not str or backend not in BACKENDS:
             raise InvalidValueError(f"backend={quote(backend)}: use 'mmap' or 'pread'")
         self._mmap = BACKENDS[backend]
         self._positions: Optional[Dict[str, int]] = None
-        self._reader: TensorMap = api.open(filename, mmap=self._mmap, **limits)
+        self._reader: TensorMap = api.open(filename, mmap=self._mmap,
+                                            storage_options=storage_options, fs=fs, **limits)
 
     def __enter__(self: _Self) -> _Self:
         return self

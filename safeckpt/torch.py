@@ -98,7 +98,8 @@ def save(obj: Any, path: PathLike, **options: Any) -> None:
 
 def load(path: PathLike, *, prefix: Prefix = None, map_location: torch_convert.MapLocation = None,
          device: Optional[torch_convert.DeviceName] = None, mmap: bool = True,
-         verify: Optional[bool] = None, **limits: int) -> Any:
+         verify: Optional[bool] = None, storage_options: Optional[Dict[str, Any]] = None,
+         fs: Any = None, **limits: int) -> Any:
     """:func:`safeckpt.load` with ``framework="torch"``: tensors view the file (zero-copy).
 
     ``map_location`` as ``torch.load`` takes it: ``"cpu"``, ``"cuda:0"``, a ``torch.device``, a
@@ -116,6 +117,10 @@ def load(path: PathLike, *, prefix: Prefix = None, map_location: torch_convert.M
     anyway (``mmap=False``, or to a GPU), where it costs little next to the read, and leaves a
     zero-copy mapped load lazy; ``True`` always checks, ``False`` never.
 
+    ``storage_options``, ``fs``: for a URL (``s3://bucket/ckpt.sckpt``) or a path inside an
+    fsspec filesystem, as :func:`safeckpt.open` takes them; a remote file is read by ranged
+    requests into fresh memory (FORMAT.md section 12).
+
     Raises:
         InvalidValueError: a ``map_location`` or ``device`` that torch cannot use here (an int
             where there is no accelerator), a tensor saved from such a device and not remapped,
@@ -128,7 +133,8 @@ def load(path: PathLike, *, prefix: Prefix = None, map_location: torch_convert.M
     torch_convert.check_map_location(device if device is not None else map_location,
                                      "device" if device is not None else "map_location")
     return api.load(path, prefix=prefix, framework="torch", map_location=map_location,
-                    device=device, mmap=mmap, verify=verify, **limits)
+                    device=device, mmap=mmap, verify=verify, storage_options=storage_options,
+                    fs=fs, **limits)
 
 
 def save_model(model: torch.nn.Module, path: PathLike, **options: Any) -> None:
@@ -678,6 +684,7 @@ def _fmt(desc: Any) -> str:
 def load_model(model: Target, path: PathLike, *, strict: bool = True, prefix: Prefix = None,
                strip_prefix: Optional[str] = None, add_prefix: Optional[str] = None,
                cast: bool = False, assign: bool = False, verify: Optional[bool] = None,
+               storage_options: Optional[Dict[str, Any]] = None, fs: Any = None,
                **limits: Any) -> LoadReport:
     """Load a file saved by :func:`save_model` (or the subtree at ``prefix``) into ``model``.
 
@@ -694,7 +701,7 @@ def load_model(model: Target, path: PathLike, *, strict: bool = True, prefix: Pr
     ``prefix``, ``strip_prefix``, ``add_prefix``, ``cast`` and ``assign`` as
     :func:`load_state` takes them. ``verify=None`` (default) checks every CRC32C when the file
     has them, since a load into a model reads every byte anyway; ``True`` requires them,
-    ``False`` skips them.
+    ``False`` skips them. ``storage_options`` and ``fs``: for a URL, as :func:`safeckpt.open`.
 
     Returns:
         A :class:`LoadReport` ``(missing, unexpected, mismatched)``, with ``.cast`` and ``.hint``.
@@ -706,7 +713,7 @@ def load_model(model: Target, path: PathLike, *, strict: bool = True, prefix: Pr
     """
     _check_affix("strip_prefix", strip_prefix)  # before the file is read
     _check_affix("add_prefix", add_prefix)
-    with api.open(path, **limits) as reader:
+    with api.open(path, storage_options=storage_options, fs=fs, **limits) as reader:
         state = reader.load(prefix, framework="torch", map_location="cpu",
                             verify=reader.has_checksums if verify is None else verify)
     return _load(model, state, prefix, strict, strip_prefix, add_prefix, cast, assign,
