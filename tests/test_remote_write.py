@@ -102,12 +102,29 @@ def same(got, want):
 
 
 class Failing(writer.LazyArray):
-    """A lazy array whose loading raises: a save that fails partway (a GPU copy that fails)."""
+    """A lazy array whose loading raises after ``ok`` loads: a save that fails partway (a GPU
+    copy that fails)."""
 
-    def __init__(self, shape=(4,)):
+    def __init__(self, shape=(4,), ok=0):
+        loads = []
+
         def load():
-            raise RuntimeError("the device copy failed")
+            loads.append(1)
+            if len(loads) > ok:
+                raise RuntimeError("the device copy failed")
+            return np.zeros(shape, np.float32)
         super().__init__(np.float32, shape, load)
+
+
+def failing_in_the_write(name):
+    """A Failing array that fails when the tensor bytes are being written: a .sckpt save loads
+    it twice (the CRC pass, then the write), a .safetensors save once."""
+    return Failing(ok=1 if name.endswith(".sckpt") else 0)
+
+
+def parts_sent(request):
+    """The PUT requests (S3's upload_part) moto has answered so far."""
+    return request.getfixturevalue("moto_server").traffic.by_method["PUT"]
 
 
 class Changing(writer.LazyArray):
@@ -311,29 +328,32 @@ def s3_small_parts(store):
 
 @pytest.mark.parametrize("atomic", [True, False])
 @pytest.mark.parametrize("name", ["f.sckpt", "f.safetensors"])
-def test_failed_save_leaves_no_object(store, atomic, name):
-    """An array that fails partway: no object, and no multipart upload left behind on S3."""
-    big = np.ones(3 << 20, np.float32)  # 12 MiB: two parts sent before the failure
+def test_failed_save_leaves_no_object(store, request, atomic, name):
+    """An array that fails while the upload is under way: no object, and no multipart upload
+    left behind on S3."""
+    big = np.ones(3 << 20, np.float32)  # 12 MiB: a part sent before the failure
     with pytest.raises(RuntimeError, match="device copy failed"):
-        safeckpt.save_file({"big": big, "bad": Failing()}, store.url(name), atomic=atomic,
-                           storage_options=s3_small_parts(store))
+        safeckpt.save_file({"big": big, "bad": failing_in_the_write(name)}, store.url(name),
+                           atomic=atomic, storage_options=s3_small_parts(store))
     assert name not in store.names()
     if store.kind == "s3":
-        assert store.uploads() == []
+        assert parts_sent(request) >= 1 and store.uploads() == []
 
 
 @pytest.mark.parametrize("name", ["f.sckpt", "f.safetensors"])
-def test_failed_save_keeps_the_previous_object(store, name):
+def test_failed_save_keeps_the_previous_object(store, request, name):
     safeckpt.save_file({"w": np.arange(10)}, store.url(name), storage_options=store.options)
     before = store.cat(name)
+    sent = parts_sent(request) if store.kind == "s3" else 0
     with pytest.raises(RuntimeError, match="device copy failed"):
-        safeckpt.save_file({"big": np.ones(3 << 20, np.float32), "bad": Failing()},
+        safeckpt.save_file({"big": np.ones(3 << 20, np.float32),
+                            "bad": failing_in_the_write(name)},
                            store.url(name), storage_options=s3_small_parts(store))
     assert store.cat(name) == before
     assert safeckpt.load_file(store.url(name), storage_options=store.options)["w"].tolist() == [
         0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     if store.kind == "s3":
-        assert store.uploads() == []
+        assert parts_sent(request) > sent and store.uploads() == []
 
 
 def refuse_parts(store, request):
