@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import io
@@ -151,7 +152,8 @@ def _storage(url: str, what: str) -> Iterator[None]:
     except (MemoryError, RemoteError):
         raise
     except Exception as exc:
-        raise RemoteError(f"{url}: {what} failed: {type(exc).__name__}: {exc or 'no detail'}; "
+        detail = str(exc) or "no detail"  # a timeout's str() is empty
+        raise RemoteError(f"{url}: {what} failed: {type(exc).__name__}: {detail}; "
                           "check the URL, the credentials or endpoint in storage_options, and "
                           "the storage itself, then try again") from exc
 
@@ -427,7 +429,8 @@ class RemoteFile:
             raise InvalidValueError(f"max_gap must be an int of bytes >= 0, not {max_gap!r}")
         self.rp = rp
         self.where = rp.url
-        self.chunk_size, self.max_gap = min(chunk_size, max_in_flight), max_gap
+        # a request fits in one of the two batches held at once [RS5]
+        self.chunk_size, self.max_gap = max(1, min(chunk_size, max_in_flight // 2)), max_gap
         self.max_in_flight = max_in_flight
         self.requests = 0
         self.bytes_read = 0
@@ -497,13 +500,13 @@ class RemoteFile:
         ranges.sort(key=lambda r: r.start)
         crcs = np.zeros(n, np.uint32)
         crc32c = _backend.backend.crc32c
-        for batch in self._batches(self._requests(ranges)):
-            for (start, end, members), data in zip(batch, self._fetch([r[:2] for r in batch])):
+        for batch, answers in self._fetched(self._batches(self._requests(ranges))):
+            for (start, end, members), data in zip(batch, answers):
                 for r in members:
                     lo, hi = max(start, r.start), min(end, r.end)
                     if lo < hi:
                         piece = memoryview(data)[lo - start:hi - start]
-                        r.view[lo - r.start:hi - r.start] = piece
+                        _backend.copy_into(r.view[lo - r.start:hi - r.start], piece)
                         if want[r.k]:
                             crcs[r.k] = crc32c(piece, int(crcs[r.k]))
                     lo, hi = max(start, r.end), min(end, r.end + r.pad)
@@ -511,6 +514,31 @@ class RemoteFile:
                         where = self.where if padding_where is None else padding_where[r.k]
                         raise error_for(Code.PADDING, where, f" (in bytes {lo}-{hi - 1}) [RS3]")
         return crcs if any(want) else None
+
+    def _fetched(self, batches: Iterator[List[Tuple[int, int, List[_Range]]]]
+                 ) -> Iterator[Tuple[List[Tuple[int, int, List[_Range]]], List[bytes]]]:
+        """Each batch with its answers, the next batch fetched (on one helper thread) while the
+        caller copies and checks this one, so the network never waits on the copies; two
+        batches of at most ``max_in_flight / 2`` bytes are held at once [RS5]."""
+        spans = lambda batch: [r[:2] for r in batch]  # noqa: E731 - the requests' (start, end)
+        batch = next(batches, None)
+        if batch is None:
+            return
+        following = next(batches, None)
+        if following is None:  # one batch: no thread
+            yield batch, self._fetch(spans(batch))
+            return
+        with concurrent.futures.ThreadPoolExecutor(1, "safeckpt-fetch") as pool:
+            answers = pool.submit(self._fetch, spans(batch))
+            try:
+                while batch is not None:
+                    ready = answers.result()
+                    if following is not None:
+                        answers = pool.submit(self._fetch, spans(following))
+                    yield batch, ready
+                    batch, following = following, next(batches, None)
+            finally:
+                answers.cancel()
 
     def _requests(self, ranges: List[_Range]) -> List[Tuple[int, int, List[_Range]]]:
         """The requests for ``ranges`` (sorted by start): ``(start, end, members)``. Ranges at
@@ -534,12 +562,13 @@ class RemoteFile:
 
     def _batches(self, requests: List[Tuple[int, int, List[_Range]]]
                  ) -> Iterator[List[Tuple[int, int, List[_Range]]]]:
-        """The requests in batches of at most ``max_in_flight`` bytes (at least one each) [RS5]."""
+        """The requests in batches of at most half ``max_in_flight`` bytes (at least one request
+        each): :meth:`_fetched` holds two at once [RS5]."""
         batch: List[Tuple[int, int, List[_Range]]] = []
-        held = 0
+        held, limit = 0, max(1, self.max_in_flight // 2)
         for request in requests:
             length = request[1] - request[0]
-            if batch and held + length > self.max_in_flight:
+            if batch and held + length > limit:
                 yield batch
                 batch, held = [], 0
             batch.append(request)

@@ -134,13 +134,20 @@ def test_hang_ends_at_stop():
 
 
 def test_loopback_only_records_other_hosts():
-    """The guard sees connections and lookups (raised here as audit events: no packet is sent)."""
-    with servers.LoopbackOnly() as guard:
-        sys.audit("socket.getaddrinfo", "example.com", 443, 0, 0, 0)
-        sys.audit("socket.connect", None, ("192.0.2.1", 9))
-        sys.audit("socket.connect", None, (servers.LOOPBACK, 9))
-        sys.audit("socket.connect", None, "/tmp/unix-socket")
-    sys.audit("socket.connect", None, ("192.0.2.2", 9))  # not watched any more
+    """The guard sees connections and lookups (raised here as audit events: no packet is sent).
+    The guards of the fixtures (moto's lives for the whole session) are set aside meanwhile: these
+    made-up events are not the session's traffic."""
+    others = servers.LoopbackOnly._active[:]
+    servers.LoopbackOnly._active.clear()
+    try:
+        with servers.LoopbackOnly() as guard:
+            sys.audit("socket.getaddrinfo", "example.com", 443, 0, 0, 0)
+            sys.audit("socket.connect", None, ("192.0.2.1", 9))
+            sys.audit("socket.connect", None, (servers.LOOPBACK, 9))
+            sys.audit("socket.connect", None, "/tmp/unix-socket")
+        sys.audit("socket.connect", None, ("192.0.2.2", 9))  # not watched any more
+    finally:
+        servers.LoopbackOnly._active[:] = others
     assert guard.outbound == ["socket.getaddrinfo 'example.com'", "socket.connect '192.0.2.1'"]
 
 
