@@ -372,12 +372,7 @@ def _destination(path: Any, storage_options: Optional[Dict[str, Any]], fs: Any
         output_format(path)  # raises the TypeError that says what to use instead
     target = resolve(path, storage_options=storage_options, fs=fs)
     if isinstance(target, RemotePath):
-        protocols = target.fs.protocol
-        if {"http", "https"} & set([protocols] if isinstance(protocols, str) else protocols):
-            raise InvalidValueError(f"{target.url}: safeckpt saves nothing over HTTP (fsspec's "
-                                    "http filesystem has no object write that is visible only "
-                                    "once complete); save to an object store (s3://, gs://, "
-                                    "az://) or a local path, and serve that over HTTP")
+        target.check_writable()  # before anything is read or written
     return target
 
 

@@ -124,7 +124,8 @@ class LayoutError(HeaderError):
 
 
 class ChecksumError(SafeckptError):
-    """A CRC32C does not match: the header's [P8] or a tensor's [T10]."""
+    """A CRC32C does not match: the header's [P8], a tensor's [T10], or, in a streamed save, an
+    array's bytes changed between the CRC pass and the write [RS7]."""
 
 
 class LimitError(SafeckptError):

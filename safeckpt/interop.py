@@ -150,8 +150,10 @@ def _reader_source(reader: TensorMap, verify: bool) -> Source:
     check = True if verify and reader.has_checksums else None
     for i, name in enumerate(reader.keys()):
         info = reader.info(name)
+        # a known CRC32C: a streamed save (to a URL) reads the tensor once, not twice [RS7]
         tensors[name] = _writer.LazyArray(info.dtype, info.shape,
-                                          functools.partial(_load_one, reader, i, check))
+                                          functools.partial(_load_one, reader, i, check),
+                                          crc32c=info.crc32c)
     return Source(tensors, dict(reader.metadata), reader.stored_tree)
 
 
@@ -486,12 +488,17 @@ def _counting(tensors: Tensors, progress: Progress | None) -> Tensors:
     progress(0, total)
 
     def wrap(array: np.ndarray | _writer.LazyArray) -> _writer.LazyArray:
+        counted = [False]  # a streamed save without a known CRC loads a tensor twice [RS7]
+
         def load() -> np.ndarray:
             value = array.load() if isinstance(array, _writer.LazyArray) else array
-            done[0] += int(array.nbytes)
-            progress(done[0], total)
+            if not counted[0]:
+                counted[0] = True
+                done[0] += int(array.nbytes)
+                progress(done[0], total)
             return value
-        return _writer.LazyArray(array.dtype, array.shape, load)
+        return _writer.LazyArray(array.dtype, array.shape, load,
+                                 crc32c=getattr(array, "crc32c", None))
     return {name: wrap(array) for name, array in tensors.items()}
 
 

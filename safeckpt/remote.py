@@ -290,13 +290,29 @@ class RemotePath(NamedTuple):
         _check_length(self.url, 0, size, data)
         return bytes(data)
 
+    def check_writable(self) -> None:
+        """Raise unless safeckpt writes to this filesystem: never over HTTP (fsspec's http
+        filesystem has no object write that becomes visible only once complete [RS7]).
+
+        Raises:
+            InvalidValueError: an ``http(s)://`` object.
+        """
+        protocols = self.fs.protocol
+        if {"http", "https"} & set([protocols] if isinstance(protocols, str) else protocols):
+            raise InvalidValueError(f"{self.url}: safeckpt saves nothing over HTTP (fsspec's "
+                                    "http filesystem has no object write that is visible only "
+                                    "once complete); save to an object store (s3://, gs://, "
+                                    "az://) or a local path, and serve that over HTTP")
+
     def write_small(self, data: bytes) -> None:
         """Write ``data`` as the whole object, in one request (an object store makes it visible
         whole, or not at all).
 
         Raises:
-            RemoteError: the storage failed or does not take writes (http).
+            InvalidValueError: an ``http(s)://`` object (:meth:`check_writable`).
+            RemoteError: the storage failed.
         """
+        self.check_writable()
         with _storage(self.url, f"write of {len(data)} bytes"):
             self.fs.pipe_file(self.path, bytes(data))
             self._fresh()
@@ -315,12 +331,15 @@ class RemotePath(NamedTuple):
         the object visible at open) has the object removed instead.
 
         Raises:
-            RemoteError: the storage failed (the upload is discarded first).
+            InvalidValueError: an ``http(s)://`` object (:meth:`check_writable`).
+            RemoteError: the storage failed, also inside a ``write`` (s3fs uploads a part
+                there); the upload is discarded first.
 
         Example:
             >>> with resolve("memory://x.bin").open_write() as out:    # doctest: +SKIP
             ...     out.write(b"data")
         """
+        self.check_writable()
         from fsspec.implementations.memory import MemoryFileSystem  # fs is fsspec's: loaded
         if isinstance(self.fs, MemoryFileSystem):  # its objects are in memory anyway
             gathered = io.BytesIO()
@@ -330,7 +349,7 @@ class RemotePath(NamedTuple):
         with _storage(self.url, "opening for writing"):
             out = self.fs.open(self.path, "wb", autocommit=False)
         try:
-            yield out
+            yield cast(BinaryIO, _Upload(out, self.url))
             with _storage(self.url, "upload"):
                 out.close()
                 out.commit()
@@ -338,6 +357,21 @@ class RemotePath(NamedTuple):
         except BaseException:
             _abandon(out, self)
             raise
+
+
+class _Upload:
+    """The stream :meth:`RemotePath.open_write` hands out: the filesystem's file, whose
+    ``write`` (which may upload a part) turns a storage failure into a RemoteError naming the
+    URL and the bytes written so far."""
+
+    def __init__(self, out: Any, url: str) -> None:
+        self._out, self._url, self._written = out, url, 0
+
+    def write(self, data: Any) -> int:
+        with _storage(self._url, f"upload (after {self._written} bytes)"):
+            self._out.write(data)
+        self._written += memoryview(data).nbytes
+        return memoryview(data).nbytes
 
 
 def _abandon(out: Any, rp: RemotePath) -> None:

@@ -184,6 +184,8 @@ def test_open_write_calls_discard():
             calls.append("discard")
 
     class Fs:
+        protocol = "fake"
+
         def open(self, path, mode, autocommit):
             assert mode == "wb" and autocommit is False
             return File()

@@ -380,13 +380,15 @@ def test_storage_failure_mid_upload(store, request):
     assert store.cat("f.sckpt") == before and store.uploads() == []
 
 
-@pytest.mark.xfail(strict=True, reason="remote.open_write does not yet wrap the errors that "
-                   "s3fs raises from write() (a part uploaded mid-stream) into RemoteError")
 def test_storage_failure_mid_upload_is_a_remote_error(store, request):
-    refuse_parts(store, request)
-    with pytest.raises(RemoteError, match=r"f\.sckpt"):
+    """s3fs uploads a part inside write(): its failure is a RemoteError naming the object, and
+    the upload is aborted (no object, no multipart upload left)."""
+    moto = refuse_parts(store, request)
+    with pytest.raises(RemoteError, match=r"f\.sckpt: upload \(after \d+ bytes\) failed"):
         safeckpt.save_file({"big": np.ones(3 << 20, np.float32)}, store.url("f.sckpt"),
                            storage_options=s3_small_parts(store))
+    moto.behave()
+    assert "f.sckpt" not in store.names() and store.uploads() == []
 
 
 def test_array_changed_between_the_passes(store):
@@ -432,6 +434,24 @@ def test_http_save_refused(http_server):
         with pytest.raises(InvalidValueError, match=r"http://127\.0\.0\.1.*nothing over HTTP"):
             save(http_server.url("x.sckpt"))
     assert http_server.traffic.requests == 0 and not http_server.objects
+
+
+def test_http_write_refused_below_the_api(http_server):
+    """Every write path refuses http, not only the api's: convert's .safetensors output goes
+    straight to the writer, and RemotePath's own writes check too."""
+    from safeckpt import remote
+
+    rp = remote.resolve(http_server.url("y.safetensors"))
+    with pytest.raises(InvalidValueError, match="nothing over HTTP"):
+        with rp.open_write():
+            pass
+    with pytest.raises(InvalidValueError, match="nothing over HTTP"):
+        rp.write_small(b"x")
+    src = http_server.url("src.sckpt")
+    http_server.objects["src.sckpt"] = safeckpt.save_bytes({"w": np.zeros(2)})
+    with pytest.raises(InvalidValueError, match="nothing over HTTP"):
+        safeckpt.convert(src, http_server.url("out.safetensors"), storage_options={})
+    assert set(http_server.objects) == {"src.sckpt"}
 
 
 def test_storage_options_with_a_local_path_refused(tmp_path):
@@ -521,3 +541,21 @@ def test_stream_plan_writes_bounded_pieces():
                        None, 64, True)
     writer.stream_plan(plan, out)
     assert out.total == plan.file_size and out.largest <= writer.PIECE
+
+
+@pytest.mark.parametrize("source", ["src.sckpt", "src.safetensors"])
+def test_convert_to_a_url_counts_progress_once(tmp_path, source):
+    """A streamed save may load a tensor twice (no known CRC: the CRC pass, then the write
+    [RS7]); convert's progress counts each tensor's bytes once, and a checksummed source's
+    tensors are read once (their CRC is known)."""
+    need("fsspec")
+    src = str(tmp_path / source)
+    state = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((3, 7))}
+    safeckpt.save_file(state, src)
+    seen = []
+    dst = f"memory://convert-{uuid.uuid4().hex}/out.sckpt"
+    safeckpt.convert(src, dst, progress=lambda done, total: seen.append((done, total)))
+    total = sum(a.nbytes for a in state.values())
+    assert seen[-1] == (total, total) and all(done <= total for done, _ in seen)
+    loaded = safeckpt.load_file(dst)
+    assert all(loaded[k].tobytes() == v.tobytes() for k, v in state.items())
