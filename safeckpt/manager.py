@@ -240,8 +240,15 @@ class _LocalDir:
             return False
         return True
 
+    def check_commit(self, step: int, metrics: Metrics, files: List[str]) -> None:
+        """Nothing: a local save needs no commit object."""
+
     def commit(self, step: int, metrics: Metrics, name: str) -> None:
         """Nothing: the rename that ended the save made it complete [W2]."""
+
+    def uncommitted(self) -> List[str]:
+        """None: a local checkpoint is its file."""
+        return []
 
     def uncommit(self, name: str) -> None:
         """Nothing: a local checkpoint is its file."""
@@ -283,10 +290,10 @@ class _LocalDir:
         return [(int(m.group(1)), m.group(0)) for m in map(NAME.match, os.listdir(self.where))
                 if m]
 
-    def cleanup(self, pending: set[str]) -> List[str]:
+    def cleanup(self, pending: set[str], at_start: bool = False) -> List[str]:
         """Remove temporary files and shards whose index is missing (a sharded save stopped
         before its index [S9]), less those of the checkpoint stems in ``pending``; return their
-        names."""
+        names. The same when the manager starts (``at_start``)."""
         names = os.listdir(self.where)
         indexes = {name[:-len(".sckpt")] for name in names if NAME.match(name)}
         removed = []
@@ -356,13 +363,30 @@ class _RemoteDir:
             if shards:
                 files.update({file: {"size": size, "header_crc": crc} for file, size, crc
                               in zip(shards["files"], shards["sizes"], shards["header_crcs"])})
+        self.rp.join(name + COMMIT_SUFFIX).write_small(self._commit_bytes(step, metrics, files))
+
+    def check_commit(self, step: int, metrics: Metrics, files: List[str]) -> None:
+        """Raise LimitError now, before any data is written, if the commit object of checkpoint
+        ``step`` (``files``: its file, then its shards) could be over MAX_COMMIT_SIZE [RS8]:
+        it is measured with the largest size and header_crc each file could have."""
+        self._commit_bytes(step, metrics, {file: {"size": 2 ** 63 - 1, "header_crc": 2 ** 32 - 1}
+                                           for file in files})
+
+    def _commit_bytes(self, step: int, metrics: Metrics, files: Dict[str, Any]) -> bytes:
+        """The commit object's JSON [RS8].
+
+        Raises:
+            LimitError: over MAX_COMMIT_SIZE (too many shards, or large metrics).
+        """
         data = json.dumps({"safeckpt_commit": COMMIT_VERSION, "step": step, "metrics": metrics,
                            "files": files}).encode()
         if len(data) > MAX_COMMIT_SIZE:
-            raise LimitError(f"{self.path(name)}: the commit object of its {len(files)} files "
-                             f"would be {len(data)} bytes, over the {MAX_COMMIT_SIZE} a reader "
-                             "takes [RS8]; pass a larger max_shard_size (fewer shards)")
-        self.rp.join(name + COMMIT_SUFFIX).write_small(data)
+            raise LimitError(f"{self.path(_name(step))}: the commit object of its {len(files)} "
+                             f"files and {len(metrics)} metrics would be {len(data)} bytes, "
+                             f"over the {MAX_COMMIT_SIZE} a reader takes [RS8]; nothing was "
+                             "written: pass a larger max_shard_size (fewer shards) or fewer "
+                             "metrics")
+        return data
 
     def uncommit(self, name: str) -> None:
         """Remove the commit object of checkpoint file ``name``: it is no longer a checkpoint
@@ -418,19 +442,41 @@ class _RemoteDir:
         return [(int(m.group(1)), m.group(0)[:-len(COMMIT_SUFFIX)])
                 for m in map(COMMIT.match, self.sizes() if sizes is None else sizes) if m]
 
-    def cleanup(self, pending: set[str]) -> List[str]:
-        """Remove the data objects of unfinished saves, those of a step without a commit
-        object [RS8], less those of the checkpoint stems in ``pending``; return their names."""
-        names = list(self.sizes())
+    def uncommitted(self, sizes: Optional[Dict[str, int]] = None) -> List[str]:
+        """The checkpoint files (``step-N.sckpt``, a sharded one's index) without a commit
+        object: not checkpoints [RS8] (a save killed before its commit, or files copied there
+        without a manager)."""
+        names = self.sizes() if sizes is None else sizes
+        return sorted(name for name in names
+                      if NAME.match(name) and name + COMMIT_SUFFIX not in names)
+
+    def cleanup(self, pending: set[str], at_start: bool = False) -> List[str]:
+        """Remove the data objects of a step without a commit object [RS8], less those of the
+        checkpoint stems in ``pending``; return their names. ``at_start`` (a manager starting)
+        removes only what is surely unfinished, as locally: shards whose index is missing [S9];
+        a whole checkpoint file without a commit object (copied there without a manager?) is
+        kept, and named in a warning."""
+        names = self.sizes()
         committed = {name[:-len(".sckpt.commit")] for name in names if COMMIT.match(name)}
+        indexes = {name[:-len(".sckpt")] for name in names if NAME.match(name)}
         removed = []
         for name in names:
             data, shard = NAME.match(name), SHARD.match(name)
             stem = name[:-len(".sckpt")] if data else shard.group(1) if shard else None
             if stem is None or stem in committed or stem in pending:
                 continue  # not data, committed, or a pending save's
+            if at_start and (data or stem in indexes):
+                continue  # a whole file (or its shard): maybe a checkpoint copied there
             self.remove(name)
             removed.append(name)
+        uncommitted = self.uncommitted() if at_start else []
+        if uncommitted:
+            shown = ", ".join(uncommitted[:3]) + (", ..." if len(uncommitted) > 3 else "")
+            warnings.warn(f"{self.where} holds checkpoint files without a commit object "
+                          f"({shown}): they are not checkpoints and are not restored [RS8] (a "
+                          "save that stopped before its commit, or files copied there without "
+                          "a CheckpointManager); manager.cleanup() removes them, and "
+                          "safeckpt.load(url) reads one", RuntimeWarning, stacklevel=3)
         return removed
 
     def load(self, step: int, name: str, verify: bool | None) -> Dict[str, Any]:
@@ -476,8 +522,10 @@ class CheckpointManager:
         directory: created if missing; or a remote directory: an fsspec URL (``s3://bucket/run``,
             ``gs://``, ``memory://``), or a path inside ``fs``. There a checkpoint is complete
             once its commit object ``step-….sckpt.commit`` is written, after its data; only
-            committed checkpoints are listed and restored, and :meth:`cleanup` removes the data
-            of saves that were not committed (FORMAT.md [RS8]).
+            committed checkpoints are listed and restored (FORMAT.md [RS8]). A manager that
+            starts removes shards whose index is missing, as locally, and warns of checkpoint
+            files without a commit object (kept: maybe copied there); :meth:`cleanup` removes
+            those too, and :meth:`restore` raises while they are all there is.
         storage_options: with a URL, passed to fsspec (credentials, endpoint).
         fs: an fsspec filesystem object (then ``directory`` is a path inside it).
         keep_last: keep this many newest checkpoints (at least 1).
@@ -571,7 +619,7 @@ class CheckpointManager:
         self._handles: Dict[int, _async.SaveHandle] = {}  # their handles (see _pending_now)
         self._seen_any = False  # a checkpoint was saved or found: save_interval_steps applies
         self._held: Optional[_Held] = None  # incremental: the reader of the last file written
-        self.cleanup()
+        self._dir.cleanup(set(), at_start=True)  # nothing of this manager is pending yet
 
     def __repr__(self) -> str:
         options = [f"keep_last={self.keep_last}"]
@@ -630,7 +678,8 @@ class CheckpointManager:
     def cleanup(self) -> list[str]:
         """Remove what crashed saves left: temporary files, and shards whose index is missing
         (a sharded save stopped before its index [S9]); in a remote directory, the data objects
-        of every step without a commit object [RS8]. Return their names. The files of a
+        of every step without a commit object [RS8] (a checkpoint file copied there without a
+        manager too: it is not a checkpoint). Return their names. The files of a
         pending async save are left alone: they are not a crash's.
 
         Example:
@@ -774,8 +823,11 @@ class CheckpointManager:
         ``overwrite``) or that retention would delete at once."""
         path = self._dir.path(name)
         if not overwrite and (self._dir.exists(name) or step in self._pending_now()):
-            raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists; pass "
-                                  "overwrite=True to replace it", path)
+            unfinished = (" as a file without a commit object (a save that stopped before its "
+                          "commit, or a file copied there: not a checkpoint [RS8]; cleanup() "
+                          "removes it)" if name in self._dir.uncommitted() else "")
+            raise FileExistsError(errno.EEXIST, f"checkpoint step {step} exists{unfinished}; "
+                                  "pass overwrite=True to replace it", path)
         if overwrite:
             self._refuse_referenced(step, "overwrite")
         records = [r for r in self.all() + list(self._pending_now().values()) if r.step != step]
@@ -801,17 +853,25 @@ class CheckpointManager:
         meta = metadata_of(step, metrics)
         name = _name(step)
         path, target = self._dir.path(name), self._dir.target(name)
-        if overwrite:
-            self._dir.uncommit(name)  # no longer listed before any of its data is replaced
-        if self.max_shard_size is not None:
-            api.save_sharded(skeleton, names, arrays, target, metadata=meta, align=_ALIGN,
-                             checksum=self.checksum, atomic=True,
-                             max_shard_size=self.max_shard_size)
-        elif not self.incremental:
+        if not self.incremental:
+            # every check of the state and of its commit object first: a save refused here
+            # leaves the checkpoint it would overwrite listed [RS8]
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, self.checksum,
                                 tree=skeleton)
-            api.save_plan(plan, target)
-        else:  # a local directory (refused remote)
+            files = [name]
+            if self.max_shard_size is not None:
+                k = len(_shard.split(plan.nbytes, _shard.parse_size(self.max_shard_size)))
+                files += _shard.shard_files(name, k) if k > 1 else []
+            self._dir.check_commit(step, metrics, files)
+            if overwrite:
+                self._dir.uncommit(name)  # no longer listed before any of its data is replaced
+            if self.max_shard_size is not None:
+                api.save_sharded(skeleton, names, arrays, target, metadata=meta, align=_ALIGN,
+                                 checksum=self.checksum, atomic=True,
+                                 max_shard_size=self.max_shard_size)
+            else:
+                api.save_plan(plan, target)
+        else:  # a local directory (refused remote): nothing to uncommit
             refs = self._references(step, names, arrays, metrics)
             plan = _writer.Plan(dict(zip(names, arrays)), meta, _ALIGN, True, tree=skeleton,
                                 refs=refs or None, save_id=fmt.new_save_id())
@@ -1126,6 +1186,15 @@ class CheckpointManager:
             return CheckpointInfo(path, tree["step"], None, tree["metrics"], None, state)
         if failed:
             raise self._none_loads(failed) from failed[0][1]
+        uncommitted = self._dir.uncommitted() if step is None and not candidates else []
+        if uncommitted:  # remote: files there, but no checkpoint: never "start fresh" in silence
+            raise CommitError(
+                f"{self.directory} holds checkpoint files but no commit object [RS8]: "
+                f"{', '.join(uncommitted[:3])}{', ...' if len(uncommitted) > 3 else ''} (a save "
+                "that stopped before its commit, or files copied there without a "
+                "CheckpointManager), so no checkpoint; load one with safeckpt.load(url) and "
+                "save it with this manager, or remove them with manager.cleanup() to start "
+                "fresh")
         return None
 
     def _none_loads(self, failed: List[Tuple[str, Exception]]) -> Exception:

@@ -13,6 +13,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -207,14 +208,64 @@ def test_an_uncommitted_save_is_ignored_then_removed_by_cleanup(place, shards):
     assert restored_step(manager) == 2
 
 
-def test_cleanup_at_start_removes_the_data_of_a_save_that_never_committed(place):
+def test_a_starting_manager_removes_only_what_is_surely_unfinished(place):
+    """At start, as locally: shards whose index is missing go [S9]; a whole checkpoint file
+    without a commit object (copied there without a manager?) is kept and named in a warning,
+    never restored [RS8]; cleanup() called by the user removes it."""
     manager = place.manager()
     manager.save(1, state(1))
     place.put(name(2), place.get(name(1)))  # data of step 2, no commit object
     place.put("step-0000000003-00001-of-00002.sckpt", b"partial")
     place.put("notes.txt", b"not ours")
-    place.manager()  # a new manager cleans up
+    with pytest.warns(RuntimeWarning, match=r"without a commit object \(step-0000000002\.sckpt\)"):
+        manager = place.manager()
+    assert place.names() == ["notes.txt", name(1), name(1, ".commit"), name(2)]
+    assert restored_step(manager) == 1
+    with pytest.raises(FileExistsError, match="without a commit object"):
+        manager.save(2, state(2))
+    assert manager.cleanup() == [name(2)]
     assert place.names() == ["notes.txt", name(1), name(1, ".commit")]
+
+
+def test_checkpoints_copied_without_a_manager_are_kept_and_restore_raises(place):
+    """A directory of checkpoints uploaded from a local manager (no commit objects): a manager
+    there deletes nothing, and restore() raises rather than start fresh in silence [RS8]."""
+    with tempfile.TemporaryDirectory() as local:
+        for step in (1, 2):
+            safeckpt.CheckpointManager(local).save(step, state(step))
+        for file in sorted(os.listdir(local)):
+            with open(os.path.join(local, file), "rb") as f:
+                place.put(file, f.read())
+    with pytest.warns(RuntimeWarning, match="without a commit object"):
+        manager = place.manager()
+    assert manager.latest() is None and place.names() == [name(1), name(2)]
+    with pytest.raises(safeckpt.CommitError, match=r"no commit object.*step-0000000001\.sckpt"):
+        manager.restore({"model": {"w": np.zeros(1)}})
+    assert place.names() == [name(1), name(2)]
+
+
+def test_a_refused_overwrite_keeps_the_checkpoint_it_would_replace(place):
+    """Every check of the new state runs before the old commit object is removed: a save
+    refused there leaves the old checkpoint listed and whole [RS8]."""
+    manager = place.manager()
+    manager.save(1, state(1))
+    bad = {"model": {"w": np.zeros((1,) * 33)}}  # more dimensions than a file holds
+    with pytest.raises(safeckpt.SafeckptError):
+        manager.save(1, bad, overwrite=True)
+    assert [c.step for c in place.manager().all()] == [1]
+    assert restored_step(place.manager()) == 1
+
+
+def test_a_commit_object_over_the_limit_is_refused_before_any_data(place):
+    """Metrics too large for a commit object are refused before the upload (LimitError):
+    nothing is written, and the step is free for a retry [RS8]."""
+    manager = place.manager()
+    metrics = {f"metric_{i:05d}": float(i) for i in range(4000)}
+    with pytest.raises(safeckpt.LimitError, match="nothing was written"):
+        manager.save(1, state(1), metrics=metrics)
+    assert place.names() == []
+    manager.save(1, state(1), metrics={"loss": 1.0})
+    assert [c.step for c in manager.all()] == [1]
 
 
 def test_cleanup_leaves_the_objects_of_a_pending_async_save(place, monkeypatch):
@@ -403,8 +454,8 @@ def test_a_data_object_replaced_after_its_commit_is_refused_at_restore(place):
 
 def test_only_broken_commit_objects_raise_instead_of_starting_fresh(place):
     """A directory whose commit objects all fail does not look empty: restore raises (as a
-    directory of damaged local files does), naming them; data without any commit object is
-    an unfinished save: restore gives None (start fresh)."""
+    directory of damaged local files does), naming them; a checkpoint file without any commit
+    object raises too (never "start fresh" while files are there), until cleanup() removes it."""
     manager = place.manager()
     manager.save(1, state(1))
     place.put(name(1, ".commit"), b"garbage")
@@ -412,6 +463,9 @@ def test_only_broken_commit_objects_raise_instead_of_starting_fresh(place):
         with pytest.raises(CommitError, match="no checkpoint in .* loads"):
             manager.restore(state(0))
     place.rm(name(1, ".commit"))
+    with pytest.raises(CommitError, match="no commit object"):
+        manager.restore(state(0))
+    assert manager.cleanup() == [name(1)]
     assert manager.restore(state(0)) is None
 
 
@@ -528,9 +582,12 @@ def test_a_writer_killed_mid_upload_leaves_the_previous_checkpoint_newest(s3, mo
     completed = {"file": [], "async": [], "shard": ["step-0000000002-00001-of-00003.sckpt"],
                  "before-commit": [name(2)]}[mode]
     assert set(completed) <= set(left)  # the kill came after these were written
-    manager = safeckpt.CheckpointManager(url, storage_options=s3.storage_options, keep_last=1)
+    with (pytest.warns(RuntimeWarning, match="without a commit object") if mode == "before-commit"
+          else contextlib.nullcontext()):  # a whole file is kept at start: maybe copied there
+        manager = safeckpt.CheckpointManager(url, storage_options=s3.storage_options, keep_last=1)
     assert manager.latest().step == 1 and [c.step for c in manager.all()] == [1]
     info = manager.load(verify=True)
+    manager.cleanup()
     assert info.step == 1 and all((info.state[f"w{i}"] == 1).all() for i in range(3))
     s3.fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in s3.fs.ls(f"{s3.name}/run", detail=False)) == (
