@@ -703,15 +703,20 @@ class Reader(TensorMap):
                         - stops, 0).tolist()
         where = [self.where if not pad else f"{self.where}, tensor {quote(names[j + 1])}"
                  for pad, j in zip(pads, at.tolist())]
-        crcs = remote.read_into(offsets, lengths, dests, checksum, pads, where)
-        for start, stop, dest in zip(starts.tolist(), stops.tolist(), dests):
-            first, last = np.searchsorted(ends, [start, stop], side="right").tolist()
-            for j in range(first, last):  # tensors that end inside the range: their padding
-                end = int(ends[j])
-                pad_end = min(-(-end // self.align) * self.align, stop)
-                if end < pad_end and _bytes(dest)[end - start:pad_end - start].any():
-                    raise error_for(Code.PADDING, f"{self.where}, tensor {quote(names[j + 1])}",
-                                    f" (in bytes {end}-{pad_end - 1}) [RS3]")
+        try:
+            crcs = remote.read_into(offsets, lengths, dests, checksum, pads, where)
+            for start, stop, dest in zip(starts.tolist(), stops.tolist(), dests):
+                first, last = np.searchsorted(ends, [start, stop], side="right").tolist()
+                for j in range(first, last):  # tensors that end inside the range: their padding
+                    end = int(ends[j])
+                    pad_end = min(-(-end // self.align) * self.align, stop)
+                    if end < pad_end and _bytes(dest)[end - start:pad_end - start].any():
+                        raise error_for(Code.PADDING,
+                                        f"{self.where}, tensor {quote(names[j + 1])}",
+                                        f" (in bytes {end}-{pad_end - 1}) [RS3]")
+        except LayoutError:  # padding that is not zero: a bad file, or one replaced since open
+            self.check_unchanged()  # ObjectChangedError if its header changed [RS4]
+            raise
         if self.table.crcs is None:
             self.check_unchanged()
         return crcs

@@ -616,3 +616,19 @@ def test_s3_reads(s3, tmp_path):
     same_tensors(safeckpt.load_file(f"{s3.name}/m.safetensors", fs=s3.fs), tensors)
     with pytest.raises(FileNotFoundError):
         safeckpt.open(s3.url("nope.sckpt"), storage_options=s3.storage_options)
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_replaced_by_another_layout_is_a_change_not_bad_padding(mem, checksum):
+    """[RS4]: an object replaced after open by a save whose tensor covers the old padding fails
+    the padding check [RS3] first; the error is then ObjectChangedError (the header differs),
+    not a LayoutError that blames the file."""
+    old = {"a": np.arange(3, dtype=np.uint8), "b": np.arange(5, dtype=np.uint8)}
+    new = {"a": np.full(64, 7, np.uint8), "b": np.arange(5, dtype=np.uint8)}
+    url = mem.put("m.sckpt", safeckpt.save_bytes(old, checksum=checksum))
+    with safeckpt.open(url) as f:
+        mem.put("m.sckpt", safeckpt.save_bytes(new, checksum=checksum))
+        with pytest.raises(ObjectChangedError, match=r"changed since it was opened"):
+            f["a"]
+        with pytest.raises(ObjectChangedError):
+            f.load_all()
