@@ -30,6 +30,7 @@ import errno
 import io
 import os
 import re
+import sys
 import threading
 from typing import (Any, BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union,
                     cast)
@@ -195,8 +196,11 @@ class RemotePath(NamedTuple):
         self.fs.invalidate_cache(self.fs._parent(self.path))
 
     def _info(self) -> Optional[dict]:
-        """fsspec's info for the path, fresh; None when nothing is there."""
+        """fsspec's info for the path, fresh; None when nothing is there. Over HTTP, one HEAD of
+        safeckpt's own (fsspec's info takes any failure for "missing" [RS2])."""
         with _storage(self.url, "info"):
+            if _is_http(self.fs):
+                return cast(Optional[dict], _sync(self.fs, _http_head, self.fs, self.path))
             self._fresh()
             try:
                 return cast(dict, self.fs.info(self.path))
@@ -239,7 +243,7 @@ class RemotePath(NamedTuple):
                 for entry in entries if entry.get("type") == "file"}
 
     def size(self) -> int:
-        """The object's size in bytes (one metadata request, fsspec's ``info``).
+        """The object's size in bytes (one metadata request: fsspec's ``info``; over HTTP a HEAD).
 
         Raises:
             FileNotFoundError: no such object; IsADirectoryError: a directory; RemoteError: the
@@ -252,9 +256,9 @@ class RemotePath(NamedTuple):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.url)
         size = info.get("size")
         if not isinstance(size, int) or size < 0:
-            raise RemoteError(f"{self.url}: the storage did not give the object's size "
+            raise RemoteError(f"{self.url}: the storage gives no size for the object "
                               f"(info says {size!r}); a server must answer HEAD with a "
-                              "Content-Length")
+                              "Content-Length (and no Content-Encoding)")
         return size
 
     def remove(self) -> None:
@@ -286,7 +290,9 @@ class RemotePath(NamedTuple):
         if not size:
             return b""
         with _storage(self.url, f"read of bytes 0-{size - 1}"):
-            data = self.fs.cat_file(self.path, start=0, end=size)
+            data = _cat_ranges(self, [(0, size)])[0]
+            if isinstance(data, BaseException):
+                raise data
         _check_length(self.url, 0, size, data)
         return bytes(data)
 
@@ -397,11 +403,116 @@ def _abandon(out: Any, rp: RemotePath) -> None:
 
 def _check_length(url: str, start: int, length: int, data: Any) -> None:
     """[RS2]: a ranged response must be exactly the length asked for."""
-    got = len(data)
-    if got != length:
-        raise RemoteError(f"{url}: asked for bytes {start}-{start + length - 1} ({length} bytes), "
-                          f"got {got} bytes [RS2]; the object changed or the server misbehaves "
-                          "(a short or long answer is never used)")
+    if len(data) != length:
+        raise _wrong_answer(url, start, length, f"{len(data)} bytes")
+
+
+def _wrong_answer(url: str, start: int, length: int, got: str) -> RemoteError:
+    """[RS2]: the error for a ranged response that is not exactly the range asked for."""
+    return RemoteError(f"{url}: asked for bytes {start}-{start + length - 1} ({length} bytes), "
+                       f"got {got} [RS2]; the object changed or the server misbehaves (a short "
+                       "or long answer is never used)")
+
+
+def _is_http(fs: Any) -> bool:
+    """Whether ``fs`` is fsspec's HTTP filesystem (imports nothing: it is loaded if ``fs`` is
+    one), which safeckpt sends its own bounded requests through."""
+    http = sys.modules.get("fsspec.implementations.http")
+    return http is not None and isinstance(fs, http.HTTPFileSystem)
+
+
+def _sync(fs: Any, coroutine: Any, *args: Any) -> Any:
+    """Run ``coroutine(*args)`` on the filesystem's event loop, from this (sync) thread."""
+    from fsspec.asyn import sync  # fs is fsspec's: loaded
+
+    return sync(fs.loop, coroutine, *args)
+
+
+def _http_request(fs: Any) -> Dict[str, Any]:
+    """The keyword arguments of one request, as fsspec's own: the filesystem's request options
+    (``fs.kwargs``: headers, timeout, auth...), the body asked for as it is stored (its lengths
+    are those of the object)."""
+    kw = dict(fs.kwargs)
+    kw["headers"] = dict(kw.get("headers") or {}, **{"Accept-Encoding": "identity"})
+    return kw
+
+
+def _encoded(headers: Any) -> Optional[str]:
+    """The Content-Encoding of a response when it is not the identity (its lengths are then not
+    the object's), else None."""
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    return encoding if encoding not in ("", "identity") else None
+
+
+async def _http_head(fs: Any, url: str) -> Optional[dict]:
+    """The info of ``url`` from one HEAD (redirects followed): None for 404 or 410; an error
+    status raises aiohttp's ClientResponseError; ``size`` is None without a Content-Length."""
+    kw = _http_request(fs)
+    kw.setdefault("allow_redirects", True)  # aiohttp's HEAD does not follow them by default
+    session = await fs.set_session()
+    async with session.head(fs.encode_url(url), **kw) as r:
+        if r.status in (404, 410):
+            return None
+        r.raise_for_status()
+        length = r.headers.get("Content-Length", "")
+        sized = length.isdigit() and _encoded(r.headers) is None
+        return {"name": url, "type": "file", "size": int(length) if sized else None}
+
+
+async def _http_range(fs: Any, url: str, start: int, end: int) -> bytearray:
+    """Bytes ``[start, end)`` of ``url`` by one ranged GET that reads at most one byte more than
+    asked [RS2], [RS5]: anything but a 206 whose Content-Length and Content-Range (when given)
+    are the range is refused before its body is read; 404 or 410 is FileNotFoundError, another
+    error status aiohttp's ClientResponseError."""
+    length = end - start
+    kw = _http_request(fs)
+    kw["headers"]["Range"] = f"bytes={start}-{end - 1}"
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **kw) as r:
+        if r.status in (404, 410):
+            raise FileNotFoundError(errno.ENOENT, "no such object", url)
+        r.raise_for_status()
+        if r.status != 206:
+            raise _wrong_answer(url, start, length, f"status {r.status}, not 206 Partial Content" + (
+                " (the whole object: the server ignores Range; serve the file from one that "
+                "answers ranged requests)" if r.status == 200 else ""))
+        declared, span = r.headers.get("Content-Length"), r.headers.get("Content-Range")
+        if declared is not None and declared.strip() != str(length):
+            raise _wrong_answer(url, start, length, f"a Content-Length of {declared}")
+        if span is not None and not span.strip().startswith(f"bytes {start}-{end - 1}/"):
+            raise _wrong_answer(url, start, length, f"Content-Range {span!r}")
+        if _encoded(r.headers):
+            raise _wrong_answer(url, start, length, f"a body of Content-Encoding "
+                                f"{_encoded(r.headers)!r}")
+        body = bytearray()
+        while len(body) <= length:  # up to one byte more than asked: a longer body is refused
+            piece = await r.content.read(length + 1 - len(body))
+            if not piece:
+                break
+            body += piece
+        if len(body) > length:
+            raise _wrong_answer(url, start, length, "a longer body")
+        return body
+
+
+def _cat_ranges(rp: RemotePath, spans: List[Tuple[int, int]]) -> List[Any]:
+    """The bytes of each ``(start, end)`` of ``rp``, or the exception that its request ended in:
+    concurrent requests on async filesystems; over HTTP, safeckpt's own bounded ones
+    (:func:`_http_range`), elsewhere fsspec's ``cat_ranges``."""
+    fs = rp.fs
+    if not _is_http(fs):
+        # on_error="return" (fsspec's default): each failed range is its exception, whichever
+        # fsspec version (some ignore on_error="raise" when async)
+        return cast(List[Any], fs.cat_ranges([rp.path] * len(spans), [s for s, _ in spans],
+                                             [e for _, e in spans], on_error="return"))
+
+    async def gather() -> List[Any]:
+        import asyncio
+
+        return await asyncio.gather(*(_http_range(fs, rp.path, start, end)
+                                      for start, end in spans), return_exceptions=True)
+
+    return cast(List[Any], _sync(fs, gather))
 
 
 def _byte_view(dest: Any, length: int) -> memoryview:
@@ -611,16 +722,12 @@ class RemoteFile:
             yield batch
 
     def _fetch(self, spans: List[Tuple[int, int]]) -> List[bytes]:
-        """The bytes of each ``(start, end)``, by fsspec's ``cat_ranges`` (concurrent requests on
+        """The bytes of each ``(start, end)``, by :func:`_cat_ranges` (concurrent requests on
         async filesystems), each checked for its exact length [RS2]."""
-        rp = self.rp
         what = (f"read of bytes {spans[0][0]}-{spans[0][1] - 1}" if len(spans) == 1 else
                 f"read of {len(spans)} ranges within bytes {spans[0][0]}-{spans[-1][1] - 1}")
         with _storage(self.where, what):
-            # on_error="return" (fsspec's default): each failed range is its exception, looked
-            # at below, whichever fsspec version (some ignore on_error="raise" when async)
-            out = rp.fs.cat_ranges([rp.path] * len(spans), [s for s, _ in spans],
-                                   [e for _, e in spans], on_error="return")
+            out = _cat_ranges(self.rp, spans)
         with self._lock:
             self.requests += len(spans)
             self.bytes_read += sum(len(data) for data in out if not isinstance(data, BaseException))

@@ -42,7 +42,8 @@ LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0  # seconds a server may take to answer its first request (moto imports a lot)
 STOP_TIMEOUT = 10.0  # seconds a server's threads get to end at teardown; more is a failure
 HANG_LIMIT = 60.0  # a hanging answer gives up (closes) after this even if the server is not stopped
-MODES = ("short", "cut", "long", "status", "hang", "full")
+MODES = ("short", "cut", "long", "status", "hang", "full", "huge", "endless")
+HUGE = 1 << 30  # bytes of the body of a "huge" or "endless" answer, made as it is sent
 # the environment of botocore in the tests: dummy credentials, a region, no instance metadata
 # lookups, no profile from the machine's ~/.aws, and no proxy for the loopback address
 AWS_ENV = {
@@ -183,7 +184,11 @@ class _Misbehaving:
                 object's next bytes, zeros past its end), Content-Length saying so; "status": the
                 error ``status`` and no object; "hang": the request is read and never answered
                 (until the server stops, or HANG_LIMIT); "full": the Range is ignored (200 and the
-                whole object).
+                whole object); "huge": the Range is ignored, 200 and a body of HUGE zero bytes
+                (Content-Length saying so); "endless": no Content-Length (the body ends when the
+                connection closes), HUGE zero bytes, with 206 and the Content-Range of the range
+                asked for (200 without Range; HEAD: 200 and no body). "huge" and "endless" make
+                their body as it is sent (the server holds 1 MiB) and stop when the client goes.
             after: requests of ``method`` answered well first, counted from now.
             times: requests answered badly; None: all from then on.
 
@@ -353,6 +358,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(method, 404, b"no such object\n", {}, asked)
             return
         headers = {"ETag": etag(data), "Accept-Ranges": "bytes"}
+        if fault is not None and fault.mode in ("huge", "endless"):
+            self._send_huge(method, fault.mode, asked, len(data), headers)
+            return
         if asked is None or (fault is not None and fault.mode == "full"):
             self._send(method, 200, data, headers, asked)
             return
@@ -376,6 +384,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         last = span.start + max(declared, 1) - 1
         headers["Content-Range"] = f"bytes {span.start}-{last}/{len(data)}"
         self._send(method, 206, body, headers, asked, declared)
+
+    def _send_huge(self, method: str, mode: str, asked: Optional[str], size: int,
+                   headers: Dict[str, str]) -> None:
+        """A "huge" or "endless" answer (see misbehave): HUGE bytes, sent 1 MiB at a time."""
+        span = byte_range(asked, size) if asked and mode == "endless" else None
+        self.send_response(200 if span is None else 206)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if span is not None:
+            self.send_header("Content-Range", f"bytes {span.start}-{span.stop - 1}/{size}")
+        if mode == "huge":
+            self.send_header("Content-Length", str(HUGE))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self._owner.traffic.record(method, self.path, asked, 200 if span is None else 206, 0)
+        piece, left = bytes(1 << 20), HUGE if method == "GET" else 0
+        try:
+            while left:
+                self.wfile.write(piece[:min(left, len(piece))])
+                self._owner.traffic.add_bytes(method, min(left, len(piece)))
+                left -= min(left, len(piece))
+        except OSError:  # the client went away, as it should
+            pass
 
     def _send(self, method: str, status: int, body: bytes, headers: Dict[str, str],
               asked: Optional[str], declared: Optional[int] = None) -> None:

@@ -417,3 +417,75 @@ def test_s3_error_status(on_s3, status):
         with pytest.raises(RemoteError) as info:
             f["w"]
     assert url in str(info.value) and "bytes " in str(info.value), str(info.value)
+
+
+# -- [RS2], [RS5] over HTTP: a body larger than asked is never held ---------------------------------
+
+MEMORY_BOUND = 64 << 20  # bytes a 4 KiB read may allocate, at most; the server sends servers.HUGE
+
+
+@pytest.mark.parametrize("mode", ["huge", "endless"])
+def test_huge_body_is_not_read(http_server, mode):
+    """A GET answered with 1 GiB for 4 KiB asked ("huge": 200 and its Content-Length, the Range
+    ignored; "endless": 206 with the right Content-Range and no Content-Length, the body running
+    on): RemoteError naming the URL and the range [RS2], and the process allocates far less than
+    the body meanwhile (at most one byte more than asked is read [RS5])."""
+    import tracemalloc
+
+    from safeckpt.remote import RemoteFile, resolve
+
+    http_server.objects["big.bin"] = bytes(1 << 20)
+    url = http_server.url("big.bin")
+    f = RemoteFile(resolve(url, storage_options=servers.http_options(CLIENT_TIMEOUT * 30)))
+    http_server.misbehave(mode)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteError) as info:
+            f.read(8192, 4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert http_server.faults.applied == 1
+    assert peak < MEMORY_BOUND < servers.HUGE, peak
+    message = str(info.value)
+    assert url in message and "bytes 8192-12287" in message and "[RS2]" in message, message
+    assert ("200" in message) == (mode == "huge"), message
+    assert (f.requests, f.bytes_read) == (1, 0)
+    http_server.behave()
+    assert f.read(8192, 4096) == bytes(4096) and (f.requests, f.bytes_read) == (2, 4096)
+
+
+# -- the size lookup (HEAD) over HTTP: a failure is never "missing" [RS2] ----------------------------
+
+@pytest.mark.parametrize("fault", ["403", "500", "hang", "endless", "404", "410"])
+def test_head_failure_at_open(served, fault):
+    """The HEAD of an open fails (GETs fine): an error status or a hang is RemoteError naming the
+    URL and the status (or the timeout), also from RemotePath.exists(); a HEAD without a
+    Content-Length is RemoteError saying so; 404 or 410 is FileNotFoundError, and exists() False."""
+    from safeckpt.remote import resolve
+
+    server, name, _ = served
+    url, options = server.url(name), servers.http_options(CLIENT_TIMEOUT)
+    if fault.isdigit():
+        server.misbehave("status", status=int(fault), method="HEAD")
+    else:
+        server.misbehave(fault, method="HEAD")
+    missing = fault in ("404", "410")
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError if missing else RemoteError) as info:
+        safeckpt.open(url, storage_options=options)
+    assert time.monotonic() - started < HANG_BOUND
+    message = str(info.value)
+    assert url in message, message
+    expected = {"hang": "Timeout", "endless": "gives no size"}.get(fault, fault)
+    assert expected in message or missing, message
+    assert not isinstance(info.value, FileNotFoundError) or missing
+    rp = resolve(url, storage_options=options)
+    if missing:
+        assert rp.exists() is False
+    elif fault != "endless":
+        with pytest.raises(RemoteError, match=expected):
+            rp.exists()
+    assert server.traffic.by_method["GET"] == 0  # no GET stood in for the failed HEAD
+    server.behave()
+    assert rp.exists() and same(LOADS["load_file"](url, options), state(0))
