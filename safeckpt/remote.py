@@ -130,11 +130,22 @@ def _import_fsspec(what: str) -> Any:
 
 
 def _in_fs(fs: Any, path: str) -> Union[str, "RemotePath"]:
-    """``path`` inside the filesystem ``fs``: a local str for fsspec's local filesystem."""
+    """``path`` inside the filesystem ``fs``: a local str for fsspec's local filesystem; through
+    a ``DirFileSystem`` (a prefix view), the path in the filesystem under it."""
     if not hasattr(fs, "_strip_protocol"):
         raise InvalidValueError(f"fs= must be an fsspec filesystem object, not "
                                 f"{type(fs).__name__}")
-    from fsspec.implementations.local import LocalFileSystem  # fs is fsspec's: fsspec is loaded
+    from fsspec.implementations.dirfs import DirFileSystem  # fs is fsspec's: fsspec is loaded
+    from fsspec.implementations.local import LocalFileSystem
+
+    # a prefix view: the filesystem under it sets the rules (local paths; how a write becomes
+    # visible [RS7]), which the view passes on inconsistently (autocommit)
+    while isinstance(fs, DirFileSystem):
+        try:
+            path = fs._join(path)
+        except ValueError as exc:  # a local path escaping the view's root
+            raise InvalidValueError(f"{path!r}: {exc}") from exc
+        fs = fs.fs
     inner = fs._strip_protocol(path)
     if isinstance(fs, LocalFileSystem):
         return cast(str, inner)
@@ -421,6 +432,13 @@ def _is_http(fs: Any) -> bool:
     return http is not None and isinstance(fs, http.HTTPFileSystem)
 
 
+def _is_s3(fs: Any) -> bool:
+    """Whether ``fs`` is s3fs's filesystem (imports nothing: it is loaded if ``fs`` is one),
+    which safeckpt sends its own bounded ranged requests through."""
+    s3fs = sys.modules.get("s3fs")
+    return s3fs is not None and isinstance(fs, s3fs.S3FileSystem)
+
+
 def _sync(fs: Any, coroutine: Any, *args: Any) -> Any:
     """Run ``coroutine(*args)`` on the filesystem's event loop, from this (sync) thread."""
     from fsspec.asyn import sync  # fs is fsspec's: loaded
@@ -459,48 +477,88 @@ async def _http_head(fs: Any, url: str) -> Optional[dict]:
         return {"name": url, "type": "file", "size": int(length) if sized else None}
 
 
-async def _http_range(fs: Any, url: str, start: int, end: int) -> bytearray:
-    """Bytes ``[start, end)`` of ``url`` by one ranged GET that reads at most one byte more than
-    asked [RS2], [RS5]: anything but a 206 whose Content-Length and Content-Range (when given)
-    are the range is refused before its body is read; 404 or 410 is FileNotFoundError, another
-    error status aiohttp's ClientResponseError."""
+def _check_answer(url: str, start: int, end: int, status: int, declared: Any,
+                  span: Optional[str]) -> None:
+    """[RS2], before a ranged response's body is read: anything but a 206 whose Content-Length
+    (``declared``) and Content-Range (``span``), when given, are the range is refused."""
     length = end - start
+    if status != 206:
+        raise _wrong_answer(url, start, length, f"status {status}, not 206 Partial Content" + (
+            " (the whole object: the server ignores Range; serve the file from one that "
+            "answers ranged requests)" if status == 200 else ""))
+    if declared is not None and str(declared).strip() != str(length):
+        raise _wrong_answer(url, start, length, f"a Content-Length of {declared}")
+    if span is not None and not span.strip().startswith(f"bytes {start}-{end - 1}/"):
+        raise _wrong_answer(url, start, length, f"Content-Range {span!r}")
+
+
+async def _bounded_body(read: Any, url: str, start: int, length: int) -> bytearray:
+    """A response body of ``length`` bytes from ``read(n)`` (at most ``n`` bytes a call, b""
+    at its end), reading at most one byte more [RS2], [RS5]: a longer body is refused."""
+    body = bytearray()
+    while len(body) <= length:
+        piece = await read(length + 1 - len(body))
+        if not piece:
+            break
+        body += piece
+    if len(body) > length:
+        raise _wrong_answer(url, start, length, "a longer body")
+    return body
+
+
+async def _http_range(rp: RemotePath, start: int, end: int) -> bytearray:
+    """Bytes ``[start, end)`` of an object of fsspec's HTTP filesystem by one ranged GET whose
+    answer is checked before its body is read (:func:`_check_answer`, and no Content-Encoding),
+    reading at most one byte more than asked; 404 or 410 is FileNotFoundError, another error
+    status aiohttp's ClientResponseError."""
+    fs, length = rp.fs, end - start
     kw = _http_request(fs)
     kw["headers"]["Range"] = f"bytes={start}-{end - 1}"
     session = await fs.set_session()
-    async with session.get(fs.encode_url(url), **kw) as r:
+    async with session.get(fs.encode_url(rp.path), **kw) as r:
         if r.status in (404, 410):
-            raise FileNotFoundError(errno.ENOENT, "no such object", url)
+            raise FileNotFoundError(errno.ENOENT, "no such object", rp.url)
         r.raise_for_status()
-        if r.status != 206:
-            raise _wrong_answer(url, start, length, f"status {r.status}, not 206 Partial Content" + (
-                " (the whole object: the server ignores Range; serve the file from one that "
-                "answers ranged requests)" if r.status == 200 else ""))
-        declared, span = r.headers.get("Content-Length"), r.headers.get("Content-Range")
-        if declared is not None and declared.strip() != str(length):
-            raise _wrong_answer(url, start, length, f"a Content-Length of {declared}")
-        if span is not None and not span.strip().startswith(f"bytes {start}-{end - 1}/"):
-            raise _wrong_answer(url, start, length, f"Content-Range {span!r}")
+        _check_answer(rp.url, start, end, r.status, r.headers.get("Content-Length"),
+                      r.headers.get("Content-Range"))
         if _encoded(r.headers):
-            raise _wrong_answer(url, start, length, f"a body of Content-Encoding "
+            raise _wrong_answer(rp.url, start, length, f"a body of Content-Encoding "
                                 f"{_encoded(r.headers)!r}")
-        body = bytearray()
-        while len(body) <= length:  # up to one byte more than asked: a longer body is refused
-            piece = await r.content.read(length + 1 - len(body))
-            if not piece:
-                break
-            body += piece
-        if len(body) > length:
-            raise _wrong_answer(url, start, length, "a longer body")
-        return body
+        return await _bounded_body(r.content.read, rp.url, start, length)
+
+
+async def _s3_range(rp: RemotePath, start: int, end: int) -> bytearray:
+    """Bytes ``[start, end)`` of an s3fs object by one ranged ``get_object``, as s3fs's own
+    ``cat_file`` makes it (the filesystem's request options, its retries, its errors: NoSuchKey
+    is FileNotFoundError), but checked before its body is read (:func:`_check_answer`) and
+    reading at most one byte more than asked."""
+    from s3fs.core import _error_wrapper  # s3fs's retries (and error translation) of cat_file
+
+    fs = rp.fs
+    bucket, key, version = fs.split_path(rp.path)
+
+    async def get() -> bytearray:
+        answer = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                   Range=f"bytes={start}-{end - 1}",
+                                   **({"VersionId": version} if version else {}))
+        body = answer["Body"]
+        try:
+            _check_answer(rp.url, start, end, answer["ResponseMetadata"]["HTTPStatusCode"],
+                          answer.get("ContentLength"), answer.get("ContentRange"))
+            return await _bounded_body(body.read, rp.url, start, end - start)
+        finally:
+            body.close()  # unread bytes are dropped with the connection
+
+    return cast(bytearray, await _error_wrapper(get, retries=fs.retries))
 
 
 def _cat_ranges(rp: RemotePath, spans: List[Tuple[int, int]]) -> List[Any]:
     """The bytes of each ``(start, end)`` of ``rp``, or the exception that its request ended in:
-    concurrent requests on async filesystems; over HTTP, safeckpt's own bounded ones
-    (:func:`_http_range`), elsewhere fsspec's ``cat_ranges``."""
+    concurrent requests on async filesystems; over HTTP and S3 (s3fs), safeckpt's own bounded
+    ones (:func:`_http_range`, :func:`_s3_range`), elsewhere fsspec's ``cat_ranges``."""
     fs = rp.fs
-    if not _is_http(fs):
+    fetch = _http_range if _is_http(fs) else _s3_range if _is_s3(fs) else None
+    if fetch is None:
         # on_error="return" (fsspec's default): each failed range is its exception, whichever
         # fsspec version (some ignore on_error="raise" when async)
         return cast(List[Any], fs.cat_ranges([rp.path] * len(spans), [s for s, _ in spans],
@@ -509,8 +567,8 @@ def _cat_ranges(rp: RemotePath, spans: List[Tuple[int, int]]) -> List[Any]:
     async def gather() -> List[Any]:
         import asyncio
 
-        return await asyncio.gather(*(_http_range(fs, rp.path, start, end)
-                                      for start, end in spans), return_exceptions=True)
+        return await asyncio.gather(*(fetch(rp, start, end) for start, end in spans),
+                                    return_exceptions=True)
 
     return cast(List[Any], _sync(fs, gather))
 

@@ -430,7 +430,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class MotoServer(_Misbehaving):
     """moto's S3-compatible server on 127.0.0.1 (a free port), counting and misbehaving on demand.
 
-    Its faults ("status", "short", "long", "hang") apply to S3 requests (not to moto's own
+    Its faults ("status", "short", "long", "hang", "huge", "endless") apply to S3 requests (not to moto's own
     /moto-api/ requests, which are not counted either). Start and stop are bounded.
     """
 
@@ -531,6 +531,9 @@ class _CountingApp:
         chunks = self._app(environ, keep)
         status, headers, exc_info = answer
         code = int(status.split()[0])
+        if fault is not None and fault.mode in ("huge", "endless") and code in (200, 206):
+            getattr(chunks, "close", lambda: None)()
+            return self._huge(fault.mode, status, headers, method, path, asked, start_response)
         if fault is None or fault.mode not in ("short", "long") or code not in (200, 206):
             start_response(status, headers, exc_info)
             owner.traffic.record(method, path, asked, code, 0)
@@ -542,6 +545,23 @@ class _CountingApp:
         start_response(status, headers + [("Content-Length", str(len(body)))], exc_info)
         owner.traffic.record(method, path, asked, code, len(body))
         return [body]
+
+
+    def _huge(self, mode: str, status: str, headers: List[Any], method: str, path: str,
+              asked: Optional[str], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        """A "huge" or "endless" answer (see misbehave) in place of moto's: HUGE zero bytes,
+        made 1 MiB at a time as they are sent ("endless": moto's status and Content-Range, no
+        Content-Length, so werkzeug sends the body chunked)."""
+        drop = {"content-length", "content-range"} if mode == "huge" else {"content-length"}
+        headers = [(k, v) for k, v in headers if k.lower() not in drop]
+        if mode == "huge":
+            status, headers = "200 OK", headers + [("Content-Length", str(HUGE))]
+        start_response(status, headers)
+        self._owner.traffic.record(method, path, asked, int(status.split()[0]), 0)
+        piece = bytes(1 << 20)
+        for _ in range(HUGE // len(piece) if method == "GET" else 0):
+            self._owner.traffic.add_bytes(method, len(piece))
+            yield piece
 
 
 def _counted(chunks: Iterable[bytes], method: str, traffic: Traffic) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ import http.client
 import sys
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -419,25 +420,34 @@ def test_s3_error_status(on_s3, status):
     assert url in str(info.value) and "bytes " in str(info.value), str(info.value)
 
 
-# -- [RS2], [RS5] over HTTP: a body larger than asked is never held ---------------------------------
+# -- [RS2], [RS5] over HTTP and S3: a body larger than asked is never held -------------------------
 
 MEMORY_BOUND = 64 << 20  # bytes a 4 KiB read may allocate, at most; the server sends servers.HUGE
 
 
 @pytest.mark.parametrize("mode", ["huge", "endless"])
-def test_huge_body_is_not_read(http_server, mode):
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_huge_body_is_not_read(request, where, mode):
     """A GET answered with 1 GiB for 4 KiB asked ("huge": 200 and its Content-Length, the Range
     ignored; "endless": 206 with the right Content-Range and no Content-Length, the body running
-    on): RemoteError naming the URL and the range [RS2], and the process allocates far less than
-    the body meanwhile (at most one byte more than asked is read [RS5])."""
+    on), over fsspec's HTTP filesystem and over s3fs: RemoteError naming the URL and the range
+    [RS2], and the process allocates far less than the body meanwhile (at most one byte more
+    than asked is read [RS5])."""
     import tracemalloc
 
     from safeckpt.remote import RemoteFile, resolve
 
-    http_server.objects["big.bin"] = bytes(1 << 20)
-    url = http_server.url("big.bin")
-    f = RemoteFile(resolve(url, storage_options=servers.http_options(CLIENT_TIMEOUT * 30)))
-    http_server.misbehave(mode)
+    if where == "http":
+        server = request.getfixturevalue("http_server")
+        server.objects["big.bin"] = bytes(1 << 20)
+        url, options = server.url("big.bin"), servers.http_options(CLIENT_TIMEOUT * 30)
+    else:
+        bucket = request.getfixturevalue("s3")
+        server, url, options = bucket.server, bucket.url("big.bin"), bucket.storage_options
+        bucket.fs.pipe_file(url, bytes(1 << 20))
+    f = RemoteFile(resolve(url, storage_options=options))
+    applied = server.faults.applied  # moto's server lives for the whole session
+    server.misbehave(mode)
     tracemalloc.start()
     try:
         with pytest.raises(RemoteError) as info:
@@ -445,13 +455,14 @@ def test_huge_body_is_not_read(http_server, mode):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert http_server.faults.applied == 1
+    assert server.faults.applied == applied + 1
     assert peak < MEMORY_BOUND < servers.HUGE, peak
     message = str(info.value)
     assert url in message and "bytes 8192-12287" in message and "[RS2]" in message, message
-    assert ("200" in message) == (mode == "huge"), message
+    assert ("status 200" in message) == (mode == "huge"), message
+    assert ("a longer body" in message) == (mode == "endless"), message
     assert (f.requests, f.bytes_read) == (1, 0)
-    http_server.behave()
+    server.behave()
     assert f.read(8192, 4096) == bytes(4096) and (f.requests, f.bytes_read) == (2, 4096)
 
 
@@ -489,3 +500,43 @@ def test_head_failure_at_open(served, fault):
     assert server.traffic.by_method["GET"] == 0  # no GET stood in for the failed HEAD
     server.behave()
     assert rp.exists() and same(LOADS["load_file"](url, options), state(0))
+
+
+# -- [RS7] through a prefix view: the filesystem under it sets the rules -----------------------------
+
+def test_dirfs_failed_save_keeps_the_previous_object(tmp_path):
+    """fsspec's DirFileSystem (a prefix view) passes autocommit on inconsistently; safeckpt goes
+    to the filesystem under it. Over memory://, a save is gathered and stored whole [RS7]: while
+    it runs a reader sees the previous object, and a save that fails (a ChecksumError: the array
+    changed between the CRC pass and the write) keeps it. Over a local directory, the path is a
+    local one."""
+    need("fsspec")
+    import fsspec
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    from safeckpt.remote import resolve
+    from safeckpt.writer import LazyArray
+
+    mem = fsspec.filesystem("memory")
+    root = f"/dirfs-{uuid.uuid4().hex}"
+    fs = DirFileSystem(path=root, fs=mem)
+    old = {"w": np.ones(4, np.float32)}
+    seen = []
+
+    def load():
+        seen.append(mem.cat_file(f"{root}/model.sckpt"))  # what a reader sees meanwhile
+        return np.full(1 << 20, len(seen), np.uint8)  # other bytes at each load
+
+    try:
+        safeckpt.save_file(old, "model.sckpt", fs=fs)
+        before = mem.cat_file(f"{root}/model.sckpt")
+        with pytest.raises(ChecksumError):
+            safeckpt.save_file({"w": LazyArray(np.uint8, (1 << 20,), load)}, "model.sckpt",
+                               fs=fs)
+        assert seen == [before, before]  # the CRC pass, then the write
+        assert mem.cat_file(f"{root}/model.sckpt") == before
+        assert same(safeckpt.load_file("model.sckpt", fs=fs), old)
+    finally:
+        mem.rm(root, recursive=True)
+    local = DirFileSystem(path=str(tmp_path), fs=fsspec.filesystem("file"))
+    assert resolve("model.sckpt", fs=local) == str(tmp_path / "model.sckpt")
