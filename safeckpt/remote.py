@@ -532,7 +532,10 @@ async def _s3_range(rp: RemotePath, start: int, end: int) -> bytearray:
     ``cat_file`` makes it (the filesystem's request options, its retries, its errors: NoSuchKey
     is FileNotFoundError), but checked before its body is read (:func:`_check_answer`) and
     reading at most one byte more than asked."""
-    from s3fs.core import _error_wrapper  # s3fs's retries (and error translation) of cat_file
+    try:
+        from s3fs.core import _error_wrapper  # s3fs's retries (and error translation) of cat_file
+    except ImportError:  # private to s3fs: a release without it gets one try, errors untranslated
+        _error_wrapper = None
 
     fs = rp.fs
     bucket, key, version = fs.split_path(rp.path)
@@ -549,6 +552,8 @@ async def _s3_range(rp: RemotePath, start: int, end: int) -> bytearray:
         finally:
             body.close()  # unread bytes are dropped with the connection
 
+    if _error_wrapper is None:
+        return await get()
     return cast(bytearray, await _error_wrapper(get, retries=fs.retries))
 
 
