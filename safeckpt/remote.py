@@ -532,11 +532,7 @@ async def _s3_range(rp: RemotePath, start: int, end: int) -> bytearray:
     ``cat_file`` makes it (the filesystem's request options, its retries, its errors: NoSuchKey
     is FileNotFoundError), but checked before its body is read (:func:`_check_answer`) and
     reading at most one byte more than asked."""
-    try:
-        from s3fs.core import _error_wrapper  # s3fs's retries (and error translation) of cat_file
-    except ImportError:  # private to s3fs: a release without it gets one try, errors untranslated
-        _error_wrapper = None
-
+    retrying = _s3_retries()
     fs = rp.fs
     bucket, key, version = fs.split_path(rp.path)
 
@@ -552,9 +548,20 @@ async def _s3_range(rp: RemotePath, start: int, end: int) -> bytearray:
         finally:
             body.close()  # unread bytes are dropped with the connection
 
-    if _error_wrapper is None:
+    if retrying is None:
         return await get()
-    return cast(bytearray, await _error_wrapper(get, retries=fs.retries))
+    return cast(bytearray, await retrying(get, retries=fs.retries))
+
+
+def _s3_retries() -> Any:
+    """s3fs's retry helper of its own ``cat_file`` (retries, and botocore errors translated:
+    NoSuchKey is FileNotFoundError), or None: it is private to s3fs, and a release without it
+    gets one try per request."""
+    try:
+        from s3fs.core import _error_wrapper
+    except ImportError:
+        return None
+    return _error_wrapper
 
 
 def _cat_ranges(rp: RemotePath, spans: List[Tuple[int, int]]) -> List[Any]:
