@@ -3,6 +3,9 @@
 import importlib
 import os
 
+# Four CPU devices for jax (sharding and device tests), set before anything imports jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
