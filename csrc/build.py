@@ -55,6 +55,7 @@ typedef enum sck_code {
     SCK_E_ARG, ...
 } sck_code;
 
+int sck_dtype_bits(int code);
 int sck_dtype_itemsize(int code);
 
 uint32_t sck_crc32c(uint32_t crc, const void *buf, size_t len);

@@ -32,8 +32,9 @@ extern "C" {
 #define SCK_MAGIC_TEXT_MANGLED_SIZE 7
 #define SCK_PREFIX_SIZE 32 /* magic 8, major 2, minor 2, flags 4, header_len 8, align 4, crc 4 */
 #define SCK_VERSION_MAJOR 1
-#define SCK_VERSION_MINOR 4 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtypes 17, 18,
-                             1.4 save_id and references (11) */
+#define SCK_VERSION_MINOR 5 /* 1.1 "tree" (FORMAT.md 8), 1.2 shard indexes (9), 1.3 dtypes 17, 18,
+                             1.4 save_id and references (11), 1.5 dtypes 19-34 (sub-byte
+                             packing, 4) and the "weak" and "key" tree nodes (8) */
 #define SCK_FLAG_TENSOR_CRC 0x1u
 #define SCK_FLAG_SHARD_INDEX 0x2u /* the file is a shard index [S1] */
 #define SCK_FLAG_REFS 0x4u        /* some tensors are in other files [X2] */
@@ -84,9 +85,14 @@ typedef enum sck_code {
 
 /* ---- Dtypes (safeckpt/dtypes.py, FORMAT.md section 4) ----------------------------------- */
 
-#define SCK_DTYPE_COUNT 19
+#define SCK_DTYPE_COUNT 35
 
-/* Item size in bytes of a dtype code, 0 for a code this reader does not know. */
+/* Bits per element of a dtype code (8 times the item size for the byte types; 1, 2, 4 or 6 for
+ * the packed codes 24-32), 0 for a code this reader does not know. A tensor of N elements holds
+ * exactly ceil(N * bits / 8) bytes [T5]: the packed codes are a bit stream, LSB first. */
+int sck_dtype_bits(int code);
+/* Item size in bytes of the code's numpy dtype (1 for a packed code: unpacked, one element per
+ * byte), 0 for a code this reader does not know. Not the size in the file: see sck_dtype_bits. */
 int sck_dtype_itemsize(int code);
 
 /* ---- CRC32C (Castagnoli, reflected, init and final xor 0xFFFFFFFF) ---------------------- */

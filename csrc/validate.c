@@ -1,6 +1,6 @@
 /*
  * validate.c - the validators of untrusted bytes: prefix [P1]-[P7], tensor table [H4 lengths,
- * T1-T8], padding [T9] in memory; and the dtype table. Pure computation: no system calls, no
+ * T1-T8], padding [T9] in memory; and the dtype table (bits per element). Pure computation: no system calls, no
  * threads (the padding check on a file descriptor, which reads, is in io.c).
  *
  * Everything here reads untrusted bytes: lengths are compared before any access, little-endian
@@ -19,33 +19,69 @@ const unsigned char sck_magic[SCK_MAGIC_SIZE] = {0x89, 'S', 'C', 'K', '\r', '\n'
 
 /* ---- Dtypes ---------------------------------------------------------------------------------- */
 
-static const uint8_t sck_itemsizes[SCK_DTYPE_COUNT] = {
-    1, /* 0 bool */
-    1, /* 1 int8 */
-    2, /* 2 int16 */
-    4, /* 3 int32 */
-    8, /* 4 int64 */
-    1, /* 5 uint8 */
-    2, /* 6 uint16 */
-    4, /* 7 uint32 */
-    8, /* 8 uint64 */
-    2, /* 9 float16 */
-    4, /* 10 float32 */
-    8, /* 11 float64 */
-    2, /* 12 bfloat16 */
-    1, /* 13 float8_e4m3fn */
-    1, /* 14 float8_e5m2 */
-    8, /* 15 complex64 */
-    16, /* 16 complex128 */
-    1, /* 17 float8_e4m3fnuz (version 1.3) */
-    1, /* 18 float8_e5m2fnuz (version 1.3) */
+/* Bits per element, by code (FORMAT.md section 4): 8 * item size for the byte types; the packed
+ * codes (bits < 8) are a bit stream of ceil(N * bits / 8) bytes. */
+static const uint8_t sck_bits[SCK_DTYPE_COUNT] = {
+    8,   /* 0 bool */
+    8,   /* 1 int8 */
+    16,  /* 2 int16 */
+    32,  /* 3 int32 */
+    64,  /* 4 int64 */
+    8,   /* 5 uint8 */
+    16,  /* 6 uint16 */
+    32,  /* 7 uint32 */
+    64,  /* 8 uint64 */
+    16,  /* 9 float16 */
+    32,  /* 10 float32 */
+    64,  /* 11 float64 */
+    16,  /* 12 bfloat16 */
+    8,   /* 13 float8_e4m3fn */
+    8,   /* 14 float8_e5m2 */
+    64,  /* 15 complex64 */
+    128, /* 16 complex128 */
+    8,   /* 17 float8_e4m3fnuz (version 1.3) */
+    8,   /* 18 float8_e5m2fnuz (version 1.3) */
+    8,   /* 19 float8_e4m3b11fnuz (version 1.5, as every code below) */
+    8,   /* 20 float8_e3m4 */
+    8,   /* 21 float8_e4m3 */
+    8,   /* 22 float8_e8m0fnu */
+    8,   /* 23 float8_e5m3fnu */
+    6,   /* 24 float6_e2m3fn (packed) */
+    6,   /* 25 float6_e3m2fn (packed) */
+    4,   /* 26 float4_e2m1fn (packed) */
+    4,   /* 27 int4 (packed) */
+    4,   /* 28 uint4 (packed) */
+    2,   /* 29 int2 (packed) */
+    2,   /* 30 uint2 (packed) */
+    1,   /* 31 int1 (packed) */
+    1,   /* 32 uint1 (packed) */
+    32,  /* 33 complex32 (2 x float16) */
+    32,  /* 34 bcomplex32 (2 x bfloat16) */
 };
+
+int sck_dtype_bits(int code)
+{
+    if (code < 0 || code >= SCK_DTYPE_COUNT)
+        return 0;
+    return sck_bits[code];
+}
 
 int sck_dtype_itemsize(int code)
 {
     if (code < 0 || code >= SCK_DTYPE_COUNT)
         return 0;
-    return sck_itemsizes[code];
+    return sck_bits[code] < 8 ? 1 : sck_bits[code] / 8;
+}
+
+/* *out = ceil(count * bits / 8) for count < 2**63, bits <= 255; returns 1 on u64 overflow.
+ * count * bits itself may not fit in 64 bits (2**63 * 6), so count is split into whole groups of
+ * 8 elements (bits bytes each) and the rest (fewer than 8 elements: at most 255 bytes). */
+static int sck_nbytes_of(uint64_t count, uint32_t bits, uint64_t *out)
+{
+    uint64_t groups;
+    if (sck_mul_u64(count >> 3, bits, &groups))
+        return 1;
+    return sck_add_u64(groups, ((count & 7) * bits + 7) >> 3, out);
 }
 
 /* ---- Prefix [P1]-[P7] ------------------------------------------------------------------------ */
@@ -112,8 +148,10 @@ static int sck_check_tensor(const sck_table *t, uint64_t i, uint64_t align, uint
     SCK_CHECK(ndim <= max_ndim, SCK_E_NDIM);
     /* The shape column must hold this tensor's dims (pos <= shape_len always holds). */
     SCK_CHECK((t->shape_len - pos) / 8 >= ndim, SCK_E_COLUMN);
-    /* [T3] every dim; [T4] the product of the non-zero dims times the item size. */
-    nonzero = sck_itemsizes[code];
+    /* [T3] every dim; [T4] the product of the non-zero dims (the element count numpy holds
+     * unpacked, one byte per element at least) and the byte size ceil(count * bits / 8) are both
+     * below 2**63. */
+    nonzero = 1;
     for (uint32_t d = 0; d < ndim; d++) {
         uint64_t dim = sck_load_u64le(t->shape + pos + 8 * (uint64_t)d);
         SCK_CHECK(dim < SCK_INT63_LIMIT, SCK_E_DIM);
@@ -123,7 +161,10 @@ static int sck_check_tensor(const sck_table *t, uint64_t i, uint64_t align, uint
             too_large = 1;
     }
     SCK_CHECK(!too_large, SCK_E_TOO_LARGE);
-    size = has_zero ? 0 : nonzero;
+    SCK_CHECK(!sck_nbytes_of(nonzero, sck_bits[code], &size) && size < SCK_INT63_LIMIT,
+              SCK_E_TOO_LARGE);
+    if (has_zero)
+        size = 0;
     *shape_pos = pos + 8 * (uint64_t)ndim;
     /* [T5] */
     nbytes = sck_load_u64le(t->nbytes + 8 * i);
