@@ -31,36 +31,58 @@ import numpy as np
 
 from .errors import UnsupportedDtypeError
 
-# (code, name, item size, minor version that added it). Codes are never reused; new ones come with
-# a new minor version (FORMAT.md section 5), so the minor never decreases along the table.
+# (code, name, item size, bits, minor version that added it). Codes are never reused; new ones come
+# with a new minor version (FORMAT.md section 5), so the minor never decreases along the table. The item
+# size is numpy's (one byte per element for the sub-byte types); bits is what an element takes in a
+# file: fewer than 8 means the code is packed (FORMAT.md section 4, [T11]).
 _TABLE = (
-    (0, "bool", 1, 0),
-    (1, "int8", 1, 0),
-    (2, "int16", 2, 0),
-    (3, "int32", 4, 0),
-    (4, "int64", 8, 0),
-    (5, "uint8", 1, 0),
-    (6, "uint16", 2, 0),
-    (7, "uint32", 4, 0),
-    (8, "uint64", 8, 0),
-    (9, "float16", 2, 0),
-    (10, "float32", 4, 0),
-    (11, "float64", 8, 0),
-    (12, "bfloat16", 2, 0),
-    (13, "float8_e4m3fn", 1, 0),
-    (14, "float8_e5m2", 1, 0),
-    (15, "complex64", 8, 0),
-    (16, "complex128", 16, 0),
-    (17, "float8_e4m3fnuz", 1, 3),
-    (18, "float8_e5m2fnuz", 1, 3),
+    (0, "bool", 1, 8, 0),
+    (1, "int8", 1, 8, 0),
+    (2, "int16", 2, 16, 0),
+    (3, "int32", 4, 32, 0),
+    (4, "int64", 8, 64, 0),
+    (5, "uint8", 1, 8, 0),
+    (6, "uint16", 2, 16, 0),
+    (7, "uint32", 4, 32, 0),
+    (8, "uint64", 8, 64, 0),
+    (9, "float16", 2, 16, 0),
+    (10, "float32", 4, 32, 0),
+    (11, "float64", 8, 64, 0),
+    (12, "bfloat16", 2, 16, 0),
+    (13, "float8_e4m3fn", 1, 8, 0),
+    (14, "float8_e5m2", 1, 8, 0),
+    (15, "complex64", 8, 64, 0),
+    (16, "complex128", 16, 128, 0),
+    (17, "float8_e4m3fnuz", 1, 8, 3),
+    (18, "float8_e5m2fnuz", 1, 8, 3),
+    (19, "float8_e4m3b11fnuz", 1, 8, 5),
+    (20, "float8_e3m4", 1, 8, 5),
+    (21, "float8_e4m3", 1, 8, 5),
+    (22, "float8_e8m0fnu", 1, 8, 5),
+    (23, "float8_e5m3fnu", 1, 8, 5),
+    (24, "float6_e2m3fn", 1, 6, 5),
+    (25, "float6_e3m2fn", 1, 6, 5),
+    (26, "float4_e2m1fn", 1, 4, 5),
+    (27, "int4", 1, 4, 5),
+    (28, "uint4", 1, 4, 5),
+    (29, "int2", 1, 2, 5),
+    (30, "uint2", 1, 2, 5),
+    (31, "int1", 1, 1, 5),
+    (32, "uint1", 1, 1, 5),
+    (33, "complex32", 4, 32, 5),
+    (34, "bcomplex32", 4, 32, 5),
 )
-# Codes whose numpy dtype is ml_dtypes' attribute of the same name (resolved on first use).
-_ML_CODES = frozenset(code for code, name, _, _ in _TABLE
-                      if name.startswith(("bfloat", "float8")))
+# Codes whose numpy dtype is ml_dtypes' attribute of the same name (resolved on first use): every
+# code that numpy itself does not have.
+_ML_CODES = frozenset(code for code, name, _, _, _ in _TABLE
+                      if name.startswith(("bfloat", "float8_", "float6_", "float4_")) or code >= 27)
+ML_DTYPES_MIN = "0.7"  # the ml_dtypes release that has every code of the table
 
-NAME_BY_CODE = tuple(name for _, name, _, _ in _TABLE)
-ITEMSIZE_BY_CODE = tuple(size for _, _, size, _ in _TABLE)
-MINOR_BY_CODE = tuple(minor for _, _, _, minor in _TABLE)
+NAME_BY_CODE = tuple(row[1] for row in _TABLE)
+ITEMSIZE_BY_CODE = tuple(row[2] for row in _TABLE)  # numpy's item size
+BITS_BY_CODE = tuple(row[3] for row in _TABLE)  # bits per element in a file
+MINOR_BY_CODE = tuple(row[4] for row in _TABLE)
+PACKED_CODES = frozenset(code for code, bits in enumerate(BITS_BY_CODE) if bits < 8)  # [T11]
 NUMPY_MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy's NPY_MAXDIMS
 # What native byte order ('=') means here; read by is_little_endian() at each call, so that a test
 # can set it to True and take the path of a big-endian host on a little-endian one.
@@ -79,8 +101,11 @@ class _DtypeByCode(dict):
 
     def __missing__(self, code: int) -> np.dtype:
         if code in _ML_CODES:
-            _resolve()
-            return dict.__getitem__(self, code)
+            if not _resolved:
+                _resolve()
+            if dict.__contains__(self, code):
+                return dict.__getitem__(self, code)
+            raise UnsupportedDtypeError(missing_ml_dtype(code))
         raise IndexError(f"dtype code {code!r} is not in 0..{len(NAME_BY_CODE) - 1}")
 
     def __len__(self) -> int:
@@ -123,7 +148,7 @@ class _CodeByDtype(dict):
 # Read as a sequence and sampled as one (e.g. by hypothesis), though a dict underneath.
 collections.abc.Sequence.register(_DtypeByCode)
 DTYPE_BY_CODE = _DtypeByCode((code, np.dtype(name).newbyteorder("<"))
-                             for code, name, _, _ in _TABLE if code not in _ML_CODES)
+                             for code, name, *_ in _TABLE if code not in _ML_CODES)
 CODE_BY_DTYPE = _CodeByDtype((dt, code) for code, dt in DTYPE_BY_CODE.items())  # little-endian only
 
 
@@ -144,14 +169,64 @@ DTYPES = _Dtypes()
 
 
 def _resolve() -> None:
-    """Fill in the ml_dtypes codes of ``DTYPE_BY_CODE`` and ``CODE_BY_DTYPE`` (imports it)."""
+    """Fill in the ml_dtypes codes of ``DTYPE_BY_CODE`` and ``CODE_BY_DTYPE`` (imports it).
+
+    A code whose type this ml_dtypes lacks (a release older than ``ML_DTYPES_MIN``) stays out of
+    both: looking it up raises :class:`UnsupportedDtypeError` (:func:`missing_ml_dtype`), and an
+    array of it cannot exist here to be saved.
+    """
     global _resolved
     import ml_dtypes
     for code in sorted(_ML_CODES):
-        dt = np.dtype(getattr(ml_dtypes, NAME_BY_CODE[code]))
+        kind = getattr(ml_dtypes, NAME_BY_CODE[code], None)
+        if kind is None:
+            dt = dict.pop(DTYPE_BY_CODE, code, None)
+            if dt is not None:
+                dict.pop(CODE_BY_DTYPE, dt, None)
+            continue
+        dt = np.dtype(kind)
         dict.__setitem__(CODE_BY_DTYPE, dt, code)
         dict.__setitem__(DTYPE_BY_CODE, code, dt)
     _resolved = True
+
+
+def missing_ml_dtype(code: int, name: str | None = None) -> str:
+    """The message for a known code whose type the installed ml_dtypes lacks (tensor ``name``).
+
+    Example: ``missing_ml_dtype(27, "w")`` says tensor 'w' has dtype code 27 (int4), which
+    needs ml_dtypes>=0.7.
+    """
+    import ml_dtypes
+    where = f"tensor {name!r}: " if name is not None else ""
+    return (f"{where}dtype code {code} ({NAME_BY_CODE[code]}) needs ml_dtypes>={ML_DTYPES_MIN}; "
+            f"the installed ml_dtypes {getattr(ml_dtypes, '__version__', '?')} lacks it "
+            f"(pip install -U ml_dtypes)")
+
+
+def numpy_dtype(code: int, name: str) -> np.dtype:
+    """The numpy dtype of a known ``code`` (0 <= code < len(NAME_BY_CODE)) for tensor ``name``.
+
+    Raises:
+        UnsupportedDtypeError: the installed ml_dtypes lacks the code's type; names the tensor.
+
+    Example:
+        >>> numpy_dtype(10, "w") == np.dtype("<f4")
+        True
+    """
+    try:
+        return DTYPE_BY_CODE[code]
+    except UnsupportedDtypeError:
+        raise UnsupportedDtypeError(missing_ml_dtype(code, name)) from None
+
+
+def nbytes_of(code: int, count: int) -> int:
+    """The byte length in a file of ``count`` elements of ``code``: ``ceil(count * bits / 8)``.
+
+    Example:
+        >>> nbytes_of(10, 3), nbytes_of(27, 3), nbytes_of(24, 5), nbytes_of(31, 0)
+        (12, 2, 4, 0)
+    """
+    return (count * BITS_BY_CODE[code] + 7) // 8
 
 
 def _resolve_if_imported() -> bool:

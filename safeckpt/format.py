@@ -21,8 +21,8 @@ MAGIC_TEXT_MANGLED = b"\x89SCK\n\x1a\n"  # what a CR LF -> LF conversion makes o
 PREFIX_SIZE = 32  # magic 8, major 2, minor 2, flags 4, header_len 8, align 4, header_crc 4
 PREFIX_STRUCT = struct.Struct("<8sHHIQII")
 VERSION_MAJOR = 1
-VERSION_MINOR = 4  # 1.1 "tree" (section 8), 1.2 shard indexes (9), 1.3 dtype codes 17, 18 (4),
-# 1.4 save_id and references (11)
+VERSION_MINOR = 5  # 1.1 "tree" (section 8), 1.2 shard indexes (9), 1.3 dtype codes 17, 18 (4),
+# 1.4 save_id and references (11), 1.5 dtype codes 19-34 with sub-byte packing (4), weak/key nodes (8)
 FLAG_TENSOR_CRC = 0x1  # the header has a crc32c column
 FLAG_SHARD_INDEX = 0x2  # the file is a shard index [S1]: "must understand", so 1.1 readers refuse it
 FLAG_REFS = 0x4  # some tensors are in other files [X2]: 1.3 readers refuse the file, not skip them
