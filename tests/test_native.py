@@ -22,6 +22,8 @@ from safeckpt._sckpt import ffi, lib  # noqa: E402
 from safeckpt.errors import Code  # noqa: E402
 
 ITEMSIZE = dtypes.ITEMSIZE_BY_CODE
+BITS = dtypes.BITS_BY_CODE  # bits per element in a file (FORMAT.md section 4)
+CODES = len(BITS)
 U64_MAX = (1 << 64) - 1
 F32, U8, F64 = 10, 5, 11
 
@@ -78,12 +80,16 @@ def test_messages_live_only_in_errors_py():
     assert not [name for name in dir(lib) if "strerror" in name or "message" in name]
 
 
-def test_dtype_itemsizes_match_dtypes_py():
-    assert lib.SCK_DTYPE_COUNT == len(dtypes.DTYPES)
+def test_dtype_table_matches_dtypes_py():
+    # the one dtype table, twice: codes, bits per element in a file, numpy item sizes
+    assert lib.SCK_DTYPE_COUNT == len(dtypes.DTYPES) == len(BITS) == len(ITEMSIZE)
     for code, _, dt in dtypes.DTYPES:
-        assert lib.sck_dtype_itemsize(code) == dt.itemsize
+        assert lib.sck_dtype_itemsize(code) == dt.itemsize == ITEMSIZE[code]
+        assert lib.sck_dtype_bits(code) == BITS[code]
+        assert (BITS[code] < 8) == (code in dtypes.PACKED_CODES)
     for bad in (-1, lib.SCK_DTYPE_COUNT, 255, 1 << 20):
         assert lib.sck_dtype_itemsize(bad) == 0
+        assert lib.sck_dtype_bits(bad) == 0
 
 
 def test_native_name():
@@ -256,9 +262,7 @@ def build_table(tensors, header_end=87, align=64):
     dt, nd, shape, offsets, nbytes = bytearray(), bytearray(), b"", [], []
     end = header_end
     for code, dims in tensors:
-        size = ITEMSIZE[code]
-        for d in dims:
-            size *= d
+        size = dtypes.nbytes_of(code, int(np.prod(dims, dtype=object)))
         offset = -(-end // align) * align
         dt.append(code)
         nd.append(len(dims))
@@ -347,7 +351,7 @@ def test_table_align_and_header_end_checked():
 
 def test_T1_unknown_dtype():
     columns, size = build_table(SAMPLE)
-    columns[0] = columns[0][:2] + bytes([len(ITEMSIZE)]) + columns[0][3:]  # the first unknown code
+    columns[0] = columns[0][:2] + bytes([CODES]) + columns[0][3:]  # the first unknown code
     assert validate(columns, size) == (Code.DTYPE, 2)
     columns[0] = bytes([255]) + columns[0][1:]
     assert validate(columns, size) == (Code.DTYPE, 0)
@@ -484,7 +488,7 @@ def test_table_20000_tensors_fast():
 @settings(max_examples=60, deadline=None)
 @given(
     tensors=st.lists(
-        st.tuples(st.integers(0, 16), st.lists(st.integers(0, 5), max_size=4)), max_size=12),
+        st.tuples(st.integers(0, CODES - 1), st.lists(st.integers(0, 5), max_size=4)), max_size=12),
     align=st.sampled_from([8, 64, 4096]),
     header_end=st.integers(32, 300),
 )
@@ -508,7 +512,7 @@ def ref_validate(n, dt, nd, sh, of, nb, header_end, align, file_size, max_ndim):
     nb = struct.unpack(f"<{n}Q", nb)
     pos, prev = 0, header_end
     for i in range(n):
-        if dt[i] >= len(ITEMSIZE):
+        if dt[i] >= CODES:
             return Code.DTYPE, i
         if nd[i] > max_ndim:
             return Code.NDIM, i
@@ -518,10 +522,11 @@ def ref_validate(n, dt, nd, sh, of, nb, header_end, align, file_size, max_ndim):
         pos += 8 * nd[i]
         if any(d >= 2**63 for d in dims):
             return Code.DIM, i
-        size = ITEMSIZE[dt[i]]
+        count = 1
         for d in dims:
-            size *= d or 1
-        if size >= 2**63:
+            count *= d or 1
+        size = -(-count * BITS[dt[i]] // 8)  # ceil(count * bits / 8) [T5]
+        if count >= 2**63 or size >= 2**63:
             return Code.TOO_LARGE, i
         if nb[i] != (0 if 0 in dims else size):
             return Code.NBYTES, i
@@ -545,7 +550,7 @@ def ref_validate(n, dt, nd, sh, of, nb, header_end, align, file_size, max_ndim):
 @settings(max_examples=300, deadline=None)
 @given(
     tensors=st.lists(
-        st.tuples(st.integers(0, 16), st.lists(st.integers(0, 4), max_size=3)), min_size=1,
+        st.tuples(st.integers(0, CODES - 1), st.lists(st.integers(0, 4), max_size=3)), min_size=1,
         max_size=6),
     mutations=st.lists(
         st.tuples(st.integers(0, 8), st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
