@@ -29,7 +29,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from ._pycrc32c import crc32c
-from .dtypes import ITEMSIZE_BY_CODE
+from .dtypes import BITS_BY_CODE, ITEMSIZE_BY_CODE, nbytes_of
 from .errors import Code, error_for
 from .format import (
     ALIGN_MAX,
@@ -58,7 +58,8 @@ COMPARE_CHUNK = 1 << 20  # bytes compared per numpy call: bounds the temporary (
 _U64 = np.dtype("<u8")
 _DIM_LIMIT = 1 << 63  # [T3] every dimension is below 2**63; [T4] so is the byte size
 _SCREEN_LOG2 = 62.0  # screen: a product whose float log2 is below this is exactly below 2**63
-_ITEMSIZES = np.array(ITEMSIZE_BY_CODE, dtype=_U64)
+_ITEMSIZES = np.array(ITEMSIZE_BY_CODE, dtype=_U64)  # numpy's: 1 for a packed code [T4]
+_BITS = np.array(BITS_BY_CODE, dtype=_U64)  # in the file [T5]
 _ADVICE = {
     "normal": "MADV_NORMAL",
     "sequential": "MADV_SEQUENTIAL",
@@ -139,8 +140,8 @@ def _check_tensor(dtype: int, ndim: int, shape: Buffer, start: int, offset: int,
     itemsize = ITEMSIZE_BY_CODE[dtype]
     if math.prod(dim for dim in dims if dim) * itemsize >= _DIM_LIMIT:
         return Code.TOO_LARGE  # [T4]
-    if size != math.prod(dims) * itemsize:
-        return Code.NBYTES  # [T5]
+    if size != nbytes_of(dtype, math.prod(dims)):
+        return Code.NBYTES  # [T5] ceil(count * bits / 8)
     if offset % align:
         return Code.MISALIGNED  # [T6]
     expected = -(-prev_end // align) * align
@@ -269,10 +270,14 @@ def _screen_shapes(codes: np.ndarray, dims_per: np.ndarray, shape: Buffer, sizes
     itemsizes = _ITEMSIZES[np.minimum(codes[:have], len(ITEMSIZE_BY_CODE) - 1)]
     log_bytes = log_sum[ends[:have]] - log_sum[first] + np.log2(itemsizes.astype(np.float64))
     flagged[:have] |= log_bytes >= _SCREEN_LOG2
-    # [T5] exact in uint64 wherever the screen above passed (the product is below 2**62).
+    # [T5] ceil(products * bits / 8), exact in uint64 wherever the screen above passed (the
+    # product is below 2**62): whole groups of 8 elements take `bits` bytes, then the rest.
     products = np.multiply.reduceat(np.append(dims, np.uint64(1)), first)
     products[dims_per[:have] == 0] = 1
-    flagged[:have] |= products * itemsizes != sizes[:have]
+    bits = _BITS[np.minimum(codes[:have], len(BITS_BY_CODE) - 1)]
+    three, seven = np.uint64(3), np.uint64(7)
+    expected = (products >> three) * bits + (((products & seven) * bits + seven) >> three)
+    flagged[:have] |= expected != sizes[:have]
     return flagged, starts, ends
 
 

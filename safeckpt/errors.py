@@ -234,7 +234,7 @@ ERRORS: dict[Code, tuple[type[Exception], str]] = {
     Code.NDIM: (LimitError, "more dimensions than max_ndim [T2]"),
     Code.DIM: (LayoutError, "a dimension is negative (2**63 or more as an unsigned number) [T3]"),
     Code.TOO_LARGE: (LayoutError, "shape times item size is too large (2**63 bytes or more) [T4]"),
-    Code.NBYTES: (LayoutError, "byte length does not equal prod(shape) x itemsize [T5]"),
+    Code.NBYTES: (LayoutError, "byte length does not equal ceil(prod(shape) x bits / 8) [T5]"),
     Code.MISALIGNED: (LayoutError, "tensor data does not start at a multiple of the alignment "
                       "[T6]"),
     Code.OVERLAP: (LayoutError, "tensor overlaps the header or the previous tensor [T6]"),

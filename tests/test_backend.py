@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import ml_dtypes
 from safeckpt import _pybackend, dtypes
 from safeckpt._pycrc32c import _raw_small
-from safeckpt.dtypes import ITEMSIZE_BY_CODE
+from safeckpt.dtypes import ITEMSIZE_BY_CODE, nbytes_of
 from safeckpt.errors import ERRORS, Code, LayoutError, SafeckptError, TruncatedFileError
 from safeckpt.format import MAGIC, MAGIC_TEXT_MANGLED, PREFIX_STRUCT
 
@@ -457,7 +457,7 @@ def make_table(tensors, header_end=100, align=64):
     dtypes, ndims, dims, offsets, sizes = [], [], [], [], []
     end = header_end
     for code, shape in tensors:
-        size = ITEMSIZE_BY_CODE[code] * int(np.prod(shape, dtype=object))
+        size = nbytes_of(code, int(np.prod(shape, dtype=object)))  # [T5] with bits
         offset = align_up(end, align)
         dtypes.append(code)
         ndims.append(len(shape))
