@@ -367,6 +367,7 @@ static void test_table(const fixture *fx)
         CHECK_EQ(le_load(t.nbytes + 8 * i, 8), e->nbytes, e->name);
         CHECK_EQ(e->offset % fx->align, 0, e->name);
         size = sck_dtype_itemsize(e->code);
+        CHECK_EQ(sck_dtype_bits(e->code), 8 * size, e->name); /* fixtures hold byte types only */
         CHECK_EQ(count * (uint64_t)size, e->nbytes, e->name);
         for (uint64_t k = 0; k < count; k++) {
             expect_element(e->code, e->seed, k, want);
@@ -584,6 +585,86 @@ static void test_hostile_table(const fixture *fx)
     free(file);
 }
 
+/* ---- Bits per element: the packed codes [T4] [T5] (FORMAT.md section 4) ------------------- */
+
+/* sck_validate_table on one tensor of `code` and dims[0..ndim) at offset 64 (header_end 40,
+ * align 64), with nbytes and a file just long enough for them (capped at 2**64 - 1). */
+static int validate_one(int code, uint32_t ndim, const uint64_t *dims, uint64_t nbytes)
+{
+    uint8_t dtype = (uint8_t)code, nd = (uint8_t)ndim, shape[8 * 4], offset[8], nb[8];
+    uint64_t bad = 99, file_size = nbytes > UINT64_MAX - 64 ? UINT64_MAX : 64 + nbytes;
+    sck_table t;
+    int rc;
+
+    for (uint32_t d = 0; d < ndim; d++)
+        le_store(shape + 8 * d, dims[d], 8);
+    le_store(offset, 64, 8);
+    le_store(nb, nbytes, 8);
+    memset(&t, 0, sizeof t);
+    t.n = 1;
+    t.dtypes = &dtype;
+    t.dtypes_len = 1;
+    t.ndims = &nd;
+    t.ndims_len = 1;
+    t.shape = shape;
+    t.shape_len = 8 * (uint64_t)ndim;
+    t.offsets = offset;
+    t.offsets_len = 8;
+    t.nbytes = nb;
+    t.nbytes_len = 8;
+    rc = sck_validate_table(&t, 40, 64, file_size, SCK_MAX_NDIM, &bad);
+    CHECK_EQ(bad, 0, "bad_index of a one-tensor table");
+    return rc;
+}
+
+static void test_packed_table(void)
+{
+    /* code, bits: the plan's table of version 1.5 (safeckpt/dtypes.py BITS_BY_CODE) */
+    static const int bits[][2] = {{19, 8}, {20, 8}, {21, 8}, {22, 8}, {23, 8}, {24, 6}, {25, 6},
+                                  {26, 4}, {27, 4}, {28, 4}, {29, 2}, {30, 2}, {31, 1}, {32, 1},
+                                  {33, 32}, {34, 32}};
+    const uint64_t t62 = UINT64_C(1) << 62, t63 = UINT64_C(1) << 63;
+    uint64_t dims[3];
+
+    CHECK_EQ(SCK_DTYPE_COUNT, 35, "SCK_DTYPE_COUNT");
+    CHECK_EQ(sck_dtype_bits(SCK_DTYPE_COUNT), 0, "bits of an unknown code");
+    CHECK_EQ(sck_dtype_bits(-1), 0, "bits of -1");
+    for (size_t i = 0; i < sizeof bits / sizeof bits[0]; i++) {
+        int code = bits[i][0], b = bits[i][1];
+        CHECK_EQ(sck_dtype_bits(code), b, "bits");
+        CHECK_EQ(sck_dtype_itemsize(code), b < 8 ? 1 : b / 8, "numpy item size");
+        /* counts 0..17: nbytes = ceil(count * bits / 8) exactly, one more or less refused */
+        for (uint64_t count = 0; count < 18; count++) {
+            uint64_t want = (count * (uint64_t)b + 7) / 8;
+            dims[0] = count;
+            CHECK_CODE(validate_one(code, 1, dims, want), SCK_OK, "packed nbytes");
+            CHECK_CODE(validate_one(code, 1, dims, want + 1), SCK_E_NBYTES, "one byte more");
+            if (want)
+                CHECK_CODE(validate_one(code, 1, dims, want - 1), SCK_E_NBYTES, "one byte less");
+        }
+    }
+    /* [T4]: 2**63 one-bit elements are 2**60 bytes, but numpy unpacks one byte per element */
+    dims[0] = t62, dims[1] = 2;
+    CHECK_CODE(validate_one(32, 2, dims, t63 / 8), SCK_E_TOO_LARGE, "uint1 2**63 elements");
+    CHECK_CODE(validate_one(24, 2, dims, 3 * (t63 / 4)), SCK_E_TOO_LARGE, "float6 2**63");
+    dims[0] = UINT64_C(1) << 32, dims[1] = UINT64_C(1) << 32; /* wraps u64 to 0 unchecked */
+    CHECK_CODE(validate_one(25, 2, dims, 0), SCK_E_TOO_LARGE, "float6 2**64 elements");
+    dims[0] = t62, dims[1] = 0, dims[2] = 2; /* a zero dim does not excuse the others */
+    CHECK_CODE(validate_one(31, 3, dims, 0), SCK_E_TOO_LARGE, "int1 with a zero dim");
+    dims[0] = UINT64_C(1) << 61; /* complex32: 2**63 bytes */
+    CHECK_CODE(validate_one(33, 1, dims, 0), SCK_E_TOO_LARGE, "complex32 2**63 bytes");
+    /* the largest counts: count * 6 needs 66 bits, the byte size does not */
+    dims[0] = t63 - 1;
+    CHECK_CODE(validate_one(24, 1, dims, 3 * (t63 / 4)), SCK_OK, "float6 2**63 - 1");
+    CHECK_CODE(validate_one(32, 1, dims, t63 / 8), SCK_OK, "uint1 2**63 - 1");
+    CHECK_CODE(validate_one(28, 1, dims, t63 / 2), SCK_OK, "uint4 2**63 - 1");
+    dims[0] = t62; /* 2**62 * 6 wraps u64 to 2**63: the wrapped nbytes is refused */
+    CHECK_CODE(validate_one(25, 1, dims, 3 * (t62 / 4)), SCK_OK, "float6 2**62");
+    CHECK_CODE(validate_one(25, 1, dims, t63 / 8), SCK_E_NBYTES, "float6 2**62, wrapped");
+    dims[0] = (UINT64_C(1) << 61) - 1;
+    CHECK_CODE(validate_one(33, 1, dims, t63 - 4), SCK_OK, "complex32, the largest");
+}
+
 /* ---- Big tensors: write in chunks, CRC on a second thread, read in parallel pieces --------- */
 
 static void test_big_round_trip(void)
@@ -786,6 +867,7 @@ int main(int argc, char **argv)
         free(fx.t);
     }
     CHECK(mixed_seen, "mixed.sckpt tested");
+    test_packed_table();
     test_big_round_trip();
     test_bytes_equal();
     test_copy_many();
