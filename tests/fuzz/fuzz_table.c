@@ -15,8 +15,9 @@
  *
  * Besides "no crash, no sanitizer report", it checks what the validators promise: a table that
  * sck_validate_table accepts lies inside the file, aligned, in order, without gaps, ending at the
- * end of the file; on it the padding check answers OK or PADDING; and the memory and file
- * descriptor padding checks agree on every table.
+ * end of the file, each tensor's nbytes ceil(count * bits / 8) [T5] with its element count below
+ * 2**63 [T4] (recomputed here in 128-bit arithmetic); on it the padding check answers OK or
+ * PADDING; and the memory and file descriptor padding checks agree on every table.
  *
  * Build and run: tests/fuzz/run_fuzzers.sh (clang -fsanitize=fuzzer,address,undefined).
  */
@@ -89,13 +90,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     rc = sck_validate_table(&t, header_end, align, size, max_ndim, &bad);
     if (rc == SCK_OK) {
-        uint64_t end = header_end;
+        uint64_t end = header_end, dim_pos = 0;
         CHECK(bad == 0);
         for (uint64_t i = 0; i < t.n; i++) {
             uint64_t offset = load_u64le(t.offsets + 8 * i), nbytes = load_u64le(t.nbytes + 8 * i);
+            unsigned __int128 count = 1, nonzero = 1;
             CHECK(offset % align == 0 && offset >= end && offset - end < align);
             CHECK(nbytes <= size && offset <= size - nbytes);
             CHECK(t.dtypes[i] < SCK_DTYPE_COUNT && t.ndims[i] <= max_ndim);
+            for (uint32_t d = 0; d < t.ndims[i]; d++, dim_pos += 8) {
+                uint64_t dim = load_u64le(t.shape + dim_pos);
+                count *= dim;
+                nonzero *= dim ? dim : 1;
+                CHECK(nonzero < ((unsigned __int128)1 << 63)); /* [T4], and no 128-bit wrap */
+            }
+            CHECK(nbytes == (count * (unsigned)sck_dtype_bits(t.dtypes[i]) + 7) / 8); /* [T5] */
             end = offset + nbytes;
         }
         CHECK(end == size);
