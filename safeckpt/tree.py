@@ -35,15 +35,23 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Protocol, Seq
 import numpy as np
 
 from . import format as fmt
-from . import jax_convert, torch_convert
+from . import jax_convert, torch_convert, writer
 from .dtypes import DTYPE_BY_CODE, code_of, is_little_endian, to_little_endian
 from .errors import HeaderError, InvalidValueError, LimitError, quote
 
 # Node tags (FORMAT.md section 8, [R2]). Containers hold children; the others are leaves.
 LIST, TUPLE, DICT, ODICT = "list", "tuple", "dict", "odict"
 TENSOR, REF, SCALAR = "tensor", "ref", "scalar"
+WEAK, KEY = "weak", "key"  # jax wrappers of one tensor, ref (or, for weak, scalar) node [R9] [R10]
 CONTAINERS = frozenset((LIST, TUPLE, DICT, ODICT))
-_LEAF_ARITY = {TENSOR: (2, 3), REF: (2,), SCALAR: (3,)}  # allowed lengths of each leaf node
+WRAPPERS = frozenset((WEAK, KEY))
+# allowed lengths of each leaf node; a wrapper's child is its last item
+_LEAF_ARITY = {TENSOR: (2, 3), REF: (2,), SCALAR: (3,), WEAK: (2,), KEY: (3,)}
+_WRAPPED = {WEAK: (TENSOR, REF, SCALAR), KEY: (TENSOR, REF)}  # the child tags each wrapper takes
+_RULE = {WEAK: "[R9]", KEY: "[R10]"}
+# The lowest minor version that holds a tree (its scalar codes and node kinds): in the writer,
+# which is below this module and needs it, and public here.
+tree_minor = writer.tree_minor
 ROOT_NAME = "_"  # the flat name of a tensor that is the whole tree [R7]
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 _PRIMITIVES = (type(None), bool, int, float, str, bytes)
@@ -185,7 +193,22 @@ _NO_KEY = object()
 
 def _tensor_node(value: Any, root: str, path: Tuple[Key, ...], names: List[str],
                  arrays: List[Any], taken: Set[str], shared: Dict[Any, int]) -> List[Any]:
-    """The node of an array or torch tensor: a new table entry, or a ref to one stored already."""
+    """The node of an array, torch tensor or jax array: a new table entry, or a ref to one stored
+    already; a weakly typed jax array or a typed key array wrapped in its node [R9] [R10]."""
+    if jax_convert.is_array(value):
+        where = _where(root, path)
+        if jax_convert.is_key(value):
+            impl = jax_convert.key_impl_name(value, where)
+            return [KEY, impl, _table_node(value, root, path, names, arrays, taken, shared)]
+        node = _table_node(value, root, path, names, arrays, taken, shared)
+        return [WEAK, node] if getattr(value, "weak_type", False) else node
+    return _table_node(value, root, path, names, arrays, taken, shared)
+
+
+def _table_node(value: Any, root: str, path: Tuple[Key, ...], names: List[str],
+                arrays: List[Any], taken: Set[str], shared: Dict[Any, int]) -> List[Any]:
+    """The tensor node of an array, torch tensor or jax array (a key's key data), with its device
+    [R11]; or a ref to the same memory stored already [R8]."""
     device: Optional[str] = None
     array: Any
     identity: Optional[tuple]
@@ -195,6 +218,7 @@ def _tensor_node(value: Any, root: str, path: Tuple[Key, ...], names: List[str],
                     array.dtype.str) if array.nbytes else None
     elif jax_convert.is_array(value):
         array, identity = jax_convert.export(value, _where(root, path))
+        device = jax_convert.device_of(value)
     else:
         array, device, identity = torch_convert.export(value, _where(root, path))
     if identity is not None and identity in shared:
@@ -270,6 +294,8 @@ def _path(keys: Sequence[Any]) -> str:
 def _first(tree: Any, tag: str, index: int) -> str:
     """The path of the first ``tag`` node of tensor ``index`` (to name it in a message)."""
     for node, _, keys in _nodes(tree):
+        if type(node) is list and node and node[0] in WRAPPERS:
+            node = node[-1]
         if type(node) is list and len(node) > 1 and node[0] == tag and node[1] == index:
             return _path(keys)
     return "tree"
@@ -303,13 +329,42 @@ def check_tree(tree: Any, names: Sequence[str], max_depth: int, where: str) -> A
             continue
         if len(node) not in _LEAF_ARITY[tag]:
             raise HeaderError(f"{where}: {_path(keys)}: a {tag} node has {len(node)} items, not "
-                              f"{' or '.join(map(str, _LEAF_ARITY[tag]))} [R2]")
+                              f"{' or '.join(map(str, _LEAF_ARITY[tag]))} {_RULE.get(tag, '[R2]')}")
+        if tag in WRAPPERS:
+            node, tag = _check_wrapper(node, tag, level, keys, max_depth, where)
         if tag == SCALAR:
             _check_scalar(node, keys, where)
         else:
             _check_tensor_index(tree, node, tag, keys, names, used, where)
     _check_every_tensor_used(tree, names, used, where)
     return tree
+
+
+def _check_wrapper(node: List[Any], tag: str, level: int, keys: List[Any], max_depth: int,
+                   where: str) -> Tuple[List[Any], str]:
+    """A weak [R9] or key [R10] node of the right length: a key's impl a non-empty str, the child
+    a node of a form the wrapper takes, not deeper than ``max_depth`` [R6], of its form's length;
+    returns the child and its tag (checked further as any such node)."""
+    rule = _RULE[tag]
+    if tag == KEY and (type(node[1]) is not str or not node[1]):
+        raise HeaderError(f"{where}: {_path(keys)}: key implementation {quote(node[1])} is not a "
+                          f"non-empty str {rule}")
+    child = node[-1]
+    allowed = _WRAPPED[tag]
+    child_tag = child[0] if type(child) is list and child else None
+    if type(child_tag) is not str or child_tag not in allowed:
+        what = (f"a {child_tag} node" if type(child_tag) is str and child_tag in _LEAF_ARITY
+                or child_tag in CONTAINERS else f"{_msgpack_name(child)} {quote(child)}")
+        raise HeaderError(f"{where}: {_path(keys)}: a {tag} node holds {what}, not a "
+                          f"{' or '.join(allowed)} node {rule}")
+    if level + 1 > max_depth:
+        raise LimitError(f"{where}: {_path(keys)}: tree nesting deeper than "
+                         f"max_depth={max_depth}; pass max_depth=... if you trust this file [R6]")
+    if len(child) not in _LEAF_ARITY[child_tag]:
+        raise HeaderError(f"{where}: {_path(keys)}: the {child_tag} node in a {tag} node has "
+                          f"{len(child)} items, not "
+                          f"{' or '.join(map(str, _LEAF_ARITY[child_tag]))} [R2]")
+    return child, child_tag
 
 
 def _check_node(node: Any, level: int, keys: List[Any], max_depth: int, where: str) -> str:
@@ -531,16 +586,24 @@ def _tensor_indices(node: Any) -> Dict[int, Optional[str]]:
         if type(node) is not list:
             continue
         if node[0] in (TENSOR, REF):
-            found.setdefault(node[1], node[2] if len(node) == 3 else None)
+            if len(node) == 3:  # a tensor node's device wins over a ref seen before it
+                found[node[1]] = node[2]
+            else:
+                found.setdefault(node[1], None)
         elif node[0] in CONTAINERS:
             stack.extend(reversed(node[1:]))
+        elif node[0] in WRAPPERS:
+            stack.append(node[-1])
     return found
 
 
 def _leaf(node: Any, tensors: Dict[int, Any]) -> Any:
-    """The value of a leaf node; tensors come from ``tensors[index]``."""
+    """The value of a leaf node; tensors come from ``tensors[index]``. A weak or key node is its
+    child's value (numpy and torch have neither) [R9] [R10]."""
     if type(node) is not list:
         return node
+    if node[0] in WRAPPERS:
+        node = node[-1]
     if node[0] == SCALAR:
         scalar = np.frombuffer(node[2], DTYPE_BY_CODE[node[1]])
         # bytes are little-endian [R5]; a dtype numpy has in native order only is swapped into it
@@ -548,10 +611,14 @@ def _leaf(node: Any, tensors: Dict[int, Any]) -> Any:
     return tensors[node[1]]
 
 
-def _build(node: Any, tensors: Dict[int, Any]) -> Any:
-    """The Python value of a checked subtree, built without recursion."""
+def _build(node: Any, tensors: Dict[int, Any],
+           leaf: Optional[Callable[[Any], Any]] = None) -> Any:
+    """The Python value of a checked subtree, built without recursion; ``leaf(node)`` gives the
+    value of a leaf node (default: :func:`_leaf` with ``tensors``)."""
+    if leaf is None:
+        leaf = lambda child: _leaf(child, tensors)  # noqa: E731
     if not _is_container(node):
-        return _leaf(node, tensors)
+        return leaf(node)
     stack: List[List[Any]] = [[node, 1, []]]  # frames: node, index of the next child, values so far
     while True:
         frame = stack[-1]
@@ -562,7 +629,7 @@ def _build(node: Any, tensors: Dict[int, Any]) -> Any:
             if _is_container(child):
                 stack.append([child, 1, []])
             else:
-                out.append(_leaf(child, tensors))
+                out.append(leaf(child))
             continue
         stack.pop()
         tag = node[0]
@@ -579,26 +646,83 @@ def _build(node: Any, tensors: Dict[int, Any]) -> Any:
 
 
 def materialize(reader: TreeReader, node: Any, *, framework: Optional[str] = None,
-                map_location: Any = None, verify: Optional[bool] = None) -> Any:
+                map_location: Any = None, verify: Optional[bool] = None,
+                jax_leaves: bool = False) -> Any:
     """The Python value of ``node``, reading only the tensors it uses.
 
-    ``framework`` is ``None`` or ``"numpy"`` (numpy arrays) or ``"torch"`` (torch tensors, zero-copy
-    from the mapping, or copied to a GPU through pinned buffers, as ``map_location`` says; see
-    :func:`safeckpt.torch_convert.device_tensors`). Tensors referenced twice come back as the same object.
+    ``framework`` is ``None`` or ``"numpy"`` (numpy arrays; a key node gives its key data, a weak
+    node its plain value [R9] [R10]) or ``"torch"`` (torch tensors, zero-copy from the mapping, or
+    copied to a GPU through pinned buffers, as ``map_location`` says; see
+    :func:`safeckpt.torch_convert.device_tensors`) or ``"jax"`` (jax arrays: typed keys and weak
+    types restored, each on its saved device [R11]; with ``jax_leaves=True``,
+    :class:`safeckpt.jax_convert.JaxLeaf` values not yet on any device, lazy views of a mapped
+    file, for a caller that places them itself). Tensors referenced twice come back as the same
+    object.
+
+    Example:
+        >>> with safeckpt.open(path) as f:                             # doctest: +SKIP
+        ...     leaves = materialize(f, find(f, "params"), framework="jax", jax_leaves=True)
     """
     if framework not in _FRAMEWORKS:
         raise ValueError(f"framework={framework!r}: use None, 'numpy', 'torch' or 'jax'")
     if map_location is not None and framework != "torch":
         raise ValueError("map_location needs framework='torch'")
+    if jax_leaves and framework != "jax":
+        raise ValueError("jax_leaves=True needs framework='jax'")
     devices = _tensor_indices(node)
     if framework == "torch":
         return _build(node, torch_convert.load_tensors(reader, devices, map_location, verify))
     indices = list(devices)
     tensors = dict(zip(indices, reader.load_indices(indices, verify)))
     if framework == "jax":
-        names = reader.names
-        tensors = {i: jax_convert.from_numpy(a, names[i]) for i, a in tensors.items()}
+        return _build_jax(node, tensors, devices, reader.names, jax_leaves)
     return _build(node, tensors)
+
+
+def _jax_leaf_key(node: Any) -> Any:
+    """What identifies a leaf's jax value: (tensor index, wrapper tag, impl), so that a tensor and
+    its refs give one object; a (wrapped) scalar node by identity; None for a plain value."""
+    if type(node) is not list:
+        return None
+    tag = node[0] if node[0] in WRAPPERS else None
+    inner = node[-1] if tag is not None else node
+    if inner[0] == SCALAR:
+        return None if tag is None else (SCALAR, id(inner))
+    return inner[1], tag, node[1] if tag == KEY else None
+
+
+def _build_jax(node: Any, tensors: Dict[int, np.ndarray], devices: Dict[int, Optional[str]],
+               names: Sequence[str], jax_leaves: bool) -> Any:
+    """The value of ``node`` with a :class:`JaxLeaf` (or, unless ``jax_leaves``, its jax array)
+    for each tensor, ref and weak or key node [R9]-[R11]."""
+    leaves: Dict[Any, jax_convert.JaxLeaf] = {}
+    stack = [node]
+    while stack:  # every leaf node, once: one JaxLeaf per distinct value
+        item = stack.pop()
+        if _is_container(item):
+            stack.extend(item[1:])
+            continue
+        key = _jax_leaf_key(item)
+        if key is None or key in leaves:
+            continue
+        inner = item[-1]
+        if key[0] == SCALAR:
+            scalar = _leaf(inner, tensors)
+            leaves[key] = jax_convert.JaxLeaf(np.asarray(scalar), f"scalar of dtype {scalar.dtype}",
+                                              weak=True)
+        else:
+            index, tag, impl = key
+            leaves[key] = jax_convert.JaxLeaf(tensors[index], names[index], weak=tag == WEAK,
+                                              key_impl=impl, device=devices[index])
+    values: Dict[Any, Any] = dict(leaves)
+    if not jax_leaves:
+        values = dict(zip(leaves, jax_convert.to_jax_values(leaves.values())))
+
+    def leaf(item: Any) -> Any:
+        key = _jax_leaf_key(item)
+        return _leaf(item, tensors) if key is None else values[key]
+
+    return _build(node, tensors, leaf)
 
 
 def view(reader: TreeReader, node: Any) -> Any:

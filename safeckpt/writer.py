@@ -124,7 +124,7 @@ class Plan:
         self.names: List[str] = list(own)
         self.columns, self.arrays, self.nbytes, self.direct = _columns(own)
         # dtype codes added by a later minor version (FORMAT.md section 5) raise the file's minor
-        self.minor = max(self.minor, minor_of(self.columns["dtypes"]), _scalar_minor(tree))
+        self.minor = max(self.minor, minor_of(self.columns["dtypes"]), tree_minor(tree))
         if self.refs is not None or save_id is not None:
             self.minor = max(self.minor, fmt.KEY_MINOR["refs"])
         self.flags = fmt.FLAG_TENSOR_CRC if self.checksum else 0
@@ -326,8 +326,19 @@ def _renumbered(tree: Any, new_index: Sequence[int]) -> Any:
     return root
 
 
-def _scalar_minor(tree: Any) -> int:
-    """The lowest minor version that holds the dtype codes of a tree's scalar nodes [R5]."""
+# The tree nodes (FORMAT.md section 8) added after 1.1 and the minor version of each [R9] [R10].
+NODE_MINOR = {"weak": 5, "key": 5}
+
+
+def tree_minor(tree: Any) -> int:
+    """The lowest minor version that holds a tree: the dtype codes of its scalar nodes [R5] and
+    its node kinds (``weak`` and ``key`` are 1.5) [R9] [R10]; without recursion. Here, below
+    :mod:`safeckpt.tree` (which re-exports it), so that the writer can use it.
+
+    Example:
+        >>> tree_minor(["dict", "lr", ["weak", ["tensor", 0]]])
+        5
+    """
     minor, stack = 0, [tree]
     while stack:
         node = stack.pop()
@@ -335,6 +346,7 @@ def _scalar_minor(tree: Any) -> int:
             if node[0] == "scalar":
                 minor = max(minor, MINOR_BY_CODE[node[1]])
             else:
+                minor = max(minor, NODE_MINOR.get(node[0], 0))
                 stack.extend(node[1:])
     return minor
 
