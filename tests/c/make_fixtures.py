@@ -8,7 +8,10 @@ tests/c/test_core.c computes too (``expected`` below and ``expect_element`` ther
 - integers, float16 and float8 (raw bits): the top 8·itemsize bits of
   k·0x9E3779B97F4A7C15 + s·0x0123456789ABCDEF (mod 2**64); bool: the top bit;
 - float32: (k − 3s)·0.375; float64: (k − s)·0.1; bfloat16: the top 16 bits of float32 (k − s)·0.5;
-- complex64: (k + s)·0.5 + i·k·(−0.25) in float32; complex128: (k + s)·0.1 + i·k·(−0.001).
+- complex64: (k + s)·0.5 + i·k·(−0.25) in float32; complex128: (k + s)·0.1 + i·k·(−0.001);
+- complex32, bcomplex32 (version 1.5): raw bits, as the integers;
+- the packed codes (bits < 8, version 1.5): the top ``bits`` bits, which the file holds packed
+  (FORMAT.md section 4: element k at stream bits [k·bits, (k+1)·bits), LSB first).
 
 Each fixture NAME.sckpt comes with NAME.txt, the facts the C test checks the file against: file
 size, prefix fields, where each column of the header lies in the file, and per tensor its name,
@@ -57,8 +60,47 @@ MIXED = [
 ]
 
 
+# name, dtype name, seed, shape: every code of version 1.5 (19-34), counts that leave the last
+# byte of a packed tensor part used, an empty one and a 0-d one
+PACKED = [
+    ("e4m3b11", "float8_e4m3b11fnuz", 1, (3,)),
+    ("e3m4", "float8_e3m4", 2, (2, 2)),
+    ("e4m3", "float8_e4m3", 3, (5,)),
+    ("e8m0", "float8_e8m0fnu", 4, (3,)),
+    ("e5m3", "float8_e5m3fnu", 5, (7,)),
+    ("f6a", "float6_e2m3fn", 6, (5,)),
+    ("f6b", "float6_e3m2fn", 7, (2, 3)),
+    ("f4", "float4_e2m1fn", 8, (7,)),
+    ("i4", "int4", 9, (3, 3)),
+    ("u4", "uint4", 10, (4,)),
+    ("i2", "int2", 11, (7,)),
+    ("u2", "uint2", 12, ()),
+    ("i1", "int1", 13, (13,)),
+    ("u1", "uint1", 14, (2, 0)),
+    ("c32", "complex32", 15, (3,)),
+    ("bc32", "bcomplex32", 16, (2,)),
+    ("last", "uint1", 17, (9,)),
+]
+
+
 def dtype_of(name):
-    return np.dtype(getattr(ml_dtypes, name)) if name.startswith(("bfloat", "float8")) else np.dtype(name)
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16, the float8, float6, float4, sub-byte integers, complex32
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def bits_of(name):
+    """Bits per element in a file (FORMAT.md section 4)."""
+    return dtypes.BITS_BY_CODE[dtypes.NAME_BY_CODE.index(name)]
+
+
+def packed_bytes(raw, bits):
+    """The bit stream of FORMAT.md section 4 of unsigned ``raw`` values, in plain integers."""
+    stream = 0
+    for k, value in enumerate(int(v) for v in raw):
+        stream |= value << (k * bits)
+    return stream.to_bytes(-(-len(raw) * bits // 8), "little")
 
 
 def hashed_bits(seed, count, bits):
@@ -91,7 +133,16 @@ def expected(dtype_name, seed, shape):
         real = (k + seed).astype(np.float64) * 0.1
         imag = k.astype(np.float64) * -0.001
         flat = np.stack([real, imag], axis=-1).reshape(-1).view(np.complex128)
-    else:  # integers, float16, float8: raw bits
+    elif bits_of(dtype_name) < 8:  # packed: the top bits, in the low bits of each byte
+        raw = hashed_bits(seed, count, bits_of(dtype_name)).astype(np.uint8)
+        if dtype_name.startswith("int"):  # a value of the signed type with those low bits
+            raw = raw.astype(np.int8) - ((raw >> (bits_of(dtype_name) - 1)) << bits_of(dtype_name))
+            flat = raw.astype(np.int8).astype(dt)
+        elif dtype_name.startswith("uint"):
+            flat = raw.astype(dt)
+        else:
+            flat = raw.view(dt)
+    else:  # integers, float16, float8, complex32: raw bits
         bits = hashed_bits(seed, count, 8 * dt.itemsize)
         flat = bits.astype(f"u{dt.itemsize}").view(dt)
     return flat.reshape(shape)
@@ -133,10 +184,14 @@ def write(name, specs, **options):
     crcs = (np.frombuffer(data, "<u4", len(specs), places["crc32c"][0])
             if "crc32c" in places and specs else [0] * len(specs))
     for i, (t, d, s, shape) in enumerate(specs):
-        nbytes = tensors[t].nbytes
         code = dtypes.code_of(tensors[t].dtype)
+        bits = dtypes.BITS_BY_CODE[code]
+        want = tensors[t].tobytes()
+        if bits < 8:  # the file holds the formula's top bits, packed
+            want = packed_bytes(hashed_bits(s, tensors[t].size, bits), bits)
+        nbytes = len(want)
         got = data[int(offsets[i]):int(offsets[i]) + nbytes]
-        assert got == tensors[t].tobytes(), t  # the file holds the formula's bytes
+        assert got == want, t  # the file holds the formula's bytes
         dims = " ".join(str(x) for x in shape)
         lines.append(f"tensor {t} {code} {s} {len(shape)} {dims} {int(offsets[i])} {nbytes} "
                      f"{int(crcs[i])}".replace("  ", " "))
@@ -151,6 +206,7 @@ def main():
     write("align256_nocrc", [("w", "float32", 31, (5, 3)), ("b", "int16", 32, (3,)),
                              ("x", "float64", 33, (2,))], align=256, checksum=False)
     write("empty", [], checksum=True)
+    write("packed", PACKED, align=8, checksum=True)
     return 0
 
 

@@ -8,9 +8,10 @@
  * (tests/c/make_fixtures.py), each with a NAME.txt of what it must hold. Checked bit-exactly:
  * the prefix fields [P1]-[P7] and the header CRC [P8]; the table [H4, T1-T8] and the padding [T9]
  * (in memory and through a file descriptor); every tensor's bytes against the formula that made
- * them (expect_element, the same as make_fixtures.py's) and its CRC32C [T10]; mmap and the
- * parallel pread; the CRC32C test vectors of RFC 3720 B.4; hostile prefixes and tables giving the
- * right error code and tensor index; C writer round trips, which must reproduce each fixture's
+ * them (expect_element, the same as make_fixtures.py's; packed codes bit by bit, with zero
+ * padding bits [T11]) and its CRC32C [T10]; mmap and the parallel pread; the CRC32C test vectors
+ * of RFC 3720 B.4; hostile prefixes and tables giving the right error code and tensor index, and
+ * the [T4]/[T5] rules of the packed codes on hand-made tables; C writer round trips, which must reproduce each fixture's
  * data section byte for byte; and the exact byte comparison, on one thread and on several.
  * Prints one line per failure and a summary; exits 1 on any failure.
  */
@@ -107,6 +108,25 @@ static void expect_element(int code, uint64_t s, uint64_t k, uint8_t *out)
         break;
     default: le_store(out, h >> (64 - 8 * size), size); break;          /* raw bits */
     }
+}
+
+/* The top `bits` bits of the hash of element k: what a packed tensor (bits < 8) holds for it. */
+static uint64_t expect_packed(uint64_t s, uint64_t k, int bits)
+{
+    uint64_t h = k * UINT64_C(0x9E3779B97F4A7C15) + s * UINT64_C(0x0123456789ABCDEF);
+    return h >> (64 - bits);
+}
+
+/* Stream bits [k * bits, (k + 1) * bits) of p, bit j being bit j % 8 of byte j / 8 (FORMAT.md
+ * section 4), read one bit at a time. */
+static uint64_t stream_field(const uint8_t *p, uint64_t k, int bits)
+{
+    uint64_t v = 0;
+    for (int b = 0; b < bits; b++) {
+        uint64_t j = k * (uint64_t)bits + (uint64_t)b;
+        v |= (uint64_t)((p[j / 8] >> (j % 8)) & 1) << b;
+    }
+    return v;
 }
 
 /* ---- Fixtures ----------------------------------------------------------------------------- */
@@ -355,7 +375,7 @@ static void test_table(const fixture *fx)
         const tensor *e = &fx->t[i];
         uint64_t count = 1;
         uint8_t want[16];
-        int size;
+        int size, bits;
         CHECK_EQ(t.dtypes[i], e->code, e->name);
         CHECK_EQ(t.ndims[i], e->ndim, e->name);
         for (uint32_t d = 0; d < e->ndim; d++) {
@@ -367,9 +387,20 @@ static void test_table(const fixture *fx)
         CHECK_EQ(le_load(t.nbytes + 8 * i, 8), e->nbytes, e->name);
         CHECK_EQ(e->offset % fx->align, 0, e->name);
         size = sck_dtype_itemsize(e->code);
-        CHECK_EQ(sck_dtype_bits(e->code), 8 * size, e->name); /* fixtures hold byte types only */
-        CHECK_EQ(count * (uint64_t)size, e->nbytes, e->name);
-        for (uint64_t k = 0; k < count; k++) {
+        bits = sck_dtype_bits(e->code);
+        CHECK_EQ((count * (uint64_t)bits + 7) / 8, e->nbytes, e->name); /* [T5] */
+        if (bits < 8) { /* packed: each element's bits in the stream, zero padding bits [T11] */
+            const uint8_t *p = fx->data + e->offset;
+            for (uint64_t k = 0; k < count; k++)
+                if (stream_field(p, k, bits) != expect_packed(e->seed, k, bits)) {
+                    CHECK(0, "%s: packed element %llu differs from the formula", e->name,
+                          (unsigned long long)k);
+                    break;
+                }
+            if (count * (uint64_t)bits % 8)
+                CHECK_EQ(p[e->nbytes - 1] >> (count * (uint64_t)bits % 8), 0, e->name);
+        }
+        for (uint64_t k = 0; k < count && bits >= 8; k++) {
             expect_element(e->code, e->seed, k, want);
             if (memcmp(fx->data + e->offset + k * (uint64_t)size, want, (size_t)size) != 0) {
                 CHECK(0, "%s: element %llu differs from the formula", e->name,
@@ -846,7 +877,7 @@ static void test_copy_many(void)
 
 int main(int argc, char **argv)
 {
-    static const char *const names[] = {"mixed", "align256_nocrc", "empty"};
+    static const char *const names[] = {"mixed", "align256_nocrc", "empty", "packed"};
     const char *dir = argc > 1 ? argv[1] : "tests/c/fixtures";
     int mixed_seen = 0;
 
