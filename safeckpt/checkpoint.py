@@ -49,6 +49,7 @@ from typing import (Any, Callable, Dict, Iterable, List, NamedTuple, Optional, S
 import numpy as np
 
 from . import api, torch_convert
+from . import jax as _sck_jax
 from . import torch as _sck_torch
 from . import tree as _tree
 from . import writer as _writer
@@ -243,11 +244,15 @@ def _as_byte_tensor(value: Any) -> Any:
 # -- state in and out ------------------------------------------------------------------------------
 
 def state_of(obj: Any, depth: int = 0) -> Any:
-    """``obj`` with every object that has ``state_dict()`` replaced by its state (through dicts)."""
+    """``obj`` with every object that has ``state_dict()`` replaced by its state, and every JAX
+    pytree (an optax state, a flax TrainState, an ``nnx.State``) by its plain containers
+    (:func:`safeckpt.jax.to_state`), through dicts."""
     if callable(getattr(obj, "state_dict", None)) and not isinstance(obj, dict):
         return obj.state_dict()
     if type(obj) in (dict, collections.OrderedDict) and depth < 64:
         return type(obj)((k, state_of(v, depth + 1)) for k, v in obj.items())
+    if _sck_jax.is_jax_tree(obj):  # never imports jax: False unless it is imported
+        return _sck_jax.to_state(obj)
     return obj
 
 
@@ -771,10 +776,13 @@ def _check_layout(keys: Iterable[Any], where: str, layout: Tuple[str, ...]) -> N
 def load_checkpoint_file(path: Union[PathLike, RemotePath], layout: Tuple[str, ...],
                          fresh_keys: Sequence[str], verify: bool | None, limits: dict[str, Any],
                          step: int | None = None,
-                         check: Optional[Callable[[TensorMap], None]] = None) -> dict[str, Any]:
+                         check: Optional[Callable[[TensorMap], None]] = None,
+                         jax_keys: Sequence[str] = ()) -> dict[str, Any]:
     """The checked content of a checkpoint file of ``layout`` [C1-C3] (of ``step``, if given).
     ``path`` may be a :class:`~safeckpt.remote.RemotePath`. ``check``, if given, is called with
-    the opened file before anything of it is loaded, and raises to refuse it.
+    the opened file before anything of it is loaded, and raises to refuse it. Top-level entries
+    named in ``jax_keys`` hold :class:`~safeckpt.jax_convert.JaxLeaf` values in place of arrays
+    (nothing put on a device yet: :func:`safeckpt.jax.restore_tree` places them).
 
     Top-level entries named in ``fresh_keys`` are read into fresh memory. An optimizer keeps the
     tensors it is given and overwrites them at its next step. Views of the file's private
@@ -795,12 +803,14 @@ def load_checkpoint_file(path: Union[PathLike, RemotePath], layout: Tuple[str, .
         _check_layout(top.keys(), where, layout)
         if verify is None:
             verify = mapped.has_checksums
-        if not fresh_keys:
+        if not fresh_keys and not jax_keys:
             state = mapped.load(verify=verify)
+        elif not fresh_keys:
+            state = {key: _load_entry(mapped, key, verify, key in jax_keys) for key in top.keys()}
         else:
             with api.open(path, mmap=False, **limits) as unmapped:
-                state = {key: (unmapped if key in fresh_keys else mapped).load((key,), verify=verify)
-                         for key in top.keys()}
+                state = {key: _load_entry(unmapped if key in fresh_keys else mapped, key, verify,
+                                          key in jax_keys) for key in top.keys()}
     _check_counter(state["step"], f"{where}['step']", "C2")
     if layout is _SAVED:
         _check_counter(state["epoch"], f"{where}['epoch']", "C2")
@@ -812,3 +822,11 @@ def load_checkpoint_file(path: Union[PathLike, RemotePath], layout: Tuple[str, .
     check_metrics(state["metrics"], f"{where}['metrics']", "C2")
     check_rng(state["rng"], f"{where}['rng']")
     return state
+
+
+def _load_entry(reader: TensorMap, key: str, verify: bool, jax_leaves: bool) -> Any:
+    """Top-level entry ``key`` of an open checkpoint: numpy arrays, or JaxLeaf values."""
+    if jax_leaves:
+        return _tree.materialize(reader, _tree.find(reader, (key,)), framework="jax",
+                                 verify=verify, jax_leaves=True)
+    return reader.load((key,), verify=verify)

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from . import _backend, _fs, api
+from . import jax as _sck_jax
 from . import refs as _refs
 from . import format as fmt
 from . import async_save as _async
@@ -62,6 +63,7 @@ MAX_COMMIT_SIZE = 64 << 10  # [RS8]: ~900 files' names, sizes and CRCs; refused 
 _MAX_STEP = 10 ** 20 - 1  # the most digits a name holds (and below 2**64 - 1, [C1])
 _ALIGN = 64
 _SHOWN = 10  # the failed files a "no checkpoint loads" error lists
+_JAX_KEYS = ("state",)  # restored into a JAX template: loaded as JaxLeaf values (lazy)
 
 
 class Checkpoint(NamedTuple):
@@ -308,9 +310,11 @@ class _LocalDir:
                 removed.append(name)
         return removed
 
-    def load(self, step: int, name: str, verify: bool | None) -> Dict[str, Any]:
+    def load(self, step: int, name: str, verify: bool | None,
+             jax: bool = False) -> Dict[str, Any]:
         """The checked content of checkpoint file ``name`` of ``step`` [C1-C3]."""
-        return load_checkpoint_file(self.path(name), MANAGED, (), verify, {}, step=step)
+        return load_checkpoint_file(self.path(name), MANAGED, (), verify, {}, step=step,
+                                    jax_keys=_JAX_KEYS if jax else ())
 
 
 class _RemoteDir:
@@ -479,7 +483,8 @@ class _RemoteDir:
                           "safeckpt.load(url) reads one", RuntimeWarning, stacklevel=3)
         return removed
 
-    def load(self, step: int, name: str, verify: bool | None) -> Dict[str, Any]:
+    def load(self, step: int, name: str, verify: bool | None,
+             jax: bool = False) -> Dict[str, Any]:
         """The checked content of checkpoint file ``name`` of ``step`` [C1-C3], refused unless
         its commit object is valid and the file opened is the one it names: the same size and
         header_crc [RS8] (its shards are checked by the index [S7]).
@@ -501,7 +506,7 @@ class _RemoteDir:
                     f"{crc:#010x} [RS8]: not the save that was committed (replaced since?)")
 
         return load_checkpoint_file(self.target(name), MANAGED, (), verify, {}, step=step,
-                                    check=check)
+                                    check=check, jax_keys=_JAX_KEYS if jax else ())
 
 
 class CheckpointManager:
@@ -1131,6 +1136,15 @@ class CheckpointManager:
         ``state_or_model`` in place (see :func:`safeckpt.checkpoint.restore_into`) and restore
         the random generators. Pending async saves are written first (as :meth:`wait`).
 
+        A JAX template (a pytree holding jax arrays or ``jax.ShapeDtypeStruct``, an optax state,
+        a flax TrainState, an ``nnx.State``: :func:`safeckpt.jax.is_jax_tree`) is not restored
+        in place, since jax arrays are immutable: the restored pytree is ``info.state``, with
+        the template's exact structure (tuples, named tuples, dataclasses, int keys), jax
+        arrays on each template leaf's sharding or device (a sharded leaf reads only each
+        device's slice of the file), typed keys and weak types as saved; checked first as
+        :func:`safeckpt.jax.restore_tree` says. ``strict`` and ``map_location`` are for other
+        targets. For nnx: ``nnx.update((model, optimizer), info.state)``.
+
         With ``step=None``, a newest file that does not open, fails verification or breaks
         [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
         the one before it. ``verify`` and ``map_location`` as for
@@ -1147,11 +1161,16 @@ class CheckpointManager:
                 written (an older checkpoint is not tried: it would not fit either).
             InvalidValueError: a target that cannot be restored in place (e.g. an optimizer's
                 ``state_dict()``: pass the optimizer; see :func:`restore_into`).
+            ValueError: ``strict=False`` or ``map_location`` with a JAX template (its leaves
+                say where each array goes, and every leaf must be in the file).
             SafeckptError, OSError: with ``step``, that file's problem.
 
         Example:
             >>> info = manager.restore({"model": model, "optimizer": opt})     # doctest: +SKIP
             >>> start = info.step + 1 if info else 0                            # doctest: +SKIP
+            >>> info = manager.restore({"state": train_state, "rng": key})     # JAX: a new pytree
+            >>> if info:                                                        # doctest: +SKIP
+            ...     train_state, key = info.state["state"], info.state["rng"]
         """
         return self._load(state_or_model, step, verify, strict, map_location)
 
@@ -1163,6 +1182,11 @@ class CheckpointManager:
     def _load(self, target: Any, step: Any, verify: bool | None, strict: bool,
               map_location: Any) -> CheckpointInfo | None:
         """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
+        jax_target = target is not None and _sck_jax.is_jax_tree(target)
+        if jax_target and (not strict or map_location is not None):
+            raise ValueError("strict=False and map_location are for torch and numpy targets: a "
+                             "JAX template's leaves say where each array goes, and each must be "
+                             "in the checkpoint")
         self.wait()  # what was saved, not what was on disk before
         candidates = (self._candidates() if step is None
                       else [(as_step(step), _name(as_step(step)))])
@@ -1170,7 +1194,7 @@ class CheckpointManager:
         for number, name in candidates:
             path = self._dir.path(name)
             try:
-                tree = self._dir.load(number, name, verify)
+                tree = self._dir.load(number, name, verify, jax_target)
             except (SafeckptError, OSError) as exc:
                 if step is not None:
                     raise
@@ -1178,11 +1202,13 @@ class CheckpointManager:
                 failed.append((path, exc))
                 continue
             state = tree["state"]
-            if target is not None:
+            if jax_target:  # a new pytree: jax arrays are immutable
+                state = _sck_jax.restore_tree(target, state, where=f"{path!r}['state']")
+            elif target is not None:
                 state = restore_into(target, state, strict=strict, map_location=map_location,
                                      where=f"{path!r}['state']")
-                if self.rng:
-                    restore_rng(tree["rng"])
+            if target is not None and self.rng:
+                restore_rng(tree["rng"])
             return CheckpointInfo(path, tree["step"], None, tree["metrics"], None, state)
         if failed:
             raise self._none_loads(failed) from failed[0][1]
