@@ -6,9 +6,14 @@ both the element count (numpy unpacks one byte per element) and the byte size be
 arithmetic that cannot overflow (``count * 6`` needs 66 bits for ``count = 2**63 - 1``). The C
 core (csrc/validate.c) and the pure-Python backend must give the same code and tensor index on
 every table; each test also checks the answer against the spec's formula in big integers.
+Files of the new codes then load through each backend's reads (mmap, pread, bytes): bit-exact,
+and refused with the tensor's name for set padding bits [T11] (checked by the shared unpacking,
+safeckpt/packing.py, after either backend has read the packed bytes) or an nbytes off by one.
 """
 
+import pathlib
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +22,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("safeckpt._sckpt")
 
-from safeckpt import _native, _pybackend, dtypes  # noqa: E402
+import safeckpt  # noqa: E402
+from safeckpt import _native, _pybackend, dtypes, errors  # noqa: E402
 from safeckpt.errors import Code  # noqa: E402
 
 BITS = dtypes.BITS_BY_CODE
@@ -194,3 +200,57 @@ def test_tables_of_new_codes_valid_and_off_by_one(tensors, which, delta):
                                                  end + delta, 32)))
            for backend in (_native, _pybackend)]
     assert got[0] == got[1] == (Code.NBYTES, i)
+
+
+# ---- files of the new codes, loaded through each backend's reads (mmap, pread, bytes) ----------
+
+C_FIXTURES = pathlib.Path(__file__).parent / "c" / "fixtures"
+FUZZ = pathlib.Path(__file__).parent / "fuzz"
+
+
+def _packed_fixture():
+    """``{name: expected array}`` of tests/c/fixtures/packed.sckpt (make_fixtures' formula)."""
+    sys.path.insert(0, str(C_FIXTURES.parent))
+    try:
+        import make_fixtures
+    finally:
+        sys.path.remove(str(C_FIXTURES.parent))
+    return {name: make_fixtures.expected(d, seed, shape)
+            for name, d, seed, shape in make_fixtures.PACKED}
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("how", ["mmap", "pread", "bytes", "verify"])
+def test_packed_fixture_loads_bit_exact(how):
+    """Every code 19-34 (tests/c/fixtures/packed.sckpt, which tests/c checks on three CPUs)."""
+    path = C_FIXTURES / "packed.sckpt"
+    if how == "bytes":
+        got = safeckpt.load_bytes(path.read_bytes())
+    else:
+        got = safeckpt.load_file(path, mmap=how == "mmap", verify=how == "verify")
+    want = _packed_fixture()
+    assert list(got) == list(want)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and got[name].shape == array.shape, name
+        assert got[name].tobytes() == array.tobytes(), name  # bits, NaN payloads included
+        if dtypes.code_of(array.dtype) in dtypes.PACKED_CODES:  # a fresh unpacked array
+            assert got[name].flags.owndata or got[name].base.flags.owndata, name
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("mmap", [True, False])
+def test_packed_padding_bits_refused(tmp_path, mmap):
+    """[T11]: a high bit set past the last element (the fuzz seed) is a LayoutError naming it."""
+    data = (FUZZ / "corpus_py" / "seed_packed_padding_bits").read_bytes()
+    path = tmp_path / "bad.sckpt"
+    path.write_bytes(data)
+    for load in (lambda: safeckpt.load_file(path, mmap=mmap), lambda: safeckpt.load_bytes(data)):
+        with pytest.raises(errors.LayoutError, match=r"'q'.*\[T11\]|\[T11\].*'q'"):
+            load()
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("seed", ["seed_packed_nbytes_plus_one", "seed_packed_nbytes_minus_one"])
+def test_packed_nbytes_off_by_one_refused(seed):
+    with pytest.raises(errors.LayoutError, match=r"'q'.*\[T5\]"):
+        safeckpt.load_bytes((FUZZ / "corpus_py" / seed).read_bytes())
