@@ -156,6 +156,10 @@ def validate_table(n: int, dtypes: Buffer, ndims: Buffer, shape: Buffer, offsets
                    ) -> tuple[int, int]:
     """Check the column lengths [H4] and [T1]-[T8] on the raw ``bin`` columns of the header.
 
+    [T4]/[T5] use each code's bits per element (``dtypes.BITS_BY_CODE``): ``nbytes`` must be
+    ``ceil(count * bits / 8)``, the packed length for the sub-byte codes. Tensor bytes are never
+    read here; their padding bits [T11] are checked where they are unpacked (``packing.unpack``).
+
     Returns:
         ``(code, index)``: ``index`` is the first bad tensor, ``n`` for a whole-file error
         (column lengths, [T8]), 0 when ``code == 0``.
