@@ -24,10 +24,16 @@ from typing import Tuple, Union
 
 import numpy as np
 
-from .dtypes import BITS_BY_CODE, PACKED_CODES, nbytes_of, numpy_dtype, to_little_endian
+from .dtypes import (BITS_BY_CODE, NAME_BY_CODE, PACKED_CODES, nbytes_of, numpy_dtype,
+                     to_little_endian)
 from .errors import LayoutError
 
 Raw = Union[np.ndarray, bytes, bytearray, memoryview]
+# The packed float codes (float6_e2m3fn, float6_e3m2fn, float4_e2m1fn): ml_dtypes gives a byte
+# with bits set above the element's a value of its own (0x40 as float6_e2m3fn is -0.0), so such a
+# byte is packed as the canonical byte of that value. Integers are their low bits, whatever the
+# rest (ml_dtypes' int4 negation sets the high ones).
+_FLOAT_CODES = frozenset(code for code in PACKED_CODES if NAME_BY_CODE[code].startswith("float"))
 
 
 def _group(bits: int) -> Tuple[int, int]:
@@ -39,8 +45,9 @@ def _group(bits: int) -> Tuple[int, int]:
 def pack(array: np.ndarray, code: int) -> np.ndarray:
     """The bytes a file holds for ``array`` as dtype ``code``: 1-D uint8, C order.
 
-    For a packed code (bits < 8) each element's low ``bits`` bits go into the bit stream and the
-    padding bits are zero; for any other code these are the array's little-endian bytes.
+    For a packed code (bits < 8) each element's canonical byte (its value's, with no bit set
+    above ``bits``) gives its ``bits`` bits of the stream, and the padding bits are zero [T11]; for
+    any other code these are the array's little-endian bytes.
 
     Parameters:
         array: an array of the code's numpy dtype (any layout, any byte order).
@@ -61,9 +68,15 @@ def pack(array: np.ndarray, code: int) -> np.ndarray:
     count = int(np.asarray(array).size)
     per_group, group_bytes = _group(bits)
     groups = -(-count // per_group)
+    flat = np.ascontiguousarray(array).reshape(-1)
     values = np.zeros(groups * per_group, np.uint8)
-    values[:count] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    values &= (1 << bits) - 1  # only the low bits hold the value; ml_dtypes ignores the rest
+    values[:count] = flat.view(np.uint8)
+    mask = (1 << bits) - 1
+    if code in _FLOAT_CODES:  # a float whose byte has high bits set (ml_dtypes reads them)
+        odd = np.flatnonzero(values[:count] > mask)
+        if len(odd):  # its value, as ml_dtypes reads it, in its canonical byte
+            values[odd] = flat[odd].astype(np.float32).astype(flat.dtype).view(np.uint8)
+    values &= mask  # an integer's value is its low bits (arithmetic may set the others)
     slots = values.reshape(groups, per_group)
     out = np.zeros((groups, group_bytes), np.uint8)
     for slot in range(per_group):

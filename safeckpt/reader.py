@@ -28,14 +28,14 @@ from typing import (Any, Callable, Dict, Iterator, List, Literal, NoReturn, Opti
 
 import numpy as np
 
-from . import _backend, dtypes
+from . import _backend, dtypes, packing
 from . import format as fmt
 from . import safetensors_format as _safetensors
 from . import tree as _tree
 from .dtypes import (DTYPE_BY_CODE, ITEMSIZE_BY_CODE, NAME_BY_CODE, NUMPY_MAX_NDIM,
-                     is_little_endian, to_little_endian)
+                     PACKED_CODES, is_little_endian, nbytes_of)
 from .errors import (ChecksumError, Code, LayoutError, ObjectChangedError, ReaderClosedError,
-                     RefError, ShardError, error_for, plural, quote)
+                     RefError, ShardError, UnsupportedDtypeError, error_for, plural, quote)
 from .remote import RemoteFile
 
 # mmap=False: tensors up to _SHARED_MAX bytes that lie next to each other in the file are read
@@ -189,8 +189,8 @@ class TensorMap:
         is loaded as ``reader[name]`` loads it."""
         if verify:
             self.verify([name])
-        array = to_little_endian(np.ascontiguousarray(self[name]))
-        return array.reshape(-1).view(np.uint8)
+        array = self[name]
+        return packing.pack(array, dtypes.code_of(array.dtype, name))  # packed as stored [T11]
 
     def load_all(self, *, verify: Optional[bool] = None) -> Dict[str, np.ndarray]:
         """Every tensor as ``{name: array}``."""
@@ -312,13 +312,16 @@ class TensorTable:
             self._shapes = shapes
         return self._shapes
 
-    def dtype(self, i: int) -> np.dtype:
-        return DTYPE_BY_CODE[self.codes[i]]
+    def dtype(self, i: int, name: str) -> np.dtype:
+        """The numpy dtype of tensor ``i`` (named ``name``); UnsupportedDtypeError naming it when
+        the installed ml_dtypes lacks its type."""
+        return dtypes.numpy_dtype(self.codes[i], name)
 
     def entry(self, i: int, name: str) -> TensorInfo:
         """What the table says of tensor ``i``, as a :class:`TensorInfo`."""
         crc = self.crcs[i] if self.crcs is not None else None
-        return TensorInfo(name, self.dtype(i), self.shape(i), self.nbytes[i], self.offsets[i], crc)
+        return TensorInfo(name, self.dtype(i, name), self.shape(i), self.nbytes[i],
+                          self.offsets[i], crc)
 
 
 class References:
@@ -385,8 +388,11 @@ def _check_references(refs: fmt.Refs, where: str, max_ndim: int) -> None:
     flagged |= log_sum[ends] - log_sum[starts] + np.log2(itemsizes.astype(np.float64)) >= 61.0
     products = np.multiply.reduceat(np.append(dims, np.uint64(1)), starts) if len(codes) else dims
     products[ndims == 0] = 1
-    with np.errstate(over="ignore"):
-        flagged |= products * itemsizes != nbytes
+    bits = np.array(dtypes.BITS_BY_CODE, np.uint64)[np.minimum(codes, len(ITEMSIZE_BY_CODE) - 1)]
+    three, seven = np.uint64(3), np.uint64(7)
+    with np.errstate(over="ignore"):  # ceil(products * bits / 8): groups of 8, then the rest
+        expected = (products >> three) * bits + (((products & seven) * bits + seven) >> three)
+        flagged |= expected != nbytes
     for r in np.flatnonzero(flagged).tolist():
         code = _entry_rule(int(codes[r]), dims[starts[r]:ends[r]].tolist(), int(nbytes[r]),
                            max_ndim)
@@ -418,7 +424,7 @@ def _entry_rule(code: int, dims: List[int], nbytes: int, max_ndim: int) -> Code:
     itemsize = ITEMSIZE_BY_CODE[code]
     if math.prod(dim for dim in dims if dim) * itemsize >= _DIM_LIMIT:
         return Code.TOO_LARGE
-    if nbytes != math.prod(dims) * itemsize:
+    if nbytes != nbytes_of(code, math.prod(dims)):
         return Code.NBYTES
     return Code.OK
 
@@ -903,19 +909,46 @@ class Reader(TensorMap):
         read, never by reading again: a read holding one tensor is checksummed by the read
         itself, piece by piece while in cache (read_into's checksum); a block of several small
         ones by one crc32c_ranges call after the read.
+
+        A packed tensor (a sub-byte dtype, FORMAT.md section 4) is always a new array, unpacked
+        from its bytes once their CRC32C is checked: by default whenever the file has checksums,
+        mapped or not, as for any copy [T10]; then its padding bits are checked [T11].
+
+        Raises:
+            UnsupportedDtypeError: the installed ml_dtypes lacks a tensor's type; names it.
+            ChecksumError: a tensor's bytes do not match their CRC32C [T10].
+            LayoutError: a packed tensor's padding bits are not zero [T11].
         """
+        try:
+            return self._load_indices(indices, verify)
+        except UnsupportedDtypeError:  # a code this ml_dtypes lacks: name the tensor
+            names, codes = self.check_open(), self.table.codes
+            for i in indices:
+                dtypes.numpy_dtype(codes[i], names[i])
+            raise
+
+    def _load_indices(self, indices: Sequence[int], verify: Optional[bool]) -> List[np.ndarray]:
+        """:meth:`load_indices`, its dtype errors not yet naming the tensor."""
         self.check_open()
         check = self.verifies(verify)
         table = self.table
         codes, offsets, nbytes = table.codes, table.offsets, table.nbytes
         shapes = table.shapes() if len(indices) > 8 else {i: table.shape(i) for i in indices}
         buffer, ndarray, empty = self._buffer, np.ndarray, np.empty
+        packed = [slot for slot, i in enumerate(indices) if codes[i] in PACKED_CODES]
         if buffer is not None:
             if check:
                 self._compare(indices, self._crcs_in_buffer(indices))
-            return _in_host_order([ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i])
-                                   if nbytes[i] else empty(shapes[i], DTYPE_BY_CODE[codes[i]])
-                                   for i in indices])
+            elif packed and verify is None and table.crcs is not None:  # copied: checked [T10]
+                some = [indices[slot] for slot in packed]
+                self._compare(some, self._crcs_in_buffer(some))
+            # a packed tensor: its packed bytes (unpacked below)
+            arrays = [(ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], buffer, offsets[i])
+                       if codes[i] not in PACKED_CODES else
+                       np.frombuffer(buffer, np.uint8, nbytes[i], offsets[i]))
+                      if nbytes[i] else empty(shapes[i], DTYPE_BY_CODE[codes[i]])
+                      for i in indices]
+            return _in_host_order(self._unpacked(arrays, indices, packed, shapes))
         arrays, reads, dests = _plan_reads(indices, table, shapes, self.align)
         if reads:
             read_crcs = self.pread_into([r[0] for r in reads], [r[1] - r[0] for r in reads], dests,
@@ -930,7 +963,19 @@ class Reader(TensorMap):
             empty_ones = [i for i in indices if not nbytes[i]]  # the CRC32C of no bytes is 0
             self._compare(checked + empty_ones,
                           np.concatenate(computed + [np.zeros(len(empty_ones), np.uint32)]))
-        return _in_host_order(arrays)
+        return _in_host_order(self._unpacked(arrays, indices, packed, shapes))
+
+    def _unpacked(self, arrays: List[np.ndarray], indices: Sequence[int], packed: List[int],
+                  shapes: Any) -> List[np.ndarray]:
+        """``arrays`` with the packed bytes at slots ``packed`` unpacked into new arrays [T11]."""
+        names, codes = self.check_open(), self.table.codes
+        for slot in packed:
+            i = indices[slot]
+            try:
+                arrays[slot] = packing.unpack(arrays[slot], codes[i], shapes[i], names[i])
+            except LayoutError as exc:
+                raise LayoutError(f"{self.where}, {exc}") from None
+        return arrays
 
     def _advise(self, advice: str) -> None:
         mapping, offsets = self._mapping, self.table.offsets
@@ -963,9 +1008,8 @@ class Reader(TensorMap):
         if self._buffer is not None:  # mapped, or bytes: given arrays view these very bytes
             computed = self._crcs_in_buffer(indices)
         elif arrays is not None:
-            crc32c = self._be.crc32c
-            computed = [crc32c(np.ascontiguousarray(to_little_endian(arrays[all_names[i]]))
-                               .reshape(-1).view(np.uint8)) for i in indices]
+            crc32c, codes = self._be.crc32c, self.table.codes
+            computed = [crc32c(packing.pack(arrays[all_names[i]], codes[i])) for i in indices]
         else:
             computed = _crcs_by_pread(self.pread_into, self._be, self.table, indices)
         self._compare(indices, computed)
@@ -1092,7 +1136,8 @@ def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: 
                 ) -> Tuple[List[Any], List[list], List[np.ndarray]]:
     """How an ``mmap=False`` load reads tensors ``indices``: ``(arrays, reads, dests)``.
 
-    Each tensor gets fresh memory; runs of small neighbouring tensors (up to ``_SHARED_MAX``
+    Each tensor gets fresh memory (a packed one: its packed bytes, as uint8, for the caller to
+    unpack); runs of small neighbouring tensors (up to ``_SHARED_MAX``
     bytes each, ``_BLOCK_MAX`` in all) share one block, so a file of 20,000 small tensors costs
     a few reads and allocations, not 20,000. ``reads`` are ``[start, end, [(slot, index), ...]]``
     and ``dests`` the uint8 array each is read into.
@@ -1105,7 +1150,8 @@ def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: 
     for slot, i in enumerate(indices):
         size, start = nbytes[i], offsets[i]
         if not size or size > _SHARED_MAX:  # read into an array of its own
-            arrays[slot] = empty(shapes[i], DTYPE_BY_CODE[codes[i]])
+            arrays[slot] = (empty(size, np.uint8) if codes[i] in PACKED_CODES  # unpacked later
+                            else empty(shapes[i], DTYPE_BY_CODE[codes[i]]))
             if size:
                 reads.append([start, start + size, [(slot, i)]])
         elif block and 0 <= start - block[1] < align and start + size - block[0] <= _BLOCK_MAX:
@@ -1122,24 +1168,33 @@ def _plan_reads(indices: Sequence[int], table: TensorTable, shapes: Any, align: 
             continue
         memory = empty(end - start, np.uint8)  # a block of small tensors: views of one buffer
         for slot, i in members:
-            arrays[slot] = ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory, offsets[i] - start)
+            arrays[slot] = (ndarray((nbytes[i],), np.uint8, memory, offsets[i] - start)
+                            if codes[i] in PACKED_CODES else
+                            ndarray(shapes[i], DTYPE_BY_CODE[codes[i]], memory, offsets[i] - start))
         dests.append(memory)
     return arrays, reads, dests
 
 
 class TensorSlice:
-    """Index one tensor lazily; made by :meth:`Reader.get_slice`."""
+    """Index one tensor lazily; made by :meth:`Reader.get_slice`.
+
+    A packed tensor (a sub-byte dtype, FORMAT.md section 4) has no byte range per row: any index
+    reads and unpacks the whole tensor, then indexes it.
+    """
 
     def __init__(self, reader: Reader, index: int) -> None:
         self._reader, self._i = reader, index
-        self.dtype: np.dtype = reader.table.dtype(index)
-        self.shape: Tuple[int, ...] = reader.table.shape(index)
+        entry = reader.entry(index)
+        self.dtype: np.dtype = entry.dtype
+        self.shape: Tuple[int, ...] = entry.shape
+        self._packed = reader.table.codes[index] in PACKED_CODES
 
     def __getitem__(self, key: Any) -> Any:
         reader = self._reader
         reader.check_open()
-        if reader._buffer is not None or not self.shape:
-            return reader.load_indices([self._i])[0][key]  # a view: only the touched pages are read
+        if reader._buffer is not None or not self.shape or self._packed:
+            # a view (only the touched pages are read), or a packed tensor unpacked whole
+            return reader.load_indices([self._i])[0][key]
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
         rows = self.shape[0]
         if isinstance(first, slice):

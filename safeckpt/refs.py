@@ -142,7 +142,7 @@ class LinkedReader(ShardedReader):
         found = ""
         if candidates:
             i = candidates[0]
-            found = (f"; it has {quote(target.names[i])} there: {table.dtype(i)} "
+            found = (f"; it has {quote(target.names[i])} there: {table.dtype(i, target.names[i])} "
                      f"{table.shape(i)}, crc32c {crcs[i]:#010x}")
         raise RefError(f"{self.where}, reference {quote(name)}: {target.where} stores no "
                        f"{entry.dtype} {entry.shape} tensor of crc32c {entry.crc32c:#010x} at "

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import collections.abc
+import math
 import os
 import sys
 import warnings
@@ -25,10 +26,10 @@ from typing import (Any, BinaryIO, Callable, Container, ContextManager, Dict, Li
 
 import numpy as np
 
-from . import _backend, _fs, dtypes
+from . import _backend, _fs, dtypes, packing
 from . import format as fmt
-from .dtypes import (CODE_BY_DTYPE, MINOR_BY_CODE, code_of, is_little_endian, minor_of,
-                     to_little_endian)
+from .dtypes import (CODE_BY_DTYPE, MINOR_BY_CODE, PACKED_CODES, code_of, is_little_endian,
+                     minor_of, nbytes_of, to_little_endian)
 from .errors import ChecksumError, InvalidValueError, LimitError, plural, quote
 from .filekind import PathLike, output_format
 
@@ -256,7 +257,9 @@ def _columns(tensors: Mapping[str, Any]) -> Tuple[Dict[str, bytes], List[Any], L
         code = code_by_dtype.get(value.dtype)  # None for big-endian (or unsupported) dtypes
         if code is None or type(value) is not np.ndarray or not value.flags.c_contiguous:
             direct = False
-        codes.append(code_of(value.dtype, name) if code is None else code)
+        if code is None:
+            code = code_of(value.dtype, name)
+        codes.append(code)
         ndim = value.ndim
         if ndim > fmt.MAX_NDIM:
             raise LimitError(f"tensor {name!r}: {ndim} dimensions, more than readers "
@@ -264,7 +267,11 @@ def _columns(tensors: Mapping[str, Any]) -> Tuple[Dict[str, bytes], List[Any], L
         arrays.append(value)
         ndims.append(ndim)
         dims.extend(value.shape)
-        nbytes.append(value.nbytes)
+        if code in PACKED_CODES:  # written packed [T11]: ceil(count * bits / 8) bytes [T5]
+            direct = False
+            nbytes.append(nbytes_of(code, math.prod(value.shape)))
+        else:
+            nbytes.append(value.nbytes)
     columns = {
         "dtypes": bytes(codes),
         "ndims": bytes(ndims),
@@ -390,24 +397,30 @@ def _warn(message: str) -> None:
 
 
 def le_bytes(array: Any) -> Tuple[np.ndarray, bool]:
-    """The array's bytes as an array, little-endian and C-ordered (the array itself when it
-    already is; a :class:`LazyArray` is loaded), and whether it is a copy.
+    """The bytes a file holds for the array, as an array: little-endian and C-ordered (the array
+    itself when it already is; a :class:`LazyArray` is loaded), packed into a new uint8 array for
+    a sub-byte dtype (FORMAT.md section 4, [T11]); and whether it is a copy.
 
     Example:
         >>> le_bytes(np.arange(3, dtype=">i4"))[0].dtype.str
         '<i4'
     """
     if (type(array) is np.ndarray and array.flags.c_contiguous
-            and is_little_endian(array.dtype)):
-        return array, False
+            and is_little_endian(array.dtype) and array.dtype.itemsize > 1):
+        return array, False  # the common case first: no sub-byte dtype has more than one byte
     if isinstance(array, LazyArray):
         expected = (array.dtype, array.shape)
         array = array.load()
         if (array.dtype, array.shape) != expected:
             raise RuntimeError(f"safeckpt bug: a lazy array loaded as {array.dtype} {array.shape}, "
                                f"planned {expected[0]} {expected[1]}")
+    code = CODE_BY_DTYPE.get(array.dtype)
+    if code in PACKED_CODES:
+        return packing.pack(array, code), True
     if not is_little_endian(array.dtype):
         return to_little_endian(array), True
+    if type(array) is np.ndarray and array.flags.c_contiguous:
+        return array, False
     return np.ascontiguousarray(array), True
 
 

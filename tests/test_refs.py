@@ -610,7 +610,7 @@ def test_hypothesis_round_trip(tmp_path_factory, case):
 
 
 def test_header_keys_are_known_to_the_format():
-    assert fmt.KEY_MINOR["save_id"] == fmt.KEY_MINOR["refs"] == 4 == fmt.VERSION_MINOR
+    assert fmt.KEY_MINOR["save_id"] == fmt.KEY_MINOR["refs"] == 4 <= fmt.VERSION_MINOR
     target = target_bytes()
     assert list(fmt.REFS_KEYS) == list(refs_map([("a.sckpt", SID_A, target)],
                                                 [("w", 0, table_of(target)["w"])]))

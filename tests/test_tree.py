@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import safeckpt
 from safeckpt import _backend, tree
 from safeckpt import format as fmt
-from safeckpt.dtypes import DTYPE_BY_CODE
+from safeckpt.dtypes import BITS_BY_CODE, CODE_BY_DTYPE, DTYPE_BY_CODE
 from safeckpt.api import save_tree_bytes as save_bytes
 from safeckpt.tree import same
 from forge import forge
@@ -518,6 +518,9 @@ def numpy_values(draw):
     raw = draw(st.binary(min_size=count, max_size=count))
     if dtype == np.bool_:
         raw = bytes(b & 1 for b in raw)
+    bits = BITS_BY_CODE[CODE_BY_DTYPE[dtype]]
+    if bits < 8:  # a packed code: canonical bytes (packing keeps the value; test_dtypes_packed)
+        raw = bytes(b & ((1 << bits) - 1) for b in raw)
     array = np.frombuffer(raw, np.uint8).view(dtype).reshape(shape or ()).copy()
     return array[()] if shape is None else array
 
