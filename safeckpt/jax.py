@@ -397,13 +397,14 @@ def _check_array(jax: Any, template: Any, value: Any, name: str, cast_x64: bool,
     if not _is_arraylike(value):
         problems.append(f"{name}: file has {_kind(value)}, target {_kind(template)}")
         return
-    dtype, casts = value.dtype, False
-    if not _is_key(jax, dtype) and jax.dtypes.canonicalize_dtype(dtype) != dtype:
-        dtype, casts = jax.dtypes.canonicalize_dtype(dtype), cast_x64
+    dtype = value.dtype
+    wide = not _is_key(jax, dtype) and jax.dtypes.canonicalize_dtype(dtype) != dtype
+    if wide and cast_x64:
+        dtype = jax.dtypes.canonicalize_dtype(dtype)  # what the cast gives
     want, got = (tuple(template.shape), template.dtype), (tuple(value.shape), dtype)
     if want != got:
         hint = ""
-        if not casts and dtype != value.dtype:
+        if wide and not cast_x64:
             hint = (" (64-bit types are off in jax: enable them, or pass cast_x64=True to cast "
                     "them, reported)")
         if isinstance(value, JaxLeaf) and value.key_impl and _is_key(jax, template.dtype):
