@@ -88,6 +88,14 @@ def key_impl_name(array: jax.Array, where: str) -> str:
             f"{where}: a PRNG key of a custom implementation ({spec!r}), which "
             "jax.random.wrap_key_data cannot name back; save jax.random.key_data(key) instead and "
             "wrap it again after loading [R10]")
+    # a custom implementation under a built-in's name: jax gives that name, not the impl
+    back = jax.eval_shape(lambda data: jax.random.wrap_key_data(data, impl=spec),
+                          jax.ShapeDtypeStruct(jax.random.key_data(array).shape, np.uint32))
+    if back.dtype != array.dtype:
+        raise InvalidValueError(
+            f"{where}: a PRNG key of a custom implementation named {spec!r}, which is another "
+            "implementation to jax.random.wrap_key_data; save jax.random.key_data(key) instead "
+            "[R10]")
     return spec
 
 
