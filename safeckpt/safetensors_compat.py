@@ -28,7 +28,12 @@ Where it differs from safetensors 0.8 (on purpose):
 - ``metadata()`` of a .sckpt file may hold values other than str (what it was saved with); a
   safetensors header with an empty ``__metadata__`` reads as None (safetensors: ``{}``).
 - ``get_dtype()`` of a complex128 tensor (which .sckpt files hold and safetensors does not) is
-  ``"C128"``.
+  ``"C128"``, and of the other dtypes safetensors has no name for, their name in FORMAT.md section
+  4 (``"int4"``, ``"float8_e4m3"``, ``"complex32"`` ...).
+- F4 (float4_e2m1fn) with ``"pt"`` is torch's float4_e2m1fn_x2 with the last dimension halved,
+  as safetensors gives it (``get_shape()`` and slices count float4 values, as there); a last
+  dimension that is odd is refused by name. int4 .. uint1 are torch's shell dtypes, one element
+  a byte; ``"np"`` gives every one of them as ml_dtypes' dtype.
 
 Example:
     >>> import numpy as np, safeckpt, tempfile, os
@@ -47,7 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 import numpy as np
 
 from . import api, jax_convert, torch_convert
-from .dtypes import code_of
+from .dtypes import NAME_BY_CODE, PACKED_CODES, code_of
 from .errors import InvalidValueError, quote
 from .filekind import PathLike
 from .reader import TensorMap, TensorSlice
@@ -62,8 +67,9 @@ FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "
 _NO_ADAPTER = {"tf": "TensorFlow", "tensorflow": "TensorFlow", "mlx": "MLX", "paddle": "Paddle"}
 # backend=, as safetensors 0.8 takes it: map the file, or read tensors with pread.
 BACKENDS = {"mmap": True, "pread": False}
-# safetensors' dtype string of each dtype code; complex128 has none there, "C128" here.
-DTYPE_NAMES = {**_ST_NAMES, 16: "C128"}
+# safetensors' dtype string of each dtype code; for the codes it has no name for, complex128 is
+# "C128" here and the others are their names in FORMAT.md section 4 ("int4", "float8_e4m3", ...).
+DTYPE_NAMES = {**{code: name for code, name in enumerate(NAME_BY_CODE)}, **_ST_NAMES, 16: "C128"}
 
 _Self = TypeVar("_Self", bound="safe_open")
 
@@ -260,6 +266,9 @@ class SafeSlice:
         source = self._source
         if self._framework != "pt":
             return _convert(np.asarray(source[key]), self._framework, self._name)
+        if code_of(source.dtype) in PACKED_CODES:  # indexed as numpy holds it (a value a byte)
+            tensor = torch_convert.from_numpy(np.ascontiguousarray(source[key]), self._name)
+            return torch_convert.to_device(tensor, self._device)
         rows = None if isinstance(source, np.ndarray) or not self._shape else _rows_first(key)
         if rows is None:  # all of it: a view of the mapping, or a read of the whole tensor
             whole = source if isinstance(source, np.ndarray) else source[...]
@@ -268,7 +277,8 @@ class SafeSlice:
             first, rest = rows
             tensor = torch_convert.from_numpy(np.asarray(source[first]), self._name)
             tensor = tensor[(slice(None),) + rest if isinstance(first, slice) else rest]
-        return tensor if self._device.type == "cpu" else tensor.to(self._device)
+        return tensor if self._device.type == "cpu" else torch_convert.to_device(tensor,
+                                                                                 self._device)
 
     def __repr__(self) -> str:
         return f"<safeckpt.SafeSlice {self._name!r} shape={self.get_shape()} dtype={self._dtype}>"

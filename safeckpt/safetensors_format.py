@@ -23,8 +23,10 @@ The safetensors format, as this module reads it (rule names [ST1]-[ST9] are used
   (``HeaderError``, ``UnsupportedDtypeError``, ``LimitError``)
 - **[ST5]** The product of the non-zero dimensions times the item size MUST be below 2**63 (as
   [T4] of our format, and numpy's own limit: a zero dimension does not make ``[0, 2**62]`` of F32
-  readable), checked as it is built; ``end - begin`` MUST equal ``prod(shape) x itemsize``, which
-  is 0 when a dimension is 0. (``LayoutError``)
+  readable; the item size of F4 and F6 is numpy's, 1), checked as it is built. ``prod(shape) x
+  bits`` MUST be a multiple of 8 (safetensors refuses a tensor that ends inside a byte, its
+  ``MisalignedSlice``), and ``end - begin`` MUST equal ``prod(shape) x bits / 8``, which is 0 when
+  a dimension is 0. (``LayoutError``)
 - **[ST6]** Sorted by ``(begin, end)``, the tensors MUST be contiguous: the first begins at 0 and
   each begins where the previous one ends (no gap, no overlap). (``LayoutError``)
 - **[ST7]** The last ``end`` MUST be exactly the size of the data (the file size minus ``8 + N``):
@@ -35,6 +37,13 @@ The safetensors format, as this module reads it (rule names [ST1]-[ST9] are used
   "tree": ...}`` holding the metadata values that are not str and the tree (FORMAT.md section 8) of
   a .sckpt file converted to safetensors, so that converting back loses nothing. It is decoded
   with the rules of our own header ([H1]-[H3], [H7], [R1]-[R6]). (``HeaderError``)
+
+Dtypes (FORMAT.md section 10 has the table): safetensors' F4, F6_E2M3, F6_E3M2 and F8_E8M0 are our
+codes 26, 24, 25 and 22. F4 and F6 are packed as FORMAT.md section 4 packs codes 24-26 (a bit stream,
+least significant bit first): for F4 that is the order safetensors itself uses (it writes and reads
+torch.float4_e2m1fn_x2's bytes, element 0 in the low nibble); for F6 safetensors (0.8) documents no
+order and no library writes it, so the order is ours. Codes with no safetensors name (16, 19-21, 23,
+27-34) are refused when writing a .safetensors file, naming the tensor.
 
 Metadata mapping: safetensors metadata is str -> str. A .sckpt file's metadata entries whose value
 is a str are written as they are (every safetensors tool sees them); all other values (ints, lists,
@@ -64,7 +73,7 @@ from typing import Any, Callable, Dict, NoReturn, Sequence, Tuple, Union
 import msgpack
 
 from . import format as fmt
-from .dtypes import ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
+from .dtypes import BITS_BY_CODE, ITEMSIZE_BY_CODE, NUMPY_MAX_NDIM
 from .errors import (TRUNCATED_HINT, HeaderError, LayoutError, LimitError, SafeckptError,
                      TruncatedFileError, UnsupportedDtypeError)
 
@@ -80,15 +89,14 @@ _SHOW = reprlib.Repr()
 _SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 2, 40, 40, 40
 _SHOW.maxlist = _SHOW.maxdict = 4
 
-# safetensors dtype string <-> our dtype code (FORMAT.md section 4). complex128 has no safetensors
-# name; the sub-byte and e8m0 floats have no numpy dtype here: both are refused by name.
+# safetensors dtype string <-> our dtype code (FORMAT.md sections 4 and 10). The codes safetensors
+# has no name for (complex128, the other float8s, int4 .. uint1, complex32) are refused when writing.
 DTYPE_CODES = {
     "BOOL": 0, "I8": 1, "I16": 2, "I32": 3, "I64": 4, "U8": 5, "U16": 6, "U32": 7, "U64": 8,
     "F16": 9, "F32": 10, "F64": 11, "BF16": 12, "F8_E4M3": 13, "F8_E5M2": 14, "C64": 15,
-    "F8_E4M3FNUZ": 17, "F8_E5M2FNUZ": 18,
+    "F8_E4M3FNUZ": 17, "F8_E5M2FNUZ": 18, "F8_E8M0": 22, "F6_E2M3": 24, "F6_E3M2": 25, "F4": 26,
 }
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-UNSUPPORTED = frozenset(("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"))
 
 Table = collections.namedtuple("Table", "names codes ndims dims offsets nbytes metadata tree")
 Table.__doc__ = """A validated safetensors header, in the shape of our tensor table: ``codes`` and
@@ -228,9 +236,6 @@ def _table(header: Dict[str, Any], header_len: int, size: int, max_tensors: int,
                               f"{_SHOW.repr(dtype)} [ST4]")
         code = DTYPE_CODES.get(dtype)
         if code is None:
-            if dtype in UNSUPPORTED:
-                raise UnsupportedDtypeError(f"tensor {name!r}: safetensors dtype {dtype} has no numpy "
-                                            "dtype here and cannot be read [ST4]")
             raise UnsupportedDtypeError(f"tensor {name!r}: unknown safetensors dtype "
                                         f"{_SHOW.repr(dtype)}; known: {', '.join(DTYPE_CODES)} "
                                         "[ST4]")
@@ -258,10 +263,13 @@ def _table(header: Dict[str, Any], header_len: int, size: int, max_tensors: int,
             if count >= _LIMIT:
                 raise LayoutError(f"tensor {name!r}: shape {_SHOW.repr(shape)} of {dtype} is too "
                                   "large (its non-zero dimensions make 2**63 bytes or more) [ST5]")
-        count = 0 if empty else count
-        if count != end - begin:
+        bits = 0 if empty else count * BITS_BY_CODE[code] // ITEMSIZE_BY_CODE[code]
+        if bits % 8:
+            raise LayoutError(f"tensor {name!r}: shape {shape} of {dtype} is {bits} bits, not a "
+                              "whole number of bytes, which safetensors cannot hold [ST5]")
+        if bits // 8 != end - begin:
             raise LayoutError(f"tensor {name!r}: {end - begin} bytes in data_offsets {span}, but "
-                              f"shape {shape} of {dtype} needs {count} [ST5]")
+                              f"shape {shape} of {dtype} needs {bits // 8} [ST5]")
         codes.append(code)
         ndims.append(len(shape))
         dims.extend(shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import collections.abc
 import json
+import math
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import msgpack
@@ -21,9 +22,11 @@ import numpy as np
 
 from . import _fs
 from . import format as fmt
-from .dtypes import CODE_BY_DTYPE, ITEMSIZE_BY_CODE, little_endian
+from .dtypes import (BITS_BY_CODE, CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NAME_BY_CODE, PACKED_CODES,
+                     little_endian)
 from .errors import InvalidValueError, LimitError, UnsupportedDtypeError
 from .filekind import PathLike
+from .packing import pack
 from .remote import RemotePath
 from .safetensors_format import DTYPE_NAMES, LENGTH_SIZE, METADATA_KEY, SAFECKPT_KEY
 from .writer import (LazyArray, destination_format, stream_array, unicode_error,
@@ -95,10 +98,13 @@ def plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = Non
         if code not in DTYPE_NAMES:
             raise UnsupportedDtypeError(
                 f"tensor {name!r}: dtype {value.dtype} has no safetensors equivalent"
-                + (" (safetensors has no complex128; save as .sckpt)" if code is not None else ""))
+                + (f" (safetensors has no {NAME_BY_CODE[code]}); save as .sckpt, which holds it"
+                   if code is not None else ""))
         if value.ndim > fmt.MAX_NDIM:  # [W4]: what readers refuse by default is not written
             raise LimitError(f"tensor {name!r}: {value.ndim} dimensions, more than readers accept "
                              f"by default ({fmt.MAX_NDIM}) [ST4]")
+        if code in PACKED_CODES:
+            value = _packed(value, code, name)
         entries[name] = {"dtype": DTYPE_NAMES[code], "shape": list(value.shape)}
         order.append((-ITEMSIZE_BY_CODE[code], len(order), name, value))
     # [ST8]: data sorted by item size, largest first (stable), so every tensor is aligned to its
@@ -106,9 +112,10 @@ def plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = Non
     order.sort(key=lambda item: item[:2])
     position, arrays = 0, []
     for _, _, name, value in order:
-        entries[name]["data_offsets"] = [position, position + value.nbytes]
-        position += value.nbytes
-        arrays.append(value)
+        data = value.bytes if isinstance(value, _Packed) else value
+        entries[name]["data_offsets"] = [position, position + data.nbytes]
+        position += data.nbytes
+        arrays.append(data)
     header: Dict[str, Any] = {}
     plain = encode_metadata(metadata, tree)
     if plain:
@@ -128,6 +135,33 @@ def plan(tensors: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = Non
     return Planned(len(raw).to_bytes(LENGTH_SIZE, "little") + raw, arrays)
 
 
+class _Packed(NamedTuple):
+    """A tensor of a packed code: its shape (the header's) and its packed bytes (lazily)."""
+
+    shape: Tuple[int, ...]
+    bytes: LazyArray
+
+
+def _packed(value: Any, code: int, name: str) -> _Packed:
+    """A tensor of F4 or F6 as safetensors holds it: a whole number of packed bytes [ST5].
+
+    Raises:
+        InvalidValueError: its ``size x bits`` is not a multiple of 8 (safetensors refuses a
+            tensor that ends inside a byte), naming the tensor and the way out.
+    """
+    count = int(np.prod(value.shape, dtype=object))
+    bits = count * BITS_BY_CODE[code]
+    if bits % 8:
+        raise InvalidValueError(
+            f"tensor {name!r}: {count} elements of {NAME_BY_CODE[code]} are {bits} bits, not a whole "
+            f"number of bytes, which safetensors cannot hold [ST5]; pad it to a multiple of "
+            f"{8 // math.gcd(8, BITS_BY_CODE[code])} elements, or save as .sckpt")
+
+    def load() -> np.ndarray:
+        return pack(value.load() if isinstance(value, LazyArray) else value, code)
+    return _Packed(tuple(value.shape), LazyArray(np.uint8, (bits // 8,), load))
+
+
 def save_file(tensors: Mapping[str, Any], path: Union[PathLike, RemotePath], *,
               metadata: Optional[Mapping[str, Any]] = None, tree: Any = fmt.NO_TREE,
               atomic: bool = True, progress: Optional[Callable[[int], None]] = None) -> None:
@@ -136,8 +170,9 @@ def save_file(tensors: Mapping[str, Any], path: Union[PathLike, RemotePath], *,
     As every save, it writes a new file, never into the one at ``path`` (FORMAT.md [W3]).
 
     Parameters:
-        tensors: names to numpy arrays (or :class:`safeckpt.writer.LazyArray`); every dtype of
-            FORMAT.md section 4 except complex128.
+        tensors: names to numpy arrays (or :class:`safeckpt.writer.LazyArray`) of the dtypes
+            of FORMAT.md section 4 that safetensors has (section 10); float4_e2m1fn and the
+            float6 types are written packed, a whole number of bytes each.
         path: a str, bytes or path-like; not a ``*.sckpt`` name, nor one of a format that
             safeckpt does not write (``.pt``, ``.npz``, ...). Or a remote object
             (:class:`safeckpt.remote.RemotePath`), streamed and visible only once whole [RS7].

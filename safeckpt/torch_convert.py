@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 
 from . import _backend, dtypes
-from .dtypes import DTYPES
 from .errors import InvalidValueError, UnsupportedDtypeError
 from .writer import LazyArray
 
@@ -64,6 +63,10 @@ if TYPE_CHECKING:  # torch is optional: its types are for the checker only
                          verify: Optional[bool] = None) -> List[np.ndarray]: ...
 
 _TABLES: Optional[Tuple[Dict[Any, Any], Dict[Any, Any]]] = None  # built on first use
+# torch's shell dtypes and their bits: one element in each byte, whose other bits are zero [T11]
+_SHELL_BITS = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2, "int1": 1, "uint1": 1}
+_FLOAT4_CODE = 26  # float4_e2m1fn: torch holds it as float4_e2m1fn_x2, two values a byte
+_NUMPY = "load it with framework='numpy' (ml_dtypes' dtype)"
 
 _ACCEPTED = ("use 'cpu', 'cuda', 'cuda:N', an int N (device N of the accelerator), a torch.device, "
              "or a dict {saved device: device}")
@@ -89,32 +92,66 @@ def is_tensor(value: object) -> bool:
 
 
 def _tables() -> Tuple[Dict[Any, Any], Dict[Any, Any]]:
-    """``{torch dtype: (numpy dtype, torch dtype whose bits numpy reads or None)}`` and back."""
+    """``{torch dtype: (numpy dtype, torch dtype whose bits numpy reads or None)}`` and back.
+
+    Only the dtypes that this torch has (``getattr``: float8_e8m0fnu is torch 2.7, the shell
+    dtypes int1..uint4 2.6) and that this ml_dtypes has are in it. torch's
+    ``float4_e2m1fn_x2`` (two values a byte) is not: it is :data:`_FLOAT4_X2` (section 4's
+    float4_e2m1fn with the last dimension halved).
+    """
     global _TABLES
     if _TABLES is None:
         torch = _torch()
         pairs = [
-            (torch.bool, "bool", None), (torch.int8, "int8", None), (torch.int16, "int16", None),
-            (torch.int32, "int32", None), (torch.int64, "int64", None), (torch.uint8, "uint8", None),
-            (torch.uint16, "uint16", None), (torch.uint32, "uint32", None),
-            (torch.uint64, "uint64", None), (torch.float16, "float16", None),
-            (torch.float32, "float32", None), (torch.float64, "float64", None),
-            (torch.bfloat16, "bfloat16", torch.int16),
-            (torch.float8_e4m3fn, "float8_e4m3fn", torch.uint8),
-            (torch.float8_e5m2, "float8_e5m2", torch.uint8),
-            (torch.float8_e4m3fnuz, "float8_e4m3fnuz", torch.uint8),
-            (torch.float8_e5m2fnuz, "float8_e5m2fnuz", torch.uint8),
-            (torch.complex64, "complex64", None), (torch.complex128, "complex128", None),
+            ("bool", "bool", None), ("int8", "int8", None), ("int16", "int16", None),
+            ("int32", "int32", None), ("int64", "int64", None), ("uint8", "uint8", None),
+            ("uint16", "uint16", None), ("uint32", "uint32", None),
+            ("uint64", "uint64", None), ("float16", "float16", None),
+            ("float32", "float32", None), ("float64", "float64", None),
+            ("bfloat16", "bfloat16", "int16"),
+            ("float8_e4m3fn", "float8_e4m3fn", "uint8"),
+            ("float8_e5m2", "float8_e5m2", "uint8"),
+            ("float8_e4m3fnuz", "float8_e4m3fnuz", "uint8"),
+            ("float8_e5m2fnuz", "float8_e5m2fnuz", "uint8"),
+            ("float8_e8m0fnu", "float8_e8m0fnu", "uint8"),
+            ("complex64", "complex64", None), ("complex128", "complex128", None),
+            ("complex32", "complex32", "int32"),  # torch.chalf: two float16, as code 33
+            # torch's shell dtypes: one element a byte, its value in the low bits ([T11])
+            *((name, name, "uint8") for name in _SHELL_BITS),
         ]
-        by_name = {name: dtype for _, name, dtype in DTYPES}
-        to_numpy = {t: (by_name[name], bits) for t, name, bits in pairs if name in by_name}
+        by_name = {name: dtype for code, name in enumerate(dtypes.NAME_BY_CODE)
+                   if (dtype := _numpy_dtype_or_none(code)) is not None}
+        to_numpy = {}
+        for torch_name, name, bits in pairs:
+            t = getattr(torch, torch_name, None)
+            if t is not None and name in by_name:
+                to_numpy[t] = (by_name[name], None if bits is None else getattr(torch, bits))
         to_torch = {np_dtype: (t, bits) for t, (np_dtype, bits) in to_numpy.items()}
         _TABLES = to_numpy, to_torch
     return _TABLES
 
 
+def _numpy_dtype_or_none(code: int) -> Optional[np.dtype]:
+    """The numpy dtype of ``code``, or None when the installed ml_dtypes lacks it."""
+    try:
+        return dtypes.DTYPE_BY_CODE[code]
+    except UnsupportedDtypeError:
+        return None
+
+
+def _float4_x2() -> Any:
+    """torch.float4_e2m1fn_x2 (torch 2.8+), or None."""
+    return getattr(_torch(), "float4_e2m1fn_x2", None)
+
+
+def _float4() -> Optional[np.dtype]:
+    """ml_dtypes' float4_e2m1fn (code 26), or None when ml_dtypes lacks it."""
+    return _numpy_dtype_or_none(_FLOAT4_CODE)
+
+
 def dtype_by_name() -> Dict[str, torch.dtype]:
-    """``{"float32": torch.float32, ...}``: the torch dtype of each dtype of FORMAT.md section 4.
+    """``{"float32": torch.float32, ...}``: the torch dtype of each dtype of FORMAT.md section 4
+    that torch has with the same elements (float4_e2m1fn_x2, two values a byte, is not one).
 
     Example:
         >>> dtype_by_name()["bfloat16"]                             # doctest: +SKIP
@@ -124,11 +161,16 @@ def dtype_by_name() -> Dict[str, torch.dtype]:
 
 
 def _torch_dtype(np_dtype: np.dtype, name: str) -> Tuple[Any, Any]:
-    """The torch dtype of a loaded array's dtype and the dtype whose bits numpy reads (or None)."""
+    """The torch dtype of a loaded array's dtype and the dtype whose bits numpy reads (or None).
+
+    Raises:
+        UnsupportedDtypeError: torch has no such dtype; names the tensor, the dtype and the way
+            out (``framework='numpy'``).
+    """
     found = _tables()[1].get(np_dtype)
     if found is None:
-        raise UnsupportedDtypeError(f"tensor {name!r}: dtype {np_dtype} has no torch dtype; load it "
-                                    "with framework='numpy' [T1]")
+        raise UnsupportedDtypeError(f"tensor {name!r}: dtype {np_dtype} has no torch dtype (this "
+                                    f"torch {_torch().__version__}); {_NUMPY} [T1]")
     return found
 
 
@@ -156,9 +198,17 @@ def export(tensor: torch.Tensor, where: str) -> Tuple[Union[np.ndarray, LazyArra
     problem = _unsaveable(torch, tensor)
     if problem:
         raise InvalidValueError(f"{where}: {problem}")
-    if tensor.dtype not in _tables()[0]:
+    x2 = tensor.dtype == _float4_x2() and tensor.dtype is not None
+    if not x2 and tensor.dtype not in _tables()[0]:
+        supported = [*_tables()[0], *([_float4_x2()] if _float4() is not None else [])]
         raise UnsupportedDtypeError(f"tensor {where!r}: torch dtype {tensor.dtype} cannot be stored; "
-                                    f"supported: {', '.join(str(t) for t in _tables()[0])}")
+                                    f"supported: {', '.join(str(t) for t in supported if t)}")
+    if x2 and (_float4() is None or tensor.dim() == 0):
+        raise UnsupportedDtypeError(
+            f"tensor {where!r}: a {tensor.dtype} tensor " + (
+                "of shape () holds two values and has no last dimension to store them along; "
+                "reshape it to (1,) first" if _float4() is not None else
+                f"needs ml_dtypes>={dtypes.ML_DTYPES_MIN} (float4_e2m1fn); pip install -U ml_dtypes"))
     tensor = tensor.detach()
     if tensor.is_conj():
         tensor = tensor.resolve_conj()
@@ -170,8 +220,9 @@ def export(tensor: torch.Tensor, where: str) -> Tuple[Union[np.ndarray, LazyArra
                     tuple(tensor.stride()), tensor.dtype)
     if tensor.device.type == "cpu":
         return _host_array(tensor, where), None, identity
-    np_dtype = _tables()[0][tensor.dtype][0]
-    return (LazyArray(np_dtype, tuple(tensor.shape), lambda: _host_array(tensor, where), tensor),
+    np_dtype, shape = (_float4(), (*tensor.shape[:-1], 2 * tensor.shape[-1])) if x2 else (
+        _tables()[0][tensor.dtype][0], tuple(tensor.shape))
+    return (LazyArray(np_dtype, shape, lambda: _host_array(tensor, where), tensor),
             str(tensor.device), identity)
 
 
@@ -196,17 +247,95 @@ def _unsaveable(torch: Any, tensor: Any) -> Optional[str]:
 
 
 def _host_array(tensor: Any, where: str) -> np.ndarray:
-    """A numpy array of a tensor's values: a view of a CPU tensor, a host copy of another one."""
+    """A numpy array of a tensor's values: a view of a CPU tensor, a host copy of another one.
+
+    A shell dtype (int4 .. uint1) is checked to hold its values as ml_dtypes does, in the low bits
+    of each byte; a float4_e2m1fn_x2 tensor of shape ``(..., k)`` becomes a new float4_e2m1fn
+    array of shape ``(..., 2k)``, element ``2i`` from the low nibble of byte ``i``.
+
+    Raises:
+        InvalidValueError: no plain memory, or a shell dtype's byte with bits set above its
+            width, naming ``where``, the first such element and the fix.
+    """
     try:
         if tensor.device.type != "cpu":
-            tensor = tensor.cpu().contiguous()
+            tensor = tensor.cpu()  # the same bytes (shell dtypes cannot be copied, nor .contiguous)
+        if tensor.dtype == _float4_x2():
+            return _unpair(tensor.view(_torch().uint8).numpy())
         np_dtype, bits = _tables()[0][tensor.dtype]
         if bits is None:
             return tensor.numpy()
-        return tensor.view(bits).numpy().view(np_dtype)  # numpy reads bfloat16/float8 as bits
+        raw = tensor.view(bits).numpy()  # numpy reads bfloat16/float8/shell dtypes as bits
     except RuntimeError as exc:  # e.g. an efficient zero tensor, a functorch wrapper
         raise InvalidValueError(f"{where}: this tensor has no plain memory to save (torch says: "
                                 f"{exc}); save a plain copy (tensor.clone()) instead") from exc
+    width = _SHELL_BITS.get(str(tensor.dtype).split(".")[-1])
+    if width is not None:
+        _check_shell(raw, width, tensor.dtype, where)
+    return raw.view(np_dtype)
+
+
+def _check_shell(raw: np.ndarray, width: int, dtype: Any, where: str) -> None:
+    """Refuse the bytes of a shell-dtype tensor whose bits above ``width`` are not all zero."""
+    bad = np.flatnonzero(raw.reshape(-1) >> np.uint8(width)) if raw.size else ()
+    if len(bad):
+        index = np.unravel_index(int(bad[0]), raw.shape)
+        signed = str(dtype).split(".")[-1].startswith("int")
+        raise InvalidValueError(
+            f"tensor {where!r}: {dtype} element {tuple(int(i) for i in index)} is the byte "
+            f"{int(raw.reshape(-1)[bad[0]]):#04x} ({len(bad)} such), which has bits set above the "
+            f"low {width}; torch defines no values for {dtype}, and safeckpt stores each element as "
+            f"ml_dtypes holds it: its {width}-bit {'two' + chr(39) + 's complement ' if signed else ''}"
+            f"pattern in the low bits of its byte, the other bits zero (e.g. "
+            f"(t.view(torch.uint8) & {(1 << width) - 1:#x}).view({dtype}))")
+
+
+def _unpair(raw: np.ndarray) -> np.ndarray:
+    """float4_e2m1fn_x2 bytes ``(..., k)`` as a new float4_e2m1fn array ``(..., 2k)``: element
+    ``2i`` is the low nibble of byte ``i``, ``2i + 1`` its high nibble (torch's order,
+    FORMAT.md section 4)."""
+    out = np.empty((*raw.shape[:-1], 2 * raw.shape[-1]), np.uint8)
+    np.bitwise_and(raw, np.uint8(0x0F), out=out[..., 0::2])
+    np.right_shift(raw, np.uint8(4), out=out[..., 1::2])
+    return out.view(_float4())
+
+
+def _pair(array: np.ndarray, name: str) -> Any:
+    """A float4_e2m1fn array ``(..., 2k)`` as a new torch.float4_e2m1fn_x2 tensor ``(..., k)``.
+
+    Raises:
+        UnsupportedDtypeError: this torch has no float4_e2m1fn_x2, or the array has no last
+            dimension or an odd one (torch holds the values in pairs along it); names the tensor.
+    """
+    _check_pairs(array.shape, name)
+    raw = array.view(np.uint8)
+    pairs = (raw[..., 0::2] & np.uint8(0x0F)) | (raw[..., 1::2] << np.uint8(4))
+    return _torch().from_numpy(np.ascontiguousarray(pairs)).view(_float4_x2())
+
+
+def _check_pairs(shape: Tuple[int, ...], name: str) -> None:
+    """Refuse a float4_e2m1fn tensor of ``shape`` that torch cannot hold (see :func:`_pair`)."""
+    if _float4_x2() is None:
+        why = f"this torch {_torch().__version__} has no float4_e2m1fn_x2"
+    elif not shape or shape[-1] % 2:
+        why = (f"its shape {tuple(shape)} has {'an odd' if shape else 'no'} last dimension, and "
+               "torch's float4_e2m1fn_x2 holds two values a byte along it")
+    else:
+        return
+    raise UnsupportedDtypeError(f"tensor {name!r}: dtype float4_e2m1fn: {why}; {_NUMPY} [T1]")
+
+
+def to_device(tensor: Any, device: Any) -> Any:
+    """``tensor.to(device)``, for the shell dtypes too (torch cannot copy them: their bytes go).
+
+    Example:
+        >>> to_device(torch.zeros(2, dtype=torch.uint8).view(torch.int4), "cpu").dtype  # doctest: +SKIP
+        torch.int4
+    """
+    if tensor.dtype in _tables()[0] and _tables()[0][tensor.dtype][1] is not None:
+        bits = _tables()[0][tensor.dtype][1]
+        return tensor.view(bits).to(device).view(tensor.dtype)
+    return tensor.to(device)
 
 
 # -- devices -------------------------------------------------------------------------------------
@@ -318,14 +447,21 @@ def _targets(saved_devices: Dict[int, Optional[str]], map_location: CheckedMapLo
 def from_numpy(array: np.ndarray, name: str = "tensor") -> torch.Tensor:
     """A CPU torch tensor of ``array``: zero-copy for a writable array.
 
+    float4_e2m1fn (code 26) becomes torch's float4_e2m1fn_x2 with the last dimension halved (new
+    memory: two values a byte, element ``2i`` in the low nibble); the shell dtypes int4 .. uint1
+    keep ml_dtypes' bytes (one element a byte).
+
     Raises:
-        UnsupportedDtypeError: a dtype torch does not have, naming tensor ``name``.
+        UnsupportedDtypeError: a dtype torch does not have, or float4_e2m1fn with no last
+            dimension or an odd one, naming tensor ``name`` and ``framework='numpy'``.
 
     Example:
         >>> from_numpy(np.arange(3, dtype=np.int64))                 # doctest: +SKIP
         tensor([0, 1, 2])
     """
     torch = _torch()
+    if array.dtype == _float4() and _float4() is not None:
+        return _pair(array, name)
     tensor_dtype, bits = _torch_dtype(array.dtype, name)
     if not array.dtype.isnative:  # a file's '<' arrays on a big-endian host: torch takes native only
         array = array.astype(array.dtype.newbyteorder("="))
@@ -351,7 +487,7 @@ def _mapped(tensor: Any, function: MapFunction, location: str, saved: Optional[s
     what = f"map_location({location!r}) for tensor {name!r}"
     if result is None:
         device = _targets({0: saved}, None, [name])[0]
-        return tensor if device.type == "cpu" else tensor.to(device)
+        return tensor if device.type == "cpu" else to_device(tensor, device)
     if isinstance(result, torch.Tensor):
         if result.shape != tensor.shape or result.dtype != tensor.dtype:
             raise InvalidValueError(
@@ -513,23 +649,48 @@ def device_tensors(reader: TensorReader, indices: Sequence[int], device: torch.d
     names = reader.names
     located = [reader.locate(i) for i in indices]
     entries = [source.entry(local) for source, local in located]
+    # each tensor's (torch dtype, shape), or None: packed in the file, unpacked on the host [T11]
+    kinds = [_staged_kind(entry, names[i]) for i, entry in zip(indices, entries)]
+    staged = [(i, where, entry, kind) for i, where, entry, kind
+              in zip(indices, located, entries, kinds) if kind is not None]
     checked: set = set()
-    staging = _Staging(torch, device, max(1, min(staging_bytes, sum(e.nbytes for e in entries))),
-                       checked)
+    staging = _Staging(torch, device,
+                       max(1, min(staging_bytes, sum(e.nbytes for _, _, e, _ in staged))), checked)
     tensors = {}
-    for i, (source, _), entry in zip(indices, located, entries):
+    for i, (source, _), entry, (dtype, shape) in staged:
         # None: each file that has checksums; verifies(True) raises for a file without them
         if (source.has_checksums if verify is None else source.verifies(verify)):
             checked.add(i)
-        dtype = _torch_dtype(entry.dtype, names[i])[0]
         dst = torch.empty(entry.nbytes, dtype=torch.uint8, device=device)
-        tensors[i] = dst.view(dtype).reshape(entry.shape)
+        tensors[i] = dst.view(dtype).reshape(shape)
         staging.add(source, entry.offset, entry.nbytes, dst, i)
     staging.finish()
-    for i, (source, local) in zip(indices, located):
+    for i, (source, local), _, _ in staged:
         if i in checked:
             source.check_crc(local, staging.crcs.get(i, 0))  # zero-size: the CRC32C of no bytes is 0
+    unpacked = [i for i, kind in zip(indices, kinds) if kind is None]
+    for i, array in zip(unpacked, reader.load_indices(unpacked, verify)):
+        tensors[i] = to_device(from_numpy(array, names[i]), device)
     return tensors
+
+
+def _staged_kind(entry: Any, name: str) -> Optional[Tuple[Any, Tuple[int, ...]]]:
+    """``(torch dtype, shape)`` of a tensor whose file bytes are its torch bytes; None for one
+    packed in the file that torch holds a byte an element (int4 .. uint1: unpacked on the host).
+
+    float4_e2m1fn with an even last dimension is staged as it is: its packed bytes are those of
+    torch.float4_e2m1fn_x2 (element 0 in the low nibble), the last dimension halved.
+
+    Raises:
+        UnsupportedDtypeError: torch has no dtype for it, naming the tensor.
+    """
+    code = dtypes.code_of(entry.dtype, name)
+    if code == _FLOAT4_CODE:
+        shape = tuple(entry.shape)
+        _check_pairs(shape, name)
+        return _float4_x2(), (*shape[:-1], shape[-1] // 2)
+    dtype = _torch_dtype(entry.dtype, name)[0]
+    return None if code in dtypes.PACKED_CODES else (dtype, tuple(entry.shape))
 
 
 def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
@@ -559,7 +720,7 @@ def to_torch(obj: Any, map_location: MapLocation = None) -> Any:
             if callable(checked):
                 tensor = _mapped(tensor, checked, "cpu", None, where)
             elif device is not None and device.type != "cpu":
-                tensor = tensor.to(device)
+                tensor = to_device(tensor, device)
             done[id(array)] = (array, tensor)
         return done[id(array)][1]
     return _map_arrays(obj, convert)
