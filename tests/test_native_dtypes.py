@@ -32,6 +32,7 @@ PACKED = sorted(dtypes.PACKED_CODES)
 HEADER_END, ALIGN = 87, 64
 FIRST_OFFSET = 128  # align_up(HEADER_END)
 LIMIT = 2**63
+FUZZ = pathlib.Path(__file__).parent / "fuzz"
 
 
 def u64(*values):
@@ -63,6 +64,17 @@ def test_packed_codes_are_24_to_32():
     assert PACKED == list(range(24, 33))
     assert [BITS[c] for c in PACKED] == [6, 6, 4, 4, 4, 2, 2, 1, 1]
     assert [BITS[c] for c in NEW_CODES if c not in PACKED] == [8] * 5 + [32, 32]
+
+
+def test_fuzz_framing_bits_match_dtypes_py():
+    # the fuzz harnesses' own copy of the table (tests/fuzz/framing.py, written from the spec)
+    sys.path.insert(0, str(FUZZ))
+    try:
+        import framing
+    finally:
+        sys.path.remove(str(FUZZ))
+    assert framing.BITS == list(BITS)
+    assert framing.pack_bits([1, -2, 7], 4) == bytes([0xE1, 0x07])  # element 0: the low nibble
 
 
 @pytest.mark.parametrize("code", NEW_CODES, ids=lambda c: dtypes.NAME_BY_CODE[c])
@@ -205,7 +217,6 @@ def test_tables_of_new_codes_valid_and_off_by_one(tensors, which, delta):
 # ---- files of the new codes, loaded through each backend's reads (mmap, pread, bytes) ----------
 
 C_FIXTURES = pathlib.Path(__file__).parent / "c" / "fixtures"
-FUZZ = pathlib.Path(__file__).parent / "fuzz"
 
 
 def _packed_fixture():
