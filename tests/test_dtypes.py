@@ -11,7 +11,10 @@ import safeckpt
 from safeckpt import dtypes
 
 BIG_ENDIAN_MACHINE = sys.byteorder == "big"  # the real host, whatever a test forces
-ML_DTYPES_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+ML_DTYPES_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                   "float8_e4m3b11fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu",
+                   "float8_e5m3fnu", "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn", "int4",
+                   "uint4", "int2", "uint2", "int1", "uint1", "complex32", "bcomplex32")
 
 
 def _in_fresh_python(code):
@@ -61,7 +64,8 @@ def test_the_table_reads_as_one_sequence_of_codes():
     """Every name of the table keeps its meaning: DTYPES, DTYPE_BY_CODE, NAME_BY_CODE,
     ITEMSIZE_BY_CODE and CODE_BY_DTYPE agree, code by code, with FORMAT.md section 4."""
     n = len(dtypes.NAME_BY_CODE)
-    assert n == 19 == len(dtypes.DTYPE_BY_CODE) == len(dtypes.ITEMSIZE_BY_CODE) == len(dtypes.DTYPES)
+    assert n == 35 == len(dtypes.DTYPE_BY_CODE) == len(dtypes.ITEMSIZE_BY_CODE) == len(dtypes.DTYPES)
+    assert n == len(dtypes.BITS_BY_CODE) == len(dtypes.MINOR_BY_CODE)
     assert list(dtypes.DTYPE_BY_CODE) == [dtypes.DTYPE_BY_CODE[code] for code in range(n)]
     for code, name, dt in dtypes.DTYPES:
         assert dt.name == name == dtypes.NAME_BY_CODE[code]
@@ -79,10 +83,13 @@ def test_the_table_reads_as_one_sequence_of_codes():
 
 
 def test_minor_version_of_codes():
-    """[T1], FORMAT.md section 5: codes 0-16 are version 1.0, the fnuz float8 codes 1.3."""
+    """[T1], FORMAT.md section 5: codes 0-16 are version 1.0, the fnuz float8 codes 1.3, codes
+    19-34 (every other ml_dtypes type) 1.5."""
     assert dtypes.minor_of(b"") == 0
     assert dtypes.minor_of(bytes(range(17))) == 0
     assert dtypes.minor_of(bytes([0, 17])) == dtypes.minor_of(bytes([18])) == 3
+    for code in range(19, 35):
+        assert dtypes.minor_of(bytes([0, 17, code])) == dtypes.minor_of(bytes([code])) == 5
 
 
 @pytest.mark.parametrize("name", ["float8_e4m3fnuz", "float8_e5m2fnuz"])
@@ -116,19 +123,20 @@ def test_a_code_this_reader_does_not_know_is_refused_naming_the_tensor(backend):
     """[T1]: how a reader older than a file's codes refuses it (here: the code after the table)."""
     data = forge({"w": np.zeros(2, np.uint8)},
                        edit=lambda header: header.update(dtypes=bytes([len(dtypes.NAME_BY_CODE)])))
-    with pytest.raises(safeckpt.UnsupportedDtypeError, match=r"'w'.*code 19.*newer safeckpt"):
+    unknown = len(dtypes.NAME_BY_CODE)  # 35
+    with pytest.raises(safeckpt.UnsupportedDtypeError, match=rf"'w'.*code {unknown}.*newer safeckpt"):
         safeckpt.load_bytes(data)
 
 
 def test_format_md_lists_the_same_table():
-    """docs/FORMAT.md section 4 and dtypes.py agree code by code (name and item size)."""
+    """docs/FORMAT.md section 4 and dtypes.py agree code by code (name and bits)."""
     import pathlib
     import re
     text = (pathlib.Path(__file__).parent.parent / "docs" / "FORMAT.md").read_text()
     section = text[text.index("## 4. Dtype codes"):text.index("## 5. Versions")]
     rows = re.findall(r"\|\s*(\d+)\s*\|\s*(\w+)\s*\|\s*(\d+)\s*\|", section)
     table = sorted((int(code), name, int(size)) for code, name, size in rows)
-    assert table == [(code, dtypes.NAME_BY_CODE[code], dtypes.ITEMSIZE_BY_CODE[code])
+    assert table == [(code, dtypes.NAME_BY_CODE[code], dtypes.BITS_BY_CODE[code])
                      for code in range(len(dtypes.NAME_BY_CODE))]
 
 
