@@ -74,16 +74,18 @@ def make_state(size_mib):
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup_steps=10, decay_steps=1000)
     state = TrainState.create(apply_fn=None, params=params, tx=optax.adamw(schedule),
                               key=jax.random.key(0))
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01) * jnp.sign(p), params)
+    grads = jax.tree.map(  # random, as real gradients: mu and nu do not compress either
+        lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * 0.01, p.dtype), params)
     state = jax.jit(lambda s, g: s.apply_gradients(grads=g, key=jax.random.split(s.key)[0]))(
         state, grads)
     return jax.block_until_ready(state)
 
 
 def abstract(tree):
-    """The template of a restore: ShapeDtypeStructs with each array's sharding."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
+    """The template of a restore: ShapeDtypeStructs with each array's sharding and weak type
+    (a TrainState's ``step`` is weakly typed after a jitted step; safeckpt checks it)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
+                                                       weak_type=getattr(x, "weak_type", False)), tree)
 
 
 def raw(leaf):
@@ -210,7 +212,8 @@ COLUMNS = [("save", "full save"), ("async_block", "async save: blocks"),
            ("async_total", "async save: total"), ("restore_warm", "restore, warm"),
            ("restore_warm_read", "restore+read, warm"), ("restore_cold", "restore, cold"),
            ("restore_cold_read", "restore+read, cold"), ("params_warm", "params only, warm"),
-           ("params_cold", "params only, cold")]
+           ("params_warm_read", "params only+read, warm"), ("params_cold", "params only, cold"),
+           ("params_cold_read", "params only+read, cold")]
 
 
 def main(argv=None):
@@ -251,6 +254,7 @@ def main(argv=None):
                     check_equal(got, state, f"{lib.name} restore")
                 del got
                 t["params_warm"], got = timed(lambda: lib.restore_params(step, template))
+                t["params_warm_read"] = t["params_warm"] + timed(lambda: read_all(got))[0]
                 if r == 0:
                     check_equal(got, state.params, f"{lib.name} params restore")
                 del got
@@ -261,6 +265,7 @@ def main(argv=None):
                     del got
                     drop_caches()
                     t["params_cold"], got = timed(lambda: lib.restore_params(step, template))
+                    t["params_cold_read"] = t["params_cold"] + timed(lambda: read_all(got))[0]
                     del got
                 sizes[lib.name] = disk_bytes(lib.files(step))
             if r == 0:
