@@ -209,7 +209,10 @@ def map_file(fd: int, size: int) -> Mapping:
     if code:
         detail = ": the size must be > 0 and fit in memory" if code == lib.SCK_E_ARG else ""
         raise error_for(code, f"mmap of {size} bytes", detail, errno=err[0])
-    base = ffi.gc(ffi.cast("uint8_t *", out[0]), lambda p, size=size: lib.sck_unmap(p, size))
+    # sck_unmap is bound now: at interpreter exit the module's globals (lib) may be gone before
+    # the last array on the mapping is.
+    base = ffi.gc(ffi.cast("uint8_t *", out[0]),
+                  lambda p, size=size, unmap=lib.sck_unmap: unmap(p, size))
     return Mapping(base, size)
 
 

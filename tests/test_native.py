@@ -910,3 +910,18 @@ def test_write_checksums_on_a_second_thread(tmp_path):
             _native.write_tensors(fd, 0, big, 64, True)
     finally:
         os.close(fd)
+
+
+def test_mapping_outlives_module_teardown(tmp_path):
+    """A mapped array alive at interpreter exit is unmapped without an error: the unmap function
+    is bound when the mapping is made, not looked up in the module's globals (gone by then)."""
+    import subprocess
+    import sys
+    path = tmp_path / "f.sckpt"
+    script = ("import builtins, sys, numpy as np, safeckpt\n"
+              "safeckpt.save({'w': np.arange(4.0)}, sys.argv[1])\n"
+              "builtins._kept = safeckpt.load(sys.argv[1], mmap=True)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "SAFECKPT_BACKEND": "c"})
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
