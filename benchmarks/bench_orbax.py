@@ -18,9 +18,11 @@ a full synchronous save to completion; the time an async save blocks the caller 
 ``CheckpointManager(async_save=True)``, orbax's default async CheckpointManager) and its total
 time to completion; restore into the template with the files in the page cache ("warm"), and,
 when run as root, after ``sync; echo 3 > /proc/sys/vm/drop_caches`` ("cold"); the same for the
-parameters alone; "+read" adds one pass over every restored byte (a lazy restore pays there);
-bytes on disk (sum of file sizes of one checkpoint). Every restore is checked bit for bit
-against the saved state once, outside the timings.
+parameters alone. Each round's timed restores follow an untimed one, which fills the page
+cache and brings the allocators to a steady state (without it, the first restore paid for fresh
+memory and came out slower warm than cold). "+read" adds one pass over every restored byte (a
+lazy restore would pay there). Bytes on disk: the sum of the file sizes of one checkpoint. Every
+restore is checked bit for bit against the saved state once, outside the timings.
 
     python benchmarks/bench_orbax.py [--size-mib 432] [--repeat 5] [--dir /tmp] [--no-cold]
 
@@ -248,6 +250,9 @@ def main(argv=None):
                 t["async_total"] = t["async_block"] + wait
             for lib in order:
                 t = rounds[lib.name]
+                # untimed: fills the page cache and lets each library's allocator reach its
+                # steady state, so that warm and cold restores start alike
+                jax.tree.leaves(lib.restore(step, template))
                 t["restore_warm"], got = timed(lambda: lib.restore(step, template))
                 t["restore_warm_read"] = t["restore_warm"] + timed(lambda: read_all(got))[0]
                 if r == 0:
