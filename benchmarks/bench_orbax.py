@@ -86,8 +86,10 @@ def make_state(size_mib):
 def abstract(tree):
     """The template of a restore: ShapeDtypeStructs with each array's sharding and weak type
     (a TrainState's ``step`` is weakly typed after a jitted step; safeckpt checks it)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
-                                                       weak_type=getattr(x, "weak_type", False)), tree)
+    def leaf(x):  # a typed key array has no weak_type
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
+                                    weak_type=getattr(x, "weak_type", False))
+    return jax.tree.map(leaf, tree)
 
 
 def raw(leaf):
