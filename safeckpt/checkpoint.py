@@ -824,7 +824,7 @@ def load_checkpoint_file(path: Union[PathLike, RemotePath], layout: Tuple[str, .
     return state
 
 
-def _load_entry(reader: TensorMap, key: str, verify: bool, jax_leaves: bool) -> Any:
+def _load_entry(reader: TensorMap, key: Any, verify: bool, jax_leaves: bool) -> Any:
     """Top-level entry ``key`` of an open checkpoint: numpy arrays, or JaxLeaf values."""
     if jax_leaves:
         return _tree.materialize(reader, _tree.find(reader, (key,)), framework="jax",

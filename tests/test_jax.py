@@ -81,3 +81,20 @@ def test_load_verifies_what_it_reads_by_default(tmp_path):
     with pytest.raises(safeckpt.ChecksumError, match="'k'"):
         safeckpt.jax.load(path, verify=True)
     assert isinstance(safeckpt.jax.load(path)["k"], jax.Array)
+
+
+def test_to_state_keeps_plain_tuples_and_turns_other_nodes_into_dicts(tmp_path):
+    """A chain's tuple of optax states stays a tuple in the file (the manager and sj.load give
+    the tuple back); each named tuple is its flax state dict; an nnx.State its pure dict."""
+    optax = pytest.importorskip("optax")
+    nnx = pytest.importorskip("flax.nnx")
+    import safeckpt.jax as sj
+
+    params = {"w": jnp.ones(2)}
+    opt_state = optax.adamw(optax.linear_schedule(1e-3, 0.0, 10)).init(params)
+    sj.save({"opt": opt_state, "model": nnx.state(nnx.Linear(2, 1, rngs=nnx.Rngs(0)))},
+            tmp_path / "s.sckpt")
+    back = safeckpt.load(tmp_path / "s.sckpt")
+    assert type(back["opt"]) is tuple and len(back["opt"]) == 3
+    assert sorted(back["opt"][0]) == ["count", "mu", "nu"] and back["opt"][1] == {}
+    assert sorted(back["model"]) == ["bias", "kernel"]

@@ -5,8 +5,6 @@ cpu:2 give arrays of exactly that sharding, each device reading only its shard's
 import numpy as np
 import pytest
 
-import safeckpt
-
 jax = pytest.importorskip("jax")
 import safeckpt.jax as sj  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
