@@ -918,10 +918,16 @@ def test_mapping_outlives_module_teardown(tmp_path):
     import subprocess
     import sys
     path = tmp_path / "f.sckpt"
-    script = ("import builtins, sys, numpy as np, safeckpt\n"
-              "safeckpt.save({'w': np.arange(4.0)}, sys.argv[1])\n"
-              "builtins._kept = safeckpt.load(sys.argv[1], mmap=True)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+    pytest.importorskip("jax")  # with jax imported and a reader left in a global, lib goes first
+    script = ("import builtins, sys, numpy as np, safeckpt, safeckpt.jax_convert\n"
+              "safeckpt.save({'w': np.arange(10.0, dtype=np.float32)}, sys.argv[1])\n"
+              "with safeckpt.open(sys.argv[1]) as reader:\n"
+              "    pass\n"
+              "import jax\n"
+              "KEEP = builtins._kept = safeckpt.load(sys.argv[1], mmap=True)\n")
+    (tmp_path / "keep.py").write_text(script)  # run as a file: its module globals go at exit
+    done = subprocess.run([sys.executable, str(tmp_path / "keep.py"), str(path)],
+                          capture_output=True,
                           text=True, timeout=120, env={**os.environ, "SAFECKPT_BACKEND": "c"})
     assert done.returncode == 0, done.stderr
     assert "Exception ignored" not in done.stderr, done.stderr
