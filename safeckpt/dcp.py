@@ -90,6 +90,7 @@ from torch.futures import Future
 
 from . import api, remote, torch_convert, tree
 from . import format as fmt
+from .dtypes import CODE_BY_DTYPE, PACKED_CODES
 from .errors import HeaderError, InvalidValueError, LimitError, SafeckptError, quote
 from .filekind import PathLike
 from .reader import TensorMap
@@ -896,7 +897,8 @@ class SafeckptReader(StorageReader):
         offsets, lengths = list(item.storage_offsets), list(item.lengths)
         if any(o + n > s for o, n, s in zip(offsets, lengths, info.shape)):
             raise HeaderError(f"{reader.where}: read of {key!r} past its shape")
-        if whole or (not any(offsets) and tuple(lengths) == info.shape):
+        if (whole or (not any(offsets) and tuple(lengths) == info.shape)
+                or CODE_BY_DTYPE.get(info.dtype) in PACKED_CODES):  # packed: no span per element
             return _Part(item, node, info.dtype, offsets, lengths, None, info.nbytes)
         span = _span(offsets, lengths, info.shape, info.dtype.itemsize) if math.prod(lengths) \
             else (0, 0, [])

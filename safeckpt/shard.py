@@ -152,7 +152,7 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
     # a str or a RemotePath; the name checked before any shard [W5]
     target = _writer.destination_format(path, sharded=True)[0]
     arrays = list(arrays)
-    counts = split([array.nbytes for array in arrays], limit)
+    counts = split([_writer.stored_nbytes(array) for array in arrays], limit)
     if len(counts) <= 1:
         _writer.write_plan(_writer.Plan(dict(zip(names, arrays)), metadata, align, checksum,
                                         tree=tree), target, atomic=atomic)

@@ -396,6 +396,20 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
+def stored_nbytes(array: Any) -> int:
+    """The bytes a file holds for ``array`` (a numpy array or :class:`LazyArray`): its
+    ``nbytes``, or its packed length for a sub-byte dtype ([T5], FORMAT.md section 4).
+
+    Example:
+        >>> stored_nbytes(np.zeros(3, np.float32))
+        12
+    """
+    code = CODE_BY_DTYPE.get(array.dtype)
+    if code in PACKED_CODES:
+        return nbytes_of(code, math.prod(array.shape))
+    return int(array.nbytes)
+
+
 def le_bytes(array: Any) -> Tuple[np.ndarray, bool]:
     """The bytes a file holds for the array, as an array: little-endian and C-ordered (the array
     itself when it already is; a :class:`LazyArray` is loaded), packed into a new uint8 array for
