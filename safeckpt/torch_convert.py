@@ -277,13 +277,15 @@ def _host_array(tensor: Any, where: str) -> np.ndarray:
 
 def _check_shell(raw: np.ndarray, width: int, dtype: Any, where: str) -> None:
     """Refuse the bytes of a shell-dtype tensor whose bits above ``width`` are not all zero."""
-    bad = np.flatnonzero(raw.reshape(-1) >> np.uint8(width)) if raw.size else ()
-    if len(bad):
-        index = np.unravel_index(int(bad[0]), raw.shape)
+    flat = raw.reshape(-1)
+    bad: np.ndarray = np.flatnonzero(flat >> np.uint8(width))
+    if bad.size:
+        first = int(bad[0])
+        index = np.unravel_index(first, raw.shape)
         signed = str(dtype).split(".")[-1].startswith("int")
         raise InvalidValueError(
             f"tensor {where!r}: {dtype} element {tuple(int(i) for i in index)} is the byte "
-            f"{int(raw.reshape(-1)[bad[0]]):#04x} ({len(bad)} such), which has bits set above the "
+            f"{int(flat[first]):#04x} ({bad.size} such), which has bits set above the "
             f"low {width}; torch defines no values for {dtype}, and safeckpt stores each element as "
             f"ml_dtypes holds it: its {width}-bit {'two' + chr(39) + 's complement ' if signed else ''}"
             f"pattern in the low bits of its byte, the other bits zero (e.g. "
@@ -297,7 +299,7 @@ def _unpair(raw: np.ndarray) -> np.ndarray:
     out = np.empty((*raw.shape[:-1], 2 * raw.shape[-1]), np.uint8)
     np.bitwise_and(raw, np.uint8(0x0F), out=out[..., 0::2])
     np.right_shift(raw, np.uint8(4), out=out[..., 1::2])
-    return out.view(_float4())
+    return out.view(dtypes.DTYPE_BY_CODE[_FLOAT4_CODE])
 
 
 def _pair(array: np.ndarray, name: str) -> Any:
