@@ -398,6 +398,17 @@ def _outline(skeleton: Any, names: Sequence[str], infos: Sequence[TensorInfo]
             size = (len(node) - 1) // 2 if node[0] in (_tree.DICT, _tree.ODICT) else len(node) - 1
             yield f"{pad}{label}{node[0]} ({size})"
             stack.append(_children(node))
+        elif type(node) is list and node[0] in _tree.WRAPPERS:  # [R9] [R10]
+            kind = "weak" if node[0] == _tree.WEAK else f"PRNG key ({node[1]}) of"
+            inner = node[-1]
+            if inner[0] == _tree.SCALAR:
+                value = _scalar(inner)
+                yield f"{pad}{label}{kind} {value.dtype} scalar {quote(value.item())}"
+            else:
+                info = infos[inner[1]]
+                what = "tensor" if inner[0] == _tree.TENSOR else "same tensor as"
+                yield (f"{pad}{label}{kind} {what} {_escape(names[inner[1]])} {info.dtype} "
+                       f"{list(info.shape)}")
         elif type(node) is list and node[0] in (_tree.TENSOR, _tree.REF):
             info = infos[node[1]]
             kind = "tensor" if node[0] == _tree.TENSOR else "same tensor as"
@@ -414,6 +425,10 @@ def _json_tree(node: Any, names: Sequence[str]) -> Any:
     if type(node) is not list:
         return _jsonable(node)
     tag = node[0]
+    if tag == _tree.WEAK:  # [R9]
+        return _object([("weak", _json_tree(node[1], names))])
+    if tag == _tree.KEY:  # [R10]
+        return _object([("key", node[1]), ("data", _json_tree(node[2], names))])
     if tag in (_tree.DICT, _tree.ODICT):
         return _object([("type", tag), ("items", _Lazy(
             _Lazy((_jsonable(key), _json_tree(child, names))) for key, child in _children(node)))])

@@ -654,3 +654,20 @@ def test_the_refusal_to_replace_a_file_names_the_way_out(files, call):
     assert r.stderr == ("safeckpt: error: step-1.sckpt: step-2.sckpt refers to it, and replacing "
                         "it would break that checkpoint [X8]; write to another path, or "
                         "consolidate or delete it first\n")
+
+
+def test_inspect_shows_jax_keys_and_weak_values(files, call):
+    """[R9] [R10]: a typed PRNG key and weakly typed values are shown in the outline and in
+    --json, not taken for scalars (an internal error before)."""
+    jax = pytest.importorskip("jax")
+    safeckpt.save({"rng": jax.random.key(0), "lr": jax.numpy.asarray(0.5),
+                   "w": np.ones(2, np.float32)}, files / "jax.sckpt")
+    r = call("inspect", "jax.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    assert "'rng': PRNG key (threefry2x32) of tensor rng uint32 [2]" in r.stdout
+    assert "'lr': weak tensor lr float32 []" in r.stdout
+    r = call("inspect", "--json", "jax.sckpt")
+    assert r.returncode == cli.EXIT_OK, r.stderr
+    items = dict(json.loads(r.stdout)["tree"]["items"])
+    assert items["rng"] == {"key": "threefry2x32", "data": {"tensor": "rng"}}
+    assert items["lr"] == {"weak": {"tensor": "lr"}}
