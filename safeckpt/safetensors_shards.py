@@ -305,7 +305,8 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
         raise InvalidValueError(f"metadata key {TOTAL_SIZE_KEY!r} is the index's own (the bytes of "
                                 "all tensors, as Hugging Face writes it) [HF6]; rename it")
     names, arrays = list(names), list(arrays)
-    counts = split([array.nbytes for array in arrays], limit)
+    sizes = [safetensors_writer.file_nbytes(array) for array in arrays]  # packed F4/F6 [ST5]
+    counts = split(sizes, limit)
     given_format = metadata.get(FORMAT_KEY)
     if len(counts) <= 1:
         metadata.setdefault(FORMAT_KEY, DEFAULT_FORMAT)
@@ -322,7 +323,7 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
         plans.append(safetensors_writer.plan(part, shard_metadata))
         weight_map.update(dict.fromkeys(part, file))
         start += count
-    index_metadata = {TOTAL_SIZE_KEY: sum(int(array.nbytes) for array in arrays),
+    index_metadata = {TOTAL_SIZE_KEY: sum(sizes),
                       **safetensors_writer.encode_metadata(metadata, tree)}
     text = json.dumps({"metadata": index_metadata, "weight_map": weight_map}, indent=2,
                       sort_keys=True) + "\n"  # as transformers writes it (ASCII: names escaped)

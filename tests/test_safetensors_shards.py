@@ -457,3 +457,17 @@ def test_a_shard_replaced_while_open_is_refused(tmp_path, monkeypatch):
         with pytest.raises(safeckpt.ShardError, match="model-00001-of-00003.*replaced"):
             f["layers.1.weight"]
         assert same_bits(f["layers.4.weight"], TENSORS["layers.4.weight"])
+
+
+def test_HF6_packed_float4_tensors_are_sized_by_their_bytes_in_the_file(tmp_path):
+    """[ST5] [HF6]: a float4 tensor takes half a byte per element in a .safetensors file, so shards
+    are split and total_size counted by that size, not numpy's byte per element."""
+    import ml_dtypes
+    tensors = {f"q{i}": np.zeros(800, ml_dtypes.float4_e2m1fn) for i in range(4)}  # 400 B each
+    path = tmp_path / "model.safetensors"
+    safeckpt.save_file(tensors, path, max_shard_size=900)  # two per shard, as 400-byte tensors
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 4 * 400
+    assert len(set(index["weight_map"].values())) == 2
+    loaded = safeckpt.load(str(tmp_path / "model.safetensors.index.json"))
+    assert all(loaded[name].dtype == ml_dtypes.float4_e2m1fn for name in tensors)
