@@ -17,7 +17,7 @@ array placed as the template's leaf is: a ``jax.Array``'s sharding, a ``jax.Shap
 ``sharding`` (a sharded template reads only each device's slice of the file, lazily from its
 mapping), or, for a ``ShapeDtypeStruct`` without one, the saved device. Everything is checked
 first, and every problem listed in one :class:`~safeckpt.StateMismatchError`: keys, shapes,
-dtypes, weak types, key implementations, and Python scalar leaves (``{"step": 0}`` takes the
+dtypes, key implementations, and Python scalar leaves (``{"step": 0}`` takes the
 file's int, or a 0-d integer array, and refuses anything else).
 
 64-bit dtypes (int64, uint64, float64, complex128) load only with ``jax_enable_x64`` on: jax
@@ -200,7 +200,7 @@ def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, cast_x64:
 
     Raises:
         StateMismatchError: with ``target``, lists every missing or unexpected key and every
-            shape, dtype, weak type, key implementation or scalar kind that differs; nothing is
+            shape, dtype, key implementation or scalar kind that differs; nothing is
             returned.
         UnsupportedDtypeError: a 64-bit tensor while ``jax_enable_x64`` is off (and no cast).
 
@@ -252,7 +252,7 @@ def restore_tree(target: Any, stored: Any, *, cast_x64: bool = False,
     and values. Each template leaf says what its value becomes:
 
     - a ``jax.Array`` or ``jax.ShapeDtypeStruct`` (a typed key too): a jax array of its shape,
-      dtype, weak type and key implementation, on its ``sharding`` (a sharded one reads only
+      dtype and key implementation, weakly typed as it was saved, on its ``sharding`` (a sharded one reads only
       each device's slice); a ``ShapeDtypeStruct`` without sharding: the saved device, else
       jax's default device;
     - a numpy array: a numpy array of its shape and dtype;
@@ -267,7 +267,7 @@ def restore_tree(target: Any, stored: Any, *, cast_x64: bool = False,
 
     Raises:
         StateMismatchError: every problem at once: missing and unexpected keys, shapes, dtypes,
-            weak types, key implementations, scalar kinds. Nothing is read before it passes.
+            key implementations, scalar kinds. Nothing is read before it passes.
 
     Example:
         >>> state = restore_tree(nnx.state(model), stored)     # doctest: +SKIP
@@ -411,12 +411,8 @@ def _check_array(jax: Any, template: Any, value: Any, name: str, cast_x64: bool,
             hint = f" (a key of implementation {value.key_impl!r})"
         problems.append(f"{name}: file has {got[0]} {value.dtype}, target {want[0]} {want[1]}"
                         + hint)
-        return
-    weak = value.weak if isinstance(value, JaxLeaf) else getattr(value, "weak_type", False)
-    want_weak = bool(getattr(template, "weak_type", False))
-    if bool(weak) != want_weak:
-        problems.append(f"{name}: file has weak_type={bool(weak)}, target weak_type={want_weak} "
-                        "(a weakly typed value promotes differently in arithmetic)")
+    # weak_type is not compared: the value comes back as it was saved [R9], whatever the template
+    # says (ShapeDtypeStructs made from shapes and dtypes, orbax's included, say weak_type=False)
 
 
 def _report_casts(leaves: Sequence[JaxLeaf]) -> None:
