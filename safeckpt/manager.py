@@ -1128,10 +1128,11 @@ class CheckpointManager:
         :meth:`restore` chooses) without restoring anything; return a :class:`CheckpointInfo`,
         or None when there is no checkpoint file. Pending async saves are written first (as
         :meth:`wait`). Raises as :meth:`restore`."""
-        return self._load(None, step, verify, True, None)
+        return self._load(None, step, verify, True, None, False)
 
     def restore(self, state_or_model: Any, step: Any = None, *, verify: bool | None = None,
-                strict: bool = True, map_location: Any = None) -> CheckpointInfo | None:
+                strict: bool = True, map_location: Any = None,
+                cast_x64: bool = False) -> CheckpointInfo | None:
         """Resume in one call: load checkpoint ``step`` (default: the newest complete one) into
         ``state_or_model`` in place (see :func:`safeckpt.checkpoint.restore_into`) and restore
         the random generators. Pending async saves are written first (as :meth:`wait`).
@@ -1142,8 +1143,10 @@ class CheckpointManager:
         the template's exact structure (tuples, named tuples, dataclasses, int keys), jax
         arrays on each template leaf's sharding or device (a sharded leaf reads only each
         device's slice of the file), typed keys and weak types as saved; checked first as
-        :func:`safeckpt.jax.restore_tree` says. ``strict`` and ``map_location`` are for other
-        targets. For nnx: ``nnx.update((model, optimizer), info.state)``.
+        :func:`safeckpt.jax.restore_tree` says; ``cast_x64=True`` casts 64-bit tensors to 32 bits
+        while ``jax_enable_x64`` is off, reported in one ``UserWarning`` (else they are refused).
+        ``strict`` and ``map_location`` are for other targets. For nnx:
+        ``nnx.update((model, optimizer), info.state)``.
 
         With ``step=None``, a newest file that does not open, fails verification or breaks
         [C1-C3] (damaged, or not a checkpoint of this manager) is skipped, with a warning, for
@@ -1162,7 +1165,8 @@ class CheckpointManager:
             InvalidValueError: a target that cannot be restored in place (e.g. an optimizer's
                 ``state_dict()``: pass the optimizer; see :func:`restore_into`).
             ValueError: ``strict=False`` or ``map_location`` with a JAX template (its leaves
-                say where each array goes, and every leaf must be in the file).
+                say where each array goes, and every leaf must be in the file);
+                ``cast_x64=True`` without one.
             SafeckptError, OSError: with ``step``, that file's problem.
 
         Example:
@@ -1172,7 +1176,7 @@ class CheckpointManager:
             >>> if info:                                                        # doctest: +SKIP
             ...     train_state, key = info.state["state"], info.state["rng"]
         """
-        return self._load(state_or_model, step, verify, strict, map_location)
+        return self._load(state_or_model, step, verify, strict, map_location, cast_x64)
 
     def _candidates(self) -> list[tuple[int, str]]:
         """``(step, file name)`` of every file named like a checkpoint (remote: of every commit
@@ -1180,13 +1184,16 @@ class CheckpointManager:
         return sorted(self._dir.candidates(), reverse=True)
 
     def _load(self, target: Any, step: Any, verify: bool | None, strict: bool,
-              map_location: Any) -> CheckpointInfo | None:
+              map_location: Any, cast_x64: bool) -> CheckpointInfo | None:
         """Load (and with a ``target``, restore) checkpoint ``step``, or the newest that loads."""
         jax_target = target is not None and _sck_jax.is_jax_tree(target)
         if jax_target and (not strict or map_location is not None):
             raise ValueError("strict=False and map_location are for torch and numpy targets: a "
                              "JAX template's leaves say where each array goes, and each must be "
                              "in the checkpoint")
+        if cast_x64 and not jax_target:
+            raise ValueError("cast_x64=True is for a JAX template (a pytree of jax arrays or "
+                             "ShapeDtypeStructs); other targets take their own dtypes")
         self.wait()  # what was saved, not what was on disk before
         candidates = (self._candidates() if step is None
                       else [(as_step(step), _name(as_step(step)))])
@@ -1203,7 +1210,8 @@ class CheckpointManager:
                 continue
             state = tree["state"]
             if jax_target:  # a new pytree: jax arrays are immutable
-                state = _sck_jax.restore_tree(target, state, where=f"{path!r}['state']")
+                state = _sck_jax.restore_tree(target, state, cast_x64=cast_x64,
+                                              where=f"{path!r}['state']")
             elif target is not None:
                 state = restore_into(target, state, strict=strict, map_location=map_location,
                                      where=f"{path!r}['state']")

@@ -153,3 +153,30 @@ def test_a_remote_manager_restores_a_jax_template():
     assert jax.tree_util.tree_structure(info.state) == jax.tree_util.tree_structure(template)
     assert info.step == 3 and type(info.state["state"]) is train_state.TrainState
     assert bits(info.state) == bits({"state": state})
+
+
+def test_64_bit_leaves_cast_through_the_manager_only_when_asked_and_reported(tmp_path):
+    """Issue item 6: a checkpoint saved with x64 on resumes with x64 off through the manager
+    only with cast_x64=True, which names the cast tensors in one UserWarning."""
+    import jax
+    import jax.numpy as jnp
+    before = jax.config.jax_enable_x64
+    try:
+        jax.config.update("jax_enable_x64", True)
+        with safeckpt.CheckpointManager(tmp_path) as manager:
+            manager.save(1, {"w": jnp.arange(3, dtype=jnp.float64), "n": jnp.ones(2, jnp.float32)})
+        jax.config.update("jax_enable_x64", False)
+        template = {"w": jnp.zeros(3, jnp.float32), "n": jnp.zeros(2, jnp.float32)}
+        manager = safeckpt.CheckpointManager(tmp_path)
+        with pytest.raises(safeckpt.StateMismatchError, match="cast_x64=True"):
+            manager.restore(template)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = manager.restore(template, cast_x64=True)
+        cast = [w for w in caught if "cast_x64" in str(w.message)]
+        assert len(cast) == 1 and "'state.w' (float64)" in str(cast[0].message)
+        assert info.state["w"].dtype == jnp.float32 and info.state["w"].tolist() == [0, 1, 2]
+        with pytest.raises(ValueError, match="cast_x64=True is for a JAX template"):
+            manager.restore({"w": np.zeros(3)}, cast_x64=True)
+    finally:
+        jax.config.update("jax_enable_x64", before)
