@@ -47,7 +47,7 @@ from . import writer as _writer
 from .checkpoint import (MANAGED, CheckpointInfo, Metrics, PathLike, capture_rng, check_metadata,
                          check_metrics, load_checkpoint_file, metadata_of, plain_metrics,
                          restore_into, restore_rng, state_of)
-from .dtypes import little_endian, to_little_endian
+from .dtypes import little_endian
 from .errors import CommitError, HeaderError, InvalidValueError, LimitError, SafeckptError, quote
 from .reader import Reader
 from .safetensors_format import unique_object
@@ -909,15 +909,16 @@ class CheckpointManager:
                 if name not in reader:
                     continue
                 info = reader.info(name)
+                # the stored length: packed for a sub-byte code, not numpy's byte per element
                 if (info.dtype != little_endian(array.dtype) or tuple(info.shape) != array.shape
-                        or info.nbytes != array.nbytes):
+                        or info.nbytes != _writer.stored_nbytes(array)):
                     continue
                 location = reader.location(name)
                 if location is None:  # not a file of an incremental save: no save_id
                     continue
                 if type(array) is _writer.LazyArray:
                     arrays[i] = array = array.load()
-                new = to_little_endian(np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
+                new = _writer.le_bytes(array)[0].reshape(-1).view(np.uint8)  # as a file holds it
                 if _backend.bytes_equal(new, reader.raw_bytes(name, verify=False)):
                     refs[name] = location
         return self._worth_keeping(step, metrics or {}, entries, refs)

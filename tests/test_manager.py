@@ -234,6 +234,28 @@ def referred(manager, step):
 
 
 @pytest.mark.usefixtures("backend")
+def test_incremental_refers_to_unchanged_packed_tensors(tmp_path):
+    """[X7] with sub-byte codes (FORMAT.md section 4): a frozen int4/float4/float6/uint1 base is
+    compared by its packed bytes, not numpy's one byte per element, and referred to in step 2."""
+    import ml_dtypes
+    rng = np.random.default_rng(0)
+    base = {"q4": rng.integers(-8, 8, 4097).astype(ml_dtypes.int4),
+            "f4": rng.integers(0, 16, (3, 7), dtype=np.uint8).view(ml_dtypes.float4_e2m1fn),
+            "f6": rng.integers(0, 64, 5, dtype=np.uint8).view(ml_dtypes.float6_e2m3fn),
+            "u1": rng.integers(0, 2, 9, dtype=np.uint8).view(ml_dtypes.uint1)}
+    manager = safeckpt.CheckpointManager(tmp_path, incremental=True, rng=False)
+    manager.save(1, {"base": base, "lora": np.ones(4, np.float32)})
+    changed = dict(base, u1=base["u1"].copy())
+    changed["u1"][0] = ml_dtypes.uint1(1 - int(base["u1"][0]))
+    manager.save(2, {"base": changed, "lora": np.full(4, 2, np.float32)})
+    stored = sum(safeckpt.writer.stored_nbytes(base[k]) for k in ("q4", "f4", "f6"))
+    assert referred(manager, 2) == [("step-0000000001.sckpt", 3, stored)]  # u1 changed: written
+    out = manager.load(2, verify=True).state["base"]
+    for key, value in changed.items():
+        assert out[key].dtype == value.dtype and out[key].tobytes() == value.tobytes(), key
+
+
+@pytest.mark.usefixtures("backend")
 def test_incremental_saves_refer_to_the_file_that_stores_unchanged_bytes(tmp_path):
     manager = safeckpt.CheckpointManager(tmp_path, keep_last=2, incremental=True, rng=False)
     state = lora_state(10)
