@@ -13,8 +13,9 @@ shardings), as its documentation shows:
   ``StandardRestore``; subtree: ``PyTreeCheckpointer().restore(step/"default",
   args=PyTreeRestore(item={"params": ...}, partial_restore=True))``.
 
-Measured, as medians of ``--repeat`` rounds (the two libraries alternate which goes first):
-a full synchronous save to completion; the time an async save blocks the caller (safeckpt
+Measured, as medians of ``--repeat`` rounds (the two libraries alternate which goes first,
+and ``os.sync()`` runs, untimed, before each save, so that neither pays for the other's
+writeback): a full synchronous save to completion; the time an async save blocks the caller (safeckpt
 ``CheckpointManager(async_save=True)``, orbax's default async CheckpointManager) and its total
 time to completion; restore into the template with the files in the page cache ("warm"), and,
 when run as root, after ``sync; echo 3 > /proc/sys/vm/drop_caches`` ("cold"); the same for the
@@ -26,8 +27,10 @@ restore is checked bit for bit against the saved state once, outside the timings
 
     python benchmarks/bench_orbax.py [--size-mib 432] [--repeat 5] [--dir /tmp] [--no-cold]
 
-safeckpt's save is atomic (temporary file, fsync, rename) and stores a CRC32C per tensor, which
-the manager's restore checks; the figures include that work.
+Both saves fsync (orbax through tensorstore: strace counts its fsync calls); safeckpt's is
+atomic (temporary file, fsync, rename) and stores a CRC32C per tensor, which the manager's
+restore checks; the figures include that work. ``safeckpt.jax.load`` (the params-only rows) maps
+the file and does not check CRCs unless ``verify=True``.
 """
 
 import argparse
@@ -246,7 +249,9 @@ def main(argv=None):
             rounds = {}
             for lib in order:
                 t = rounds.setdefault(lib.name, {})
+                os.sync()  # untimed: the other library's writes are not left for this one
                 t["save"], _ = timed(lambda: lib.save(step, state))
+                os.sync()
                 t["async_block"], _ = timed(lambda: lib.async_save(step, state))
                 wait, _ = timed(lib.async_wait)
                 t["async_total"] = t["async_block"] + wait
