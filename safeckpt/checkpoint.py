@@ -439,7 +439,7 @@ class _Restore:
 
         def write() -> None:
             with torch.no_grad():
-                target.copy_(source)
+                torch_convert.copy_into(target, source)  # the shell dtypes too
         self.writes.append(write)
 
     def stateful(self, target: Any, value: Any, path: _Path) -> None:

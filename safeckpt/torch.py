@@ -234,6 +234,11 @@ def _cast_problem(got: Any, dtype: Any, values: bool) -> Optional[str]:
     round, as torch's ``copy_`` rounds them (float32 to bfloat16, the reason to cast).
     """
     import torch  # only a load into a torch model reaches here: torch is imported already
+    shell = [d for d in (got.dtype, dtype) if torch_convert.is_shell(d)]
+    if shell:  # torch.can_cast and torch.iinfo refuse them with a TypeError
+        return (f"torch has no casts for {_dtype(shell[0])} (a dtype without arithmetic); "
+                "convert it yourself, e.g. from the numpy (ml_dtypes) values of "
+                "safeckpt.load(path, framework='numpy')")
     if not torch.can_cast(got.dtype, dtype):
         return (f"{_dtype(got.dtype)} to {_dtype(dtype)} goes down the kinds bool < int < float < "
                 "complex and would change values; convert it yourself if that is meant")
@@ -398,7 +403,8 @@ def _same_values(a: Any, b: Any) -> bool:
         return False  # a meta tensor has no values to compare
     if a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
         return True
-    bits = [t.detach().reshape(-1).view(torch.uint8) for t in (a, b.to(a.device))]
+    bits = [t.detach().reshape(-1).view(torch.uint8)
+            for t in (a, torch_convert.to_device(b, a.device))]
     return torch.equal(*bits)
 
 
@@ -641,21 +647,33 @@ def _write(model: Target, loadable: Dict[Any, Any], expected: Dict[Any, Any],
     import torch  # only a load into a torch model reaches here: torch is imported already
     if isinstance(model, dict):
         with torch.no_grad():
-            for key, value in loadable.items():
-                expected[key].copy_(value)  # casts, as load_state_dict does
+            for key, value in loadable.items():  # casts, as load_state_dict does
+                torch_convert.copy_into(expected[key], value)
         return
     replace = {key for key in loadable if torch_convert.is_tensor(expected[key])
                and (assign or expected[key].is_meta)}
-    model.load_state_dict({k: v for k, v in loadable.items() if k not in replace}, strict=False)
+    # torch's copy_ has no kernel for the shell dtypes (int4 .. uint1): their bytes are copied
+    shells = {key for key in loadable if key not in replace
+              and torch_convert.is_tensor(expected[key]) and torch_convert.is_tensor(loadable[key])
+              and torch_convert.is_shell(expected[key].dtype)}
+    model.load_state_dict({k: v for k, v in loadable.items() if k not in replace | shells},
+                          strict=False)
+    with torch.no_grad():
+        for key in shells:
+            torch_convert.copy_into(expected[key], loadable[key])
     if not replace:
         return
     placed: Dict[int, tuple] = {}
     assigned: Dict[Any, Any] = {}
     for key in replace:
         value, want = loadable[key], expected[key]
-        moved = value.to(device=value.device if want.is_meta else want.device, dtype=want.dtype)
+        device = value.device if want.is_meta else want.device
+        if value.dtype != want.dtype:
+            moved = value.to(device=device, dtype=want.dtype)
+        else:  # to_device: the shell dtypes too
+            moved = value if value.device == device else torch_convert.to_device(value, device)
         if moved is value and placed.setdefault(id(value), ties[key]) != ties[key]:
-            moved = value.clone()
+            moved = torch_convert.clone(value)
         assigned[key] = moved
     slots = [(table, name, table[name]) for module in model.modules()
              for table in (module._parameters, module._buffers) for name in table]

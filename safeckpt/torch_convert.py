@@ -91,6 +91,19 @@ def is_tensor(value: object) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+def is_shell(dtype: Any) -> bool:
+    """Whether ``dtype`` is one of torch's shell dtypes int4 .. uint1 (one element a byte, no
+    arithmetic and no copy kernel in torch).
+
+    Example:
+        >>> is_shell(np.dtype("uint8"))
+        False
+    """
+    torch = sys.modules.get("torch")
+    return (torch is not None and isinstance(dtype, torch.dtype)
+            and str(dtype).split(".")[-1] in _SHELL_BITS)
+
+
 def _tables() -> Tuple[Dict[Any, Any], Dict[Any, Any]]:
     """``{torch dtype: (numpy dtype, torch dtype whose bits numpy reads or None)}`` and back.
 
@@ -334,10 +347,45 @@ def to_device(tensor: Any, device: Any) -> Any:
         >>> to_device(torch.zeros(2, dtype=torch.uint8).view(torch.int4), "cpu").dtype  # doctest: +SKIP
         torch.int4
     """
-    if tensor.dtype in _tables()[0] and _tables()[0][tensor.dtype][1] is not None:
-        bits = _tables()[0][tensor.dtype][1]
+    bits = _bits_dtype(tensor.dtype)
+    if bits is not None:
         return tensor.view(bits).to(device).view(tensor.dtype)
     return tensor.to(device)
+
+
+def copy_into(target: Any, source: Any, non_blocking: bool = False) -> Any:
+    """``target.copy_(source)``, for the shell dtypes too: torch has no copy kernel for int4 ..
+    uint1, so a source of the target's dtype is copied as bytes; another dtype is cast.
+
+    Example:
+        >>> t = torch.zeros(2, dtype=torch.uint8).view(torch.int4)  # doctest: +SKIP
+        >>> copy_into(t, torch.ones(2, dtype=torch.uint8).view(torch.int4))  # doctest: +SKIP
+    """
+    bits = _bits_dtype(source.dtype)
+    if bits is not None and source.dtype == target.dtype:
+        target.view(bits).copy_(source.view(bits), non_blocking=non_blocking)
+        return target
+    return target.copy_(source, non_blocking=non_blocking)
+
+
+def clone(tensor: Any) -> Any:
+    """``tensor.clone()``, for the shell dtypes too (cloned as bytes: torch cannot copy them).
+
+    Example:
+        >>> clone(torch.zeros(2, dtype=torch.uint8).view(torch.int4)).dtype  # doctest: +SKIP
+        torch.int4
+    """
+    bits = _bits_dtype(tensor.dtype)
+    if bits is not None:
+        return tensor.view(bits).clone().view(tensor.dtype)
+    return tensor.clone()
+
+
+def _bits_dtype(dtype: Any) -> Any:
+    """The torch dtype of the same size whose bits stand for ``dtype``'s (uint8 for a shell
+    or float8 dtype, int16 for bfloat16), or None for a dtype torch copies as it is."""
+    entry = _tables()[0].get(dtype)
+    return None if entry is None else entry[1]
 
 
 # -- devices -------------------------------------------------------------------------------------

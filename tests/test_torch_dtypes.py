@@ -253,3 +253,93 @@ def test_safe_open_pt_gives_torch_dtypes(tmp_path, backend):
     with safeckpt.safe_open(other, framework="pt") as f:
         with pytest.raises(safeckpt.UnsupportedDtypeError, match="'y'.*numpy"):
             f.get_tensor("y")
+
+
+class _Shells(torch.nn.Module):
+    """A module holding a buffer of each shell dtype, float4_e2m1fn_x2, float8_e8m0fnu and
+    complex32 (zeros until filled)."""
+
+    def __init__(self):
+        super().__init__()
+        for name in (*SHELL, "float8_e8m0fnu", "float4_e2m1fn_x2"):
+            self.register_buffer(name, torch.zeros(2, 3, dtype=torch.uint8).view(
+                getattr(torch, name)))
+        self.register_buffer("complex32", torch.zeros(2, 3, dtype=torch.int32).view(
+            torch.complex32))
+
+
+def _filled(seed):
+    """A :class:`_Shells` whose buffers hold random valid bytes (shell: low bits only)."""
+    model = _Shells()
+    gen = torch.Generator().manual_seed(seed)
+    for name, buffer in model.named_buffers():
+        width = {1: torch.uint8, 4: torch.int32}[buffer.element_size()]
+        bits = SHELL.get(name, (0, 8))[1]
+        raw = torch.randint(0, 1 << bits, buffer.shape, generator=gen, dtype=torch.uint8)
+        buffer.view(width).copy_(raw if width is torch.uint8 else raw.to(torch.int32) * 0x10001)
+    return model
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_model_into_shell_dtype_buffers(tmp_path, backend, assign):
+    """A model's int4 .. uint1 buffers (codes 27-32, FORMAT.md section 4) load back into the
+    same model with the default assign=False too (torch has no copy kernel for them: their bytes
+    are copied), bit-exact; assign=True keeps working."""
+    model, path = _filled(1), tmp_path / "m.sckpt"
+    st.save_model(model, path)
+    other = _filled(2)
+    kept = {name: buffer for name, buffer in other.named_buffers()}
+    st.load_model(other, path, assign=assign)
+    for name, buffer in model.named_buffers():
+        got = getattr(other, name)
+        assert got.dtype == buffer.dtype and torch_bytes(got) == torch_bytes(buffer), name
+        assert (got is kept[name]) != assign, name  # copied into, or put in its place
+
+
+def test_load_state_shell_dtypes_into_a_dict_and_assigned_twice(tmp_path, backend):
+    """A dict target's shell tensors are copied into by bytes; with assign=True, one state
+    tensor bound for two untied buffers is copied for the second (never aliased)."""
+    model = _filled(3)
+    target = dict(_Shells().named_buffers())  # zeros
+    st.load_state(target, dict(model.named_buffers()))
+    for name, buffer in model.named_buffers():
+        assert torch_bytes(target[name]) == torch_bytes(buffer), name
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("a", torch.zeros(3, dtype=torch.uint8).view(torch.int4))
+            self.register_buffer("b", torch.zeros(3, dtype=torch.uint8).view(torch.int4))
+    two, value = Two(), torch.tensor([1, 0xE, 7], dtype=torch.uint8).view(torch.int4)
+    st.load_state(two, {"a": value, "b": value}, assign=True)
+    assert torch_bytes(two.a) == torch_bytes(two.b) == torch_bytes(value)
+    assert two.a.data_ptr() != two.b.data_ptr()
+
+
+def test_manager_restore_into_shell_dtype_tensors(tmp_path, backend):
+    """CheckpointManager.restore of a state dict holding shell-dtype tensors writes their bytes
+    in place (restore_into's Tensor.copy_ has no kernel for them)."""
+    model = _filled(4)
+    manager = safeckpt.CheckpointManager(tmp_path, rng=False)
+    manager.save(1, {"model": model.state_dict()})
+    other = _filled(5)
+    target = {"model": other.state_dict()}
+    manager.restore(target)
+    for name, buffer in model.named_buffers():
+        assert torch_bytes(getattr(other, name)) == torch_bytes(buffer), name
+
+
+@pytest.mark.parametrize("source", ["uint8", "uint4"])
+def test_cast_to_a_shell_dtype_is_refused_by_name(backend, source):
+    """cast=True cannot cast to or from a shell dtype (torch has no casts for them): a
+    StateMismatchError naming the key, the dtype and what to do; nothing is loaded."""
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("a", torch.zeros(3, dtype=torch.uint8).view(torch.int4))
+    model = One()
+    state = {"a": torch.tensor([1, 2, 3], dtype=torch.uint8).view(getattr(torch, source))}
+    for assign in (False, True):
+        with pytest.raises(safeckpt.StateMismatchError, match=r"(?s)a.*no casts for .*numpy"):
+            st.load_state(model, state, cast=True, assign=assign)
+    assert torch_bytes(model.a) == bytes(3)
