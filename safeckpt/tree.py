@@ -35,8 +35,8 @@ from typing import (Any, Callable, Dict, Iterator, List, Optional, Protocol, Seq
 import numpy as np
 
 from . import format as fmt
-from . import jax_convert, torch_convert, writer
-from .dtypes import DTYPE_BY_CODE, code_of, is_little_endian, to_little_endian
+from . import jax_convert, packing, torch_convert, writer
+from .dtypes import BITS_BY_CODE, DTYPE_BY_CODE, code_of, is_little_endian
 from .errors import HeaderError, InvalidValueError, LimitError, quote
 
 # Node tags (FORMAT.md section 8, [R2]). Containers hold children; the others are leaves.
@@ -172,7 +172,7 @@ def flatten(obj: Any, *, root: str = "obj", max_depth: int = fmt.MAX_DEPTH
             node = _tensor_node(value, root, path, names, arrays, taken, shared)
         elif isinstance(value, np.generic):
             code = code_of(value.dtype, _describe(root, path))
-            raw = to_little_endian(np.asarray(value).astype(DTYPE_BY_CODE[code], copy=False)).tobytes()
+            raw = packing.pack(np.asarray(value).reshape(1), code).tobytes()  # canonical [R5]
             node = [SCALAR, code, raw]
         else:
             cls = type(value)
@@ -410,6 +410,11 @@ def _check_scalar(node: List[Any], keys: List[Any], where: str) -> None:
         raise HeaderError(f"{where}: {_path(keys)}: scalar of dtype "
                           f"{DTYPE_BY_CODE[code]} needs {DTYPE_BY_CODE[code].itemsize} "
                           "bytes of bin [R5]")
+    bits = BITS_BY_CODE[code]
+    if bits < 8 and raw[0] >> bits:
+        raise HeaderError(f"{where}: {_path(keys)}: scalar of dtype {DTYPE_BY_CODE[code]} is "
+                          f"the byte {raw[0]:#04x}, which has bits set above the low {bits}; "
+                          "they MUST be zero [R5]")
 
 
 def _check_tensor_index(tree: Any, node: List[Any], tag: str, keys: List[Any],

@@ -411,6 +411,43 @@ def test_R5_bad_scalars(tree, words):
     refuse(forged(tree), safeckpt.HeaderError, *words)
 
 
+@pytest.mark.parametrize("code, byte", [(24, 0x8E), (24, 0x40), (25, 0xC0), (26, 0x10),
+                                         (27, 0xF1), (28, 0x10), (29, 0x04), (30, 0x80),
+                                         (31, 0x02), (32, 0xFF)])
+def test_R5_packed_scalar_bits_above_the_width_are_refused(code, byte):
+    """[R5] a packed code's scalar byte has no bit set above ``bits`` (section 4): a file with
+    one is refused naming the path, as [T11] refuses a tensor's padding bits."""
+    name = tree.DTYPE_BY_CODE[code].name
+    refuse(forged(["list", ["tensor", 0], ["scalar", code, bytes([byte])]], minor=5),
+           safeckpt.HeaderError, "tree[1]", name, "above", "[R5]")
+    low = byte & ((1 << BITS_BY_CODE[code]) - 1)  # the same bits, canonical: loaded
+    back = safeckpt.Reader(forged(["list", ["tensor", 0], ["scalar", code, bytes([low])]],
+                                  minor=5)).load()
+    assert back[1].dtype == tree.DTYPE_BY_CODE[code] and back[1].view(np.uint8) == low
+
+
+def test_R5_packed_scalars_are_written_canonical(tmp_path):
+    """[R5] a numpy scalar of a packed code whose byte has high bits set (ml_dtypes reads them:
+    0x8E as float6_e2m3fn is -1.75, 0x40 is -0.0; int4 negation sets them) is stored as its
+    value's canonical byte, as packing.pack stores a tensor's element; the value comes back."""
+    import ml_dtypes
+    from safeckpt import packing
+    f6 = ml_dtypes.float6_e2m3fn
+    values = [np.uint8(0x8E).view(f6), np.uint8(0x40).view(f6), -np.array([3], ml_dtypes.int4)[0],
+              np.uint8(0xF5).view(ml_dtypes.float4_e2m1fn), np.uint8(0x01).view(ml_dtypes.uint1)]
+    path = tmp_path / "s.sckpt"
+    safeckpt.save({"a": values}, path)
+    nodes = safeckpt.open(path).stored_tree[2][1:]
+    for value, node in zip(values, nodes):
+        code = CODE_BY_DTYPE[value.dtype]
+        assert node == ["scalar", code, packing.pack(np.asarray(value).reshape(1), code).tobytes()]
+        assert node[2][0] >> BITS_BY_CODE[code] == 0
+    back = safeckpt.load(path)["a"]
+    for value, got in zip(values, back):
+        assert got.dtype == value.dtype
+        assert np.float32(got).tobytes() == np.float32(value).tobytes()  # the sign of -0.0 too
+
+
 def test_R6_depth_limit_names_the_path():
     tree = ["tensor", 0]
     for _ in range(63):
