@@ -706,6 +706,12 @@ def cmd_consolidate(args: argparse.Namespace, out: TextIO) -> int:
 
 # -- diff -------------------------------------------------------------------------------------------
 
+def _is_complex(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds complex values: numpy's kind 'c' (complex64, complex128,
+    ml_dtypes' complex32) and ml_dtypes' bcomplex32, whose kind is 'V'."""
+    return dtype.kind == "c" or dtype.name == "bcomplex32"
+
+
 def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     """The largest |a - b| over the elements (float64 or an exact int), in chunks; NaN where one
     side is NaN and the other not (NaN in both places counts as equal)."""
@@ -718,7 +724,7 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
         if exact_int:  # max - min in the dtype itself: exact, no overflow
             d = int((np.maximum(x, y) - np.minimum(x, y)).max(initial=0))
         else:
-            kind = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
+            kind = np.complex128 if _is_complex(x.dtype) or _is_complex(y.dtype) else np.float64
             x, y = x.astype(kind), y.astype(kind)
             both_nan = np.isnan(x) & np.isnan(y)
             delta = np.abs(x - y)

@@ -140,6 +140,22 @@ def test_diff_max_abs_diff_is_exact_for_ints_and_handles_nan():
     assert np.isnan(cli._max_abs_diff(x, np.array([0.0, 1.0], np.float32)))
 
 
+@pytest.mark.parametrize("name", ["complex64", "complex128", "complex32", "bcomplex32"])
+def test_diff_of_complex_dtypes_counts_the_imaginary_part(tmp_path, name):
+    """Every complex code (15, 16, 33, 34; ml_dtypes' bcomplex32 has numpy kind 'V', not 'c') is
+    compared as complex: a change in the imaginary part alone is |3j| = 3, never 0."""
+    import ml_dtypes
+    dtype = np.dtype(getattr(ml_dtypes, name, None) or name)
+    a = np.array([1 + 1j, 2 + 2j], np.complex64).astype(dtype)
+    b = np.array([1 + 1j, 2 + 5j], np.complex64).astype(dtype)
+    assert cli._max_abs_diff(a, b) == 3.0
+    safeckpt.save_file({"c": a}, tmp_path / "a.sckpt")
+    safeckpt.save_file({"c": b}, tmp_path / "b.sckpt")
+    r = run("diff", str(tmp_path / "a.sckpt"), str(tmp_path / "b.sckpt"))
+    assert r.returncode == cli.EXIT_DIFFERENT and "~ c: max abs diff 3" in r.stdout, r.stdout
+    assert "ComplexWarning" not in r.stderr
+
+
 # -- trust: nothing from a file reaches the terminal raw; every outcome has its own exit code ------
 
 HOSTILE = "w\x1b]52;c;cHduZWQ=\x07\x1b[2J\n\r\u202eevil\u2066\x85\x7f\u200b\\x1b"
