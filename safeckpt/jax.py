@@ -18,7 +18,9 @@ array placed as the template's leaf is: a ``jax.Array``'s sharding, a ``jax.Shap
 mapping), or, for a ``ShapeDtypeStruct`` without one, the saved device. Everything is checked
 first, and every problem listed in one :class:`~safeckpt.StateMismatchError`: keys, shapes,
 dtypes, key implementations, and Python scalar leaves (``{"step": 0}`` takes the
-file's int, or a 0-d integer array, and refuses anything else).
+file's int, or a 0-d integer array, and refuses anything else). A value is weakly typed when the
+file or the template leaf says so. A file of safeckpt <= 1.4 (tuples stored as flax's
+``{'0': ..., '1': ...}``) restores into today's templates.
 
 64-bit dtypes (int64, uint64, float64, complex128) load only with ``jax_enable_x64`` on: jax
 would otherwise silently make them 32-bit, and a load is bit-exact or refused. ``cast_x64=True``
@@ -37,7 +39,7 @@ from __future__ import annotations
 import collections
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,7 +49,7 @@ from .api import Prefix
 from .errors import StateMismatchError
 from .filekind import PathLike
 # The conversions, public here too: code written against safeckpt.jax keeps working.
-from .jax_convert import JaxLeaf, export, from_numpy, is_array, to_jax_values
+from .jax_convert import JaxLeaf, export, from_numpy, is_array, to_jax_values, weakly_typed
 
 __all__ = ["export", "from_numpy", "is_jax_tree", "load", "restore", "restore_tree", "save",
            "to_state"]
@@ -191,7 +193,8 @@ def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, cast_x64:
             optax state, a flax TrainState. The result has its exact structure, its arrays on
             the template leaves' shardings; see :func:`restore`. Without one: the file's
             structure, each array on its saved device or jax's default device.
-        prefix: load only the subtree there (``"params"``, or a tuple of exact keys).
+        prefix: load only the subtree there (``"params"``, or a tuple of exact keys); messages
+            name paths from the file's root (``state['a']['b']...`` for a tuple).
         cast_x64: with ``jax_enable_x64`` off, cast 64-bit tensors to their 32-bit twins (one
             ``UserWarning`` lists them) instead of refusing them.
         mmap, verify, storage_options, fs, limits: as :func:`safeckpt.load` (``verify=None``
@@ -213,7 +216,7 @@ def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, cast_x64:
         stored = _tree.materialize(reader, _tree.find(reader, prefix), framework="jax",
                                    verify=verify, jax_leaves=True)
     if target is not None:
-        return restore_tree(target, stored, cast_x64=cast_x64)
+        return restore_tree(target, stored, cast_x64=cast_x64, where=_where(prefix))
     leaves = _stored_leaves(stored)
     if not cast_x64:
         return _rebuild(stored, leaves, to_jax_values(leaves))
@@ -221,9 +224,21 @@ def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, cast_x64:
     return _rebuild(stored, leaves, [leaf.to_jax(cast_x64=True) for leaf in leaves])
 
 
+def _where(prefix: Prefix) -> str:
+    """How messages name the subtree at ``prefix`` of the file's tree (``state['a']['b']``)."""
+    if prefix is None:
+        return "state"
+    if isinstance(prefix, str):  # a dotted prefix: its keys may hold dots, so it is not split
+        return f"state at {prefix!r}: subtree"
+    return "state" + "".join(_path("", key) for key in prefix)
+
+
 def restore(target: Any, state: Any, *, cast_x64: bool = False) -> Any:
     """``target``'s structure filled with the arrays and values of ``state`` (as loaded: plain
-    containers of jax or numpy arrays and values); see :func:`restore_tree`.
+    containers of jax or numpy arrays and values); see :func:`restore_tree`. With
+    ``cast_x64=True`` numpy values given here are cast and reported as stored tensors are; a
+    typed key's uint32 key data (what a numpy load gives) are wrapped with the template's
+    implementation.
 
     Example:
         >>> state = safeckpt.jax.restore(train_state, safeckpt.load("ckpt.sckpt"))  # doctest: +SKIP
@@ -247,14 +262,25 @@ def restore_tree(target: Any, stored: Any, *, cast_x64: bool = False,
                  where: str = "state") -> Any:
     """``target``'s pytree (its treedef) with the values of ``stored``, checked first.
 
+    A tuple or list of ``n`` items also takes a dict with exactly the keys ``'0'`` ..
+    ``str(n - 1)`` (flax's state dict of a tuple: how safeckpt <= 1.4 saved optax chains, and how
+    a tuple inside a TrainState is saved), and such a dict in the template takes a tuple.
+
     ``stored`` is what was saved, as plain containers: :class:`~safeckpt.jax_convert.JaxLeaf`
     values (``materialize(..., jax_leaves=True)``: nothing read yet), or jax or numpy arrays,
     and values. Each template leaf says what its value becomes:
 
     - a ``jax.Array`` or ``jax.ShapeDtypeStruct`` (a typed key too): a jax array of its shape,
-      dtype and key implementation, weakly typed as it was saved, on its ``sharding`` (a sharded one reads only
-      each device's slice); a ``ShapeDtypeStruct`` without sharding: the saved device, else
-      jax's default device;
+      dtype and key implementation, on its ``sharding`` (a sharded one reads only each device's
+      slice); a ``jax.Array`` not committed to a device: jax's default device, not committed; a
+      ``ShapeDtypeStruct`` without sharding: the saved device, else jax's default device. It is
+      weakly typed when it was saved weak [R9] or the template's ``weak_type`` is true (a file
+      without weak nodes, e.g. of safeckpt <= 1.4 or numpy, into a template from
+      ``jax.eval_shape``: arithmetic promotes as before). A 0-d one takes a Python or numpy
+      scalar of its kind (bool, integer, floating) that its dtype holds exactly (a TrainState's
+      ``step=0`` saved before the first jitted step); a typed key one takes uint32 key data
+      ``(*shape, n)`` (a numpy load's), wrapped with the template's implementation (the data do
+      not say which; the template does);
     - a numpy array: a numpy array of its shape and dtype;
     - a Python bool, int, float, complex or str: the file's value, which must be of that kind
       (a numpy scalar or 0-d array of that kind too: a TrainState's ``step`` is ``0`` when
@@ -262,12 +288,15 @@ def restore_tree(target: Any, stored: Any, *, cast_x64: bool = False,
 
     Parameters:
         cast_x64: with ``jax_enable_x64`` off, 64-bit tensors are cast to 32 bits (reported in
-            one ``UserWarning`` listing them) instead of refused.
+            one ``UserWarning`` listing those cast, numpy values given to restore() too; a leaf
+            whose template is a numpy array stays 64-bit and is not listed) instead of refused.
         where: how messages name the stored tree.
 
     Raises:
         StateMismatchError: every problem at once: missing and unexpected keys, shapes, dtypes,
-            key implementations, scalar kinds. Nothing is read before it passes.
+            key implementations, scalar kinds, scalars a 0-d template's dtype does not hold.
+            Nothing is read before it passes.
+        HeaderError: key data that are not uint32 [R10] (never cast).
 
     Example:
         >>> state = restore_tree(nnx.state(model), stored)     # doctest: +SKIP
@@ -287,10 +316,10 @@ def restore_tree(target: Any, stored: Any, *, cast_x64: bool = False,
                                       if len(problems) > _LISTED else [])
         raise StateMismatchError(f"{where} does not fit the target ({len(problems)} problems): "
                                  + "; ".join(shown))
-    if cast_x64:
-        _report_casts([plan[0] for plan in plans if isinstance(plan[0], JaxLeaf)])
-    return jax.tree_util.tree_unflatten(treedef, [_finish(jax, *plan, cast_x64)
-                                                  for plan in plans])
+    if cast_x64:  # what _finish casts: stored values that become jax arrays (not numpy ones)
+        _report_casts(list({id(plan.value): plan.value for plan in plans
+                            if plan.kind != "numpy" and isinstance(plan.value, JaxLeaf)}.values()))
+    return jax.tree_util.tree_unflatten(treedef, [_finish(jax, plan, cast_x64) for plan in plans])
 
 
 def _path(where: str, key: Any) -> str:
@@ -307,6 +336,17 @@ def _match(layout: Any, stored: Any, where: str, found: List[Any], names: List[s
     if layout is None:
         if stored is not None:
             problems.append(f"{where}: file has {_kind(stored)}, target None")
+        return
+    if isinstance(layout, dict) and isinstance(stored, (list, tuple)) and _is_index_dict(
+            layout, len(stored)):
+        stored = {str(index): item for index, item in enumerate(stored)}  # a tuple, as saved 1.5
+    if isinstance(layout, (list, tuple)) and isinstance(stored, dict) and _is_index_dict(
+            stored, len(layout)):
+        # flax's state dict of a tuple ({'0': ..., '1': ...}): how safeckpt <= 1.4 saved every
+        # tuple, and how a tuple inside a TrainState or another flax struct is saved
+        for index, value in enumerate(layout):
+            key = str(index)
+            _match(value, stored[key], _path(where, key), found, names, problems)
         return
     if isinstance(layout, dict):
         if not isinstance(stored, dict):
@@ -331,6 +371,11 @@ def _match(layout: Any, stored: Any, where: str, found: List[Any], names: List[s
                     "saved as dict, list or tuple")
 
 
+def _is_index_dict(node: Dict[Any, Any], length: int) -> bool:
+    """Whether ``node``'s keys are exactly the strs ``'0'`` .. ``str(length - 1)``."""
+    return len(node) == length and all(str(index) in node for index in range(length))
+
+
 def _kind(value: Any) -> str:
     """``(2, 3) float32`` for an array (jax, numpy or JaxLeaf), else ``an int``, ``a dict``."""
     if isinstance(value, JaxLeaf) or is_array(value) or isinstance(value, np.ndarray):
@@ -340,35 +385,98 @@ def _kind(value: Any) -> str:
 
 
 _SCALAR_KINDS = {bool: "b", int: "iu", float: "f", complex: "c"}  # numpy dtype kinds of each
+_UNCOMMITTED = object()  # _Plan.sharding of an uncommitted jax array template: jax's default
+
+
+class _Plan(NamedTuple):
+    """What :func:`_finish` turns into a restored leaf."""
+
+    value: Any  # a JaxLeaf (numpy values given to restore() wrapped too), a jax array, a value
+    kind: str  # "jax", "numpy" or "value"
+    sharding: Any = None  # kind "jax": a Sharding or Device, _UNCOMMITTED, or None (saved device)
+    weak: bool = False  # kind "jax": the template's weak_type (the result is weak if either is)
 
 
 def _plan(jax: Any, template: Any, value: Any, name: str, cast_x64: bool,
-          problems: List[str]) -> Tuple[Any, str, Any, str]:
-    """``(value, kind, sharding, name)``: what ``_finish`` turns into the restored leaf (kind
-    ``"jax"``, ``"numpy"`` or ``"value"``); appends a problem when ``value`` does not fit
-    ``template``."""
+          problems: List[str]) -> _Plan:
+    """What ``_finish`` turns into the restored leaf; appends a problem when ``value`` does not
+    fit ``template``."""
     if isinstance(template, jax.ShapeDtypeStruct) or is_array(template):
+        value = _as_stored(jax, template, value, name, problems)
         _check_array(jax, template, value, name, cast_x64, problems)
-        return value, "jax", getattr(template, "sharding", None), name
+        sharding = getattr(template, "sharding", None)
+        if is_array(template) and not template.committed:
+            sharding = _UNCOMMITTED  # a fresh array on jax's default device, as the template
+        return _Plan(value, "jax", sharding, bool(getattr(template, "weak_type", False)))
     if isinstance(template, np.ndarray):
         if not _is_arraylike(value) or _is_key(jax, value.dtype) or (
                 tuple(value.shape), np.dtype(value.dtype)) != (template.shape, template.dtype):
             problems.append(f"{name}: file has {_kind(value)}, target {_kind(template)}")
-        return value, "numpy", None, name
+        return _Plan(value, "numpy")
     kinds = _SCALAR_KINDS.get(type(template))
     if kinds is not None or type(template) is str:
         if type(value) is type(template) or (kinds is not None and _scalar_of_kind(jax, value, kinds)):
-            return value, "value", None, name
+            return _Plan(value, "value")
         problems.append(f"{name}: file has {_kind(value)}, target {_kind(template)} (the file's "
                         "value replaces a Python scalar of the template only if it is of its kind)")
-        return value, "value", None, name
+        return _Plan(value, "value")
     if isinstance(template, np.generic):
         if not (isinstance(value, np.generic) and value.dtype == template.dtype):
             problems.append(f"{name}: file has {_kind(value)}, target a {template.dtype} scalar")
-        return value, "value", None, name
+        return _Plan(value, "value")
     if type(value) is not type(template):
         problems.append(f"{name}: file has {_kind(value)}, target {_kind(template)}")
-    return value, "value", None, name
+    return _Plan(value, "value")
+
+
+def _as_stored(jax: Any, template: Any, value: Any, name: str, problems: List[str]) -> Any:
+    """``value`` for an array template as a JaxLeaf where it is not one yet: a numpy array given
+    to restore(); uint32 key data ``(*shape, n)`` for a key template (a numpy load of a key, or
+    key data saved as such), wrapped with the template's implementation; a Python or numpy scalar
+    for a 0-d template, of its kind and held exactly by its dtype. Anything else is returned
+    as it is (and checked by ``_check_array``)."""
+    if _is_key(jax, template.dtype):
+        if isinstance(value, JaxLeaf) and value.key_impl is not None:
+            return value
+        if isinstance(value, (JaxLeaf, np.ndarray)) and value.dtype == np.uint32:
+            impl: List[Any] = []
+
+            def key_data(key: Any) -> Any:  # the impl of an abstract key, its data's shape
+                impl.append(jax.random.key_impl(key))
+                return jax.random.key_data(key)
+
+            data = jax.eval_shape(key_data, template)
+            array = value.array if isinstance(value, JaxLeaf) else value
+            if tuple(array.shape) == tuple(data.shape) and type(impl[0]) is str:
+                return JaxLeaf(array, name, key_impl=impl[0])
+        return value
+    if isinstance(value, np.ndarray):
+        return JaxLeaf(value, name)  # placed, checked and cast as a stored tensor is
+    scalar = type(value) in _SCALAR_KINDS or isinstance(value, np.generic)
+    if not scalar or tuple(template.shape) != ():
+        return value
+    dtype = np.dtype(template.dtype)
+    given = np.asarray(value)  # a Python int: int64 (object for a larger one: refused below)
+    if _numeric_kind(jax, given.dtype) != _numeric_kind(jax, dtype):
+        return value  # refused by _check_array, naming both
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a value out of range: refused just below
+        held = given.astype(dtype)
+        back = held.astype(given.dtype)
+    if back.tobytes() == given.tobytes() or (given.dtype.kind == "f" and np.isnan(given)):
+        return JaxLeaf(held, name)
+    problems.append(f"{name}: file has {_kind(value)} {value!r}, which a {dtype} array does not "
+                    "hold exactly")
+    return JaxLeaf(held, name)  # one problem listed for it (nothing is returned)
+
+
+def _numeric_kind(jax: Any, dtype: Any) -> str:
+    """``"f"`` (bfloat16 and float8 too), ``"i"`` (signed or not), ``"b"``, ``"c"``, or numpy's
+    kind of ``dtype``."""
+    if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        return "f"
+    kind = np.dtype(dtype).kind
+    return "i" if kind == "u" else kind
 
 
 def _is_arraylike(value: Any) -> bool:
@@ -411,8 +519,8 @@ def _check_array(jax: Any, template: Any, value: Any, name: str, cast_x64: bool,
             hint = f" (a key of implementation {value.key_impl!r})"
         problems.append(f"{name}: file has {got[0]} {value.dtype}, target {want[0]} {want[1]}"
                         + hint)
-    # weak_type is not compared: the value comes back as it was saved [R9], whatever the template
-    # says (ShapeDtypeStructs made from shapes and dtypes, orbax's included, say weak_type=False)
+    # weak_type is not compared: the value is weak if saved weak [R9] or the template is weak
+    # (ShapeDtypeStructs made from shapes and dtypes, orbax's included, say weak_type=False)
 
 
 def _report_casts(leaves: Sequence[JaxLeaf]) -> None:
@@ -427,16 +535,23 @@ def _report_casts(leaves: Sequence[JaxLeaf]) -> None:
                       f"jax_enable_x64 is off: {', '.join(shown)}", UserWarning, stacklevel=3)
 
 
-def _finish(jax: Any, value: Any, kind: str, sharding: Any, name: str, cast_x64: bool) -> Any:
-    """The restored leaf: ``value`` converted as :func:`_plan` said."""
-    if kind == "numpy":
+def _finish(jax: Any, plan: _Plan, cast_x64: bool) -> Any:
+    """The restored leaf: ``plan.value`` converted as :func:`_plan` said."""
+    value, sharding = plan.value, plan.sharding
+    if plan.kind == "numpy":
         return np.asarray(value.array if isinstance(value, JaxLeaf) else value)
-    if isinstance(value, np.ndarray) and kind == "jax":
-        value = JaxLeaf(value, name)  # a numpy array given to restore(): placed alike
     if isinstance(value, JaxLeaf):
-        return value.to_jax(sharding=sharding, cast_x64=cast_x64)
-    if kind == "jax" and sharding is not None and is_array(value) and value.sharding != sharding:
-        return jax.device_put(value, sharding)
+        if sharding is _UNCOMMITTED or (plan.weak and not value.weak):
+            value = JaxLeaf(value.array, value.name, weak=value.weak or plan.weak,
+                            key_impl=value.key_impl,
+                            device=None if sharding is _UNCOMMITTED else value.device)
+        return value.to_jax(sharding=None if sharding is _UNCOMMITTED else sharding,
+                            cast_x64=cast_x64)
+    if plan.kind == "jax" and is_array(value):
+        if sharding is not None and sharding is not _UNCOMMITTED and value.sharding != sharding:
+            value = jax.device_put(value, sharding)
+        if plan.weak and not value.weak_type:
+            value = weakly_typed(value)
     return value
 
 

@@ -208,6 +208,7 @@ class JaxLeaf:
         if self.key_impl is None:
             return self.array.dtype
         jax = _jax()
+        self._check_key_data()
         return self._wrap_checked(jax, lambda data: jax.eval_shape(
             lambda d: jax.random.wrap_key_data(d, impl=self.key_impl),
             jax.ShapeDtypeStruct(data.shape, data.dtype)), self.array).dtype
@@ -271,8 +272,20 @@ class JaxLeaf:
                 f"{tuple(self.array.shape)} are not a PRNG key of implementation "
                 f"{quote(self.key_impl)} to jax {jax.__version__}: {exc} [R10]") from exc
 
+    def _check_key_data(self) -> None:
+        """Key data must be uint32 [R10], checked before anything else looks at them (a cast
+        would hide another dtype)."""
+        if np.dtype(self.array.dtype) != np.uint32:
+            raise HeaderError(
+                f"tensor {quote(self.name)}: key data of dtype {self.array.dtype}, not uint32, "
+                f"are not a PRNG key of implementation {quote(self.key_impl)} [R10]")
+
     def _target_dtype(self, jax: Any, cast_x64: bool) -> np.dtype:
-        """The dtype the host slices get: the stored one, or its 32-bit twin when cast."""
+        """The dtype the host slices get: the stored one, or its 32-bit twin when cast (never
+        for key data: uint32 or refused)."""
+        if self.key_impl is not None:
+            self._check_key_data()
+            return np.dtype(np.uint32)
         stored = np.dtype(self.array.dtype)
         if jax.dtypes.canonicalize_dtype(stored) == stored:
             _check_dtype(stored, self.name)

@@ -230,14 +230,153 @@ def test_with_x64_on_64_bit_leaves_load_exactly_and_nothing_is_cast(tmp_path):
         jax.config.update("jax_enable_x64", before)
 
 
-def test_weak_type_comes_back_as_saved_whatever_the_template_says(tmp_path):
+def test_weak_if_the_file_or_the_template_says_weak(tmp_path):
     """[R9]: a weakly typed value (a TrainState's step after a jitted step) restores weak into a
     template that says strong (ShapeDtypeStructs made from shape and dtype), and a strong one
-    strong into a weak template: the file's weak type is the value's, so arithmetic after a
-    resume promotes as before."""
-    sj.save({"lr": jnp.asarray(0.5), "w": jnp.ones(2, jnp.float32)}, tmp_path / "w.sckpt")
+    (a file without weak nodes: safeckpt <= 1.4, numpy, safetensors) weak into a weak template
+    (jax.eval_shape, live arrays): arithmetic after a resume promotes as before."""
+    sj.save({"lr": jnp.asarray(0.5), "w": jnp.ones(2, jnp.float32),
+             "s": jnp.ones(2, jnp.float32)}, tmp_path / "w.sckpt")
     template = {"lr": jax.ShapeDtypeStruct((), jnp.float32),
-                "w": jax.ShapeDtypeStruct((2,), jnp.float32, weak_type=True)}
+                "w": jax.ShapeDtypeStruct((2,), jnp.float32, weak_type=True),
+                "s": jax.ShapeDtypeStruct((2,), jnp.float32)}
     back = sj.load(tmp_path / "w.sckpt", target=template)
-    assert back["lr"].weak_type and not back["w"].weak_type
+    assert back["lr"].weak_type and back["w"].weak_type and not back["s"].weak_type
     assert (back["lr"] * jnp.ones(1, jnp.bfloat16)).dtype == jnp.bfloat16
+    safeckpt.save({"scale": np.asarray(0.5, np.float32)}, tmp_path / "strong.sckpt")
+    for load in (lambda t: sj.load(tmp_path / "strong.sckpt", target=t),
+                 lambda t: sj.restore(t, safeckpt.load(tmp_path / "strong.sckpt")),
+                 lambda t: sj.restore(t, safeckpt.load(tmp_path / "strong.sckpt",
+                                                       framework="jax"))):
+        back = load({"scale": jnp.asarray(0.25)})  # weak: a Python float jax promoted
+        assert back["scale"].weak_type and back["scale"].tolist() == 0.5
+        assert (back["scale"] * jnp.ones(1, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_a_file_of_safeckpt_1_4_with_an_optax_chain_restores():
+    """tests/fixtures/jax_v14_optax_chain.sckpt was written by safeckpt 1.4 (see
+    make_jax_v14_optax.py there), which stored the chain's tuple as flax's state dict
+    {'0': ..., '1': ...}: a tuple template takes it."""
+    path = FIXTURES / "jax_v14_optax_chain.sckpt"
+    make = __import__("importlib").util.spec_from_file_location(
+        "make_jax_v14_optax", FIXTURES / "make_jax_v14_optax.py")
+    module = __import__("importlib").util.module_from_spec(make)
+    make.loader.exec_module(module)
+    saved = module.state()
+    assert isinstance(safeckpt.load(path)["opt"], dict)  # as 1.4 stored it
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    template = {"params": saved["params"], "opt": tx.init(saved["params"]), "step": 0}
+    for back in (sj.load(path, target=template), sj.restore(template, safeckpt.load(path))):
+        assert treedef(back) == treedef(saved) and back["step"] == 3
+        assert bits([back["params"], back["opt"]]) == bits([saved["params"], saved["opt"]])
+
+
+def test_an_optax_state_inside_a_train_state_restores_into_its_own_template(tmp_path):
+    """A tuple inside a TrainState is saved as {'0', '1'} (flax's state dict); a prefix load of
+    it into the optax state's own template (a tuple) fits, and the other way round."""
+    params, _ = trained_params_and_state()
+    tx = optax.chain(optax.clip_by_global_norm(1.0), adamw())
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+    state = state.apply_gradients(grads=jax.tree_util.tree_map(jnp.ones_like, params))
+    sj.save({"state": state}, tmp_path / "ts.sckpt")
+    back = sj.load(tmp_path / "ts.sckpt", prefix=("state", "opt_state"), target=tx.init(params))
+    assert treedef(back) == treedef(state.opt_state) and bits(back) == bits(state.opt_state)
+    sj.save({"opt": state.opt_state}, tmp_path / "o.sckpt")  # a tuple here
+    fresh = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+    back = sj.load(tmp_path / "o.sckpt", prefix="opt", target=fresh.opt_state)
+    assert bits(back) == bits(state.opt_state)
+    with pytest.raises(safeckpt.StateMismatchError, match=r"file has a dict, target a tuple"):
+        sj.restore((1, 2, 3), {"0": 1, "1": 2})  # not '0'..'2': refused
+
+
+def test_messages_under_a_prefix_name_the_path_in_the_file(tmp_path):
+    sj.save({"state": {"params": {"params": {"kernel": jnp.ones(2)}}}}, tmp_path / "p.sckpt")
+    template = {"params": {"kernel": jnp.ones(3)}}
+    with pytest.raises(safeckpt.StateMismatchError,
+                       match=r"state\['state'\]\['params'\]\['params'\]\['kernel'\]: file has \(2,\)"):
+        sj.load(tmp_path / "p.sckpt", prefix=("state", "params"), target=template)
+    with pytest.raises(safeckpt.StateMismatchError,
+                       match=r"state at 'state.params': subtree\['params'\]\['kernel'\]"):
+        sj.load(tmp_path / "p.sckpt", prefix="state.params", target=template)
+
+
+def test_x64_casts_are_reported_as_done_numpy_values_included(tmp_path, x64_off):
+    """The cast report lists what is cast: numpy values given to restore() too, never a leaf
+    whose numpy template keeps it 64-bit."""
+    safeckpt.save({"f": np.array([1.5]), "i": np.array([7], np.int64)}, tmp_path / "x.sckpt")
+    template = {"f": jax.ShapeDtypeStruct((1,), jnp.float32),
+                "i": jax.ShapeDtypeStruct((1,), jnp.int32)}
+    with pytest.warns(UserWarning, match=r"2 64-bit tensors.*\['f'\]\" \(float64\).*\['i'\]\" \(int64\)"):
+        back = sj.restore(template, safeckpt.load(tmp_path / "x.sckpt"), cast_x64=True)
+    assert back["f"].dtype == jnp.float32 and back["i"].tolist() == [7]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = sj.load(tmp_path / "x.sckpt", target={"f": template["f"],
+                                                      "i": np.zeros(1, np.int64)}, cast_x64=True)
+    assert back["i"].dtype == np.int64 and isinstance(back["i"], np.ndarray)
+    messages = [str(w.message) for w in caught if "cast_x64" in str(w.message)]
+    assert len(messages) == 1 and "1 64-bit tensors" in messages[0]
+    assert "'f'" in messages[0] and "'i'" not in messages[0]
+
+
+def test_a_0d_array_template_takes_a_files_scalar_its_dtype_holds(tmp_path):
+    """A TrainState saved before its first jitted step holds step=0 (a Python int); a template
+    from jax.eval_shape says int32 array: the value comes back as a jax array of the template's
+    dtype, weak as the template, on its sharding. A value the dtype does not hold exactly, or
+    of another kind, is refused."""
+    safeckpt.save({"step": 3, "lr": 0.5, "flag": True, "n": np.int64(9), "h": np.float16(0.25)},
+                  tmp_path / "s.sckpt")
+    cpu = jax.devices()[-1]
+    template = {"step": jax.ShapeDtypeStruct((), jnp.int32, weak_type=True),
+                "lr": jnp.float32(0), "flag": jnp.bool_(False),
+                "n": jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(cpu)),
+                "h": jnp.zeros((), jnp.bfloat16)}
+    for back in (sj.load(tmp_path / "s.sckpt", target=template),
+                 sj.restore(template, safeckpt.load(tmp_path / "s.sckpt"))):
+        assert all(isinstance(x, jax.Array) for x in back.values())
+        assert [(back[k].dtype, back[k].tolist()) for k in ("step", "lr", "flag", "n", "h")] == [
+            (jnp.int32, 3), (jnp.float32, 0.5), (jnp.bool_, True), (jnp.int32, 9),
+            (jnp.bfloat16, 0.25)]
+        assert back["step"].weak_type and not back["lr"].weak_type
+        assert back["n"].devices() == {cpu}
+    safeckpt.save({"a": 0.1, "b": 300, "c": 1, "d": -1, "e": 2.0}, tmp_path / "bad.sckpt")
+    bad = {"a": jnp.float32(0), "b": jnp.int8(0), "c": jnp.float32(0), "d": jnp.uint8(0),
+           "e": jnp.int32(0)}
+    with pytest.raises(safeckpt.StateMismatchError, match=r"\(5 problems\)") as info:
+        sj.load(tmp_path / "bad.sckpt", target=bad)
+    text = str(info.value)
+    assert "['a']: file has a float 0.1, which a float32 array does not hold exactly" in text
+    assert "['b']: file has an int 300, which a int8" in text
+    assert "['c']: file has an int, target () float32" in text
+    assert "['d']: file has an int -1, which a uint8" in text
+
+
+def test_a_key_template_takes_the_key_data_of_a_numpy_load(tmp_path):
+    """restore(template, safeckpt.load(path)): a numpy load gives a typed key's uint32 key data
+    [R10]; the template says the implementation, so they are wrapped with it."""
+    keys = {"a": jax.random.split(jax.random.key(1), 4), "b": jax.random.key(2, impl="rbg")}
+    sj.save(keys, tmp_path / "k.sckpt")
+    template = {"a": jax.random.split(jax.random.key(0), 4),
+                "b": jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))}
+    back = sj.restore(template, safeckpt.load(tmp_path / "k.sckpt"))
+    assert back["a"].dtype == keys["a"].dtype and back["b"].dtype == keys["b"].dtype
+    assert bits(back) == bits(keys)
+    assert jax.random.normal(back["b"]).tolist() == jax.random.normal(keys["b"]).tolist()
+    with pytest.raises(safeckpt.StateMismatchError, match=r"\['b'\]: file has \(4,\) uint32"):
+        sj.restore({"b": jax.random.key(0)},  # threefry: 2 words a key; rbg's data have 4
+                   {"b": safeckpt.load(tmp_path / "k.sckpt")["b"]})
+
+
+def test_an_uncommitted_template_leaf_gives_an_uncommitted_result(tmp_path):
+    sj.save({"w": jnp.arange(3.0), "d": jax.device_put(jnp.ones(2), jax.devices()[-1])},
+            tmp_path / "u.sckpt")
+    template = {"w": jnp.zeros(3), "d": jnp.zeros(2)}  # both on the default device, uncommitted
+    for back in (sj.load(tmp_path / "u.sckpt", target=template),
+                 sj.restore(template, safeckpt.load(tmp_path / "u.sckpt"))):
+        assert not back["w"].committed and not back["d"].committed
+        assert back["d"].devices() == template["d"].devices()
+    committed = {"w": jax.device_put(jnp.zeros(3), jax.devices()[0]), "d": jnp.zeros(2)}
+    assert sj.load(tmp_path / "u.sckpt", target=committed)["w"].committed

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
+import safeckpt  # noqa: E402
 import safeckpt.jax as sj  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
 from safeckpt.jax_convert import JaxLeaf  # noqa: E402
@@ -87,3 +88,31 @@ def test_each_device_reads_only_its_shard(mesh):
     wanted = sorted(map(str, sharding.addressable_devices_indices_map((8, 8)).values()))
     assert sorted(map(str, counted.reads)) == wanted  # four quarter slices, nothing whole
     assert all(data[index].size == 16 for index in counted.reads)
+
+
+def test_load_with_a_sharded_template_reads_only_shard_slices(tmp_path, mesh, monkeypatch):
+    """Through safeckpt.jax.load itself (default options: mapped, verify=None): the arrays the
+    reader hands out are read only at each device's slice, never whole."""
+    tree = saved(tmp_path)
+    handed: list = []
+    real = safeckpt.Reader.load_indices
+
+    def recording(self, indices, verify=None):
+        assert not self.verifies(verify)  # a mapped load checks no CRC (that reads whole tensors)
+        arrays = []
+        for array in real(self, indices, verify):
+            counted = array.view(CountingArray)
+            counted.reads = []
+            handed.append(counted)
+            arrays.append(counted)
+        return arrays
+
+    monkeypatch.setattr(safeckpt.Reader, "load_indices", recording)
+    sharding = NamedSharding(mesh, PartitionSpec("a", "b"))
+    back = sj.load(tmp_path / "s.sckpt", prefix="w",
+                   target=jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=sharding))
+    assert np.asarray(back).tobytes() == tree["w"].tobytes()
+    assert len(handed) == 1
+    wanted = sorted(map(str, sharding.addressable_devices_indices_map((8, 8)).values()))
+    assert sorted(map(str, handed[0].reads)) == wanted
+    assert all(tree["w"][index].size == 16 for index in handed[0].reads)

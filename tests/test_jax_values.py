@@ -147,6 +147,23 @@ def test_R10_key_data_that_do_not_fit_the_impl_are_refused_when_loaded_as_jax():
             f.load(framework="jax")
 
 
+def test_R10_key_data_not_uint32_are_refused_before_any_cast(tmp_path):
+    """uint64 key data are not cast to uint32 by cast_x64 (nor refused as a 64-bit tensor): the
+    [R10] HeaderError names the tensor and the impl, with or without a key template."""
+    data = forge({"k": np.zeros((2,), np.uint64)}, minor=5,
+                 extra={"tree": ["dict", "k", ["key", "threefry2x32", ["tensor", 0]]]})
+    import safeckpt.jax as sj
+    path = tmp_path / "k.sckpt"
+    path.write_bytes(data)
+    template = {"k": jax.random.key(0)}
+    for load in (lambda: sj.load(path, cast_x64=True), lambda: sj.load(path),
+                 lambda: sj.load(path, target=template, cast_x64=True),
+                 lambda: sj.load(path, target=template)):
+        with pytest.raises(safeckpt.HeaderError,
+                           match=r"'k'.*uint64, not uint32.*threefry2x32.*\[R10\]"):
+            load()
+
+
 _DTYPES = st.sampled_from([np.float32, np.float16, np.int32, np.uint8, np.bool_])
 _arrays = _DTYPES.flatmap(lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3,
                                                                     max_side=4)))
