@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _backend
 from . import format as fmt
+from . import torch_convert
 from . import tree as _tree
 from . import writer as _writer
 from .dtypes import is_little_endian
@@ -56,6 +57,7 @@ class _Buffer(NamedTuple):
     key: Tuple[np.dtype, Tuple[int, ...], str]
     array: np.ndarray
     tensor: Any
+    raw: Optional[np.ndarray] = None  # a staged source's bytes (torch_convert.staged_as_bytes)
 
 
 class Snapshot:
@@ -73,9 +75,11 @@ class Snapshot:
     """
 
     def __init__(self, tree: Any, names: List[str], arrays: List[np.ndarray],
-                 events: List[Any], sources: List[Any]) -> None:
+                 events: List[Any], sources: List[Any],
+                 staged: Optional[List[tuple]] = None) -> None:
         self.tree, self.names, self.arrays = tree, names, arrays
         self._events, self._sources = events, sources
+        self._staged = staged or []  # (raw, array, torch dtype, name): made after the copies
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +91,8 @@ class Snapshot:
         for event in self._events:
             event.synchronize()
         self._events, self._sources = [], []  # the device tensors are no longer read
+        staged, self._staged = self._staged, []
+        _finish(staged)
 
     def plan(self, *, metadata: Optional[Dict[str, Any]] = None, align: int = fmt.ALIGN_DEFAULT,
              checksum: bool = True, **options: Any) -> _writer.Plan:
@@ -146,6 +152,7 @@ class Snapshotter:
         sources: List[Any] = []
         dsts: List[np.ndarray] = []  # large host arrays, copied byte for byte in one call
         srcs: List[np.ndarray] = []
+        staged: List[tuple] = []  # pinned copies of staged sources, finished by Snapshot.wait
         for name, array in zip(names, arrays):
             source = array.source if type(array) is _writer.LazyArray else None
             kind = ("host" if source is None
@@ -165,10 +172,18 @@ class Snapshotter:
                 else:  # small (cheaper by numpy), strided, or big-endian bytes to swap
                     np.copyto(buffer.array, array, casting="equiv")
             elif buffer.array.nbytes:
-                buffer.tensor.copy_(source, non_blocking=kind == "pinned")
+                # a staged source's bytes: torch cannot copy a shell dtype
+                buffer.tensor.copy_(source if buffer.raw is None else source.view(
+                    buffer.tensor.dtype), non_blocking=kind == "pinned")
                 if kind == "pinned":
                     devices[source.device] = sys.modules["torch"]
                     sources.append(source)
+                if buffer.raw is not None:
+                    item = (buffer.raw, buffer.array, source.dtype, name)
+                    if kind == "pinned":
+                        staged.append(item)
+                    else:  # copied already: refused here, before anything is written
+                        _finish([item])
         _backend.copy_many(dsts, srcs)
         events = []
         for device, torch in devices.items():
@@ -177,7 +192,14 @@ class Snapshotter:
                 event = self._events[device] = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             events.append(event)
-        return Snapshot(tree, names, copies, events, sources)
+        return Snapshot(tree, names, copies, events, sources, staged)
+
+
+def _finish(staged: List[tuple]) -> None:
+    """Make the arrays of staged sources from their copied bytes (float4_e2m1fn_x2 unpaired,
+    shell dtypes checked: InvalidValueError naming the tensor)."""
+    for raw, array, dtype, name in staged:
+        torch_convert.finish_staged(raw, array, dtype, name)
 
 
 def _new_buffer(key: Tuple[np.dtype, Tuple[int, ...], str], source: Any) -> _Buffer:
@@ -187,6 +209,12 @@ def _new_buffer(key: Tuple[np.dtype, Tuple[int, ...], str], source: Any) -> _Buf
     if kind == "host":
         return _Buffer(key, np.empty(shape, dtype), None)
     torch = sys.modules["torch"]  # a device tensor was given, so torch is imported
+    if torch_convert.staged_as_bytes(source.dtype):  # one byte an element of the source
+        raw = torch.empty(source.shape, dtype=torch.uint8, pin_memory=kind == "pinned")
+        host = raw.numpy()
+        array = (np.empty(shape, dtype) if host.shape != shape  # float4_e2m1fn_x2: unpaired
+                 else host.view(dtype))  # a shell dtype: its bytes, checked
+        return _Buffer(key, array, raw, host)
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=kind == "pinned")
     array = raw.numpy().view(dtype).reshape(shape)

@@ -305,11 +305,33 @@ def _check_shell(raw: np.ndarray, width: int, dtype: Any, where: str) -> None:
             f"(t.view(torch.uint8) & {(1 << width) - 1:#x}).view({dtype}))")
 
 
-def _unpair(raw: np.ndarray) -> np.ndarray:
-    """float4_e2m1fn_x2 bytes ``(..., k)`` as a new float4_e2m1fn array ``(..., 2k)``: element
-    ``2i`` is the low nibble of byte ``i``, ``2i + 1`` its high nibble (torch's order,
-    FORMAT.md section 4)."""
-    out = np.empty((*raw.shape[:-1], 2 * raw.shape[-1]), np.uint8)
+def staged_as_bytes(dtype: Any) -> bool:
+    """Whether a device tensor of torch ``dtype`` is copied to the host as its bytes and made an
+    array there by :func:`finish_staged`: float4_e2m1fn_x2 (its array has twice the last
+    dimension) and the shell dtypes (checked, and torch cannot copy them)."""
+    return is_shell(dtype) or (dtype is not None and dtype == _float4_x2())
+
+
+def finish_staged(raw: np.ndarray, out: np.ndarray, dtype: Any, where: str) -> None:
+    """Make ``out`` (the tensor's numpy array) from ``raw``, the bytes of a torch tensor of
+    ``dtype`` copied to the host: unpaired for float4_e2m1fn_x2; for a shell dtype ``out`` is a
+    view of ``raw``, whose bytes are checked as a save checks them.
+
+    Raises:
+        InvalidValueError: a shell dtype's byte with bits set above its width, naming ``where``.
+    """
+    if dtype == _float4_x2():
+        _unpair(raw, out.view(np.uint8))
+    else:
+        _check_shell(raw, _SHELL_BITS[str(dtype).split(".")[-1]], dtype, where)
+
+
+def _unpair(raw: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """float4_e2m1fn_x2 bytes ``(..., k)`` as a float4_e2m1fn array ``(..., 2k)`` (new, or
+    written into the uint8 array ``out``): element ``2i`` is the low nibble of byte ``i``,
+    ``2i + 1`` its high nibble (torch's order, FORMAT.md section 4)."""
+    if out is None:
+        out = np.empty((*raw.shape[:-1], 2 * raw.shape[-1]), np.uint8)
     np.bitwise_and(raw, np.uint8(0x0F), out=out[..., 0::2])
     np.right_shift(raw, np.uint8(4), out=out[..., 1::2])
     return out.view(dtypes.DTYPE_BY_CODE[_FLOAT4_CODE])

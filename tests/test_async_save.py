@@ -494,3 +494,40 @@ def test_cuda_tensors_go_through_pinned_buffers(backend, tmp_path):
     assert torch.equal(back["h"].cpu(), torch.ones(5, 3, dtype=torch.bfloat16))
     again = snapshotter.take(state)
     assert again.arrays[0] is snap.arrays[0]
+
+
+def test_staged_device_tensors_float4_x2_and_shell_dtypes(backend, tmp_path, monkeypatch):
+    """A device tensor of float4_e2m1fn_x2 (an array with twice its last dimension) or of a shell
+    dtype (int4, uint1: torch cannot copy them) is snapshotted as its bytes and made an array on
+    the host, bit-exact with a blocking save; a shell byte with bits above the width is refused
+    at take(), naming the tensor, as the blocking save refuses it. A CPU tensor handed to
+    take() as a LazyArray with a source stands in for a CUDA one (kind "torch", no GPU here)."""
+    torch = pytest.importorskip("torch")
+    from safeckpt import torch_convert
+    u8 = torch.arange(24, dtype=torch.uint8)
+    state = {"f4": (u8 * 37).reshape(3, 8).view(torch.float4_e2m1fn_x2),
+             "i4": (u8 & 15).view(torch.int4), "u1": (u8[:9] & 1).view(torch.uint1)}
+
+    def as_device(obj, root="obj"):
+        names = list(obj)
+        arrays = [LazyArray(torch_convert._host_array(t, n).dtype,
+                            torch_convert._host_array(t, n).shape,
+                            lambda t=t, n=n: torch_convert._host_array(t, n), t)
+                  for n, t in obj.items()]
+        return ["dict", *[x for i, n in enumerate(names) for x in (n, ["tensor", i])]], names, arrays
+    monkeypatch.setattr(snapshot._tree, "flatten", as_device)
+    snapper = Snapshotter()
+    for _ in range(2):  # the second take reuses the buffers
+        snap = snapper.take(state)
+        snap.wait()
+        api.save_plan(snap.plan(), tmp_path / "a.sckpt")
+        monkeypatch.undo()
+        safeckpt.torch.save(state, tmp_path / "b.sckpt")
+        monkeypatch.setattr(snapshot._tree, "flatten", as_device)
+        a, b = safeckpt.load(tmp_path / "a.sckpt"), safeckpt.load(tmp_path / "b.sckpt")
+        for name in state:
+            assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+        state["f4"].view(torch.uint8).add_(1)
+    bad = dict(state, i4=(u8 | 16).view(torch.int4))
+    with pytest.raises(InvalidValueError, match=r"i4.*0x1"):
+        snapper.take(bad)
