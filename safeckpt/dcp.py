@@ -565,6 +565,18 @@ class SafeckptWriter(StorageWriter):
         self.rank = kwargs.get("rank")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Refuse, before any file is written, a tensor whose dtype the metadata cannot name
+        (e.g. torch.float4_e2m1fn_x2), then make the directory."""
+        names = torch_convert.dtype_by_name().values()
+        for item in plan.items:
+            data = item.tensor_data
+            if data is not None and data.properties.dtype not in names:
+                dtype = data.properties.dtype
+                raise InvalidValueError(
+                    f"{item.index.fqn!r}: SafeckptWriter does not store {dtype} tensors (DCP "
+                    "metadata names no such dtype); save this state with safeckpt.torch.save, "
+                    f"which stores {dtype}, or give DCP a tensor of a dtype it names "
+                    "(e.g. tensor.view(torch.uint8))")
         self.directory.make()
         return plan
 

@@ -420,3 +420,15 @@ def test_read_cost_per_input_byte(tmp_path):
                     f"{time:.1f}x the CPU time" for shape, memory, time in report))
     for shape, memory, time in report:
         assert memory <= DCP_MEMORY_PER_BYTE and time <= DCP_TIME_RATIO, report
+
+
+def test_float4_x2_is_refused_before_anything_is_written(tmp_path):
+    """A torch.float4_e2m1fn_x2 tensor, which the DCP metadata cannot name, is refused by the
+    writer's prepare_local_plan, naming the tensor and what to do, before any file (not even
+    the directory) is written."""
+    x = torch.arange(8, dtype=torch.uint8).reshape(2, 4).view(torch.float4_e2m1fn_x2)
+    path = tmp_path / "ckpt"
+    with pytest.raises((safeckpt.InvalidValueError, CheckpointException),
+                       match=r"(?s)'x'.*float4_e2m1fn_x2.*safeckpt\.torch\.save"):
+        dcp.save({"x": x, "y": torch.ones(3)}, storage_writer=SafeckptWriter(path))
+    assert not path.exists()
