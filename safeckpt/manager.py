@@ -1142,8 +1142,9 @@ class CheckpointManager:
         a flax TrainState, an ``nnx.State``: :func:`safeckpt.jax.is_jax_tree`) is not restored
         in place, since jax arrays are immutable: the restored pytree is ``info.state``, with
         the template's exact structure (tuples, named tuples, dataclasses, int keys), jax
-        arrays on each template leaf's sharding or device (a sharded leaf reads only each
-        device's slice of the file), typed keys and weak types as saved; checked first as
+        arrays on each template leaf's sharding or device, typed keys and weak types as saved
+        (a sharded leaf reads only each device's slice of the file with ``verify=False``; the
+        default checks every CRC32C of a file that has them, which reads each tensor whole once); checked first as
         :func:`safeckpt.jax.restore_tree` says; ``cast_x64=True`` casts 64-bit tensors to 32 bits
         while ``jax_enable_x64`` is off, reported in one ``UserWarning`` (else they are refused).
         ``strict`` and ``map_location`` are for other targets. For nnx:
