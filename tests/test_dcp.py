@@ -1,7 +1,6 @@
 """safeckpt.dcp: torch.distributed.checkpoint without pickle, in real multi-process gloo jobs."""
 
 import json
-import math
 import os
 import pickle
 import subprocess
@@ -21,8 +20,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from
 
 import safeckpt  # noqa: E402
 from safeckpt import format as fmt  # noqa: E402
-from safeckpt.dcp import (METADATA_FILE, SafeckptReader, SafeckptWriter,  # noqa: E402
-                          decode_metadata)
+from safeckpt.dcp import METADATA_FILE, SafeckptReader, SafeckptWriter  # noqa: E402
 from safeckpt.tree import same  # noqa: E402
 
 import dcp_jobs  # noqa: E402
