@@ -253,11 +253,11 @@ def test_weak_if_the_file_or_the_template_says_weak(tmp_path):
         assert (back["scale"] * jnp.ones(1, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "compat"  # not hostile ones
 
 
 def test_a_file_of_safeckpt_1_4_with_an_optax_chain_restores():
-    """tests/fixtures/jax_v14_optax_chain.sckpt was written by safeckpt 1.4 (see
+    """tests/fixtures/compat/jax_v14_optax_chain.sckpt was written by safeckpt 1.4 (see
     make_jax_v14_optax.py there), which stored the chain's tuple as flax's state dict
     {'0': ..., '1': ...}: a tuple template takes it."""
     path = FIXTURES / "jax_v14_optax_chain.sckpt"
