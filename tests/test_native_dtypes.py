@@ -221,11 +221,13 @@ C_FIXTURES = pathlib.Path(__file__).parent / "c" / "fixtures"
 
 def _packed_fixture():
     """``{name: expected array}`` of tests/c/fixtures/packed.sckpt (make_fixtures' formula)."""
-    sys.path.insert(0, str(C_FIXTURES.parent))
-    try:
-        import make_fixtures
-    finally:
-        sys.path.remove(str(C_FIXTURES.parent))
+    # loaded from its path under its own name: tests/fixtures/make_fixtures.py (test_hostile's)
+    # is imported as "make_fixtures" too, and whichever came first would answer both
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("c_make_fixtures",
+                                                  C_FIXTURES.parent / "make_fixtures.py")
+    make_fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixtures)
     return {name: make_fixtures.expected(d, seed, shape)
             for name, d, seed, shape in make_fixtures.PACKED}
 
