@@ -12,10 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import need
 from forge import forge
 
-need("jax")
+jax = pytest.importorskip("jax")  # an optional package: skipped without it, as test_jax.py
 
 import jax  # noqa: E402
 import jax.extend.random  # noqa: E402
