@@ -50,7 +50,7 @@ from .remote import RemoteFile, RemotePath
 from .safetensors_format import decode_extras, refuse_constant, unique_object
 from .shard import (MAX_SHARDS, ShardedReader, Target, base_name, parse_size, plain_file_name,
                     remove_file, remove_stale_shards, sibling, split)
-from .writer import destination_format, warn_beyond_reader_defaults
+from .writer import destination_format, stored_nbytes, warn_beyond_reader_defaults
 
 SUFFIX = ".safetensors"
 TOTAL_SIZE_KEY = "total_size"  # the index's metadata: the bytes of all tensors, as transformers writes
@@ -305,7 +305,7 @@ def save_sharded(tree: Any, names: Sequence[str], arrays: Sequence[Any],
         raise InvalidValueError(f"metadata key {TOTAL_SIZE_KEY!r} is the index's own (the bytes of "
                                 "all tensors, as Hugging Face writes it) [HF6]; rename it")
     names, arrays = list(names), list(arrays)
-    sizes = [safetensors_writer.file_nbytes(array) for array in arrays]  # packed F4/F6 [ST5]
+    sizes = [stored_nbytes(array) for array in arrays]  # packed F4/F6 [ST5]
     counts = split(sizes, limit)
     given_format = metadata.get(FORMAT_KEY)
     if len(counts) <= 1:

@@ -23,7 +23,7 @@ import numpy as np
 from . import _fs
 from . import format as fmt
 from .dtypes import (BITS_BY_CODE, CODE_BY_DTYPE, ITEMSIZE_BY_CODE, NAME_BY_CODE, PACKED_CODES,
-                     little_endian, nbytes_of)
+                     little_endian)
 from .errors import InvalidValueError, LimitError, UnsupportedDtypeError
 from .filekind import PathLike
 from .packing import pack
@@ -160,21 +160,6 @@ def _packed(value: Any, code: int, name: str) -> _Packed:
     def load() -> np.ndarray:
         return pack(value.load() if isinstance(value, LazyArray) else value, code)
     return _Packed(tuple(value.shape), LazyArray(np.uint8, (bits // 8,), load))
-
-
-def file_nbytes(array: Any) -> int:
-    """The bytes ``array`` (numpy or :class:`LazyArray`) takes in a .safetensors file: its
-    ``nbytes``, or its packed size for F4/F6 (``size x bits / 8``).
-
-    Example:
-        >>> import ml_dtypes
-        >>> file_nbytes(np.zeros(4, ml_dtypes.float4_e2m1fn)), file_nbytes(np.zeros(2, np.float32))
-        (2, 8)
-    """
-    code = CODE_BY_DTYPE.get(little_endian(array.dtype))
-    if code in PACKED_CODES:
-        return nbytes_of(code, int(np.prod(array.shape, dtype=object)))
-    return int(array.nbytes)
 
 
 def save_file(tensors: Mapping[str, Any], path: Union[PathLike, RemotePath], *,
