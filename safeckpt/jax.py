@@ -218,10 +218,9 @@ def load(path: PathLike, *, target: Any = None, prefix: Prefix = None, cast_x64:
     if target is not None:
         return restore_tree(target, stored, cast_x64=cast_x64, where=_where(prefix))
     leaves = _stored_leaves(stored)
-    if not cast_x64:
-        return _rebuild(stored, leaves, to_jax_values(leaves))
-    _report_casts(leaves)
-    return _rebuild(stored, leaves, [leaf.to_jax(cast_x64=True) for leaf in leaves])
+    if cast_x64:
+        _report_casts(leaves)
+    return _rebuild(stored, leaves, to_jax_values(leaves, cast_x64=cast_x64))
 
 
 def _where(prefix: Prefix) -> str:

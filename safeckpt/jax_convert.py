@@ -315,9 +315,9 @@ class JaxLeaf:
         return part.astype(dtype)
 
 
-def to_jax_values(leaves: Iterable[JaxLeaf]) -> List[Any]:
-    """``leaf.to_jax()`` of each leaf, with one warning naming every tensor whose saved device
-    this host lacks [R11] (not one per tensor).
+def to_jax_values(leaves: Iterable[JaxLeaf], *, cast_x64: bool = False) -> List[Any]:
+    """``leaf.to_jax(cast_x64=cast_x64)`` of each leaf, with one warning naming every tensor
+    whose saved device this host lacks [R11] (not one per tensor); the caller reports casts.
 
     Example:
         >>> to_jax_values([JaxLeaf(np.ones(2, np.float32), "w")])    # doctest: +SKIP
@@ -331,7 +331,7 @@ def to_jax_values(leaves: Iterable[JaxLeaf]) -> List[Any]:
                                             if len(missing) > 10 else "")
         warnings.warn(f"{len(missing)} tensors were saved on devices this host does not have and "
                       f"are loaded to jax's default device: {shown}", UserWarning, stacklevel=3)
-    return [leaf._to_jax(None, False) for leaf in leaves]
+    return [leaf._to_jax(None, cast_x64) for leaf in leaves]
 
 
 def from_numpy(array: np.ndarray, name: str) -> jax.Array:
