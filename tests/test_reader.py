@@ -377,23 +377,39 @@ def count_fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def map_count():
+    with open("/proc/self/maps") as maps:
+        return len(maps.read().splitlines())
+
+
 def test_thousands_of_open_close_cycles_leak_nothing(path, tmp_path):
+    """6000 opens, failed opens and loads leave no descriptor and no mapping of either file, and
+    the process's mapping count does not grow with the number of cycles. The allocator adds
+    mappings of its own at moments a loaded machine shifts (glibc's per-thread arenas and cached
+    stacks for the parallel-read threads; under .ci/sanitize, ASan's allocator mapping its regions
+    as it grows: CI once saw 9 more than a fixed slack of 8), so the count is taken after a
+    warm-up, and the bound, 60, is what a leak of one mapping per 100 operations would reach (a
+    leak of one a cycle breaks it by thousands; under ASan after the tests before it the growth
+    was -7 and 4)."""
     bad = tmp_path / "bad.sckpt"
     bad.write_bytes(path.read_bytes()[:-1])
-    gc.collect()
-    fds, maps = count_fds(), len(open("/proc/self/maps").read().splitlines())
-    for i in range(2000):
-        mmap = i % 2 == 0
-        with safeckpt.open(path, mmap=mmap) as f:
-            f["emb"], f.get_slice("emb")[1]
-        with pytest.raises(safeckpt.TruncatedFileError):
-            safeckpt.open(bad, mmap=mmap)
-        safeckpt.load_file(path, mmap=mmap)
-    gc.collect()
+
+    def cycles(n):
+        for i in range(n):
+            mmap = i % 2 == 0
+            with safeckpt.open(path, mmap=mmap) as f:
+                f["emb"], f.get_slice("emb")[1]
+            with pytest.raises(safeckpt.TruncatedFileError):
+                safeckpt.open(bad, mmap=mmap)
+            safeckpt.load_file(path, mmap=mmap)
+        gc.collect()
+
+    cycles(100)
+    fds, maps = count_fds(), map_count()
+    cycles(2000)
     assert count_fds() == fds
     assert mapped(path) == 0 and mapped(bad) == 0
-    # the loader's own mappings: none of the 6000 remains (a little slack for the allocator)
-    assert len(open("/proc/self/maps").read().splitlines()) <= maps + 8
+    assert map_count() - maps < 60
 
 
 def test_shard_of_a_single_file_is_that_file(tmp_path, backend):
