@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from forge import forge
 
-jax = pytest.importorskip("jax")  # an optional package: skipped without it, as test_jax.py
+pytest.importorskip("jax")  # an optional package: skipped without it, as test_jax.py
 
 import jax  # noqa: E402
 import jax.extend.random  # noqa: E402
